@@ -1,0 +1,335 @@
+"""Typed configuration: one YAML file plus an optional overlay, decoded strictly.
+
+A typo is an error naming the file and the key; durations ("50ms", "10s", "7d")
+and sizes ("64MiB") are parsed here so nothing downstream handles strings.
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import msgspec
+import yaml
+
+from .errors import ConfigError
+
+DEFAULT_CONFIG = "config/default.yaml"
+
+# -- units -------------------------------------------------------------------
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|KiB|MiB|GiB)?\s*$")
+_SIZE_UNITS = {None: 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9,
+               "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}
+
+
+class Duration(float):
+    """Seconds; written as a number or as '50ms', '10s', '5m', '1h', '7d'."""
+
+
+class ByteSize(int):
+    """Bytes; written as a number or as '512KiB', '64MiB', '1GB'."""
+
+
+def parse_duration(value: Any) -> Duration:
+    if isinstance(value, bool):
+        raise ValueError("expected a duration like '10s'")
+    if isinstance(value, (int, float)):
+        return Duration(value)
+    m = _DURATION.match(str(value))
+    if not m:
+        raise ValueError(f"{value!r} is not a duration (examples: 50ms, 10s, 5m, 1h, 7d)")
+    return Duration(float(m.group(1)) * _DURATION_UNITS[m.group(2)])
+
+
+def parse_size(value: Any) -> ByteSize:
+    if isinstance(value, bool):
+        raise ValueError("expected a size like '64MiB'")
+    if isinstance(value, int):
+        return ByteSize(value)
+    m = _SIZE.match(str(value))
+    if not m:
+        raise ValueError(f"{value!r} is not a size (examples: 4096, 512KiB, 64MiB)")
+    return ByteSize(int(float(m.group(1)) * _SIZE_UNITS[m.group(2)]))
+
+
+def _dec_hook(type_: type, obj: Any) -> Any:
+    if type_ is Duration:
+        return parse_duration(obj)
+    if type_ is ByteSize:
+        return parse_size(obj)
+    raise NotImplementedError
+
+
+Positive = Annotated[int, msgspec.Meta(ge=1)]
+
+
+class Strict(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+# -- sections ------------------------------------------------------------------
+class LogConfig(Strict):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["console", "json"] = "console"
+
+
+class JournalConfig(Strict):
+    fsync: Literal["interval", "always", "never"] = "interval"
+    fsync_interval_ms: Positive = 50
+    segment_bytes: ByteSize = ByteSize(64 * 2**20)
+    retain: Duration = Duration(7 * 86400)
+
+
+class RateLimit(Strict):
+    rate: Annotated[float, msgspec.Meta(gt=0)]
+    burst: Positive
+
+
+class RateLimits(Strict):
+    default: RateLimit | None = None
+    sources: dict[str, RateLimit] = {}
+
+
+class RouterConfig(Strict):
+    ingest: str = "tcp://127.0.0.1:5555"
+    confirm: str = "tcp://127.0.0.1:5556"
+    publish: str = "ipc://{data_dir}/run/publish"
+    coord: str = "ipc://{data_dir}/run/coord"
+    max_event_bytes: ByteSize = ByteSize(2**20)
+    max_batch: Positive = 5000               # events per producer message
+    journal: JournalConfig = JournalConfig()
+    rate_limits: RateLimits = RateLimits()
+    heartbeat_interval: Duration = Duration(1.0)
+    heartbeat_misses: Positive = 3
+    fetch_limit: Positive = 2000            # records per catch-up reply
+
+
+class RetryConfig(Strict):
+    attempts: Positive = 3
+    backoff: list[Duration] = msgspec.field(default_factory=lambda: [Duration(1), Duration(2), Duration(4)])
+    max_backoff: Duration = Duration(60)
+    jitter: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.0
+
+
+class WorkerGroupConfig(Strict):
+    handler: str
+    subscribe: list[str] = msgspec.field(default_factory=lambda: ["*"])
+    processes: Annotated[int, msgspec.Meta(ge=0, le=256)] = 1
+    partitions: Annotated[int, msgspec.Meta(ge=1, le=4096)] = 16
+    start: Literal["earliest", "latest"] = "latest"
+    retry: RetryConfig = RetryConfig()
+    max_in_flight: Positive = 10_000         # events buffered per member
+    concurrency: Positive = 16               # async handlers running at once per member
+    options: dict[str, Any] = {}             # handed to the handler as ctx.options
+
+
+class ScheduleProducerConfig(Strict, tag_field="kind", tag="schedule"):
+    every: Duration | None = None
+    cron: str | None = None
+    timezone: str = "UTC"
+    key: str | None = None
+    priority: Annotated[int, msgspec.Meta(ge=1, le=10)] = 5
+
+    def __post_init__(self) -> None:
+        if (self.every is None) == (self.cron is None):
+            raise ValueError("a schedule needs exactly one of `every` or `cron`")
+        if self.every is not None and self.every <= 0:
+            raise ValueError("`every` must be positive")
+
+
+class FileProducerConfig(Strict, tag_field="kind", tag="file"):
+    paths: list[str]
+    patterns: list[str] = msgspec.field(default_factory=lambda: ["*"])
+    ignore: list[str] = msgspec.field(default_factory=lambda: [".*", "*~", "*.swp", "*.tmp"])
+    recursive: bool = False
+    debounce: Duration = Duration(0.2)
+    create_missing: bool = True
+
+
+class ImapProducerConfig(Strict, tag_field="kind", tag="imap"):
+    host: str
+    username: str
+    port: Positive = 993
+    ssl: bool = True
+    password: str | None = None
+    password_env: str | None = None
+    mailboxes: list[str] = msgspec.field(default_factory=lambda: ["INBOX"])
+    idle_timeout: Duration = Duration(25 * 60)   # RFC 2177: re-issue before 29 minutes
+    snippet_bytes: Annotated[int, msgspec.Meta(ge=0, le=8192)] = 512
+    reconnect_max: Duration = Duration(60)
+    key: str | None = None
+
+
+ProducerConfig = ScheduleProducerConfig | FileProducerConfig | ImapProducerConfig
+
+
+class Config(Strict):
+    data_dir: str = "./var"
+    log: LogConfig = LogConfig()
+    router: RouterConfig = RouterConfig()
+    contracts: list[str] = msgspec.field(default_factory=lambda: ["nexus.contracts"])
+    contracts_untyped: list[str] = []       # glob patterns of types allowed without a contract
+    control: str = "ipc://{data_dir}/run/control"
+    shutdown_timeout: Duration = Duration(30)
+    restart_backoff: list[Duration] = msgspec.field(
+        default_factory=lambda: [Duration(0.5), Duration(1), Duration(2), Duration(5)])
+    crash_loop: Annotated[int, msgspec.Meta(ge=1)] = 5   # restarts within crash_window -> give up
+    crash_window: Duration = Duration(60)
+    producers: dict[str, ProducerConfig] = {}
+    workers: dict[str, WorkerGroupConfig] = {}
+    # set by load(): where the config came from, for messages and relative paths
+    source: str = ""
+
+    def endpoint(self, template: str) -> str:
+        return template.replace("{data_dir}", self.data_dir)
+
+    @property
+    def ingest(self) -> str:
+        return self.endpoint(self.router.ingest)
+
+    @property
+    def confirm(self) -> str:
+        return self.endpoint(self.router.confirm)
+
+    @property
+    def publish(self) -> str:
+        return self.endpoint(self.router.publish)
+
+    @property
+    def coord(self) -> str:
+        return self.endpoint(self.router.coord)
+
+    @property
+    def control_endpoint(self) -> str:
+        return self.endpoint(self.control)
+
+    def resolve(self, path: str) -> str:
+        """A path from the config, relative to the config file's folder."""
+        base = Path(self.source).parent if self.source else Path.cwd()
+        return str((base / os.path.expanduser(path)).resolve())
+
+
+# -- loading -------------------------------------------------------------------
+def _merge(base: dict, overlay: dict) -> dict:
+    out = dict(base)
+    for key, value in overlay.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{path}:{where}: invalid YAML: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys")
+    return data
+
+
+_AT = re.compile(r"^(.*?)(?: - at `\$(.*)`)?$", re.S)
+
+
+def _describe(exc: msgspec.ValidationError, files: str) -> str:
+    m = _AT.match(str(exc))
+    message, where = (m.group(1), m.group(2)) if m else (str(exc), None)
+    path = ""
+    if where:
+        path = re.sub(r"\[(\d+)\]", r".\1", where).lstrip(".")
+        path = re.sub(r"\['([^']*)'\]", r".\1", path).lstrip(".")
+    unknown = re.match(r"Object contains unknown field `(.*)`", message)
+    if unknown:
+        key = f"{path}.{unknown.group(1)}" if path else unknown.group(1)
+        return f"{files}: {key}: unknown key"
+    missing = re.match(r"Object missing required field `(.*)`", message)
+    if missing:
+        key = f"{path}.{missing.group(1)}" if path else missing.group(1)
+        return f"{files}: {key}: required key is missing"
+    return f"{files}: {path or '(top level)'}: {message}"
+
+
+def find_config(path: str | None) -> Path:
+    chosen = path or os.environ.get("NEXUS_CONFIG")
+    if chosen:
+        return Path(chosen)
+    if Path(DEFAULT_CONFIG).exists():
+        return Path(DEFAULT_CONFIG)
+    raise ConfigError(f"no config file: pass -c FILE or set NEXUS_CONFIG (looked for {DEFAULT_CONFIG})")
+
+
+def load(path: str | os.PathLike | None = None, env: str | None = None) -> Config:
+    """Load a config file and its environment overlay (`--env`/NEXUS_ENV)."""
+    main = find_config(str(path) if path else None).resolve()
+    data = _read_yaml(main)
+    files = str(main)
+    env = env or os.environ.get("NEXUS_ENV") or None
+    if env:
+        if not re.fullmatch(r"[A-Za-z0-9_-]+", env):
+            raise ConfigError(f"--env {env!r}: only letters, digits, '-' and '_' are allowed")
+        overlay_path = main.parent / f"{env}.yaml"
+        if not overlay_path.exists():
+            raise ConfigError(f"{overlay_path}: overlay for --env {env} not found")
+        data = _merge(data, _read_yaml(overlay_path))
+        files = f"{main} + {overlay_path.name}"
+    data.pop("source", None)
+    _check_named_sections(data, files)
+    try:
+        cfg = msgspec.convert(data, Config, dec_hook=_dec_hook)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(_describe(exc, files)) from None
+    data_dir = str((main.parent / os.path.expanduser(cfg.data_dir)).resolve())
+    cfg = msgspec.structs.replace(cfg, data_dir=data_dir, source=str(main))
+    _check(cfg, files)
+    return cfg
+
+
+def _check_named_sections(data: dict, files: str) -> None:
+    """Decode dict-valued sections entry by entry, so an error names the entry."""
+    for section, typ in (("producers", ProducerConfig), ("workers", WorkerGroupConfig)):
+        entries = data.get(section)
+        if not isinstance(entries, dict):
+            continue
+        for name, value in entries.items():
+            try:
+                msgspec.convert(value, typ, dec_hook=_dec_hook)
+            except msgspec.ValidationError as exc:
+                message = _describe(exc, files)
+                prefix = f"{files}: "
+                rest = message[len(prefix):] if message.startswith(prefix) else message
+                rest = rest.replace("(top level)", "", 1).lstrip(".")
+                raise ConfigError(f"{files}: {section}.{name}{'.' if not rest.startswith(':') else ''}{rest}") from None
+
+
+def _check(cfg: Config, files: str) -> None:
+    for name, group in cfg.workers.items():
+        if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", name):
+            raise ConfigError(f"{files}: workers.{name}: group names use letters, digits, '-', '_'")
+        if ":" not in group.handler:
+            raise ConfigError(f"{files}: workers.{name}.handler: expected 'module:function', got {group.handler!r}")
+    for name in cfg.producers:
+        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", name):
+            raise ConfigError(f"{files}: producers.{name}: names use letters, digits, '-', '_', '.'")
+    for label, endpoint in (("router.ingest", cfg.ingest), ("router.confirm", cfg.confirm),
+                            ("router.publish", cfg.publish), ("router.coord", cfg.coord),
+                            ("control", cfg.control_endpoint)):
+        if not re.match(r"^(tcp|ipc|inproc)://.+", endpoint):
+            raise ConfigError(f"{files}: {label}: {endpoint!r} is not a tcp://, ipc:// or inproc:// endpoint")
+        if endpoint.startswith("ipc://") and len(endpoint) - 6 > 100:
+            raise ConfigError(f"{files}: {label}: ipc path is longer than 100 characters; use a shorter data_dir")

@@ -1,0 +1,184 @@
+"""Group membership, partition assignment and cursors (no sockets: the router
+feeds it messages and sends what it returns).
+
+A partition that moves between two live members is first revoked from the old
+owner, which finishes its in-flight events, acks and reports `released`; only then
+is it granted to the new owner with the cursor. So adding or removing members
+without crashes neither loses nor repeats an event. A member that dies (missed
+heartbeats, or `leave`) frees its partitions at once: the next owner starts from
+the durable cursor, which is at-least-once.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import structlog
+
+from .wire import Assign, Coord
+
+log = structlog.get_logger("nexus.coordinator")
+
+Outgoing = list[tuple[bytes, Coord]]
+
+
+@dataclass
+class MemberInfo:
+    name: str
+    identity: bytes
+    last_seen: float
+    joined: float
+    host: str = ""
+    pid: int = 0
+    view: tuple[int, ...] = ()           # partitions the member was last told to run
+
+
+@dataclass
+class Group:
+    name: str
+    partitions: int
+    cursors: list[int]
+    members: dict[str, MemberInfo] = field(default_factory=dict)
+    owner: list[str | None] = field(default_factory=list)     # who holds the partition now
+    target: list[str | None] = field(default_factory=list)    # who should hold it
+    revoked_at: dict[int, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.owner = [None] * self.partitions
+        self.target = [None] * self.partitions
+
+
+def balanced(partitions: int, members: list[str], current: list[str | None]) -> list[str | None]:
+    """Sticky balanced assignment: keep partitions where they are, within quota."""
+    if not members:
+        return [None] * partitions
+    members = sorted(members)
+    base, extra = divmod(partitions, len(members))
+    quota = {m: base + (1 if i < extra else 0) for i, m in enumerate(members)}
+    counts = dict.fromkeys(members, 0)
+    target: list[str | None] = [None] * partitions
+    for p, holder in enumerate(current):
+        if holder in quota and counts[holder] < quota[holder]:
+            target[p] = holder
+            counts[holder] += 1
+    free = iter([p for p in range(partitions) if target[p] is None])
+    for m in members:
+        while counts[m] < quota[m]:
+            target[next(free)] = m
+            counts[m] += 1
+    return target
+
+
+class Coordinator:
+    def __init__(self, heartbeat_timeout: float, release_timeout: float = 30.0):
+        self.groups: dict[str, Group] = {}
+        self.heartbeat_timeout = heartbeat_timeout
+        self.release_timeout = release_timeout
+
+    def add_group(self, name: str, partitions: int, cursors: list[int]) -> Group:
+        group = Group(name, partitions, list(cursors))
+        self.groups[name] = group
+        return group
+
+    # -- membership ----------------------------------------------------------
+    def join(self, group: Group, member: str, identity: bytes, now: float,
+             host: str = "", pid: int = 0) -> Outgoing:
+        info = group.members.get(member)
+        if info is not None:
+            # a restarted member with the same name: whatever it held is gone
+            self._drop_member(group, member)
+        group.members[member] = MemberInfo(member, identity, now, now, host, pid)
+        log.info("member_joined", group=group.name, member=member, host=host, pid=pid)
+        return self._rebalance(group, now, force_notify=member)
+
+    def seen(self, group: Group, member: str, identity: bytes | None, now: float) -> bool:
+        """Note a sign of life; `identity` (None for heartbeats, which come from the
+        member's heartbeat socket) is where assignments go from now on."""
+        info = group.members.get(member)
+        if info is None:
+            return False
+        info.last_seen = now
+        if identity is not None:
+            info.identity = identity
+        return True
+
+    def leave(self, group: Group, member: str, acks: dict[int, int], now: float) -> Outgoing:
+        if member not in group.members:
+            return []
+        self.ack(group, member, acks)
+        self._drop_member(group, member)
+        log.info("member_left", group=group.name, member=member)
+        return self._rebalance(group, now)
+
+    def expire(self, now: float) -> Outgoing:
+        out: Outgoing = []
+        for group in self.groups.values():
+            dead = [m for m, info in group.members.items()
+                    if now - info.last_seen > self.heartbeat_timeout]
+            for m in dead:
+                log.warning("member_lost", group=group.name, member=m,
+                            silent_for=round(now - group.members[m].last_seen, 2))
+                self._drop_member(group, m)
+            stuck = [p for p, t in group.revoked_at.items() if now - t > self.release_timeout]
+            for p in stuck:
+                log.warning("release_timed_out", group=group.name, partition=p, owner=group.owner[p])
+                group.owner[p] = None
+                group.revoked_at.pop(p, None)
+            if dead or stuck:
+                out += self._rebalance(group, now)
+        return out
+
+    def _drop_member(self, group: Group, member: str) -> None:
+        group.members.pop(member, None)
+        for p in range(group.partitions):
+            if group.owner[p] == member:
+                group.owner[p] = None
+                group.revoked_at.pop(p, None)
+            if group.target[p] == member:
+                group.target[p] = None
+
+    # -- acks ----------------------------------------------------------------
+    def ack(self, group: Group, member: str, acks: dict[int, int]) -> None:
+        cursors, owner = group.cursors, group.owner
+        for p, seq in acks.items():
+            if 0 <= p < group.partitions and owner[p] == member and seq > cursors[p]:
+                cursors[p] = seq
+
+    def released(self, group: Group, member: str, acks: dict[int, int], now: float) -> Outgoing:
+        self.ack(group, member, acks)
+        for p in acks:
+            if 0 <= p < group.partitions and group.owner[p] == member and group.target[p] != member:
+                group.owner[p] = None
+                group.revoked_at.pop(p, None)
+        return self._rebalance(group, now)
+
+    # -- assignment ----------------------------------------------------------
+    def _rebalance(self, group: Group, now: float, force_notify: str | None = None) -> Outgoing:
+        group.target = balanced(group.partitions, list(group.members), group.target)
+        grants: dict[str, dict[int, int]] = {}
+        for p in range(group.partitions):
+            holder, want = group.owner[p], group.target[p]
+            if holder is None and want is not None:
+                group.owner[p] = want
+                grants.setdefault(want, {})[p] = group.cursors[p]
+            elif holder is not None and holder != want and p not in group.revoked_at:
+                group.revoked_at[p] = now
+        out: Outgoing = []
+        for name, info in group.members.items():
+            view = tuple(p for p in range(group.partitions)
+                         if group.owner[p] == name and group.target[p] == name)
+            if view != info.view or name in grants or name == force_notify:
+                info.view = view
+                out.append((info.identity, Assign(group=group.name, partitions=list(view),
+                                                  grants=grants.get(name, {}))))
+        if out:
+            log.info("group_assigned", group=group.name,
+                     members={m: len(i.view) for m, i in group.members.items()},
+                     pending=len(group.revoked_at))
+        return out
+
+    def member_of_identity(self, identity: bytes) -> tuple[Group, MemberInfo] | None:
+        for group in self.groups.values():
+            for info in group.members.values():
+                if info.identity == identity:
+                    return group, info
+        return None

@@ -1,0 +1,51 @@
+"""One error root with a few precise subclasses, and the named exit codes."""
+from __future__ import annotations
+
+import enum
+
+
+class ExitCode(enum.IntEnum):
+    OK = 0
+    FAILURE = 1          # unexpected internal error
+    USAGE = 2            # bad command line
+    CONFIG = 3           # config file missing or invalid
+    INVALID_EVENT = 4    # event rejected locally or NACKed by the router
+    UNREACHABLE = 5      # router or launcher did not answer in time
+    CRASH_LOOP = 6       # launcher gave up on a child that kept crashing
+    INTERRUPTED = 130
+
+
+class NexusError(Exception):
+    """Root of every error Nexus raises on purpose."""
+
+    exit_code = ExitCode.FAILURE
+
+
+class ConfigError(NexusError):
+    exit_code = ExitCode.CONFIG
+
+
+class EventError(NexusError):
+    """An event is invalid: unknown type, payload violates its contract, too big."""
+
+    exit_code = ExitCode.INVALID_EVENT
+
+
+class RejectedError(EventError):
+    """The router NACKed an event; `reason` is the router's reason."""
+
+    def __init__(self, event_id: str, reason: str, retry_after: float | None = None):
+        super().__init__(f"event {event_id} rejected by router: {reason}")
+        self.event_id = event_id
+        self.reason = reason
+        self.retry_after = retry_after
+
+
+class PeerError(NexusError):
+    """A peer process (router, launcher) did not answer in time."""
+
+    exit_code = ExitCode.UNREACHABLE
+
+
+class CrashLoopError(NexusError):
+    exit_code = ExitCode.CRASH_LOOP

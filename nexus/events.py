@@ -1,0 +1,215 @@
+"""The event, its wire codec, and the registry of payload contracts.
+
+Wire form of an event: a msgpack map with the field names of `Event`. The router
+decodes the envelope with the payload left as raw msgpack (`WireEvent`) and then
+decodes the payload into the contract registered for (type, v): typed decoding
+only, never pickle, never "decode anything and look at it".
+"""
+from __future__ import annotations
+
+import fnmatch
+import importlib
+import os
+import re
+import threading
+import time
+from typing import Annotated, Any, Callable, Iterable, TypeVar
+
+import msgspec
+
+from .errors import ConfigError, EventError
+
+TypeName = Annotated[str, msgspec.Meta(min_length=3, max_length=128)]
+Source = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+EventId = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+Key = Annotated[str, msgspec.Meta(max_length=256)]
+Priority = Annotated[int, msgspec.Meta(ge=1, le=10)]
+Version = Annotated[int, msgspec.Meta(ge=1, le=1000)]
+
+TYPE_RE = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z0-9_]+)+$")
+
+
+class Event(msgspec.Struct, frozen=True, omit_defaults=True):
+    """One fact that happened. `payload` is the typed contract instance once decoded."""
+
+    type: TypeName
+    source: Source
+    payload: Any
+    id: EventId
+    time: float
+    key: Key | None = None
+    priority: Priority = 5
+    correlation_id: EventId | None = None
+    v: Version = 1
+
+    @property
+    def partition_key(self) -> str:
+        return self.key if self.key is not None else self.source
+
+
+class WireEvent(msgspec.Struct, frozen=True, omit_defaults=True):
+    """The same envelope with the payload kept as raw msgpack bytes (router side)."""
+
+    type: TypeName
+    source: Source
+    payload: msgspec.Raw
+    id: EventId
+    time: float
+    key: Key | None = None
+    priority: Priority = 5
+    correlation_id: EventId | None = None
+    v: Version = 1
+
+
+_encoder = msgspec.msgpack.Encoder()
+_wire_decoder = msgspec.msgpack.Decoder(WireEvent)
+
+
+def encode(obj: Any) -> bytes:
+    return _encoder.encode(obj)
+
+
+def decode_wire_event(data: bytes) -> WireEvent:
+    return _wire_decoder.decode(data)
+
+
+# -- ids --------------------------------------------------------------------
+_id_lock = threading.Lock()
+_id_state = {"ms": 0, "counter": 0}
+
+
+def new_id() -> str:
+    """A UUIDv7 string: 48-bit millisecond time, then a counter, then randomness.
+
+    Ids sort by creation time, and ids made in one process in the same millisecond
+    still sort in creation order (the 12-bit counter).
+    """
+    ms = time.time_ns() // 1_000_000
+    with _id_lock:
+        if ms <= _id_state["ms"]:
+            ms = _id_state["ms"]
+            _id_state["counter"] += 1
+            if _id_state["counter"] > 0xFFF:
+                ms += 1
+                _id_state["counter"] = 0
+        else:
+            _id_state["counter"] = int.from_bytes(os.urandom(1), "big")
+        _id_state["ms"] = ms
+        counter = _id_state["counter"]
+    rand = int.from_bytes(os.urandom(8), "big") & 0x3FFFFFFFFFFFFFFF
+    value = (ms << 80) | (0x7 << 76) | (counter << 64) | (0b10 << 62) | rand
+    h = f"{value:032x}"
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+# -- contracts --------------------------------------------------------------
+class Contract(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Base class for payload contracts: strict, immutable."""
+
+
+C = TypeVar("C", bound=type)
+_REGISTRY: dict[tuple[str, int], type] = {}
+
+
+def contract(type_: str, v: int = 1) -> Callable[[C], C]:
+    """Register a `msgspec.Struct` as the payload contract of `type_` at version `v`."""
+    if not TYPE_RE.match(type_):
+        raise ValueError(f"event type {type_!r} must be dotted lowercase, e.g. 'file.created'")
+
+    def register(cls: C) -> C:
+        if not (isinstance(cls, type) and issubclass(cls, msgspec.Struct)):
+            raise TypeError(f"contract for {type_} must be a msgspec.Struct")
+        if not getattr(cls, "__struct_config__").forbid_unknown_fields:
+            raise TypeError(f"contract {cls.__name__} must set forbid_unknown_fields=True")
+        existing = _REGISTRY.get((type_, v))
+        if existing is not None and existing is not cls and existing.__qualname__ != cls.__qualname__:
+            raise ValueError(f"{type_} v{v} already has contract {existing.__qualname__}")
+        _REGISTRY[(type_, v)] = cls
+        return cls
+
+    return register
+
+
+def load_contract_modules(modules: Iterable[str]) -> None:
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            raise ConfigError(f"contracts: cannot import module {name!r}: {exc}") from None
+
+
+class Contracts:
+    """The contracts a process knows, with cached typed decoders."""
+
+    def __init__(self, untyped: Iterable[str] = ()):
+        self._untyped = tuple(untyped)
+        self._decoders: dict[tuple[str, int], msgspec.msgpack.Decoder] = {}
+        self._untyped_cache: dict[str, bool] = {}
+
+    @classmethod
+    def from_modules(cls, modules: Iterable[str], untyped: Iterable[str] = ()) -> "Contracts":
+        load_contract_modules(modules)
+        return cls(untyped)
+
+    def struct_for(self, type_: str, v: int) -> type | None:
+        return _REGISTRY.get((type_, v))
+
+    def known_types(self) -> list[tuple[str, int]]:
+        return sorted(_REGISTRY)
+
+    def is_untyped_allowed(self, type_: str) -> bool:
+        allowed = self._untyped_cache.get(type_)
+        if allowed is None:
+            allowed = bool(TYPE_RE.match(type_)) and any(
+                fnmatch.fnmatchcase(type_, p) for p in self._untyped
+            )
+            if len(self._untyped_cache) < 10_000:
+                self._untyped_cache[type_] = allowed
+        return allowed
+
+    def decode_payload(self, type_: str, v: int, raw: bytes) -> Any:
+        """Decode raw msgpack into the contract; raise EventError with the reason."""
+        dec = self._decoders.get((type_, v))
+        if dec is None:
+            cls = _REGISTRY.get((type_, v))
+            if cls is None:
+                if self.is_untyped_allowed(type_):
+                    return msgspec.msgpack.decode(raw)
+                raise EventError(self._unknown_reason(type_, v))
+            dec = self._decoders[(type_, v)] = msgspec.msgpack.Decoder(cls)
+        try:
+            return dec.decode(raw)
+        except msgspec.ValidationError as exc:
+            raise EventError(f"payload does not match contract {type_} v{v}: {exc}") from None
+        except msgspec.DecodeError as exc:
+            raise EventError(f"payload of {type_} is not valid msgpack: {exc}") from None
+
+    def check_payload(self, type_: str, v: int, raw: bytes) -> None:
+        """Router-side validation: the same as decode_payload, but untyped payloads stay raw."""
+        if (type_, v) not in _REGISTRY:
+            if self.is_untyped_allowed(type_):
+                return
+            raise EventError(self._unknown_reason(type_, v))
+        self.decode_payload(type_, v, raw)
+
+    def convert(self, type_: str, v: int, payload: Any) -> Any:
+        """Validate a Python payload (dict or contract instance) for sending."""
+        cls = _REGISTRY.get((type_, v))
+        if cls is None:
+            if self.is_untyped_allowed(type_):
+                return payload
+            raise EventError(self._unknown_reason(type_, v))
+        if isinstance(payload, cls):
+            return payload
+        try:
+            return msgspec.convert(payload, cls)
+        except msgspec.ValidationError as exc:
+            raise EventError(f"payload does not match contract {type_} v{v}: {exc}") from None
+
+    def _unknown_reason(self, type_: str, v: int) -> str:
+        if not TYPE_RE.match(type_):
+            return f"event type {type_!r} is not dotted lowercase"
+        versions = sorted(ver for (t, ver) in _REGISTRY if t == type_)
+        if versions:
+            return f"event type {type_} has no contract v{v} (known: {versions})"
+        return f"unknown event type {type_} (no contract registered; allow it under contracts_untyped)"

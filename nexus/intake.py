@@ -1,0 +1,162 @@
+"""Router intake: bytes from a producer -> validated journal entries or rejections.
+
+Nothing here trusts its input: every failure becomes a (reason, detail) pair that
+is counted, and in confirm mode sent back as a NACK. No byte string raises out.
+"""
+from __future__ import annotations
+
+import collections
+import time
+from dataclasses import dataclass, field
+
+import msgspec
+
+from .errors import EventError
+from .events import Contracts, decode_wire_event
+from .journal import Entry, entry_encoder
+from .ratelimit import RateLimiter
+from .routing import key_hash
+from .wire import Nack, ProducerBatch, batch_decoder
+
+MAX_PRODUCERS = 100_000        # producer ids remembered for dedup (LRU)
+RECENT_NACKS = 1_000           # per producer: NACKs repeated when a batch is resent
+
+
+@dataclass
+class Accepted:
+    types: list[str] = field(default_factory=list)
+    khashes: list[int] = field(default_factory=list)
+    events: list[bytes] = field(default_factory=list)
+    bodies: list[bytes] = field(default_factory=list)
+
+
+@dataclass
+class Outcome:
+    accepted: Accepted
+    nacks: list[Nack]
+    ack: int = 0                 # highest producer seq settled by this batch
+    error: str = ""              # the whole message was unusable
+    duplicates: int = 0
+
+
+class Intake:
+    def __init__(self, contracts: Contracts, limiter: RateLimiter, max_event_bytes: int, max_batch: int):
+        self.contracts = contracts
+        self.limiter = limiter
+        self.max_event_bytes = max_event_bytes
+        self.max_batch = max_batch
+        self.high: collections.OrderedDict[str, int] = collections.OrderedDict()
+        self.recent_nacks: dict[str, collections.OrderedDict[int, Nack]] = {}
+        self.rejected: collections.Counter[str] = collections.Counter()
+        self.reject_log: collections.deque[dict] = collections.deque(maxlen=200)
+        self.accepted_total = 0
+        self.duplicates_total = 0
+
+    # -- dedup state -----------------------------------------------------------
+    def remember(self, producer: str, pseq: int) -> None:
+        """Rebuild dedup state from the journal on start."""
+        if producer and pseq > self.high.get(producer, 0):
+            self.high[producer] = pseq
+            self.high.move_to_end(producer)
+            if len(self.high) > MAX_PRODUCERS:
+                self.high.popitem(last=False)
+
+    # -- intake ------------------------------------------------------------------
+    def _reject(self, category: str, detail: str, source: str = "", event_id: str = "") -> None:
+        self.rejected[category] += 1
+        self.reject_log.append({"time": time.time(), "reason": category, "detail": detail[:300],
+                                "source": source[:128], "id": event_id[:64]})
+
+    def decode_batch(self, frame: bytes) -> ProducerBatch | str:
+        try:
+            batch = batch_decoder.decode(frame)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            detail = f"unreadable batch: {exc}"
+            self._reject("bad_batch", detail)
+            return detail
+        if len(batch.events) > self.max_batch:
+            detail = f"batch of {len(batch.events)} events exceeds max_batch {self.max_batch}"
+            self._reject("bad_batch", detail)
+            return detail
+        if len(batch.producer) > 128 or batch.seq < 0:
+            detail = "producer id longer than 128 characters or negative seq"
+            self._reject("bad_batch", detail)
+            return detail
+        return batch
+
+    def take(self, frame: bytes, confirm: bool, now: float) -> Outcome:
+        decoded = self.decode_batch(frame)
+        if isinstance(decoded, str):
+            return Outcome(Accepted(), [], error=decoded)
+        batch = decoded
+        producer = batch.producer if confirm else ""
+        first = batch.seq
+        skip = 0
+        if producer:
+            high = self.high.get(producer)
+            if high is not None:
+                if first > high + 1:
+                    # a batch before this one was lost (router restart): the producer
+                    # resends from its oldest unacked event; accept nothing out of order
+                    return Outcome(Accepted(), [], ack=high)
+                skip = high + 1 - first
+        out = Outcome(Accepted(), [])
+        acc = out.accepted
+        wall = time.time()
+        events = batch.events
+        if skip > 0:
+            out.duplicates = min(skip, len(events))
+            self.duplicates_total += out.duplicates
+            recent = self.recent_nacks.get(producer)
+            if recent:
+                out.nacks.extend(n for s, n in recent.items() if first <= s < first + skip)
+        limiter = self.limiter if self.limiter.enabled else None
+        max_bytes = self.max_event_bytes
+        check_payload = self.contracts.check_payload
+        for i in range(max(skip, 0), len(events)):
+            raw = events[i]
+            pseq = first + i
+            if len(raw) > max_bytes:
+                self._nack(out, producer, pseq, "too_large",
+                           f"event of {len(raw)} bytes exceeds max_event_bytes {max_bytes}")
+                continue
+            try:
+                ev = decode_wire_event(raw)
+            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                self._nack(out, producer, pseq, "malformed", f"malformed event: {exc}")
+                continue
+            try:
+                check_payload(ev.type, ev.v, ev.payload)
+            except EventError as exc:
+                category = "unknown_type" if "unknown event type" in str(exc) or "no contract" in str(exc) else "contract"
+                self._nack(out, producer, pseq, category, str(exc), ev.source, ev.id)
+                continue
+            if limiter is not None:
+                wait = limiter.check(ev.source, now)
+                if wait > 0.0:
+                    self._nack(out, producer, pseq, "rate_limited",
+                               f"source {ev.source} is over its rate limit", ev.source, ev.id, wait)
+                    continue
+            khash = key_hash(ev.key if ev.key is not None else ev.source)
+            acc.types.append(ev.type)
+            acc.khashes.append(khash)
+            acc.events.append(raw)
+            acc.bodies.append(entry_encoder.encode(Entry(ev.type, khash, producer, pseq, raw, wall)))
+        out.ack = first + len(events) - 1 if events else max(first - 1, 0)
+        if producer and events:
+            self.remember(producer, out.ack)
+        self.accepted_total += len(acc.events)
+        return out
+
+    def _nack(self, out: Outcome, producer: str, pseq: int, category: str, detail: str,
+              source: str = "", event_id: str = "", retry_after: float = 0.0) -> None:
+        self._reject(category, detail, source, event_id)
+        nack = Nack(pseq, f"{category}: {detail}", retry_after)
+        out.nacks.append(nack)
+        if producer:
+            recent = self.recent_nacks.setdefault(producer, collections.OrderedDict())
+            recent[pseq] = nack
+            if len(recent) > RECENT_NACKS:
+                recent.popitem(last=False)
+            if len(self.recent_nacks) > MAX_PRODUCERS:
+                self.recent_nacks.pop(next(iter(self.recent_nacks)))

@@ -1,0 +1,136 @@
+"""The producer's bookkeeping, free of sockets: pending events, the window of
+unacked events, producer sequence numbers, resends and NACKs.
+
+Shared by the sync `Producer` (socket in a background thread) and the asyncio
+`AsyncProducer`, so both behave exactly alike.
+"""
+from __future__ import annotations
+
+import collections
+import time
+from dataclasses import dataclass
+
+import msgspec
+
+from .errors import RejectedError
+from .wire import ProducerBatch, ProducerReply, encoder
+
+MAX_BATCH_EVENTS = 1000
+MAX_BATCH_BYTES = 4 * 2**20
+
+
+@dataclass
+class Unacked:
+    pseq: int
+    event_id: str
+    data: bytes
+    sent: float
+
+
+class Outbox:
+    def __init__(self, producer_id: str, confirm: bool, window: int, ack_timeout: float):
+        self.producer_id = producer_id
+        self.confirm = confirm
+        self.window = window
+        self.ack_timeout = ack_timeout
+        self.pending: collections.deque[tuple[str, bytes]] = collections.deque()
+        self.unacked: collections.deque[Unacked] = collections.deque()   # in pseq order
+        self.next_pseq = 1
+        self.errors: list[RejectedError] = []
+        self.retry_later: list[tuple[float, str, bytes]] = []   # rate limited: (when, id, data)
+        self.resends = 0
+        self.sent_events = 0
+
+    # -- caller side ------------------------------------------------------------
+    def add(self, event_id: str, data: bytes) -> None:
+        self.pending.append((event_id, data))
+
+    def in_flight(self) -> int:
+        return len(self.pending) + len(self.unacked) + len(self.retry_later)
+
+    def has_room(self) -> bool:
+        return not self.confirm or self.in_flight() < self.window
+
+    def idle(self) -> bool:
+        return self.in_flight() == 0
+
+    def take_errors(self) -> list[RejectedError]:
+        errors, self.errors = self.errors, []
+        return errors
+
+    # -- I/O side -------------------------------------------------------------------
+    def next_batch(self, now: float) -> bytes | None:
+        """The next message to send, or None. Pending events go out in batches of up
+        to MAX_BATCH_EVENTS / MAX_BATCH_BYTES: whatever accumulated while we were busy."""
+        self._release_rate_limited(now)
+        if not self.pending:
+            return None
+        events: list[bytes] = []
+        size = 0
+        first = self.next_pseq
+        while self.pending and len(events) < MAX_BATCH_EVENTS and size < MAX_BATCH_BYTES:
+            event_id, data = self.pending.popleft()
+            events.append(msgspec.Raw(data))
+            size += len(data)
+            if self.confirm:
+                self.unacked.append(Unacked(self.next_pseq, event_id, data, now))
+                self.next_pseq += 1
+        self.sent_events += len(events)
+        if self.confirm:
+            return encoder.encode(ProducerBatch(events, self.producer_id, first))
+        return encoder.encode(ProducerBatch(events))
+
+    def resend_batches(self, now: float) -> list[bytes]:
+        """Go-back-N: when the oldest unacked event timed out, resend all unacked."""
+        if not self.unacked or now - self.unacked[0].sent < self.ack_timeout:
+            return []
+        batches = []
+        items = list(self.unacked)
+        for i in range(0, len(items), MAX_BATCH_EVENTS):
+            chunk = items[i:i + MAX_BATCH_EVENTS]
+            for u in chunk:
+                u.sent = now
+            batches.append(encoder.encode(ProducerBatch([msgspec.Raw(u.data) for u in chunk], self.producer_id,
+                                                        chunk[0].pseq)))
+        self.resends += len(items)
+        return batches
+
+    def on_reply(self, reply: ProducerReply, now: float) -> None:
+        if reply.error:
+            self.errors.append(RejectedError("-", reply.error))
+            return
+        nacks = {n.seq: n for n in reply.nacks}
+        while self.unacked and self.unacked[0].pseq <= reply.ack:
+            u = self.unacked.popleft()
+            nack = nacks.get(u.pseq)
+            if nack is None:
+                continue
+            if nack.retry_after > 0:
+                # rate limited: not an error; send it again (as a new sequence) later
+                self.retry_later.append((now + nack.retry_after, u.event_id, u.data))
+            else:
+                self.errors.append(RejectedError(u.event_id, nack.reason))
+
+    def _release_rate_limited(self, now: float) -> None:
+        if not self.retry_later:
+            return
+        due = [r for r in self.retry_later if r[0] <= now]
+        if due:
+            self.retry_later = [r for r in self.retry_later if r[0] > now]
+            for _, event_id, data in due:
+                self.pending.append((event_id, data))
+
+    def next_deadline(self, now: float) -> float:
+        """Seconds until something time-based is due (resend or rate-limit retry)."""
+        deadlines = []
+        if self.unacked:
+            deadlines.append(self.unacked[0].sent + self.ack_timeout)
+        if self.retry_later:
+            deadlines.append(min(r[0] for r in self.retry_later))
+        if not deadlines:
+            return 0.05
+        return max(0.0, min(deadlines) - now)
+
+
+def monotonic() -> float:
+    return time.monotonic()

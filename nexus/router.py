@@ -1,0 +1,338 @@
+"""The router process: ingest -> validate -> limit -> journal -> publish; coord.
+
+One thread, one poll loop. Every accepted batch is written to the journal with one
+write() before it is published or ACKed; the journal is the truth and PUB/SUB only
+the fast path, so members repair gaps by fetching from it over `coord`.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import msgspec
+import structlog
+import zmq
+
+from . import transport
+from .config import Config
+from .coordinator import Coordinator, Group
+from .cursors import CursorStore
+from .events import Contracts
+from .intake import Intake
+from .journal import Journal, entry_decoder
+from .ratelimit import RateLimiter
+from .routing import RouteTable
+from .wire import (TAIL_TOPIC, Ack, Delivery, Error, Fetch, Heartbeat, Join, Leave, ProducerReply,
+                   Pulse, Records, Released, ReplayRequest, Reply, StatusRequest, coord_decoder,
+                   encoder, topic)
+
+log = structlog.get_logger("nexus.router")
+
+MAINTENANCE_EVERY = 0.1
+LAG_SCAN_LIMIT = 200_000
+
+
+class Router:
+    def __init__(self, config: Config):
+        self.config = config
+        rc = config.router
+        self.contracts = Contracts.from_modules(config.contracts, config.contracts_untyped)
+        self.routes = RouteTable({name: (g.subscribe, g.partitions) for name, g in config.workers.items()})
+        self.intake = Intake(self.contracts, RateLimiter(rc.rate_limits), rc.max_event_bytes, rc.max_batch)
+        self.journal = Journal(os.path.join(config.data_dir, "journal"), fsync=rc.journal.fsync,
+                               fsync_interval=rc.journal.fsync_interval_ms / 1000.0,
+                               segment_bytes=rc.journal.segment_bytes, retain=rc.journal.retain)
+        self.cursors = CursorStore(os.path.join(config.data_dir, "cursors.msgpack"))
+        self.coordinator = Coordinator(rc.heartbeat_interval * rc.heartbeat_misses,
+                                       release_timeout=config.shutdown_timeout)
+        self.heads: dict[str, list[int]] = {}          # group -> last seq per partition stream
+        self.tail_subscribers = 0
+        self.started = time.time()
+        self.stop_event = threading.Event()
+        self._pending_replies: list[tuple[bytes, bytes]] = []
+
+    # -- start ---------------------------------------------------------------------
+    def recover(self) -> None:
+        recovery = self.journal.open()
+        for name, group in self.config.workers.items():
+            self.heads[name] = [0] * group.partitions
+        routes, heads, intake = self.routes.routes, self.heads, self.intake
+        for seq, body in self.journal.iter_all():
+            entry = entry_decoder.decode(body)
+            for route in routes(entry.type):
+                heads[route.group][entry.khash % route.partitions] = seq
+            if entry.producer:
+                intake.remember(entry.producer, entry.pseq)
+        saved = self.cursors.load()
+        for name, group in self.config.workers.items():
+            cursors = saved.get(name)
+            if cursors is not None and len(cursors) != group.partitions:
+                # partition count changed: restart every partition from the oldest cursor
+                log.warning("partitions_changed", group=name, old=len(cursors), new=group.partitions)
+                cursors = [min(cursors)] * group.partitions
+            if cursors is None:
+                start = 0 if group.start == "earliest" else self.journal.last_seq
+                cursors = [start] * group.partitions
+            self.coordinator.add_group(name, group.partitions, cursors)
+        self.cursors.save(self._cursor_snapshot())
+        log.info("router_recovered", records=recovery.records, last_seq=self.journal.last_seq,
+                 truncated_bytes=recovery.truncated_bytes, groups=list(self.config.workers))
+
+    def _cursor_snapshot(self) -> dict[str, list[int]]:
+        return {name: list(g.cursors) for name, g in self.coordinator.groups.items()}
+
+    # -- main loop -----------------------------------------------------------------
+    def run(self) -> None:
+        self.recover()
+        ctx = zmq.Context()
+        try:
+            self.ingest = transport.bind(ctx, zmq.PULL, self.config.ingest)
+            self.confirm = transport.bind(ctx, zmq.ROUTER, self.config.confirm)
+            self.publish = transport.publisher(ctx, self.config.publish)
+            self.coord = transport.bind(ctx, zmq.ROUTER, self.config.coord)
+            log.info("router_ready", ingest=self.config.ingest, confirm=self.config.confirm,
+                     publish=self.config.publish, coord=self.config.coord)
+            self._loop()
+        finally:
+            self.journal.close()
+            self.cursors.save(self._cursor_snapshot())
+            ctx.destroy(linger=0)
+            log.info("router_stopped", last_seq=self.journal.last_seq,
+                     accepted=self.intake.accepted_total)
+
+    def _loop(self) -> None:
+        poller = zmq.Poller()
+        for sock in (self.ingest, self.confirm, self.coord, self.publish):
+            poller.register(sock, zmq.POLLIN)
+        next_maintenance = time.monotonic()
+        while not self.stop_event.is_set():
+            ready = dict(poller.poll(50))
+            now = time.monotonic()
+            if self.coord in ready:
+                self._drain(self.coord, self._on_coord, 200)
+            if self.ingest in ready:
+                self._drain(self.ingest, self._on_ingest, 50)
+            if self.confirm in ready:
+                self._drain(self.confirm, self._on_confirm, 50)
+            if self.publish in ready:
+                self._drain(self.publish, self._on_subscription, 1000)
+            self._send_replies()
+            if now >= next_maintenance:
+                self._maintenance(now)
+                next_maintenance = now + MAINTENANCE_EVERY
+        self._send_replies()
+        self.journal.sync()
+
+    def _drain(self, sock: zmq.Socket, handler, limit: int) -> None:
+        for _ in range(limit):
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=True)
+            except zmq.Again:
+                return
+            try:
+                handler(frames)
+            except Exception:  # the router never dies of one message
+                log.exception("message_failed")
+                self.intake.rejected["internal"] += 1
+
+    def _maintenance(self, now: float) -> None:
+        self.journal.tick(now)
+        for identity, msg in self.coordinator.expire(now):
+            self._send_coord(identity, msg)
+        snapshot = self._cursor_snapshot()
+        if self.cursors.changed(snapshot):
+            self.cursors.save(snapshot)
+            floor = min((min(c) for c in snapshot.values() if c), default=self.journal.last_seq)
+            self.journal.enforce_retention(floor)
+
+    def _send_replies(self) -> None:
+        if not self._pending_replies:
+            return
+        if self.journal.fsync_policy == "always":
+            self.journal.sync()
+        for identity, payload in self._pending_replies:
+            try:
+                self.confirm.send_multipart((identity, payload), zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass  # producer gone or its queue full: it resends on timeout
+        self._pending_replies.clear()
+
+    # -- producers -------------------------------------------------------------------
+    def _on_ingest(self, frames: list[bytes]) -> None:
+        if len(frames) != 1:
+            self.intake.rejected["bad_batch"] += 1
+            return
+        outcome = self.intake.take(frames[0], False, time.monotonic())
+        self._commit(outcome.accepted)
+
+    def _on_confirm(self, frames: list[bytes]) -> None:
+        identity = frames[0]
+        if len(frames) != 2:
+            self.intake.rejected["bad_batch"] += 1
+            self._pending_replies.append((identity, encoder.encode(ProducerReply(
+                error="expected exactly one frame per message"))))
+            return
+        outcome = self.intake.take(frames[1], True, time.monotonic())
+        self._commit(outcome.accepted)
+        reply = ProducerReply(ack=outcome.ack, nacks=outcome.nacks, error=outcome.error)
+        self._pending_replies.append((identity, encoder.encode(reply)))
+
+    def _commit(self, acc) -> None:
+        if not acc.bodies:
+            return
+        first = self.journal.append(acc.bodies)
+        streams: dict[tuple[str, int], tuple[int, list[int], list[bytes]]] = {}
+        routes, heads = self.routes.routes, self.heads
+        seq = first
+        for type_, khash, raw in zip(acc.types, acc.khashes, acc.events):
+            for route in routes(type_):
+                p = khash % route.partitions
+                key = (route.group, p)
+                stream = streams.get(key)
+                group_heads = heads[route.group]
+                if stream is None:
+                    stream = streams[key] = (group_heads[p], [], [])
+                stream[1].append(seq)
+                stream[2].append(raw)
+                group_heads[p] = seq
+            seq += 1
+        send = self.publish.send_multipart
+        for (group, p), (prev, seqs, events) in streams.items():
+            send((topic(group, p), encoder.encode(Delivery(prev, seqs, events))), zmq.NOBLOCK)
+        if self.tail_subscribers:
+            seqs = list(range(first, seq))
+            send((TAIL_TOPIC, encoder.encode(Delivery(0, seqs, acc.events))), zmq.NOBLOCK)
+
+    def _on_subscription(self, frames: list[bytes]) -> None:
+        msg = frames[0]
+        if msg[1:] == TAIL_TOPIC:
+            self.tail_subscribers += 1 if msg[:1] == b"\x01" else -1
+            self.tail_subscribers = max(self.tail_subscribers, 0)
+
+    # -- coord ---------------------------------------------------------------------
+    def _send_coord(self, identity: bytes, msg) -> None:
+        try:
+            self.coord.send_multipart((identity, encoder.encode(msg)), zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass
+
+    def _on_coord(self, frames: list[bytes]) -> None:
+        identity = frames[0]
+        if len(frames) != 2:
+            return self._send_coord(identity, Error("expected exactly one frame", "bad_message"))
+        try:
+            msg = coord_decoder.decode(frames[1])
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            self.intake.rejected["bad_coord"] += 1
+            return self._send_coord(identity, Error(f"unreadable coord message: {exc}", "bad_message"))
+        now = time.monotonic()
+        if isinstance(msg, StatusRequest):
+            return self._send_coord(identity, Reply(self.status()))
+        if isinstance(msg, ReplayRequest):
+            return self._send_coord(identity, Reply(self.replay(msg)))
+        group = self.coordinator.groups.get(getattr(msg, "group", ""))
+        if group is None:
+            return self._send_coord(identity, Error(f"unknown group {getattr(msg, 'group', '')!r}",
+                                                    "unknown_group"))
+        if isinstance(msg, Join):
+            for ident, out in self.coordinator.join(group, msg.member, identity, now, msg.host, msg.pid):
+                self._send_coord(ident, out)
+        elif isinstance(msg, Fetch):
+            self._send_coord(identity, self.fetch(group, msg))
+        elif not self.coordinator.seen(group, msg.member,
+                                       None if isinstance(msg, Heartbeat) else identity, now):
+            if not isinstance(msg, Leave):
+                self._send_coord(identity, Error(f"{msg.member} is not a member of {group.name}",
+                                                 "unknown_member"))
+        elif isinstance(msg, Heartbeat):
+            self.coordinator.ack(group, msg.member, msg.acks)
+            info = group.members[msg.member]
+            heads = self.heads[group.name]
+            self._send_coord(identity, Pulse({p: heads[p] for p in info.view}))
+        elif isinstance(msg, Ack):
+            self.coordinator.ack(group, msg.member, msg.acks)
+        elif isinstance(msg, Released):
+            for ident, out in self.coordinator.released(group, msg.member, msg.acks, now):
+                self._send_coord(ident, out)
+        elif isinstance(msg, Leave):
+            for ident, out in self.coordinator.leave(group, msg.member, msg.acks, now):
+                self._send_coord(ident, out)
+
+    def fetch(self, group: Group, msg: Fetch) -> Records:
+        """Stream events of group/partition after `msg.after`, served from the journal."""
+        limit = max(1, min(msg.limit, self.config.router.fetch_limit))
+        p, route = msg.partition, self.routes.route_of(group.name)
+        seqs: list[int] = []
+        events: list[bytes] = []
+        upto = msg.after
+        scan_cap = max(limit * 50, 50_000)
+        records = self.journal.read(msg.after, scan_cap)
+        for seq, body in records:
+            entry = entry_decoder.decode(body)
+            upto = seq
+            if entry.khash % route.partitions == p and any(r.group == group.name for r in self.routes.routes(entry.type)):
+                seqs.append(seq)
+                events.append(entry.event)
+                if len(seqs) >= limit:
+                    break
+        complete = upto >= self.journal.last_seq
+        if not records:
+            upto = max(msg.after, self.journal.last_seq)
+            complete = True
+        return Records(group=group.name, partition=p, after=msg.after, upto=upto,
+                       seqs=seqs, events=events, complete=complete)
+
+    # -- status and replay -------------------------------------------------------------
+    def lag(self, group: Group) -> int | str:
+        floor = min(group.cursors) if group.cursors else self.journal.last_seq
+        if floor >= self.journal.last_seq:
+            return 0
+        count = 0
+        route = self.routes.route_of(group.name)
+        records = self.journal.read(floor, LAG_SCAN_LIMIT)
+        for seq, body in records:
+            entry = entry_decoder.decode(body)
+            p = entry.khash % route.partitions
+            if seq > group.cursors[p] and any(r.group == group.name for r in self.routes.routes(entry.type)):
+                count += 1
+        if records and records[-1][0] < self.journal.last_seq:
+            return f">={count}"
+        return count
+
+    def status(self) -> dict:
+        groups = {}
+        for name, g in self.coordinator.groups.items():
+            groups[name] = {
+                "partitions": g.partitions,
+                "members": [{"name": m.name, "host": m.host, "pid": m.pid, "partitions": list(m.view)}
+                            for m in g.members.values()],
+                "unassigned": sum(1 for o in g.owner if o is None),
+                "lag": self.lag(g),
+                "cursor_min": min(g.cursors) if g.cursors else 0,
+            }
+        return {
+            "router": {
+                "pid": os.getpid(),
+                "uptime": round(time.time() - self.started, 1),
+                "accepted": self.intake.accepted_total,
+                "rejected": sum(self.intake.rejected.values()),
+                "rejected_by_reason": dict(self.intake.rejected),
+                "duplicates": self.intake.duplicates_total,
+                "seq": self.journal.last_seq,
+                "journal": self.journal.info(),
+                "rate_limits": self.intake.limiter.describe(),
+                "recent_rejects": list(self.intake.reject_log)[-10:],
+            },
+            "groups": groups,
+        }
+
+    def replay(self, msg: ReplayRequest) -> dict:
+        return {"error": "replay is not available yet"}
+
+
+def main(config: Config) -> None:
+    from .process import stop_on_signals
+    router = Router(config)
+    stop_on_signals(router.stop_event)
+    router.run()

@@ -1,0 +1,56 @@
+"""One partition stream as a member sees it (no sockets).
+
+`watermark` means: every event of this stream with seq <= watermark has been seen
+(queued or handled). Live deliveries carry `prev`; when prev > watermark something
+was missed on PUB/SUB and the member fetches the range from the journal, buffering
+live deliveries meanwhile (the Clone pattern). The journal is the truth.
+"""
+from __future__ import annotations
+
+import collections
+from typing import Any
+
+BUFFER_LIMIT = 256          # live deliveries kept while a fetch is outstanding
+
+
+class PartitionStream:
+    __slots__ = ("partition", "watermark", "queue", "busy", "waiting", "attempt", "fetching",
+                 "fetch_after", "buffered", "overflow", "behind", "revoked", "redelivered_upto",
+                 "acked")
+
+    def __init__(self, partition: int, cursor: int, redelivered_upto: int = 0):
+        self.partition = partition
+        self.watermark = cursor
+        self.queue: collections.deque[tuple[int, Any]] = collections.deque()   # (seq, WireEvent)
+        self.busy = False          # head event is being handled
+        self.waiting = False       # head event waits for its retry backoff
+        self.attempt = 1
+        self.fetching = False
+        self.fetch_after = -1
+        self.buffered: list[Any] = []
+        self.overflow = False
+        self.behind = False        # live events dropped for lack of room: fetch later
+        self.revoked = False
+        self.redelivered_upto = redelivered_upto
+        self.acked = cursor
+
+    def handled_upto(self) -> int:
+        """Every event <= this has been handled: what the member may ack."""
+        return self.queue[0][0] - 1 if self.queue else self.watermark
+
+    def needs_fetch(self, prev: int) -> bool:
+        return prev > self.watermark
+
+    def take(self, seqs: list[int], events: list[Any], upto: int) -> int:
+        """Queue events newer than the watermark; returns how many were queued."""
+        w = self.watermark
+        n = 0
+        if seqs and seqs[-1] > w:
+            q = self.queue
+            for s, e in zip(seqs, events):
+                if s > w:
+                    q.append((s, e))
+                    n += 1
+        if upto > w:
+            self.watermark = upto
+        return n

@@ -1,0 +1,89 @@
+"""Every ZeroMQ socket in Nexus is made here, so socket options live in one place.
+
+Bound sockets cap message size (MAXMSGSIZE) so a hostile peer cannot make the
+router allocate gigabytes; every socket has linger and high-water marks set, and
+connecting sockets use ZMTP heartbeats to notice a dead peer.
+"""
+from __future__ import annotations
+
+import os
+from typing import TypeVar
+
+import zmq
+
+MAX_MESSAGE_BYTES = 64 * 2**20     # one producer batch / one fetch reply, at most
+PUBLISH_HWM = 200_000              # batches queued per subscriber before ZMQ drops
+LINGER_MS = 1000                   # time to flush on close, then give up
+
+S = TypeVar("S", bound=zmq.Socket)
+
+
+def _prepare_ipc(endpoint: str) -> None:
+    if endpoint.startswith("ipc://"):
+        path = endpoint[len("ipc://"):]
+        parent = os.path.dirname(path)
+        if parent:
+            os.makedirs(parent, exist_ok=True)
+
+
+def _common(sock: zmq.Socket, linger_ms: int) -> None:
+    sock.setsockopt(zmq.LINGER, linger_ms)
+    sock.setsockopt(zmq.RECONNECT_IVL, 50)
+    sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+
+
+def bind(ctx: zmq.Context, kind: int, endpoint: str, *, max_message: int = MAX_MESSAGE_BYTES,
+         hwm: int = 100_000, linger_ms: int = LINGER_MS) -> zmq.Socket:
+    """A socket the router or launcher owns. Raises zmq.ZMQError if the address is taken."""
+    sock = ctx.socket(kind)
+    _common(sock, linger_ms)
+    sock.setsockopt(zmq.MAXMSGSIZE, max_message)
+    sock.setsockopt(zmq.RCVHWM, hwm)
+    sock.setsockopt(zmq.SNDHWM, hwm)
+    if kind == zmq.ROUTER:
+        sock.setsockopt(zmq.ROUTER_HANDOVER, 1)   # a reconnecting peer keeps its identity
+    _prepare_ipc(endpoint)
+    try:
+        sock.bind(endpoint)
+    except zmq.ZMQError:
+        sock.close(0)
+        raise
+    return sock
+
+
+def connect(ctx: zmq.Context, kind: int, endpoint: str, *, hwm: int = 100_000,
+            identity: bytes | None = None, linger_ms: int = LINGER_MS,
+            max_message: int = MAX_MESSAGE_BYTES) -> zmq.Socket:
+    """A socket a producer, member or CLI uses to reach a bound endpoint."""
+    sock = ctx.socket(kind)
+    _common(sock, linger_ms)
+    sock.setsockopt(zmq.MAXMSGSIZE, max_message)
+    sock.setsockopt(zmq.RCVHWM, hwm)
+    sock.setsockopt(zmq.SNDHWM, hwm)
+    sock.setsockopt(zmq.HEARTBEAT_IVL, 1000)
+    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3000)
+    if identity is not None:
+        sock.setsockopt(zmq.IDENTITY, identity)
+    sock.connect(endpoint)
+    return sock
+
+
+def publisher(ctx: zmq.Context, endpoint: str) -> zmq.Socket:
+    sock = bind(ctx, zmq.XPUB, endpoint, hwm=PUBLISH_HWM, linger_ms=0)
+    return sock
+
+
+def subscriber(ctx: zmq.Context, endpoint: str) -> zmq.Socket:
+    return connect(ctx, zmq.SUB, endpoint, hwm=PUBLISH_HWM, linger_ms=0)
+
+
+def request(ctx: zmq.Context, endpoint: str, payload: bytes, timeout: float) -> bytes | None:
+    """One request/answer over a fresh DEALER; None when nobody answered in time."""
+    sock = connect(ctx, zmq.DEALER, endpoint, linger_ms=0)
+    try:
+        sock.send(payload)
+        if sock.poll(int(timeout * 1000), zmq.POLLIN):
+            return sock.recv()
+        return None
+    finally:
+        sock.close(0)

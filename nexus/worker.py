@@ -1,0 +1,437 @@
+"""The member runtime: join a group, run the handler on assigned partitions, ack.
+
+One asyncio loop owns the coord DEALER and the SUB socket. Heartbeats come from a
+small thread with its own socket, so a long synchronous handler does not make the
+router think the member died. Events of one partition are handled one at a time,
+in journal order; across partitions the lowest priority number goes first.
+"""
+from __future__ import annotations
+
+import asyncio
+import heapq
+import importlib
+import inspect
+import os
+import random
+import socket as _socket
+import threading
+import time
+from typing import Any, Callable
+
+import msgspec
+import structlog
+import zmq
+import zmq.asyncio
+
+from . import transport
+from .config import Config, WorkerGroupConfig
+from .context import Context
+from .errors import ConfigError
+from .events import Contracts, Event, decode_wire_event
+from .heartbeat import HeartbeatThread
+from .producer import Producer
+from .stream import BUFFER_LIMIT, PartitionStream
+from .wire import (Ack, Assign, Delivery, Error, Fetch, Join, Leave, Pulse, Records, Released,
+                   coord_decoder, delivery_decoder, encoder, topic)
+
+ACK_EVERY = 0.05
+
+log = structlog.get_logger("nexus.worker")
+
+
+def load_handler(spec: str, options: dict) -> tuple[Callable, Callable | None]:
+    """'module:attr' -> (handle, close). A class is instantiated with the options."""
+    module_name, _, attr = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(f"handler {spec}: cannot import {module_name}: {exc}") from None
+    target = getattr(module, attr, None)
+    if target is None:
+        raise ConfigError(f"handler {spec}: {module_name} has no attribute {attr!r}")
+    if inspect.isclass(target):
+        instance = target(options)
+        return instance.handle, getattr(instance, "close", None)
+    if not callable(target):
+        raise ConfigError(f"handler {spec}: {attr} is not callable")
+    return target, None
+
+
+class Member:
+    def __init__(self, config: Config, group: str, name: str):
+        if group not in config.workers:
+            raise ConfigError(f"unknown worker group {group!r} (configured: {', '.join(config.workers) or 'none'})")
+        self.config = config
+        self.group = group
+        self.name = name
+        self.spec: WorkerGroupConfig = config.workers[group]
+        self.contracts = Contracts.from_modules(config.contracts, config.contracts_untyped)
+        self.handle, self.close_handler = load_handler(self.spec.handler, dict(self.spec.options))
+        self.is_async = inspect.iscoroutinefunction(self.handle)
+        self.streams: dict[int, PartitionStream] = {}
+        self.ready: list[tuple[int, int, int]] = []     # (priority, seq, partition)
+        self.queued = 0
+        self.active = 0
+        self.handled = 0
+        self.failed = 0
+        self.dead_lettered = 0
+        self.stop_event = asyncio.Event()
+        self.joined = asyncio.Event()
+        self.log = log.bind(group=group, member=name)
+        self._work = asyncio.Event()
+        self._rejoin_needed = asyncio.Event()
+        self._producer: Producer | None = None
+        self._last_acks: dict[int, int] = {}
+
+    # -- lifecycle -------------------------------------------------------------
+    async def run(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.ctx = zmq.asyncio.Context()
+        self.coord = transport.connect(self.ctx, zmq.DEALER, self.config.coord,
+                                       identity=f"{self.group}/{self.name}/{os.getpid()}".encode())
+        self.sub = transport.subscriber(self.ctx, self.config.publish)
+        self.heartbeat = HeartbeatThread(self.config.coord, self.group, self.name,
+                                         self.config.router.heartbeat_interval, self._on_pulse_threadsafe)
+        tasks = [asyncio.ensure_future(c) for c in
+                 (self._coord_reader(), self._sub_reader(), self._dispatcher(), self._acker(),
+                  self._joiner())]
+        self.heartbeat.start()
+        try:
+            await self.stop_event.wait()
+            await self._drain()
+        finally:
+            self.heartbeat.stop()
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            if self._producer is not None:
+                try:
+                    await asyncio.to_thread(self._producer.close, 5.0)
+                except Exception as exc:
+                    self.log.error("emit_flush_failed", error=str(exc))
+            if self.close_handler is not None:
+                result = self.close_handler()
+                if inspect.isawaitable(result):
+                    await result
+            self.coord.close(linger=500)
+            self.sub.close(0)
+            self.ctx.term()
+            self.log.info("member_stopped", handled=self.handled, failed=self.failed)
+
+    async def _joiner(self) -> None:
+        """Join, and join again whenever the router forgot us (router restart)."""
+        while True:
+            if not self.joined.is_set():
+                await self._send(Join(group=self.group, member=self.name,
+                                      host=_socket.gethostname(), pid=os.getpid()))
+            try:
+                await asyncio.wait_for(self.joined.wait(), 1.0)
+                await self._rejoin_needed.wait()
+                self._rejoin_needed.clear()
+                self.joined.clear()
+            except asyncio.TimeoutError:
+                pass
+
+    async def _drain(self) -> None:
+        """Graceful stop: take nothing new, finish in-flight events, ack, leave."""
+        self.sub.close(0)
+        for st in self.streams.values():
+            st.revoked = True
+        deadline = time.monotonic() + self.config.shutdown_timeout
+        while any(st.busy for st in self.streams.values()) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        if self._producer is not None:
+            await asyncio.to_thread(self._producer.flush, 5.0)
+        acks = {p: st.handled_upto() for p, st in self.streams.items()}
+        await self._send(Leave(group=self.group, member=self.name, acks=acks))
+
+    async def _send(self, msg) -> None:
+        await self.coord.send(encoder.encode(msg))
+
+    # -- coord -------------------------------------------------------------------
+    async def _coord_reader(self) -> None:
+        while True:
+            raw = await self.coord.recv()
+            try:
+                msg = coord_decoder.decode(raw)
+            except msgspec.MsgspecError:
+                self.log.error("bad_coord_message")
+                continue
+            if isinstance(msg, Assign):
+                self._on_assign(msg)
+            elif isinstance(msg, Records):
+                self._on_records(msg)
+            elif isinstance(msg, Error):
+                self._on_error(msg)
+
+    def _on_error(self, msg: Error) -> None:
+        if msg.code == "unknown_member":
+            self.log.warning("rejoining", reason=msg.reason)
+            self._rejoin_needed.set()
+        elif msg.code == "unknown_group":
+            self.log.error("group_unknown_to_router", reason=msg.reason)
+            self.stop_event.set()
+        else:
+            self.log.error("router_error", reason=msg.reason, code=msg.code)
+
+    def _on_pulse_threadsafe(self, msg) -> None:
+        self.loop.call_soon_threadsafe(self._on_pulse, msg)
+
+    def _on_pulse(self, msg) -> None:
+        if isinstance(msg, Error):
+            return self._on_error(msg)
+        if not isinstance(msg, Pulse):
+            return
+        for p, head in msg.heads.items():
+            st = self.streams.get(p)
+            if st is not None and head > st.watermark and not st.fetching and not st.revoked:
+                self._fetch(st)
+
+    def _on_assign(self, msg: Assign) -> None:
+        self.joined.set()
+        wanted = set(msg.partitions)
+        for p, st in list(self.streams.items()):
+            if p not in wanted and not st.revoked:
+                st.revoked = True
+                self.sub.setsockopt(zmq.UNSUBSCRIBE, topic(self.group, p))
+                self._drop_queued(st)
+                self._maybe_release(st)
+        for p, cursor in msg.grants.items():
+            old = self.streams.get(p)
+            if old is not None and not old.revoked:
+                # granted again after a rejoin: keep what we handled ourselves
+                self._drop_queued(old)
+                old.watermark = max(cursor, old.handled_upto() if not old.busy else old.queue[0][0])
+                self._fetch(old)
+                continue
+            st = self.streams[p] = PartitionStream(p, cursor)
+            self.sub.setsockopt(zmq.SUBSCRIBE, topic(self.group, p))
+            self._fetch(st)
+        self.log.info("partitions_assigned", partitions=sorted(wanted), granted=sorted(msg.grants))
+
+    def _drop_queued(self, st: PartitionStream) -> None:
+        """Forget queued events (not the one being handled); they stay in the journal."""
+        keep = [st.queue[0]] if st.busy and st.queue else []
+        self.queued -= len(st.queue) - len(keep)
+        st.queue.clear()
+        st.queue.extend(keep)
+        st.watermark = keep[0][0] if keep else st.handled_upto()
+        st.waiting = False
+        st.buffered.clear()
+
+    def _maybe_release(self, st: PartitionStream) -> None:
+        if st.revoked and not st.busy and self.streams.get(st.partition) is st:
+            del self.streams[st.partition]
+            if not self.stop_event.is_set():
+                asyncio.ensure_future(self._send(Released(group=self.group, member=self.name,
+                                                          acks={st.partition: st.handled_upto()})))
+
+    # -- intake ------------------------------------------------------------------
+    def _fetch(self, st: PartitionStream) -> None:
+        room = self.spec.max_in_flight - self.queued
+        if room <= 0:
+            st.behind = True
+            return
+        st.fetching, st.behind = True, False
+        st.fetch_after = st.watermark
+        asyncio.ensure_future(self._send(Fetch(group=self.group, member=self.name, partition=st.partition,
+                                               after=st.watermark, limit=min(room, 2000))))
+
+    def _on_records(self, msg: Records) -> None:
+        st = self.streams.get(msg.partition)
+        if st is None or st.revoked or not st.fetching or msg.after != st.fetch_after:
+            return
+        st.fetching = False
+        self._enqueue(st, msg.seqs, msg.events, msg.upto)
+        if not msg.complete or st.overflow:
+            st.overflow = False
+            st.buffered.clear()
+            self._fetch(st)
+            return
+        buffered, st.buffered = st.buffered, []
+        for d in buffered:
+            self._apply(st, d)
+
+    async def _sub_reader(self) -> None:
+        prefix = len(self.group) + 1
+        while True:
+            frames = await self.sub.recv_multipart()
+            if len(frames) != 2:
+                continue
+            try:
+                p = int(frames[0][prefix:])
+                d = delivery_decoder.decode(frames[1])
+            except (ValueError, msgspec.MsgspecError):
+                continue
+            st = self.streams.get(p)
+            if st is None or st.revoked:
+                continue
+            if st.fetching:
+                if len(st.buffered) < BUFFER_LIMIT:
+                    st.buffered.append(d)
+                else:
+                    st.overflow = True
+                continue
+            self._apply(st, d)
+
+    def _apply(self, st: PartitionStream, d: Delivery) -> None:
+        if d.seqs[-1] <= st.watermark:
+            return
+        if st.needs_fetch(d.prev):
+            st.buffered.append(d)
+            self._fetch(st)
+            return
+        if self.queued + len(d.seqs) > self.spec.max_in_flight:
+            st.behind = True          # fall behind; catch up from the journal later
+            return
+        self._enqueue(st, d.seqs, d.events, d.seqs[-1])
+
+    def _enqueue(self, st: PartitionStream, seqs: list[int], raws: list, upto: int) -> None:
+        events = []
+        for raw in raws:
+            events.append(decode_wire_event(raw))
+        was_empty = not st.queue
+        n = st.take(seqs, events, upto)
+        self.queued += n
+        if n and was_empty:
+            self._ready(st)
+
+    def _ready(self, st: PartitionStream) -> None:
+        if st.queue and not st.busy and not st.waiting and not st.revoked:
+            seq, ev = st.queue[0]
+            heapq.heappush(self.ready, (ev.priority, seq, st.partition))
+            self._work.set()
+
+    # -- dispatch -------------------------------------------------------------------
+    async def _dispatcher(self) -> None:
+        concurrency = self.spec.concurrency if self.is_async else 1
+        while True:
+            await self._work.wait()
+            self._work.clear()
+            processed = 0
+            while self.ready and self.active < concurrency:
+                _, seq, p = heapq.heappop(self.ready)
+                st = self.streams.get(p)
+                if st is None or st.busy or st.waiting or st.revoked or not st.queue or st.queue[0][0] != seq:
+                    continue
+                st.busy = True
+                if self.is_async:
+                    self.active += 1
+                    asyncio.ensure_future(self._run_async(st))
+                else:
+                    self._finish(st, self._run_sync(st))
+                    processed += 1
+                    if processed >= 256:      # let the sockets breathe
+                        self._work.set()
+                        await asyncio.sleep(0)
+                        processed = 0
+            self._refill()
+
+    def _event_and_ctx(self, st: PartitionStream) -> tuple[Event, Context]:
+        seq, w = st.queue[0]
+        payload = self.contracts.decode_payload(w.type, w.v, w.payload)
+        event = Event(type=w.type, source=w.source, payload=payload, id=w.id, time=w.time, key=w.key,
+                      priority=w.priority, correlation_id=w.correlation_id, v=w.v)
+        ctx = Context(self.group, self.name, st.attempt, st.attempt > 1 or seq <= st.redelivered_upto,
+                      seq, st.partition, self.spec.options, self.log, self._emit, w.id, w.correlation_id)
+        return event, ctx
+
+    def _run_sync(self, st: PartitionStream) -> BaseException | None:
+        try:
+            event, ctx = self._event_and_ctx(st)
+            self.handle(event, ctx)
+            return None
+        except Exception as exc:
+            return exc
+
+    async def _run_async(self, st: PartitionStream) -> None:
+        try:
+            event, ctx = self._event_and_ctx(st)
+            await self.handle(event, ctx)
+            error = None
+        except Exception as exc:
+            error = exc
+        self.active -= 1
+        self._finish(st, error)
+        self._work.set()
+
+    def _finish(self, st: PartitionStream, error: BaseException | None) -> None:
+        st.busy = False
+        if error is None:
+            self.handled += 1
+            self._pop(st)
+            return
+        seq, w = st.queue[0]
+        retry = self.spec.retry
+        self.failed += 1
+        if st.attempt >= retry.attempts:
+            self.dead_lettered += 1
+            self.log.error("event_dead_lettered", event_id=w.id, type=w.type, seq=seq,
+                           attempts=st.attempt, error=f"{type(error).__name__}: {error}")
+            self._pop(st)
+            return
+        delay = retry.backoff[min(st.attempt - 1, len(retry.backoff) - 1)] if retry.backoff else 1.0
+        delay = min(delay, retry.max_backoff) * (1 + random.uniform(-retry.jitter, retry.jitter))
+        self.log.warning("handler_failed", event_id=w.id, type=w.type, seq=seq, attempt=st.attempt,
+                         retry_in=round(delay, 3), error=f"{type(error).__name__}: {error}")
+        st.attempt += 1
+        st.waiting = True
+        self.loop.call_later(delay, self._retry_due, st)
+
+    def _retry_due(self, st: PartitionStream) -> None:
+        st.waiting = False
+        self._ready(st)
+        self._maybe_release(st)
+
+    def _pop(self, st: PartitionStream) -> None:
+        st.queue.popleft()
+        st.attempt = 1
+        self.queued -= 1
+        if st.revoked:
+            self._maybe_release(st)
+        else:
+            self._ready(st)
+
+    def _refill(self) -> None:
+        """Partitions that fell behind fetch again once there is room."""
+        if self.queued > self.spec.max_in_flight // 2:
+            return
+        for st in self.streams.values():
+            if st.behind and not st.fetching and not st.revoked:
+                self._fetch(st)
+
+    # -- acks and emits --------------------------------------------------------------
+    async def _acker(self) -> None:
+        while True:
+            await asyncio.sleep(ACK_EVERY)
+            acks = {}
+            for p, st in self.streams.items():
+                upto = st.handled_upto()
+                if upto > self._last_acks.get(p, -1):
+                    acks[p] = upto
+            if not acks:
+                continue
+            if self._producer is not None:
+                # follow-up events must be journaled before their cause is acked
+                await asyncio.to_thread(self._producer.flush, 30.0)
+            await self._send(Ack(group=self.group, member=self.name, acks=acks))
+            self._last_acks.update(acks)
+
+    def _emit(self, type_: str, payload: Any, **kw) -> str:
+        if self._producer is None:
+            self._producer = Producer(self.config.confirm, source=f"worker:{self.group}",
+                                      max_event_bytes=self.config.router.max_event_bytes)
+        return self._producer.send(type_, payload, **kw)
+
+
+def main(config: Config, group: str, name: str) -> None:
+    import signal
+
+    async def runner() -> None:
+        member = Member(config, group, name)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, member.stop_event.set)
+        await member.run()
+
+    asyncio.run(runner())
