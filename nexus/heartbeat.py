@@ -25,12 +25,17 @@ class HeartbeatThread:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="nexus-heartbeat", daemon=True)
 
+    @property
+    def started(self) -> bool:
+        return self._thread.ident is not None
+
     def start(self) -> None:
         self._thread.start()
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=2)
+        if self.started:
+            self._thread.join(timeout=2)
 
     def _run(self) -> None:
         ctx = zmq.Context.instance()

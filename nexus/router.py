@@ -18,6 +18,7 @@ from . import transport
 from .config import Config
 from .coordinator import Coordinator, Group
 from .cursors import CursorStore
+from .errors import ConfigError
 from .events import Contracts
 from .intake import Intake
 from .journal import Journal, entry_decoder
@@ -87,10 +88,10 @@ class Router:
         self.recover()
         ctx = zmq.Context()
         try:
-            self.ingest = transport.bind(ctx, zmq.PULL, self.config.ingest)
-            self.confirm = transport.bind(ctx, zmq.ROUTER, self.config.confirm)
-            self.publish = transport.publisher(ctx, self.config.publish)
-            self.coord = transport.bind(ctx, zmq.ROUTER, self.config.coord)
+            self.ingest = self._bind(lambda e: transport.bind(ctx, zmq.PULL, e), self.config.ingest)
+            self.confirm = self._bind(lambda e: transport.bind(ctx, zmq.ROUTER, e), self.config.confirm)
+            self.publish = self._bind(lambda e: transport.publisher(ctx, e), self.config.publish)
+            self.coord = self._bind(lambda e: transport.bind(ctx, zmq.ROUTER, e), self.config.coord)
             log.info("router_ready", ingest=self.config.ingest, confirm=self.config.confirm,
                      publish=self.config.publish, coord=self.config.coord)
             self._loop()
@@ -100,6 +101,13 @@ class Router:
             ctx.destroy(linger=0)
             log.info("router_stopped", last_seq=self.journal.last_seq,
                      accepted=self.intake.accepted_total)
+
+    @staticmethod
+    def _bind(make, endpoint: str) -> zmq.Socket:
+        try:
+            return make(endpoint)
+        except zmq.ZMQError as exc:
+            raise ConfigError(f"router cannot bind {endpoint}: {exc}") from None
 
     def _loop(self) -> None:
         poller = zmq.Poller()
@@ -123,6 +131,18 @@ class Router:
                 next_maintenance = now + MAINTENANCE_EVERY
         self._send_replies()
         self.journal.sync()
+        self._wait_for_members()
+
+    def _wait_for_members(self) -> None:
+        """Stopping: keep serving coord a little while members still leave, so their
+        final acks land even when every process got the signal at once."""
+        deadline = time.monotonic() + min(5.0, self.config.shutdown_timeout)
+        while time.monotonic() < deadline and any(g.members for g in self.coordinator.groups.values()):
+            if self.coord.poll(50):
+                self._drain(self.coord, self._on_coord, 200)
+            if self.confirm.poll(0):
+                self._drain(self.confirm, self._on_confirm, 50)
+                self._send_replies()
 
     def _drain(self, sock: zmq.Socket, handler, limit: int) -> None:
         for _ in range(limit):

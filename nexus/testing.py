@@ -45,3 +45,111 @@ class CollectingSink:
     def of_type(self, type_: str) -> list[Any]:
         with self._lock:
             return [p for t, p, _ in self.events if t == type_]
+
+
+class LaunchedPipeline:
+    """`python -m nexus.launch` in a subprocess, for system tests and benchmarks.
+
+    Always use it as a context manager (or call stop()): the process group is
+    terminated, then killed, and its output is kept in `output_path`.
+    """
+
+    def __init__(self, config_path: str, env: dict | None = None, output_path: str | None = None):
+        import os
+        self.config_path = str(config_path)
+        self.env = dict(os.environ, **(env or {}))
+        self.output_path = output_path or f"{self.config_path}.launch.log"
+        self.proc = None
+
+    def start(self, wait_ready: bool = True, timeout: float = 30.0) -> "LaunchedPipeline":
+        import subprocess
+        import sys
+        self._out = open(self.output_path, "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "nexus.launch", "-c", self.config_path],
+                                     stdout=self._out, stderr=subprocess.STDOUT, env=self.env)
+        if wait_ready:
+            self.wait_ready(timeout)
+        return self
+
+    def output(self) -> str:
+        with open(self.output_path, "rb") as f:
+            return f.read().decode(errors="replace")
+
+    def control(self, cmd: str, timeout: float = 3.0, **kw) -> dict | None:
+        import msgspec
+        import zmq
+        from . import config as config_mod, transport
+        from .launch import ControlRequest
+        cfg = config_mod.load(self.config_path)
+        raw = transport.request(zmq.Context.instance(), cfg.control_endpoint,
+                                msgspec.msgpack.encode(ControlRequest(cmd, **kw)), timeout)
+        return None if raw is None else msgspec.msgpack.decode(raw)
+
+    def router_status(self, timeout: float = 3.0) -> dict | None:
+        import zmq
+        from . import config as config_mod, transport
+        from .wire import StatusRequest, coord_decoder, encoder
+        cfg = config_mod.load(self.config_path)
+        raw = transport.request(zmq.Context.instance(), cfg.coord, encoder.encode(StatusRequest()), timeout)
+        return None if raw is None else coord_decoder.decode(raw).data
+
+    def processes(self) -> list[dict]:
+        reply = self.control("status")
+        return reply["processes"] if reply else []
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        def ready():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"launcher exited with {self.proc.returncode}:\n{self.output()[-3000:]}")
+            reply = self.control("status", timeout=0.5)
+            return reply is not None and reply.get("ready")
+        wait_for(ready, timeout, 0.05, "pipeline ready")
+
+    def wait_members(self, group: str, n: int, timeout: float = 30.0) -> None:
+        def joined():
+            status = self.router_status(0.5)
+            if not status:
+                return False
+            g = status["groups"][group]
+            return len(g["members"]) == n and g["unassigned"] == 0
+        wait_for(joined, timeout, 0.05, f"{n} members in group {group}")
+
+    def child_pids(self) -> list[int]:
+        return [p["pid"] for p in self.processes() if p["pid"]]
+
+    def stop(self, timeout: float = 60.0) -> int:
+        import signal
+        import subprocess
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self._out.close()
+        return self.proc.returncode
+
+    def __enter__(self) -> "LaunchedPipeline":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def pid_alive(pid: int) -> bool:
+    import os
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # a zombie still "exists": treat it as gone
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False

@@ -95,7 +95,6 @@ class Member:
         tasks = [asyncio.ensure_future(c) for c in
                  (self._coord_reader(), self._sub_reader(), self._dispatcher(), self._acker(),
                   self._joiner())]
-        self.heartbeat.start()
         try:
             await self.stop_event.wait()
             await self._drain()
@@ -166,8 +165,9 @@ class Member:
 
     def _on_error(self, msg: Error) -> None:
         if msg.code == "unknown_member":
-            self.log.warning("rejoining", reason=msg.reason)
-            self._rejoin_needed.set()
+            if self.joined.is_set():
+                self.log.warning("rejoining", reason=msg.reason)
+                self._rejoin_needed.set()
         elif msg.code == "unknown_group":
             self.log.error("group_unknown_to_router", reason=msg.reason)
             self.stop_event.set()
@@ -188,7 +188,10 @@ class Member:
                 self._fetch(st)
 
     def _on_assign(self, msg: Assign) -> None:
-        self.joined.set()
+        if not self.joined.is_set():
+            self.joined.set()
+            if not self.heartbeat.started:
+                self.heartbeat.start()     # only now: a beat before the join would be refused
         wanted = set(msg.partitions)
         for p, st in list(self.streams.items()):
             if p not in wanted and not st.revoked:

@@ -1,0 +1,296 @@
+"""The `nexus` command: send, status, scale, worker, tail, journal."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Any
+
+import msgspec
+import zmq
+
+from . import config as config_mod, transport
+from .errors import ConfigError, EventError, ExitCode, NexusError, PeerError
+from .events import Contracts, decode_wire_event
+from .wire import TAIL_TOPIC, ReplayRequest, StatusRequest, coord_decoder, delivery_decoder, encoder
+
+REQUEST_TIMEOUT = 3.0
+
+
+def _load(args) -> config_mod.Config:
+    return config_mod.load(args.config, args.env)
+
+
+def _ask_router(cfg: config_mod.Config, msg) -> dict:
+    raw = transport.request(zmq.Context.instance(), cfg.coord, encoder.encode(msg), REQUEST_TIMEOUT)
+    if raw is None:
+        raise PeerError(f"router at {cfg.coord} did not answer within {REQUEST_TIMEOUT:g}s (is the pipeline running?)")
+    reply = coord_decoder.decode(raw)
+    if hasattr(reply, "reason"):
+        raise NexusError(f"router: {reply.reason}")
+    return reply.data
+
+
+def _ask_launcher(cfg: config_mod.Config, cmd: str, **kw) -> dict:
+    from .launch import ControlRequest
+    raw = transport.request(zmq.Context.instance(), cfg.control_endpoint,
+                            msgspec.msgpack.encode(ControlRequest(cmd, **kw)), REQUEST_TIMEOUT)
+    if raw is None:
+        raise PeerError(f"launcher at {cfg.control_endpoint} did not answer within {REQUEST_TIMEOUT:g}s "
+                        "(is `python -m nexus.launch` running with this config?)")
+    reply = msgspec.msgpack.decode(raw)
+    if not reply.get("ok"):
+        raise NexusError(reply.get("error", "launcher refused the request"))
+    return reply
+
+
+def _print_json(data: Any) -> None:
+    print(json.dumps(data, indent=2, sort_keys=True, default=str))
+
+
+# -- send -----------------------------------------------------------------------------
+def cmd_send(args) -> int:
+    from .producer import Producer
+    cfg = _load(args)
+    Contracts.from_modules(cfg.contracts, cfg.contracts_untyped)
+    if args.payload == "-":
+        lines = [line for line in sys.stdin.read().splitlines() if line.strip()]
+    else:
+        lines = [args.payload]
+    payloads = []
+    for n, line in enumerate(lines, 1):
+        try:
+            payloads.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            where = f" (line {n} of stdin)" if args.payload == "-" else ""
+            raise EventError(f"--payload is not valid JSON{where}: {exc.msg} at column {exc.colno}") from None
+    endpoint = cfg.ingest if args.fire else cfg.confirm
+    with Producer(endpoint, source=args.source, confirm=not args.fire,
+                  max_event_bytes=cfg.router.max_event_bytes) as producer:
+        ids = [producer.send(args.type, p, key=args.key, priority=args.priority, v=args.v) for p in payloads]
+        producer.flush(args.timeout)
+    for event_id in ids:
+        print(event_id)
+    return ExitCode.OK
+
+
+# -- status ---------------------------------------------------------------------------
+def _fmt_uptime(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    if seconds >= 60:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds}s"
+
+
+def cmd_status(args) -> int:
+    cfg = _load(args)
+    status: dict[str, Any] = {}
+    errors = []
+    try:
+        status.update(_ask_launcher(cfg, "status"))
+        status.pop("ok", None)
+    except PeerError as exc:
+        errors.append(str(exc))
+    try:
+        status.update(_ask_router(cfg, StatusRequest()))
+    except PeerError as exc:
+        errors.append(str(exc))
+    if not status:
+        raise PeerError("; ".join(errors))
+    if errors:
+        status["errors"] = errors
+    if args.json:
+        _print_json(status)
+        return ExitCode.OK
+    if "processes" in status:
+        print(f"{'PROCESS':<20} {'ROLE':<9} {'GROUP':<12} {'PID':>7} {'STATE':<9} {'RESTARTS':>8} {'UPTIME':>8}")
+        for p in status["processes"]:
+            print(f"{p['name']:<20} {p['role']:<9} {p['group'] or '-':<12} {p['pid'] or '-':>7} "
+                  f"{p['state']:<9} {p['restarts']:>8} {_fmt_uptime(p['uptime']):>8}")
+        print()
+    if "groups" in status:
+        print(f"{'GROUP':<16} {'MEMBERS':>7} {'PARTITIONS':>10} {'UNASSIGNED':>10} {'LAG':>10}")
+        for name, g in status["groups"].items():
+            print(f"{name:<16} {len(g['members']):>7} {g['partitions']:>10} {g['unassigned']:>10} {g['lag']!s:>10}")
+        print()
+    if "router" in status:
+        r = status["router"]
+        reasons = ", ".join(f"{k}={v}" for k, v in sorted(r["rejected_by_reason"].items())) or "none"
+        print(f"router: accepted={r['accepted']} rejected={r['rejected']} ({reasons}) "
+              f"duplicates={r['duplicates']} seq={r['seq']} journal={r['journal']['bytes']} bytes "
+              f"in {len(r['journal']['segments'])} segment(s)")
+    for err in errors:
+        print(f"warning: {err}", file=sys.stderr)
+    return ExitCode.OK
+
+
+# -- scale, worker ----------------------------------------------------------------------
+def cmd_scale(args) -> int:
+    cfg = _load(args)
+    reply = _ask_launcher(cfg, "scale", group=args.group, n=args.n)
+    print(f"{reply['group']}: {reply['old']} -> {reply['new']} processes")
+    return ExitCode.OK
+
+
+def cmd_worker(args) -> int:
+    from . import logs
+    from .worker import main as worker_main
+    cfg = _load(args)
+    if args.group not in cfg.workers:
+        raise ConfigError(f"unknown worker group {args.group!r} (configured: {', '.join(cfg.workers) or 'none'})")
+    name = args.name or f"{args.group}-{os.uname().nodename}-{os.getpid()}"
+    logs.configure(cfg.log.level, cfg.log.format, process=name)
+    worker_main(cfg, args.group, name)
+    return ExitCode.OK
+
+
+# -- tail -------------------------------------------------------------------------------
+def cmd_tail(args) -> int:
+    import fnmatch
+    cfg = _load(args)
+    ctx = zmq.Context.instance()
+    sub = transport.subscriber(ctx, cfg.publish)
+    sub.setsockopt(zmq.SUBSCRIBE, TAIL_TOPIC)
+    shown = 0
+    deadline = time.monotonic() + args.seconds if args.seconds else None
+    try:
+        while args.count == 0 or shown < args.count:
+            if deadline is not None and time.monotonic() >= deadline:
+                break
+            if not sub.poll(200):
+                continue
+            frames = sub.recv_multipart()
+            if len(frames) != 2 or frames[0] != TAIL_TOPIC:
+                continue
+            delivery = delivery_decoder.decode(frames[1])
+            for seq, raw in zip(delivery.seqs, delivery.events):
+                ev = decode_wire_event(raw)
+                if not fnmatch.fnmatchcase(ev.type, args.pattern):
+                    continue
+                payload = msgspec.msgpack.decode(ev.payload)
+                if args.json:
+                    print(json.dumps({"seq": seq, "id": ev.id, "type": ev.type, "source": ev.source,
+                                      "key": ev.key, "time": ev.time, "payload": payload}, default=str), flush=True)
+                else:
+                    print(f"#{seq} {ev.type} from {ev.source} {json.dumps(payload, default=str)[:200]}", flush=True)
+                shown += 1
+                if args.count and shown >= args.count:
+                    break
+    except KeyboardInterrupt:
+        pass
+    finally:
+        sub.close(0)
+    return ExitCode.OK
+
+
+# -- journal ------------------------------------------------------------------------------
+def cmd_journal(args) -> int:
+    cfg = _load(args)
+    if args.action == "info":
+        status = _ask_router(cfg, StatusRequest())
+        info = {"journal": status["router"]["journal"],
+                "groups": {n: {"lag": g["lag"], "cursor_min": g["cursor_min"]} for n, g in status["groups"].items()}}
+        if args.json:
+            _print_json(info)
+        else:
+            j = info["journal"]
+            print(f"journal {j['dir']}: seq {j['first_seq']}..{j['last_seq']}, {j['bytes']} bytes, fsync={j['fsync']}")
+            for s in j["segments"]:
+                print(f"  {s['file']}  seq {s['first']}..{s['last']}  {s['bytes']} bytes")
+            for name, g in info["groups"].items():
+                print(f"  group {name}: cursor>={g['cursor_min']} lag={g['lag']}")
+        return ExitCode.OK
+    if args.group is None:
+        raise NexusError("journal replay needs --group GROUP")
+    req = ReplayRequest(group=args.group, from_seq=0, from_time=0.0)
+    value = args.from_
+    try:
+        req = ReplayRequest(group=args.group, from_seq=int(value))
+    except ValueError:
+        try:
+            when = float(value) if value.replace(".", "", 1).isdigit() else _parse_time(value)
+        except ValueError:
+            raise NexusError(f"--from {value!r}: expected a seq number or an ISO time") from None
+        req = ReplayRequest(group=args.group, from_time=when)
+    result = _ask_router(cfg, req)
+    if "error" in result:
+        raise NexusError(result["error"])
+    _print_json(result) if args.json else print(
+        f"group {args.group}: replaying from seq {result['from_seq']} ({result['events']} events)")
+    return ExitCode.OK
+
+
+def _parse_time(text: str) -> float:
+    from datetime import datetime, timezone
+    dt = datetime.fromisoformat(text)
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=timezone.utc)
+    return dt.timestamp()
+
+
+# -- main -------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-c", "--config", help="config file (default: $NEXUS_CONFIG or config/default.yaml)")
+    common.add_argument("--env", help="config overlay name (default: $NEXUS_ENV)")
+    parser = argparse.ArgumentParser(prog="nexus", description="Control a Nexus pipeline.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("send", parents=[common], help="send an event")
+    p.add_argument("type")
+    p.add_argument("--source", default="cli")
+    p.add_argument("--key")
+    p.add_argument("--priority", type=int, default=5)
+    p.add_argument("--v", type=int, default=1, help="contract version")
+    p.add_argument("--payload", default="{}", help="JSON payload, or - for JSON lines on stdin")
+    p.add_argument("--fire", action="store_true", help="fire-and-forget (no ACK)")
+    p.add_argument("--timeout", type=float, default=10.0)
+    p.set_defaults(func=cmd_send)
+
+    p = sub.add_parser("status", parents=[common], help="processes, groups, router counters")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("scale", parents=[common], help="set the number of local processes of a group")
+    p.add_argument("group")
+    p.add_argument("n", type=int)
+    p.set_defaults(func=cmd_scale)
+
+    p = sub.add_parser("worker", parents=[common], help="run one member of a group in this terminal")
+    p.add_argument("group")
+    p.add_argument("--name", help="member name (default: GROUP-HOST-PID)")
+    p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("tail", parents=[common], help="print accepted events as they arrive")
+    p.add_argument("pattern", nargs="?", default="*")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--count", type=int, default=0, help="stop after N events")
+    p.add_argument("--seconds", type=float, default=0, help="stop after this long")
+    p.set_defaults(func=cmd_tail)
+
+    p = sub.add_parser("journal", parents=[common], help="journal info | replay")
+    p.add_argument("action", choices=["info", "replay"])
+    p.add_argument("--group")
+    p.add_argument("--from", dest="from_", default="0", help="seq number or ISO time")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_journal)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except NexusError as exc:
+        print(f"nexus: {exc}", file=sys.stderr)
+        return int(exc.exit_code)
+    except KeyboardInterrupt:
+        return int(ExitCode.INTERRUPTED)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import yaml
+
+SUPPORT = str(Path(__file__).parent / "support")
+REPO = str(Path(__file__).resolve().parent.parent)
+if SUPPORT not in sys.path:
+    sys.path.insert(0, SUPPORT)
+# spawned children (launcher, members) import test handlers from tests/support
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (SUPPORT, REPO, os.environ.get("PYTHONPATH")) if p)
+
+
+def write_config(directory: Path, **overrides) -> Path:
+    """A config for tests: every endpoint is ipc:// under the test's own directory."""
+    cfg = {
+        "data_dir": "./var",
+        "log": {"level": "info", "format": "console"},
+        "router": {
+            "ingest": "ipc://{data_dir}/run/ingest",
+            "confirm": "ipc://{data_dir}/run/confirm",
+            "heartbeat_interval": "0.5s",
+            "heartbeat_misses": 4,
+        },
+        "contracts": ["nexus.contracts"],
+        "contracts_untyped": ["test.*"],
+        "shutdown_timeout": "20s",
+        "restart_backoff": ["0.2s", "0.5s"],
+        "producers": {},
+        "workers": {},
+    }
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(cfg.get(key), dict):
+            cfg[key] = {**cfg[key], **value}
+        else:
+            cfg[key] = value
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "nexus.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def recorder_group(out: Path, processes: int = 1, **extra) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    options = {"out": str(out), **extra.pop("options", {})}
+    return {"handler": "recorder:record", "subscribe": ["test.*"], "processes": processes,
+            "start": "earliest", "retry": {"attempts": 3, "backoff": ["0.1s"]}, "options": options, **extra}
+
+
+@pytest.fixture
+def config_factory(tmp_path):
+    return lambda **overrides: write_config(tmp_path, **overrides)
+
+
+class ThreadRunner:
+    """Runs components (router, members) in threads and stops them on teardown."""
+
+    def __init__(self):
+        self.stops = []
+
+    def router(self, cfg):
+        from nexus.router import Router
+        router = Router(cfg)
+        thread = threading.Thread(target=router.run, daemon=True)
+        thread.start()
+        self.stops.append((router.stop_event.set, thread))
+        return router
+
+    def member(self, cfg, group, name):
+        import asyncio
+        from nexus.worker import Member
+        holder = {}
+        ready = threading.Event()
+
+        def run():
+            async def main():
+                member = Member(cfg, group, name)
+                holder["member"], holder["loop"] = member, asyncio.get_running_loop()
+                ready.set()
+                await member.run()
+            asyncio.run(main())
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        assert ready.wait(10)
+        stop = lambda: holder["loop"].call_soon_threadsafe(holder["member"].stop_event.set)
+        self.stops.append((stop, thread))
+        return holder["member"], stop, thread
+
+    def close(self):
+        # members first (they ack and leave), then the router
+        for stop, thread in reversed(self.stops):
+            if thread.is_alive():
+                try:
+                    stop()
+                except RuntimeError:
+                    pass
+                thread.join(15)
+                assert not thread.is_alive(), "component thread did not stop"
+
+
+@pytest.fixture
+def components():
+    runner = ThreadRunner()
+    yield runner
+    runner.close()

@@ -1,0 +1,47 @@
+"""Test handlers, importable by spawned members (tests/support is on PYTHONPATH)."""
+from __future__ import annotations
+
+import os
+import time
+
+_failures: dict[str, int] = {}
+
+
+def _record(event, ctx, out: str) -> None:
+    line = f"{ctx.member} {event.id} {ctx.seq} {ctx.partition} {int(ctx.redelivered)} {ctx.attempt}\n"
+    fd = os.open(os.path.join(out, f"handled-{ctx.member}.log"), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line.encode())
+    finally:
+        os.close(fd)
+
+
+def record(event, ctx) -> None:
+    """Append one line per handled event; options: out (dir), sleep (s), fail_first (n)."""
+    opts = ctx.options
+    fail_first = int(opts.get("fail_first", 0))
+    if fail_first and _failures.get(event.id, 0) < fail_first:
+        _failures[event.id] = _failures.get(event.id, 0) + 1
+        raise RuntimeError(f"planned failure {_failures[event.id]} of {fail_first}")
+    if opts.get("sleep"):
+        time.sleep(float(opts["sleep"]))
+    _record(event, ctx, opts["out"])
+
+
+async def record_async(event, ctx) -> None:
+    import asyncio
+    if ctx.options.get("sleep"):
+        await asyncio.sleep(float(ctx.options["sleep"]))
+    _record(event, ctx, ctx.options["out"])
+
+
+def read_handled(out: str) -> list[tuple[str, str, int, int, int, int]]:
+    rows = []
+    for name in sorted(os.listdir(out)):
+        if name.startswith("handled-"):
+            with open(os.path.join(out, name)) as f:
+                for line in f:
+                    parts = line.split()
+                    if len(parts) == 6:
+                        rows.append((parts[0], parts[1], int(parts[2]), int(parts[3]), int(parts[4]), int(parts[5])))
+    return rows

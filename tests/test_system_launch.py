@@ -1,0 +1,200 @@
+"""System tests: a real `python -m nexus.launch` process group in a subprocess."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections import Counter
+
+import pytest
+
+from conftest import recorder_group
+from nexus import Producer, config
+from nexus.errors import ExitCode
+from nexus.testing import LaunchedPipeline, pid_alive, wait_for
+from recorder import read_handled
+
+pytestmark = pytest.mark.system
+
+
+def nexus_cli(*args, input: str | None = None, timeout: float = 30) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "nexus", *args], capture_output=True, text=True,
+                          input=input, timeout=timeout)
+
+
+@pytest.fixture
+def pipeline(tmp_path, config_factory):
+    started = []
+
+    def start(wait_ready=True, **overrides):
+        path = config_factory(**overrides)
+        p = LaunchedPipeline(path).start(wait_ready=wait_ready)
+        started.append(p)
+        return p, config.load(path)
+
+    yield start
+    for p in started:
+        pids = p.child_pids() if p.proc.poll() is None else []
+        p.stop()
+        for pid in pids:
+            wait_for(lambda: not pid_alive(pid), 10, message=f"child {pid} to exit")
+
+
+def test_send_status_and_events_handled(pipeline, tmp_path):
+    out = tmp_path / "out"
+    p, cfg = pipeline(workers={"rec": recorder_group(out, processes=2)})
+    result = nexus_cli("send", "test.ping", "--payload", '{"n": 1}', "-c", p.config_path)
+    assert result.returncode == 0, result.stderr
+    event_id = result.stdout.strip()
+    with Producer(cfg.confirm, source="system-test") as producer:
+        ids = {producer.send("test.item", {"i": i}, key=f"k{i % 7}") for i in range(500)}
+        producer.flush(20)
+    ids.add(event_id)
+    wait_for(lambda: len(read_handled(str(out))) >= len(ids), 30, message="all events handled")
+    handled = Counter(row[1] for row in read_handled(str(out)))
+    assert set(handled) == ids
+    assert max(handled.values()) == 1
+
+    status = nexus_cli("status", "--json", "-c", p.config_path)
+    assert status.returncode == 0, status.stderr
+    data = json.loads(status.stdout)
+    names = {proc["name"]: proc for proc in data["processes"]}
+    assert set(names) == {"router", "rec-0", "rec-1"}
+    assert all(proc["state"] == "running" and proc["pid"] for proc in names.values())
+    assert data["router"]["accepted"] == 501
+    assert data["groups"]["rec"]["partitions"] == 16
+    assert len(data["groups"]["rec"]["members"]) == 2
+    wait_for(lambda: json.loads(nexus_cli("status", "--json", "-c", p.config_path).stdout)
+             ["groups"]["rec"]["lag"] == 0, 20, message="lag 0")
+
+    table = nexus_cli("status", "-c", p.config_path)
+    assert "rec-0" in table.stdout and "accepted=501" in table.stdout
+
+
+def test_scale_up_and_down_mid_stream_handles_every_event_exactly_once(pipeline, tmp_path):
+    out = tmp_path / "out"
+    p, cfg = pipeline(workers={"rec": recorder_group(out, processes=1)})
+    ids: list[str] = []
+    done = threading.Event()
+
+    def produce():
+        with Producer(cfg.confirm, source="scaler") as producer:
+            i = 0
+            while not done.is_set() or i < 3000:
+                ids.append(producer.send("test.item", {"i": i}, key=f"key-{i % 50}"))
+                i += 1
+                if i % 100 == 0:
+                    producer.flush(20)
+            producer.flush(20)
+
+    thread = threading.Thread(target=produce)
+    thread.start()
+    try:
+        wait_for(lambda: len(read_handled(str(out))) > 300, 30, message="first events handled")
+        assert nexus_cli("scale", "rec", "3", "-c", p.config_path).returncode == 0
+        p.wait_members("rec", 3)
+        wait_for(lambda: len(read_handled(str(out))) > 1500, 30, message="more events handled")
+        assert nexus_cli("scale", "rec", "1", "-c", p.config_path).returncode == 0
+        p.wait_members("rec", 1)
+        wait_for(lambda: len(ids) > 3000, 30, message="more events sent")
+    finally:
+        done.set()
+        thread.join(60)
+    assert not thread.is_alive()
+    wait_for(lambda: len(read_handled(str(out))) >= len(ids), 60, message="every event handled")
+    rows = read_handled(str(out))
+    handled = Counter(row[1] for row in rows)
+    assert set(handled) == set(ids), f"lost {len(set(ids) - set(handled))}"
+    duplicates = {k: v for k, v in handled.items() if v > 1}
+    assert not duplicates, f"{len(duplicates)} events handled twice"
+    assert len({row[0] for row in rows}) == 3          # three members took part
+    # per key, events were handled in the order they were sent
+    order = {event_id: n for n, event_id in enumerate(ids)}
+    by_seq = sorted(rows, key=lambda r: r[2])
+    assert [order[r[1]] for r in by_seq] == sorted(order[r[1]] for r in by_seq)
+
+
+def test_killed_worker_is_restarted(pipeline, tmp_path):
+    out = tmp_path / "out"
+    p, cfg = pipeline(workers={"rec": recorder_group(out, processes=1)})
+    before = {x["name"]: x for x in p.processes()}["rec-0"]
+    os.kill(before["pid"], signal.SIGKILL)
+
+    def restarted():
+        proc = {x["name"]: x for x in p.processes()}["rec-0"]
+        return proc["restarts"] == 1 and proc["state"] == "running" and proc["pid"] != before["pid"]
+    wait_for(restarted, 20, message="rec-0 restarted")
+    p.wait_members("rec", 1)
+    with Producer(cfg.confirm, source="after-kill") as producer:
+        event_id = producer.send("test.after", {"x": 1})
+    wait_for(lambda: any(r[1] == event_id for r in read_handled(str(out))), 20, message="event after restart")
+
+
+def test_sigterm_stops_everything_cleanly(pipeline, tmp_path):
+    out = tmp_path / "out"
+    p, cfg = pipeline(workers={"rec": recorder_group(out, processes=2)})
+    pids = p.child_pids()
+    assert len(pids) == 3
+    p.proc.send_signal(signal.SIGTERM)
+    assert p.proc.wait(40) == ExitCode.OK
+    for pid in pids:
+        assert not pid_alive(pid)
+    text = p.output()
+    assert "shutdown_complete" in text
+    # members left before the router stopped: their final acks landed
+    assert text.index("member_left") < text.index("router_stopped")
+
+
+def test_sigkill_of_launcher_leaves_no_orphans(pipeline, tmp_path):
+    out = tmp_path / "out"
+    p, cfg = pipeline(workers={"rec": recorder_group(out, processes=2)})
+    pids = p.child_pids()
+    assert len(pids) == 3
+    p.proc.kill()
+    p.proc.wait(10)
+    for pid in pids:
+        wait_for(lambda: not pid_alive(pid), 2.0, 0.02, message=f"orphan {pid} to exit")
+
+
+def test_crash_loop_gives_up_with_a_clear_error(pipeline, tmp_path):
+    out = tmp_path / "out"
+    p, cfg = pipeline(wait_ready=False, crash_loop=2, workers={
+        "rec": recorder_group(out, processes=1),
+        "bad": {"handler": "crasher:handle", "processes": 1},
+    })
+    wait_for(lambda: {x["name"]: x for x in p.processes()}.get("bad-0", {}).get("state") == "failed", 30,
+             message="bad-0 marked failed")
+    bad = {x["name"]: x for x in p.processes()}["bad-0"]
+    assert bad["restarts"] == 2
+    assert "crash_loop" in p.output() and "name=bad-0" in p.output()
+    assert {x["name"]: x for x in p.processes()}["rec-0"]["state"] == "running"
+
+
+def test_bad_config_is_one_clear_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("workers:\n  w:\n    handler: workers.console:handle\n    procesess: 2\n")
+    result = subprocess.run([sys.executable, "-m", "nexus.launch", "-c", str(path)],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == ExitCode.CONFIG
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert str(path) in lines[0] and "workers.w.procesess: unknown key" in lines[0]
+
+
+def test_cli_errors_are_one_line_with_named_exit_codes(tmp_path, config_factory):
+    path = config_factory(workers={"rec": recorder_group(tmp_path / "out")})
+    # nothing running: the router cannot be reached
+    result = nexus_cli("status", "-c", str(path))
+    assert result.returncode == ExitCode.UNREACHABLE
+    assert len(result.stderr.strip().splitlines()) == 1 and "did not answer" in result.stderr
+    result = nexus_cli("send", "test.x", "--payload", "{nope", "-c", str(path))
+    assert result.returncode == ExitCode.INVALID_EVENT and "not valid JSON" in result.stderr
+    result = nexus_cli("send", "Not-A-Type", "-c", str(path))
+    assert result.returncode == ExitCode.INVALID_EVENT and "dotted lowercase" in result.stderr
+    result = nexus_cli("send", "parrot.notification", "--payload", '{"app_id": "x"}', "-c", str(path))
+    assert result.returncode == ExitCode.INVALID_EVENT and "contract parrot.notification" in result.stderr
+    result = nexus_cli("status", "-c", str(tmp_path / "missing.yaml"))
+    assert result.returncode == ExitCode.CONFIG and "not found" in result.stderr

@@ -1,0 +1,1 @@
+"""Built-in handlers: one module each."""
