@@ -323,9 +323,12 @@ def _check(cfg: Config, files: str) -> None:
             raise ConfigError(f"{files}: workers.{name}: group names use letters, digits, '-', '_'")
         if ":" not in group.handler:
             raise ConfigError(f"{files}: workers.{name}.handler: expected 'module:function', got {group.handler!r}")
-    for name in cfg.producers:
+    for name, spec in cfg.producers.items():
         if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", name):
             raise ConfigError(f"{files}: producers.{name}: names use letters, digits, '-', '_', '.'")
+        if isinstance(spec, ScheduleProducerConfig):
+            from .producers.schedule import validate   # cron and timezone: fail at load, not later
+            validate(name, spec, where=f"{files}: ")
     for label, endpoint in (("router.ingest", cfg.ingest), ("router.confirm", cfg.confirm),
                             ("router.publish", cfg.publish), ("router.coord", cfg.coord),
                             ("control", cfg.control_endpoint)):

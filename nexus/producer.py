@@ -257,8 +257,9 @@ class AsyncProducer:
                                 f"{self._outbox.in_flight()} events within {timeout:g}s")
             self._changed.clear()
             try:
-                await asyncio.wait_for(self._changed.wait(), min(left, 0.1))
-            except asyncio.TimeoutError:
+                async with asyncio.timeout(min(left, 0.1)):
+                    await self._changed.wait()
+            except TimeoutError:
                 pass
         _raise_errors(self._outbox.take_errors())
 
@@ -303,8 +304,10 @@ class AsyncProducer:
             if outbox.pending:
                 continue
             try:
-                await asyncio.wait_for(self._wake.wait(), max(outbox.next_deadline(time.monotonic()), 0.001))
-            except asyncio.TimeoutError:
+                # asyncio.timeout, not wait_for: wait_for can swallow a cancel (3.11)
+                async with asyncio.timeout(max(outbox.next_deadline(time.monotonic()), 0.001)):
+                    await self._wake.wait()
+            except TimeoutError:
                 pass
 
     async def _receiver(self) -> None:

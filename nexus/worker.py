@@ -124,12 +124,13 @@ class Member:
                 await self._send(Join(group=self.group, member=self.name,
                                       host=_socket.gethostname(), pid=os.getpid()))
             try:
-                await asyncio.wait_for(self.joined.wait(), 1.0)
-                await self._rejoin_needed.wait()
-                self._rejoin_needed.clear()
-                self.joined.clear()
-            except asyncio.TimeoutError:
-                pass
+                async with asyncio.timeout(1.0):
+                    await self.joined.wait()
+            except TimeoutError:
+                continue            # no answer: join again
+            await self._rejoin_needed.wait()
+            self._rejoin_needed.clear()
+            self.joined.clear()
 
     async def _drain(self) -> None:
         """Graceful stop: take nothing new, finish in-flight events, ack, leave."""
