@@ -1,0 +1,123 @@
+"""Console Toasty server: prints each notification it gets as one line on stdout.
+
+    python -m nexus.tools.toasty [--listen 127.0.0.1:50051] [--json] [--fail-first N]
+
+It prints "toasty listening on HOST:PORT" once it accepts calls (with port 0: the real
+port), so scripts and tests can wait for that line. --fail-first N answers the first N
+Notify calls with UNAVAILABLE, to exercise retries. SIGTERM/SIGINT stop it cleanly.
+Embed it with `serve(listen, on_notification=...)`.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import signal
+import sys
+import threading
+from concurrent import futures
+from typing import Callable
+
+import grpc
+
+from nexus.errors import ExitCode
+from nexus.proto.toasty.v1 import toasty_pb2 as pb
+from nexus.proto.toasty.v1 import toasty_pb2_grpc as pb_grpc
+
+GRACE = 2.0     # seconds in-flight calls get to finish on stop
+
+
+class ToastyServicer(pb_grpc.ToastyServicer):
+    """Hands every accepted notification (and the id it got) to `on_notification`."""
+
+    def __init__(self, on_notification: Callable[[pb.Notification, str], None], fail_first: int = 0):
+        self._on_notification = on_notification
+        self._fail_left = fail_first
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()   # calls run on a thread pool
+
+    def Notify(self, request: pb.Notification, context: grpc.ServicerContext) -> pb.NotifyReply:
+        with self._lock:
+            failing = self._fail_left > 0
+            if failing:
+                self._fail_left -= 1
+            nid = None if failing else f"n{next(self._ids)}"
+        if failing:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "failing on purpose (--fail-first)")
+        self._on_notification(request, nid)
+        return pb.NotifyReply(accepted=True, id=nid)
+
+    def Health(self, request: pb.HealthRequest, context: grpc.ServicerContext) -> pb.HealthReply:
+        return pb.HealthReply(status=pb.HealthReply.SERVING)
+
+
+def serve(listen: str, on_notification: Callable[[pb.Notification, str], None],
+          fail_first: int = 0, max_workers: int = 4) -> tuple[grpc.Server, int]:
+    """Start a Toasty server on `listen` (host:port); returns (server, bound port)."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers))
+    pb_grpc.add_ToastyServicer_to_server(ToastyServicer(on_notification, fail_first), server)
+    try:
+        port = server.add_insecure_port(listen)
+    except RuntimeError as exc:     # newer grpcio raises instead of returning 0
+        raise OSError(f"cannot listen on {listen}: {exc}") from None
+    if port == 0:
+        raise OSError(f"cannot listen on {listen}")
+    server.start()
+    return server, port
+
+
+def urgency_name(note: pb.Notification) -> str:
+    return pb.Urgency.Name(note.urgency or pb.NORMAL)     # unspecified (0) means NORMAL
+
+
+def as_dict(note: pb.Notification, nid: str) -> dict:
+    return {"id": nid, "app": note.app, "urgency": urgency_name(note),
+            "title": note.title, "body": note.body, "tag": note.tag,
+            "event_id": note.event_id, "correlation_id": note.correlation_id}
+
+
+def as_line(note: pb.Notification, nid: str) -> str:
+    # One notification, one line: newlines in the text would break line-based readers.
+    def flat(s: str) -> str:
+        return " ".join(s.split())
+    extra = "".join(f" {k}={v}" for k, v in (("tag", note.tag), ("event", note.event_id),
+                                              ("corr", note.correlation_id)) if v)
+    return (f"[{urgency_name(note)}] {flat(note.app)}: {flat(note.title)}"
+            f" | {flat(note.body)} (id={nid}{extra})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m nexus.tools.toasty", description=__doc__.split("\n")[0])
+    ap.add_argument("--listen", default="127.0.0.1:50051", help="host:port (port 0 picks a free one)")
+    ap.add_argument("--json", action="store_true", help="print each notification as a JSON object")
+    ap.add_argument("--fail-first", type=int, default=0, metavar="N",
+                    help="answer the first N Notify calls with UNAVAILABLE")
+    args = ap.parse_args(argv)
+
+    out_lock = threading.Lock()
+
+    def show(note: pb.Notification, nid: str) -> None:
+        line = json.dumps(as_dict(note, nid), ensure_ascii=False) if args.json else as_line(note, nid)
+        with out_lock:
+            print(line, flush=True)
+
+    stop = threading.Event()
+    # The handlers only set a flag; the main thread does the shutdown.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        server, port = serve(args.listen, show, fail_first=args.fail_first)
+    except OSError as exc:
+        print(f"toasty: {exc}", file=sys.stderr, flush=True)
+        return ExitCode.FAILURE
+    host = args.listen.rsplit(":", 1)[0]
+    with out_lock:
+        print(f"toasty listening on {host}:{port}", flush=True)
+    while not stop.wait(1.0):     # a timed wait so signals are handled promptly everywhere
+        pass
+    server.stop(GRACE).wait()
+    return ExitCode.OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
