@@ -53,7 +53,10 @@ def balanced(partitions: int, members: list[str], current: list[str | None]) -> 
         return [None] * partitions
     members = sorted(members)
     base, extra = divmod(partitions, len(members))
-    quota = {m: base + (1 if i < extra else 0) for i, m in enumerate(members)}
+    # the +1 quotas go to the members holding most now, so as little as possible moves
+    held = {m: sum(1 for h in current if h == m) for m in members}
+    by_holding = sorted(members, key=lambda m: (-held[m], m))
+    quota = {m: base + (1 if i < extra else 0) for i, m in enumerate(by_holding)}
     counts = dict.fromkeys(members, 0)
     target: list[str | None] = [None] * partitions
     for p, holder in enumerate(current):
@@ -146,7 +149,9 @@ class Coordinator:
     def released(self, group: Group, member: str, acks: dict[int, int], now: float) -> Outgoing:
         self.ack(group, member, acks)
         for p in acks:
-            if 0 <= p < group.partitions and group.owner[p] == member and group.target[p] != member:
+            # also when the revoke was cancelled meanwhile (target is the member again):
+            # the member has dropped the stream, so it must be granted afresh
+            if 0 <= p < group.partitions and group.owner[p] == member:
                 group.owner[p] = None
                 group.revoked_at.pop(p, None)
         return self._rebalance(group, now)
@@ -162,6 +167,8 @@ class Coordinator:
                 grants.setdefault(want, {})[p] = group.cursors[p]
             elif holder is not None and holder != want and p not in group.revoked_at:
                 group.revoked_at[p] = now
+            elif holder is not None and holder == want:
+                group.revoked_at.pop(p, None)     # a revoke cancelled by a later rebalance
         out: Outgoing = []
         for name, info in group.members.items():
             view = tuple(p for p in range(group.partitions)

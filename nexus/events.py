@@ -122,7 +122,8 @@ def contract(type_: str, v: int = 1) -> Callable[[C], C]:
         if not getattr(cls, "__struct_config__").forbid_unknown_fields:
             raise TypeError(f"contract {cls.__name__} must set forbid_unknown_fields=True")
         existing = _REGISTRY.get((type_, v))
-        if existing is not None and existing is not cls and existing.__qualname__ != cls.__qualname__:
+        same = existing is not None and (existing.__module__, existing.__qualname__) == (cls.__module__, cls.__qualname__)
+        if existing is not None and existing is not cls and not same:
             raise ValueError(f"{type_} v{v} already has contract {existing.__qualname__}")
         _REGISTRY[(type_, v)] = cls
         return cls
@@ -174,14 +175,17 @@ class Contracts:
             cls = _REGISTRY.get((type_, v))
             if cls is None:
                 if self.is_untyped_allowed(type_):
-                    return msgspec.msgpack.decode(raw)
+                    try:
+                        return msgspec.msgpack.decode(raw)
+                    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+                        raise EventError(f"payload of {type_} is not valid msgpack: {exc}") from None
                 raise EventError(self._unknown_reason(type_, v))
             dec = self._decoders[(type_, v)] = msgspec.msgpack.Decoder(cls)
         try:
             return dec.decode(raw)
         except msgspec.ValidationError as exc:
             raise EventError(f"payload does not match contract {type_} v{v}: {exc}") from None
-        except msgspec.DecodeError as exc:
+        except (msgspec.DecodeError, UnicodeDecodeError) as exc:
             raise EventError(f"payload of {type_} is not valid msgpack: {exc}") from None
 
     def check_payload(self, type_: str, v: int, raw: bytes) -> None:

@@ -70,7 +70,7 @@ class Intake:
     def decode_batch(self, frame: bytes) -> ProducerBatch | str:
         try:
             batch = batch_decoder.decode(frame)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
             detail = f"unreadable batch: {exc}"
             self._reject("bad_batch", detail)
             return detail
@@ -94,6 +94,10 @@ class Intake:
         skip = 0
         if producer:
             high = self.high.get(producer)
+            if high is not None and batch.floor - 1 > high:
+                # the producer holds everything below `floor` as settled (ACKed or
+                # NACKed); NACKed ones are not in the journal we rebuilt from
+                high = self.high[producer] = batch.floor - 1
             if high is not None:
                 if first > high + 1:
                     # a batch before this one was lost (router restart): the producer
@@ -122,13 +126,13 @@ class Intake:
                 continue
             try:
                 ev = decode_wire_event(raw)
-            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
                 self._nack(out, producer, pseq, "malformed", f"malformed event: {exc}")
                 continue
             try:
                 check_payload(ev.type, ev.v, ev.payload)
             except EventError as exc:
-                category = "unknown_type" if "unknown event type" in str(exc) or "no contract" in str(exc) else "contract"
+                category = "contract" if self.contracts.struct_for(ev.type, ev.v) else "unknown_type"
                 self._nack(out, producer, pseq, category, str(exc), ev.source, ev.id)
                 continue
             if limiter is not None:

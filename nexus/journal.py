@@ -110,8 +110,8 @@ class Journal:
             self.last_seq = max((s.last for s in self.segments), default=0) or self.segments[-1].first - 1
         if not self.segments:
             self._new_segment(1)
-        tail = self.segments[-1]
-        self._wfd = os.open(tail.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        if self._wfd is None:
+            self._wfd = os.open(self.segments[-1].path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         if self.recovery.truncated_bytes:
             log.warning("journal_tail_truncated", bytes=self.recovery.truncated_bytes,
                         at=self.recovery.truncated_at.strip(), last_seq=self.last_seq)

@@ -77,7 +77,7 @@ class Outbox:
                 self.next_pseq += 1
         self.sent_events += len(events)
         if self.confirm:
-            return encoder.encode(ProducerBatch(events, self.producer_id, first))
+            return encoder.encode(ProducerBatch(events, self.producer_id, first, self.unacked[0].pseq))
         return encoder.encode(ProducerBatch(events))
 
     def resend_batches(self, now: float) -> list[bytes]:
@@ -85,15 +85,24 @@ class Outbox:
         if not self.unacked or now - self.unacked[0].sent < self.ack_timeout:
             return []
         batches = []
-        items = list(self.unacked)
-        for i in range(0, len(items), MAX_BATCH_EVENTS):
-            chunk = items[i:i + MAX_BATCH_EVENTS]
-            for u in chunk:
-                u.sent = now
-            batches.append(encoder.encode(ProducerBatch([msgspec.Raw(u.data) for u in chunk], self.producer_id,
-                                                        chunk[0].pseq)))
-        self.resends += len(items)
+        floor = self.unacked[0].pseq
+        chunk: list[Unacked] = []
+        size = 0
+        for u in self.unacked:
+            if chunk and (len(chunk) >= MAX_BATCH_EVENTS or size + len(u.data) > MAX_BATCH_BYTES):
+                batches.append(self._encode_resend(chunk, floor))
+                chunk, size = [], 0
+            u.sent = now
+            chunk.append(u)
+            size += len(u.data)
+        if chunk:
+            batches.append(self._encode_resend(chunk, floor))
+        self.resends += len(self.unacked)
         return batches
+
+    def _encode_resend(self, chunk: list[Unacked], floor: int) -> bytes:
+        return encoder.encode(ProducerBatch([msgspec.Raw(u.data) for u in chunk], self.producer_id,
+                                            chunk[0].pseq, floor))
 
     def on_reply(self, reply: ProducerReply, now: float) -> None:
         if reply.error:

@@ -243,7 +243,7 @@ class Router:
             return self._send_coord(identity, Error("expected exactly one frame", "bad_message"))
         try:
             msg = coord_decoder.decode(frames[1])
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
             self.intake.rejected["bad_coord"] += 1
             return self._send_coord(identity, Error(f"unreadable coord message: {exc}", "bad_message"))
         now = time.monotonic()

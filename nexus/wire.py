@@ -19,6 +19,7 @@ class ProducerBatch(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     events: list[msgspec.Raw]
     producer: str = ""
     seq: int = 0
+    floor: int = 0               # every producer seq below this is settled for the producer
 
 
 class Nack(msgspec.Struct, frozen=True, array_like=True):

@@ -1,0 +1,562 @@
+"""Unit tests for nexus/journal.py: segments, reads, recovery, retention, fsync."""
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+
+import msgspec
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from nexus.journal import HEADER, SUFFIX, Entry, Journal, entry_decoder, entry_encoder
+
+
+def body(i: int, size: int = 10) -> bytes:
+    return (f"r{i}:".encode() + b"x" * size)[: max(size, len(str(i)) + 2)]
+
+
+def open_journal(path, **kw) -> Journal:
+    j = Journal(str(path), **{"fsync": "never", **kw})
+    j.open()
+    return j
+
+
+def seg_files(path) -> list[str]:
+    return sorted(n for n in os.listdir(path) if n.endswith(SUFFIX))
+
+
+def fill(j: Journal, n: int, per_call: int = 1) -> dict[int, bytes]:
+    written = {}
+    i = 0
+    while i < n:
+        chunk = [body(k) for k in range(i, min(n, i + per_call))]
+        first = j.append(chunk)
+        for off, b in enumerate(chunk):
+            written[first + off] = b
+        i += len(chunk)
+    return written
+
+
+# -- append and read ------------------------------------------------------------------
+def test_empty_journal(tmp_path):
+    j = open_journal(tmp_path / "j")
+    assert j.last_seq == 0
+    assert j.read(0, 10) == []
+    assert list(j.iter_all()) == []
+    assert j.first_seq() == 1
+    assert j.append([]) == 1
+    assert j.last_seq == 0
+    assert seg_files(tmp_path / "j") == [f"{1:020d}{SUFFIX}"]
+    j.close()
+
+
+def test_append_returns_first_seq_and_reads_back(tmp_path):
+    j = open_journal(tmp_path / "j")
+    assert j.append([b"a", b"bb", b"ccc"]) == 1
+    assert j.append([b"d"]) == 4
+    assert j.last_seq == 4
+    assert j.read(0, 100) == [(1, b"a"), (2, b"bb"), (3, b"ccc"), (4, b"d")]
+    j.close()
+
+
+def test_append_across_small_segments(tmp_path):
+    d = tmp_path / "j"
+    j = open_journal(d, segment_bytes=64)
+    written = fill(j, 40)
+    files = seg_files(d)
+    assert len(files) > 5
+    # each segment file is named after its first seq, in order
+    firsts = [int(f[: -len(SUFFIX)]) for f in files]
+    assert firsts[0] == 1 and firsts == sorted(firsts)
+    assert [s.first for s in j.segments] == firsts
+    assert j.read(0, 1000) == sorted(written.items())
+    # a segment rolls over only after reaching segment_bytes
+    for seg in j.segments[:-1]:
+        assert seg.size >= 64
+        assert seg.last == j.segments[j.segments.index(seg) + 1].first - 1
+    j.close()
+
+
+def test_a_batch_is_never_split_between_segments(tmp_path):
+    d = tmp_path / "j"
+    j = open_journal(d, segment_bytes=40)
+    j.append([b"a" * 30])                           # 46 bytes: the segment is full
+    j.append([b"b" * 30, b"c" * 30, b"d" * 30])     # goes to a new segment, whole
+    assert [(s.first, s.last) for s in j.segments] == [(1, 1), (2, 4)]
+    assert [s for s, _ in j.read(0, 10)] == [1, 2, 3, 4]
+    j.close()
+
+
+def test_read_boundaries(tmp_path):
+    j = open_journal(tmp_path / "j", segment_bytes=100)
+    written = fill(j, 30, per_call=3)
+    last = j.last_seq
+    assert last == 30
+    assert [s for s, _ in j.read(0, 1000)] == list(range(1, 31))
+    assert j.read(last, 10) == []
+    assert j.read(last + 5, 10) == []
+    assert j.read(last - 1, 10) == [(30, written[30])]
+    assert j.read(0, 0) == []
+    assert j.read(0, 1) == [(1, written[1])]
+    assert j.read(7, 5) == [(s, written[s]) for s in range(8, 13)]
+    # a read that spans a segment boundary
+    boundary = j.segments[1].first
+    assert [s for s, _ in j.read(boundary - 2, 4)] == list(range(boundary - 1, boundary + 3))
+    j.close()
+
+
+def test_iter_all(tmp_path):
+    j = open_journal(tmp_path / "j", segment_bytes=80)
+    written = fill(j, 57, per_call=4)
+    assert list(j.iter_all()) == sorted(written.items())
+    assert list(j.iter_all(chunk=3)) == sorted(written.items())
+    assert list(j.iter_all(after=50, chunk=2)) == [(s, written[s]) for s in range(51, 58)]
+    j.close()
+
+
+def test_large_record_bigger_than_read_chunk(tmp_path):
+    j = open_journal(tmp_path / "j")
+    big = os.urandom(3 * 2**20)
+    j.append([b"small", big, b"after"])
+    assert j.read(0, 10) == [(1, b"small"), (2, big), (3, b"after")]
+    assert j.read(1, 1) == [(2, big)]
+    j.close()
+
+
+def test_sparse_index_is_used_for_far_reads(tmp_path):
+    j = open_journal(tmp_path / "j")
+    bodies = [body(i) for i in range(2000)]
+    j.append(bodies)
+    seg = j.segments[0]
+    assert seg.index_seqs[:4] == [1, 513, 1025, 1537]
+    assert j.read(1500, 3) == [(1501, bodies[1500]), (1502, bodies[1501]), (1503, bodies[1502])]
+    assert j.read(1536, 1) == [(1537, bodies[1536])]
+    j.close()
+    j2 = open_journal(tmp_path / "j")
+    assert j2.segments[0].index_seqs[:4] == [1, 513, 1025, 1537]
+    assert j2.read(1024, 2) == [(1025, bodies[1024]), (1026, bodies[1025])]
+    j2.close()
+
+
+# -- reopen and recovery -----------------------------------------------------------------
+def test_reopen_recovers_last_seq_and_index(tmp_path):
+    d = tmp_path / "j"
+    j = open_journal(d, segment_bytes=90)
+    written = fill(j, 25, per_call=2)
+    before = [(s.first, s.last, s.size, s.index_seqs, s.index_offsets) for s in j.segments]
+    j.close()
+    j2 = open_journal(d, segment_bytes=90)
+    assert j2.last_seq == 25
+    assert [(s.first, s.last, s.size, s.index_seqs, s.index_offsets) for s in j2.segments] == before
+    assert j2.recovery.segments == len(before)
+    assert j2.recovery.records == 25
+    assert j2.recovery.truncated_bytes == 0
+    assert j2.read(0, 100) == sorted(written.items())
+    assert j2.append([b"next"]) == 26
+    assert j2.read(25, 10) == [(26, b"next")]
+    j2.close()
+    j3 = open_journal(d, segment_bytes=90)
+    assert j3.last_seq == 26
+    j3.close()
+
+
+def _last_file(d) -> str:
+    return os.path.join(d, seg_files(d)[-1])
+
+
+def test_torn_tail_is_truncated_and_appends_continue(tmp_path):
+    d = tmp_path / "j"
+    j = open_journal(d, segment_bytes=100)
+    written = fill(j, 20, per_call=2)
+    last_seg = j.segments[-1]
+    last_start = last_seg.first
+    j.close()
+    path = _last_file(d)
+    size = os.path.getsize(path)
+    with open(path, "r+b") as f:
+        f.truncate(size - 3)        # the last record loses its last 3 bytes
+    j2 = open_journal(d, segment_bytes=100)
+    rec = j2.recovery
+    record_len = HEADER.size + len(written[20])
+    assert rec.truncated_bytes == record_len - 3
+    assert os.path.basename(path) in rec.truncated_at
+    assert rec.truncated_at.strip() == f"{os.path.basename(path)}@{size - record_len}"
+    assert j2.last_seq == 19
+    assert os.path.getsize(path) == size - record_len
+    assert [s for s, _ in j2.read(0, 100)] == list(range(1, 20))
+    assert j2.segments[-1].first == last_start
+    assert j2.append([b"again"]) == 20
+    assert j2.read(18, 10) == [(19, written[19]), (20, b"again")]
+    j2.close()
+    j3 = open_journal(d, segment_bytes=100)
+    assert j3.recovery.truncated_bytes == 0
+    assert j3.read(19, 10) == [(20, b"again")]
+    j3.close()
+
+
+def test_torn_header_is_truncated(tmp_path):
+    d = tmp_path / "j"
+    j = open_journal(d)
+    j.append([b"one", b"two"])
+    j.close()
+    path = _last_file(d)
+    with open(path, "ab") as f:
+        f.write(b"\x01\x02\x03")    # shorter than a header
+    j2 = open_journal(d)
+    assert j2.recovery.truncated_bytes == 3
+    assert j2.last_seq == 2
+    assert j2.append([b"three"]) == 3
+    assert j2.read(0, 10) == [(1, b"one"), (2, b"two"), (3, b"three")]
+    j2.close()
+
+
+def test_corrupt_byte_in_middle_of_last_segment(tmp_path):
+    d = tmp_path / "j"
+    j = open_journal(d)
+    bodies = [b"%03d-payload" % i for i in range(10)]
+    j.append(bodies)
+    j.close()
+    path = _last_file(d)
+    rec = HEADER.size + len(bodies[0])
+    # flip one byte inside the body of the 5th record (seq 5)
+    pos = 4 * rec + HEADER.size + 2
+    with open(path, "r+b") as f:
+        f.seek(pos)
+        b = f.read(1)
+        f.seek(pos)
+        f.write(bytes([b[0] ^ 0xFF]))
+    j2 = open_journal(d)
+    assert j2.last_seq == 4
+    assert j2.recovery.truncated_bytes == 6 * rec
+    assert j2.recovery.records == 4
+    assert os.path.getsize(path) == 4 * rec
+    assert j2.read(0, 100) == [(i + 1, bodies[i]) for i in range(4)]
+    assert j2.append([b"new"]) == 5
+    assert j2.read(4, 10) == [(5, b"new")]
+    j2.close()
+
+
+def test_corrupt_record_in_earlier_segment_drops_later_segments(tmp_path):
+    d = tmp_path / "j"
+    j = open_journal(d, segment_bytes=60)
+    written = fill(j, 30)
+    segs = [(s.path, s.first, s.last) for s in j.segments]
+    assert len(segs) >= 4
+    j.close()
+    victim_path, victim_first, victim_last = segs[1]
+    assert victim_last > victim_first    # at least two records in it
+    # corrupt the seq field of the second record in segment #2
+    rec = HEADER.size + len(written[victim_first])
+    with open(victim_path, "r+b") as f:
+        f.seek(rec + 8)
+        f.write(b"\xff")
+    j2 = open_journal(d, segment_bytes=60)
+    assert seg_files(d) == [os.path.basename(p) for p, _, _ in segs[:2]]
+    assert j2.last_seq == victim_first
+    assert "(removed)" in j2.recovery.truncated_at
+    for p, _, _ in segs[2:]:
+        assert os.path.basename(p) + "(removed)" in j2.recovery.truncated_at
+    assert [s for s, _ in j2.read(0, 1000)] == list(range(1, victim_first + 1))
+    assert j2.append([b"cont"]) == victim_first + 1
+    assert j2.read(victim_first, 10) == [(victim_first + 1, b"cont")]
+    j2.close()
+    j3 = open_journal(d, segment_bytes=60)
+    assert j3.last_seq == victim_first + 1
+    assert j3.recovery.truncated_bytes == 0
+    j3.close()
+
+
+def test_torn_tail_in_its_own_segment_keeps_earlier_segments(tmp_path):
+    d = tmp_path / "j"
+    j = open_journal(d, segment_bytes=30)
+    j.append([b"a" * 40])
+    j.append([b"b" * 40])
+    assert len(j.segments) == 2
+    j.close()
+    path = _last_file(d)
+    with open(path, "r+b") as f:
+        f.truncate(10)
+    j2 = open_journal(d, segment_bytes=30)
+    assert j2.last_seq == 1
+    assert j2.read(0, 10) == [(1, b"a" * 40)]
+    assert j2.append([b"c"]) == 2
+    assert j2.read(1, 10) == [(2, b"c")]
+    j2.close()
+
+
+# -- retention ------------------------------------------------------------------------------
+def _retention_journal(d):
+    j = open_journal(d, segment_bytes=40, retain=100.0)
+    for i in range(12):
+        j.append([b"%02d" % i + b"." * 30])       # one record per segment
+    assert len(j.segments) == 12
+    return j
+
+
+def test_retention_removes_only_acked_and_old(tmp_path):
+    d = tmp_path / "j"
+    j = _retention_journal(d)
+    now = 1_000_000.0
+    for seg in j.segments:
+        os.utime(seg.path, (now - 500, now - 500))
+    # nothing acked: nothing removed even though everything is old
+    assert j.enforce_retention(0, now=now) == 0
+    # acked up to 5: segments holding seq 1..5 go
+    assert j.enforce_retention(5, now=now) == 5
+    assert [s.first for s in j.segments] == list(range(6, 13))
+    assert j.first_seq() == 6
+    assert j.read(0, 100)[0][0] == 6
+    assert j.info()["first_seq"] == 6
+    assert len(seg_files(d)) == 7
+    j.close()
+
+
+def test_retention_respects_age(tmp_path):
+    d = tmp_path / "j"
+    j = _retention_journal(d)
+    now = 1_000_000.0
+    ages = [500, 500, 50, 500] + [500] * 8     # the third segment is young
+    for seg, age in zip(j.segments, ages):
+        os.utime(seg.path, (now - age, now - age))
+    assert j.enforce_retention(12, now=now) == 2    # stops at the first young segment
+    assert j.first_seq() == 3
+    assert j.enforce_retention(12, now=now + 100) == 9   # all but the active segment
+    assert [s.first for s in j.segments] == [12]
+    assert j.first_seq() == 12
+    assert j.read(0, 10) == [(12, b"11" + b"." * 30)]
+    j.close()
+
+
+def test_retention_segment_partially_acked_stays(tmp_path):
+    d = tmp_path / "j"
+    j = open_journal(d, segment_bytes=100, retain=1.0)
+    j.append([b"a" * 40, b"b" * 40, b"c" * 40])     # seq 1..3, one segment
+    j.append([b"d"])                                 # seq 4, new segment
+    for seg in j.segments:
+        os.utime(seg.path, (10.0, 10.0))
+    assert j.enforce_retention(2, now=1000.0) == 0
+    assert j.enforce_retention(3, now=1000.0) == 1
+    assert j.first_seq() == 4
+    j.close()
+
+
+def test_retention_then_reopen(tmp_path):
+    d = tmp_path / "j"
+    j = _retention_journal(d)
+    for seg in j.segments:
+        os.utime(seg.path, (1.0, 1.0))
+    j.enforce_retention(8, now=1000.0)
+    j.close()
+    j2 = open_journal(d, segment_bytes=40)
+    assert j2.last_seq == 12
+    assert j2.first_seq() == 9
+    assert [s for s, _ in j2.read(0, 100)] == [9, 10, 11, 12]
+    assert j2.append([b"x"]) == 13
+    j2.close()
+
+
+# -- fsync policies ---------------------------------------------------------------------------
+@pytest.fixture
+def fsyncs(monkeypatch):
+    calls = []
+    real = os.fsync
+
+    def counting(fd):
+        calls.append(fd)
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", counting)
+    return calls
+
+
+def test_fsync_always_syncs_each_append(tmp_path, fsyncs):
+    j = Journal(str(tmp_path / "j"), fsync="always")
+    j.open()
+    fsyncs.clear()
+    j.append([b"a"])
+    assert len(fsyncs) == 1
+    j.append([b"b", b"c"])
+    assert len(fsyncs) == 2
+    j.append([])
+    assert len(fsyncs) == 2
+    j.close()
+
+
+def test_fsync_never_does_not_sync_on_append(tmp_path, fsyncs):
+    j = Journal(str(tmp_path / "j"), fsync="never")
+    j.open()
+    fsyncs.clear()
+    j.append([b"a"])
+    j.append([b"b"])
+    j.tick(time.monotonic() + 1000)
+    assert fsyncs == []
+    j.close()
+
+
+def test_fsync_interval_tick(tmp_path, fsyncs):
+    j = Journal(str(tmp_path / "j"), fsync="interval", fsync_interval=1000.0)
+    j.open()
+    fsyncs.clear()
+    j.append([b"a"])
+    assert fsyncs == []
+    j.tick(time.monotonic())                 # interval not yet over
+    assert fsyncs == []
+    j.tick(time.monotonic() + 1001)          # now it is
+    assert len(fsyncs) == 1
+    j.tick(time.monotonic() + 5000)          # nothing new written: no sync
+    assert len(fsyncs) == 1
+    j.append([b"b"])
+    j.tick(time.monotonic())                 # dirty again, but the interval is not over
+    assert len(fsyncs) == 1
+    j.tick(time.monotonic() + 1001)
+    assert len(fsyncs) == 2
+    j.close()
+
+
+def test_fsync_interval_tick_measures_from_last_sync(tmp_path, fsyncs):
+    j = Journal(str(tmp_path / "j"), fsync="interval", fsync_interval=10.0)
+    j.open()
+    j.append([b"a"])
+    t0 = time.monotonic()
+    j.sync()
+    fsyncs.clear()
+    j.append([b"b"])
+    j.tick(t0 + 5)
+    assert fsyncs == []
+    j.tick(t0 + 11)
+    assert len(fsyncs) == 1
+    j.close()
+
+
+# -- info, Entry -------------------------------------------------------------------------------
+def test_info_fields(tmp_path):
+    d = tmp_path / "j"
+    j = open_journal(d, segment_bytes=50)
+    j.append([b"a" * 40])
+    j.append([b"b" * 10, b"c" * 10])
+    info = j.info()
+    assert info["dir"] == str(d)
+    assert info["last_seq"] == 3
+    assert info["first_seq"] == 1
+    assert info["fsync"] == "never"
+    assert info["segments"] == [
+        {"file": f"{1:020d}{SUFFIX}", "first": 1, "last": 1, "bytes": HEADER.size + 40},
+        {"file": f"{2:020d}{SUFFIX}", "first": 2, "last": 3, "bytes": 2 * (HEADER.size + 10)},
+    ]
+    assert info["bytes"] == HEADER.size * 3 + 60
+    assert info["bytes"] == sum(os.path.getsize(d / s["file"]) for s in info["segments"])
+    j.close()
+
+
+def test_entry_round_trip():
+    raw = msgspec.msgpack.encode({"type": "a.b", "payload": [1, 2]})
+    e = Entry("a.b", 12345, "prod-1", 7, msgspec.Raw(raw), 1700000000.25)
+    data = entry_encoder.encode(e)
+    assert isinstance(msgspec.msgpack.decode(data), list)      # array_like
+    back = entry_decoder.decode(data)
+    assert back.type == "a.b" and back.khash == 12345 and back.producer == "prod-1"
+    assert back.pseq == 7 and back.time == 1700000000.25
+    assert bytes(back.event) == raw
+    # time has a default
+    short = entry_decoder.decode(msgspec.msgpack.encode(["x.y", 1, "", 0, msgspec.Raw(raw)]))
+    assert short.time == 0.0
+
+
+def test_seq_at_time(tmp_path):
+    j = open_journal(tmp_path / "j")
+    raw = msgspec.Raw(msgspec.msgpack.encode({}))
+    j.append([entry_encoder.encode(Entry("a.b", 0, "", 0, raw, t)) for t in (10.0, 20.0, 30.0)])
+    assert j.seq_at_time(5.0) == 0
+    assert j.seq_at_time(20.0) == 1
+    assert j.seq_at_time(25.0) == 2
+    assert j.seq_at_time(99.0) == 3
+    j.close()
+
+
+def test_open_close_fresh_journal_does_not_leak_fds(tmp_path):
+    def count():
+        return len(os.listdir("/proc/self/fd"))
+
+    before = count()
+    for i in range(5):
+        j = Journal(str(tmp_path / f"j{i}"), fsync="never")
+        j.open()
+        j.close()
+    assert count() == before
+
+
+def test_reopen_close_does_not_leak_fds(tmp_path):
+    d = tmp_path / "j"
+    j = open_journal(d, segment_bytes=30)
+    fill(j, 5)
+    j.read(0, 10)
+    j.close()
+
+    def count():
+        return len(os.listdir("/proc/self/fd"))
+
+    before = count()
+    for _ in range(3):
+        j = open_journal(d, segment_bytes=30)
+        j.read(0, 10)
+        j.close()
+    assert count() == before
+
+
+# -- property: random sizes and read positions ---------------------------------------------------
+@settings(max_examples=30, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    batches=st.lists(st.lists(st.binary(min_size=0, max_size=120), min_size=1, max_size=6),
+                     min_size=1, max_size=12),
+    segment_bytes=st.integers(min_value=1, max_value=400),
+    reads=st.lists(st.tuples(st.integers(min_value=0, max_value=80),
+                             st.integers(min_value=0, max_value=30)), max_size=8),
+    reopen=st.booleans(),
+)
+def test_property_append_read_round_trip(batches, segment_bytes, reads, reopen):
+    with tempfile.TemporaryDirectory() as d:
+        j = open_journal(d, segment_bytes=segment_bytes)
+        records = []
+        for batch in batches:
+            first = j.append(batch)
+            assert first == len(records) + 1
+            records.extend(batch)
+        if reopen:
+            j.close()
+            j = open_journal(d, segment_bytes=segment_bytes)
+            assert j.recovery.truncated_bytes == 0
+        expected = list(enumerate(records, start=1))
+        assert j.last_seq == len(records)
+        assert list(j.iter_all(chunk=5)) == expected
+        for after, limit in reads:
+            assert j.read(after, limit) == expected[after: after + limit]
+        # every segment except the active one has reached segment_bytes
+        assert all(s.size >= segment_bytes for s in j.segments[:-1])
+        j.close()
+
+
+@settings(max_examples=30, deadline=None, database=None)
+@given(
+    sizes=st.lists(st.integers(min_value=0, max_value=60), min_size=1, max_size=30),
+    cut=st.integers(min_value=1, max_value=10_000),
+)
+def test_property_any_torn_tail_recovers_a_prefix(sizes, cut):
+    with tempfile.TemporaryDirectory() as d:
+        j = open_journal(d, segment_bytes=150)
+        bodies = [bytes([i % 256]) * n for i, n in enumerate(sizes)]
+        for b in bodies:
+            j.append([b])
+        j.close()
+        path = _last_file(d)
+        size = os.path.getsize(path)
+        with open(path, "r+b") as f:
+            f.truncate(max(0, size - (cut % (size + 1))))
+        j2 = open_journal(d, segment_bytes=150)
+        got = j2.read(0, 1000)
+        n = j2.last_seq
+        assert got == [(i + 1, bodies[i]) for i in range(n)]
+        assert j2.append([b"tail"]) == n + 1
+        assert j2.read(n, 5) == [(n + 1, b"tail")]
+        j2.close()
