@@ -78,43 +78,63 @@ def test_scale_up_and_down_mid_stream_handles_every_event_exactly_once(pipeline,
     out = tmp_path / "out"
     p, cfg = pipeline(workers={"rec": recorder_group(out, processes=1)})
     ids: list[str] = []
-    done = threading.Event()
+    phases = [threading.Event(), threading.Event(), threading.Event()]
+    failure: list[BaseException] = []
 
     def produce():
-        with Producer(cfg.confirm, source="scaler") as producer:
-            i = 0
-            while not done.is_set() or i < 3000:
-                ids.append(producer.send("test.item", {"i": i}, key=f"key-{i % 50}"))
-                i += 1
-                if i % 100 == 0:
-                    producer.flush(20)
-            producer.flush(20)
+        # 6,000 events: at 2,000 it waits for the scale-up order and goes on while
+        # members join; at 3,000 for all three to run; at 4,000 for the scale-down
+        # order and goes on while two members leave
+        pauses = {2000: phases[0], 3000: phases[1], 4000: phases[2]}
+        try:
+            with Producer(cfg.confirm, source="scaler") as producer:
+                for i in range(6000):
+                    if i in pauses:
+                        producer.flush(30)
+                        assert pauses[i].wait(60)
+                    ids.append(producer.send("test.item", {"i": i}, key=f"key-{i % 50}"))
+                    if i % 50 == 49:
+                        producer.flush(30)
+                producer.flush(30)
+        except BaseException as exc:
+            failure.append(exc)
 
     thread = threading.Thread(target=produce)
     thread.start()
     try:
-        wait_for(lambda: len(read_handled(str(out))) > 300, 30, message="first events handled")
+        wait_for(lambda: len(ids) >= 2000, 60, message="first 2000 sent")
         assert nexus_cli("scale", "rec", "3", "-c", p.config_path).returncode == 0
+        phases[0].set()
         p.wait_members("rec", 3)
-        wait_for(lambda: len(read_handled(str(out))) > 1500, 30, message="more events handled")
+        phases[1].set()
+        wait_for(lambda: len(ids) >= 4000, 60, message="4000 sent")
         assert nexus_cli("scale", "rec", "1", "-c", p.config_path).returncode == 0
+        phases[2].set()
         p.wait_members("rec", 1)
-        wait_for(lambda: len(ids) > 3000, 30, message="more events sent")
     finally:
-        done.set()
-        thread.join(60)
-    assert not thread.is_alive()
-    wait_for(lambda: len(read_handled(str(out))) >= len(ids), 60, message="every event handled")
-    rows = read_handled(str(out))
-    handled = Counter(row[1] for row in rows)
-    assert set(handled) == set(ids), f"lost {len(set(ids) - set(handled))}"
-    duplicates = {k: v for k, v in handled.items() if v > 1}
-    assert not duplicates, f"{len(duplicates)} events handled twice"
+        for phase in phases:
+            phase.set()
+        thread.join(120)
+    assert not thread.is_alive() and not failure, failure
+
+    def all_handled():
+        return set(ids) <= {row[1] for row in read_handled(str(out))}
+    try:
+        wait_for(all_handled, 60, message="every event handled")
+    finally:
+        rows = read_handled(str(out))
+        handled = Counter(row[1] for row in rows)
+        lost = set(ids) - set(handled)
+        duplicates = {k: v for k, v in handled.items() if v > 1}
+        print(f"sent={len(ids)} handled={len(rows)} lost={len(lost)} duplicates={len(duplicates)}")
+    assert not lost and not duplicates, f"lost {len(lost)}, handled twice {len(duplicates)}"
+    assert set(handled) == set(ids)
     assert len({row[0] for row in rows}) == 3          # three members took part
     # per key, events were handled in the order they were sent
     order = {event_id: n for n, event_id in enumerate(ids)}
-    by_seq = sorted(rows, key=lambda r: r[2])
-    assert [order[r[1]] for r in by_seq] == sorted(order[r[1]] for r in by_seq)
+    for key in range(50):
+        seen = [order[r[1]] for r in sorted(rows, key=lambda r: r[2]) if order[r[1]] % 50 == key]
+        assert seen == sorted(seen)
 
 
 def test_killed_worker_is_restarted(pipeline, tmp_path):
