@@ -123,6 +123,7 @@ class WorkerGroupConfig(Strict):
     retry: RetryConfig = RetryConfig()
     max_in_flight: Positive = 10_000         # events buffered per member
     concurrency: Positive = 16               # async handlers running at once per member
+    dedup_window: Positive = 100_000         # ids of handled events remembered per member
     options: dict[str, Any] = {}             # handed to the handler as ctx.options
 
 

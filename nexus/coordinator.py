@@ -41,6 +41,9 @@ class Group:
     owner: list[str | None] = field(default_factory=list)     # who holds the partition now
     target: list[str | None] = field(default_factory=list)    # who should hold it
     revoked_at: dict[int, float] = field(default_factory=dict)
+    # partitions whose last owner may have handled events it never acked (it died,
+    # or the router restarted): the next owner sees those events as redelivered
+    unclean: set[int] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         self.owner = [None] * self.partitions
@@ -72,13 +75,16 @@ def balanced(partitions: int, members: list[str], current: list[str | None]) -> 
 
 
 class Coordinator:
-    def __init__(self, heartbeat_timeout: float, release_timeout: float = 30.0):
+    def __init__(self, heartbeat_timeout: float, release_timeout: float = 30.0,
+                 heads: dict[str, list[int]] | None = None):
         self.groups: dict[str, Group] = {}
+        self.heads = heads if heads is not None else {}    # group -> last seq per partition
         self.heartbeat_timeout = heartbeat_timeout
         self.release_timeout = release_timeout
 
     def add_group(self, name: str, partitions: int, cursors: list[int]) -> Group:
         group = Group(name, partitions, list(cursors))
+        group.unclean = set(range(partitions))     # we cannot know what was handled before
         self.groups[name] = group
         return group
 
@@ -88,7 +94,7 @@ class Coordinator:
         info = group.members.get(member)
         if info is not None:
             # a restarted member with the same name: whatever it held is gone
-            self._drop_member(group, member)
+            self._drop_member(group, member, clean=False)
         group.members[member] = MemberInfo(member, identity, now, now, host, pid)
         log.info("member_joined", group=group.name, member=member, host=host, pid=pid)
         return self._rebalance(group, now, force_notify=member)
@@ -120,7 +126,7 @@ class Coordinator:
             for m in dead:
                 log.warning("member_lost", group=group.name, member=m,
                             silent_for=round(now - group.members[m].last_seen, 2))
-                self._drop_member(group, m)
+                self._drop_member(group, m, clean=False)
             stuck = [p for p, t in group.revoked_at.items() if now - t > self.release_timeout]
             for p in stuck:
                 log.warning("release_timed_out", group=group.name, partition=p, owner=group.owner[p])
@@ -130,10 +136,12 @@ class Coordinator:
                 out += self._rebalance(group, now)
         return out
 
-    def _drop_member(self, group: Group, member: str) -> None:
+    def _drop_member(self, group: Group, member: str, clean: bool = True) -> None:
         group.members.pop(member, None)
         for p in range(group.partitions):
             if group.owner[p] == member:
+                if not clean:
+                    group.unclean.add(p)
                 group.owner[p] = None
                 group.revoked_at.pop(p, None)
             if group.target[p] == member:
@@ -175,12 +183,26 @@ class Coordinator:
                          if group.owner[p] == name and group.target[p] == name)
             if view != info.view or name in grants or name == force_notify:
                 info.view = view
+                granted = grants.get(name, {})
+                heads = self.heads.get(group.name)
+                redelivered = {p: heads[p] for p in granted if p in group.unclean} if heads else {}
+                group.unclean.difference_update(granted)
                 out.append((info.identity, Assign(group=group.name, partitions=list(view),
-                                                  grants=grants.get(name, {}))))
+                                                  grants=granted, redelivered=redelivered)))
         if out:
             log.info("group_assigned", group=group.name,
                      members={m: len(i.view) for m, i in group.members.items()},
                      pending=len(group.revoked_at))
+        return out
+
+    def replay(self, group: Group, cursor: int) -> Outgoing:
+        """Move every cursor of the group to `cursor` and restart its members there."""
+        group.cursors = [cursor] * group.partitions
+        out: Outgoing = []
+        for name, info in group.members.items():
+            if info.view:
+                out.append((info.identity, Assign(group=group.name, partitions=list(info.view),
+                                                  grants={p: cursor for p in info.view}, replay=True)))
         return out
 
     def member_of_identity(self, identity: bytes) -> tuple[Group, MemberInfo] | None:

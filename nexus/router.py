@@ -45,9 +45,9 @@ class Router:
                                fsync_interval=rc.journal.fsync_interval_ms / 1000.0,
                                segment_bytes=rc.journal.segment_bytes, retain=rc.journal.retain)
         self.cursors = CursorStore(os.path.join(config.data_dir, "cursors.msgpack"))
-        self.coordinator = Coordinator(rc.heartbeat_interval * rc.heartbeat_misses,
-                                       release_timeout=config.shutdown_timeout)
         self.heads: dict[str, list[int]] = {}          # group -> last seq per partition stream
+        self.coordinator = Coordinator(rc.heartbeat_interval * rc.heartbeat_misses,
+                                       release_timeout=config.shutdown_timeout, heads=self.heads)
         self.tail_subscribers = 0
         self.started = time.time()
         self.stop_event = threading.Event()
@@ -348,7 +348,20 @@ class Router:
         }
 
     def replay(self, msg: ReplayRequest) -> dict:
-        return {"error": "replay is not available yet"}
+        group = self.coordinator.groups.get(msg.group)
+        if group is None:
+            return {"error": f"unknown group {msg.group!r}"}
+        if msg.from_time:
+            from_seq = self.journal.seq_at_time(msg.from_time) + 1
+        else:
+            from_seq = max(msg.from_seq, self.journal.first_seq())
+        from_seq = min(from_seq, self.journal.last_seq + 1)
+        for identity, out in self.coordinator.replay(group, from_seq - 1):
+            self._send_coord(identity, out)
+        self.cursors.save(self._cursor_snapshot())
+        log.warning("journal_replay", group=group.name, from_seq=from_seq, last_seq=self.journal.last_seq)
+        return {"group": group.name, "from_seq": from_seq, "last_seq": self.journal.last_seq,
+                "events": self.lag(group)}
 
 
 def main(config: Config) -> None:

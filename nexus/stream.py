@@ -13,6 +13,29 @@ from typing import Any
 BUFFER_LIMIT = 256          # live deliveries kept while a fetch is outstanding
 
 
+class RecentIds:
+    """A bounded set of event ids, oldest forgotten first."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self._ids: dict[str, None] = {}
+
+    def __contains__(self, event_id: str) -> bool:
+        return event_id in self._ids
+
+    def add(self, event_id: str) -> None:
+        ids = self._ids
+        ids[event_id] = None
+        if len(ids) > self.capacity:
+            del ids[next(iter(ids))]
+
+    def clear(self) -> None:
+        self._ids.clear()
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+
 class PartitionStream:
     __slots__ = ("partition", "watermark", "queue", "busy", "waiting", "attempt", "fetching",
                  "fetch_after", "buffered", "overflow", "behind", "revoked", "redelivered_upto",

@@ -12,7 +12,8 @@ from typing import TypeVar
 import zmq
 
 MAX_MESSAGE_BYTES = 64 * 2**20     # one producer batch / one fetch reply, at most
-PUBLISH_HWM = 200_000              # batches queued per subscriber before ZMQ drops
+PUBLISH_HWM = 10_000               # deliveries (batches) queued per subscriber before ZMQ drops;
+                                   # a member that falls behind catches up from the journal
 LINGER_MS = 1000                   # time to flush on close, then give up
 
 S = TypeVar("S", bound=zmq.Socket)

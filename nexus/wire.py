@@ -121,6 +121,8 @@ class Assign(Coord, tag="assign"):
     group: str
     partitions: list[int]
     grants: dict[int, int] = {}
+    redelivered: dict[int, int] = {}   # granted partition -> events <= this may be seen again
+    replay: bool = False               # grants rewind the member's streams (journal replay)
 
 
 class Pulse(Coord, tag="pulse"):

@@ -30,7 +30,7 @@ from .errors import ConfigError
 from .events import Contracts, Event, decode_wire_event
 from .heartbeat import HeartbeatThread
 from .producer import Producer
-from .stream import BUFFER_LIMIT, PartitionStream
+from .stream import BUFFER_LIMIT, PartitionStream, RecentIds
 from .wire import (Ack, Assign, Delivery, Error, Fetch, Join, Leave, Pulse, Records, Released,
                    coord_decoder, delivery_decoder, encoder, topic)
 
@@ -82,6 +82,8 @@ class Member:
         self._rejoin_needed = asyncio.Event()
         self._producer: Producer | None = None
         self._last_acks: dict[int, int] = {}
+        self.recent = RecentIds(self.spec.dedup_window)    # ids handled lately: drop repeats
+        self.duplicates_dropped = 0
 
     # -- lifecycle -------------------------------------------------------------
     async def run(self) -> None:
@@ -201,14 +203,24 @@ class Member:
                 self._drop_queued(st)
                 self._maybe_release(st)
         for p, cursor in msg.grants.items():
+            redelivered = msg.redelivered.get(p, 0)
             old = self.streams.get(p)
             if old is not None and not old.revoked:
-                # granted again after a rejoin: keep what we handled ourselves
                 self._drop_queued(old)
-                old.watermark = max(cursor, old.handled_upto() if not old.busy else old.queue[0][0])
+                if msg.replay:
+                    # journal replay: rewind; what we handled before comes again, flagged
+                    old.redelivered_upto = max(old.redelivered_upto, old.watermark)
+                    old.watermark = old.queue[0][0] if old.busy else cursor
+                    self._last_acks[p] = cursor
+                    self.recent.clear()
+                else:
+                    # granted again after a rejoin: keep what we handled ourselves
+                    old.watermark = max(cursor, old.queue[0][0] if old.busy else old.handled_upto())
+                    old.redelivered_upto = max(old.redelivered_upto, redelivered)
                 self._fetch(old)
                 continue
-            st = self.streams[p] = PartitionStream(p, cursor)
+            self._last_acks.pop(p, None)
+            st = self.streams[p] = PartitionStream(p, cursor, redelivered)
             self.sub.setsockopt(zmq.SUBSCRIBE, topic(self.group, p))
             self._fetch(st)
         self.log.info("partitions_assigned", partitions=sorted(wanted), granted=sorted(msg.grants))
@@ -312,11 +324,18 @@ class Member:
         while True:
             await self._work.wait()
             self._work.clear()
-            processed = 0
+            slice_start = time.perf_counter()
             while self.ready and self.active < concurrency:
                 _, seq, p = heapq.heappop(self.ready)
                 st = self.streams.get(p)
                 if st is None or st.busy or st.waiting or st.revoked or not st.queue or st.queue[0][0] != seq:
+                    continue
+                w = st.queue[0][1]
+                if w.id in self.recent:
+                    # already handled here (a redelivery): skip it, it stays acked
+                    self.duplicates_dropped += 1
+                    self.log.debug("duplicate_dropped", event_id=w.id, seq=seq)
+                    self._pop(st)
                     continue
                 st.busy = True
                 if self.is_async:
@@ -324,11 +343,11 @@ class Member:
                     asyncio.ensure_future(self._run_async(st))
                 else:
                     self._finish(st, self._run_sync(st))
-                    processed += 1
-                    if processed >= 256:      # let the sockets breathe
+                    if time.perf_counter() - slice_start > 0.005:
+                        # let the sockets and timers run between sync handlers
                         self._work.set()
                         await asyncio.sleep(0)
-                        processed = 0
+                        slice_start = time.perf_counter()
             self._refill()
 
     def _event_and_ctx(self, st: PartitionStream) -> tuple[Event, Context]:
@@ -363,6 +382,7 @@ class Member:
         st.busy = False
         if error is None:
             self.handled += 1
+            self.recent.add(st.queue[0][1].id)
             self._pop(st)
             return
         seq, w = st.queue[0]
@@ -372,6 +392,7 @@ class Member:
             self.dead_lettered += 1
             self.log.error("event_dead_lettered", event_id=w.id, type=w.type, seq=seq,
                            attempts=st.attempt, error=f"{type(error).__name__}: {error}")
+            self.recent.add(w.id)
             self._pop(st)
             return
         delay = retry.backoff[min(st.attempt - 1, len(retry.backoff) - 1)] if retry.backoff else 1.0
