@@ -339,6 +339,7 @@ class Router:
                 "rejected": sum(self.intake.rejected.values()),
                 "rejected_by_reason": dict(self.intake.rejected),
                 "duplicates": self.intake.duplicates_total,
+                "tail_subscribers": self.tail_subscribers,
                 "seq": self.journal.last_seq,
                 "journal": self.journal.info(),
                 "rate_limits": self.intake.limiter.describe(),

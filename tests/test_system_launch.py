@@ -218,3 +218,40 @@ def test_cli_errors_are_one_line_with_named_exit_codes(tmp_path, config_factory)
     assert result.returncode == ExitCode.INVALID_EVENT and "contract parrot.notification" in result.stderr
     result = nexus_cli("status", "-c", str(tmp_path / "missing.yaml"))
     assert result.returncode == ExitCode.CONFIG and "not found" in result.stderr
+
+
+def test_tail_journal_info_and_replay(pipeline, tmp_path):
+    out = tmp_path / "out"
+    p, cfg = pipeline(workers={"rec": recorder_group(out, processes=1)})
+    tail = subprocess.Popen([sys.executable, "-m", "nexus", "tail", "test.*", "--json", "--count", "3",
+                             "-c", p.config_path], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: p.router_status()["router"]["tail_subscribers"] >= 1, 20, message="tail subscribed")
+        with Producer(cfg.confirm, source="tailed") as producer:
+            ids = [producer.send("test.tailed", {"i": i}) for i in range(3)]
+        stdout, _ = tail.communicate(timeout=20)
+    finally:
+        if tail.poll() is None:
+            tail.kill()
+            tail.wait()
+    lines = [json.loads(line) for line in stdout.splitlines()]
+    assert [line["id"] for line in lines] == ids
+    assert lines[0]["payload"] == {"i": 0} and lines[0]["source"] == "tailed"
+
+    wait_for(lambda: len(read_handled(str(out))) == 3, 20, message="3 handled")
+    info = json.loads(nexus_cli("journal", "info", "--json", "-c", p.config_path).stdout)
+    assert info["journal"]["last_seq"] == 3 and info["journal"]["first_seq"] == 1
+    assert info["journal"]["segments"][0]["bytes"] > 0
+    wait_for(lambda: json.loads(nexus_cli("journal", "info", "--json", "-c", p.config_path).stdout)
+             ["groups"]["rec"]["lag"] == 0, 20, message="lag 0")
+
+    result = nexus_cli("journal", "replay", "--group", "rec", "--from", "2", "-c", p.config_path)
+    assert result.returncode == 0, result.stderr
+    assert "replaying from seq 2" in result.stdout
+    wait_for(lambda: len(read_handled(str(out))) == 5, 20, message="2 events replayed")
+    replayed = [row for row in read_handled(str(out))][3:]
+    assert sorted(row[1] for row in replayed) == sorted(ids[1:])
+    assert all(row[4] == 1 for row in replayed)          # ctx.redelivered
+
+    bad = nexus_cli("journal", "replay", "--group", "nope", "-c", p.config_path)
+    assert bad.returncode != 0 and "unknown group" in bad.stderr
