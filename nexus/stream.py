@@ -61,6 +61,19 @@ class PartitionStream:
         """Every event <= this has been handled: what the member may ack."""
         return self.queue[0][0] - 1 if self.queue else self.watermark
 
+    def drop_queued(self) -> int:
+        """Forget queued events but the one being handled; the watermark goes back
+        so they are fetched again. Returns how many were dropped."""
+        handled = self.handled_upto()         # before the queue is gone
+        keep = [self.queue[0]] if self.busy and self.queue else []
+        dropped = len(self.queue) - len(keep)
+        self.queue.clear()
+        self.queue.extend(keep)
+        self.watermark = keep[0][0] if keep else handled
+        self.waiting = False
+        self.buffered.clear()
+        return dropped
+
     def needs_fetch(self, prev: int) -> bool:
         return prev > self.watermark
 

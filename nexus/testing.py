@@ -68,7 +68,11 @@ class LaunchedPipeline:
         self.proc = subprocess.Popen([sys.executable, "-m", "nexus.launch", "-c", self.config_path],
                                      stdout=self._out, stderr=subprocess.STDOUT, env=self.env)
         if wait_ready:
-            self.wait_ready(timeout)
+            try:
+                self.wait_ready(timeout)
+            except BaseException:
+                self.stop()            # never leave a half-started process group behind
+                raise
         return self
 
     def output(self) -> str:

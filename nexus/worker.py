@@ -227,13 +227,7 @@ class Member:
 
     def _drop_queued(self, st: PartitionStream) -> None:
         """Forget queued events (not the one being handled); they stay in the journal."""
-        keep = [st.queue[0]] if st.busy and st.queue else []
-        self.queued -= len(st.queue) - len(keep)
-        st.queue.clear()
-        st.queue.extend(keep)
-        st.watermark = keep[0][0] if keep else st.handled_upto()
-        st.waiting = False
-        st.buffered.clear()
+        self.queued -= st.drop_queued()
 
     def _maybe_release(self, st: PartitionStream) -> None:
         if st.revoked and not st.busy and self.streams.get(st.partition) is st:

@@ -95,8 +95,9 @@ def launched():
     pipelines: list[LaunchedPipeline] = []
 
     def start(path, wait_ready=True):
-        p = LaunchedPipeline(path).start(wait_ready=wait_ready)
-        pipelines.append(p)
+        p = LaunchedPipeline(path)
+        pipelines.append(p)            # before start: a failed start is stopped too
+        p.start(wait_ready=wait_ready)
         return p
 
     yield start

@@ -31,8 +31,9 @@ def pipeline(tmp_path, config_factory):
 
     def start(wait_ready=True, **overrides):
         path = config_factory(**overrides)
-        p = LaunchedPipeline(path).start(wait_ready=wait_ready)
-        started.append(p)
+        p = LaunchedPipeline(path)
+        started.append(p)              # before start: a failed start is stopped too
+        p.start(wait_ready=wait_ready)
         return p, config.load(path)
 
     yield start

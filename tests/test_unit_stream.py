@@ -97,3 +97,20 @@ def test_property_queue_is_increasing_and_above_cursor(cursor, deliveries):
     assert all(q > cursor for q in queued)
     assert set(queued) == seen
     assert s.handled_upto() == (queued[0] - 1 if queued else s.watermark)
+
+
+def test_drop_queued_moves_the_watermark_back_to_what_was_handled():
+    from nexus.stream import PartitionStream
+    st = PartitionStream(0, cursor=10)
+    st.take([11, 12, 13], ["a", "b", "c"], 13)
+    assert st.drop_queued() == 3
+    assert st.watermark == 10 and not st.queue          # 11..13 will be fetched again
+
+
+def test_drop_queued_keeps_the_event_in_flight():
+    from nexus.stream import PartitionStream
+    st = PartitionStream(0, cursor=10)
+    st.take([11, 12, 13], ["a", "b", "c"], 13)
+    st.busy = True
+    assert st.drop_queued() == 2
+    assert list(st.queue) == [(11, "a")] and st.watermark == 11
