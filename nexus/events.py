@@ -25,6 +25,7 @@ EventId = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
 Key = Annotated[str, msgspec.Meta(max_length=256)]
 Priority = Annotated[int, msgspec.Meta(ge=1, le=10)]
 Version = Annotated[int, msgspec.Meta(ge=1, le=1000)]
+Timestamp = Annotated[float, msgspec.Meta(ge=0, le=1e11)]   # unix seconds; NaN fails too
 
 TYPE_RE = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z0-9_]+)+$")
 
@@ -36,7 +37,7 @@ class Event(msgspec.Struct, frozen=True, omit_defaults=True):
     source: Source
     payload: Any
     id: EventId
-    time: float
+    time: Timestamp
     key: Key | None = None
     priority: Priority = 5
     correlation_id: EventId | None = None
@@ -47,19 +48,22 @@ class Event(msgspec.Struct, frozen=True, omit_defaults=True):
         return self.key if self.key is not None else self.source
 
 
-class WireEvent(msgspec.Struct, frozen=True, omit_defaults=True):
+class WireEvent(msgspec.Struct, frozen=True, omit_defaults=True, forbid_unknown_fields=True):
     """The same envelope with the payload kept as raw msgpack bytes (router side)."""
 
     type: TypeName
     source: Source
     payload: msgspec.Raw
     id: EventId
-    time: float
+    time: Timestamp
     key: Key | None = None
     priority: Priority = 5
     correlation_id: EventId | None = None
     v: Version = 1
 
+
+# Everything msgspec can raise on hostile bytes: invalid UTF-8 and deep nesting too.
+DECODE_ERRORS = (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError, RecursionError)
 
 _encoder = msgspec.msgpack.Encoder()
 _wire_decoder = msgspec.msgpack.Decoder(WireEvent)
@@ -177,7 +181,7 @@ class Contracts:
                 if self.is_untyped_allowed(type_):
                     try:
                         return msgspec.msgpack.decode(raw)
-                    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+                    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
                         raise EventError(f"payload of {type_} is not valid msgpack: {exc}") from None
                 raise EventError(self._unknown_reason(type_, v))
             dec = self._decoders[(type_, v)] = msgspec.msgpack.Decoder(cls)
@@ -185,7 +189,7 @@ class Contracts:
             return dec.decode(raw)
         except msgspec.ValidationError as exc:
             raise EventError(f"payload does not match contract {type_} v{v}: {exc}") from None
-        except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
             raise EventError(f"payload of {type_} is not valid msgpack: {exc}") from None
 
     def check_payload(self, type_: str, v: int, raw: bytes) -> None:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import msgspec
 
 from .errors import EventError
-from .events import Contracts, decode_wire_event
+from .events import DECODE_ERRORS, TYPE_RE, Contracts, decode_wire_event
 from .journal import Entry, entry_encoder
 from .ratelimit import RateLimiter
 from .routing import key_hash
@@ -70,7 +70,7 @@ class Intake:
     def decode_batch(self, frame: bytes) -> ProducerBatch | str:
         try:
             batch = batch_decoder.decode(frame)
-        except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
+        except DECODE_ERRORS as exc:
             detail = f"unreadable batch: {exc}"
             self._reject("bad_batch", detail)
             return detail
@@ -93,17 +93,24 @@ class Intake:
         first = batch.seq
         skip = 0
         if producer:
+            if first < 1:
+                detail = "confirm batches need producer seq >= 1"
+                self._reject("bad_batch", detail)
+                return Outcome(Accepted(), [], error=detail)
             high = self.high.get(producer)
-            if high is not None and batch.floor - 1 > high:
+            if high is None:
+                # a producer we do not know (new, or forgotten): trust only its floor,
+                # so a batch after a lost one is not ACKed over the gap
+                high = max(batch.floor, 1) - 1
+            elif batch.floor - 1 > high:
                 # the producer holds everything below `floor` as settled (ACKed or
                 # NACKed); NACKed ones are not in the journal we rebuilt from
                 high = self.high[producer] = batch.floor - 1
-            if high is not None:
-                if first > high + 1:
-                    # a batch before this one was lost (router restart): the producer
-                    # resends from its oldest unacked event; accept nothing out of order
-                    return Outcome(Accepted(), [], ack=high)
-                skip = high + 1 - first
+            if first > high + 1:
+                # a batch before this one was lost (router restart): the producer
+                # resends from its oldest unacked event; accept nothing out of order
+                return Outcome(Accepted(), [], ack=high)
+            skip = high + 1 - first
         out = Outcome(Accepted(), [])
         acc = out.accepted
         wall = time.time()
@@ -113,7 +120,7 @@ class Intake:
             self.duplicates_total += out.duplicates
             recent = self.recent_nacks.get(producer)
             if recent:
-                out.nacks.extend(n for s, n in recent.items() if first <= s < first + skip)
+                out.nacks.extend(n for s, n in recent.items() if first <= s < first + out.duplicates)
         limiter = self.limiter if self.limiter.enabled else None
         max_bytes = self.max_event_bytes
         check_payload = self.contracts.check_payload
@@ -126,13 +133,18 @@ class Intake:
                 continue
             try:
                 ev = decode_wire_event(raw)
-            except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
+            except DECODE_ERRORS as exc:
                 self._nack(out, producer, pseq, "malformed", f"malformed event: {exc}")
                 continue
             try:
                 check_payload(ev.type, ev.v, ev.payload)
             except EventError as exc:
-                category = "contract" if self.contracts.struct_for(ev.type, ev.v) else "unknown_type"
+                if self.contracts.struct_for(ev.type, ev.v):
+                    category = "contract"
+                elif TYPE_RE.match(ev.type):
+                    category = "unknown_type"
+                else:
+                    category = "malformed"
                 self._nack(out, producer, pseq, category, str(exc), ev.source, ev.id)
                 continue
             if limiter is not None:

@@ -106,7 +106,11 @@ class Outbox:
 
     def on_reply(self, reply: ProducerReply, now: float) -> None:
         if reply.error:
-            self.errors.append(RejectedError("-", reply.error))
+            # the router refused a whole message (it is never resent as it is): fail
+            # what is unacked with that reason instead of resending it forever
+            for u in self.unacked:
+                self.errors.append(RejectedError(u.event_id, reply.error))
+            self.unacked.clear()
             return
         nacks = {n.seq: n for n in reply.nacks}
         while self.unacked and self.unacked[0].pseq <= reply.ack:

@@ -30,8 +30,10 @@ def ev(type_: str = "test.thing", payload=None, source: str = "src", **kw) -> by
                         id=kw.pop("id", new_id()), time=1.0, **kw))
 
 
-def batch(events: list[bytes], producer: str = "", seq: int = 0) -> bytes:
-    return encoder.encode(ProducerBatch([msgspec.Raw(e) for e in events], producer, seq))
+def batch(events: list[bytes], producer: str = "", seq: int = 0, floor: int | None = None) -> bytes:
+    """By default the producer's oldest unacked event is this batch's first (`floor`)."""
+    return encoder.encode(ProducerBatch([msgspec.Raw(e) for e in events], producer, seq,
+                                        seq if floor is None else floor))
 
 
 def reasons(out) -> dict[int, str]:
@@ -217,7 +219,7 @@ def test_dedup_is_per_producer():
 def test_batch_skipping_ahead_is_not_accepted():
     intake = make_intake()
     intake.take(batch([ev(), ev()], "p", 1), confirm=True, now=0.0)            # high = 2
-    out = intake.take(batch([ev(), ev()], "p", 5), confirm=True, now=0.0)      # 3, 4 missing
+    out = intake.take(batch([ev(), ev()], "p", 5, floor=3), confirm=True, now=0.0)   # 3, 4 missing
     assert out.accepted.events == [] and out.nacks == []
     assert out.ack == 2
     assert intake.high["p"] == 2
@@ -374,7 +376,7 @@ msgpack_values = st.recursive(
                            "id": st.text(max_size=5), "time": st.floats()},
                           optional={"key": msgpack_values, "priority": st.integers(-5, 15),
                                     "v": st.integers(-1, 3)}).map(msgspec.msgpack.encode),
-), max_size=6), seq=st.integers(min_value=0, max_value=10))
+), max_size=6), seq=st.integers(min_value=1, max_value=10))
 def test_property_random_events_never_raise_and_every_event_is_settled(items, seq):
     intake = make_intake()
     out = intake.take(batch(items, "p", seq), confirm=True, now=0.0)
@@ -447,3 +449,34 @@ def test_rate_limiter_bounds_its_table():
     assert len(rl.buckets) == RateLimiter.MAX_SOURCES
     assert "s0" not in rl.buckets and f"s{n - 1}" in rl.buckets
     assert rl.check(f"s{n - 1}", 0.0) > 0          # the newest keeps its state
+
+
+def test_unknown_producer_cannot_claim_seqs_it_never_sent():
+    intake = make_intake()
+    out = intake.take(batch([ev()], "fresh", seq=5, floor=1), confirm=True, now=0.0)
+    assert out.ack == 0 and out.accepted.events == []        # 1..4 were never received
+    out = intake.take(batch([ev()] * 5, "fresh", seq=1, floor=1), confirm=True, now=0.0)
+    assert out.ack == 5 and len(out.accepted.events) == 5
+
+
+def test_confirm_seq_zero_is_refused():
+    intake = make_intake()
+    out = intake.take(batch([ev()], "p0", seq=0, floor=0), confirm=True, now=0.0)
+    assert "seq >= 1" in out.error and intake.rejected["bad_batch"] == 1
+
+
+def test_repeated_nacks_stay_within_the_resent_message():
+    intake = make_intake()
+    bad = ev("file.created", payload={"path": "/x"})        # misses `watcher`: contract NACK
+    intake.take(batch([ev(), bad, ev(), bad], "p2", seq=1), confirm=True, now=0.0)
+    out = intake.take(batch([ev(), bad], "p2", seq=1), confirm=True, now=0.0)
+    assert sorted(reasons(out)) == [2]
+
+
+def test_unknown_envelope_fields_and_bad_times_are_malformed():
+    intake = make_intake()
+    extra = encoder.encode({"type": "test.x", "source": "s", "payload": 1, "id": "i", "time": 1.0, "colour": "red"})
+    nan = encoder.encode({"type": "test.x", "source": "s", "payload": 1, "id": "i", "time": float("nan")})
+    badtype = encoder.encode({"type": "Not A Type", "source": "s", "payload": 1, "id": "i", "time": 1.0})
+    out = intake.take(batch([extra, nan, badtype], "p3", seq=1), confirm=True, now=0.0)
+    assert [r.split(":")[0] for _, r in sorted(reasons(out).items())] == ["malformed"] * 3

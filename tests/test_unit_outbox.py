@@ -123,16 +123,6 @@ def test_nack_beyond_ack_is_not_applied_yet():
     assert [u.pseq for u in ob.unacked] == [2, 3]
 
 
-def test_reply_error_is_reported_and_keeps_unacked():
-    ob = Outbox("p", confirm=True, window=100, ack_timeout=1.0)
-    ob.add("e", data(0))
-    ob.next_batch(0.0)
-    ob.on_reply(reply(0, error="unreadable batch: x"), 0.1)
-    errors = ob.take_errors()
-    assert len(errors) == 1 and errors[0].event_id == "-" and errors[0].reason == "unreadable batch: x"
-    assert len(ob.unacked) == 1
-
-
 def test_rate_limited_nack_is_retried_later_as_new_seq():
     ob = Outbox("p", confirm=True, window=100, ack_timeout=5.0)
     for i in range(3):
@@ -238,3 +228,16 @@ def test_fire_mode_never_tracks_unacked():
     assert ob.next_pseq == 1
     assert ob.resend_batches(100.0) == []
     assert ob.next_deadline(0.0) == pytest.approx(0.05)
+
+
+def test_a_refused_message_fails_the_unacked_events_instead_of_resending_forever():
+    from nexus.outbox import Outbox
+    from nexus.wire import ProducerReply
+    box = Outbox("p", confirm=True, window=100, ack_timeout=1.0)
+    box.add("e1", b"\x80")
+    box.add("e2", b"\x80")
+    assert box.next_batch(0.0) is not None
+    box.on_reply(ProducerReply(error="batch of 2 events exceeds max_batch 1"), 0.1)
+    errors = box.take_errors()
+    assert [e.event_id for e in errors] == ["e1", "e2"] and "max_batch" in errors[0].reason
+    assert box.idle() and box.resend_batches(10.0) == []

@@ -8,11 +8,22 @@ import msgspec
 
 from nexus import Context, Event
 
-MAX_PAYLOAD_CHARS = 160
+MAX_PAYLOAD_CHARS = 240
+MAX_FIELD_CHARS = 60       # one long field (a snippet, a body) must not hide the others
+
+
+def _short(value: object) -> object:
+    if isinstance(value, str) and len(value) > MAX_FIELD_CHARS:
+        return value[: MAX_FIELD_CHARS - 1] + "…"
+    if isinstance(value, dict):
+        return {k: _short(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_short(v) for v in value[:5]] + (["…"] if len(value) > 5 else [])
+    return value
 
 
 def _summary(payload: object) -> str:
-    text = msgspec.json.encode(msgspec.to_builtins(payload)).decode()
+    text = msgspec.json.encode(_short(msgspec.to_builtins(payload))).decode()
     return text if len(text) <= MAX_PAYLOAD_CHARS else text[: MAX_PAYLOAD_CHARS - 1] + "…"
 
 
