@@ -19,7 +19,7 @@ def entry(role: str, config_path: str, env: str | None, name: str, group: str, p
         logs.configure(cfg.log.level, cfg.log.format, process=name)
         if role == "router":
             from .router import main
-            main(cfg)
+            main(cfg, env)
         elif role == "producer":
             from .producers import main
             main(cfg, name)

@@ -14,7 +14,8 @@ import zmq
 from . import config as config_mod, transport
 from .errors import ConfigError, EventError, ExitCode, NexusError, PeerError
 from .events import Contracts, decode_wire_event
-from .wire import TAIL_TOPIC, ReplayRequest, StatusRequest, coord_decoder, delivery_decoder, encoder
+from .wire import (TAIL_TOPIC, DlqRequest, ReloadRequest, ReplayRequest, StatusRequest, coord_decoder,
+                   delivery_decoder, encoder)
 
 REQUEST_TIMEOUT = 3.0
 
@@ -113,9 +114,16 @@ def cmd_status(args) -> int:
                   f"{p['state']:<9} {p['restarts']:>8} {_fmt_uptime(p['uptime']):>8}")
         print()
     if "groups" in status:
-        print(f"{'GROUP':<16} {'MEMBERS':>7} {'PARTITIONS':>10} {'UNASSIGNED':>10} {'LAG':>10}")
+        print(f"{'GROUP':<16} {'MEMBERS':>7} {'PARTITIONS':>10} {'UNASSIGNED':>10} {'LAG':>10} {'DEAD':>6}")
         for name, g in status["groups"].items():
-            print(f"{name:<16} {len(g['members']):>7} {g['partitions']:>10} {g['unassigned']:>10} {g['lag']!s:>10}")
+            print(f"{name:<16} {len(g['members']):>7} {g['partitions']:>10} {g['unassigned']:>10} "
+                  f"{g['lag']!s:>10} {g.get('dead_letters', 0):>6}")
+        print()
+        print(f"{'MEMBER':<24} {'GROUP':<12} {'PARTS':>5} {'HANDLED':>9} {'FAILED':>7} {'DEAD':>5} {'BREAKER':<9}")
+        for name, g in status["groups"].items():
+            for m in g["members"]:
+                print(f"{m['name']:<24} {name:<12} {len(m['partitions']):>5} {m.get('handled', '-')!s:>9} "
+                      f"{m.get('failed', '-')!s:>7} {m.get('dead_lettered', '-')!s:>5} {m.get('breaker', '-'):<9}")
         print()
     if "router" in status:
         r = status["router"]
@@ -123,6 +131,9 @@ def cmd_status(args) -> int:
         print(f"router: accepted={r['accepted']} rejected={r['rejected']} ({reasons}) "
               f"duplicates={r['duplicates']} seq={r['seq']} journal={r['journal']['bytes']} bytes "
               f"in {len(r['journal']['segments'])} segment(s)")
+        if r.get("rate_limits"):
+            limits = ", ".join(f"{k}={v['rate']:g}/s burst {v['burst']}" for k, v in r["rate_limits"].items())
+            print(f"rate limits: {limits}")
     for err in errors:
         print(f"warning: {err}", file=sys.stderr)
     return ExitCode.OK
@@ -224,6 +235,62 @@ def cmd_journal(args) -> int:
     return ExitCode.OK
 
 
+# -- dead letters ---------------------------------------------------------------------------
+def _when(ts: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else "-"
+
+
+def cmd_dlq(args) -> int:
+    cfg = _load(args)
+    ids = args.ids or []
+    if args.action in ("show",) and len(ids) != 1:
+        raise NexusError("dlq show needs exactly one ID")
+    if args.action in ("replay", "purge") and not (ids or args.group or args.all):
+        raise NexusError(f"dlq {args.action} needs IDs, --group G or --all")
+    result = _ask_router(cfg, DlqRequest(action=args.action, ids=ids, group=args.group,
+                                         type=args.type, all=args.all))
+    if "error" in result:
+        raise NexusError(result["error"])
+    if args.json:
+        _print_json(result)
+        return ExitCode.OK
+    if args.action == "list":
+        rows = result["dead_letters"]
+        print(f"{'ID':>5} {'GROUP':<12} {'TYPE':<24} {'ATTEMPTS':>8} {'LAST FAILED':<19}  ERROR")
+        for r in rows:
+            print(f"{r['id']:>5} {r['group']:<12} {r['type']:<24} {r['attempts']:>8} {_when(r['last_failed']):<19}  "
+                  f"{r['error_type']}: {r['error'][:80]}")
+        print(f"{len(rows)} dead letter(s)")
+    elif args.action == "show":
+        r = result["dead_letter"]
+        for key in ("id", "group", "event_id", "type", "source", "seq", "partition", "member", "attempts",
+                    "failures", "status"):
+            print(f"{key:>12}: {r[key]}")
+        print(f"{'first_failed':>12}: {_when(r['first_failed'])}\n{'last_failed':>12}: {_when(r['last_failed'])}")
+        print(f"{'error':>12}: {r['error_type']}: {r['error']}")
+        print(f"{'payload':>12}: {json.dumps(r['event']['payload'], default=str)}")
+        print("traceback:\n" + r["traceback"].rstrip())
+    elif args.action == "replay":
+        print(f"replayed {len(result['replayed'])} dead letter(s)")
+    else:
+        print(f"purged {result['purged']} dead letter(s)")
+    return ExitCode.OK
+
+
+def cmd_reload(args) -> int:
+    cfg = _load(args)
+    result = _ask_router(cfg, ReloadRequest())
+    if "error" in result:
+        raise ConfigError(result["error"])
+    if args.json:
+        _print_json(result)
+    else:
+        print(f"rate limits now: {json.dumps(result['rate_limits'])}")
+        if result["needs_restart"]:
+            print(f"changed, needs a restart to apply: {', '.join(result['needs_restart'])}")
+    return ExitCode.OK
+
+
 def _parse_time(text: str) -> float:
     from datetime import datetime, timezone
     dt = datetime.fromisoformat(text)
@@ -278,6 +345,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from", dest="from_", default="0", help="seq number or ISO time")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_journal)
+
+    p = sub.add_parser("dlq", parents=[common], help="dead letters: list | show | replay | purge")
+    p.add_argument("action", choices=["list", "show", "replay", "purge"])
+    p.add_argument("ids", nargs="*", type=int, metavar="ID")
+    p.add_argument("--group")
+    p.add_argument("--type")
+    p.add_argument("--all", action="store_true")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_dlq)
+
+    p = sub.add_parser("reload", parents=[common], help="re-read the config (rate limits apply at once)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_reload)
     return parser
 
 

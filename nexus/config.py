@@ -114,6 +114,12 @@ class RetryConfig(Strict):
     jitter: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.0
 
 
+class BreakerConfig(Strict):
+    failures: Positive = 5                   # dependency errors within `window` open it
+    window: Duration = Duration(60)
+    reset: Duration = Duration(30)           # open this long, then one probe event
+
+
 class WorkerGroupConfig(Strict):
     handler: str
     subscribe: list[str] = msgspec.field(default_factory=lambda: ["*"])
@@ -121,6 +127,7 @@ class WorkerGroupConfig(Strict):
     partitions: Annotated[int, msgspec.Meta(ge=1, le=4096)] = 16
     start: Literal["earliest", "latest"] = "latest"
     retry: RetryConfig = RetryConfig()
+    breaker: BreakerConfig = BreakerConfig()
     max_in_flight: Positive = 10_000         # events buffered per member
     concurrency: Positive = 16               # async handlers running at once per member
     dedup_window: Positive = 100_000         # ids of handled events remembered per member

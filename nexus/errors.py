@@ -49,3 +49,16 @@ class PeerError(NexusError):
 
 class CrashLoopError(NexusError):
     exit_code = ExitCode.CRASH_LOOP
+
+
+class DependencyError(NexusError):
+    """Raised by a handler when a dependency (gRPC service, HTTP endpoint) is down.
+
+    It feeds the group's circuit breaker and never dead-letters the event: the
+    event is retried until the dependency is back.
+    """
+
+
+class PermanentError(NexusError):
+    """Raised by a handler for an event that can never succeed (a 4xx, a bad
+    template): no retries, straight to the dead-letter store."""

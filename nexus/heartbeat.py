@@ -17,11 +17,12 @@ from .wire import Heartbeat, coord_decoder, encoder
 
 
 class HeartbeatThread:
-    def __init__(self, endpoint: str, group: str, member: str, interval: float, on_message):
+    def __init__(self, endpoint: str, group: str, member: str, interval: float, on_message, stats=None):
         self.endpoint = endpoint
         self.group, self.member = group, member
         self.interval = interval
         self.on_message = on_message
+        self.stats = stats or dict
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="nexus-heartbeat", daemon=True)
 
@@ -41,10 +42,9 @@ class HeartbeatThread:
         ctx = zmq.Context.instance()
         sock = transport.connect(ctx, zmq.DEALER, self.endpoint, linger_ms=0,
                                  identity=f"{self.group}/{self.member}/{os.getpid()}/hb".encode())
-        beat = encoder.encode(Heartbeat(group=self.group, member=self.member))
         try:
             while not self._stop.is_set():
-                sock.send(beat)
+                sock.send(encoder.encode(Heartbeat(group=self.group, member=self.member, stats=self.stats())))
                 if sock.poll(int(self.interval * 1000)):
                     while sock.poll(0):
                         try:

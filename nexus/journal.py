@@ -35,6 +35,7 @@ class Entry(msgspec.Struct, frozen=True, array_like=True):
     pseq: int
     event: msgspec.Raw                # the event as msgpack, exactly as validated
     time: float = 0.0                 # when the router accepted it
+    group: str = ""                   # set for a re-delivery meant for one group only (DLQ replay)
 
 
 entry_encoder = msgspec.msgpack.Encoder()

@@ -119,7 +119,8 @@ class Outbox:
             if nack is None:
                 continue
             if nack.retry_after > 0:
-                # rate limited: not an error; send it again (as a new sequence) later
+                # rate limited: not an error; send it again (as a new sequence) when
+                # the router says this event's turn comes
                 self.retry_later.append((now + nack.retry_after, u.event_id, u.data))
             else:
                 self.errors.append(RejectedError(u.event_id, nack.reason))
@@ -130,7 +131,7 @@ class Outbox:
         due = [r for r in self.retry_later if r[0] <= now]
         if due:
             self.retry_later = [r for r in self.retry_later if r[0] > now]
-            for _, event_id, data in due:
+            for _, event_id, data in sorted(due, key=lambda r: r[0]):
                 self.pending.append((event_id, data))
 
     def next_deadline(self, now: float) -> float:

@@ -5,21 +5,29 @@ from .config import RateLimits
 
 
 class TokenBucket:
-    __slots__ = ("rate", "burst", "tokens", "stamp")
+    """A token bucket that also queues the rejected: each event turned away is
+    given the time of the next token nobody was promised yet, so producers that
+    retry at their retry-after arrive at the source's rate instead of all at once
+    (which would turn most retries into new rejections)."""
+
+    __slots__ = ("rate", "burst", "tokens", "stamp", "promised")
 
     def __init__(self, rate: float, burst: int, now: float):
         self.rate, self.burst = rate, float(burst)
         self.tokens, self.stamp = float(burst), now
+        self.promised = now          # tokens until this time are promised to rejected events
 
     def take(self, now: float) -> float:
-        """0.0 if a token was taken, else seconds until one is available."""
+        """0.0 if a token was taken, else seconds until this event's turn."""
         tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
         self.stamp = now
-        if tokens >= 1.0:
-            self.tokens = tokens - 1.0
+        if tokens >= 1.0 - 1e-9:      # float drift must not cost a whole token
+            self.tokens = max(0.0, tokens - 1.0)
             return 0.0
         self.tokens = tokens
-        return (1.0 - tokens) / self.rate
+        turn = max(now + (1.0 - tokens) / self.rate, self.promised + 1.0 / self.rate)
+        self.promised = turn
+        return turn - now
 
 
 class RateLimiter:

@@ -24,9 +24,14 @@ from .intake import Intake
 from .journal import Journal, entry_decoder
 from .ratelimit import RateLimiter
 from .routing import RouteTable
-from .wire import (TAIL_TOPIC, Ack, Delivery, Error, Fetch, Heartbeat, Join, Leave, ProducerReply,
-                   Pulse, Records, Released, ReplayRequest, Reply, StatusRequest, coord_decoder,
-                   encoder, topic)
+from . import admin
+from .dlq import DeadLetterStore
+from .events import DECODE_ERRORS
+from .wire import (TAIL_TOPIC, Ack, DeadLetter, Delivery, DlqRequest, Error, Fetch, Heartbeat, Join, Leave,
+                   ProducerReply, Pulse, Records, Released, ReloadRequest, ReplayRequest, Reply,
+                   StatusRequest, coord_decoder, encoder, topic)
+
+ADMIN_REQUESTS = (StatusRequest, ReplayRequest, DlqRequest, ReloadRequest)
 
 log = structlog.get_logger("nexus.router")
 
@@ -35,8 +40,9 @@ LAG_SCAN_LIMIT = 200_000
 
 
 class Router:
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, env: str | None = None):
         self.config = config
+        self.env = env
         rc = config.router
         self.contracts = Contracts.from_modules(config.contracts, config.contracts_untyped)
         self.routes = RouteTable({name: (g.subscribe, g.partitions) for name, g in config.workers.items()})
@@ -49,6 +55,8 @@ class Router:
         self.coordinator = Coordinator(rc.heartbeat_interval * rc.heartbeat_misses,
                                        release_timeout=config.shutdown_timeout, heads=self.heads)
         self.tail_subscribers = 0
+        self.member_stats: dict[tuple[str, str], dict] = {}
+        self.reload_requested = False
         self.started = time.time()
         self.stop_event = threading.Event()
         self._pending_replies: list[tuple[bytes, bytes]] = []
@@ -58,10 +66,10 @@ class Router:
         recovery = self.journal.open()
         for name, group in self.config.workers.items():
             self.heads[name] = [0] * group.partitions
-        routes, heads, intake = self.routes.routes, self.heads, self.intake
+        routes, heads, intake = self._routes_for, self.heads, self.intake
         for seq, body in self.journal.iter_all():
             entry = entry_decoder.decode(body)
-            for route in routes(entry.type):
+            for route in routes(entry.type, entry.group):
                 heads[route.group][entry.khash % route.partitions] = seq
             if entry.producer:
                 intake.remember(entry.producer, entry.pseq)
@@ -85,6 +93,8 @@ class Router:
 
     # -- main loop -----------------------------------------------------------------
     def run(self) -> None:
+        # opened here: the SQLite connection belongs to the router thread
+        self.dlq = DeadLetterStore(os.path.join(self.config.data_dir, "dlq.sqlite3"))
         self.recover()
         ctx = zmq.Context()
         try:
@@ -96,9 +106,10 @@ class Router:
                      publish=self.config.publish, coord=self.config.coord)
             self._loop()
         finally:
+            ctx.destroy(linger=0)
             self.journal.close()
             self.cursors.save(self._cursor_snapshot())
-            ctx.destroy(linger=0)
+            self.dlq.close()
             log.info("router_stopped", last_seq=self.journal.last_seq,
                      accepted=self.intake.accepted_total)
 
@@ -126,6 +137,9 @@ class Router:
             if self.publish in ready:
                 self._drain(self.publish, self._on_subscription, 1000)
             self._send_replies()
+            if self.reload_requested:
+                self.reload_requested = False
+                admin.reload(self)
             if now >= next_maintenance:
                 self._maintenance(now)
                 next_maintenance = now + MAINTENANCE_EVERY
@@ -198,15 +212,16 @@ class Router:
         reply = ProducerReply(ack=outcome.ack, nacks=outcome.nacks, error=outcome.error)
         self._pending_replies.append((identity, encoder.encode(reply)))
 
-    def _commit(self, acc) -> None:
+    def _commit(self, acc, only_group: str = "") -> int:
+        """Journal accepted events, then publish them to the matching group streams."""
         if not acc.bodies:
-            return
+            return 0
         first = self.journal.append(acc.bodies)
         streams: dict[tuple[str, int], tuple[int, list[int], list[bytes]]] = {}
-        routes, heads = self.routes.routes, self.heads
+        routes, heads = self._routes_for, self.heads
         seq = first
         for type_, khash, raw in zip(acc.types, acc.khashes, acc.events):
-            for route in routes(type_):
+            for route in routes(type_, only_group):
                 p = khash % route.partitions
                 key = (route.group, p)
                 stream = streams.get(key)
@@ -223,6 +238,7 @@ class Router:
         if self.tail_subscribers:
             seqs = list(range(first, seq))
             send((TAIL_TOPIC, encoder.encode(Delivery(0, seqs, acc.events))), zmq.NOBLOCK)
+        return first
 
     def _on_subscription(self, frames: list[bytes]) -> None:
         msg = frames[0]
@@ -243,14 +259,12 @@ class Router:
             return self._send_coord(identity, Error("expected exactly one frame", "bad_message"))
         try:
             msg = coord_decoder.decode(frames[1])
-        except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
+        except DECODE_ERRORS as exc:
             self.intake.rejected["bad_coord"] += 1
             return self._send_coord(identity, Error(f"unreadable coord message: {exc}", "bad_message"))
         now = time.monotonic()
-        if isinstance(msg, StatusRequest):
-            return self._send_coord(identity, Reply(self.status()))
-        if isinstance(msg, ReplayRequest):
-            return self._send_coord(identity, Reply(self.replay(msg)))
+        if isinstance(msg, ADMIN_REQUESTS):
+            return self._send_coord(identity, Reply(admin.handle(self, msg)))
         group = self.coordinator.groups.get(getattr(msg, "group", ""))
         if group is None:
             return self._send_coord(identity, Error(f"unknown group {getattr(msg, 'group', '')!r}",
@@ -267,6 +281,8 @@ class Router:
                                                  "unknown_member"))
         elif isinstance(msg, Heartbeat):
             self.coordinator.ack(group, msg.member, msg.acks)
+            if msg.stats:
+                self.member_stats[(group.name, msg.member)] = msg.stats
             info = group.members[msg.member]
             heads = self.heads[group.name]
             self._send_coord(identity, Pulse({p: heads[p] for p in info.view}))
@@ -278,20 +294,31 @@ class Router:
         elif isinstance(msg, Leave):
             for ident, out in self.coordinator.leave(group, msg.member, msg.acks, now):
                 self._send_coord(ident, out)
+        elif isinstance(msg, DeadLetter):
+            admin.store_dead_letter(self, msg)
+
+    def _routes_for(self, type_: str, only_group: str):
+        routes = self.routes.routes(type_)
+        return [r for r in routes if r.group == only_group] if only_group else routes
+
+    def in_group(self, entry, group: str) -> bool:
+        """Does this journal entry belong to `group`'s streams?"""
+        if entry.group:
+            return entry.group == group
+        return any(r.group == group for r in self.routes.routes(entry.type))
 
     def fetch(self, group: Group, msg: Fetch) -> Records:
         """Stream events of group/partition after `msg.after`, served from the journal."""
         limit = max(1, min(msg.limit, self.config.router.fetch_limit))
-        p, route = msg.partition, self.routes.route_of(group.name)
+        p, partitions = msg.partition, group.partitions
         seqs: list[int] = []
         events: list[bytes] = []
         upto = msg.after
-        scan_cap = max(limit * 50, 50_000)
-        records = self.journal.read(msg.after, scan_cap)
+        records = self.journal.read(msg.after, max(limit * 50, 50_000))
         for seq, body in records:
             entry = entry_decoder.decode(body)
             upto = seq
-            if entry.khash % route.partitions == p and any(r.group == group.name for r in self.routes.routes(entry.type)):
+            if entry.khash % partitions == p and self.in_group(entry, group.name):
                 seqs.append(seq)
                 events.append(entry.event)
                 if len(seqs) >= limit:
@@ -303,70 +330,27 @@ class Router:
         return Records(group=group.name, partition=p, after=msg.after, upto=upto,
                        seqs=seqs, events=events, complete=complete)
 
-    # -- status and replay -------------------------------------------------------------
     def lag(self, group: Group) -> int | str:
+        """Events of the group after its cursors (exact up to LAG_SCAN_LIMIT records)."""
         floor = min(group.cursors) if group.cursors else self.journal.last_seq
         if floor >= self.journal.last_seq:
             return 0
         count = 0
-        route = self.routes.route_of(group.name)
         records = self.journal.read(floor, LAG_SCAN_LIMIT)
         for seq, body in records:
             entry = entry_decoder.decode(body)
-            p = entry.khash % route.partitions
-            if seq > group.cursors[p] and any(r.group == group.name for r in self.routes.routes(entry.type)):
+            if seq > group.cursors[entry.khash % group.partitions] and self.in_group(entry, group.name):
                 count += 1
         if records and records[-1][0] < self.journal.last_seq:
             return f">={count}"
         return count
 
-    def status(self) -> dict:
-        groups = {}
-        for name, g in self.coordinator.groups.items():
-            groups[name] = {
-                "partitions": g.partitions,
-                "members": [{"name": m.name, "host": m.host, "pid": m.pid, "partitions": list(m.view)}
-                            for m in g.members.values()],
-                "unassigned": sum(1 for o in g.owner if o is None),
-                "lag": self.lag(g),
-                "cursor_min": min(g.cursors) if g.cursors else 0,
-            }
-        return {
-            "router": {
-                "pid": os.getpid(),
-                "uptime": round(time.time() - self.started, 1),
-                "accepted": self.intake.accepted_total,
-                "rejected": sum(self.intake.rejected.values()),
-                "rejected_by_reason": dict(self.intake.rejected),
-                "duplicates": self.intake.duplicates_total,
-                "tail_subscribers": self.tail_subscribers,
-                "seq": self.journal.last_seq,
-                "journal": self.journal.info(),
-                "rate_limits": self.intake.limiter.describe(),
-                "recent_rejects": list(self.intake.reject_log)[-10:],
-            },
-            "groups": groups,
-        }
 
-    def replay(self, msg: ReplayRequest) -> dict:
-        group = self.coordinator.groups.get(msg.group)
-        if group is None:
-            return {"error": f"unknown group {msg.group!r}"}
-        if msg.from_time:
-            from_seq = self.journal.seq_at_time(msg.from_time) + 1
-        else:
-            from_seq = max(msg.from_seq, self.journal.first_seq())
-        from_seq = min(from_seq, self.journal.last_seq + 1)
-        for identity, out in self.coordinator.replay(group, from_seq - 1):
-            self._send_coord(identity, out)
-        self.cursors.save(self._cursor_snapshot())
-        log.warning("journal_replay", group=group.name, from_seq=from_seq, last_seq=self.journal.last_seq)
-        return {"group": group.name, "from_seq": from_seq, "last_seq": self.journal.last_seq,
-                "events": self.lag(group)}
+def main(config: Config, env: str | None = None) -> None:
+    import signal
 
-
-def main(config: Config) -> None:
     from .process import stop_on_signals
-    router = Router(config)
+    router = Router(config, env)
     stop_on_signals(router.stop_event)
+    signal.signal(signal.SIGHUP, lambda *_: setattr(router, "reload_requested", True))
     router.run()

@@ -39,7 +39,7 @@ class RecentIds:
 class PartitionStream:
     __slots__ = ("partition", "watermark", "queue", "busy", "waiting", "attempt", "fetching",
                  "fetch_after", "buffered", "overflow", "behind", "revoked", "redelivered_upto",
-                 "acked")
+                 "acked", "first_failed")
 
     def __init__(self, partition: int, cursor: int, redelivered_upto: int = 0):
         self.partition = partition
@@ -56,6 +56,7 @@ class PartitionStream:
         self.revoked = False
         self.redelivered_upto = redelivered_upto
         self.acked = cursor
+        self.first_failed = 0.0    # when the head event first failed
 
     def handled_upto(self) -> int:
         """Every event <= this has been handled: what the member may ack."""

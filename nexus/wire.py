@@ -74,6 +74,7 @@ class Heartbeat(Coord, tag="hb"):
     group: str
     member: str
     acks: dict[int, int] = {}          # partition -> every seq <= this is handled
+    stats: dict[str, int | float | str] = {}   # member counters and breaker state, for status
 
 
 class Ack(Coord, tag="ack"):
@@ -105,6 +106,33 @@ class Fetch(Coord, tag="fetch"):
 
 
 class StatusRequest(Coord, tag="status"):
+    pass
+
+
+class DeadLetter(Coord, tag="dead_letter"):
+    """Member -> router, before the member acks the event: store it in the DLQ."""
+
+    group: str
+    member: str
+    seq: int
+    partition: int
+    event: msgspec.Raw
+    error_type: str
+    error: str
+    traceback: str
+    attempts: int
+    first_failed: float
+
+
+class DlqRequest(Coord, tag="dlq"):
+    action: str                        # list | show | replay | purge
+    ids: list[int] = []
+    group: str | None = None
+    type: str | None = None
+    all: bool = False
+
+
+class ReloadRequest(Coord, tag="reload"):
     pass
 
 
@@ -152,8 +180,8 @@ class Error(Coord, tag="error"):
     code: str = "error"                # "unknown_member", "unknown_group", "bad_message"
 
 
-CoordMessage = Union[Join, Heartbeat, Ack, Released, Leave, Fetch, StatusRequest,
-                     ReplayRequest, Assign, Pulse, Records, Reply, Error]
+CoordMessage = Union[Join, Heartbeat, Ack, Released, Leave, Fetch, StatusRequest, DeadLetter,
+                     DlqRequest, ReloadRequest, ReplayRequest, Assign, Pulse, Records, Reply, Error]
 
 encoder = msgspec.msgpack.Encoder()
 batch_decoder = msgspec.msgpack.Decoder(ProducerBatch)

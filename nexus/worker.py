@@ -16,6 +16,7 @@ import random
 import socket as _socket
 import threading
 import time
+import traceback
 from typing import Any, Callable
 
 import msgspec
@@ -26,12 +27,13 @@ import zmq.asyncio
 from . import transport
 from .config import Config, WorkerGroupConfig
 from .context import Context
-from .errors import ConfigError
-from .events import Contracts, Event, decode_wire_event
+from .breaker import CircuitBreaker
+from .errors import ConfigError, DependencyError, PermanentError
+from .events import Contracts, Event, decode_wire_event, encode
 from .heartbeat import HeartbeatThread
 from .producer import Producer
 from .stream import BUFFER_LIMIT, PartitionStream, RecentIds
-from .wire import (Ack, Assign, Delivery, Error, Fetch, Join, Leave, Pulse, Records, Released,
+from .wire import (Ack, Assign, DeadLetter, Delivery, Error, Fetch, Join, Leave, Pulse, Records, Released,
                    coord_decoder, delivery_decoder, encoder, topic)
 
 ACK_EVERY = 0.05
@@ -84,6 +86,14 @@ class Member:
         self._last_acks: dict[int, int] = {}
         self.recent = RecentIds(self.spec.dedup_window)    # ids handled lately: drop repeats
         self.duplicates_dropped = 0
+        b = self.spec.breaker
+        self.breaker = CircuitBreaker(b.failures, b.window, b.reset)
+
+    def stats(self) -> dict:
+        """Counters for `nexus status` (read from the heartbeat thread)."""
+        return {"handled": self.handled, "failed": self.failed, "dead_lettered": self.dead_lettered,
+                "duplicates_dropped": self.duplicates_dropped, "queued": self.queued,
+                "breaker": self.breaker.state}
 
     # -- lifecycle -------------------------------------------------------------
     async def run(self) -> None:
@@ -93,7 +103,8 @@ class Member:
                                        identity=f"{self.group}/{self.name}/{os.getpid()}".encode())
         self.sub = transport.subscriber(self.ctx, self.config.publish)
         self.heartbeat = HeartbeatThread(self.config.coord, self.group, self.name,
-                                         self.config.router.heartbeat_interval, self._on_pulse_threadsafe)
+                                         self.config.router.heartbeat_interval, self._on_pulse_threadsafe,
+                                         stats=self.stats)
         tasks = [asyncio.ensure_future(c) for c in
                  (self._coord_reader(), self._sub_reader(), self._dispatcher(), self._acker(),
                   self._joiner())]
@@ -320,6 +331,8 @@ class Member:
             self._work.clear()
             slice_start = time.perf_counter()
             while self.ready and self.active < concurrency:
+                if not self._breaker_allows():
+                    break
                 _, seq, p = heapq.heappop(self.ready)
                 st = self.streams.get(p)
                 if st is None or st.busy or st.waiting or st.revoked or not st.queue or st.queue[0][0] != seq:
@@ -343,6 +356,28 @@ class Member:
                         await asyncio.sleep(0)
                         slice_start = time.perf_counter()
             self._refill()
+
+    def _breaker_allows(self) -> bool:
+        before = self.breaker.state
+        allowed = self.breaker.allow(time.monotonic())
+        if self.breaker.state != before:
+            self.log.warning("breaker_half_open", probe_in=0)
+        if not allowed:
+            # nothing is taken while open: events wait here and in the journal
+            self.loop.call_later(max(self.breaker.retry_in(time.monotonic()), 0.05), self._work.set)
+        return allowed
+
+    def _breaker_outcome(self, error: BaseException | None) -> None:
+        now = time.monotonic()
+        if isinstance(error, DependencyError):
+            changed = self.breaker.failure(now)
+        else:
+            changed = self.breaker.success(now)     # the dependency answered
+        if changed == "open":
+            self.log.error("breaker_opened", reset_in=self.breaker.reset,
+                           error=f"{type(error).__name__}: {error}")
+        elif changed == "closed":
+            self.log.warning("breaker_closed")
 
     def _event_and_ctx(self, st: PartitionStream) -> tuple[Event, Context]:
         seq, w = st.queue[0]
@@ -374,6 +409,7 @@ class Member:
 
     def _finish(self, st: PartitionStream, error: BaseException | None) -> None:
         st.busy = False
+        self._breaker_outcome(error)
         if error is None:
             self.handled += 1
             self.recent.add(st.queue[0][1].id)
@@ -382,12 +418,11 @@ class Member:
         seq, w = st.queue[0]
         retry = self.spec.retry
         self.failed += 1
-        if st.attempt >= retry.attempts:
-            self.dead_lettered += 1
-            self.log.error("event_dead_lettered", event_id=w.id, type=w.type, seq=seq,
-                           attempts=st.attempt, error=f"{type(error).__name__}: {error}")
-            self.recent.add(w.id)
-            self._pop(st)
+        if st.attempt == 1:
+            st.first_failed = time.time()
+        dependency = isinstance(error, DependencyError)
+        if not dependency and (st.attempt >= retry.attempts or isinstance(error, PermanentError)):
+            self._dead_letter(st, error)
             return
         delay = retry.backoff[min(st.attempt - 1, len(retry.backoff) - 1)] if retry.backoff else 1.0
         delay = min(delay, retry.max_backoff) * (1 + random.uniform(-retry.jitter, retry.jitter))
@@ -396,6 +431,21 @@ class Member:
         st.attempt += 1
         st.waiting = True
         self.loop.call_later(delay, self._retry_due, st)
+
+    def _dead_letter(self, st: PartitionStream, error: BaseException) -> None:
+        """Hand the event to the router's dead-letter store, then move on. The
+        message goes out before any later ack on the same socket, so a crash in
+        between redelivers the event instead of losing it."""
+        seq, w = st.queue[0]
+        self.dead_lettered += 1
+        summary = "".join(traceback.format_exception(error)[-12:])
+        self.coord.send(encoder.encode(DeadLetter(
+            group=self.group, member=self.name, seq=seq, partition=st.partition, event=msgspec.Raw(encode(w)),
+            error_type=type(error).__name__, error=str(error), traceback=summary, attempts=st.attempt,
+            first_failed=st.first_failed or time.time())))
+        self.log.error("event_dead_lettered", event_id=w.id, type=w.type, seq=seq,
+                       attempts=st.attempt, error=f"{type(error).__name__}: {error}")
+        self._pop(st)
 
     def _retry_due(self, st: PartitionStream) -> None:
         st.waiting = False

@@ -398,9 +398,11 @@ def test_token_bucket_burst_then_rate():
     assert [b.take(0.0) for _ in range(3)] == [0.0, 0.0, 0.0]
     wait = b.take(0.0)
     assert wait == pytest.approx(0.5)            # one token at 2/s
-    assert b.take(0.25) == pytest.approx(0.25)   # half a token there, half to go
-    assert b.take(0.5) == 0.0
-    assert b.take(0.5) == pytest.approx(0.5)
+    # the token due at 0.5 is promised to the first rejected event: the next one
+    # rejected is told to come at 1.0
+    assert b.take(0.25) == pytest.approx(0.75)
+    assert b.take(0.5) == 0.0                    # the first one, back on time
+    assert b.take(0.5) == pytest.approx(1.0)     # after the one promised 1.0
     # a long pause refills only up to the burst
     assert [b.take(100.0) for _ in range(4)][:3] == [0.0, 0.0, 0.0]
     assert b.take(100.0) > 0
@@ -417,8 +419,8 @@ def test_rate_limiter_default_and_sources():
     limits = RateLimits(default=RateLimit(rate=1, burst=2), sources={"vip": RateLimit(rate=1, burst=5)})
     rl = RateLimiter(limits)
     assert rl.enabled
-    assert [rl.check("anon", 0.0) for _ in range(3)][:2] == [0.0, 0.0]
-    assert rl.check("anon", 0.0) == pytest.approx(1.0)
+    assert [rl.check("anon", 0.0) for _ in range(3)] == [0.0, 0.0, pytest.approx(1.0)]
+    assert rl.check("anon", 0.0) == pytest.approx(2.0)     # queued behind the third
     assert all(rl.check("vip", 0.0) == 0.0 for _ in range(5))
     assert rl.check("vip", 0.0) > 0
     assert rl.check("other", 0.0) == 0.0          # own bucket
@@ -480,3 +482,12 @@ def test_unknown_envelope_fields_and_bad_times_are_malformed():
     badtype = encoder.encode({"type": "Not A Type", "source": "s", "payload": 1, "id": "i", "time": 1.0})
     out = intake.take(batch([extra, nan, badtype], "p3", seq=1), confirm=True, now=0.0)
     assert [r.split(":")[0] for _, r in sorted(reasons(out).items())] == ["malformed"] * 3
+
+
+def test_rejected_events_retrying_at_their_turn_all_pass():
+    b = TokenBucket(rate=10.0, burst=5, now=0.0)
+    turns = [b.take(0.0) for _ in range(25)]
+    assert turns[:5] == [0.0] * 5
+    comebacks = sorted(t for t in turns if t > 0)
+    assert comebacks == pytest.approx([k / 10 for k in range(1, 21)])
+    assert all(b.take(t) == 0.0 for t in comebacks)       # each finds its token

@@ -21,7 +21,7 @@ from typing import Any, Generic, Iterable, TypeVar
 
 import msgspec
 
-from nexus.errors import ConfigError, NexusError
+from nexus.errors import ConfigError, NexusError, PermanentError
 from nexus.events import Event
 
 T = TypeVar("T")
@@ -29,8 +29,9 @@ ROOTS = ("payload", "event")
 _MISSING = object()
 
 
-class TemplateError(NexusError):
-    """A template could not be rendered for one event (missing field, bad format spec)."""
+class TemplateError(PermanentError):
+    """A template could not be rendered for one event (missing field, bad format spec):
+    retrying cannot help, so the event goes straight to the dead-letter store."""
 
 
 def load_options(cls: type[T], options: dict | None, sink: str) -> T:

@@ -27,7 +27,7 @@ from typing import Annotated
 import grpc
 import msgspec
 
-from nexus.errors import ConfigError, NexusError
+from nexus.errors import ConfigError, DependencyError, NexusError
 from nexus.events import Event
 from nexus.proto.toasty.v1 import toasty_pb2 as pb
 from nexus.proto.toasty.v1 import toasty_pb2_grpc as pb_grpc
@@ -72,6 +72,15 @@ class ToastyError(NexusError):
     def __init__(self, message: str, code: grpc.StatusCode | None = None):
         super().__init__(message)
         self.code = code
+
+
+class ToastyUnavailable(ToastyError, DependencyError):
+    """Toasty is down or too slow: feeds the circuit breaker, never dead-letters."""
+
+
+# codes that say "the service is not there right now", as opposed to "bad request"
+TRANSIENT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+             grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED, grpc.StatusCode.CANCELLED}
 
 
 def urgency(name: str, where: str) -> int:
@@ -128,8 +137,9 @@ class Toasty:
         try:
             reply = await self._get_stub().Notify(note, timeout=self.options.timeout)
         except grpc.aio.AioRpcError as exc:
-            raise ToastyError(f"toasty {self.options.target}: Notify failed: "
-                              f"{exc.code().name}: {exc.details()}", exc.code()) from None
+            error = ToastyUnavailable if exc.code() in TRANSIENT else ToastyError
+            raise error(f"toasty {self.options.target}: Notify failed: "
+                        f"{exc.code().name}: {exc.details()}", exc.code()) from None
         if reply.accepted:
             ctx.log.debug("toasty_sent", notification_id=reply.id)
         else:

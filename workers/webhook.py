@@ -30,7 +30,7 @@ from typing import Annotated
 import msgspec
 
 from nexus import __version__
-from nexus.errors import ConfigError, NexusError
+from nexus.errors import ConfigError, DependencyError, NexusError, PermanentError
 from nexus.events import Event
 
 from .mapping import load_options
@@ -50,10 +50,25 @@ class WebhookOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 class WebhookError(NexusError):
     """The POST failed; `status` is the HTTP status (None for connection errors)."""
 
+    def __new__(cls, message: str, status: int | None = None, retryable: bool = True):
+        # 5xx and connection errors mean the endpoint is down (circuit breaker);
+        # other statuses mean this request is refused (dead letter at once)
+        if cls is WebhookError:
+            cls = WebhookUnavailable if retryable else WebhookRejected
+        return super().__new__(cls, message)
+
     def __init__(self, message: str, status: int | None = None, retryable: bool = True):
         super().__init__(message)
         self.status = status
         self.retryable = retryable
+
+
+class WebhookUnavailable(WebhookError, DependencyError):
+    pass
+
+
+class WebhookRejected(WebhookError, PermanentError):
+    pass
 
 
 class Webhook:

@@ -45,3 +45,12 @@ def read_handled(out: str) -> list[tuple[str, str, int, int, int, int]]:
                     if len(parts) == 6:
                         rows.append((parts[0], parts[1], int(parts[2]), int(parts[3]), int(parts[4]), int(parts[5])))
     return rows
+
+
+def poisonable(event, ctx) -> None:
+    """Fails every attempt for payloads with "poison": true until the file
+    options.fixed exists (the "fix" a test deploys); records the rest."""
+    payload = event.payload
+    if isinstance(payload, dict) and payload.get("poison") and not os.path.exists(ctx.options["fixed"]):
+        raise ValueError(f"cannot digest event {event.id}")
+    _record(event, ctx, ctx.options["out"])

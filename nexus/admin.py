@@ -1,0 +1,180 @@
+"""Router requests from the CLI (status, journal replay, dead letters, reload),
+kept apart from the router's hot path."""
+from __future__ import annotations
+
+import os
+import time
+from typing import TYPE_CHECKING
+
+import msgspec
+import structlog
+
+from .errors import ConfigError
+from .events import decode_wire_event
+from .intake import Accepted
+from .journal import Entry, entry_encoder
+from .ratelimit import RateLimiter
+from .routing import key_hash
+from .wire import DeadLetter, DlqRequest, ReloadRequest, ReplayRequest, StatusRequest
+
+if TYPE_CHECKING:
+    from .router import Router
+
+log = structlog.get_logger("nexus.router")
+
+
+def handle(router: "Router", msg) -> dict:
+    if isinstance(msg, StatusRequest):
+        return status(router)
+    if isinstance(msg, ReplayRequest):
+        return replay(router, msg)
+    if isinstance(msg, DlqRequest):
+        return dlq(router, msg)
+    if isinstance(msg, ReloadRequest):
+        return reload(router)
+    return {"error": f"unsupported request {type(msg).__name__}"}
+
+
+def status(router: "Router") -> dict:
+    dead = router.dlq.counts()
+    groups = {}
+    for name, g in router.coordinator.groups.items():
+        members = []
+        for m in g.members.values():
+            stats = router.member_stats.get((name, m.name), {})
+            members.append({"name": m.name, "host": m.host, "pid": m.pid, "partitions": list(m.view), **stats})
+        groups[name] = {
+            "partitions": g.partitions,
+            "members": members,
+            "unassigned": sum(1 for o in g.owner if o is None),
+            "lag": router.lag(g),
+            "cursor_min": min(g.cursors) if g.cursors else 0,
+            "dead_letters": dead.get(name, 0),
+        }
+    intake = router.intake
+    return {
+        "router": {
+            "pid": os.getpid(),
+            "uptime": round(time.time() - router.started, 1),
+            "accepted": intake.accepted_total,
+            "rejected": sum(intake.rejected.values()),
+            "rejected_by_reason": dict(intake.rejected),
+            "duplicates": intake.duplicates_total,
+            "tail_subscribers": router.tail_subscribers,
+            "seq": router.journal.last_seq,
+            "journal": router.journal.info(),
+            "rate_limits": intake.limiter.describe(),
+            "recent_rejects": list(intake.reject_log)[-10:],
+        },
+        "groups": groups,
+    }
+
+
+def replay(router: "Router", msg: ReplayRequest) -> dict:
+    group = router.coordinator.groups.get(msg.group)
+    if group is None:
+        return {"error": f"unknown group {msg.group!r}"}
+    journal = router.journal
+    if msg.from_time:
+        from_seq = journal.seq_at_time(msg.from_time) + 1
+    else:
+        from_seq = max(msg.from_seq, journal.first_seq())
+    from_seq = min(from_seq, journal.last_seq + 1)
+    for identity, out in router.coordinator.replay(group, from_seq - 1):
+        router._send_coord(identity, out)
+    router.cursors.save(router._cursor_snapshot())
+    log.warning("journal_replay", group=group.name, from_seq=from_seq, last_seq=journal.last_seq)
+    return {"group": group.name, "from_seq": from_seq, "last_seq": journal.last_seq, "events": router.lag(group)}
+
+
+# -- dead letters ---------------------------------------------------------------------
+def store_dead_letter(router: "Router", msg: DeadLetter) -> None:
+    try:
+        ev = decode_wire_event(msg.event)
+    except (msgspec.MsgspecError, UnicodeDecodeError, RecursionError):
+        log.error("dead_letter_unreadable", group=msg.group, seq=msg.seq)
+        return
+    row = router.dlq.put(group=msg.group, event_id=ev.id, type=ev.type, source=ev.source, seq=msg.seq,
+                         partition=msg.partition, member=msg.member, error_type=msg.error_type,
+                         error=msg.error, traceback=msg.traceback, attempts=msg.attempts,
+                         first_failed=msg.first_failed, event=bytes(msg.event))
+    log.error("event_dead_lettered", group=msg.group, event_id=ev.id, type=ev.type, dlq_id=row,
+              error=f"{msg.error_type}: {msg.error}")
+
+
+def dlq(router: "Router", msg: DlqRequest) -> dict:
+    store = router.dlq
+    if msg.group is not None and msg.group not in router.coordinator.groups:
+        return {"error": f"unknown group {msg.group!r}"}
+    if msg.action == "list":
+        return {"dead_letters": store.list(group=msg.group, type=msg.type)}
+    if msg.action == "show":
+        found = store.get(msg.ids[0]) if msg.ids else None
+        if found is None:
+            return {"error": f"no dead letter with id {msg.ids[0] if msg.ids else '?'}"}
+        row, raw = found
+        ev = decode_wire_event(raw)
+        row["event"] = {"id": ev.id, "type": ev.type, "source": ev.source, "key": ev.key, "time": ev.time,
+                        "priority": ev.priority, "correlation_id": ev.correlation_id, "v": ev.v,
+                        "payload": msgspec.msgpack.decode(ev.payload)}
+        return {"dead_letter": row}
+    if msg.action == "replay":
+        return _replay_dead_letters(router, msg)
+    if msg.action == "purge":
+        if not (msg.ids or msg.group or msg.all):
+            return {"error": "purge needs ids, --group G or --all"}
+        return {"purged": store.purge(group=msg.group, row_ids=msg.ids or None)}
+    return {"error": f"unknown dlq action {msg.action!r}"}
+
+
+def _replay_dead_letters(router: "Router", msg: DlqRequest) -> dict:
+    """Journal the events again, for their group only; each succeeds or comes back."""
+    store = router.dlq
+    if msg.ids:
+        rows = [found for i in msg.ids if (found := store.get(i)) is not None]
+        missing = sorted(set(msg.ids) - {r["id"] for r, _ in rows})
+        if missing:
+            return {"error": f"no dead letter with id {', '.join(map(str, missing))}"}
+    elif msg.group or msg.all:
+        rows = [store.get(r["id"]) for r in store.list(group=msg.group, type=msg.type)]
+    else:
+        return {"error": "replay needs ids, --group G or --all"}
+    by_group: dict[str, list] = {}
+    for row, raw in rows:
+        if row["group"] in router.coordinator.groups:
+            by_group.setdefault(row["group"], []).append((row, raw))
+    replayed = []
+    now = time.time()
+    for group, items in by_group.items():
+        acc = Accepted()
+        for row, raw in items:
+            ev = decode_wire_event(raw)
+            khash = key_hash(ev.key if ev.key is not None else ev.source)
+            acc.types.append(ev.type)
+            acc.khashes.append(khash)
+            acc.events.append(raw)
+            acc.bodies.append(entry_encoder.encode(Entry(ev.type, khash, "", 0, msgspec.Raw(raw), now, group)))
+        first = router._commit(acc, only_group=group)
+        store.mark_replayed([row["id"] for row, _ in items])
+        replayed += [{"id": row["id"], "group": group, "event_id": row["event_id"], "seq": first + i}
+                     for i, (row, _) in enumerate(items)]
+    log.warning("dead_letters_replayed", count=len(replayed))
+    return {"replayed": replayed}
+
+
+# -- reload ------------------------------------------------------------------------------
+def reload(router: "Router") -> dict:
+    """Re-read the config file; rate limits apply at once, the rest needs a restart."""
+    from . import config as config_mod
+    try:
+        fresh = config_mod.load(router.config.source, router.env)
+    except ConfigError as exc:
+        log.error("reload_failed", error=str(exc))
+        return {"error": str(exc)}
+    router.intake.limiter = RateLimiter(fresh.router.rate_limits)
+    changed = [k for k in ("workers", "contracts", "contracts_untyped", "producers")
+               if getattr(fresh, k) != getattr(router.config, k)]
+    router.config = msgspec.structs.replace(router.config, router=msgspec.structs.replace(
+        router.config.router, rate_limits=fresh.router.rate_limits))
+    log.info("config_reloaded", rate_limits=router.intake.limiter.describe(), needs_restart=changed)
+    return {"rate_limits": router.intake.limiter.describe(), "needs_restart": changed}
