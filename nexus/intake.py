@@ -9,7 +9,6 @@ import collections
 import time
 from dataclasses import dataclass, field
 
-import msgspec
 
 from .errors import EventError
 from .events import DECODE_ERRORS, TYPE_RE, Contracts, decode_wire_event

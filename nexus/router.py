@@ -10,7 +10,6 @@ import os
 import threading
 import time
 
-import msgspec
 import structlog
 import zmq
 

@@ -21,7 +21,7 @@ from typing import Any, Generic, Iterable, TypeVar
 
 import msgspec
 
-from nexus.errors import ConfigError, NexusError, PermanentError
+from nexus.errors import ConfigError, PermanentError
 from nexus.events import Event
 
 T = TypeVar("T")
