@@ -109,3 +109,23 @@ def components():
     runner = ThreadRunner()
     yield runner
     runner.close()
+
+
+@pytest.fixture
+def launched():
+    """Start `python -m nexus.launch -c PATH`; every one started is stopped at teardown
+    and its children are waited for (no orphans)."""
+    from nexus.testing import LaunchedPipeline, pid_alive, wait_for
+    pipelines: list[LaunchedPipeline] = []
+
+    def start(path, wait_ready: bool = True) -> LaunchedPipeline:
+        p = LaunchedPipeline(path)
+        pipelines.append(p)            # before start: a failed start is stopped too
+        return p.start(wait_ready=wait_ready)
+
+    yield start
+    for p in pipelines:
+        pids = p.child_pids() if p.proc is not None and p.proc.poll() is None else []
+        p.stop()
+        for pid in pids:
+            wait_for(lambda: not pid_alive(pid), 10, message=f"child {pid} to exit")

@@ -11,7 +11,7 @@ import yaml
 
 from conftest import recorder_group
 from nexus import Producer, config
-from nexus.testing import LaunchedPipeline, free_port, pid_alive, wait_for
+from nexus.testing import free_port, wait_for
 from recorder import read_handled
 from test_sink_toasty import ToastyProcess
 
@@ -23,23 +23,6 @@ def cli(path, *args) -> dict | str:
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout) if "--json" in args else result.stdout
-
-
-@pytest.fixture
-def launched():
-    pipelines: list[LaunchedPipeline] = []
-
-    def start(path):
-        p = LaunchedPipeline(path)
-        pipelines.append(p)
-        return p.start()
-
-    yield start
-    for p in pipelines:
-        pids = p.child_pids() if p.proc and p.proc.poll() is None else []
-        p.stop()
-        for pid in pids:
-            wait_for(lambda: not pid_alive(pid), 10, message=f"child {pid} exit")
 
 
 def test_handler_failing_twice_succeeds_on_the_third_attempt(tmp_path, config_factory, launched):
@@ -66,7 +49,7 @@ def test_poison_event_goes_to_dlq_and_is_replayed_after_a_fix(tmp_path, config_f
     group = recorder_group(out, options={"fixed": str(fixed)}, retry={"attempts": 2, "backoff": ["0.1s"]})
     group["handler"] = "recorder:poisonable"
     path = config_factory(workers={"rec": group})
-    p = launched(path)
+    launched(path)
     cfg = config.load(path)
     with Producer(cfg.confirm, source="poison") as producer:
         poison = producer.send("test.meal", {"poison": True}, key="same")
@@ -130,7 +113,7 @@ def test_flooding_source_is_limited_while_another_flows(tmp_path, config_factory
     path = config_factory(router={"ingest": "ipc://{data_dir}/run/ingest", "confirm": "ipc://{data_dir}/run/confirm",
                                   "rate_limits": {"sources": {"flood": {"rate": 100, "burst": 50}}}},
                           workers={"rec": recorder_group(out, processes=1)})
-    p = launched(path)
+    launched(path)
     cfg = config.load(path)
     flood_ids: list[str] = []
 

@@ -21,7 +21,7 @@ import yaml
 from conftest import recorder_group
 from nexus import Producer, config
 from nexus.journal import Journal, entry_decoder
-from nexus.testing import LaunchedPipeline, pid_alive, wait_for
+from nexus.testing import wait_for
 from nexus.events import decode_wire_event
 from recorder import read_handled
 
@@ -88,24 +88,6 @@ def verify_journal(data_dir: Path, acked: list[str]) -> dict:
     assert seqs == list(range(1, len(seqs) + 1)), "journal seqs are not contiguous"
     assert set(acked) <= ids, f"{len(set(acked) - ids)} ACKed events missing from the journal"
     return {"records": len(seqs), "truncated_bytes": recovery.truncated_bytes}
-
-
-@pytest.fixture
-def launched():
-    pipelines: list[LaunchedPipeline] = []
-
-    def start(path, wait_ready=True):
-        p = LaunchedPipeline(path)
-        pipelines.append(p)            # before start: a failed start is stopped too
-        p.start(wait_ready=wait_ready)
-        return p
-
-    yield start
-    for p in pipelines:
-        pids = p.child_pids() if p.proc and p.proc.poll() is None else []
-        p.stop()
-        for pid in pids:
-            wait_for(lambda: not pid_alive(pid), 10, message=f"child {pid} exit")
 
 
 def test_worker_kill_storm(tmp_path, config_factory, launched):

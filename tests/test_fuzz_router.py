@@ -25,7 +25,7 @@ MAX_EVENT = 4096
 enc = msgspec.msgpack.encode
 VALID_EVENT = {"type": "test.fuzz", "source": "fuzz", "payload": {"n": 1}, "id": "x", "time": 1.0}
 
-scalars = st.one_of(st.none(), st.booleans(), st.integers(-2**64, 2**64 - 1), st.floats(allow_nan=True),
+scalars = st.one_of(st.none(), st.booleans(), st.integers(-2**63, 2**64 - 1), st.floats(allow_nan=True),
                     st.text(max_size=20), st.binary(max_size=20))
 values = st.recursive(scalars, lambda children: st.one_of(
     st.lists(children, max_size=4), st.dictionaries(st.text(max_size=8), children, max_size=4)), max_leaves=12)

@@ -14,7 +14,7 @@ import pytest
 from conftest import recorder_group
 from nexus import Producer, config
 from nexus.errors import ExitCode
-from nexus.testing import LaunchedPipeline, pid_alive, wait_for
+from nexus.testing import pid_alive, wait_for
 from recorder import read_handled
 
 pytestmark = pytest.mark.system
@@ -26,22 +26,11 @@ def nexus_cli(*args, input: str | None = None, timeout: float = 30) -> subproces
 
 
 @pytest.fixture
-def pipeline(tmp_path, config_factory):
-    started = []
-
+def pipeline(config_factory, launched):
     def start(wait_ready=True, **overrides):
         path = config_factory(**overrides)
-        p = LaunchedPipeline(path)
-        started.append(p)              # before start: a failed start is stopped too
-        p.start(wait_ready=wait_ready)
-        return p, config.load(path)
-
-    yield start
-    for p in started:
-        pids = p.child_pids() if p.proc.poll() is None else []
-        p.stop()
-        for pid in pids:
-            wait_for(lambda: not pid_alive(pid), 10, message=f"child {pid} to exit")
+        return launched(path, wait_ready=wait_ready), config.load(path)
+    return start
 
 
 def test_send_status_and_events_handled(pipeline, tmp_path):

@@ -433,3 +433,18 @@ def test_email_received_from_wire_name():
     with pytest.raises(EventError, match="unknown field `from_`"):
         c.convert("email.received", 1, {**base, "from_": "x@y.z"})
     assert c.decode_payload("email.received", 1, msgspec.msgpack.encode({**base, "from": "q@r"})).from_ == "q@r"
+
+
+def test_console_line_keeps_the_file_name_of_a_long_path(capsys):
+    import structlog
+
+    from nexus.context import Context
+    from nexus.contracts import FileChanged
+    from nexus.events import Event
+    from workers.console import handle
+    path = "/very/long/" + "nested/" * 20 + "hello.txt"
+    event = Event(type="file.created", source="file:inbox", payload=FileChanged(path=path, watcher="inbox"),
+                  id="id-1", time=1.0)
+    handle(event, Context("console", "console-0", 1, False, 7, 3, {}, structlog.get_logger(), None, "id-1", None))
+    line = capsys.readouterr().out
+    assert line.count("\n") == 1 and "file.created from file:inbox" in line and "hello.txt" in line

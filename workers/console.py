@@ -9,12 +9,14 @@ import msgspec
 from nexus import Context, Event
 
 MAX_PAYLOAD_CHARS = 240
-MAX_FIELD_CHARS = 60       # one long field (a snippet, a body) must not hide the others
+MAX_FIELD_CHARS = 80       # one long field (a snippet, a body) must not hide the others
 
 
 def _short(value: object) -> object:
     if isinstance(value, str) and len(value) > MAX_FIELD_CHARS:
-        return value[: MAX_FIELD_CHARS - 1] + "…"
+        # keep both ends: the start of a subject, the file name at the end of a path
+        half = MAX_FIELD_CHARS // 2
+        return value[: half - 1] + "…" + value[-half:]
     if isinstance(value, dict):
         return {k: _short(v) for k, v in value.items()}
     if isinstance(value, list):
