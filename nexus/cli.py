@@ -87,6 +87,16 @@ def _fmt_uptime(seconds: float) -> str:
     return f"{seconds}s"
 
 
+def _detail(detail: dict | None) -> str:
+    """One line for a producer: events emitted, and mailbox states for IMAP."""
+    if not detail:
+        return ""
+    parts = [f"emitted={detail.get('emitted', 0)}"]
+    for mailbox, mb in detail.get("mailboxes", {}).items():
+        parts.append(f"{mailbox}: {mb['state']}" + (f" ({mb['error']})" if mb.get("error") else ""))
+    return " ".join(parts)[:160]
+
+
 def cmd_status(args) -> int:
     cfg = _load(args)
     status: dict[str, Any] = {}
@@ -108,10 +118,10 @@ def cmd_status(args) -> int:
         _print_json(status)
         return ExitCode.OK
     if "processes" in status:
-        print(f"{'PROCESS':<20} {'ROLE':<9} {'GROUP':<12} {'PID':>7} {'STATE':<9} {'RESTARTS':>8} {'UPTIME':>8}")
+        print(f"{'PROCESS':<20} {'ROLE':<9} {'GROUP':<12} {'PID':>7} {'STATE':<9} {'RESTARTS':>8} {'UPTIME':>8}  DETAIL")
         for p in status["processes"]:
             print(f"{p['name']:<20} {p['role']:<9} {p['group'] or '-':<12} {p['pid'] or '-':>7} "
-                  f"{p['state']:<9} {p['restarts']:>8} {_fmt_uptime(p['uptime']):>8}")
+                  f"{p['state']:<9} {p['restarts']:>8} {_fmt_uptime(p['uptime']):>8}  {_detail(p.get('detail'))}")
         print()
     if "groups" in status:
         print(f"{'GROUP':<16} {'MEMBERS':>7} {'PARTITIONS':>10} {'UNASSIGNED':>10} {'LAG':>10} {'DEAD':>6}")

@@ -8,6 +8,7 @@ cursors). Children die with the launcher (PR_SET_PDEATHSIG), so none is orphaned
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing
 import os
 import signal
@@ -244,8 +245,17 @@ class Launcher:
     def describe(self) -> list[dict]:
         now = time.time()
         return [{"name": c.name, "role": c.role, "group": c.group, "pid": c.pid, "state": c.state,
-                 "restarts": c.restarts, "uptime": round(now - c.started, 1) if c.state == "running" else 0.0}
+                 "restarts": c.restarts, "uptime": round(now - c.started, 1) if c.state == "running" else 0.0,
+                 **({"detail": self._detail(c)} if c.role == "producer" else {})}
                 for c in self.children.values()]
+
+    def _detail(self, child: Child) -> dict:
+        from .producers import status_path
+        try:
+            with open(status_path(self.cfg, child.name)) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return {}
 
     def shutdown(self) -> None:
         """Stop in order; whatever is left after shutdown_timeout is killed."""

@@ -245,3 +245,24 @@ def test_tail_journal_info_and_replay(pipeline, tmp_path):
 
     bad = nexus_cli("journal", "replay", "--group", "nope", "-c", p.config_path)
     assert bad.returncode != 0 and "unknown group" in bad.stderr
+
+
+def test_imap_auth_failure_shows_in_status(pipeline, tmp_path):
+    dovecot = pytest.importorskip("dovecot")
+    if dovecot.BINARY is None:
+        pytest.skip("dovecot is not installed (apt-get install dovecot-imapd)")
+    with dovecot.Dovecot(users={"alice": "secret"}) as server:
+        p, cfg = pipeline(producers={"mail": {"kind": "imap", "host": server.host, "port": server.port,
+                                              "ssl": False, "username": "alice", "password": "pw-zX81q-not-it",
+                                              "reconnect_max": "2s"}},
+                          workers={"rec": recorder_group(tmp_path / "out")})
+
+        def mailbox_state():
+            proc = {x["name"]: x for x in p.processes()}["mail"]
+            return proc.get("detail", {}).get("mailboxes", {}).get("INBOX", {}).get("state")
+        wait_for(lambda: mailbox_state() == "auth_failed", 30, message="auth failure in status")
+        table = nexus_cli("status", "-c", p.config_path).stdout
+        assert "INBOX: auth_failed" in table
+        proc = {x["name"]: x for x in p.processes()}["mail"]
+        assert proc["state"] == "running" and proc["restarts"] == 0      # not a crash loop
+        assert "pw-zX81q" not in p.output()                               # the password is never logged

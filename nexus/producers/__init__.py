@@ -9,7 +9,10 @@ an IMAP UID, so a crash never skips an event).
 from __future__ import annotations
 
 import importlib
+import json
+import os
 import threading
+import time
 from typing import Any
 
 import structlog
@@ -25,13 +28,36 @@ class Sink:
     def __init__(self, producer: Producer):
         self._producer = producer
         self.emitted = 0
+        self.last_emit = 0.0
 
     def emit(self, type: str, payload: Any, key: str | None = None, priority: int = 5) -> str:
         self.emitted += 1
+        self.last_emit = time.time()
         return self._producer.send(type, payload, key=key, priority=priority)
 
     def flush(self, timeout: float = 30.0) -> None:
         self._producer.flush(timeout)
+
+
+def status_path(config: Config, name: str) -> str:
+    return os.path.join(config.data_dir, "run", "status", f"{name}.json")
+
+
+def _report_status(config: Config, name: str, module, sink: Sink, stop: threading.Event) -> None:
+    """Every second, what `nexus status` shows for this producer (a small JSON file
+    the launcher reads): counters plus whatever the module reports."""
+    path = status_path(config, name)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    while True:
+        detail = {"emitted": sink.emitted, "last_emit": sink.last_emit}
+        if hasattr(module, "status"):
+            detail.update(module.status(name))
+        tmp = f"{path}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(detail, f)
+        os.replace(tmp, path)
+        if stop.wait(1.0):
+            return
 
 
 def main(config: Config, name: str) -> None:
@@ -47,8 +73,12 @@ def main(config: Config, name: str) -> None:
                         max_event_bytes=config.router.max_event_bytes)
     sink = Sink(producer)
     log.info("producer_started")
+    reporter = threading.Thread(target=_report_status, args=(config, name, module, sink, stop), daemon=True)
+    reporter.start()
     try:
         module.run(name, spec, config, sink, stop)
     finally:
+        stop.set()
+        reporter.join(2)
         producer.close(timeout=config.shutdown_timeout)
         log.info("producer_stopped", emitted=sink.emitted)

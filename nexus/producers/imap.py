@@ -61,6 +61,12 @@ class MailboxStatus:
 STATUS: dict[tuple[str, str], MailboxStatus] = {}   # (producer name, mailbox) -> live status
 
 
+def status(name: str) -> dict:
+    """Per-mailbox state for `nexus status` (an auth failure shows there)."""
+    return {"mailboxes": {mb: {"state": s.state, "error": s.error, "emitted": s.emitted, "last_uid": s.last_uid}
+                          for (n, mb), s in list(STATUS.items()) if n == name}}
+
+
 class AuthFailed(Exception):
     pass
 
