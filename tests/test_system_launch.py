@@ -261,8 +261,9 @@ def test_imap_auth_failure_shows_in_status(pipeline, tmp_path):
             proc = {x["name"]: x for x in p.processes()}["mail"]
             return proc.get("detail", {}).get("mailboxes", {}).get("INBOX", {}).get("state")
         wait_for(lambda: mailbox_state() == "auth_failed", 30, message="auth failure in status")
-        table = nexus_cli("status", "-c", p.config_path).stdout
-        assert "INBOX: auth_failed" in table
+        # the state cycles (auth_failed, then a slow retry): the table shows it when it is there
+        wait_for(lambda: "INBOX: auth_failed" in nexus_cli("status", "-c", p.config_path).stdout, 30,
+                 message="auth failure in the status table")
         proc = {x["name"]: x for x in p.processes()}["mail"]
         assert proc["state"] == "running" and proc["restarts"] == 0      # not a crash loop
         assert "pw-zX81q" not in p.output()                               # the password is never logged
