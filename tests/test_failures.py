@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 import yaml
@@ -68,8 +69,11 @@ def test_poison_event_goes_to_dlq_and_is_replayed_after_a_fix(tmp_path, config_f
     assert "ValueError" in table and "1 dead letter(s)" in table
 
     fixed.write_text("deployed")                                   # the fix
+    started = time.monotonic()
     assert "replayed 1" in cli(path, "dlq", "replay", str(row["id"]))
     wait_for(lambda: poison in {r[1] for r in read_handled(str(out))}, 30, message="replayed event handled")
+    print(f"\nFAILURE-REPORT dlq_round_trip: dead_lettered_after_attempts={row['attempts']} "
+          f"replay_command_to_handled_ms={(time.monotonic() - started) * 1000:.0f}")
     assert cli(path, "dlq", "list", "--json")["dead_letters"] == []
     assert cli(path, "status", "--json")["groups"]["rec"]["dead_letters"] == 0
     assert "purged 1" in cli(path, "dlq", "purge", "--all")
