@@ -313,17 +313,27 @@ class Router:
         seqs: list[int] = []
         events: list[bytes] = []
         upto = msg.after
-        records = self.journal.read(msg.after, max(limit * 50, 50_000))
-        for seq, body in records:
-            entry = entry_decoder.decode(body)
-            upto = seq
-            if entry.khash % partitions == p and self.in_group(entry, group.name):
-                seqs.append(seq)
-                events.append(entry.event)
-                if len(seqs) >= limit:
-                    break
+        # read in chunks and stop at `limit`: reading the whole scan cap (limit * 50
+        # records) up front costs ~50-100 ms per fetch when the partition is dense
+        scan_cap = max(limit * 50, 50_000)
+        scanned, after, saw_any = 0, msg.after, False
+        while scanned < scan_cap and len(seqs) < limit:
+            records = self.journal.read(after, min(max(2 * limit, 1000), scan_cap - scanned))
+            if not records:
+                break
+            saw_any = True
+            for seq, body in records:
+                entry = entry_decoder.decode(body)
+                upto = seq
+                if entry.khash % partitions == p and self.in_group(entry, group.name):
+                    seqs.append(seq)
+                    events.append(entry.event)
+                    if len(seqs) >= limit:
+                        break
+            scanned += len(records)
+            after = records[-1][0]
         complete = upto >= self.journal.last_seq
-        if not records:
+        if not saw_any:
             upto = max(msg.after, self.journal.last_seq)
             complete = True
         return Records(group=group.name, partition=p, after=msg.after, upto=upto,
