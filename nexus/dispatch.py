@@ -13,6 +13,7 @@ import traceback
 
 import msgspec
 
+from .breaker import CLOSED
 from .context import Context
 from .errors import DependencyError, PermanentError
 from .events import Event, encode
@@ -35,7 +36,7 @@ class Dispatch:
             self._work.clear()
             slice_start = time.perf_counter()
             while self.ready and self.active < concurrency:
-                if not self._breaker_allows():
+                if self.breaker.state != CLOSED and not self._breaker_allows():
                     break
                 _, seq, p = heapq.heappop(self.ready)
                 st = self.streams.get(p)
@@ -72,6 +73,8 @@ class Dispatch:
         return allowed
 
     def _breaker_outcome(self, error: BaseException | None) -> None:
+        if error is None and self.breaker.state == CLOSED:
+            return                                   # the common case, per event: nothing to do
         now = time.monotonic()
         if isinstance(error, DependencyError):
             changed = self.breaker.failure(now)
