@@ -1,0 +1,1 @@
+"""Benchmarks for Nexus: `python -m bench.pipeline` and the micro suite (`python -m pytest bench/ -q`)."""

@@ -1,0 +1,109 @@
+"""Batching on both ends: the producer outbox, the publish Delivery codec, and the member's
+per-event path (enqueue, priority heap, Event + Context, handler, pop)."""
+from __future__ import annotations
+
+import msgspec
+import pytest
+
+from nexus.outbox import Outbox
+from nexus.stream import PartitionStream
+from nexus.wire import Delivery, ProducerReply, delivery_decoder, encoder
+
+from .conftest import BATCH, per_event
+
+
+def test_outbox_fire_batch(benchmark, raw_events):
+    """Producer I/O thread, fire mode: BATCH adds + next_batch (one ProducerBatch message)."""
+    ob = Outbox("p" * 32, False, 20_000, 3.0)
+
+    def run():
+        for r in raw_events:
+            ob.add("id", r)
+        return ob.next_batch(0.0)
+    benchmark(run)
+    per_event(benchmark, BATCH)
+
+
+def test_outbox_confirm_batch_and_ack(benchmark, raw_events):
+    """Producer, confirm mode: BATCH adds + next_batch (unacked bookkeeping) + the router's ACK."""
+    ob = Outbox("p" * 32, True, 20_000, 3.0)
+
+    def run():
+        for r in raw_events:
+            ob.add("id", r)
+        ob.next_batch(0.0)
+        ob.on_reply(ProducerReply(ack=ob.next_pseq - 1), 0.0)
+    benchmark(run)
+    per_event(benchmark, BATCH)
+
+
+def test_delivery_encode(benchmark, raw_events):
+    """Router publish: one Delivery of BATCH events."""
+    d = Delivery(0, list(range(1, BATCH + 1)), [msgspec.Raw(r) for r in raw_events])
+    benchmark(encoder.encode, d)
+    per_event(benchmark, BATCH)
+
+
+def test_delivery_decode(benchmark, raw_events):
+    """Member SUB reader: one Delivery of BATCH events (events stay raw)."""
+    data = encoder.encode(Delivery(0, list(range(1, BATCH + 1)), [msgspec.Raw(r) for r in raw_events]))
+    benchmark(delivery_decoder.decode, data)
+    per_event(benchmark, BATCH)
+
+
+def test_stream_take(benchmark, raw_events):
+    seqs = list(range(1, BATCH + 1))
+
+    def run():
+        st = PartitionStream(0, 0)
+        return st.take(seqs, raw_events, BATCH)
+    benchmark(run)
+    per_event(benchmark, BATCH)
+
+
+@pytest.fixture
+def member(bench_config):
+    from nexus.worker import Member
+    m = Member(bench_config, "bench0", "bench0-0")
+    yield m
+    if m.close_handler is not None:
+        m.close_handler()
+
+
+def test_member_dispatch_batch(benchmark, member):
+    """Member: one live Delivery of BATCH events through _enqueue and the sync dispatch loop
+    (the body of Member._dispatcher without the event loop), into the no-op Counter handler.
+    Every round uses fresh event ids, so the member's dedup window does not drop them."""
+    import heapq
+    from nexus.events import encode
+    from .conftest import make_event
+    rounds = 60
+    batches = [[encode(make_event(r * BATCH + i)) for i in range(BATCH)] for r in range(rounds + 1)]
+    state = {"seq": 0, "round": 0}
+    handled_before = member.handled
+
+    def run():
+        st = member.streams.get(0)
+        if st is None:
+            st = member.streams[0] = PartitionStream(0, 0)
+        first = state["seq"] + 1
+        seqs = list(range(first, first + BATCH))
+        state["seq"] += BATCH
+        raws = batches[state["round"]]
+        state["round"] += 1
+        member._enqueue(st, seqs, raws, seqs[-1])
+        ready = member.ready
+        recent = getattr(member, "recent", None)
+        while ready:
+            _, seq, p = heapq.heappop(ready)
+            s = member.streams[p]
+            if s.busy or s.waiting or s.revoked or not s.queue or s.queue[0][0] != seq:
+                continue
+            if recent is not None and s.queue[0][1].id in recent:
+                member._pop(s)
+                continue
+            s.busy = True
+            member._finish(s, member._run_sync(s))
+    benchmark.pedantic(run, rounds=rounds, iterations=1, warmup_rounds=1)
+    assert member.failed == 0 and member.handled - handled_before == state["round"] * BATCH
+    per_event(benchmark, BATCH)

@@ -1,0 +1,68 @@
+"""Journal append and read (fsync never: the CPU cost; fsync itself is measured separately)."""
+from __future__ import annotations
+
+import time
+
+import msgspec
+import pytest
+
+from nexus.events import encode
+from nexus.journal import Entry, Journal, entry_encoder
+
+from .conftest import BATCH, make_event, per_event
+
+
+def bodies(n: int) -> list[bytes]:
+    now = time.time()
+    return [entry_encoder.encode(Entry("bench.event", i % 97, "", 0, msgspec.Raw(encode(make_event(i))), now))
+            for i in range(n)]
+
+
+@pytest.fixture
+def journal(tmp_path):
+    j = Journal(str(tmp_path / "journal"), fsync="never", segment_bytes=2**30)
+    j.open()
+    yield j
+    j.close()
+
+
+def test_append_batch(benchmark, journal):
+    """One router commit: BATCH records, crc + header + one write()."""
+    b = bodies(BATCH)
+    benchmark(journal.append, b)
+    per_event(benchmark, BATCH)
+
+
+def test_append_batch_fsync(benchmark, tmp_path):
+    """fsync policy `always`: one write() + fsync per batch (disk dependent)."""
+    j = Journal(str(tmp_path / "journal"), fsync="always", segment_bytes=2**30)
+    j.open()
+    b = bodies(BATCH)
+    try:
+        benchmark.pedantic(j.append, args=(b,), rounds=30, iterations=1)
+        per_event(benchmark, BATCH)
+    finally:
+        j.close()
+
+
+@pytest.fixture(scope="module")
+def filled(tmp_path_factory):
+    j = Journal(str(tmp_path_factory.mktemp("filled") / "journal"), fsync="never", segment_bytes=2**30)
+    j.open()
+    b = bodies(BATCH)
+    for _ in range(200):                      # 200,000 records
+        j.append(b)
+    yield j
+    j.close()
+
+
+def test_read_2000(benchmark, filled):
+    """What one fetch needs at most (fetch_limit 2000 records)."""
+    benchmark(filled.read, 100_000, 2000)
+    per_event(benchmark, 2000)
+
+
+def test_read_100000_fetch_scan_cap(benchmark, filled):
+    """What Router.fetch actually reads for one fetch of limit 2000: scan_cap = 100,000 records."""
+    benchmark.pedantic(filled.read, args=(50_000, 100_000), rounds=5, iterations=1)
+    per_event(benchmark, 100_000)
