@@ -542,6 +542,9 @@ def print_table(args, summary: dict) -> None:
               f"dup {b['duplicates']}  cpu s {b['cpu_s']} {b.get('error') or ''}{runs}")
     if summary.get("ratios"):
         p("\nratios  " + "  ".join(f"{k} = {v}" for k, v in summary["ratios"].items()))
+        if args.rate or args.groups > 1 or args.members > 1:
+            p("        (the baselines run unpaced with one consumer: compare against an unpaced "
+              "1-group, 1-member Nexus run)")
 
 
 def parse_args(argv=None):

@@ -49,7 +49,9 @@ class Outbox:
         return len(self.pending) + len(self.unacked) + len(self.retry_later)
 
     def has_room(self) -> bool:
-        return not self.confirm or self.in_flight() < self.window
+        # fire mode too: a producer faster than the router blocks in send() instead of
+        # piling events up in memory (its own, or the router's)
+        return self.in_flight() < self.window
 
     def idle(self) -> bool:
         return self.in_flight() == 0

@@ -35,7 +35,8 @@ ADMIN_REQUESTS = (StatusRequest, ReplayRequest, DlqRequest, ReloadRequest)
 log = structlog.get_logger("nexus.router")
 
 MAINTENANCE_EVERY = 0.1
-LAG_SCAN_LIMIT = 200_000
+INGEST_HWM = 1_000           # fire-mode batches queued in the router; beyond it PUSH blocks the producer
+LAG_SCAN_LIMIT = 20_000       # status runs in the router loop: scan at most ~20 ms, then report '>=n'
 
 
 class Router:
@@ -97,7 +98,7 @@ class Router:
         self.recover()
         ctx = zmq.Context()
         try:
-            self.ingest = self._bind(lambda e: transport.bind(ctx, zmq.PULL, e), self.config.ingest)
+            self.ingest = self._bind(lambda e: transport.bind(ctx, zmq.PULL, e, hwm=INGEST_HWM), self.config.ingest)
             self.confirm = self._bind(lambda e: transport.bind(ctx, zmq.ROUTER, e), self.config.confirm)
             self.publish = self._bind(lambda e: transport.publisher(ctx, e), self.config.publish)
             self.coord = self._bind(lambda e: transport.bind(ctx, zmq.ROUTER, e), self.config.coord)

@@ -219,8 +219,9 @@ def test_fire_mode_never_tracks_unacked():
     ob = Outbox("p", confirm=False, window=2, ack_timeout=1.0)
     for i in range(MAX_BATCH_EVENTS + 3):
         ob.add(str(i), data(i))
-    assert ob.has_room()                     # no window in fire mode
+    assert not ob.has_room()                 # fire mode: the window bounds pending events
     frames = drain(ob)
+    assert ob.has_room()                     # sent: room again
     assert [len(decode(f)[2]) for f in frames] == [MAX_BATCH_EVENTS, 3]
     assert {decode(f)[:2] for f in frames} == {("", 0)}     # no producer id, no seq
     assert not ob.unacked
