@@ -33,12 +33,14 @@ _wake_ids = itertools.count()
 class _EventMaker:
     """Validation and encoding shared by both producers."""
 
-    def __init__(self, source: str, max_event_bytes: int, untyped: tuple[str, ...]):
+    def __init__(self, source: str, max_event_bytes: int):
         if not source or len(source) > 128:
             raise EventError("source must be 1..128 characters")
         self.source = source
         self.max_event_bytes = max_event_bytes
-        self.contracts = Contracts(untyped)
+        # validates against contracts imported in this process; types without one
+        # go as they are and the router decides (it has the configured contracts)
+        self.contracts = Contracts()
 
     def make(self, type_: str, payload: Any, key: str | None, priority: int,
              correlation_id: str | None, v: int, event_id: str | None) -> tuple[str, bytes]:
@@ -74,10 +76,10 @@ class Producer:
 
     def __init__(self, endpoint: str, *, source: str, confirm: bool = True,
                  window: int = DEFAULT_WINDOW, ack_timeout: float = 3.0,
-                 max_event_bytes: int = 2**20, untyped: tuple[str, ...] = ("*",)):
+                 max_event_bytes: int = 2**20):
         self.endpoint = endpoint
         self.confirm = confirm
-        self._maker = _EventMaker(source, max_event_bytes, untyped)
+        self._maker = _EventMaker(source, max_event_bytes)
         self._outbox = Outbox(uuid.uuid4().hex, confirm, window, ack_timeout)
         self._cond = threading.Condition()
         self._ctx = zmq.Context.instance()
@@ -214,10 +216,10 @@ class AsyncProducer:
 
     def __init__(self, endpoint: str, *, source: str, confirm: bool = True,
                  window: int = DEFAULT_WINDOW, ack_timeout: float = 3.0,
-                 max_event_bytes: int = 2**20, untyped: tuple[str, ...] = ("*",)):
+                 max_event_bytes: int = 2**20):
         self.endpoint = endpoint
         self.confirm = confirm
-        self._maker = _EventMaker(source, max_event_bytes, untyped)
+        self._maker = _EventMaker(source, max_event_bytes)
         self._outbox = Outbox(uuid.uuid4().hex, confirm, window, ack_timeout)
         self._ctx = zmq.asyncio.Context.instance()
         self._sock: zmq.asyncio.Socket | None = None
