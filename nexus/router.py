@@ -218,10 +218,12 @@ class Router:
             return 0
         first = self.journal.append(acc.bodies)
         streams: dict[tuple[str, int], tuple[int, list[int], list[bytes]]] = {}
-        routes, heads = self._routes_for, self.heads
+        heads = self.heads
+        # the common case (every matching group) calls the cached table directly
+        routes = self.routes.routes if not only_group else lambda t: self._routes_for(t, only_group)
         seq = first
         for type_, khash, raw in zip(acc.types, acc.khashes, acc.events):
-            for route in routes(type_, only_group):
+            for route in routes(type_):
                 p = khash % route.partitions
                 key = (route.group, p)
                 stream = streams.get(key)
