@@ -82,7 +82,7 @@ def replay(router: "Router", msg: ReplayRequest) -> dict:
     from_seq = min(from_seq, journal.last_seq + 1)
     for identity, out in router.coordinator.replay(group, from_seq - 1):
         router._send_coord(identity, out)
-    router.cursors.save(router._cursor_snapshot())
+    router.flusher.save_now(router._cursor_snapshot())
     log.warning("journal_replay", group=group.name, from_seq=from_seq, last_seq=journal.last_seq)
     return {"group": group.name, "from_seq": from_seq, "last_seq": journal.last_seq, "events": router.lag(group)}
 
@@ -154,7 +154,7 @@ def _replay_dead_letters(router: "Router", msg: DlqRequest) -> dict:
             acc.khashes.append(khash)
             acc.events.append(raw)
             acc.bodies.append(entry_encoder.encode(Entry(ev.type, khash, "", 0, msgspec.Raw(raw), now, group)))
-        first = router._commit(acc, only_group=group)
+        first = router._commit([acc], only_group=group)
         store.mark_replayed([row["id"] for row, _ in items])
         replayed += [{"id": row["id"], "group": group, "event_id": row["event_id"], "seq": first + i}
                      for i, (row, _) in enumerate(items)]

@@ -9,9 +9,10 @@ import collections
 import time
 from dataclasses import dataclass, field
 
+import msgspec
 
 from .errors import EventError
-from .events import DECODE_ERRORS, TYPE_RE, Contracts, decode_wire_event
+from .events import DECODE_ERRORS, TYPE_RE, Contracts, WireEvent
 from .journal import Entry, entry_encoder
 from .ratelimit import RateLimiter
 from .routing import key_hash
@@ -19,6 +20,7 @@ from .wire import Nack, ProducerBatch, batch_decoder
 
 MAX_PRODUCERS = 100_000        # producer ids remembered for dedup (LRU)
 RECENT_NACKS = 1_000           # per producer: NACKs repeated when a batch is resent
+KEY_CACHE = 100_000           # partition keys whose hash is remembered (cleared when full)
 
 
 @dataclass
@@ -49,6 +51,9 @@ class Intake:
         self.rejected: collections.Counter[str] = collections.Counter()
         self.reject_log: collections.deque[dict] = collections.deque(maxlen=200)
         self.accepted_total = 0
+        self._decode_event = msgspec.msgpack.Decoder(WireEvent).decode
+        self._khash_cache: dict[str, int] = {}
+        self._plain_types: set[tuple[str, int]] = set()
         self.duplicates_total = 0
 
     # -- dedup state -----------------------------------------------------------
@@ -123,45 +128,58 @@ class Intake:
         limiter = self.limiter if self.limiter.enabled else None
         max_bytes = self.max_event_bytes
         check_payload = self.contracts.check_payload
+        decode = self._decode_event
+        khash_of = self._khash_cache
+        plain = self._plain_types           # types whose payload needs no per-event check
+        types, khashes, accepted, bodies = acc.types, acc.khashes, acc.events, acc.bodies
+        encode_entry = entry_encoder.encode
         for i in range(max(skip, 0), len(events)):
             raw = events[i]
-            pseq = first + i
             if len(raw) > max_bytes:
-                self._nack(out, producer, pseq, "too_large",
+                self._nack(out, producer, first + i, "too_large",
                            f"event of {len(raw)} bytes exceeds max_event_bytes {max_bytes}")
                 continue
             try:
-                ev = decode_wire_event(raw)
+                ev = decode(raw)
             except DECODE_ERRORS as exc:
-                self._nack(out, producer, pseq, "malformed", f"malformed event: {exc}")
+                self._nack(out, producer, first + i, "malformed", f"malformed event: {exc}")
                 continue
-            try:
-                check_payload(ev.type, ev.v, ev.payload)
-            except EventError as exc:
-                if self.contracts.struct_for(ev.type, ev.v):
-                    category = "contract"
-                elif TYPE_RE.match(ev.type):
-                    category = "unknown_type"
-                else:
-                    category = "malformed"
-                self._nack(out, producer, pseq, category, str(exc), ev.source, ev.id)
-                continue
+            type_ = ev.type
+            if (type_, ev.v) not in plain:
+                try:
+                    check_payload(type_, ev.v, ev.payload)
+                except EventError as exc:
+                    self._nack(out, producer, first + i, self._category(ev), str(exc), ev.source, ev.id)
+                    continue
+                if self.contracts.struct_for(type_, ev.v) is None and len(plain) < 10_000:
+                    plain.add((type_, ev.v))    # allowed untyped: the same answer every time
             if limiter is not None:
                 wait = limiter.check(ev.source, now)
                 if wait > 0.0:
-                    self._nack(out, producer, pseq, "rate_limited",
+                    self._nack(out, producer, first + i, "rate_limited",
                                f"source {ev.source} is over its rate limit", ev.source, ev.id, wait)
                     continue
-            khash = key_hash(ev.key if ev.key is not None else ev.source)
-            acc.types.append(ev.type)
-            acc.khashes.append(khash)
-            acc.events.append(raw)
-            acc.bodies.append(entry_encoder.encode(Entry(ev.type, khash, producer, pseq, raw, wall)))
+            key = ev.key if ev.key is not None else ev.source
+            khash = khash_of.get(key)
+            if khash is None:
+                khash = key_hash(key)
+                if len(khash_of) >= KEY_CACHE:
+                    khash_of.clear()
+                khash_of[key] = khash
+            types.append(type_)
+            khashes.append(khash)
+            accepted.append(raw)
+            bodies.append(encode_entry(Entry(type_, khash, producer, first + i, raw, wall)))
         out.ack = first + len(events) - 1 if events else max(first - 1, 0)
         if producer and events:
             self.remember(producer, out.ack)
         self.accepted_total += len(acc.events)
         return out
+
+    def _category(self, ev) -> str:
+        if self.contracts.struct_for(ev.type, ev.v):
+            return "contract"
+        return "unknown_type" if TYPE_RE.match(ev.type) else "malformed"
 
     def _nack(self, out: Outcome, producer: str, pseq: int, category: str, detail: str,
               source: str = "", event_id: str = "", retry_after: float = 0.0) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import bisect
 import os
 import struct
+import threading
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -83,8 +84,8 @@ class Journal:
         self.last_seq = 0
         self._wfd: int | None = None
         self._dirty = False
-        self._last_sync = time.monotonic()
         self._since_index = 0
+        self._fd_lock = threading.Lock()   # sync() may run in another thread (nexus/flusher.py)
         self.recovery = Recovery()
 
     # -- open and recover ----------------------------------------------------
@@ -159,11 +160,13 @@ class Journal:
     def _new_segment(self, first: int) -> None:
         path = os.path.join(self.dir, f"{first:020d}{SUFFIX}")
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        if self._wfd is not None:
-            if self._dirty:
-                os.fsync(self._wfd)
-            os.close(self._wfd)
-        self._wfd = fd
+        with self._fd_lock:
+            if self._wfd is not None:
+                if self._dirty:
+                    os.fsync(self._wfd)
+                    self._dirty = False
+                os.close(self._wfd)
+            self._wfd = fd
         self.segments.append(Segment(path, first))
         self._since_index = 0
         dirfd = os.open(self.dir, os.O_RDONLY)
@@ -215,15 +218,10 @@ class Journal:
         return first
 
     def sync(self) -> None:
-        if self._dirty and self._wfd is not None:
-            os.fsync(self._wfd)
-            self._dirty = False
-        self._last_sync = time.monotonic()
-
-    def tick(self, now: float) -> None:
-        """Called from the router loop: fsync on the `interval` policy."""
-        if self.fsync_policy == "interval" and self._dirty and now - self._last_sync >= self.fsync_interval:
-            self.sync()
+        with self._fd_lock:
+            if self._dirty and self._wfd is not None:
+                self._dirty = False       # before the fsync: an append meanwhile sets it again
+                os.fsync(self._wfd)
 
     # -- read ------------------------------------------------------------------
     def read(self, after: int, max_records: int) -> list[tuple[int, bytes]]:
@@ -318,7 +316,8 @@ class Journal:
     def close(self) -> None:
         if self._wfd is not None:
             self.sync()
-            os.close(self._wfd)
-            self._wfd = None
+            with self._fd_lock:
+                os.close(self._wfd)
+                self._wfd = None
         for seg in self.segments:
             seg.close()

@@ -17,9 +17,10 @@ from . import transport
 from .config import Config
 from .coordinator import Coordinator, Group
 from .cursors import CursorStore
+from .flusher import Flusher
 from .errors import ConfigError
 from .events import Contracts
-from .intake import Intake
+from .intake import Accepted, Intake
 from .journal import Journal, entry_decoder
 from .ratelimit import RateLimiter
 from .routing import RouteTable
@@ -51,6 +52,7 @@ class Router:
                                fsync_interval=rc.journal.fsync_interval_ms / 1000.0,
                                segment_bytes=rc.journal.segment_bytes, retain=rc.journal.retain)
         self.cursors = CursorStore(os.path.join(config.data_dir, "cursors.msgpack"))
+        self.flusher = Flusher(self.journal, self.cursors, self.journal.fsync_interval)
         self.heads: dict[str, list[int]] = {}          # group -> last seq per partition stream
         self.coordinator = Coordinator(rc.heartbeat_interval * rc.heartbeat_misses,
                                        release_timeout=config.shutdown_timeout, heads=self.heads)
@@ -60,6 +62,9 @@ class Router:
         self.started = time.time()
         self.stop_event = threading.Event()
         self._pending_replies: list[tuple[bytes, bytes]] = []
+        self._posted_cursors: dict[str, list[int]] | None = None
+        self._retention_checked: dict[str, list[int]] | None = None
+        self._staged: list[Accepted] = []              # accepted in this loop turn, not yet journaled
 
     # -- start ---------------------------------------------------------------------
     def recover(self) -> None:
@@ -104,8 +109,10 @@ class Router:
             self.coord = self._bind(lambda e: transport.bind(ctx, zmq.ROUTER, e), self.config.coord)
             log.info("router_ready", ingest=self.config.ingest, confirm=self.config.confirm,
                      publish=self.config.publish, coord=self.config.coord)
+            self.flusher.start()
             self._loop()
         finally:
+            self.flusher.stop()
             ctx.destroy(linger=0)
             self.journal.close()
             self.cursors.save(self._cursor_snapshot())
@@ -171,16 +178,23 @@ class Router:
                 self.intake.rejected["internal"] += 1
 
     def _maintenance(self, now: float) -> None:
-        self.journal.tick(now)
+        if self.flusher.error is not None:
+            raise self.flusher.error
         for identity, msg in self.coordinator.expire(now):
             self._send_coord(identity, msg)
         snapshot = self._cursor_snapshot()
-        if self.cursors.changed(snapshot):
-            self.cursors.save(snapshot)
-            floor = min((min(c) for c in snapshot.values() if c), default=self.journal.last_seq)
+        if snapshot != self._posted_cursors:
+            self._posted_cursors = snapshot
+            self.flusher.post(snapshot)
+        saved = self.flusher.saved
+        if saved is not None and saved is not self._retention_checked:
+            # only cursors already on disk may let segments go
+            self._retention_checked = saved
+            floor = min((min(c) for c in saved.values() if c), default=self.journal.last_seq)
             self.journal.enforce_retention(floor)
 
     def _send_replies(self) -> None:
+        self._commit_staged()        # a reply never goes out before its events are written
         if not self._pending_replies:
             return
         if self.journal.fsync_policy == "always":
@@ -198,7 +212,8 @@ class Router:
             self.intake.rejected["bad_batch"] += 1
             return
         outcome = self.intake.take(frames[0], False, time.monotonic())
-        self._commit(outcome.accepted)
+        if outcome.accepted.bodies:
+            self._staged.append(outcome.accepted)
 
     def _on_confirm(self, frames: list[bytes]) -> None:
         identity = frames[0]
@@ -208,38 +223,57 @@ class Router:
                 error="expected exactly one frame per message"))))
             return
         outcome = self.intake.take(frames[1], True, time.monotonic())
-        self._commit(outcome.accepted)
+        if outcome.accepted.bodies:
+            self._staged.append(outcome.accepted)
         reply = ProducerReply(ack=outcome.ack, nacks=outcome.nacks, error=outcome.error)
         self._pending_replies.append((identity, encoder.encode(reply)))
 
-    def _commit(self, acc, only_group: str = "") -> int:
-        """Journal accepted events, then publish them to the matching group streams."""
-        if not acc.bodies:
-            return 0
-        first = self.journal.append(acc.bodies)
+    def _commit_staged(self) -> None:
+        if self._staged:
+            staged, self._staged = self._staged, []
+            self._commit(staged)
+
+    def _commit(self, accepted: list[Accepted], only_group: str = "") -> int:
+        """Journal accepted events with one write, then publish them to the matching
+        group streams: one Delivery per stream for everything taken in this loop turn
+        (fewer, larger messages: ZeroMQ's cost is per message)."""
+        if only_group:
+            self._commit_staged()    # keep journal order: staged events were accepted first
+        if len(accepted) == 1:
+            bodies = accepted[0].bodies
+        else:
+            bodies = []
+            for acc in accepted:
+                bodies += acc.bodies
+        if not bodies:
+            return self.journal.last_seq + 1
+        first = self.journal.append(bodies)
         streams: dict[tuple[str, int], tuple[int, list[int], list[bytes]]] = {}
         heads = self.heads
         # the common case (every matching group) calls the cached table directly
         routes = self.routes.routes if not only_group else lambda t: self._routes_for(t, only_group)
         seq = first
-        for type_, khash, raw in zip(acc.types, acc.khashes, acc.events):
-            for route in routes(type_):
-                p = khash % route.partitions
-                key = (route.group, p)
-                stream = streams.get(key)
-                group_heads = heads[route.group]
-                if stream is None:
-                    stream = streams[key] = (group_heads[p], [], [])
-                stream[1].append(seq)
-                stream[2].append(raw)
-                group_heads[p] = seq
-            seq += 1
+        last_type, type_routes = None, ()
+        for acc in accepted:
+            for type_, khash, raw in zip(acc.types, acc.khashes, acc.events):
+                if type_ != last_type:
+                    last_type, type_routes = type_, routes(type_)
+                for route in type_routes:
+                    p = khash % route.partitions
+                    stream = streams.get((route.group, p))
+                    if stream is None:
+                        stream = streams[(route.group, p)] = (heads[route.group][p], [], [])
+                    stream[1].append(seq)
+                    stream[2].append(raw)
+                seq += 1
         send = self.publish.send_multipart
         for (group, p), (prev, seqs, events) in streams.items():
+            heads[group][p] = seqs[-1]
             send((topic(group, p), encoder.encode(Delivery(prev, seqs, events))), zmq.NOBLOCK)
         if self.tail_subscribers:
             seqs = list(range(first, seq))
-            send((TAIL_TOPIC, encoder.encode(Delivery(0, seqs, acc.events))), zmq.NOBLOCK)
+            events = [raw for acc in accepted for raw in acc.events]
+            send((TAIL_TOPIC, encoder.encode(Delivery(0, seqs, events))), zmq.NOBLOCK)
         return first
 
     def _on_subscription(self, frames: list[bytes]) -> None:

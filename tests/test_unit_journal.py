@@ -384,52 +384,6 @@ def test_fsync_always_syncs_each_append(tmp_path, fsyncs):
     j.close()
 
 
-def test_fsync_never_does_not_sync_on_append(tmp_path, fsyncs):
-    j = Journal(str(tmp_path / "j"), fsync="never")
-    j.open()
-    fsyncs.clear()
-    j.append([b"a"])
-    j.append([b"b"])
-    j.tick(time.monotonic() + 1000)
-    assert fsyncs == []
-    j.close()
-
-
-def test_fsync_interval_tick(tmp_path, fsyncs):
-    j = Journal(str(tmp_path / "j"), fsync="interval", fsync_interval=1000.0)
-    j.open()
-    fsyncs.clear()
-    j.append([b"a"])
-    assert fsyncs == []
-    j.tick(time.monotonic())                 # interval not yet over
-    assert fsyncs == []
-    j.tick(time.monotonic() + 1001)          # now it is
-    assert len(fsyncs) == 1
-    j.tick(time.monotonic() + 5000)          # nothing new written: no sync
-    assert len(fsyncs) == 1
-    j.append([b"b"])
-    j.tick(time.monotonic())                 # dirty again, but the interval is not over
-    assert len(fsyncs) == 1
-    j.tick(time.monotonic() + 1001)
-    assert len(fsyncs) == 2
-    j.close()
-
-
-def test_fsync_interval_tick_measures_from_last_sync(tmp_path, fsyncs):
-    j = Journal(str(tmp_path / "j"), fsync="interval", fsync_interval=10.0)
-    j.open()
-    j.append([b"a"])
-    t0 = time.monotonic()
-    j.sync()
-    fsyncs.clear()
-    j.append([b"b"])
-    j.tick(t0 + 5)
-    assert fsyncs == []
-    j.tick(t0 + 11)
-    assert len(fsyncs) == 1
-    j.close()
-
-
 # -- info, Entry -------------------------------------------------------------------------------
 def test_info_fields(tmp_path):
     d = tmp_path / "j"

@@ -1,0 +1,102 @@
+"""The router's background flusher: journal fsync on the interval policy, cursor saves."""
+from __future__ import annotations
+
+import os
+
+import msgspec
+import pytest
+
+from nexus.cursors import CursorStore
+from nexus.flusher import Flusher
+from nexus.journal import Journal
+from nexus.testing import wait_for
+
+
+@pytest.fixture
+def journal_fsyncs(monkeypatch):
+    """fds passed to os.fsync, from any thread."""
+    calls: list[int] = []
+    real = os.fsync
+
+    def counting(fd):
+        calls.append(fd)
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", counting)
+    return calls
+
+
+def make(tmp_path, policy: str, interval: float = 0.01):
+    journal = Journal(str(tmp_path / "j"), fsync=policy, fsync_interval=interval)
+    journal.open()
+    cursors = CursorStore(str(tmp_path / "cursors.msgpack"))
+    return journal, cursors, Flusher(journal, cursors, interval)
+
+
+def test_interval_policy_syncs_written_records_off_thread(tmp_path, journal_fsyncs):
+    journal, cursors, flusher = make(tmp_path, "interval")
+    flusher.start()
+    try:
+        journal.append([b"a", b"b"])
+        wait_for(lambda: journal._wfd in journal_fsyncs, 5, message="interval fsync of the journal")
+        synced = journal_fsyncs.count(journal._wfd)
+        journal.append([b"c"])
+        wait_for(lambda: journal_fsyncs.count(journal._wfd) > synced, 5, message="fsync after a new append")
+    finally:
+        flusher.stop()
+        journal.close()
+
+
+def test_never_policy_does_not_sync_the_journal(tmp_path, journal_fsyncs):
+    journal, cursors, flusher = make(tmp_path, "never")
+    flusher.start()
+    try:
+        journal.append([b"a"])
+        flusher.post({"g": [1, 2]})           # the save (with its own fsync) marks a full turn
+        wait_for(lambda: flusher.saved == {"g": [1, 2]}, 5, message="cursor save")
+        assert journal._wfd not in journal_fsyncs
+    finally:
+        flusher.stop()
+        journal.close()
+
+
+def test_posted_cursors_are_saved_and_the_latest_wins(tmp_path):
+    journal, cursors, flusher = make(tmp_path, "never")
+    flusher.post({"g": [1]})
+    flusher.post({"g": [5]})                  # before the thread runs: replaces the first
+    flusher.start()
+    try:
+        wait_for(lambda: flusher.saved is not None, 5, message="cursor save")
+        assert flusher.saved == {"g": [5]}
+        assert CursorStore(cursors.path).load() == {"g": [5]}
+    finally:
+        flusher.stop()
+        journal.close()
+
+
+def test_an_older_snapshot_never_overwrites_a_newer_save(tmp_path):
+    journal, cursors, flusher = make(tmp_path, "never")
+    flusher.post({"g": [9]})                  # version 1, taken by the thread...
+    pending = flusher._pending
+    flusher.save_now({"g": [3]})              # version 2: a replay rewound the cursors
+    flusher._save(*pending)                   # ...and saved after the rewind: ignored
+    assert CursorStore(cursors.path).load() == {"g": [3]}
+    assert msgspec.msgpack.decode((tmp_path / "cursors.msgpack").read_bytes()) == {"g": [3]}
+    journal.close()
+
+
+def test_a_disk_error_is_kept_for_the_router(tmp_path, monkeypatch):
+    journal, cursors, flusher = make(tmp_path, "never")
+
+    def failing(snapshot):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(cursors, "save", failing)
+    flusher.start()
+    try:
+        flusher.post({"g": [1]})
+        wait_for(lambda: flusher.error is not None, 5, message="flusher error")
+        assert "No space left" in str(flusher.error)
+    finally:
+        flusher.stop()
+        journal.close()
