@@ -337,11 +337,20 @@ class Router:
         routes = self.routes.routes(type_)
         return [r for r in routes if r.group == only_group] if only_group else routes
 
-    def in_group(self, entry, group: str) -> bool:
-        """Does this journal entry belong to `group`'s streams?"""
-        if entry.group:
-            return entry.group == group
-        return any(r.group == group for r in self.routes.routes(entry.type))
+    def group_filter(self, group: str):
+        """A predicate: does a journal entry belong to `group`'s streams? (Cached per
+        event type: fetch and lag call it for every record they scan.)"""
+        by_type: dict[str, bool] = {}
+        routes = self.routes.routes
+
+        def in_group(entry) -> bool:
+            if entry.group:
+                return entry.group == group
+            found = by_type.get(entry.type)
+            if found is None:
+                found = by_type[entry.type] = any(r.group == group for r in routes(entry.type))
+            return found
+        return in_group
 
     def fetch(self, group: Group, msg: Fetch) -> Records:
         """Stream events of group/partition after `msg.after`, served from the journal."""
@@ -354,15 +363,16 @@ class Router:
         # records) up front costs ~50-100 ms per fetch when the partition is dense
         scan_cap = max(limit * 50, 50_000)
         scanned, after, saw_any = 0, msg.after, False
+        in_group, decode = self.group_filter(group.name), entry_decoder.decode
         while scanned < scan_cap and len(seqs) < limit:
             records = self.journal.read(after, min(max(2 * limit, 1000), scan_cap - scanned))
             if not records:
                 break
             saw_any = True
             for seq, body in records:
-                entry = entry_decoder.decode(body)
+                entry = decode(body)
                 upto = seq
-                if entry.khash % partitions == p and self.in_group(entry, group.name):
+                if entry.khash % partitions == p and in_group(entry):
                     seqs.append(seq)
                     events.append(entry.event)
                     if len(seqs) >= limit:
@@ -382,10 +392,11 @@ class Router:
         if floor >= self.journal.last_seq:
             return 0
         count = 0
+        in_group = self.group_filter(group.name)
         records = self.journal.read(floor, LAG_SCAN_LIMIT)
         for seq, body in records:
             entry = entry_decoder.decode(body)
-            if seq > group.cursors[entry.khash % group.partitions] and self.in_group(entry, group.name):
+            if seq > group.cursors[entry.khash % group.partitions] and in_group(entry):
                 count += 1
         if records and records[-1][0] < self.journal.last_seq:
             return f">={count}"
