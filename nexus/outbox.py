@@ -3,6 +3,13 @@ unacked events, producer sequence numbers, resends and NACKs.
 
 Shared by the sync `Producer` (socket in a background thread) and the asyncio
 `AsyncProducer`, so both behave exactly alike.
+
+Threads (sync `Producer`): callers only `add` (serialized by the producer's lock) and read
+`in_flight`/`has_room`/`idle`; everything else runs on the I/O thread. `pending` is a deque
+(append and popleft are atomic in CPython) and the in-flight count is `added - settled`,
+two counters with one writer each, so the I/O thread takes events and counts them out
+without the caller's lock. A stale `settled` only makes the window look fuller: the window
+is never exceeded.
 """
 from __future__ import annotations
 
@@ -40,18 +47,22 @@ class Outbox:
         self.retry_later: list[tuple[float, str, bytes]] = []   # rate limited: (when, id, data)
         self.resends = 0
         self.sent_events = 0
+        self.added = 0         # events ever added: written by callers only
+        self.settled = 0       # events that left: sent (fire), acked or failed (confirm); I/O side only
 
     # -- caller side ------------------------------------------------------------
     def add(self, event_id: str, data: bytes) -> None:
+        self.added += 1        # counted before it is visible: never counted out first
         self.pending.append((event_id, data))
 
     def in_flight(self) -> int:
-        return len(self.pending) + len(self.unacked) + len(self.retry_later)
+        """Pending, unacked and waiting for a rate-limit retry."""
+        return self.added - self.settled
 
     def has_room(self) -> bool:
         # fire mode too: a producer faster than the router blocks in send() instead of
         # piling events up in memory (its own, or the router's)
-        return self.in_flight() < self.window
+        return self.added - self.settled < self.window
 
     def idle(self) -> bool:
         return self.in_flight() == 0
@@ -80,6 +91,7 @@ class Outbox:
         self.sent_events += len(events)
         if self.confirm:
             return encoder.encode(ProducerBatch(events, self.producer_id, first, self.unacked[0].pseq))
+        self.settled += len(events)     # fire mode: handed to the socket is done
         return encoder.encode(ProducerBatch(events))
 
     def resend_batches(self, now: float) -> list[bytes]:
@@ -112,20 +124,23 @@ class Outbox:
             # what is unacked with that reason instead of resending it forever
             for u in self.unacked:
                 self.errors.append(RejectedError(u.event_id, reply.error))
+            self.settled += len(self.unacked)
             self.unacked.clear()
             return
-        nacks = {n.seq: n for n in reply.nacks}
+        nacks = {n.seq: n for n in reply.nacks} if reply.nacks else None
+        settled = 0
         while self.unacked and self.unacked[0].pseq <= reply.ack:
             u = self.unacked.popleft()
-            nack = nacks.get(u.pseq)
-            if nack is None:
-                continue
-            if nack.retry_after > 0:
-                # rate limited: not an error; send it again (as a new sequence) when
-                # the router says this event's turn comes
+            nack = nacks.get(u.pseq) if nacks else None
+            if nack is not None and nack.retry_after > 0:
+                # rate limited: not an error and still in flight; send it again (as a new
+                # sequence) when the router says this event's turn comes
                 self.retry_later.append((now + nack.retry_after, u.event_id, u.data))
-            else:
+                continue
+            if nack is not None:
                 self.errors.append(RejectedError(u.event_id, nack.reason))
+            settled += 1
+        self.settled += settled
 
     def _release_rate_limited(self, now: float) -> None:
         if not self.retry_later:

@@ -5,7 +5,8 @@
         p.flush(5)          # confirm mode: returns when the router journaled everything
 
 Confirm mode (default) talks DEALER to the router's `confirm` endpoint and keeps a
-window of unacked events, resending on timeout; fire mode PUSHes to `ingest`.
+window of unacked events, resending on timeout; fire mode PUSHes to `ingest`, and its
+close() waits (within its timeout) until ZeroMQ handed every queued message to the router.
 """
 from __future__ import annotations
 
@@ -22,8 +23,8 @@ import zmq.asyncio
 
 from . import transport
 from .errors import EventError, NexusError, PeerError, RejectedError
-from .events import TYPE_RE, Contracts, Event, encode, new_id
-from .outbox import Outbox
+from .events import TYPE_RE, Contracts, Event, new_id
+from .outbox import MAX_BATCH_EVENTS, Outbox
 from .wire import reply_decoder
 
 DEFAULT_WINDOW = 20_000
@@ -41,20 +42,27 @@ class _EventMaker:
         # validates against contracts imported in this process; types without one
         # go as they are and the router decides (it has the configured contracts)
         self.contracts = Contracts()
+        # type names that passed TYPE_RE (the regex was the costliest check per event);
+        # bounded, so a caller inventing type names cannot grow it without limit
+        self._good_types: set[str] = set()
+        self._encode = msgspec.msgpack.Encoder().encode
 
     def make(self, type_: str, payload: Any, key: str | None, priority: int,
              correlation_id: str | None, v: int, event_id: str | None) -> tuple[str, bytes]:
-        if not TYPE_RE.match(type_):
-            raise EventError(f"event type {type_!r} is not dotted lowercase, e.g. 'file.created'")
+        if type_ not in self._good_types:
+            if not TYPE_RE.match(type_):
+                raise EventError(f"event type {type_!r} is not dotted lowercase, e.g. 'file.created'")
+            if len(self._good_types) < 10_000:
+                self._good_types.add(type_)
         if not 1 <= priority <= 10:
             raise EventError(f"priority must be 1..10, got {priority}")
+        # looked up every time: a contract module imported later still applies
         if self.contracts.struct_for(type_, v) is not None:
             payload = self.contracts.convert(type_, v, payload)
         event_id = event_id or new_id()
-        event = Event(type=type_, source=self.source, payload=payload, id=event_id, time=time.time(),
-                      key=key, priority=priority, correlation_id=correlation_id, v=v)
+        event = Event(type_, self.source, payload, event_id, time.time(), key, priority, correlation_id, v)
         try:
-            data = encode(event)
+            data = self._encode(event)
         except (TypeError, msgspec.EncodeError) as exc:
             raise EventError(f"payload of {type_} cannot be encoded: {exc}") from None
         if len(data) > self.max_event_bytes:
@@ -71,6 +79,18 @@ def _raise_errors(errors: list[RejectedError]) -> None:
     raise first
 
 
+# Adaptive batching. Under sustained load the I/O thread naps after sending a batch, so the
+# next batch grows instead of the thread waking (and sending a message) for every event;
+# without it the two threads ping-pong the GIL one event at a time. It naps only while the
+# rate measured over the last RATE_WINDOW is high; otherwise it waits for a wake-up, so
+# an event sent to an idle producer goes out at once.
+NAP_MS = 1                   # the nap (zmq poll resolution); an event waits at most this long
+NAP_MIN_RATE = 30_000.0      # events/s: nap only at or above this rate (about 30 per nap)
+RATE_WINDOW = 0.002          # seconds over which the rate is measured
+NAP_WAKE_AT = MAX_BATCH_EVENTS // 2   # pending events that end a nap early
+LINGER_MIN = 0.01            # seconds; see Producer._io
+
+
 class Producer:
     """Thread-safe producer; a background thread owns the socket and batches."""
 
@@ -81,16 +101,27 @@ class Producer:
         self.confirm = confirm
         self._maker = _EventMaker(source, max_event_bytes)
         self._outbox = Outbox(uuid.uuid4().hex, confirm, window, ack_timeout)
-        self._cond = threading.Condition()
-        self._ctx = zmq.Context.instance()
+        # send() takes only this plain lock (cheap); waiting for room or for flush uses
+        # the condition on it, and the I/O thread notifies only when someone waits
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._waiting = 0
+        # our own context: close() terminates it, which is what makes ZeroMQ deliver what
+        # it still queues (fire mode) before close() returns, or tell us it could not
+        self._ctx = zmq.Context()
         wake = f"inproc://nexus-producer-wake-{next(_wake_ids)}"
         self._wake_r = self._ctx.socket(zmq.PAIR)
         self._wake_r.bind(wake)
         self._wake_w = self._ctx.socket(zmq.PAIR)
         self._wake_w.connect(wake)
+        # False: the I/O thread waits for a wake-up message (the next send() sends one);
+        # True: one is on its way, or the thread is busy or napping
         self._signaled = False
         self._closing = False
         self._closed = False
+        self._close_deadline = 0.0  # monotonic; the fire-mode socket lingers until then
+        self._sock_closed_at = 0.0
+        self._linger = 0.0
         self._failure: BaseException | None = None
         self._thread = threading.Thread(target=self._io, name="nexus-producer", daemon=True)
         self._thread.start()
@@ -99,44 +130,73 @@ class Producer:
     def send(self, type: str, payload: Any, *, key: str | None = None, priority: int = 5,
              correlation_id: str | None = None, v: int = 1, id: str | None = None) -> str:
         event_id, data = self._maker.make(type, payload, key, priority, correlation_id, v, id)
-        with self._cond:
+        outbox = self._outbox
+        with self._lock:
+            if self._closing or self._failure is not None or not outbox.has_room():
+                self._wait_for_room()
+            outbox.add(event_id, data)
+            if not self._signaled or len(outbox.pending) == NAP_WAKE_AT:
+                self._signaled = True
+                self._wake_w.send(b"")
+        return event_id
+
+    def _wait_for_room(self) -> None:
+        """With the lock held: block until the window has room; raise if closed or failed."""
+        self._check_open()
+        self._wake_w.send(b"")      # the I/O thread may be napping: the window is full
+        self._waiting += 1
+        try:
             while not self._outbox.has_room():
                 self._check_open()
                 self._cond.wait(0.1)
             self._check_open()
-            self._outbox.add(event_id, data)
-            if not self._signaled:
-                self._signaled = True
-                self._wake_w.send(b"")
-        return event_id
+        finally:
+            self._waiting -= 1
 
     def flush(self, timeout: float = 10.0) -> None:
         """Wait until every event is sent (fire) or ACKed (confirm); raise NACKs."""
         deadline = time.monotonic() + timeout
         with self._cond:
-            while not self._outbox.idle():
-                if self._failure is not None:
-                    raise PeerError(f"producer I/O failed: {self._failure}")
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise PeerError(f"router at {self.endpoint} did not confirm "
-                                    f"{self._outbox.in_flight()} events within {timeout:g}s")
-                self._cond.wait(min(left, 0.1))
+            if not self._outbox.idle() and not self._closed:
+                self._wake_w.send(b"")      # the I/O thread may be napping
+            self._waiting += 1
+            try:
+                while not self._outbox.idle():
+                    if self._failure is not None:
+                        raise PeerError(f"producer I/O failed: {self._failure}")
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise PeerError(f"router at {self.endpoint} did not confirm "
+                                        f"{self._outbox.in_flight()} events within {timeout:g}s")
+                    self._cond.wait(min(left, 0.1))
+            finally:
+                self._waiting -= 1
             errors = self._outbox.take_errors()
         _raise_errors(errors)
 
     def close(self, timeout: float = 10.0) -> None:
+        """Flush, then stop. Fire mode: also wait (within `timeout`) until ZeroMQ handed
+        every queued message to the router; raise PeerError if it could not."""
         if self._closed:
             return
+        self._close_deadline = time.monotonic() + timeout
         try:
             self.flush(timeout)
         finally:
-            with self._cond:
+            with self._lock:
                 self._closing = True
                 self._wake_w.send(b"")
             self._thread.join(timeout=5)
-            self._wake_w.close(0)
-            self._closed = True
+            with self._lock:
+                self._closed = True
+                self._wake_w.close(0)
+            # blocks until the sockets are closed (a still blocked I/O thread gets ETERM and
+            # closes its socket) and the fire-mode socket delivered its queue or lingered out
+            self._ctx.term()
+        # term() returning only when the linger ran out means ZeroMQ still held messages
+        if self._sock_closed_at and time.monotonic() - self._sock_closed_at >= self._linger - 0.001:
+            raise PeerError(f"fire mode: events still queued for the router at {self.endpoint} when "
+                            f"close's {timeout:g}s ran out were dropped (router down or backed up)")
 
     @property
     def stats(self) -> dict:
@@ -164,29 +224,46 @@ class Producer:
     # -- I/O thread --------------------------------------------------------------------
     def _io(self) -> None:
         kind = zmq.DEALER if self.confirm else zmq.PUSH
-        sock = transport.connect(self._ctx, kind, self.endpoint, linger_ms=2000)
+        sock = transport.connect(self._ctx, kind, self.endpoint, linger_ms=0)
         poller = zmq.Poller()
         poller.register(self._wake_r, zmq.POLLIN)
         if self.confirm:
             poller.register(sock, zmq.POLLIN)
         outbox, cond = self._outbox, self._cond
+        rate_start, rate_count, busy = 0.0, 0, False
         try:
             while True:
+                # re-armed before taking: an event added after this point either is taken
+                # below or its sender sends a wake-up
+                self._signaled = False
+                closing = self._closing
                 now = time.monotonic()
-                with cond:
-                    self._signaled = False
-                    messages = outbox.resend_batches(now)
-                    while (batch := outbox.next_batch(now)) is not None:
-                        messages.append(batch)
-                    if not self.confirm and messages:
-                        cond.notify_all()
-                    closing = self._closing
-                    wait = outbox.next_deadline(now)
+                messages = outbox.resend_batches(now)
+                before = outbox.sent_events
+                while (batch := outbox.next_batch(now)) is not None:
+                    messages.append(batch)
                 for message in messages:
                     sock.send(message)
+                if messages and not self.confirm and self._waiting:
+                    with cond:          # fire mode: sent is settled; room for blocked senders
+                        cond.notify_all()
                 if closing:
                     return
-                events = dict(poller.poll(max(1, int(wait * 1000)) if not messages else 0))
+                taken = outbox.sent_events - before
+                rate_count += taken
+                if now - rate_start >= RATE_WINDOW:
+                    busy = rate_count >= NAP_MIN_RATE * (now - rate_start)
+                    rate_start, rate_count = now, 0
+                if taken and busy:
+                    # sustained load: stay "signaled" so senders leave us alone for NAP_MS
+                    # (unless NAP_WAKE_AT events pile up or the window is full)
+                    self._signaled = True
+                    timeout = NAP_MS
+                elif messages:
+                    timeout = 0         # look again at once: more may have come meanwhile
+                else:
+                    timeout = max(1, int(outbox.next_deadline(time.monotonic()) * 1000))
+                events = dict(poller.poll(timeout))
                 if self._wake_r in events:
                     while self._wake_r.poll(0):
                         self._wake_r.recv()
@@ -207,7 +284,16 @@ class Producer:
                 self._failure = exc
                 cond.notify_all()
         finally:
-            sock.close(linger=2000 if not self.confirm else 0)
+            if not self.confirm and self._closing:
+                # fire mode: what ZeroMQ still queues goes out while close() terminates the
+                # context, until the close deadline (at least LINGER_MIN, so that close() can
+                # tell "delivered" from "lingered out"); confirm mode needs no linger: flush
+                # already saw every event ACKed
+                self._linger = max(LINGER_MIN, self._close_deadline - time.monotonic())
+                self._sock_closed_at = time.monotonic()
+                sock.close(linger=int(self._linger * 1000))
+            else:
+                sock.close(linger=0)
             self._wake_r.close(0)
 
 
@@ -221,7 +307,7 @@ class AsyncProducer:
         self.confirm = confirm
         self._maker = _EventMaker(source, max_event_bytes)
         self._outbox = Outbox(uuid.uuid4().hex, confirm, window, ack_timeout)
-        self._ctx = zmq.asyncio.Context.instance()
+        self._ctx = zmq.asyncio.Context()     # our own: see Producer (close() terminates it)
         self._sock: zmq.asyncio.Socket | None = None
         self._wake = asyncio.Event()
         self._changed = asyncio.Event()
@@ -231,7 +317,7 @@ class AsyncProducer:
     def _start(self) -> None:
         if self._sock is None:
             kind = zmq.DEALER if self.confirm else zmq.PUSH
-            self._sock = transport.connect(self._ctx, kind, self.endpoint, linger_ms=2000)
+            self._sock = transport.connect(self._ctx, kind, self.endpoint, linger_ms=0)
             self._tasks.append(asyncio.ensure_future(self._sender()))
             if self.confirm:
                 self._tasks.append(asyncio.ensure_future(self._receiver()))
@@ -266,8 +352,12 @@ class AsyncProducer:
         _raise_errors(self._outbox.take_errors())
 
     async def close(self, timeout: float = 10.0) -> None:
+        """As `Producer.close`: fire mode waits (within `timeout`) until ZeroMQ handed every
+        queued message to the router and raises PeerError if it could not."""
         if self._closed:
             return
+        deadline = time.monotonic() + timeout
+        linger, closed_at = 0.0, 0.0
         try:
             if self._sock is not None:
                 await self.flush(timeout)
@@ -277,7 +367,15 @@ class AsyncProducer:
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
             if self._sock is not None:
-                self._sock.close(linger=2000 if not self.confirm else 0)
+                if not self.confirm:
+                    linger = max(LINGER_MIN, deadline - time.monotonic())
+                    closed_at = time.monotonic()
+                self._sock.close(linger=int(linger * 1000))
+            # in a thread: term() blocks until the queue is delivered or the linger ran out
+            await asyncio.to_thread(self._ctx.term)
+        if closed_at and time.monotonic() - closed_at >= linger - 0.001:
+            raise PeerError(f"fire mode: events still queued for the router at {self.endpoint} when "
+                            f"close's {timeout:g}s ran out were dropped (router down or backed up)")
 
     async def __aenter__(self) -> "AsyncProducer":
         return self

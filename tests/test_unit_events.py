@@ -1,7 +1,9 @@
 """Unit tests for nexus/events.py and the built-in contracts in nexus/contracts.py."""
 from __future__ import annotations
 
+import os
 import re
+import time
 import types
 import uuid
 from typing import Annotated
@@ -51,6 +53,124 @@ def test_new_id_unique_and_sorted_over_100k():
     ids = [new_id() for _ in range(100_000)]
     assert len(set(ids)) == len(ids)
     assert ids == sorted(ids)
+
+
+def test_new_id_unique_and_sorted_per_thread_across_threads():
+    import threading
+
+    per_thread: list[list[str]] = [[] for _ in range(4)]
+    start = threading.Barrier(4)
+
+    def make(out: list[str]) -> None:
+        start.wait(10)
+        for _ in range(50_000):
+            out.append(new_id())
+
+    threads = [threading.Thread(target=make, args=(out,)) for out in per_thread]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+        assert not t.is_alive()
+    every = [i for out in per_thread for i in out]
+    assert len(set(every)) == len(every) == 200_000
+    for out in per_thread:
+        assert out == sorted(out)
+    assert all(UUID_RE.match(i) for i in every[::997])
+
+
+class FrozenClock:
+    """Stands in for the `time` module of nexus.events: time_ns() returns `ns`."""
+
+    def __init__(self, ms: int):
+        self.ns = ms * 1_000_000
+
+    def time_ns(self) -> int:
+        return self.ns
+
+
+@pytest.fixture
+def frozen_clock(monkeypatch):
+    """Freeze new_id's clock at a given ms, starting from a fresh id block; the real block
+    comes back afterwards, so no faked (future) stamp leaks into later ids."""
+    import itertools
+
+    import nexus.events as events
+
+    def freeze(ms: int) -> FrozenClock:
+        clock = FrozenClock(ms)
+        monkeypatch.setattr(events, "time", clock)
+        monkeypatch.setattr(events, "_id_block", (0, "", itertools.count(events._COUNTER_MAX + 1)))
+        return clock
+    return freeze
+
+
+def test_new_id_counter_overflow_borrows_the_next_millisecond(frozen_clock):
+    ms = 1_900_000_000_000
+    frozen_clock(ms)
+    ids = [new_id() for _ in range(3 * 65_536 + 10)]    # more than one millisecond's counter
+    assert len(set(ids)) == len(ids)
+    assert ids == sorted(ids)
+    stamps = [int(i.replace("-", "")[:12], 16) for i in ids]
+    assert stamps[0] == ms and stamps[-1] == ms + 3
+    assert all(UUID_RE.match(i) and uuid.UUID(i).version == 7 for i in ids[65_530:65_540])
+
+
+def test_new_id_sorts_when_the_clock_steps_back(frozen_clock):
+    clock = frozen_clock(1_900_000_001_000)
+    ids = [new_id()]
+    clock.ns -= 5_000_000_000                  # NTP step: 5 s back
+    ids += [new_id() for _ in range(10)]
+    clock.ns += 6_000_000_000                  # past the last stamp again
+    ids += [new_id() for _ in range(10)]
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)
+
+
+def test_new_id_draws_fresh_randomness_every_millisecond(frozen_clock):
+    clock = frozen_clock(1_900_000_002_000)
+    random_parts = set()
+    for _ in range(1000):
+        clock.ns += 1_000_000
+        h = new_id().replace("-", "")
+        random_parts.add(h[13:16] + h[17:28])  # rand_a and rand_b without variant and counter
+    assert len(random_parts) == 1000           # 58 random bits: a repeat would be a bug
+
+
+def test_new_id_follows_the_real_clock_again_after_a_frozen_one():
+    test_new_id_time_prefix_is_current_millis()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_new_id_forked_child_does_not_repeat_the_parents_ids():
+    import select
+
+    parent_before = [new_id() for _ in range(1000)]
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:                               # child: ids right after the fork, then exit
+        try:
+            os.write(w, "\n".join(new_id() for _ in range(1000)).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    parent_after = [new_id() for _ in range(1000)]
+    data = b""
+    deadline = time.monotonic() + 30
+    while True:
+        left = deadline - time.monotonic()
+        assert left > 0, "child did not answer"
+        if select.select([r], [], [], left)[0]:
+            chunk = os.read(r, 65536)
+            if not chunk:
+                break
+            data += chunk
+    os.close(r)
+    assert os.waitpid(pid, 0)[1] == 0
+    child = data.decode().split("\n")
+    assert len(child) == 1000 and all(UUID_RE.match(i) for i in child)
+    assert child == sorted(child)
+    assert child[0] > parent_before[-1]        # the child's ids still sort after what it inherited
+    assert not set(child) & set(parent_before + parent_after)
 
 
 # -- contract() registration -----------------------------------------------------------

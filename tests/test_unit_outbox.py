@@ -242,3 +242,42 @@ def test_a_refused_message_fails_the_unacked_events_instead_of_resending_forever
     errors = box.take_errors()
     assert [e.event_id for e in errors] == ["e1", "e2"] and "max_batch" in errors[0].reason
     assert box.idle() and box.resend_batches(10.0) == []
+
+
+# -- the in-flight count -------------------------------------------------------------------
+@pytest.mark.parametrize("confirm", [True, False])
+def test_in_flight_count_matches_the_queues_through_every_path(confirm):
+    """in_flight() is kept as two counters (so the producer's I/O thread needs no lock); it
+    must always equal pending + unacked + waiting for a retry, whatever happens."""
+    import random
+    rnd = random.Random(7)
+    ob = Outbox("p", confirm=confirm, window=10_000, ack_timeout=1.0)
+    now = 0.0
+    for step in range(3000):
+        op = rnd.random()
+        if op < 0.45:
+            for _ in range(rnd.randint(1, 30)):
+                ob.add(f"e{step}", data(step))
+        elif op < 0.65:
+            ob.next_batch(now)
+        elif op < 0.85 and ob.unacked:
+            last = ob.unacked[-1].pseq
+            ack = rnd.randint(ob.unacked[0].pseq - 1, last)
+            nacks = [Nack(u.pseq, "rate_limited: x" if rnd.random() < 0.5 else "contract: x",
+                          retry_after=rnd.choice([0.0, 0.5])) for u in ob.unacked if u.pseq <= ack and rnd.random() < 0.2]
+            ob.on_reply(reply(ack, *nacks), now)
+        elif op < 0.88 and ob.unacked:
+            ob.on_reply(reply(0, error="refused"), now)
+        elif op < 0.95:
+            ob.resend_batches(now)
+        else:
+            now += rnd.choice([0.1, 0.6, 1.5])
+        assert ob.in_flight() == len(ob.pending) + len(ob.unacked) + len(ob.retry_later), step
+        assert ob.idle() == (ob.in_flight() == 0)
+    # and it drains to zero
+    for _ in range(100):
+        now += 1.0
+        drain(ob, now)
+        if ob.unacked:
+            ob.on_reply(reply(ob.unacked[-1].pseq), now)
+    assert ob.idle() and ob.in_flight() == 0
