@@ -89,6 +89,15 @@ NAP_MIN_RATE = 30_000.0      # events/s: nap only at or above this rate (about 3
 RATE_WINDOW = 0.002          # seconds over which the rate is measured
 NAP_WAKE_AT = MAX_BATCH_EVENTS // 2   # pending events that end a nap early
 LINGER_MIN = 0.01            # seconds; see Producer._io
+# Fire mode: batches ZeroMQ may queue for the router. Events handed to the socket leave
+# the window, so this (not the window) bounds them: at most FIRE_HWM * MAX_BATCH_EVENTS;
+# beyond it the I/O thread blocks, the window fills and send() blocks. Confirm mode is
+# bounded by its window of unacked events.
+FIRE_HWM = 100
+
+
+def _socket_hwm(confirm: bool) -> int:
+    return transport.DEFAULT_HWM if confirm else FIRE_HWM
 
 
 class Producer:
@@ -224,7 +233,7 @@ class Producer:
     # -- I/O thread --------------------------------------------------------------------
     def _io(self) -> None:
         kind = zmq.DEALER if self.confirm else zmq.PUSH
-        sock = transport.connect(self._ctx, kind, self.endpoint, linger_ms=0)
+        sock = transport.connect(self._ctx, kind, self.endpoint, linger_ms=0, hwm=_socket_hwm(self.confirm))
         poller = zmq.Poller()
         poller.register(self._wake_r, zmq.POLLIN)
         if self.confirm:
@@ -317,7 +326,8 @@ class AsyncProducer:
     def _start(self) -> None:
         if self._sock is None:
             kind = zmq.DEALER if self.confirm else zmq.PUSH
-            self._sock = transport.connect(self._ctx, kind, self.endpoint, linger_ms=0)
+            self._sock = transport.connect(self._ctx, kind, self.endpoint, linger_ms=0,
+                                           hwm=_socket_hwm(self.confirm))
             self._tasks.append(asyncio.ensure_future(self._sender()))
             if self.confirm:
                 self._tasks.append(asyncio.ensure_future(self._receiver()))

@@ -36,7 +36,8 @@ ADMIN_REQUESTS = (StatusRequest, ReplayRequest, DlqRequest, ReloadRequest)
 log = structlog.get_logger("nexus.router")
 
 MAINTENANCE_EVERY = 0.1
-INGEST_HWM = 1_000           # fire-mode batches queued in the router; beyond it PUSH blocks the producer
+INGEST_HWM = 100             # fire-mode batches (up to 1,000 events each) queued per producer
+                             # in the router; beyond it PUSH blocks the producer
 LAG_SCAN_LIMIT = 20_000       # status runs in the router loop: scan at most ~20 ms, then report '>=n'
 
 

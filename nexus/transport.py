@@ -15,6 +15,7 @@ MAX_MESSAGE_BYTES = 64 * 2**20     # one producer batch / one fetch reply, at mo
 PUBLISH_HWM = 10_000               # deliveries (batches) queued per subscriber before ZMQ drops;
                                    # a member that falls behind catches up from the journal
 LINGER_MS = 1000                   # time to flush on close, then give up
+DEFAULT_HWM = 100_000              # messages queued per peer before send blocks or drops
 
 S = TypeVar("S", bound=zmq.Socket)
 
@@ -34,7 +35,7 @@ def _common(sock: zmq.Socket, linger_ms: int) -> None:
 
 
 def bind(ctx: zmq.Context, kind: int, endpoint: str, *, max_message: int = MAX_MESSAGE_BYTES,
-         hwm: int = 100_000, linger_ms: int = LINGER_MS) -> zmq.Socket:
+         hwm: int = DEFAULT_HWM, linger_ms: int = LINGER_MS) -> zmq.Socket:
     """A socket the router or launcher owns. Raises zmq.ZMQError if the address is taken."""
     sock = ctx.socket(kind)
     _common(sock, linger_ms)
@@ -52,7 +53,7 @@ def bind(ctx: zmq.Context, kind: int, endpoint: str, *, max_message: int = MAX_M
     return sock
 
 
-def connect(ctx: zmq.Context, kind: int, endpoint: str, *, hwm: int = 100_000,
+def connect(ctx: zmq.Context, kind: int, endpoint: str, *, hwm: int = DEFAULT_HWM,
             identity: bytes | None = None, linger_ms: int = LINGER_MS,
             max_message: int = MAX_MESSAGE_BYTES) -> zmq.Socket:
     """A socket a producer, member or CLI uses to reach a bound endpoint."""
