@@ -45,7 +45,8 @@ def test_delivery_encode(benchmark, raw_events):
 
 
 def test_delivery_decode(benchmark, raw_events):
-    """Member SUB reader: one Delivery of BATCH events (events stay raw)."""
+    """One Delivery of BATCH events, events left raw (`nexus tail`; the member decodes the
+    events with it: bench/test_micro_member.py)."""
     data = encoder.encode(Delivery(0, list(range(1, BATCH + 1)), [msgspec.Raw(r) for r in raw_events]))
     benchmark(delivery_decoder.decode, data)
     per_event(benchmark, BATCH)
@@ -71,39 +72,34 @@ def member(bench_config):
 
 
 def test_member_dispatch_batch(benchmark, member):
-    """Member: one live Delivery of BATCH events through _enqueue and the sync dispatch loop
-    (the body of Member._dispatcher without the event loop), into the no-op Counter handler.
-    Every round uses fresh event ids, so the member's dedup window does not drop them."""
+    """Member: one live Delivery of BATCH events through _apply (decoded with its events)
+    and the sync dispatch loop (the body of Member._dispatcher without the event loop),
+    into the no-op Counter handler. Every round uses fresh event ids, so the member's
+    dedup window does not drop them."""
     import heapq
     from nexus.events import encode
     from .conftest import make_event
     rounds = 60
-    batches = [[encode(make_event(r * BATCH + i)) for i in range(BATCH)] for r in range(rounds + 1)]
-    state = {"seq": 0, "round": 0}
+    frames = []
+    for r in range(rounds + 1):
+        raws = [msgspec.Raw(encode(make_event(r * BATCH + i))) for i in range(BATCH)]
+        frames.append(encoder.encode(Delivery(r * BATCH, list(range(r * BATCH + 1, (r + 1) * BATCH + 1)), raws)))
+    state = {"round": 0}
     handled_before = member.handled
 
     def run():
         st = member.streams.get(0)
         if st is None:
             st = member.streams[0] = PartitionStream(0, 0)
-        first = state["seq"] + 1
-        seqs = list(range(first, first + BATCH))
-        state["seq"] += BATCH
-        raws = batches[state["round"]]
+        member._apply(st, frames[state["round"]])
         state["round"] += 1
-        member._enqueue(st, seqs, raws, seqs[-1])
         ready = member.ready
-        recent = getattr(member, "recent", None)
         while ready:
             _, seq, p = heapq.heappop(ready)
             s = member.streams[p]
             if s.busy or s.waiting or s.revoked or not s.queue or s.queue[0][0] != seq:
                 continue
-            if recent is not None and s.queue[0][1].id in recent:
-                member._pop(s)
-                continue
-            s.busy = True
-            member._finish(s, member._run_sync(s))
+            member._run_stream(s, float("inf"))
     benchmark.pedantic(run, rounds=rounds, iterations=1, warmup_rounds=1)
     assert member.failed == 0 and member.handled - handled_before == state["round"] * BATCH
     per_event(benchmark, BATCH)

@@ -1,7 +1,7 @@
 """The member's dedup window (nexus.stream.RecentIds): one add per handled event.
 
-Measured in steady state, i.e. once the window is full and every add evicts the
-oldest id, next to two reference implementations of the same bounded FIFO set.
+Measured in steady state, i.e. once the window is full and adds evict old ids, next to
+two reference implementations of the same bounded FIFO set (one evicting per add).
 """
 from __future__ import annotations
 
@@ -16,6 +16,26 @@ from .conftest import per_event
 
 CAPACITY = 100_000          # WorkerGroupConfig.dedup_window default
 ADDS = 50_000               # per round
+
+
+class DequeRecent:
+    """Reference (the previous RecentIds): a set plus a FIFO deque, one eviction per add."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self._ids: set[str] = set()
+        self._order: collections.deque[str] = collections.deque()
+
+    def __contains__(self, event_id: str) -> bool:
+        return event_id in self._ids
+
+    def add(self, event_id: str) -> None:
+        if event_id in self._ids:
+            return
+        self._ids.add(event_id)
+        self._order.append(event_id)
+        if len(self._order) > self.capacity:
+            self._ids.discard(self._order.popleft())
 
 
 class OrderedRecent:
@@ -34,8 +54,8 @@ class OrderedRecent:
             self._ids.popitem(last=False)
 
 
-@pytest.mark.parametrize("impl", [RecentIds, OrderedRecent],
-                         ids=["nexus.RecentIds (set+deque)", "ref-OrderedDict"])
+@pytest.mark.parametrize("impl", [RecentIds, DequeRecent, OrderedRecent],
+                         ids=["nexus.RecentIds (set, generations)", "ref-set+deque", "ref-OrderedDict"])
 def test_dedup_add_steady_state(benchmark, impl):
     """ADDS adds (+ a membership check each, as the dispatcher does) on a full window."""
     recent = impl(CAPACITY)

@@ -152,7 +152,7 @@ def _replay_dead_letters(router: "Router", msg: DlqRequest) -> dict:
             khash = key_hash(ev.key if ev.key is not None else ev.source)
             acc.types.append(ev.type)
             acc.khashes.append(khash)
-            acc.events.append(raw)
+            acc.events.append(msgspec.Raw(raw))
             acc.bodies.append(entry_encoder.encode(Entry(ev.type, khash, "", 0, msgspec.Raw(raw), now, group)))
         first = router._commit([acc], only_group=group)
         store.mark_replayed([row["id"] for row, _ in items])

@@ -2,6 +2,14 @@
 per partition, retries with backoff, the circuit breaker, dead letters.
 
 A mixin of `Member` (nexus/worker.py), which owns the streams and the sockets.
+
+Ready partitions wait in a heap ordered by (priority, seq) of their head event. With a
+sync handler the partition taken from the heap keeps the turn (`_run_stream`): for as
+long as no other ready partition has a better priority, and for up to TURN_MAX events
+while one of the same priority has an older head; then it goes back on the heap. So a
+busy partition costs no heap push and pop per event, priority across partitions and
+order within a partition are as with the heap alone, and among equal priorities the
+oldest head still comes first, TURN_MAX events later at most.
 """
 from __future__ import annotations
 
@@ -10,15 +18,20 @@ import heapq
 import random
 import time
 import traceback
+from typing import Any, Callable
 
 import msgspec
 
 from .breaker import CLOSED
 from .context import Context
 from .errors import DependencyError, PermanentError
-from .events import Event, encode
+from .events import DECODE_ERRORS, Event, WireEvent, encode
 from .stream import PartitionStream
 from .wire import DeadLetter, encoder
+
+SLICE = 0.005               # seconds of sync handlers before the loop gets a turn (sockets, timers)
+TURN_MAX = 32               # events a partition runs on while another's head of equal priority is older
+MAX_PAYLOAD_DECODERS = 10_000   # (type, v) pairs whose payload decoder is cached
 
 
 class Dispatch:
@@ -31,36 +44,81 @@ class Dispatch:
     # -- dispatch -------------------------------------------------------------------
     async def _dispatcher(self) -> None:
         concurrency = self.spec.concurrency if self.is_async else 1
+        ready = self.ready
+        clock = time.perf_counter
         while True:
             await self._work.wait()
             self._work.clear()
-            slice_start = time.perf_counter()
-            while self.ready and self.active < concurrency:
+            deadline = clock() + SLICE
+            while ready and self.active < concurrency:
                 if self.breaker.state != CLOSED and not self._breaker_allows():
                     break
-                _, seq, p = heapq.heappop(self.ready)
+                _, seq, p = heapq.heappop(ready)
                 st = self.streams.get(p)
                 if st is None or st.busy or st.waiting or st.revoked or not st.queue or st.queue[0][0] != seq:
                     continue
-                w = st.queue[0][1]
-                if w.id in self.recent:
-                    # already handled here (a redelivery): skip it, it stays acked
-                    self.duplicates_dropped += 1
-                    self.log.debug("duplicate_dropped", event_id=w.id, seq=seq)
-                    self._pop(st)
-                    continue
-                st.busy = True
-                if self.is_async:
-                    self.active += 1
-                    asyncio.ensure_future(self._run_async(st))
-                else:
-                    self._finish(st, self._run_sync(st))
-                    if time.perf_counter() - slice_start > 0.005:
+                if not self.is_async:
+                    if self._run_stream(st, deadline):
                         # let the sockets and timers run between sync handlers
                         self._work.set()
                         await asyncio.sleep(0)
-                        slice_start = time.perf_counter()
+                        deadline = clock() + SLICE
+                    continue
+                w = st.queue[0][1]
+                if w.id in self.recent:
+                    self._drop_duplicate(st, seq, w)
+                    self._pop(st)
+                    continue
+                st.busy = True
+                self.active += 1
+                asyncio.ensure_future(self._run_async(st))
             self._refill()
+
+    def _run_stream(self, st: PartitionStream, deadline: float) -> bool:
+        """Sync handlers: handle `st`'s head event, then its next ones while it keeps the
+        turn (see the module doc). Returns True when the slice is used up (`st` is back
+        on the heap then)."""
+        queue, ready, recent, clock = st.queue, self.ready, self.recent, time.perf_counter
+        turn = 0
+        while True:
+            turn += 1
+            seq, w = queue[0]
+            if w.id in recent:
+                self._drop_duplicate(st, seq, w)
+            else:
+                st.busy = True
+                try:
+                    event, ctx = self._event_and_ctx(st, seq, w)
+                    self.handle(event, ctx)
+                    error = None
+                except Exception as exc:
+                    error = exc
+                if error is not None or self.breaker.state != CLOSED:
+                    self._finish(st, error)     # retries, the breaker, dead letters: the general path
+                    return clock() > deadline
+                st.busy = False
+                self.handled += 1
+                recent.add(w.id)
+            queue.popleft()
+            st.attempt = 1
+            self.queued -= 1
+            if not queue or st.revoked:
+                self._after_pop(st)
+                return clock() > deadline
+            if clock() > deadline:
+                self._ready(st)
+                return True
+            if ready:
+                top = ready[0]                   # (priority, seq, partition) of the best other head
+                seq, w = queue[0]
+                if top[0] < w.priority or (top[0] == w.priority and top[1] < seq and turn >= TURN_MAX):
+                    self._ready(st)              # another partition's event comes first
+                    return False
+
+    def _drop_duplicate(self, st: PartitionStream, seq: int, w: WireEvent) -> None:
+        # already handled here (a redelivery, or an id used again): skip it, it stays acked
+        self.duplicates_dropped += 1
+        self.log.debug("duplicate_dropped", event_id=w.id, seq=seq)
 
     def _breaker_allows(self) -> bool:
         before = self.breaker.state
@@ -86,26 +144,39 @@ class Dispatch:
         elif changed == "closed":
             self.log.warning("breaker_closed")
 
-    def _event_and_ctx(self, st: PartitionStream) -> tuple[Event, Context]:
-        seq, w = st.queue[0]
-        payload = self.contracts.decode_payload(w.type, w.v, w.payload)
-        event = Event(type=w.type, source=w.source, payload=payload, id=w.id, time=w.time, key=w.key,
-                      priority=w.priority, correlation_id=w.correlation_id, v=w.v)
-        ctx = Context(self.group, self.name, st.attempt, st.attempt > 1 or seq <= st.redelivered_upto,
-                      seq, st.partition, self.spec.options, self.log, self._emit, w.id, w.correlation_id)
-        return event, ctx
+    # -- the event and context a handler gets ------------------------------------------
+    def _payload_decoder(self, type_: str, v: int) -> Callable[[bytes], Any]:
+        """The payload decoder of (type, v), cached in `_payload_decoders`: the contract's
+        typed decoder, generic msgpack for an allowed untyped type, else one that raises
+        the EventError (as `Contracts.decode_payload` does, without its lookups per event)."""
+        cls = self.contracts.struct_for(type_, v)
+        if cls is not None:
+            decode = msgspec.msgpack.Decoder(cls).decode
+        elif self.contracts.is_untyped_allowed(type_):
+            decode = msgspec.msgpack.decode
+        else:
+            def decode(raw: bytes) -> Any:
+                return self.contracts.decode_payload(type_, v, raw)     # raises EventError
+        if len(self._payload_decoders) < MAX_PAYLOAD_DECODERS:
+            self._payload_decoders[(type_, v)] = decode
+        return decode
 
-    def _run_sync(self, st: PartitionStream) -> BaseException | None:
+    def _event_and_ctx(self, st: PartitionStream, seq: int, w: WireEvent) -> tuple[Event, Context]:
         try:
-            event, ctx = self._event_and_ctx(st)
-            self.handle(event, ctx)
-            return None
-        except Exception as exc:
-            return exc
+            decode = self._payload_decoders.get((w.type, w.v)) or self._payload_decoder(w.type, w.v)
+            payload = decode(w.payload)
+        except DECODE_ERRORS:
+            # the same decode again, for the EventError with its reason (handled as a failure)
+            payload = self.contracts.decode_payload(w.type, w.v, w.payload)
+        event = Event(w.type, w.source, payload, w.id, w.time, w.key, w.priority, w.correlation_id, w.v)
+        ctx = Context(self.group, self.name, st.attempt, st.attempt > 1 or seq <= st.redelivered_upto, seq,
+                      st.partition, self.spec.options, self.log, self._emit, w.id, w.correlation_id)
+        return event, ctx
 
     async def _run_async(self, st: PartitionStream) -> None:
         try:
-            event, ctx = self._event_and_ctx(st)
+            seq, w = st.queue[0]
+            event, ctx = self._event_and_ctx(st, seq, w)
             await self.handle(event, ctx)
             error = None
         except Exception as exc:
@@ -114,6 +185,7 @@ class Dispatch:
         self._finish(st, error)
         self._work.set()
 
+    # -- outcomes ---------------------------------------------------------------------
     def _finish(self, st: PartitionStream, error: BaseException | None) -> None:
         st.busy = False
         self._breaker_outcome(error)
@@ -160,9 +232,13 @@ class Dispatch:
         self._maybe_release(st)
 
     def _pop(self, st: PartitionStream) -> None:
+        """The head event is done (handled, dead-lettered or a duplicate): on to the next."""
         st.queue.popleft()
         st.attempt = 1
         self.queued -= 1
+        self._after_pop(st)
+
+    def _after_pop(self, st: PartitionStream) -> None:
         if st.revoked:
             self._maybe_release(st)
         else:

@@ -23,18 +23,45 @@ from . import transport
 from .config import Config, WorkerGroupConfig
 from .breaker import CircuitBreaker
 from .errors import ConfigError
-from .events import Contracts, decode_wire_event
+from .events import DECODE_ERRORS, Contracts, WireEvent, decode_wire_event
 from .heartbeat import HeartbeatThread
 from .producer import Producer
 from .dispatch import Dispatch
 from .handlers import load_handler
 from .stream import BUFFER_LIMIT, PartitionStream, RecentIds
 from .wire import (Ack, Assign, Delivery, Error, Fetch, Join, Leave, Pulse, Records, Released,
-                   coord_decoder, delivery_decoder, encoder, topic)
+                   coord_decoder, encoder, topic)
 
 ACK_EVERY = 0.05
+DRAIN_MAX = 64              # deliveries read per wakeup of the SUB reader before the loop gets a turn
 
 log = structlog.get_logger("nexus.worker")
+
+
+# -- what the member reads -------------------------------------------------------------
+# Deliveries and fetch replies are decoded with their events in one msgspec call (the
+# envelope typed, the payload kept raw until the handler needs it) instead of a call per
+# event. A live delivery that does not decode so is taken from the journal instead
+# (`_bad_delivery`); a fetch reply is decoded again event by event (`_decode_each`).
+
+class ReceivedDelivery(Delivery, frozen=True, array_like=True):
+    events: list[WireEvent]
+
+
+class DeliveryHead(msgspec.Struct, frozen=True, array_like=True):
+    """The first two fields of a Delivery (msgspec skips the rest of the array)."""
+
+    prev: int
+    seqs: list[int]
+
+
+class ReceivedRecords(Records, tag="records"):
+    events: list[WireEvent]
+
+
+received_delivery_decoder = msgspec.msgpack.Decoder(ReceivedDelivery)
+delivery_head_decoder = msgspec.msgpack.Decoder(DeliveryHead)
+received_coord_decoder = msgspec.msgpack.Decoder(Assign | ReceivedRecords | Error)
 
 
 class Member(Dispatch):
@@ -63,14 +90,18 @@ class Member(Dispatch):
         self._producer: Producer | None = None
         self._last_acks: dict[int, int] = {}
         self.recent = RecentIds(self.spec.dedup_window)    # ids handled lately: drop repeats
+        self._payload_decoders: dict = {}                   # (type, v) -> decoder, see Dispatch
         self.duplicates_dropped = 0
+        self.bad_deliveries = 0        # live deliveries that did not decode (fetched instead)
+        self.bad_events = 0            # undecodable journal events skipped (never from a sound router)
         b = self.spec.breaker
         self.breaker = CircuitBreaker(b.failures, b.window, b.reset)
 
     def stats(self) -> dict:
         """Counters for `nexus status` (read from the heartbeat thread)."""
         return {"handled": self.handled, "failed": self.failed, "dead_lettered": self.dead_lettered,
-                "duplicates_dropped": self.duplicates_dropped, "queued": self.queued,
+                "duplicates_dropped": self.duplicates_dropped, "bad_events": self.bad_events,
+                "bad_deliveries": self.bad_deliveries, "queued": self.queued,
                 "breaker": self.breaker.state}
 
     # -- lifecycle -------------------------------------------------------------
@@ -144,10 +175,13 @@ class Member(Dispatch):
         while True:
             raw = await self.coord.recv()
             try:
-                msg = coord_decoder.decode(raw)
-            except msgspec.MsgspecError:
-                self.log.error("bad_coord_message")
-                continue
+                msg = received_coord_decoder.decode(raw)
+            except DECODE_ERRORS:
+                try:
+                    msg = coord_decoder.decode(raw)         # events left raw: see _decode_each
+                except DECODE_ERRORS:
+                    self.log.error("bad_coord_message")
+                    continue
             if isinstance(msg, Assign):
                 self._on_assign(msg)
             elif isinstance(msg, Records):
@@ -248,52 +282,115 @@ class Member(Dispatch):
             self._fetch(st)
             return
         buffered, st.buffered = st.buffered, []
-        for d in buffered:
-            self._apply(st, d)
+        for frame in buffered:
+            self._apply(st, frame)
 
     async def _sub_reader(self) -> None:
-        prefix = len(self.group) + 1
+        # Once awake, read what is already queued through a plain (blocking-API) shadow of
+        # the socket: no future and no loop turn per message. pyzmq's asyncio recv looks
+        # at the socket's state before it waits, so nothing is missed by mixing the two.
+        sub = zmq.Socket.shadow(self.sub.underlying)
         while True:
-            frames = await self.sub.recv_multipart()
-            if len(frames) != 2:
-                continue
-            try:
-                p = int(frames[0][prefix:])
-                d = delivery_decoder.decode(frames[1])
-            except (ValueError, msgspec.MsgspecError):
-                continue
-            st = self.streams.get(p)
-            if st is None or st.revoked:
-                continue
-            if st.fetching:
-                if len(st.buffered) < BUFFER_LIMIT:
-                    st.buffered.append(d)
-                else:
-                    st.overflow = True
-                continue
-            self._apply(st, d)
+            self._on_delivery(await self.sub.recv_multipart())
+            for _ in range(DRAIN_MAX):
+                try:
+                    frames = sub.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                self._on_delivery(frames)
+            else:
+                await asyncio.sleep(0)        # let the handlers run; the rest is still queued
 
-    def _apply(self, st: PartitionStream, d: Delivery) -> None:
+    def _on_delivery(self, frames: list[bytes]) -> None:
+        if len(frames) != 2:
+            return
+        try:
+            p = int(frames[0][len(self.group) + 1:])
+        except ValueError:
+            return
+        st = self.streams.get(p)
+        if st is None or st.revoked:
+            return
+        if st.fetching:
+            # kept undecoded: applied after the fetch reply, or dropped unread (overflow)
+            if len(st.buffered) < BUFFER_LIMIT:
+                st.buffered.append(frames[1])
+            else:
+                st.overflow = True
+            return
+        self._apply(st, frames[1])
+
+    def _apply(self, st: PartitionStream, frame: bytes) -> None:
+        """Queue a live delivery's events, unless they are old, follow a gap (fetch it
+        first) or there is no room (fall behind: they wait in the journal)."""
+        full = self.queued >= self.spec.max_in_flight
+        # full, it will not be queued: read only prev and seqs (a quarter of a full decode)
+        d = self._decode_delivery(st, frame, delivery_head_decoder if full else received_delivery_decoder)
+        if d is not None and self._takes(st, d, frame):
+            self._enqueue(st, d.seqs, d.events, d.seqs[-1])
+
+    def _takes(self, st: PartitionStream, d: DeliveryHead | ReceivedDelivery, frame: bytes) -> bool:
         if d.seqs[-1] <= st.watermark:
-            return
+            return False
         if st.needs_fetch(d.prev):
-            st.buffered.append(d)
+            if len(st.buffered) < BUFFER_LIMIT:
+                st.buffered.append(frame)
+            else:
+                st.overflow = True    # the fetch reply is followed by another fetch instead
             self._fetch(st)
-            return
-        if self.queued + len(d.seqs) > self.spec.max_in_flight:
-            st.behind = True          # fall behind; catch up from the journal later
-            return
-        self._enqueue(st, d.seqs, d.events, d.seqs[-1])
+            return False
+        if self.queued >= self.spec.max_in_flight:
+            st.behind = True          # full: fall behind; catch up from the journal later
+            return False
+        # Room left: take the whole delivery, even if it overshoots max_in_flight (by less
+        # than one delivery, i.e. one router batch): dropping it would only make us fetch
+        # the same events from the journal later, a much dearer way in.
+        return True
 
-    def _enqueue(self, st: PartitionStream, seqs: list[int], raws: list, upto: int) -> None:
-        events = []
-        for raw in raws:
-            events.append(decode_wire_event(raw))
+    def _decode_delivery(self, st: PartitionStream, frame: bytes,
+                         decoder: msgspec.msgpack.Decoder) -> DeliveryHead | ReceivedDelivery | None:
+        try:
+            d = decoder.decode(frame)
+        except DECODE_ERRORS:
+            d = None
+        if d is None or not d.seqs or (isinstance(d, ReceivedDelivery) and len(d.seqs) != len(d.events)):
+            self._bad_delivery(st)
+            return None
+        return d
+
+    def _bad_delivery(self, st: PartitionStream) -> None:
+        """A live delivery we cannot read: take that part of the stream from the journal,
+        the truth, instead (the router validated and journaled every event it publishes)."""
+        self.bad_deliveries += 1
+        self.log.error("bad_delivery", partition=st.partition, after=st.watermark)
+        if st.fetching:
+            st.overflow = True        # fetch again once the outstanding reply is in
+        else:
+            self._fetch(st)
+
+    def _enqueue(self, st: PartitionStream, seqs: list[int], events: list, upto: int) -> None:
+        if events and type(events[0]) is not WireEvent:
+            seqs, events = self._decode_each(seqs, events)
         was_empty = not st.queue
         n = st.take(seqs, events, upto)
         self.queued += n
         if n and was_empty:
             self._ready(st)
+
+    def _decode_each(self, seqs: list[int], raws: list) -> tuple[list[int], list[WireEvent]]:
+        """The slow path for a fetch reply whose events did not all decode: keep the good
+        ones. This is the journal's copy, there is no better one: a bad event is logged
+        and skipped (it can never be handled), the stream moves on."""
+        good_seqs, events = [], []
+        for seq, raw in zip(seqs, raws):
+            try:
+                events.append(decode_wire_event(raw))
+            except DECODE_ERRORS as exc:
+                self.bad_events += 1
+                self.log.error("bad_event_skipped", seq=seq, error=str(exc))
+                continue
+            good_seqs.append(seq)
+        return good_seqs, events
 
     def _refill(self) -> None:
         """Partitions that fell behind fetch again once there is room."""
