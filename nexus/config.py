@@ -104,7 +104,7 @@ class RouterConfig(Strict):
     rate_limits: RateLimits = RateLimits()
     heartbeat_interval: Duration = Duration(1.0)
     heartbeat_misses: Positive = 3
-    fetch_limit: Positive = 2000            # records per catch-up reply
+    fetch_limit: Positive = 10_000          # records per catch-up reply (members ask for up to this)
 
 
 class RetryConfig(Strict):

@@ -268,7 +268,8 @@ class Member(Dispatch):
         st.fetching, st.behind = True, False
         st.fetch_after = st.watermark
         asyncio.ensure_future(self._send(Fetch(group=self.group, member=self.name, partition=st.partition,
-                                               after=st.watermark, limit=min(room, 2000))))
+                                               after=st.watermark,
+                                               limit=min(room, self.config.router.fetch_limit))))
 
     def _on_records(self, msg: Records) -> None:
         st = self.streams.get(msg.partition)
