@@ -12,7 +12,6 @@ log = structlog.get_logger("nexus.cursors")
 class CursorStore:
     def __init__(self, path: str):
         self.path = path
-        self._last: dict[str, list[int]] | None = None
 
     def load(self) -> dict[str, list[int]]:
         try:
@@ -23,11 +22,7 @@ class CursorStore:
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             log.error("cursor_file_unreadable", path=self.path, error=str(exc))
             return {}
-        self._last = {k: list(v) for k, v in data.items()}
         return data
-
-    def changed(self, snapshot: dict[str, list[int]]) -> bool:
-        return snapshot != self._last
 
     def save(self, snapshot: dict[str, list[int]]) -> None:
         tmp = f"{self.path}.tmp"
@@ -37,4 +32,3 @@ class CursorStore:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.path)
-        self._last = {k: list(v) for k, v in snapshot.items()}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from itertools import chain
 
 import structlog
 import zmq
@@ -20,7 +21,7 @@ from .cursors import CursorStore
 from .flusher import Flusher
 from .errors import ConfigError
 from .events import Contracts
-from .intake import Accepted, Intake
+from .intake import Accepted, Intake, Outcome
 from .journal import Journal, entry_decoder
 from .ratelimit import RateLimiter
 from .routing import RouteTable
@@ -212,9 +213,7 @@ class Router:
         if len(frames) != 1:
             self.intake.rejected["bad_batch"] += 1
             return
-        outcome = self.intake.take(frames[0], False, time.monotonic())
-        if outcome.accepted.bodies:
-            self._staged.append(outcome.accepted)
+        self._stage(self.intake.take(frames[0], False, time.monotonic()))
 
     def _on_confirm(self, frames: list[bytes]) -> None:
         identity = frames[0]
@@ -223,11 +222,15 @@ class Router:
             self._pending_replies.append((identity, encoder.encode(ProducerReply(
                 error="expected exactly one frame per message"))))
             return
-        outcome = self.intake.take(frames[1], True, time.monotonic())
-        if outcome.accepted.bodies:
-            self._staged.append(outcome.accepted)
+        outcome = self._stage(self.intake.take(frames[1], True, time.monotonic()))
         reply = ProducerReply(ack=outcome.ack, nacks=outcome.nacks, error=outcome.error)
         self._pending_replies.append((identity, encoder.encode(reply)))
+
+    def _stage(self, outcome: Outcome) -> Outcome:
+        """Hold accepted events for the commit at the end of this loop turn."""
+        if outcome.accepted.bodies:
+            self._staged.append(outcome.accepted)
+        return outcome
 
     def _commit_staged(self) -> None:
         if self._staged:
@@ -240,12 +243,7 @@ class Router:
         (fewer, larger messages: ZeroMQ's cost is per message)."""
         if only_group:
             self._commit_staged()    # keep journal order: staged events were accepted first
-        if len(accepted) == 1:
-            bodies = accepted[0].bodies
-        else:
-            bodies = []
-            for acc in accepted:
-                bodies += acc.bodies
+        bodies = list(chain.from_iterable(acc.bodies for acc in accepted))
         if not bodies:
             return self.journal.last_seq + 1
         first = self.journal.append(bodies)
@@ -273,7 +271,7 @@ class Router:
             send((topic(group, p), encoder.encode(Delivery(prev, seqs, events))), zmq.NOBLOCK)
         if self.tail_subscribers:
             seqs = list(range(first, seq))
-            events = [raw for acc in accepted for raw in acc.events]
+            events = list(chain.from_iterable(acc.events for acc in accepted))
             send((TAIL_TOPIC, encoder.encode(Delivery(0, seqs, events))), zmq.NOBLOCK)
         return first
 

@@ -90,6 +90,14 @@ class PartitionStream:
         self.buffered.clear()
         return dropped
 
+    def buffer(self, frame: bytes) -> None:
+        """Keep a live delivery for after the outstanding fetch; past BUFFER_LIMIT, drop
+        it and mark the stream so the fetch reply is followed by another fetch."""
+        if len(self.buffered) < BUFFER_LIMIT:
+            self.buffered.append(frame)
+        else:
+            self.overflow = True
+
     def needs_fetch(self, prev: int) -> bool:
         return prev > self.watermark
 

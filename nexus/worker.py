@@ -28,7 +28,7 @@ from .heartbeat import HeartbeatThread
 from .producer import Producer
 from .dispatch import Dispatch
 from .handlers import load_handler
-from .stream import BUFFER_LIMIT, PartitionStream, RecentIds
+from .stream import PartitionStream, RecentIds
 from .wire import (Ack, Assign, Delivery, Error, Fetch, Join, Leave, Pulse, Records, Released,
                    coord_decoder, encoder, topic)
 
@@ -313,11 +313,7 @@ class Member(Dispatch):
         if st is None or st.revoked:
             return
         if st.fetching:
-            # kept undecoded: applied after the fetch reply, or dropped unread (overflow)
-            if len(st.buffered) < BUFFER_LIMIT:
-                st.buffered.append(frames[1])
-            else:
-                st.overflow = True
+            st.buffer(frames[1])      # kept undecoded: applied after the fetch reply
             return
         self._apply(st, frames[1])
 
@@ -334,10 +330,7 @@ class Member(Dispatch):
         if d.seqs[-1] <= st.watermark:
             return False
         if st.needs_fetch(d.prev):
-            if len(st.buffered) < BUFFER_LIMIT:
-                st.buffered.append(frame)
-            else:
-                st.overflow = True    # the fetch reply is followed by another fetch instead
+            st.buffer(frame)
             self._fetch(st)
             return False
         if self.queued >= self.spec.max_in_flight:

@@ -53,6 +53,20 @@ def recorder_group(out: Path, processes: int = 1, **extra) -> dict:
 
 
 @pytest.fixture
+def fsyncs(monkeypatch):
+    """The fds passed to os.fsync from now on, by any thread."""
+    calls: list[int] = []
+    real = os.fsync
+
+    def counting(fd):
+        calls.append(fd)
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", counting)
+    return calls
+
+
+@pytest.fixture
 def config_factory(tmp_path):
     return lambda **overrides: write_config(tmp_path, **overrides)
 

@@ -1,29 +1,12 @@
 """The router's background flusher: journal fsync on the interval policy, cursor saves."""
 from __future__ import annotations
 
-import os
-
 import msgspec
-import pytest
 
 from nexus.cursors import CursorStore
 from nexus.flusher import Flusher
 from nexus.journal import Journal
 from nexus.testing import wait_for
-
-
-@pytest.fixture
-def journal_fsyncs(monkeypatch):
-    """fds passed to os.fsync, from any thread."""
-    calls: list[int] = []
-    real = os.fsync
-
-    def counting(fd):
-        calls.append(fd)
-        return real(fd)
-
-    monkeypatch.setattr(os, "fsync", counting)
-    return calls
 
 
 def make(tmp_path, policy: str, interval: float = 0.01):
@@ -33,28 +16,28 @@ def make(tmp_path, policy: str, interval: float = 0.01):
     return journal, cursors, Flusher(journal, cursors, interval)
 
 
-def test_interval_policy_syncs_written_records_off_thread(tmp_path, journal_fsyncs):
+def test_interval_policy_syncs_written_records_off_thread(tmp_path, fsyncs):
     journal, cursors, flusher = make(tmp_path, "interval")
     flusher.start()
     try:
         journal.append([b"a", b"b"])
-        wait_for(lambda: journal._wfd in journal_fsyncs, 5, message="interval fsync of the journal")
-        synced = journal_fsyncs.count(journal._wfd)
+        wait_for(lambda: journal._wfd in fsyncs, 5, message="interval fsync of the journal")
+        synced = fsyncs.count(journal._wfd)
         journal.append([b"c"])
-        wait_for(lambda: journal_fsyncs.count(journal._wfd) > synced, 5, message="fsync after a new append")
+        wait_for(lambda: fsyncs.count(journal._wfd) > synced, 5, message="fsync after a new append")
     finally:
         flusher.stop()
         journal.close()
 
 
-def test_never_policy_does_not_sync_the_journal(tmp_path, journal_fsyncs):
+def test_never_policy_does_not_sync_the_journal(tmp_path, fsyncs):
     journal, cursors, flusher = make(tmp_path, "never")
     flusher.start()
     try:
         journal.append([b"a"])
         flusher.post({"g": [1, 2]})           # the save (with its own fsync) marks a full turn
         wait_for(lambda: flusher.saved == {"g": [1, 2]}, 5, message="cursor save")
-        assert journal._wfd not in journal_fsyncs
+        assert journal._wfd not in fsyncs
     finally:
         flusher.stop()
         journal.close()

@@ -358,19 +358,6 @@ def test_retention_then_reopen(tmp_path):
 
 
 # -- fsync policies ---------------------------------------------------------------------------
-@pytest.fixture
-def fsyncs(monkeypatch):
-    calls = []
-    real = os.fsync
-
-    def counting(fd):
-        calls.append(fd)
-        return real(fd)
-
-    monkeypatch.setattr(os, "fsync", counting)
-    return calls
-
-
 def test_fsync_always_syncs_each_append(tmp_path, fsyncs):
     j = Journal(str(tmp_path / "j"), fsync="always")
     j.open()
