@@ -12,6 +12,8 @@ class ExitCode(enum.IntEnum):
     INVALID_EVENT = 4    # event rejected locally or NACKed by the router
     UNREACHABLE = 5      # router or launcher did not answer in time
     CRASH_LOOP = 6       # launcher gave up on a child that kept crashing
+    HANDLER_TIMEOUT = 7  # a member ended itself: a sync handler ran past handler_timeout
+    RECYCLE = 8          # a member drained and ended itself (max_rss / max_events): restart, not a crash
     INTERRUPTED = 130
 
 

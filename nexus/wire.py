@@ -124,6 +124,22 @@ class DeadLetter(Coord, tag="dead_letter"):
     first_failed: float
 
 
+class MemberExited(Coord, tag="member_exited"):
+    """Launcher -> router: a member process ended (crash, hang kill, recycle). The
+    router frees its partitions at once instead of waiting for missed heartbeats.
+    `inflight` names the events its black box says it was handling (partition -> seqs);
+    `poison` lists those the launcher has now seen kill a member `max_crashes` times
+    (or time out `retry.attempts` times): the router dead-letters each with `reason`
+    and the group's next owner skips it. Answered with a Reply."""
+
+    group: str
+    member: str
+    exit_code: int                     # negative: killed by that signal
+    reason: str = ""                   # "crashed", "handler_timeout", "hung", "recycled"
+    inflight: dict[int, list[int]] = {}
+    poison: dict[int, list[int]] = {}
+
+
 class DlqRequest(Coord, tag="dlq"):
     action: str                        # list | show | replay | purge
     ids: list[int] = []
@@ -151,6 +167,7 @@ class Assign(Coord, tag="assign"):
     grants: dict[int, int] = {}
     redelivered: dict[int, int] = {}   # granted partition -> events <= this may be seen again
     replay: bool = False               # grants rewind the member's streams (journal replay)
+    skip: dict[int, list[int]] = {}    # granted partition -> seqs to pass over (dead-lettered poison)
 
 
 class Pulse(Coord, tag="pulse"):
@@ -180,7 +197,7 @@ class Error(Coord, tag="error"):
     code: str = "error"                # "unknown_member", "unknown_group", "bad_message"
 
 
-CoordMessage = Union[Join, Heartbeat, Ack, Released, Leave, Fetch, StatusRequest, DeadLetter,
+CoordMessage = Union[Join, Heartbeat, Ack, Released, Leave, Fetch, StatusRequest, DeadLetter, MemberExited,
                      DlqRequest, ReloadRequest, ReplayRequest, Assign, Pulse, Records, Reply, Error]
 
 encoder = msgspec.msgpack.Encoder()
