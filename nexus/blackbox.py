@@ -32,6 +32,26 @@ HEADER_WORDS = 4
 DEFAULT_SLOTS = 64
 
 
+_current: "BlackBox | None" = None
+
+
+def path_for(data_dir: str, name: str) -> str:
+    """Where the launcher keeps child `name`'s box."""
+    return os.path.join(data_dir, "run", "box", f"{name}.box")
+
+
+def install(box: "BlackBox | None") -> None:
+    """The child's own box (set once at start by nexus/child.py)."""
+    global _current
+    _current = box
+
+
+def current() -> "BlackBox | None":
+    """This process's box, or None when it runs without a launcher (`nexus worker`,
+    a router in a test thread): then there is nothing to write."""
+    return _current
+
+
 @dataclass(frozen=True)
 class InFlight:
     slot: int
@@ -59,6 +79,7 @@ class BlackBox:
     @classmethod
     def create(cls, path: str, slots: int = DEFAULT_SLOTS) -> "BlackBox":
         """Make (or reset) the file, private to its owner, with every slot free."""
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
         os.ftruncate(fd, _size(slots))
         box = cls(path, fd, slots)

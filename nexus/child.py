@@ -13,10 +13,11 @@ def entry(role: str, config_path: str, env: str | None, name: str, group: str, p
     # Own process group: a terminal's Ctrl-C (or `timeout`) signals the launcher only,
     # which then stops children in order instead of all at once.
     os.setpgrp()
-    from . import config as config_mod, logs
+    from . import blackbox, config as config_mod, logs
     try:
         cfg = config_mod.load(config_path, env)
         logs.configure(cfg.log.level, cfg.log.format, process=name)
+        _open_box(blackbox, blackbox.path_for(cfg.data_dir, name))
         if role == "router":
             from .router import main
             main(cfg, env)
@@ -33,3 +34,13 @@ def entry(role: str, config_path: str, env: str | None, name: str, group: str, p
         sys.exit(int(exc.exit_code))
     except KeyboardInterrupt:
         sys.exit(int(ExitCode.OK))
+
+
+def _open_box(blackbox, path: str) -> None:
+    """Map the box the launcher made for this child; without one, run without."""
+    try:
+        box = blackbox.BlackBox.open(path)
+    except (OSError, ValueError):
+        return
+    box.started()
+    blackbox.install(box)

@@ -20,7 +20,7 @@ import msgspec
 import structlog
 import zmq
 
-from . import config as config_mod, logs, transport
+from . import blackbox, config as config_mod, logs, transport
 from .child import entry
 from .errors import ConfigError, ExitCode, NexusError
 from .wire import StatusRequest, coord_decoder, encoder
@@ -47,6 +47,7 @@ class Child:
     crashes: list[float] = field(default_factory=list)
     restart_at: float = 0.0
     retired: bool = False         # scaled away: do not restart
+    box: blackbox.BlackBox | None = None   # what the child last beat and was handling
 
     @property
     def pid(self) -> int | None:
@@ -70,6 +71,10 @@ class Launcher:
 
     # -- children ------------------------------------------------------------------
     def _spawn(self, child: Child) -> None:
+        if child.box is None:
+            child.box = blackbox.BlackBox.create(blackbox.path_for(self.cfg.data_dir, child.name))
+        else:
+            child.box.reset()
         child.process = self.mp.Process(
             target=entry, name=child.name, daemon=False,
             args=(child.role, self.cfg.source, self.env, child.name, child.group, os.getpid()))
