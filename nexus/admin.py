@@ -31,7 +31,7 @@ def handle(router: "Router", msg) -> dict:
     if isinstance(msg, DlqRequest):
         return dlq(router, msg)
     if isinstance(msg, ReloadRequest):
-        return reload(router)
+        return reload(router, msg.config)
     return {"error": f"unsupported request {type(msg).__name__}"}
 
 
@@ -163,11 +163,15 @@ def _replay_dead_letters(router: "Router", msg: DlqRequest) -> dict:
 
 
 # -- reload ------------------------------------------------------------------------------
-def reload(router: "Router") -> dict:
-    """Re-read the config file; rate limits apply at once, the rest needs a restart."""
+def reload(router: "Router", validated: bytes = b"") -> dict:
+    """Apply a new config: the one the launcher validated and hands over, or (a router
+    run alone) the file re-read. Rate limits apply at once, the rest needs a restart."""
     from . import config as config_mod
     try:
-        fresh = config_mod.load(router.config.source, router.env)
+        fresh = config_mod.from_bytes(validated) if validated else config_mod.load(router.config.source, router.env)
+    except msgspec.MsgspecError as exc:
+        log.error("reload_failed", error=str(exc))
+        return {"error": f"unreadable config from the launcher: {exc}"}
     except ConfigError as exc:
         log.error("reload_failed", error=str(exc))
         return {"error": str(exc)}

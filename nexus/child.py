@@ -1,21 +1,28 @@
-"""Entry point of every process the launcher starts (spawn start method)."""
+"""Entry point of every process the launcher starts (spawn start method).
+
+The child runs on the config the launcher validated and hands over (`config`), never
+on whatever the file on disk says when it (re)starts: an edit takes effect only
+through `nexus reload`.
+"""
 from __future__ import annotations
 
 import os
 import sys
 
 from .errors import ExitCode, NexusError
-from .process import die_with_parent
+from .process import die_with_parent, stop_own_group
 
 
-def entry(role: str, config_path: str, env: str | None, name: str, group: str, parent_pid: int) -> None:
+def entry(role: str, config, env: str | None, name: str, group: str, parent_pid: int) -> None:
     die_with_parent(parent_pid)
     # Own process group: a terminal's Ctrl-C (or `timeout`) signals the launcher only,
-    # which then stops children in order instead of all at once.
+    # which then stops children in order instead of all at once; and whatever this
+    # child forks stays in the group, so the launcher can end it after we exit.
     os.setpgrp()
-    from . import blackbox, config as config_mod, logs
+    from . import blackbox, logs
+    code = ExitCode.OK
     try:
-        cfg = config_mod.load(config_path, env)
+        cfg = config
         logs.configure(cfg.log.level, cfg.log.format, process=name)
         _open_box(blackbox, blackbox.path_for(cfg.data_dir, name))
         if role == "router":
@@ -31,9 +38,12 @@ def entry(role: str, config_path: str, env: str | None, name: str, group: str, p
             raise NexusError(f"unknown role {role}")
     except NexusError as exc:
         print(f"nexus {role} {name}: {exc}", file=sys.stderr, flush=True)
-        sys.exit(int(exc.exit_code))
+        code = exc.exit_code
     except KeyboardInterrupt:
-        sys.exit(int(ExitCode.OK))
+        code = ExitCode.OK
+    # a graceful end: what a handler forked goes with us (SIGTERM, then SIGKILL)
+    stop_own_group(grace=2.0)
+    sys.exit(int(code))
 
 
 def _open_box(blackbox, path: str) -> None:

@@ -34,7 +34,7 @@ def _ask_router(cfg: config_mod.Config, msg) -> dict:
     return reply.data
 
 
-def _ask_launcher(cfg: config_mod.Config, cmd: str, **kw) -> dict:
+def _ask_launcher(cfg: config_mod.Config, cmd: str, check: bool = True, **kw) -> dict:
     from .launch import ControlRequest
     raw = transport.request(zmq.Context.instance(), cfg.control_endpoint,
                             msgspec.msgpack.encode(ControlRequest(cmd, **kw)), REQUEST_TIMEOUT)
@@ -42,7 +42,7 @@ def _ask_launcher(cfg: config_mod.Config, cmd: str, **kw) -> dict:
         raise PeerError(f"launcher at {cfg.control_endpoint} did not answer within {REQUEST_TIMEOUT:g}s "
                         "(is `python -m nexus.launch` running with this config?)")
     reply = msgspec.msgpack.decode(raw)
-    if not reply.get("ok"):
+    if check and not reply.get("ok"):
         raise NexusError(reply.get("error", "launcher refused the request"))
     return reply
 
@@ -118,10 +118,12 @@ def cmd_status(args) -> int:
         _print_json(status)
         return ExitCode.OK
     if "processes" in status:
-        print(f"{'PROCESS':<20} {'ROLE':<9} {'GROUP':<12} {'PID':>7} {'STATE':<9} {'RESTARTS':>8} {'UPTIME':>8}  DETAIL")
+        print(f"{'PROCESS':<20} {'ROLE':<9} {'GROUP':<12} {'PID':>7} {'STATE':<9} {'RESTARTS':>8} {'UPTIME':>8}  "
+              f"{'LAST EXIT':<22} DETAIL")
         for p in status["processes"]:
             print(f"{p['name']:<20} {p['role']:<9} {p['group'] or '-':<12} {p['pid'] or '-':>7} "
-                  f"{p['state']:<9} {p['restarts']:>8} {_fmt_uptime(p['uptime']):>8}  {_detail(p.get('detail'))}")
+                  f"{p['state']:<9} {p['restarts']:>8} {_fmt_uptime(p['uptime']):>8}  "
+                  f"{p.get('last_exit') or '-':<22} {_detail(p.get('detail'))}")
         print()
     if "groups" in status:
         print(f"{'GROUP':<16} {'MEMBERS':>7} {'PARTITIONS':>10} {'UNASSIGNED':>10} {'LAG':>10} {'DEAD':>6}")
@@ -289,7 +291,12 @@ def cmd_dlq(args) -> int:
 
 def cmd_reload(args) -> int:
     cfg = _load(args)
-    result = _ask_router(cfg, ReloadRequest())
+    try:
+        # the launcher validates the file and hands the router (and every child it
+        # restarts later) what it checked
+        result = _ask_launcher(cfg, "reload", check=False)
+    except PeerError:
+        result = _ask_router(cfg, ReloadRequest())      # a router run without a launcher
     if "error" in result:
         raise ConfigError(result["error"])
     if args.json:

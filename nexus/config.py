@@ -186,6 +186,7 @@ class Config(Strict):
         default_factory=lambda: [Duration(0.5), Duration(1), Duration(2), Duration(5)])
     crash_loop: Annotated[int, msgspec.Meta(ge=1)] = 5   # restarts within crash_window -> give up
     crash_window: Duration = Duration(60)
+    hang_timeout: Duration = Duration(30)     # a router or member silent this long is restarted
     producers: dict[str, ProducerConfig] = {}
     workers: dict[str, WorkerGroupConfig] = {}
     # set by load(): where the config came from, for messages and relative paths
@@ -218,6 +219,16 @@ class Config(Strict):
         """A path from the config, relative to the config file's folder."""
         base = Path(self.source).parent if self.source else Path.cwd()
         return str((base / os.path.expanduser(path)).resolve())
+
+
+# -- handing a validated config to a child ------------------------------------------
+def to_bytes(cfg: Config) -> bytes:
+    """The decoded config as msgpack (the launcher hands it over instead of the file)."""
+    return msgspec.msgpack.encode(cfg, enc_hook=lambda o: int(o) if isinstance(o, int) else float(o))
+
+
+def from_bytes(raw: bytes) -> Config:
+    return msgspec.msgpack.decode(raw, type=Config, dec_hook=_dec_hook)
 
 
 # -- loading -------------------------------------------------------------------

@@ -118,6 +118,15 @@ class Coordinator:
         log.info("member_left", group=group.name, member=member)
         return self._rebalance(group, now)
 
+    def lost(self, group: Group, member: str, now: float) -> Outgoing:
+        """The member's process is gone (the launcher saw it exit): like a missed
+        heartbeat, without the wait."""
+        if member not in group.members:
+            return []
+        log.warning("member_lost", group=group.name, member=member, reason="process exited")
+        self._drop_member(group, member, clean=False)
+        return self._rebalance(group, now)
+
     def expire(self, now: float) -> Outgoing:
         out: Outgoing = []
         for group in self.groups.values():

@@ -3,13 +3,22 @@
 The supervisor loop only waits on child sentinels and the control socket; signal
 handlers set a flag. Stop order is producers, then workers (they finish and ack
 in-flight events while the router is still there), then the router (flush, fsync,
-cursors). Children die with the launcher (PR_SET_PDEATHSIG), so none is orphaned.
+cursors). Children die with the launcher (PR_SET_PDEATHSIG), so none is orphaned;
+what a child forks lives in the child's process group and is killed when the child
+ends; what escapes the group (setsid) is re-parented to the launcher (a child
+subreaper) once its parent died, and ended then.
+
+Before it touches anything the launcher locks the data dir (nexus/datalock.py): a
+second pipeline on the same data dir refuses at once. Children get the config the
+launcher validated, never the file as it is when they restart. The router and the
+members beat their black box; one that stops beating for `hang_timeout` is restarted.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import multiprocessing
+import multiprocessing.connection
 import os
 import signal
 import sys
@@ -20,17 +29,23 @@ import msgspec
 import structlog
 import zmq
 
-from . import blackbox, config as config_mod, logs, transport
+from . import blackbox, config as config_mod, logs, process, transport
 from .child import entry
+from .datalock import LAUNCHER_LOCK, ROUTER_LOCK, DataDirLock, clean_stale_run
 from .errors import ConfigError, ExitCode, NexusError
-from .wire import StatusRequest, coord_decoder, encoder
+from .wire import MemberExited, ReloadRequest, StatusRequest, coord_decoder, encoder
 
 log = structlog.get_logger("nexus.launch")
 ROLES_STOP_ORDER = ("producer", "worker", "router")
+HANG_WATCHED = ("router", "worker")     # the roles that beat their box (producers do not yet)
+START_GRACE = 60.0       # a child that never beat (interpreter start, imports) is hung only after this
+                         # long, or hang_timeout if that is longer
+KILL_GRACE = 2.0         # a hung child gets SIGTERM, then SIGKILL this much later
+NOTIFY_TIMEOUT = 0.5     # MemberExited: the router answers at once, or is down itself
 
 
 class ControlRequest(msgspec.Struct, frozen=True):
-    cmd: str                      # status | scale | stop
+    cmd: str                      # status | scale | stop | reload
     group: str = ""
     n: int = 0
 
@@ -41,12 +56,16 @@ class Child:
     role: str
     group: str = ""
     process: multiprocessing.Process | None = None
-    state: str = "new"            # starting, running, backoff, stopping, stopped, failed
+    state: str = "new"            # running, hung, backoff, stopping, stopped, failed
     restarts: int = 0
     started: float = 0.0
+    spawned: float = 0.0          # monotonic: the start grace counts from here
     crashes: list[float] = field(default_factory=list)
     restart_at: float = 0.0
+    kill_at: float = 0.0          # hung: SIGKILL at this monotonic time
     retired: bool = False         # scaled away: do not restart
+    reaped: bool = True           # its exit was handled (its process group ended)
+    last_exit: str = ""           # "exit 1", "SIGKILL", "hung", "recycled"
     box: blackbox.BlackBox | None = None   # what the child last beat and was handling
 
     @property
@@ -55,6 +74,20 @@ class Child:
 
     def alive(self) -> bool:
         return self.process is not None and self.process.is_alive()
+
+
+def describe_exit(code: int | None) -> str:
+    if code is None:
+        return ""
+    if code < 0:
+        try:
+            return signal.Signals(-code).name
+        except ValueError:
+            return f"signal {-code}"
+    try:
+        return f"exit {code} ({ExitCode(code).name.lower()})"
+    except ValueError:
+        return f"exit {code}"
 
 
 class Launcher:
@@ -67,7 +100,37 @@ class Launcher:
         self.exit_code = ExitCode.OK
         self.started = time.time()
         self.ready_logged = False
+        self.starting = True          # until the router answers; then producers and workers start
         self.scale: dict[str, int] = {g: w.processes for g, w in cfg.workers.items()}
+        self.token = f"{os.getpid()}-{time.time_ns()}"     # marks every process of this run
+        self.lock: DataDirLock | None = None
+        self.control: zmq.Socket | None = None
+
+    # -- before anything runs --------------------------------------------------------
+    def prepare(self) -> None:
+        """Lock the data dir, clean up after a killed run, bind control. Raises
+        ConfigError (exit 3) with one line when the data dir or a port is taken."""
+        cfg = self.cfg
+        self.lock = DataDirLock(cfg.data_dir, LAUNCHER_LOCK, "pipeline").acquire(self.token)
+        previous = self.lock.previous.split()
+        # the router lock too, while cleaning: no router may be running on this data dir
+        with DataDirLock(cfg.data_dir, ROUTER_LOCK, "router"):
+            clean_stale_run(cfg.data_dir, [cfg.ingest, cfg.confirm, cfg.publish, cfg.coord,
+                                           cfg.control_endpoint], previous[1] if len(previous) > 1 else "")
+        process.become_subreaper()
+        os.environ[process.RUN_ENV] = self.token          # inherited by every child and its forks
+        try:
+            self.control = transport.bind(zmq.Context.instance(), zmq.ROUTER, cfg.control_endpoint, linger_ms=0)
+        except zmq.ZMQError as exc:
+            raise ConfigError(f"cannot bind control endpoint {cfg.control_endpoint}: {exc}") from None
+
+    def release(self) -> None:
+        if self.control is not None:
+            self.control.close(0)
+            self.control = None
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     # -- children ------------------------------------------------------------------
     def _spawn(self, child: Child) -> None:
@@ -77,10 +140,13 @@ class Launcher:
             child.box.reset()
         child.process = self.mp.Process(
             target=entry, name=child.name, daemon=False,
-            args=(child.role, self.cfg.source, self.env, child.name, child.group, os.getpid()))
+            args=(child.role, self.cfg, self.env, child.name, child.group, os.getpid()))
         child.process.start()
         child.state = "running"
         child.started = time.time()
+        child.spawned = time.monotonic()
+        child.kill_at = 0.0
+        child.reaped = False
         log.info("process_started", name=child.name, role=child.role, pid=child.pid)
 
     def _add(self, name: str, role: str, group: str = "") -> Child:
@@ -90,22 +156,15 @@ class Launcher:
         self._spawn(child)
         return child
 
-    def _wait_router_ready(self, timeout: float = 15.0) -> None:
-        ctx = zmq.Context.instance()
-        deadline = time.monotonic() + timeout
-        request = encoder.encode(StatusRequest())
-        while time.monotonic() < deadline and not self.stopping:
-            router = self.children["router"]
-            if not router.alive():
-                raise NexusError(f"router exited during start (exit code {router.process.exitcode}); see its log above")
-            if transport.request(ctx, self.cfg.coord, request, 0.2) is not None:
-                return
-        if not self.stopping:
-            raise NexusError(f"router did not answer on {self.cfg.coord} within {timeout:g}s")
+    def _router_answers(self, timeout: float) -> bool:
+        return transport.request(zmq.Context.instance(), self.cfg.coord,
+                                 encoder.encode(StatusRequest()), timeout) is not None
 
-    def start(self) -> None:
-        self._add("router", "router")
-        self._wait_router_ready()
+    def _start_rest(self) -> None:
+        """The router answers: start producers and workers. Until then the router may
+        recover a journal of any size; it beats meanwhile, and only its exit or a
+        silence of hang_timeout fails the start (no fixed deadline)."""
+        self.starting = False
         for name in self.cfg.producers:
             self._add(name, "producer")
         for group, n in self.scale.items():
@@ -119,6 +178,8 @@ class Launcher:
             return {"ok": False, "error": "N must be between 0 and 256"}
         old = self.scale[group]
         self.scale[group] = n
+        if self.starting:
+            return {"ok": True, "group": group, "old": old, "new": n}
         for i in range(n):
             child = self.children.get(f"{group}-{i}")
             if child is None or child.retired or child.state in ("stopped", "failed"):
@@ -138,12 +199,55 @@ class Launcher:
         else:
             child.state = "stopped"
 
+    def _reaped(self, child: Child) -> None:
+        """The child has exited (its sentinel fired): end what is left of its process
+        group while its zombie still holds the pid (so the group id cannot be reused),
+        then reap it, then end orphans of its forks that left the group."""
+        if child.reaped:
+            return                  # long gone: its pid may belong to someone else by now
+        process.kill_group(child.pid or 0)
+        child.process.join(0.5)
+        child.reaped = True
+        self._end_orphans()
+
+    def _end_orphans(self) -> None:
+        """Our direct children that are neither our processes nor the multiprocessing
+        helper (which stays in our process group) are descendants' orphans (we are a
+        subreaper): end them, unless their group's child still lives."""
+        ours = {c.pid for c in self.children.values() if c.process is not None}
+        live_groups = {c.pid for c in self.children.values() if c.alive()}
+        my_group = os.getpgrp()
+        orphans = []
+        for pid in process.children_of(os.getpid()):
+            found = process.stat(pid)
+            if pid in ours or found is None or found[2] in (my_group, *live_groups):
+                continue
+            orphans.append(pid)
+        if orphans:
+            log.warning("orphans_killed", pids=orphans)
+            process.terminate(orphans, 0.0)
+
     def _on_exit(self, child: Child) -> None:
         code = child.process.exitcode
+        hung = child.state == "hung"
+        child.last_exit = f"hung ({describe_exit(code)})" if hung else describe_exit(code)
         if self.stopping or child.retired or child.state == "stopping":
             child.state = "stopped"
             log.info("process_stopped", name=child.name, exit_code=code)
             return
+        if child.role == "router" and self.starting:
+            cls = ConfigError if code == ExitCode.CONFIG else NexusError
+            raise cls(f"router exited during start ({child.last_exit}); see its log above")
+        if code == ExitCode.RECYCLE and child.role == "worker":
+            # drained and ended itself on purpose (max_rss / max_events): not a crash
+            child.last_exit = "recycled"
+            child.restarts += 1
+            log.info("process_recycled", name=child.name)
+            self._spawn(child)
+            return
+        if child.role == "worker":
+            reason = "hung" if hung else "handler_timeout" if code == ExitCode.HANDLER_TIMEOUT else "crashed"
+            self._tell_router(child, code, reason)
         now = time.monotonic()
         child.crashes = [t for t in child.crashes if now - t < self.cfg.crash_window] + [now]
         if code == ExitCode.CONFIG:
@@ -159,10 +263,43 @@ class Launcher:
             delay = backoff[min(len(child.crashes) - 1, len(backoff) - 1)] if backoff else 1.0
             child.state = "backoff"
             child.restart_at = now + delay
-            log.warning("process_crashed", name=child.name, exit_code=code, restart_in=delay)
+            log.warning("process_crashed", name=child.name, exit_code=code, last_exit=child.last_exit,
+                        restart_in=delay)
         if child.role == "router" and child.state == "failed":
             self.exit_code = ExitCode.CRASH_LOOP if code != ExitCode.CONFIG else ExitCode.CONFIG
             self.stopping = True
+
+    def _tell_router(self, child: Child, code: int, reason: str) -> None:
+        """A member died: the router frees its partitions now instead of after missed
+        heartbeats. (`inflight`/`poison` are filled by the crash accounting.)"""
+        msg = MemberExited(group=child.group, member=child.name, exit_code=code, reason=reason)
+        if transport.request(zmq.Context.instance(), self.cfg.coord, encoder.encode(msg), NOTIFY_TIMEOUT) is None:
+            log.warning("member_exit_not_told", name=child.name, reason="router did not answer")
+
+    def _watch(self, now: float) -> None:
+        """Hang detection: a router or member whose box beat is older than hang_timeout
+        gets SIGTERM, then SIGKILL after KILL_GRACE; its exit restarts it as a crash."""
+        timeout = self.cfg.hang_timeout
+        for child in self.children.values():
+            if child.state == "hung":
+                if child.kill_at and now >= child.kill_at and child.alive():
+                    log.warning("process_killed", name=child.name, reason="hung")
+                    child.process.kill()
+                    child.kill_at = 0.0
+                continue
+            if child.state != "running" or child.role not in HANG_WATCHED or child.box is None:
+                continue
+            beat = child.box.last_beat()
+            silence = now - (beat or child.spawned)
+            if silence <= (timeout if beat else max(timeout, START_GRACE)):
+                continue
+            log.error("process_hung", name=child.name, pid=child.pid, silence=round(silence, 1))
+            if child.role == "router" and self.starting:
+                raise NexusError(f"router stopped beating for {silence:.0f}s during start (hang_timeout "
+                                 f"{timeout:g}s); see its log above")
+            child.state = "hung"
+            child.kill_at = now + KILL_GRACE
+            child.process.terminate()
 
     # -- supervision loop ----------------------------------------------------------------
     def run(self) -> int:
@@ -171,38 +308,45 @@ class Launcher:
 
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
-        ctx = zmq.Context.instance()
-        control = transport.bind(ctx, zmq.ROUTER, self.cfg.control_endpoint, linger_ms=0)
         try:
-            self.start()
+            if self.control is None:
+                self.prepare()
+            control = self.control
+            self._add("router", "router")
             poller = zmq.Poller()
             poller.register(control, zmq.POLLIN)
             while not self.stopping:
                 sentinels = {c.process.sentinel: c for c in self.children.values()
-                             if c.state in ("running", "stopping") and c.process is not None}
+                             if c.state in ("running", "stopping", "hung") and c.process is not None}
                 for fd in sentinels:
                     poller.register(fd, zmq.POLLIN)
                 events = dict(poller.poll(100))
                 for fd, child in sentinels.items():
                     poller.unregister(fd)
                     if fd in events or not child.process.is_alive():
-                        child.process.join(0.1)
+                        self._reaped(child)
                         if child.process.exitcode is not None:
                             self._on_exit(child)
                 if control in events:
                     self._on_control(control)
                 now = time.monotonic()
+                self._watch(now)
                 for child in self.children.values():
                     if child.state == "backoff" and now >= child.restart_at and not self.stopping:
                         child.restarts += 1
                         self._spawn(child)
-                self._log_ready()
+                if self.starting:
+                    if not self.stopping and self.children["router"].state == "running" \
+                            and self._router_answers(0.1):
+                        self._start_rest()
+                else:
+                    self._log_ready()
         except NexusError as exc:
             log.error("launch_failed", error=str(exc))
             self.exit_code = exc.exit_code if self.exit_code == ExitCode.OK else self.exit_code
         finally:
             self.shutdown()
-            control.close(0)
+            self.release()
         return int(self.exit_code)
 
     def _log_ready(self) -> None:
@@ -225,6 +369,30 @@ class Launcher:
         msg = coord_decoder.decode(raw)
         return getattr(msg, "data", None)
 
+    def reload(self) -> dict:
+        """Validate the file as it is now; what applies live (rate limits) goes to the
+        router and becomes part of the config every child restarts on. A bad file is
+        refused with one line and nothing changes."""
+        try:
+            fresh = config_mod.load(self.cfg.source, self.env)
+        except ConfigError as exc:
+            log.error("reload_failed", error=str(exc))
+            return {"ok": False, "error": str(exc)}
+        changed = [k for k in ("workers", "contracts", "contracts_untyped", "producers")
+                   if getattr(fresh, k) != getattr(self.cfg, k)]
+        cfg = msgspec.structs.replace(self.cfg, router=msgspec.structs.replace(
+            self.cfg.router, rate_limits=fresh.router.rate_limits))
+        raw = transport.request(zmq.Context.instance(), self.cfg.coord,
+                                encoder.encode(ReloadRequest(config=config_mod.to_bytes(cfg))), 3.0)
+        if raw is None:
+            return {"ok": False, "error": f"router at {self.cfg.coord} did not answer; nothing changed"}
+        data = getattr(coord_decoder.decode(raw), "data", None) or {}
+        if "error" in data:
+            return {"ok": False, "error": data["error"]}
+        self.cfg = cfg
+        log.info("config_reloaded", needs_restart=changed)
+        return {"ok": True, "rate_limits": data.get("rate_limits", {}), "needs_restart": changed}
+
     def _on_control(self, control: zmq.Socket) -> None:
         while control.poll(0):
             frames = control.recv_multipart()
@@ -238,6 +406,8 @@ class Launcher:
                                           "config": self.cfg.source}}
                 elif req.cmd == "scale":
                     reply = self.set_scale(req.group, req.n)
+                elif req.cmd == "reload":
+                    reply = self.reload()
                 elif req.cmd == "stop":
                     self.stopping = True
                     reply = {"ok": True}
@@ -251,6 +421,7 @@ class Launcher:
         now = time.time()
         return [{"name": c.name, "role": c.role, "group": c.group, "pid": c.pid, "state": c.state,
                  "restarts": c.restarts, "uptime": round(now - c.started, 1) if c.state == "running" else 0.0,
+                 "last_exit": c.last_exit,
                  **({"detail": self._detail(c)} if c.role == "producer" else {})}
                 for c in self.children.values()]
 
@@ -275,14 +446,17 @@ class Launcher:
                 elif child.state != "failed":
                     child.state = "stopped"
             for child in group:
-                if child.process is not None:
-                    child.process.join(max(0.0, deadline - time.monotonic()))
-                    if child.process.is_alive():
-                        log.warning("process_killed", name=child.name, reason="shutdown_timeout")
-                        child.process.kill()
-                        child.process.join(2)
-                    if child.state != "failed":
-                        child.state = "stopped"
+                if child.process is None:
+                    continue
+                sentinel = [child.process.sentinel]
+                if not multiprocessing.connection.wait(sentinel, max(0.0, deadline - time.monotonic())):
+                    log.warning("process_killed", name=child.name, reason="shutdown_timeout")
+                    child.process.kill()
+                    multiprocessing.connection.wait(sentinel, 2)
+                self._reaped(child)
+                if child.state != "failed":
+                    child.state = "stopped"
+        self._end_orphans()
         log.info("shutdown_complete", exit_code=int(self.exit_code))
 
 
@@ -297,11 +471,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"nexus: {exc}", file=sys.stderr)
         return int(exc.exit_code)
     logs.configure(cfg.log.level, cfg.log.format, process="launcher")
+    launcher = Launcher(cfg, args.env)
     try:
-        return Launcher(cfg, args.env).run()
-    except zmq.ZMQError as exc:
-        print(f"nexus: cannot bind control endpoint {cfg.control_endpoint}: {exc}", file=sys.stderr)
-        return int(ExitCode.FAILURE)
+        launcher.prepare()
+    except NexusError as exc:
+        # the data dir is another pipeline's, or a port is taken: one line, nothing touched
+        launcher.release()
+        print(f"nexus: {exc}", file=sys.stderr)
+        return int(exc.exit_code)
+    return launcher.run()
 
 
 if __name__ == "__main__":

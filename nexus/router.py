@@ -6,6 +6,7 @@ the fast path, so members repair gaps by fetching from it over `coord`.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -18,6 +19,7 @@ from . import blackbox, transport
 from .config import Config
 from .coordinator import Coordinator, Group
 from .cursors import CursorStore
+from .datalock import ROUTER_LOCK, DataDirLock
 from .flusher import Flusher
 from .errors import ConfigError
 from .events import Contracts
@@ -28,7 +30,7 @@ from .routing import RouteTable
 from . import admin
 from .dlq import DeadLetterStore
 from .events import DECODE_ERRORS
-from .wire import (TAIL_TOPIC, Ack, DeadLetter, Delivery, DlqRequest, Error, Fetch, Heartbeat, Join, Leave,
+from .wire import (TAIL_TOPIC, Ack, DeadLetter, Delivery, DlqRequest, Error, Fetch, Heartbeat, Join, Leave, MemberExited,
                    ProducerReply, Pulse, Records, Released, ReloadRequest, ReplayRequest, Reply,
                    StatusRequest, coord_decoder, encoder, topic)
 
@@ -40,6 +42,26 @@ MAINTENANCE_EVERY = 0.1
 INGEST_HWM = 100             # fire-mode batches (up to 1,000 events each) queued per producer
                              # in the router; beyond it PUSH blocks the producer
 LAG_SCAN_LIMIT = 20_000       # status runs in the router loop: scan at most ~20 ms, then report '>=n'
+
+
+@contextlib.contextmanager
+def _beating(box, every: float = 0.2):
+    """Beat the black box from a thread while the block runs (journal recovery)."""
+    if box is None:
+        yield
+        return
+    done = threading.Event()
+
+    def beat() -> None:
+        while not done.wait(every):
+            box.beat()
+    thread = threading.Thread(target=beat, name="nexus-recovery-beat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
 
 
 class Router:
@@ -100,10 +122,21 @@ class Router:
 
     # -- main loop -----------------------------------------------------------------
     def run(self) -> None:
+        # One router per data dir, before the journal is even opened: a second one
+        # (a standalone router beside a launched pipeline) refuses, touching nothing.
+        lock = DataDirLock(self.config.data_dir, ROUTER_LOCK, "router").acquire()
+        try:
+            self._run()
+        finally:
+            lock.release()
+
+    def _run(self) -> None:
         # opened here: the SQLite connection belongs to the router thread
         self.dlq = DeadLetterStore(os.path.join(self.config.data_dir, "dlq.sqlite3"))
-        self.recover()
+        with _beating(blackbox.current()):       # a long recovery is not a hang
+            self.recover()
         ctx = zmq.Context()
+        flusher_started = False
         try:
             self.ingest = self._bind(lambda e: transport.bind(ctx, zmq.PULL, e, hwm=INGEST_HWM), self.config.ingest)
             self.confirm = self._bind(lambda e: transport.bind(ctx, zmq.ROUTER, e), self.config.confirm)
@@ -112,9 +145,11 @@ class Router:
             log.info("router_ready", ingest=self.config.ingest, confirm=self.config.confirm,
                      publish=self.config.publish, coord=self.config.coord)
             self.flusher.start()
+            flusher_started = True
             self._loop()
         finally:
-            self.flusher.stop()
+            if flusher_started:          # a bind error must not be hidden by stopping a thread never started
+                self.flusher.stop()
             ctx.destroy(linger=0)
             self.journal.close()
             self.cursors.save(self._cursor_snapshot())
@@ -312,6 +347,12 @@ class Router:
                 self._send_coord(ident, out)
         elif isinstance(msg, Fetch):
             self._send_coord(identity, self.fetch(group, msg))
+        elif isinstance(msg, MemberExited):
+            # the launcher saw the process die: free its partitions now (stopgap until
+            # the crash accounting handles MemberExited; it must never reach seen())
+            for ident, out in self.coordinator.lost(group, msg.member, now):
+                self._send_coord(ident, out)
+            self._send_coord(identity, Reply({"ok": True}))
         elif not self.coordinator.seen(group, msg.member,
                                        None if isinstance(msg, Heartbeat) else identity, now):
             if not isinstance(msg, Leave):

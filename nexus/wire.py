@@ -149,7 +149,7 @@ class DlqRequest(Coord, tag="dlq"):
 
 
 class ReloadRequest(Coord, tag="reload"):
-    pass
+    config: bytes = b""                # the config the launcher validated (config.to_bytes); empty: re-read the file
 
 
 class ReplayRequest(Coord, tag="replay"):
