@@ -41,9 +41,11 @@ class Group:
     owner: list[str | None] = field(default_factory=list)     # who holds the partition now
     target: list[str | None] = field(default_factory=list)    # who should hold it
     revoked_at: dict[int, float] = field(default_factory=dict)
-    # partitions whose last owner may have handled events it never acked (it died,
-    # or the router restarted): the next owner sees those events as redelivered
-    unclean: set[int] = field(default_factory=set)
+    # partitions whose earlier owners may have handled events they never acked (one
+    # died, or the router restarted), with the stream's last seq at that moment: every
+    # grant flags events up to it as redelivered until the cursor has passed it (not
+    # only the first grant: a partition can move on before its new owner got that far)
+    unclean: dict[int, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.owner = [None] * self.partitions
@@ -84,7 +86,7 @@ class Coordinator:
 
     def add_group(self, name: str, partitions: int, cursors: list[int]) -> Group:
         group = Group(name, partitions, list(cursors))
-        group.unclean = set(range(partitions))     # we cannot know what was handled before
+        group.unclean = {p: self._head(name, p) for p in range(partitions)}   # we cannot know what was handled
         self.groups[name] = group
         return group
 
@@ -150,7 +152,7 @@ class Coordinator:
         for p in range(group.partitions):
             if group.owner[p] == member:
                 if not clean:
-                    group.unclean.add(p)
+                    group.unclean[p] = max(group.unclean.get(p, 0), self._head(group.name, p))
                 group.owner[p] = None
                 group.revoked_at.pop(p, None)
             if group.target[p] == member:
@@ -193,9 +195,13 @@ class Coordinator:
             if view != info.view or name in grants or name == force_notify:
                 info.view = view
                 granted = grants.get(name, {})
-                heads = self.heads.get(group.name)
-                redelivered = {p: heads[p] for p in granted if p in group.unclean} if heads else {}
-                group.unclean.difference_update(granted)
+                redelivered = {}
+                for p, cursor in granted.items():
+                    upto = group.unclean.get(p, 0)
+                    if upto > cursor:
+                        redelivered[p] = upto
+                    else:
+                        group.unclean.pop(p, None)      # the cursor is past it: clean again
                 out.append((info.identity, Assign(group=group.name, partitions=list(view),
                                                   grants=granted, redelivered=redelivered)))
         if out:
@@ -203,6 +209,10 @@ class Coordinator:
                      members={m: len(i.view) for m, i in group.members.items()},
                      pending=len(group.revoked_at))
         return out
+
+    def _head(self, group: str, p: int) -> int:
+        heads = self.heads.get(group)
+        return heads[p] if heads and p < len(heads) else 0
 
     def replay(self, group: Group, cursor: int) -> Outgoing:
         """Move every cursor of the group to `cursor` and restart its members there."""

@@ -450,7 +450,8 @@ def main(config: Config, env: str | None = None) -> None:
     import signal
 
     from .process import stop_on_signals
-    router = Router(config, env)
+    with _beating(blackbox.current()):          # contract imports: starting is not hanging
+        router = Router(config, env)
     stop_on_signals(router.stop_event)
     signal.signal(signal.SIGHUP, lambda *_: setattr(router, "reload_requested", True))
     router.run()
