@@ -80,8 +80,9 @@ def _read(fd: int) -> str:
 def clean_stale_run(data_dir: str, endpoints: list[str], previous_token: str) -> dict:
     """With both locks held: end what a killed previous run left behind.
 
-    - processes of its children's process groups (pids from its black boxes) that
-      still carry its run token in their environment (so a reused pid is never hit),
+    - processes of its children's process groups (pids from its black boxes), and any
+      other process, that still carry its run token in their environment (so a reused
+      pid is never hit; a process that cleared its environment escapes),
     - its black box files,
     - ipc socket files of our endpoints and under data_dir/run (ZeroMQ removes its
       own on a clean close; a SIGKILL leaves them).
@@ -98,6 +99,8 @@ def clean_stale_run(data_dir: str, endpoints: list[str], previous_token: str) ->
             box.close()
             if pgid > 1:
                 killed += [p for p in process.group_members(pgid) if process.run_token(p) == previous_token]
+        # and what left its group (setsid) but still carries the run's token
+        killed += [p for p in process.tagged(previous_token) if p not in killed and p != os.getpid()]
         process.signal_pids(killed, 9)
     for path in boxes:
         _unlink(path)

@@ -113,6 +113,11 @@ def run_token(pid: int) -> str | None:
     return None
 
 
+def tagged(token: str) -> list[int]:
+    """Live processes whose environment carries this run token."""
+    return [pid for pid in _pids() if run_token(pid) == token and live(pid)]
+
+
 def signal_pids(pids: list[int], sig: int) -> None:
     for pid in pids:
         try:

@@ -89,3 +89,130 @@ def test_launcher_sigkill_restart_flags_every_duplicate(tmp_path, config_factory
     assert "stale_run_cleaned" in p2.output()
     assert set(sender.acked) <= set(handled)
     assert d["dup_unflagged"] == 0
+
+
+# -- 10: a handler that forks ------------------------------------------------------------------
+def forked_pids(out: Path, seen: set[str]) -> list[int]:
+    pids = []
+    for f in sorted(out.glob("forked-*.txt")):
+        if f.name not in seen:
+            seen.add(f.name)
+            pids += [int(x) for x in f.read_text().split()]
+    return pids
+
+
+def send_some(endpoint: str, n: int, source: str) -> list[str]:
+    with Producer(endpoint, source=source) as producer:
+        ids = [producer.send("test.item", {"i": i}, key=f"k{i}") for i in range(n)]
+        producer.flush(30)
+    return ids
+
+
+def test_forking_handler_leaves_no_orphans(tmp_path, config_factory, launched):
+    out = tmp_path / "fork"
+    group = recorder_group(out, processes=1)
+    group["handler"] = "forker:handle"
+    path = config_factory(workers={"fork": group})
+    cfg = config.load(path)
+    seen: set[str] = set()
+    acked: list[str] = []
+
+    def alive(pids):
+        return [pid for pid in pids if pid_alive(pid)]
+
+    p = launched(path)
+    acked += send_some(cfg.confirm, 50, "one")
+    first = wait_for(lambda: forked_pids(out, seen), 30, message="forks recorded")
+    assert len(alive(first)) == 3
+    # a member SIGKILLed: what its handler forked goes with it
+    member = proc_of(p, "fork-0")
+    os.kill(member["pid"], signal.SIGKILL)
+    wait_for(lambda: not alive(first), 10, message="forks of the killed member to end")
+    wait_for(lambda: proc_of(p, "fork-0").get("pid") not in (None, member["pid"]), 30, message="member restarted")
+    acked += send_some(cfg.confirm, 50, "two")
+    second = wait_for(lambda: forked_pids(out, seen), 30, message="forks of the restarted member")
+    # a graceful stop: the member ends its handler's children, the launcher the rest
+    assert p.stop() == 0
+    after_stop = alive(second)
+    # the launcher SIGKILLed: its member dies too, its forks are left to init; the next
+    # launcher on this data dir ends them (they carry the killed run's token)
+    p = launched(path)
+    acked += send_some(cfg.confirm, 50, "three")
+    third = wait_for(lambda: forked_pids(out, seen), 30, message="forks before the launcher kill")
+    p.proc.kill()
+    p.proc.wait(10)
+    left_by_kill = len(alive(third))
+    p = launched(path)
+    wait_for(lambda: not alive(third), 10, message="leftovers of the killed run to be ended")
+    handled = wait_all_handled(out, acked, 60)
+    p.stop()
+    report("forking_handler", sent=150, acked=len(acked), delivered_fork=len(set(handled) & set(acked)),
+           lost=len(set(acked) - set(handled)), forked=len(first) + len(second) + len(third),
+           orphans_after_member_kill=len(alive(first)), orphans_after_stop=len(after_stop),
+           left_by_launcher_kill=left_by_kill, orphans_after_restart=len(alive(third)))
+    assert after_stop == []
+    assert set(acked) <= set(handled)
+
+
+# -- 1: one pipeline per data dir -------------------------------------------------------------
+def test_second_pipeline_on_the_same_data_dir_is_refused(tmp_path, config_factory, launched):
+    from nexus.router import Router
+    out = tmp_path / "rec"
+    path = config_factory(workers={"rec": recorder_group(out, processes=2)})
+    cfg = config.load(path)
+    p = launched(path)
+    sender = Sender(cfg.confirm, 11_000, chunk=100, pace=0.01)
+    sender.start()
+    wait_for(lambda: len(sender.acked) >= 3000, 60, message="3000 acked")
+    journal_files = sorted((Path(cfg.data_dir) / "journal").iterdir())
+    second = subprocess.run(launch_cmd(path), capture_output=True, text=True, timeout=30)
+    lines = second.stderr.strip().splitlines()
+    # a router started alone (as tests run it) beside the launched one refuses too
+    router_pid = proc_of(p, "router")["pid"]
+    with pytest.raises(ConfigError) as refused:
+        Router(cfg).run()
+    assert p.control("status") is not None           # the first launcher's control socket still answers
+    sender.join(120)
+    assert sender.error is None and len(sender.acked) == 11_000
+    handled = wait_all_handled(out, sender.acked, 120)
+    members = {x["name"] for x in p.processes()}
+    p.stop()
+    journal = verify_journal(Path(cfg.data_dir), sender.acked)
+    d = duplicates(out)
+    report("second_launcher", sent=11_000, acked=len(sender.acked), delivered_rec=d["delivered"],
+           lost=len(set(sender.acked) - set(handled)), dup_flagged=d["dup_flagged"],
+           dup_unflagged=d["dup_unflagged"], second_exit=second.returncode,
+           journal_records=journal["records"], truncated_bytes=journal["truncated_bytes"])
+    assert second.returncode == ExitCode.CONFIG
+    assert len(lines) == 1 and f"pid {p.proc.pid}" in lines[0] and "in use" in lines[0], second.stderr
+    assert f"another router (pid {router_pid})" in str(refused.value)
+    assert journal["truncated_bytes"] == 0 and journal_files[0].exists()
+    assert members == {"router", "rec-0", "rec-1"}
+    assert set(sender.acked) <= set(handled) and d["dup_unflagged"] == 0
+
+
+# -- 13: a port in use ------------------------------------------------------------------------
+@pytest.mark.parametrize("where", ["control", "ingest"])
+def test_port_in_use_is_one_line_and_exit_3(tmp_path, config_factory, where):
+    port = free_port()
+    taken = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    taken.bind(("127.0.0.1", port))
+    taken.listen(1)
+    try:
+        endpoint = f"tcp://127.0.0.1:{port}"
+        overrides = {"control": endpoint} if where == "control" else {"router": {"ingest": endpoint}}
+        path = config_factory(workers={}, **overrides)
+        t0 = time.monotonic()
+        result = subprocess.run(launch_cmd(path), capture_output=True, text=True, timeout=60)
+        seconds = round(time.monotonic() - t0, 2)
+    finally:
+        taken.close()
+    text = result.stdout + result.stderr
+    bind_lines = [line for line in text.splitlines() if "bind" in line]
+    report(f"port_in_use_{where}", exit_code=result.returncode, tracebacks=text.count("Traceback"),
+           bind_error_lines=len(bind_lines), recover_s=seconds)
+    assert result.returncode == ExitCode.CONFIG, text
+    assert "Traceback" not in text
+    assert bind_lines and all(endpoint in line for line in bind_lines)
+    if where == "control":
+        assert len(result.stderr.strip().splitlines()) == 1      # nothing started, one line
