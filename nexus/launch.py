@@ -60,6 +60,8 @@ class Child:
     restarts: int = 0
     started: float = 0.0
     spawned: float = 0.0          # monotonic: the start grace counts from here
+    first_beat: float = 0.0       # the beat child.py writes at start; until the child's own loop
+                                  # beats again it is starting (imports, recovery): START_GRACE
     crashes: list[float] = field(default_factory=list)
     restart_at: float = 0.0
     kill_at: float = 0.0          # hung: SIGKILL at this monotonic time
@@ -146,6 +148,7 @@ class Launcher:
         child.started = time.time()
         child.spawned = time.monotonic()
         child.kill_at = 0.0
+        child.first_beat = 0.0
         child.reaped = False
         log.info("process_started", name=child.name, role=child.role, pid=child.pid)
 
@@ -290,8 +293,13 @@ class Launcher:
             if child.state != "running" or child.role not in HANG_WATCHED or child.box is None:
                 continue
             beat = child.box.last_beat()
-            silence = now - (beat or child.spawned)
-            if silence <= (timeout if beat else max(timeout, START_GRACE)):
+            if beat and not child.first_beat:
+                child.first_beat = beat
+            if beat and beat != child.first_beat:
+                silence, limit = now - beat, timeout
+            else:
+                silence, limit = now - child.spawned, max(timeout, START_GRACE)
+            if silence <= limit:
                 continue
             log.error("process_hung", name=child.name, pid=child.pid, silence=round(silence, 1))
             if child.role == "router" and self.starting:

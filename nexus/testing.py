@@ -60,10 +60,21 @@ class LaunchedPipeline:
         self.env = dict(os.environ, **(env or {}))
         self.output_path = output_path or f"{self.config_path}.launch.log"
         self.proc = None
+        self._cfg = None
+
+    @property
+    def cfg(self):
+        """The config as it was when first read (endpoints), like the launcher's: a test
+        may break the file on disk meanwhile."""
+        if self._cfg is None:
+            from . import config as config_mod
+            self._cfg = config_mod.load(self.config_path)
+        return self._cfg
 
     def start(self, wait_ready: bool = True, timeout: float = 30.0) -> "LaunchedPipeline":
         import subprocess
         import sys
+        self.cfg                     # read before anything can change the file
         self._out = open(self.output_path, "ab")
         self.proc = subprocess.Popen([sys.executable, "-m", "nexus.launch", "-c", self.config_path],
                                      stdout=self._out, stderr=subprocess.STDOUT, env=self.env)
@@ -82,19 +93,17 @@ class LaunchedPipeline:
     def control(self, cmd: str, timeout: float = 3.0, **kw) -> dict | None:
         import msgspec
         import zmq
-        from . import config as config_mod, transport
+        from . import transport
         from .launch import ControlRequest
-        cfg = config_mod.load(self.config_path)
-        raw = transport.request(zmq.Context.instance(), cfg.control_endpoint,
+        raw = transport.request(zmq.Context.instance(), self.cfg.control_endpoint,
                                 msgspec.msgpack.encode(ControlRequest(cmd, **kw)), timeout)
         return None if raw is None else msgspec.msgpack.decode(raw)
 
     def router_status(self, timeout: float = 3.0) -> dict | None:
         import zmq
-        from . import config as config_mod, transport
+        from . import transport
         from .wire import StatusRequest, coord_decoder, encoder
-        cfg = config_mod.load(self.config_path)
-        raw = transport.request(zmq.Context.instance(), cfg.coord, encoder.encode(StatusRequest()), timeout)
+        raw = transport.request(zmq.Context.instance(), self.cfg.coord, encoder.encode(StatusRequest()), timeout)
         return None if raw is None else coord_decoder.decode(raw).data
 
     def processes(self) -> list[dict]:

@@ -216,3 +216,113 @@ def test_port_in_use_is_one_line_and_exit_3(tmp_path, config_factory, where):
     assert bind_lines and all(endpoint in line for line in bind_lines)
     if where == "control":
         assert len(result.stderr.strip().splitlines()) == 1      # nothing started, one line
+
+
+# -- 15: children run on the config the launcher validated -------------------------------------
+def test_half_edited_config_on_disk_does_not_reach_restarted_children(tmp_path, config_factory, launched):
+    out = tmp_path / "rec"
+    path = config_factory(workers={"rec": recorder_group(out, processes=2)})
+    cfg = config.load(path)
+    good = path.read_text()
+    p = launched(path)
+    sender = Sender(cfg.confirm, 8_000, chunk=100, pace=0.01)
+    sender.start()
+    wait_for(lambda: len(sender.acked) >= 2000, 60, message="2000 acked")
+    path.write_text(good[: len(good) // 2] + "\nworkers: {rec: [\n")       # an editor mid-save
+    t0 = time.monotonic()
+    member, router = proc_of(p, "rec-0"), proc_of(p, "router")
+    os.kill(member["pid"], signal.SIGKILL)
+    os.kill(router["pid"], signal.SIGKILL)
+    wait_for(lambda: all(proc_of(p, n).get("state") == "running" and proc_of(p, n).get("pid") != old["pid"]
+                         for n, old in (("rec-0", member), ("router", router))), 60,
+             message="member and router restarted on the validated config")
+    recover_s = round(time.monotonic() - t0, 2)
+    refused = p.control("reload")                      # the launcher checks the file: refused, nothing changes
+    sender.join(180)
+    assert sender.error is None and len(sender.acked) == 8_000
+    handled = wait_all_handled(out, sender.acked, 120)
+    states = {x["name"]: x["state"] for x in p.processes()}
+    # the file fixed, with a new limit: reload applies it live, and a restarted router keeps it
+    fixed = yaml.safe_load(good)
+    fixed["router"]["rate_limits"] = {"sources": {"other": {"rate": 7, "burst": 9}}}
+    path.write_text(yaml.safe_dump(fixed))
+    applied = cli("reload", "-c", str(path))
+    router = proc_of(p, "router")
+    os.kill(router["pid"], signal.SIGKILL)
+    wait_for(lambda: (p.router_status(0.5) or {}).get("router", {}).get("pid") not in (None, router["pid"]), 60,
+             message="router restarted")
+    limits = p.router_status()["router"]["rate_limits"]
+    d = duplicates(out)
+    report("config_edited_on_disk", sent=8_000, acked=len(sender.acked), delivered_rec=d["delivered"],
+           lost=len(set(sender.acked) - set(handled)), dup_flagged=d["dup_flagged"],
+           dup_unflagged=d["dup_unflagged"], failed=sum(s == "failed" for s in states.values()),
+           launcher_alive=int(p.proc.poll() is None), recover_s=recover_s)
+    assert refused is not None and not refused["ok"] and str(path) in refused["error"]
+    assert set(states.values()) == {"running"} and p.proc.poll() is None
+    assert set(sender.acked) <= set(handled) and d["dup_unflagged"] == 0
+    assert applied.returncode == 0 and "other" in applied.stdout, applied.stderr
+    assert limits.get("other", {}).get("rate") == 7
+
+
+# -- 18: hang detection -------------------------------------------------------------------------
+def shown_hung(path, name: str) -> dict | None:
+    """`nexus status --json` shows the process as hung (None while it does not)."""
+    result = cli("status", "--json", "-c", str(path))
+    procs = {x["name"]: x for x in json.loads(result.stdout or "{}").get("processes", [])}
+    return procs.get(name) if procs.get(name, {}).get("state") == "hung" else None
+
+def test_hung_router_and_member_are_restarted(tmp_path, config_factory, launched):
+    out = tmp_path / "rec"
+    path = config_factory(hang_timeout="1.5s", workers={"rec": recorder_group(out, processes=2)})
+    cfg = config.load(path)
+    p = launched(path)
+    sender = Sender(cfg.confirm, 10_000, chunk=100, pace=0.02)
+    sender.start()
+    seen_hung, recover = {}, {}
+    for name, after in (("router", 2000), ("rec-1", 5000)):
+        wait_for(lambda: len(sender.acked) >= after, 60, message=f"{after} acked")
+        victim = proc_of(p, name)
+        os.kill(victim["pid"], signal.SIGSTOP)              # alive, but not a single beat any more
+        t0 = time.monotonic()
+        seen_hung[name] = wait_for(lambda: shown_hung(path, name), 30, 0.05, message=f"{name} shown hung")
+        wait_for(lambda: proc_of(p, name).get("state") == "running" and proc_of(p, name)["pid"] != victim["pid"],
+                 30, message=f"{name} restarted")
+        recover[name] = round(time.monotonic() - t0, 2)
+        assert not pid_alive(victim["pid"])
+    sender.join(180)
+    assert sender.error is None and len(sender.acked) == 10_000
+    handled = wait_all_handled(out, sender.acked, 120)
+    procs = {x["name"]: x for x in p.processes()}
+    d = duplicates(out)
+    report("hung_router_and_member", sent=10_000, acked=len(sender.acked), delivered_rec=d["delivered"],
+           lost=len(set(sender.acked) - set(handled)), dup_flagged=d["dup_flagged"],
+           dup_unflagged=d["dup_unflagged"], recover_s_router=recover["router"], recover_s_member=recover["rec-1"])
+    assert seen_hung["router"]["state"] == seen_hung["rec-1"]["state"] == "hung"
+    for name in ("router", "rec-1"):
+        assert procs[name]["restarts"] == 1 and procs[name]["last_exit"].startswith("hung"), procs[name]
+    assert p.output().count("process_hung") == 2
+    assert set(sender.acked) <= set(handled) and d["dup_unflagged"] == 0
+
+
+# -- readiness: a router slow to start is waited for while it beats --------------------------------
+def test_slow_router_start_is_waited_for_while_it_beats(tmp_path, config_factory):
+    out = tmp_path / "rec"
+    path = config_factory(hang_timeout="1s", contracts=["nexus.contracts", "slow_contracts"],
+                          workers={"rec": recorder_group(out, processes=1)})
+    cfg = config.load(path)
+    p = LaunchedPipeline(path, env={"SLOW_ROUTER_START": "16"})     # past the old fixed 15 s
+    t0 = time.monotonic()
+    try:
+        p.start(wait_ready=False)
+        # meanwhile the launcher answers status (it no longer blocks in a readiness wait)
+        wait_for(lambda: proc_of(p, "router").get("state") == "running", 30, message="launcher answering")
+        p.wait_ready(60)
+        ready_s = round(time.monotonic() - t0, 2)
+        ids = send_some(cfg.confirm, 100, "ready")
+        handled = wait_all_handled(out, ids, 60)
+    finally:
+        p.stop()
+    report("slow_router_start", sent=100, acked=len(ids), delivered_rec=len(set(handled) & set(ids)),
+           lost=len(set(ids) - set(handled)), ready_s=ready_s)
+    assert ready_s >= 16 and "process_hung" not in p.output()
+    assert set(ids) <= set(handled)
