@@ -65,6 +65,22 @@ def handled_counter(out: Path) -> Counter:
     return Counter(row[1] for row in read_handled(str(out)))
 
 
+def duplicates(out: Path) -> dict:
+    """Handlings beyond the first per event id; flagged when the extra handlings carry
+    ctx.redelivered (an event handled n times needs n-1 flagged handlings)."""
+    by_id: dict[str, list[int]] = {}
+    for _member, event_id, _seq, _p, redelivered, _attempt in read_handled(str(out)):
+        by_id.setdefault(event_id, []).append(redelivered)
+    flagged = unflagged = 0
+    for flags in by_id.values():
+        extra = len(flags) - 1
+        if extra > 0:
+            ok = min(extra, sum(flags))
+            flagged += ok
+            unflagged += extra - ok
+    return {"delivered": len(by_id), "dup_flagged": flagged, "dup_unflagged": unflagged}
+
+
 def wait_all_handled(out: Path, ids: list[str], timeout: float = 120) -> Counter:
     want = set(ids)
     wait_for(lambda: want <= set(handled_counter(out)), timeout, 0.1, f"all {len(want)} events handled in {out.name}")
@@ -117,10 +133,13 @@ def test_worker_kill_storm(tmp_path, config_factory, launched):
     restarts = sum(x["restarts"] for x in p.processes())
     dup_a = sum(v - 1 for v in a.values())
     dup_b = sum(v - 1 for v in b.values())
+    d_a, d_b = duplicates(out_a), duplicates(out_b)
     report("worker_kill_storm", sent=20_000, acked=len(sender.acked), kills=kills, restarts=restarts,
            delivered_a=len(a), delivered_b=len(b), lost_a=len(set(sender.acked) - set(a)),
-           lost_b=len(set(sender.acked) - set(b)), duplicates_a=dup_a, duplicates_b=dup_b)
+           lost_b=len(set(sender.acked) - set(b)), duplicates_a=dup_a, duplicates_b=dup_b,
+           dup_flagged=d_a["dup_flagged"] + d_b["dup_flagged"], dup_unflagged=d_a["dup_unflagged"] + d_b["dup_unflagged"])
     assert kills >= 3 and restarts >= 3
+    assert d_a["dup_unflagged"] == 0 and d_b["dup_unflagged"] == 0
     assert set(a) == set(sender.acked) and set(b) == set(sender.acked)
 
 
@@ -151,11 +170,15 @@ def test_router_kill(tmp_path, config_factory, launched):
     b = wait_all_handled(out_b, acked, 180)
     p.stop()
     journal = verify_journal(Path(cfg.data_dir), acked)
+    d_a, d_b = duplicates(out_a), duplicates(out_b)
     report("router_kill", sent=10_000, acked=len(acked), router_kills=kills, delivered_a=len(set(a) & set(acked)),
            delivered_b=len(set(b) & set(acked)), duplicates_a=sum(v - 1 for v in a.values()),
-           duplicates_b=sum(v - 1 for v in b.values()), journal_records=journal["records"],
+           duplicates_b=sum(v - 1 for v in b.values()), dup_flagged=d_a["dup_flagged"] + d_b["dup_flagged"],
+           dup_unflagged=d_a["dup_unflagged"] + d_b["dup_unflagged"], journal_records=journal["records"],
            journal_truncated_bytes=journal["truncated_bytes"])
     assert len(acked) == 10_000
+    # every event handled twice says so the second time (ctx.redelivered)
+    assert d_a["dup_unflagged"] == 0 and d_b["dup_unflagged"] == 0
 
 
 def test_slow_joiner_and_late_group(tmp_path, config_factory, launched):

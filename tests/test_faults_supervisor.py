@@ -12,7 +12,6 @@ import socket
 import subprocess
 import sys
 import time
-from collections import Counter, defaultdict
 from pathlib import Path
 
 import pytest
@@ -23,7 +22,7 @@ from nexus import Producer, config
 from nexus.errors import ConfigError, ExitCode
 from nexus.testing import LaunchedPipeline, free_port, pid_alive, wait_for
 from recorder import read_handled
-from test_faults import Sender, report, verify_journal, wait_all_handled
+from test_faults import Sender, duplicates, report, verify_journal, wait_all_handled
 
 pytestmark = pytest.mark.system
 
@@ -34,22 +33,6 @@ def launch_cmd(path) -> list[str]:
 
 def cli(*args, timeout: float = 30) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "nexus", *args], capture_output=True, text=True, timeout=timeout)
-
-
-def duplicates(out: Path) -> dict:
-    """Handlings beyond the first per event id; flagged when the extra handlings carry
-    ctx.redelivered (an event handled n times needs n-1 flagged handlings)."""
-    by_id: dict[str, list[int]] = defaultdict(list)
-    for _member, event_id, _seq, _p, redelivered, _attempt in read_handled(str(out)):
-        by_id[event_id].append(redelivered)
-    flagged = unflagged = 0
-    for flags in by_id.values():
-        extra = len(flags) - 1
-        if extra > 0:
-            ok = min(extra, sum(flags))
-            flagged += ok
-            unflagged += extra - ok
-    return {"delivered": len(by_id), "dup_flagged": flagged, "dup_unflagged": unflagged}
 
 
 def proc_of(p: LaunchedPipeline, name: str) -> dict:
@@ -326,3 +309,37 @@ def test_slow_router_start_is_waited_for_while_it_beats(tmp_path, config_factory
            lost=len(set(ids) - set(handled)), ready_s=ready_s)
     assert ready_s >= 16 and "process_hung" not in p.output()
     assert set(ids) <= set(handled)
+
+
+# -- member exits: the router is told at once; a recycle is a restart, not a crash -----------------
+def test_member_exit_is_told_to_the_router_and_recycle_is_not_a_crash(tmp_path, config_factory, launched):
+    out_rec, out_cyc = tmp_path / "rec", tmp_path / "cyc"
+    cyc = recorder_group(out_cyc, processes=1, options={"every": 400})
+    cyc["handler"] = "recorder:recycling"
+    # heartbeats so slow that only the launcher's report can free a dead member's partitions in time
+    path = config_factory(crash_loop=1, router={"heartbeat_interval": "5s", "heartbeat_misses": 6},
+                          workers={"rec": recorder_group(out_rec, processes=2), "cyc": cyc})
+    cfg = config.load(path)
+    p = launched(path)
+    sender = Sender(cfg.confirm, 3_000, chunk=100, pace=0.02)
+    sender.start()
+    wait_for(lambda: len(sender.acked) >= 1000, 60, message="1000 acked")
+    victim = proc_of(p, "rec-1")
+    os.kill(victim["pid"], signal.SIGKILL)
+    wait_for(lambda: "reason='process exited'" in p.output() or "reason=process exited" in p.output(), 20,
+             message="router told of the exit")
+    sender.join(180)
+    assert sender.error is None and len(sender.acked) == 3_000
+    rec = wait_all_handled(out_rec, sender.acked, 120)
+    cyc_handled = wait_all_handled(out_cyc, sender.acked, 120)
+    procs = {x["name"]: x for x in p.processes()}
+    d_rec, d_cyc = duplicates(out_rec), duplicates(out_cyc)
+    report("member_exit_and_recycle", sent=3_000, acked=len(sender.acked), delivered_rec=d_rec["delivered"],
+           delivered_cyc=d_cyc["delivered"], lost=len(set(sender.acked) - set(rec)) + len(set(sender.acked) - set(cyc_handled)),
+           dup_flagged=d_rec["dup_flagged"] + d_cyc["dup_flagged"],
+           dup_unflagged=d_rec["dup_unflagged"] + d_cyc["dup_unflagged"], recycles=procs["cyc-0"]["restarts"])
+    assert procs["rec-1"]["last_exit"] == "SIGKILL" and procs["rec-1"]["state"] == "running"
+    # crash_loop=1 would have failed it on the second crash: recycles are not crashes
+    assert procs["cyc-0"]["restarts"] >= 5 and procs["cyc-0"]["state"] == "running"
+    assert procs["cyc-0"]["last_exit"] == "recycled"
+    assert d_rec["dup_unflagged"] == 0 and d_cyc["dup_unflagged"] == 0

@@ -54,3 +54,20 @@ def poisonable(event, ctx) -> None:
     if isinstance(payload, dict) and payload.get("poison") and not os.path.exists(ctx.options["fixed"]):
         raise ValueError(f"cannot digest event {event.id}")
     _record(event, ctx, ctx.options["out"])
+
+
+_count = 0
+
+
+def recycling(event, ctx) -> None:
+    """Records; after options.every events the member stops gracefully (drain, ack,
+    leave) and its process ends with exit code 8 (RECYCLE): a stand-in for a member
+    recycling itself on max_events."""
+    global _count
+    _record(event, ctx, ctx.options["out"])
+    _count += 1
+    if _count == int(ctx.options["every"]):
+        import atexit
+        import signal
+        atexit.register(os._exit, 8)          # after the graceful stop, exit with RECYCLE
+        os.kill(os.getpid(), signal.SIGTERM)
