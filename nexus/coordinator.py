@@ -46,6 +46,12 @@ class Group:
     # grant flags events up to it as redelivered until the cursor has passed it (not
     # only the first grant: a partition can move on before its new owner got that far)
     unclean: dict[int, int] = field(default_factory=dict)
+    # after a router restart, members that survived it rejoin with the partitions they
+    # still hold: those go back to them (their dedup windows then drop redeliveries),
+    # and unclaimed partitions wait until `settle_until` for the others to rejoin
+    claims: dict[int, str] = field(default_factory=dict)
+    settle_until: float = 0.0
+    fresh: bool = True                                         # no join since the router started
 
     def __post_init__(self) -> None:
         self.owner = [None] * self.partitions
@@ -83,6 +89,7 @@ class Coordinator:
         self.heads = heads if heads is not None else {}    # group -> last seq per partition
         self.heartbeat_timeout = heartbeat_timeout
         self.release_timeout = release_timeout
+        self.rejoin_grace = heartbeat_timeout      # survivors notice a restart by a refused heartbeat
 
     def add_group(self, name: str, partitions: int, cursors: list[int]) -> Group:
         group = Group(name, partitions, list(cursors))
@@ -92,13 +99,23 @@ class Coordinator:
 
     # -- membership ----------------------------------------------------------
     def join(self, group: Group, member: str, identity: bytes, now: float,
-             host: str = "", pid: int = 0) -> Outgoing:
+             host: str = "", pid: int = 0, holding: dict[int, int] | None = None) -> Outgoing:
         info = group.members.get(member)
         if info is not None:
             # a restarted member with the same name: whatever it held is gone
             self._drop_member(group, member, clean=False)
+        if group.fresh:
+            group.fresh = False
+            if holding:       # the first member back still holds partitions: the router restarted under it
+                group.settle_until = now + self.rejoin_grace
+        for p, upto in (holding or {}).items():
+            if 0 <= p < group.partitions and group.owner[p] is None and group.claims.get(p, member) == member:
+                group.claims[p] = member
+                if upto > group.cursors[p]:
+                    group.cursors[p] = upto      # what it handled: its acks were lost with the old router
         group.members[member] = MemberInfo(member, identity, now, now, host, pid)
-        log.info("member_joined", group=group.name, member=member, host=host, pid=pid)
+        log.info("member_joined", group=group.name, member=member, host=host, pid=pid,
+                 reclaimed=sum(1 for m in group.claims.values() if m == member))
         return self._rebalance(group, now, force_notify=member)
 
     def seen(self, group: Group, member: str, identity: bytes | None, now: float) -> bool:
@@ -138,17 +155,22 @@ class Coordinator:
                 log.warning("member_lost", group=group.name, member=m,
                             silent_for=round(now - group.members[m].last_seen, 2))
                 self._drop_member(group, m, clean=False)
+            settled = bool(group.settle_until) and now >= group.settle_until
+            if settled:
+                group.settle_until = 0.0
             stuck = [p for p, t in group.revoked_at.items() if now - t > self.release_timeout]
             for p in stuck:
                 log.warning("release_timed_out", group=group.name, partition=p, owner=group.owner[p])
                 group.owner[p] = None
                 group.revoked_at.pop(p, None)
-            if dead or stuck:
+            if dead or stuck or settled:
                 out += self._rebalance(group, now)
         return out
 
     def _drop_member(self, group: Group, member: str, clean: bool = True) -> None:
         group.members.pop(member, None)
+        for p in [p for p, m in group.claims.items() if m == member]:
+            del group.claims[p]
         for p in range(group.partitions):
             if group.owner[p] == member:
                 if not clean:
@@ -177,7 +199,16 @@ class Coordinator:
 
     # -- assignment ----------------------------------------------------------
     def _rebalance(self, group: Group, now: float, force_notify: str | None = None) -> Outgoing:
-        group.target = balanced(group.partitions, list(group.members), group.target)
+        claims = group.claims
+        if group.settle_until and all(claims.get(p) or group.owner[p] for p in range(group.partitions)):
+            group.settle_until = 0.0              # every partition is back: no need to wait
+        if group.settle_until:
+            # settling after a router restart: only claimed partitions are granted, to their claimer
+            group.target = [claims.get(p) or group.owner[p] for p in range(group.partitions)]
+        else:
+            current = [claims.get(p) or group.target[p] for p in range(group.partitions)]
+            claims.clear()
+            group.target = balanced(group.partitions, list(group.members), current)
         grants: dict[str, dict[int, int]] = {}
         for p in range(group.partitions):
             holder, want = group.owner[p], group.target[p]

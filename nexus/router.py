@@ -304,9 +304,13 @@ class Router:
                     stream[2].append(raw)
                 seq += 1
         send = self.publish.send_multipart
+        groups = self.coordinator.groups
         for (group, p), (prev, seqs, events) in streams.items():
             heads[group][p] = seqs[-1]
-            send((topic(group, p), encoder.encode(Delivery(prev, seqs, events))), zmq.NOBLOCK)
+            # no live copy for a partition nobody owns yet (after a router restart a member
+            # that has not rejoined may still be subscribed): its owner will fetch it
+            if groups[group].owner[p] is not None:
+                send((topic(group, p), encoder.encode(Delivery(prev, seqs, events))), zmq.NOBLOCK)
         if self.tail_subscribers:
             seqs = list(range(first, seq))
             events = list(chain.from_iterable(acc.events for acc in accepted))
@@ -343,7 +347,8 @@ class Router:
             return self._send_coord(identity, Error(f"unknown group {getattr(msg, 'group', '')!r}",
                                                     "unknown_group"))
         if isinstance(msg, Join):
-            for ident, out in self.coordinator.join(group, msg.member, identity, now, msg.host, msg.pid):
+            for ident, out in self.coordinator.join(group, msg.member, identity, now, msg.host, msg.pid,
+                                                    msg.holding):
                 self._send_coord(ident, out)
         elif isinstance(msg, Fetch):
             self._send_coord(identity, self.fetch(group, msg))

@@ -68,6 +68,7 @@ class Join(Coord, tag="join"):
     member: str
     host: str = ""
     pid: int = 0
+    holding: dict[int, int] = {}       # rejoining after a router restart: partition -> handled up to
 
 
 class Heartbeat(Coord, tag="hb"):

@@ -151,8 +151,10 @@ class Member(Dispatch):
         """Join, and join again whenever the router forgot us (router restart)."""
         while True:
             if not self.joined.is_set():
+                # after a router restart: the partitions we still run, to keep them
+                holding = {p: st.handled_upto() for p, st in self.streams.items() if not st.revoked}
                 await self._send(Join(group=self.group, member=self.name,
-                                      host=_socket.gethostname(), pid=os.getpid()))
+                                      host=_socket.gethostname(), pid=os.getpid(), holding=holding))
             try:
                 async with asyncio.timeout(1.0):
                     await self.joined.wait()
