@@ -423,3 +423,61 @@ def test_property_no_partition_has_two_runners(ops, partitions):
         if g.members:
             s = sizes(g.target, list(g.members))
             assert max(s) - min(s) <= 1 and sum(s) == partitions
+
+
+# -- redelivery marks, process exits, rejoin after a router restart (issue 10, defect 7) ----------------
+def test_unclean_mark_flags_every_grant_until_the_cursor_passes_it():
+    heads = {"g": [100]}
+    coord = Coordinator(heartbeat_timeout=HB, release_timeout=RELEASE, heads=heads)
+    g = coord.add_group("g", 1, [10])               # a router start: whatever was handled is unknown
+    assert assigns(coord.join(g, "a", b"A", now=0.0))[b"A"].redelivered == {0: 100}
+    coord.join(g, "b", b"B", now=1.0)               # a keeps the only partition
+    # a hands it over (a clean leave) before it got to 100: b must flag up to 100 too
+    out = assigns(coord.leave(g, "a", {0: 50}, now=2.0))
+    assert out[b"B"].grants == {0: 50} and out[b"B"].redelivered == {0: 100}
+    coord.ack(g, "b", {0: 120})
+    heads["g"][0] = 130
+    coord.lost(g, "b", now=3.0)                     # the launcher saw b die at head 130
+    out = assigns(coord.join(g, "c", b"C", now=4.0))
+    assert out[b"C"].grants == {0: 120} and out[b"C"].redelivered == {0: 130}
+    coord.ack(g, "c", {0: 130})
+    coord.leave(g, "c", {}, now=5.0)
+    out = assigns(coord.join(g, "d", b"D", now=6.0))
+    assert out[b"D"].grants == {0: 130} and out[b"D"].redelivered == {}
+    assert g.unclean == {}
+
+
+def test_lost_frees_the_partitions_at_once(coord):
+    g, _, _ = setup_two(coord)
+    out = assigns(coord.lost(g, "b", now=2.0))
+    assert "b" not in g.members and set(out) == {b"A"}
+    assert coord.lost(g, "b", now=2.0) == []        # told twice: nothing more
+
+
+def test_members_surviving_a_router_restart_get_their_partitions_back(coord):
+    g = coord.add_group("g", 4, [0, 0, 0, 0])
+    a = assigns(coord.join(g, "a", b"A", now=0.0, holding={0: 20, 1: 30}))
+    # only what it holds: the others wait for their holder to rejoin
+    assert a[b"A"].partitions == [0, 1] and a[b"A"].grants == {0: 20, 1: 30}
+    b = assigns(coord.join(g, "b", b"B", now=0.5, holding={2: 5, 3: 7}))
+    assert b[b"B"].partitions == [2, 3] and b[b"B"].grants == {2: 5, 3: 7}
+    assert b"A" not in b                            # nothing moved for a
+    assert g.settle_until == 0.0                    # every partition back: settled early
+    c = assigns(coord.join(g, "c", b"C", now=1.0))  # a fresh member later: an ordinary rebalance
+    assert c[b"C"].partitions == [] and (c.get(b"A") or c.get(b"B")).partitions
+
+
+def test_unclaimed_partitions_wait_for_the_rejoin_grace(coord):
+    g = coord.add_group("g", 4, [0, 0, 0, 0])
+    a = assigns(coord.join(g, "a", b"A", now=0.0, holding={0: 3}))
+    assert a[b"A"].partitions == [0]
+    assert coord.expire(now=HB / 2) == []           # still waiting for the other holders
+    coord.seen(g, "a", None, now=HB / 2)
+    late = assigns(coord.expire(now=HB + 0.1))
+    assert late[b"A"].partitions == [0, 1, 2, 3]
+
+
+def test_a_fresh_start_does_not_wait(coord):
+    g = coord.add_group("g", 4, [0, 0, 0, 0])
+    a = assigns(coord.join(g, "a", b"A", now=0.0, holding={}))
+    assert a[b"A"].partitions == [0, 1, 2, 3] and g.settle_until == 0.0
