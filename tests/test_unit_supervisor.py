@@ -61,11 +61,10 @@ def test_stale_run_cleanup_kills_only_that_runs_processes(tmp_path):
 
 
 def test_terminate_ends_a_process_that_ignores_sigterm():
-    p = subprocess.Popen(["sh", "-c", "trap '' TERM; sleep 60"])
+    p = subprocess.Popen(["sh", "-c", "trap '' TERM; exec sleep 60"])
     wait_for(lambda: process.stat(p.pid) is not None, 5, message="started")
-    process.terminate([p.pid], grace=0.2)           # SIGTERM ignored: SIGKILL, and reaped
-    assert not process.live(p.pid)
-    p.poll()
+    process.terminate([p.pid], grace=0.2)           # SIGTERM ignored: then SIGKILL
+    wait_for(lambda: p.poll() is not None or not process.live(p.pid), 5, message="killed")
 
 
 def test_exit_reasons():
