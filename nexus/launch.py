@@ -103,6 +103,7 @@ class Launcher:
         self.started = time.time()
         self.ready_logged = False
         self.starting = True          # until the router answers; then producers and workers start
+        self.reload_requested = False
         self.scale: dict[str, int] = {g: w.processes for g, w in cfg.workers.items()}
         self.token = f"{os.getpid()}-{time.time_ns()}"     # marks every process of this run
         self.lock: DataDirLock | None = None
@@ -316,6 +317,7 @@ class Launcher:
 
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
+        signal.signal(signal.SIGHUP, lambda *_: setattr(self, "reload_requested", True))
         try:
             if self.control is None:
                 self.prepare()
@@ -337,6 +339,9 @@ class Launcher:
                             self._on_exit(child)
                 if control in events:
                     self._on_control(control)
+                if self.reload_requested and not self.starting:
+                    self.reload_requested = False
+                    self.reload()                    # SIGHUP: like `nexus reload`
                 now = time.monotonic()
                 self._watch(now)
                 for child in self.children.values():
