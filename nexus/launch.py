@@ -23,7 +23,6 @@ import os
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
 
 import msgspec
 import structlog
@@ -31,16 +30,13 @@ import zmq
 
 from . import blackbox, config as config_mod, logs, process, transport
 from .child import entry
+from .children import KILL_GRACE, Child, describe_exit, end_orphans
 from .datalock import LAUNCHER_LOCK, ROUTER_LOCK, DataDirLock, clean_stale_run
 from .errors import ConfigError, ExitCode, NexusError
 from .wire import MemberExited, ReloadRequest, StatusRequest, coord_decoder, encoder
 
 log = structlog.get_logger("nexus.launch")
 ROLES_STOP_ORDER = ("producer", "worker", "router")
-HANG_WATCHED = ("router", "worker")     # the roles that beat their box (producers do not yet)
-START_GRACE = 60.0       # a child that never beat (interpreter start, imports) is hung only after this
-                         # long, or hang_timeout if that is longer
-KILL_GRACE = 2.0         # a hung child gets SIGTERM, then SIGKILL this much later
 NOTIFY_TIMEOUT = 0.5     # MemberExited: the router answers at once, or is down itself
 
 
@@ -48,48 +44,6 @@ class ControlRequest(msgspec.Struct, frozen=True):
     cmd: str                      # status | scale | stop | reload
     group: str = ""
     n: int = 0
-
-
-@dataclass
-class Child:
-    name: str
-    role: str
-    group: str = ""
-    process: multiprocessing.Process | None = None
-    state: str = "new"            # running, hung, backoff, stopping, stopped, failed
-    restarts: int = 0
-    started: float = 0.0
-    spawned: float = 0.0          # monotonic: the start grace counts from here
-    first_beat: float = 0.0       # the beat child.py writes at start; until the child's own loop
-                                  # beats again it is starting (imports, recovery): START_GRACE
-    crashes: list[float] = field(default_factory=list)
-    restart_at: float = 0.0
-    kill_at: float = 0.0          # hung: SIGKILL at this monotonic time
-    retired: bool = False         # scaled away: do not restart
-    reaped: bool = True           # its exit was handled (its process group ended)
-    last_exit: str = ""           # "exit 1", "SIGKILL", "hung", "recycled"
-    box: blackbox.BlackBox | None = None   # what the child last beat and was handling
-
-    @property
-    def pid(self) -> int | None:
-        return self.process.pid if self.process is not None else None
-
-    def alive(self) -> bool:
-        return self.process is not None and self.process.is_alive()
-
-
-def describe_exit(code: int | None) -> str:
-    if code is None:
-        return ""
-    if code < 0:
-        try:
-            return signal.Signals(-code).name
-        except ValueError:
-            return f"signal {-code}"
-    try:
-        return f"exit {code} ({ExitCode(code).name.lower()})"
-    except ValueError:
-        return f"exit {code}"
 
 
 class Launcher:
@@ -204,32 +158,8 @@ class Launcher:
             child.state = "stopped"
 
     def _reaped(self, child: Child) -> None:
-        """The child has exited (its sentinel fired): end what is left of its process
-        group while its zombie still holds the pid (so the group id cannot be reused),
-        then reap it, then end orphans of its forks that left the group."""
-        if child.reaped:
-            return                  # long gone: its pid may belong to someone else by now
-        process.kill_group(child.pid or 0)
-        child.process.join(0.5)
-        child.reaped = True
-        self._end_orphans()
-
-    def _end_orphans(self) -> None:
-        """Our direct children that are neither our processes nor the multiprocessing
-        helper (which stays in our process group) are descendants' orphans (we are a
-        subreaper): end them, unless their group's child still lives."""
-        ours = {c.pid for c in self.children.values() if c.process is not None}
-        live_groups = {c.pid for c in self.children.values() if c.alive()}
-        my_group = os.getpgrp()
-        orphans = []
-        for pid in process.children_of(os.getpid()):
-            found = process.stat(pid)
-            if pid in ours or found is None or found[2] in (my_group, *live_groups):
-                continue
-            orphans.append(pid)
-        if orphans:
-            log.warning("orphans_killed", pids=orphans)
-            process.terminate(orphans, 0.0)
+        if child.end_group():
+            end_orphans(self.children.values())
 
     def _on_exit(self, child: Child) -> None:
         code = child.process.exitcode
@@ -291,16 +221,10 @@ class Launcher:
                     child.process.kill()
                     child.kill_at = 0.0
                 continue
-            if child.state != "running" or child.role not in HANG_WATCHED or child.box is None:
+            if child.state != "running":
                 continue
-            beat = child.box.last_beat()
-            if beat and not child.first_beat:
-                child.first_beat = beat
-            if beat and beat != child.first_beat:
-                silence, limit = now - beat, timeout
-            else:
-                silence, limit = now - child.spawned, max(timeout, START_GRACE)
-            if silence <= limit:
+            silence = child.silent(now, timeout)
+            if silence is None:
                 continue
             log.error("process_hung", name=child.name, pid=child.pid, silence=round(silence, 1))
             if child.role == "router" and self.starting:
@@ -469,7 +393,7 @@ class Launcher:
                 self._reaped(child)
                 if child.state != "failed":
                     child.state = "stopped"
-        self._end_orphans()
+        end_orphans(self.children.values())
         log.info("shutdown_complete", exit_code=int(self.exit_code))
 
 

@@ -10,7 +10,7 @@ import pytest
 from nexus import blackbox, process
 from nexus.datalock import DataDirLock, clean_stale_run
 from nexus.errors import ConfigError
-from nexus.launch import describe_exit
+from nexus.children import describe_exit
 from nexus.testing import pid_alive, wait_for
 
 
