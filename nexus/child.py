@@ -13,7 +13,8 @@ from .errors import ExitCode, NexusError
 from .process import die_with_parent, stop_own_group
 
 
-def entry(role: str, config, env: str | None, name: str, group: str, parent_pid: int) -> None:
+def entry(role: str, config, env: str | None, name: str, group: str, parent_pid: int,
+          members_alive: bool = False) -> None:
     die_with_parent(parent_pid)
     # Own process group: a terminal's Ctrl-C (or `timeout`) signals the launcher only,
     # which then stops children in order instead of all at once; and whatever this
@@ -27,7 +28,7 @@ def entry(role: str, config, env: str | None, name: str, group: str, parent_pid:
         _open_box(blackbox, blackbox.path_for(cfg.data_dir, name))
         if role == "router":
             from .router import main
-            main(cfg, env)
+            main(cfg, env, members_alive)
         elif role == "producer":
             from .producers import main
             main(cfg, name)

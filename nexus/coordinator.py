@@ -97,6 +97,15 @@ class Coordinator:
         self.groups[name] = group
         return group
 
+    def expect_rejoin(self, now: float) -> None:
+        """The router restarted under live members (the launcher knows): hold back
+        unclaimed partitions for one grace period even if the first member back is a
+        fresh one, so no partition goes to a newcomer while its old holder, not yet
+        aware of the restart, still runs it."""
+        for group in self.groups.values():
+            group.fresh = False
+            group.settle_until = now + self.rejoin_grace
+
     # -- membership ----------------------------------------------------------
     def join(self, group: Group, member: str, identity: bytes, now: float,
              host: str = "", pid: int = 0, holding: dict[int, int] | None = None) -> Outgoing:

@@ -95,9 +95,12 @@ class Launcher:
             child.box = blackbox.BlackBox.create(blackbox.path_for(self.cfg.data_dir, child.name))
         else:
             child.box.reset()
+        # a router restarted under live members lets them rejoin with their partitions first
+        members_alive = child.role == "router" and any(c.role == "worker" and c.alive()
+                                                       for c in self.children.values())
         child.process = self.mp.Process(
             target=entry, name=child.name, daemon=False,
-            args=(child.role, self.cfg, self.env, child.name, child.group, os.getpid()))
+            args=(child.role, self.cfg, self.env, child.name, child.group, os.getpid(), members_alive))
         child.process.start()
         child.state = "running"
         child.started = time.time()

@@ -89,6 +89,7 @@ class Router:
         self._posted_cursors: dict[str, list[int]] | None = None
         self._retention_checked: dict[str, list[int]] | None = None
         self._staged: list[Accepted] = []              # accepted in this loop turn, not yet journaled
+        self.expect_rejoin = False     # restarted while members live: they rejoin (see Coordinator.expect_rejoin)
 
     # -- start ---------------------------------------------------------------------
     def recover(self) -> None:
@@ -146,6 +147,8 @@ class Router:
                      publish=self.config.publish, coord=self.config.coord)
             self.flusher.start()
             flusher_started = True
+            if self.expect_rejoin:
+                self.coordinator.expect_rejoin(time.monotonic())
             self._loop()
         finally:
             if flusher_started:          # a bind error must not be hidden by stopping a thread never started
@@ -451,12 +454,13 @@ class Router:
         return count
 
 
-def main(config: Config, env: str | None = None) -> None:
+def main(config: Config, env: str | None = None, members_alive: bool = False) -> None:
     import signal
 
     from .process import stop_on_signals
     with _beating(blackbox.current()):          # contract imports: starting is not hanging
         router = Router(config, env)
+    router.expect_rejoin = members_alive
     stop_on_signals(router.stop_event)
     signal.signal(signal.SIGHUP, lambda *_: setattr(router, "reload_requested", True))
     router.run()

@@ -481,3 +481,16 @@ def test_a_fresh_start_does_not_wait(coord):
     g = coord.add_group("g", 4, [0, 0, 0, 0])
     a = assigns(coord.join(g, "a", b"A", now=0.0, holding={}))
     assert a[b"A"].partitions == [0, 1, 2, 3] and g.settle_until == 0.0
+
+
+def test_a_router_restarted_under_live_members_holds_back_for_them(coord):
+    g = coord.add_group("g", 4, [0, 0, 0, 0])
+    coord.expect_rejoin(now=0.0)
+    fresh = assigns(coord.join(g, "new", b"N", now=0.1))          # a restarted member is back first
+    assert fresh[b"N"].partitions == []
+    old = assigns(coord.join(g, "old", b"O", now=0.2, holding={1: 9, 2: 9}))
+    assert old[b"O"].partitions == [1, 2]
+    coord.seen(g, "new", None, now=HB)
+    coord.seen(g, "old", None, now=HB)
+    out = assigns(coord.expire(now=HB + 0.1))
+    assert sorted(out[b"N"].partitions) == [0, 3]
