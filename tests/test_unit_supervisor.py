@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import socket
+import struct
 import subprocess
 
 import pytest
@@ -45,9 +46,11 @@ def test_stale_run_cleanup_kills_only_that_runs_processes(tmp_path):
     (run / "notes.txt").write_text("not a socket")
     ours, stranger = sleeper("old-run"), sleeper(None)
     try:
-        box = blackbox.BlackBox.create(blackbox.path_for(str(tmp_path), "rec-0"))
-        box._u64[1] = stranger.pid                   # a reused pid in a box: never killed without the token
-        box.close()
+        box_path = blackbox.path_for(str(tmp_path), "rec-0")
+        blackbox.BlackBox.create(box_path).close()
+        with open(box_path, "r+b") as f:              # a reused pid in a box: never killed without the token
+            f.seek(8)
+            f.write(struct.pack("Q", stranger.pid))
         done = clean_stale_run(str(tmp_path), [f"ipc://{run}/coord"], "old-run")
         assert done["killed"] == [ours.pid] and done["sockets"] == ["coord"] and done["boxes"] == 1
         ours.wait(10)
