@@ -13,7 +13,7 @@ import zmq
 
 from . import config as config_mod, transport
 from .errors import ConfigError, EventError, ExitCode, NexusError, PeerError
-from .events import Contracts, decode_wire_event
+from .events import Contracts, decode_wire_event, printable
 from .wire import (TAIL_TOPIC, DlqRequest, ReloadRequest, ReplayRequest, StatusRequest, coord_decoder,
                    delivery_decoder, encoder)
 
@@ -197,7 +197,9 @@ def cmd_tail(args) -> int:
                     print(json.dumps({"seq": seq, "id": ev.id, "type": ev.type, "source": ev.source,
                                       "key": ev.key, "time": ev.time, "payload": payload}, default=str), flush=True)
                 else:
-                    print(f"#{seq} {ev.type} from {ev.source} {json.dumps(payload, default=str)[:200]}", flush=True)
+                    # producer text (an old journal may hold control characters): escaped
+                    print(printable(f"#{seq} {ev.type} from {ev.source} {json.dumps(payload, default=str)[:200]}"),
+                          flush=True)
                 shown += 1
                 if args.count and shown >= args.count:
                     break

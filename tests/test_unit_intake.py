@@ -220,7 +220,10 @@ def test_batch_skipping_ahead_is_not_accepted():
     intake = make_intake()
     intake.take(batch([ev(), ev()], "p", 1), confirm=True, now=0.0)            # high = 2
     out = intake.take(batch([ev(), ev()], "p", 5, floor=3), confirm=True, now=0.0)   # 3, 4 missing
-    assert out.accepted.events == [] and out.nacks == []
+    assert out.accepted.events == []
+    # issue 10 #6: a gap is NACKed as retryable (`sequence_gap`, seqs above `ack`)
+    assert [(n.seq, n.reason.split(":")[0], n.retry_after) for n in out.nacks] == \
+        [(5, "sequence_gap", 0.0), (6, "sequence_gap", 0.0)]
     assert out.ack == 2
     assert intake.high["p"] == 2
     # the producer goes back to 3: accepted
