@@ -221,13 +221,18 @@ def test_console_log_format_escapes_control_characters(tmp_path):
 @pytest.mark.parametrize("damage", ["file", "file_and_previous"])
 def test_damaged_cursor_file_resumes_without_skipping_the_backlog(tmp_path, config_factory, launched, damage):
     out = tmp_path / "out"
-    group = recorder_group(out, processes=0, start="latest")     # no members yet: a backlog builds
-    path = config_factory(workers={"late": group})
+    path = config_factory(workers={"late": recorder_group(out, start="latest")})
     cfg = config.load(path)
     p = launched(path)
-    sent = 1000
+    p.wait_members("late", 1)
     with Producer(cfg.confirm, source="backlog", ack_timeout=1.0) as producer:
-        acked = [producer.send("test.item", {"i": i}, key=f"k{i % 16}") for i in range(sent)]
+        handled = [producer.send("test.item", {"i": i}, key=f"k{i % 16}") for i in range(500)]
+        producer.flush(60)
+        delivery_figures(out, handled, 60)
+        assert p.control("scale", group="late", n=0) is not None      # no members: a backlog builds
+        wait_for(lambda: not (p.router_status() or {"groups": {"late": {"members": [1]}}})["groups"]["late"]["members"],
+                 30, 0.1, "the member left")
+        backlog = [producer.send("test.item", {"i": i}, key=f"k{i % 16}") for i in range(500, 1500)]
         producer.flush(60)
     p.stop()
     cursor_file = Path(cfg.data_dir) / "cursors.msgpack"
@@ -235,20 +240,19 @@ def test_damaged_cursor_file_resumes_without_skipping_the_backlog(tmp_path, conf
                                if damage == "file_and_previous" else [])
     for target in targets:
         data = bytearray(target.read_bytes())
-        for i in range(len(data) // 2, len(data)):
-            data[i] ^= 0xFF                       # flip the second half: a damaged write
-        target.write_bytes(bytes(data))
+        data[len(data) // 2] ^= 0x5A              # a flipped byte and a lost last byte
+        target.write_bytes(bytes(data[:-1]))
     t0 = time.monotonic()
-    path.write_text(path.read_text().replace("processes: 0", "processes: 1"))
     p2 = launched(path)
-    figures = delivery_figures(out, acked, 60)
+    figures = delivery_figures(out, handled + backlog, 60)
     recover_s = round(time.monotonic() - t0, 2)
     status = p2.router_status() or {}
     damaged = status.get("router", {}).get("cursor_file_damaged")
-    report(f"damaged_cursor_file_{damage}", sent=sent, acked=len(acked), delivered_late=figures["delivered"],
-           lost=figures["lost"], dup_flagged=figures["dup_flagged"], dup_unflagged=figures["dup_unflagged"],
-           recover_s=recover_s, recovered_from=(damaged or {}).get("recovered_from"))
-    assert figures["lost"] == 0 and figures["delivered"] == sent
+    report(f"damaged_cursor_file_{damage}", sent=1500, acked=len(handled) + len(backlog), backlog=len(backlog),
+           delivered_late=figures["delivered"], lost=figures["lost"], dup_flagged=figures["dup_flagged"],
+           dup_unflagged=figures["dup_unflagged"], recover_s=recover_s,
+           recovered_from=(damaged or {}).get("recovered_from"))
+    assert figures["lost"] == 0 and figures["delivered"] == 1500
     assert damaged and damaged["recovered_from"] == ("previous" if damage == "file" else "nothing")
     assert p2.output().count("state_file_damaged") == 1
     assert os.path.exists(f"{cursor_file}.damaged")
