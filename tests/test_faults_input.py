@@ -188,7 +188,7 @@ def test_control_characters_are_refused_and_every_output_is_escaped(tmp_path, co
         launch_out = p.output()
         tail_text = tail_out.read_bytes().decode(errors="replace")
         console_line = next((line for line in launch_out.splitlines() if "from fine" in line), "")
-        report("input_edges", sent=7, acked=int(accepted), refused=refused, delivered_rec=int(delivered),
+        report("input_edges", sent=7, acked=reply.get("ack", 0) - len(reasons), refused=refused, delivered_rec=int(delivered),
                lost=int(accepted and not delivered), dup_flagged=0, dup_unflagged=0,
                raw_controls_console=len(RAW_CONTROLS.findall(launch_out)),
                raw_controls_tail=len(RAW_CONTROLS.findall(tail_text)))
