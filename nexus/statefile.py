@@ -65,24 +65,34 @@ def write(path: str, body: bytes) -> None:
     directory = os.path.dirname(path) or "."
     os.makedirs(directory, exist_ok=True)
     tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        f.write(encode(body))
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb") as f:
+            f.write(encode(body))
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        _unlink(tmp)                       # e.g. ENOSPC: leave no half file behind
+        raise
     try:
         prev_tmp = f"{path}.prev.tmp"
-        if os.path.lexists(prev_tmp):
-            os.unlink(prev_tmp)
+        _unlink(prev_tmp)
         os.link(path, prev_tmp)            # no copy: the current inode becomes .prev
         os.replace(prev_tmp, f"{path}.prev")
-    except FileNotFoundError:
-        pass                               # the first write: no previous copy yet
+    except OSError:
+        pass                               # the first write (no file yet), or no hard links here
     os.replace(tmp, path)
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)                       # the renames themselves are durable
     finally:
         os.close(fd)
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def read(path: str, parse: Callable[[bytes], T]) -> Loaded[T]:
