@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -20,7 +21,7 @@ import pytest
 import zmq
 
 from conftest import recorder_group
-from nexus import Producer, config, new_id
+from nexus import Producer, RejectedError, config, new_id
 from nexus.journal import Journal, entry_decoder
 from nexus.testing import wait_for
 from recorder import read_handled
@@ -142,6 +143,38 @@ def test_spoofed_floor_and_seq_lose_no_acked_event(tmp_path, config_factory, lau
         assert spoof["id"] not in {r[1] for r in handled_rows(out)}       # never journaled
     finally:
         attacker.close()
+
+
+def test_router_restart_after_nacked_events_renumbers_and_loses_nothing(tmp_path, config_factory, launched):
+    """Why `floor` existed, now without trusting it: the producer's last events before a
+    router SIGKILL were NACKed (not journaled), so the restarted router's `high` lags the
+    producer. The router answers sequence_gap; the SDK renumbers and nothing is lost."""
+    out = tmp_path / "out"
+    path = config_factory(workers={"rec": recorder_group(out)})
+    cfg = config.load(path)
+    p = launched(path)
+    with Producer(cfg.confirm, source="tailnack", ack_timeout=1.0) as producer:
+        acked = [producer.send("test.item", {"i": i}, key=f"k{i % 8}") for i in range(50)]
+        producer.flush(60)
+        for i in range(5):               # contract violations: NACKed, settled, not journaled
+            producer.send("file.created", {"path": "", "watcher": "w"})
+        with pytest.raises(RejectedError):
+            producer.flush(60)
+        router = {x["name"]: x for x in p.processes()}["router"]
+        os.kill(router["pid"], signal.SIGKILL)
+        wait_for(lambda: {x["name"]: x for x in p.processes()}["router"]["pid"] not in (None, router["pid"])
+                 and {x["name"]: x for x in p.processes()}["router"]["state"] == "running", 30, 0.1,
+                 "router restarted")
+        t0 = time.monotonic()
+        acked += [producer.send("test.item", {"i": i}, key=f"k{i % 8}") for i in range(50, 150)]
+        producer.flush(60)
+        renumbered = producer._outbox.renumbered
+    figures = delivery_figures(out, acked, 60)
+    report("restart_after_nacked_tail", sent=150, acked=len(acked), nacked=5, delivered_rec=figures["delivered"],
+           lost=figures["lost"], dup_flagged=figures["dup_flagged"], dup_unflagged=figures["dup_unflagged"],
+           recover_s=round(time.monotonic() - t0, 2), renumbered=renumbered)
+    assert figures["lost"] == 0 and figures["delivered"] == 150
+    assert renumbered == 1
 
 
 # -- #12 input edges ---------------------------------------------------------------------
