@@ -65,6 +65,7 @@ def status(router: "Router") -> dict:
             "journal": router.journal.info(),
             "rate_limits": intake.limiter.describe(),
             "recent_rejects": list(intake.reject_log)[-10:],
+            "cursor_file_damaged": router.cursors.damage,     # None unless found damaged at start
         },
         "groups": groups,
     }

@@ -18,9 +18,9 @@ from .errors import ConfigError
 DEFAULT_CONFIG = "config/default.yaml"
 
 # -- units -------------------------------------------------------------------
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_DURATION = re.compile(r"\A\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*\Z")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|KiB|MiB|GiB)?\s*$")
+_SIZE = re.compile(r"\A\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|KiB|MiB|GiB)?\s*\Z")
 _SIZE_UNITS = {None: 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9,
                "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}
 
@@ -340,7 +340,7 @@ def _check(cfg: Config, files: str) -> None:
     for label, endpoint in (("router.ingest", cfg.ingest), ("router.confirm", cfg.confirm),
                             ("router.publish", cfg.publish), ("router.coord", cfg.coord),
                             ("control", cfg.control_endpoint)):
-        if not re.match(r"^(tcp|ipc|inproc)://.+", endpoint):
+        if not re.fullmatch(r"(tcp|ipc|inproc)://[^\x00-\x1f\x7f]+", endpoint):   # whole string
             raise ConfigError(f"{files}: {label}: {endpoint!r} is not a tcp://, ipc:// or inproc:// endpoint")
         if endpoint.startswith("ipc://") and len(endpoint) - 6 > 100:
             raise ConfigError(f"{files}: {label}: ipc path is longer than 100 characters; use a shorter data_dir")

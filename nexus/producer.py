@@ -23,7 +23,7 @@ import zmq.asyncio
 
 from . import transport
 from .errors import EventError, NexusError, PeerError, RejectedError
-from .events import TYPE_RE, Contracts, Event, new_id
+from .events import CONTROL_RE, TYPE_RE, Contracts, Event, new_id
 from .outbox import MAX_BATCH_EVENTS, Outbox
 from .wire import reply_decoder
 
@@ -37,6 +37,7 @@ class _EventMaker:
     def __init__(self, source: str, max_event_bytes: int):
         if not source or len(source) > 128:
             raise EventError("source must be 1..128 characters")
+        _refuse_controls("source", source)
         self.source = source
         self.max_event_bytes = max_event_bytes
         # validates against contracts imported in this process; types without one
@@ -45,6 +46,7 @@ class _EventMaker:
         # type names that passed TYPE_RE (the regex was the costliest check per event);
         # bounded, so a caller inventing type names cannot grow it without limit
         self._good_types: set[str] = set()
+        self._good_keys: set[str] = set()      # the same for partition keys (control chars)
         self._encode = msgspec.msgpack.Encoder().encode
 
     def make(self, type_: str, payload: Any, key: str | None, priority: int,
@@ -56,6 +58,12 @@ class _EventMaker:
                 self._good_types.add(type_)
         if not 1 <= priority <= 10:
             raise EventError(f"priority must be 1..10, got {priority}")
+        if key is not None and key not in self._good_keys:
+            _refuse_controls("key", key)
+            if len(self._good_keys) < 10_000:
+                self._good_keys.add(key)
+        if correlation_id is not None:
+            _refuse_controls("correlation_id", correlation_id)
         # looked up every time: a contract module imported later still applies
         if self.contracts.struct_for(type_, v) is not None:
             payload = self.contracts.convert(type_, v, payload)
@@ -68,6 +76,12 @@ class _EventMaker:
         if len(data) > self.max_event_bytes:
             raise EventError(f"event {type_} is {len(data)} bytes, over the limit of {self.max_event_bytes}")
         return event_id, data
+
+
+def _refuse_controls(field: str, value: str) -> None:
+    # the router NACKs these as malformed: they would reach terminals and logs raw
+    if CONTROL_RE.search(value) is not None:
+        raise EventError(f"{field} {value!r} contains control characters")
 
 
 def _raise_errors(errors: list[RejectedError]) -> None:

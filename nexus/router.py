@@ -88,7 +88,8 @@ class Router:
                 log.warning("partitions_changed", group=name, old=len(cursors), new=group.partitions)
                 cursors = [min(cursors)] * group.partitions
             if cursors is None:
-                start = 0 if group.start == "earliest" else self.journal.last_seq
+                # a damaged cursor file: groups it lost resume at the journal start
+                start = 0 if group.start == "earliest" or self.cursors.lost else self.journal.last_seq
                 cursors = [start] * group.partitions
             self.coordinator.add_group(name, group.partitions, cursors)
         self.cursors.save(self._cursor_snapshot())
