@@ -26,7 +26,7 @@ import zmq
 
 from . import transport
 from .errors import ExitCode
-from .wire import Ack, encoder
+from .wire import Ack, MemberExited, encoder
 
 if TYPE_CHECKING:
     from .worker import Member
@@ -102,15 +102,23 @@ class Watchdog:
 
     def _final_acks(self) -> None:
         """Ack what was handled before the stuck call (the loop is blocked in it, so the
-        streams hold still), so the next owners do not handle those events again."""
+        streams hold still), so the next owners do not handle those events again; then
+        say we are gone when the launcher will not (it is stopping, or there is none),
+        so the router frees our partitions at once, flagged as redelivered."""
         m = self.m
         acks = {p: s.handled_upto() for p, s in list(m.streams.items())}
-        if not acks:
-            return
         ctx = zmq.Context()
         try:
             sock = transport.connect(ctx, zmq.DEALER, m.config.coord, linger_ms=1000)
-            sock.send(encoder.encode(Ack(group=m.group, member=m.name, acks=acks)))
+            if acks:
+                sock.send(encoder.encode(Ack(group=m.group, member=m.name, acks=acks)))
+            if m.box is None or m.stop_requested_at:
+                # (with a launcher that is not stopping, the launcher says it, with the
+                # poison count: a report from us first would let the event reach its next
+                # owner before it is known as poison)
+                sock.send(encoder.encode(MemberExited(group=m.group, member=m.name,
+                                                      exit_code=int(ExitCode.HANDLER_TIMEOUT),
+                                                      reason="handler_timeout", pid=os.getpid())))
             sock.close()
         finally:
-            ctx.term()          # returns once the ack is sent, or after the 1 s linger
+            ctx.term()          # returns once both are sent, or after the 1 s linger
