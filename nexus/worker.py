@@ -35,7 +35,7 @@ from .wire import (Ack, Assign, DeadLetterStored, Delivery, Error, Fetch, Join, 
 
 ACK_EVERY = 0.05
 TICK = 0.1                  # the loop's own timer: loop stamp, async timeouts, dead-letter resends
-RECYCLE_CHECK_EVERY = 0.25  # seconds between max_rss / max_events checks (reads /proc/self/statm)
+RECYCLE_CHECK_EVERY = TICK  # seconds between max_rss / max_events checks (reads /proc/self/statm)
 DRAIN_MAX = 64              # deliveries read per wakeup of the SUB reader before the loop gets a turn
 
 log = structlog.get_logger("nexus.worker")
