@@ -55,10 +55,6 @@ def duplicates(out: Path) -> tuple[int, int]:
     return flagged, unflagged
 
 
-def states(p) -> dict[str, str]:
-    return {x["name"]: x["state"] for x in p.processes()}
-
-
 # -- #9: a handler that kills its process on one event --------------------------------------
 @pytest.mark.parametrize("handler,how", [("misbehave:exits", "exit code 13"),
                                          ("misbehave:segfaults", "signal SIGSEGV")])
