@@ -24,7 +24,7 @@ import msgspec
 
 from .breaker import CLOSED
 from .context import Context
-from .errors import DependencyError, PermanentError
+from .errors import DependencyError, NexusError, PermanentError
 from .events import DECODE_ERRORS, Event, WireEvent, encode
 from .stream import PartitionStream
 from .wire import DeadLetter, encoder
@@ -240,7 +240,12 @@ class Dispatch:
             self._settle_due.clear()
             batch, self.settling = self.settling, []
             while True:
-                done, errors = await asyncio.to_thread(self._producer.settle, 5.0)
+                try:
+                    done, errors = await asyncio.to_thread(self._producer.settle, 5.0)
+                except NexusError as exc:        # the producer's I/O failed: nothing is acked meanwhile
+                    self.log.error("follow_ups_unconfirmed", causes=len(batch), error=str(exc))
+                    await asyncio.sleep(1.0)
+                    continue
                 for e in errors:
                     if len(self._emit_errors) < 100_000:
                         self._emit_errors[e.event_id] = e

@@ -149,6 +149,8 @@ class PartitionStream:
         head = [self.queue.popleft()] if keep_head else []
         before = len(self.queue)
         rest = [item for item in self.queue if item[0] not in self.skip]
+        if not head and rest[:1] != list(self.queue)[:1]:
+            self.attempt, self.first_failed = 1, 0.0     # the head waiting for a retry left
         self.queue.clear()
         self.queue.extend(head + rest)
         return before - len(rest)

@@ -275,6 +275,7 @@ class Member(Dispatch):
             if st is not None and not st.revoked:
                 # dead-lettered poison: pass over it (queued copies leave the queue)
                 self.queued -= st.add_skip(seqs)
+                self._ready(st)
         self.log.info("partitions_assigned", partitions=sorted(wanted), granted=sorted(msg.grants))
 
     def _drop_queued(self, st: PartitionStream) -> None:
