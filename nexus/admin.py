@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sqlite3
 import time
 from typing import TYPE_CHECKING
 
@@ -39,7 +40,10 @@ def handle(router: "Router", msg) -> dict:
 
 
 def status(router: "Router") -> dict:
-    dead = router.dlq.counts()
+    try:
+        dead = router.dlq.counts()
+    except sqlite3.OperationalError:         # locked by another process: status still answers
+        dead = {}
     groups = {}
     for name, g in router.coordinator.groups.items():
         members = []
@@ -167,6 +171,14 @@ def restore_skips(router: "Router") -> None:
 
 
 def dlq(router: "Router", msg: DlqRequest) -> dict:
+    try:
+        return _dlq(router, msg)
+    except sqlite3.OperationalError as exc:
+        # the loop's connection waits 0.5 s at most: another process holds the database
+        return {"error": f"dead-letter store busy ({exc}); try again"}
+
+
+def _dlq(router: "Router", msg: DlqRequest) -> dict:
     store = router.dlq
     if msg.group is not None and msg.group not in router.coordinator.groups:
         return {"error": f"unknown group {msg.group!r}"}
