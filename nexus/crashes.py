@@ -50,6 +50,7 @@ class CrashBook:
         self.crashes: dict[tuple[str, int], int] = {}
         self.timeouts: dict[tuple[str, int], int] = {}
         self.dead_lettered = 0
+        self.last_exit: dict[str, str] = {}     # member -> why it last ended (for `nexus status`)
 
     def assess(self, group: str, member: str, pid: int, code: int, inflight_slots) -> MemberExited:
         """Count this exit against the events the box names; build the router's notice."""
@@ -71,6 +72,10 @@ class CrashBook:
         while len(book) > MAX_TRACKED:
             del book[next(iter(book))]
         reason = "handler_timeout" if timeout else "crashed"
+        how = f"signal {exit_name(code)}" if code < 0 else f"exit code {code}"
+        self.last_exit[member] = (f"{reason} ({how}) on seq {', '.join(map(str, sorted(counts)))}"
+                                  + (f", dead-lettered {sorted(s for v in poison.values() for s in v)}" if poison else "")
+                                  if counts else f"{reason} ({how}), no event in flight")
         log.error("member_crashed", group=group, member=member, pid=pid,
                   **({"signal": exit_name(code)} if code < 0 else {"exit_code": code}),
                   reason=reason, seqs=sorted(counts), counts=counts or None,

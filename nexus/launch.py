@@ -260,7 +260,8 @@ class Launcher:
         now = time.time()
         return [{"name": c.name, "role": c.role, "group": c.group, "pid": c.pid, "state": c.state,
                  "restarts": c.restarts, "uptime": round(now - c.started, 1) if c.state == "running" else 0.0,
-                 **({"detail": self._detail(c)} if c.role == "producer" else {})}
+                 **({"detail": self._detail(c)} if c.role == "producer" else {}),
+                 **({"last_exit": self.crashbook.last_exit[c.name]} if c.name in self.crashbook.last_exit else {})}
                 for c in self.children.values()]
 
     def _detail(self, child: Child) -> dict:

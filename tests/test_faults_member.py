@@ -89,6 +89,7 @@ def test_poison_event_that_kills_the_member_is_dead_lettered(tmp_path, config_fa
     assert poison_id not in handled
     assert crashes == 3                                          # max_crashes, then dead-lettered
     assert all(x["state"] != "failed" for x in procs), procs
+    assert any(how in x.get("last_exit", "") for x in procs), procs    # status says why
     assert unflagged == 0
     assert status["dead_letters"] >= 1
     log = p.output()
