@@ -110,6 +110,8 @@ class Dispatch:
                     return clock() > deadline
                 st.busy = False
                 self.handled += 1
+                if self.handled >= self.recycle_check_at:
+                    self._check_recycle()        # (a plain compare per event; see Member._check_recycle)
                 recent.add(w.id)
             queue.popleft()
             st.attempt = 1
@@ -269,6 +271,8 @@ class Dispatch:
         self._breaker_outcome(error)
         if error is None:
             self.handled += 1
+            if self.handled >= self.recycle_check_at:
+                self._check_recycle()
             self.recent.add(st.queue[0][1].id)
             self._pop(st)
             return

@@ -17,6 +17,7 @@ the thread reads them a few times a second. No clock call per event.
 from __future__ import annotations
 
 import os
+import resource
 import sys
 import threading
 import time
@@ -42,8 +43,13 @@ def rss_bytes() -> int:
         with open("/proc/self/statm", "rb") as f:
             return int(f.read().split()[1]) * _PAGE
     except (OSError, ValueError, IndexError):
-        import resource
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return peak_rss_bytes()
+
+
+def peak_rss_bytes() -> int:
+    """The highest RSS this process had (one getrusage call, cheaper than reading /proc;
+    a leak only grows, so the peak is what max_rss is checked against)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 class Watchdog:

@@ -29,13 +29,14 @@ from .producer import Producer
 from .dispatch import Dispatch
 from .handlers import load_handler
 from .stream import PartitionStream, RecentIds
-from .watchdog import Watchdog, rss_bytes
+from .watchdog import Watchdog, peak_rss_bytes, rss_bytes
 from .wire import (Ack, Assign, DeadLetterStored, Delivery, Error, Fetch, Join, Leave, Pulse, Records, Released,
                    coord_decoder, encoder, topic)
 
 ACK_EVERY = 0.05
 TICK = 0.1                  # the loop's own timer: loop stamp, async timeouts, dead-letter resends
-RECYCLE_CHECK_EVERY = TICK  # seconds between max_rss / max_events checks (reads /proc/self/statm)
+RECYCLE_CHECK_EVERY = TICK  # seconds between max_rss / max_events checks from the tick
+RSS_CHECK_EVENTS = 64       # with max_rss, also look at the peak RSS every this many handled events
 DRAIN_MAX = 64              # deliveries read per wakeup of the SUB reader before the loop gets a turn
 
 log = structlog.get_logger("nexus.worker")
@@ -108,6 +109,7 @@ class Member(Dispatch):
         self.stop_grace = max(config.shutdown_timeout - 2.0, config.shutdown_timeout * 0.5)
         self.timeouts = 0
         self.recycling = ""                      # why this member drains and ends with RECYCLE
+        self.recycle_check_at = self._next_recycle_check()   # handled count of the next check
         self.settling: list = []                 # (stream, seq, follow-up ids) waiting for the router
         self._settle_due = asyncio.Event()
         self._emit_errors: dict = {}             # follow-up id -> RejectedError, until matched to its cause
@@ -455,15 +457,29 @@ class Member(Dispatch):
                 next_check = now + RECYCLE_CHECK_EVERY
                 self._check_recycle()
 
+    def _next_recycle_check(self) -> float:
+        """The handled count at which the dispatcher checks the recycle limits between the
+        ticks (a fast leak grows a lot in a tick): every RSS_CHECK_EVENTS with max_rss (a
+        getrusage call, ~1 us), at max_events; never without limits."""
+        spec = self.spec
+        at = float("inf")
+        if spec.max_rss is not None:
+            at = self.handled + RSS_CHECK_EVENTS
+        if spec.max_events is not None:
+            at = min(at, spec.max_events)
+        return at
+
     def _check_recycle(self) -> None:
+        self.recycle_check_at = self._next_recycle_check()
         if self.recycling or self.stop_event.is_set():
             return
         spec = self.spec
         if spec.max_events is not None and self.handled >= spec.max_events:
             self.recycling = f"handled {self.handled} events (max_events {spec.max_events})"
-        elif spec.max_rss is not None and (rss := rss_bytes()) > spec.max_rss:
+        elif spec.max_rss is not None and (rss := peak_rss_bytes()) > spec.max_rss:
             self.recycling = f"rss {rss >> 20} MiB over max_rss {spec.max_rss >> 20} MiB"
         if self.recycling:
+            self.recycle_check_at = float("inf")
             # graceful: take nothing new, finish and ack what is in flight, leave, exit RECYCLE
             self.log.warning("member_recycling", reason=self.recycling, handled=self.handled)
             self.stop_event.set()
