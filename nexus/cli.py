@@ -121,7 +121,7 @@ def cmd_status(args) -> int:
         print(f"{'PROCESS':<20} {'ROLE':<9} {'GROUP':<12} {'PID':>7} {'STATE':<9} {'RESTARTS':>8} {'UPTIME':>8}  DETAIL")
         for p in status["processes"]:
             print(f"{p['name']:<20} {p['role']:<9} {p['group'] or '-':<12} {p['pid'] or '-':>7} "
-                  f"{p['state']:<9} {p['restarts']:>8} {_fmt_uptime(p['uptime']):>8}  {_detail(p.get('detail'))}")
+                  f"{p['state']:<9} {p['restarts']:>8} {_fmt_uptime(p['uptime']):>8}  {_detail(p.get('detail')) or p.get('last_exit', '')}")
         print()
     if "groups" in status:
         print(f"{'GROUP':<16} {'MEMBERS':>7} {'PARTITIONS':>10} {'UNASSIGNED':>10} {'LAG':>10} {'DEAD':>6}")

@@ -132,6 +132,14 @@ class WorkerGroupConfig(Strict):
     concurrency: Positive = 16               # async handlers running at once per member
     dedup_window: Positive = 100_000         # ids of handled events remembered per member
     options: dict[str, Any] = {}             # handed to the handler as ctx.options
+    # A handler call running longer is stuck: an async one is cancelled (a TimeoutError that
+    # follows `retry`), a sync one has its member restarted. 5m: well above slow but healthy
+    # calls (LLM, uploads, imports), which a timeout would turn into restarts and duplicate
+    # work, and still short enough that a stuck partition moves on within minutes.
+    handler_timeout: Duration = Duration(300)
+    max_crashes: Positive = 3                # member crashes on one event before it is dead-lettered
+    max_rss: ByteSize | None = None          # member RSS above this: drain and restart it (recycle)
+    max_events: Positive | None = None       # events handled by one member process, then recycle
 
 
 class ScheduleProducerConfig(Strict, tag_field="kind", tag="schedule"):
@@ -329,6 +337,8 @@ def _check(cfg: Config, files: str) -> None:
     for name, group in cfg.workers.items():
         if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", name):
             raise ConfigError(f"{files}: workers.{name}: group names use letters, digits, '-', '_'")
+        if group.handler_timeout <= 0:
+            raise ConfigError(f"{files}: workers.{name}.handler_timeout: must be positive")
         if ":" not in group.handler:
             raise ConfigError(f"{files}: workers.{name}.handler: expected 'module:function', got {group.handler!r}")
     for name, spec in cfg.producers.items():

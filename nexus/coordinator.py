@@ -44,6 +44,13 @@ class Group:
     # partitions whose last owner may have handled events it never acked (it died,
     # or the router restarted): the next owner sees those events as redelivered
     unclean: set[int] = field(default_factory=set)
+    # dead-lettered poison (events that killed or hung members): partition -> seqs every
+    # next owner passes over (Assign.skip), until the cursor is past them
+    skip: dict[int, set[int]] = field(default_factory=dict)
+    # partition -> events <= this may have been handled by a member that died: flagged as
+    # redelivered for every owner until the cursor passes it (a grant moved on gracefully
+    # before its owner got to them keeps the flag)
+    flag_upto: dict[int, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.owner = [None] * self.partitions
@@ -118,6 +125,27 @@ class Coordinator:
         log.info("member_left", group=group.name, member=member)
         return self._rebalance(group, now)
 
+    def exited(self, group: Group, member: str, pid: int, poison: dict[int, list[int]], now: float) -> Outgoing:
+        """The launcher saw the member's process end: free its partitions at once (unclean:
+        what it handled but did not ack comes again, flagged) and record the poison."""
+        for p, seqs in poison.items():
+            if 0 <= p < group.partitions and seqs:
+                group.skip.setdefault(p, set()).update(seqs)
+        info = group.members.get(member)
+        out: Outgoing = []
+        if info is not None and (not pid or not info.pid or info.pid == pid):
+            self._drop_member(group, member, clean=False)
+            log.warning("member_exited", group=group.name, member=member, pid=pid)
+            out = self._rebalance(group, now)
+        # poison in partitions a live member holds already (it was granted before the
+        # poison was known): tell the holder to pass over it too
+        told = {ident for ident, _ in out}
+        for name, info in group.members.items():
+            skip = {p: sorted(group.skip[p]) for p in info.view if p in poison and p in group.skip}
+            if skip and info.identity not in told:
+                out.append((info.identity, Assign(group=group.name, partitions=list(info.view), skip=skip)))
+        return out
+
     def expire(self, now: float) -> Outgoing:
         out: Outgoing = []
         for group in self.groups.values():
@@ -184,15 +212,49 @@ class Coordinator:
             if view != info.view or name in grants or name == force_notify:
                 info.view = view
                 granted = grants.get(name, {})
-                heads = self.heads.get(group.name)
-                redelivered = {p: heads[p] for p in granted if p in group.unclean} if heads else {}
-                group.unclean.difference_update(granted)
+                redelivered = self._redelivered(group, granted)
                 out.append((info.identity, Assign(group=group.name, partitions=list(view),
-                                                  grants=granted, redelivered=redelivered)))
+                                                  grants=granted, redelivered=redelivered,
+                                                  skip=self._skips(group, granted))))
         if out:
             log.info("group_assigned", group=group.name,
                      members={m: len(i.view) for m, i in group.members.items()},
                      pending=len(group.revoked_at))
+        return out
+
+    def _redelivered(self, group: Group, granted: dict[int, int]) -> dict[int, int]:
+        heads = self.heads.get(group.name)
+        flag = group.flag_upto
+        if heads:
+            for p in granted:
+                if p in group.unclean:
+                    flag[p] = max(flag.get(p, 0), heads[p])
+        group.unclean.difference_update(granted)
+        out = {}
+        for p in granted:
+            upto = flag.get(p)
+            if upto is not None:
+                if upto > group.cursors[p]:
+                    out[p] = upto
+                else:
+                    del flag[p]
+        return out
+
+    @staticmethod
+    def _skips(group: Group, granted: dict[int, int]) -> dict[int, list[int]]:
+        """Poison seqs past the cursor of each granted partition (older ones are forgotten)."""
+        if not group.skip:
+            return {}
+        out = {}
+        for p in granted:
+            seqs = group.skip.get(p)
+            if seqs:
+                seqs = {s for s in seqs if s > group.cursors[p]}
+                if seqs:
+                    group.skip[p] = seqs
+                    out[p] = sorted(seqs)
+                else:
+                    del group.skip[p]
         return out
 
     def replay(self, group: Group, cursor: int) -> Outgoing:

@@ -22,6 +22,7 @@ import zmq
 
 from . import blackbox, config as config_mod, logs, transport
 from .child import entry
+from .crashes import CrashBook
 from .errors import ConfigError, ExitCode, NexusError
 from .wire import StatusRequest, coord_decoder, encoder
 
@@ -68,6 +69,7 @@ class Launcher:
         self.started = time.time()
         self.ready_logged = False
         self.scale: dict[str, int] = {g: w.processes for g, w in cfg.workers.items()}
+        self.crashbook = CrashBook(cfg)
 
     # -- children ------------------------------------------------------------------
     def _spawn(self, child: Child) -> None:
@@ -144,8 +146,15 @@ class Launcher:
             child.state = "stopped"
             log.info("process_stopped", name=child.name, exit_code=code)
             return
+        if code == ExitCode.RECYCLE and child.role == "worker":     # drained on purpose: restart now
+            log.info("process_recycled", name=child.name)
+            child.restarts += 1
+            return self._spawn(child)
         now = time.monotonic()
-        child.crashes = [t for t in child.crashes if now - t < self.cfg.crash_window] + [now]
+        # a member exit the black box explains counts per event (crashes.py), not as a crash loop
+        explained = child.role == "worker" and self.crashbook.on_exit(child.group, child.name, child.pid,
+                                                                      code, child.box)
+        child.crashes = [t for t in child.crashes if now - t < self.cfg.crash_window] + ([] if explained else [now])
         if code == ExitCode.CONFIG:
             child.state = "failed"
             log.error("process_failed", name=child.name, exit_code=code,
@@ -156,7 +165,7 @@ class Launcher:
                       window=self.cfg.crash_window, reason="giving up; fix the cause and restart")
         else:
             backoff = self.cfg.restart_backoff
-            delay = backoff[min(len(child.crashes) - 1, len(backoff) - 1)] if backoff else 1.0
+            delay = backoff[min(max(len(child.crashes) - 1, 0), len(backoff) - 1)] if backoff else 1.0
             child.state = "backoff"
             child.restart_at = now + delay
             log.warning("process_crashed", name=child.name, exit_code=code, restart_in=delay)
@@ -251,7 +260,8 @@ class Launcher:
         now = time.time()
         return [{"name": c.name, "role": c.role, "group": c.group, "pid": c.pid, "state": c.state,
                  "restarts": c.restarts, "uptime": round(now - c.started, 1) if c.state == "running" else 0.0,
-                 **({"detail": self._detail(c)} if c.role == "producer" else {})}
+                 **({"detail": self._detail(c)} if c.role == "producer" else {}),
+                 **({"last_exit": self.crashbook.last_exit[c.name]} if c.name in self.crashbook.last_exit else {})}
                 for c in self.children.values()]
 
     def _detail(self, child: Child) -> dict:

@@ -178,6 +178,17 @@ class Producer:
 
     def flush(self, timeout: float = 10.0) -> None:
         """Wait until every event is sent (fire) or ACKed (confirm); raise NACKs."""
+        if not self.settle(timeout, take_errors=False)[0]:
+            raise PeerError(f"router at {self.endpoint} did not confirm "
+                            f"{self._outbox.in_flight()} events within {timeout:g}s")
+        with self._cond:
+            errors = self._outbox.take_errors()
+        _raise_errors(errors)
+
+    def settle(self, timeout: float = 10.0, take_errors: bool = True) -> tuple[bool, list[RejectedError]]:
+        """Wait (up to `timeout`) until every event sent so far is settled; returns (all
+        settled, the NACKs so far) instead of raising them, so a caller can tell which
+        events were rejected (a member fails each rejected follow-up's cause)."""
         deadline = time.monotonic() + timeout
         with self._cond:
             if not self._outbox.idle() and not self._closed:
@@ -189,13 +200,11 @@ class Producer:
                         raise PeerError(f"producer I/O failed: {self._failure}")
                     left = deadline - time.monotonic()
                     if left <= 0:
-                        raise PeerError(f"router at {self.endpoint} did not confirm "
-                                        f"{self._outbox.in_flight()} events within {timeout:g}s")
+                        break
                     self._cond.wait(min(left, 0.1))
             finally:
                 self._waiting -= 1
-            errors = self._outbox.take_errors()
-        _raise_errors(errors)
+            return self._outbox.idle(), self._outbox.take_errors() if take_errors else []
 
     def close(self, timeout: float = 10.0) -> None:
         """Flush, then stop. Fire mode: also wait (within `timeout`) until ZeroMQ handed

@@ -26,10 +26,10 @@ from .journal import Journal, entry_decoder
 from .ratelimit import RateLimiter
 from .routing import RouteTable
 from . import admin
-from .dlq import DeadLetterStore
+from .dlq import DeadLetterStore, DeadLetterWriter
 from .events import DECODE_ERRORS
 from .wire import (TAIL_TOPIC, Ack, DeadLetter, Delivery, DlqRequest, Error, Fetch, Heartbeat, Join, Leave,
-                   ProducerReply, Pulse, Records, Released, ReloadRequest, ReplayRequest, Reply,
+                   MemberExited, ProducerReply, Pulse, Records, Released, ReloadRequest, ReplayRequest, Reply,
                    StatusRequest, coord_decoder, encoder, topic)
 
 ADMIN_REQUESTS = (StatusRequest, ReplayRequest, DlqRequest, ReloadRequest)
@@ -101,9 +101,13 @@ class Router:
 
     # -- main loop -----------------------------------------------------------------
     def run(self) -> None:
-        # opened here: the SQLite connection belongs to the router thread
-        self.dlq = DeadLetterStore(os.path.join(self.config.data_dir, "dlq.sqlite3"))
+        # dead letters are written by one thread (never stalls the loop); the loop's own
+        # connection reads (status, dlq list) and runs operator purges with a short busy wait
+        path = os.path.join(self.config.data_dir, "dlq.sqlite3")
+        self.dlq_writer = DeadLetterWriter(path).start()
+        self.dlq = DeadLetterStore(path)
         self.recover()
+        admin.restore_skips(self)
         ctx = zmq.Context()
         try:
             self.ingest = self._bind(lambda e: transport.bind(ctx, zmq.PULL, e, hwm=INGEST_HWM), self.config.ingest)
@@ -116,6 +120,7 @@ class Router:
             self._loop()
         finally:
             self.flusher.stop()
+            self.dlq_writer.stop()
             ctx.destroy(linger=0)
             self.journal.close()
             self.cursors.save(self._cursor_snapshot())
@@ -147,6 +152,8 @@ class Router:
             if self.publish in ready:
                 self._drain(self.publish, self._on_subscription, 1000)
             self._send_replies()
+            if self.dlq_writer.done:
+                admin.dead_letters_written(self)
             if self.reload_requested:
                 self.reload_requested = False
                 admin.reload(self)
@@ -164,6 +171,8 @@ class Router:
         while time.monotonic() < deadline and any(g.members for g in self.coordinator.groups.values()):
             if self.coord.poll(50):
                 self._drain(self.coord, self._on_coord, 200)
+            if self.dlq_writer.done:
+                admin.dead_letters_written(self)
             if self.confirm.poll(0):
                 self._drain(self.confirm, self._on_confirm, 50)
                 self._send_replies()
@@ -313,6 +322,10 @@ class Router:
                 self._send_coord(ident, out)
         elif isinstance(msg, Fetch):
             self._send_coord(identity, self.fetch(group, msg))
+        elif isinstance(msg, MemberExited):          # from the launcher: the member is gone
+            self._send_coord(identity, Reply(admin.member_exited(self, group, msg, now)))
+        elif isinstance(msg, DeadLetter):            # stored even if the member was dropped meanwhile
+            admin.store_dead_letter(self, msg, identity)
         elif not self.coordinator.seen(group, msg.member,
                                        None if isinstance(msg, Heartbeat) else identity, now):
             if not isinstance(msg, Leave):
@@ -333,8 +346,6 @@ class Router:
         elif isinstance(msg, Leave):
             for ident, out in self.coordinator.leave(group, msg.member, msg.acks, now):
                 self._send_coord(ident, out)
-        elif isinstance(msg, DeadLetter):
-            admin.store_dead_letter(self, msg)
 
     def _routes_for(self, type_: str, only_group: str):
         routes = self.routes.routes(type_)
