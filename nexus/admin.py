@@ -3,19 +3,22 @@ kept apart from the router's hot path."""
 from __future__ import annotations
 
 import os
+import sqlite3
 import time
 from typing import TYPE_CHECKING
 
 import msgspec
 import structlog
 
-from .errors import ConfigError
+from .errors import ConfigError, describe_exit
 from .events import decode_wire_event
+from .dlq import PendingDeadLetter
 from .intake import Accepted
-from .journal import Entry, entry_encoder
+from .journal import Entry, entry_decoder, entry_encoder
 from .ratelimit import RateLimiter
 from .routing import key_hash
-from .wire import DeadLetter, DlqRequest, ReloadRequest, ReplayRequest, StatusRequest
+from .wire import (DeadLetter, DeadLetterStored, DlqRequest, MemberExited, ReloadRequest, ReplayRequest,
+                   StatusRequest)
 
 if TYPE_CHECKING:
     from .router import Router
@@ -36,7 +39,10 @@ def handle(router: "Router", msg) -> dict:
 
 
 def status(router: "Router") -> dict:
-    dead = router.dlq.counts()
+    try:
+        dead = router.dlq.counts()
+    except sqlite3.OperationalError:         # locked by another process: status still answers
+        dead = {}
     groups = {}
     for name, g in router.coordinator.groups.items():
         members = []
@@ -65,6 +71,7 @@ def status(router: "Router") -> dict:
             "journal": router.journal.info(),
             "rate_limits": intake.limiter.describe(),
             "recent_rejects": list(intake.reject_log)[-10:],
+            "cursor_file_damaged": router.cursors.damage,     # None unless found damaged at start
         },
         "groups": groups,
     }
@@ -88,21 +95,80 @@ def replay(router: "Router", msg: ReplayRequest) -> dict:
 
 
 # -- dead letters ---------------------------------------------------------------------
-def store_dead_letter(router: "Router", msg: DeadLetter) -> None:
+def store_dead_letter(router: "Router", msg: DeadLetter, identity: bytes) -> None:
+    """Hand the dead letter to the writer thread; the member hears `DeadLetterStored`
+    once it is written (see `dead_letters_written`) and only then acks the event."""
     try:
         ev = decode_wire_event(msg.event)
     except (msgspec.MsgspecError, UnicodeDecodeError, RecursionError):
         log.error("dead_letter_unreadable", group=msg.group, seq=msg.seq)
         return
-    row = router.dlq.put(group=msg.group, event_id=ev.id, type=ev.type, source=ev.source, seq=msg.seq,
-                         partition=msg.partition, member=msg.member, error_type=msg.error_type,
-                         error=msg.error, traceback=msg.traceback, attempts=msg.attempts,
-                         first_failed=msg.first_failed, event=bytes(msg.event))
-    log.error("event_dead_lettered", group=msg.group, event_id=ev.id, type=ev.type, dlq_id=row,
-              error=f"{msg.error_type}: {msg.error}")
+    router.dlq_writer.submit(PendingDeadLetter(dict(
+        group=msg.group, event_id=ev.id, type=ev.type, source=ev.source, seq=msg.seq,
+        partition=msg.partition, member=msg.member, error_type=msg.error_type, error=msg.error,
+        traceback=msg.traceback, attempts=msg.attempts, first_failed=msg.first_failed,
+        event=bytes(msg.event)), reply_to=identity))
+
+
+def dead_letters_written(router: "Router") -> None:
+    """From the router loop: confirm what the writer thread stored."""
+    done = router.dlq_writer.done
+    while done:
+        item = done.popleft()
+        f = item.fields
+        if item.error:
+            continue            # not stored: the member sends it again (logged by the writer)
+        log.error("event_dead_lettered", group=f["group"], event_id=f["event_id"], type=f["type"],
+                  seq=f["seq"], dlq_id=item.row, error=f"{f['error_type']}: {f['error']}")
+        if item.reply_to is not None:
+            router._send_coord(item.reply_to, DeadLetterStored(f["group"], f["partition"], f["seq"]))
+
+
+def member_exited(router: "Router", group, msg: MemberExited, now: float) -> dict:
+    """The launcher saw a member die: free its partitions now, dead-letter the poison it
+    names (read from the journal by seq) and make the next owners pass over it."""
+    for identity, out in router.coordinator.exited(group, msg.member, msg.pid, msg.poison, now):
+        router._send_coord(identity, out)
+    how = describe_exit(msg.exit_code)
+    timeout = msg.reason == "handler_timeout"
+    dead = []
+    for p, seqs in msg.poison.items():
+        for seq in seqs:
+            records = router.journal.read(seq - 1, 1)
+            if not records or records[0][0] != seq:
+                log.error("poison_not_in_journal", group=group.name, seq=seq)
+                continue
+            raw = bytes(entry_decoder.decode(records[0][1]).event)
+            ev = decode_wire_event(raw)
+            error = (f"member {msg.member} ran past handler_timeout on this event ({how}), the limit of "
+                     f"timeouts was reached" if timeout else
+                     f"member {msg.member} died on this event ({how}); it killed members max_crashes times")
+            router.dlq_writer.submit(PendingDeadLetter(dict(
+                group=group.name, event_id=ev.id, type=ev.type, source=ev.source, seq=seq, partition=p,
+                member=msg.member, error_type="HandlerTimeout" if timeout else "ProcessCrashed", error=error,
+                traceback="", attempts=0, first_failed=time.time(), event=raw)))
+            dead.append(seq)
+    return {"ok": True, "dead_lettered": dead}
+
+
+def restore_skips(router: "Router") -> None:
+    """On start: poison dead-lettered before stays passed over (its partition's cursor
+    may not have moved past it when the router stopped)."""
+    for grp, partition, seq in router.dlq.poison():
+        group = router.coordinator.groups.get(grp)
+        if group is not None and 0 <= partition < group.partitions and seq > group.cursors[partition]:
+            group.skip.setdefault(partition, set()).add(seq)
 
 
 def dlq(router: "Router", msg: DlqRequest) -> dict:
+    try:
+        return _dlq(router, msg)
+    except sqlite3.OperationalError as exc:
+        # the loop's connection waits 0.5 s at most: another process holds the database
+        return {"error": f"dead-letter store busy ({exc}); try again"}
+
+
+def _dlq(router: "Router", msg: DlqRequest) -> dict:
     store = router.dlq
     if msg.group is not None and msg.group not in router.coordinator.groups:
         return {"error": f"unknown group {msg.group!r}"}

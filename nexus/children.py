@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import signal
 from dataclasses import dataclass, field
 from typing import Iterable
 
 import structlog
 
 from . import blackbox, process
-from .errors import ExitCode
 
 log = structlog.get_logger("nexus.launch")
 
@@ -71,20 +69,6 @@ class Child:
         self.process.join(0.5)
         self.reaped = True
         return True
-
-
-def describe_exit(code: int | None) -> str:
-    if code is None:
-        return ""
-    if code < 0:
-        try:
-            return signal.Signals(-code).name
-        except ValueError:
-            return f"signal {-code}"
-    try:
-        return f"exit {code} ({ExitCode(code).name.lower()})"
-    except ValueError:
-        return f"exit {code}"
 
 
 def end_orphans(children: Iterable[Child]) -> None:

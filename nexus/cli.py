@@ -13,7 +13,7 @@ import zmq
 
 from . import config as config_mod, transport
 from .errors import ConfigError, EventError, ExitCode, NexusError, PeerError
-from .events import Contracts, decode_wire_event
+from .events import Contracts, decode_wire_event, printable
 from .wire import (TAIL_TOPIC, DlqRequest, ReloadRequest, ReplayRequest, StatusRequest, coord_decoder,
                    delivery_decoder, encoder)
 
@@ -143,6 +143,11 @@ def cmd_status(args) -> int:
         print(f"router: accepted={r['accepted']} rejected={r['rejected']} ({reasons}) "
               f"duplicates={r['duplicates']} seq={r['seq']} journal={r['journal']['bytes']} bytes "
               f"in {len(r['journal']['segments'])} segment(s)")
+        damaged = r.get("cursor_file_damaged")
+        if damaged:
+            where = "its previous copy" if damaged["recovered_from"] == "previous" else "the journal start"
+            print(f"cursor file damaged at start: {damaged['path']}: {damaged['error']} "
+                  f"(groups resumed from {where})")
         if r.get("rate_limits"):
             limits = ", ".join(f"{k}={v['rate']:g}/s burst {v['burst']}" for k, v in r["rate_limits"].items())
             print(f"rate limits: {limits}")
@@ -199,7 +204,9 @@ def cmd_tail(args) -> int:
                     print(json.dumps({"seq": seq, "id": ev.id, "type": ev.type, "source": ev.source,
                                       "key": ev.key, "time": ev.time, "payload": payload}, default=str), flush=True)
                 else:
-                    print(f"#{seq} {ev.type} from {ev.source} {json.dumps(payload, default=str)[:200]}", flush=True)
+                    # producer text (an old journal may hold control characters): escaped
+                    print(printable(f"#{seq} {ev.type} from {ev.source} {json.dumps(payload, default=str)[:200]}"),
+                          flush=True)
                 shown += 1
                 if args.count and shown >= args.count:
                     break
@@ -270,18 +277,19 @@ def cmd_dlq(args) -> int:
         rows = result["dead_letters"]
         print(f"{'ID':>5} {'GROUP':<12} {'TYPE':<24} {'ATTEMPTS':>8} {'LAST FAILED':<19}  ERROR")
         for r in rows:
-            print(f"{r['id']:>5} {r['group']:<12} {r['type']:<24} {r['attempts']:>8} {_when(r['last_failed']):<19}  "
-                  f"{r['error_type']}: {r['error'][:80]}")
+            print(printable(f"{r['id']:>5} {r['group']:<12} {r['type']:<24} {r['attempts']:>8} "
+                            f"{_when(r['last_failed']):<19}  {r['error_type']}: {r['error'][:80]}"))
         print(f"{len(rows)} dead letter(s)")
     elif args.action == "show":
         r = result["dead_letter"]
         for key in ("id", "group", "event_id", "type", "source", "seq", "partition", "member", "attempts",
                     "failures", "status"):
-            print(f"{key:>12}: {r[key]}")
+            print(printable(f"{key:>12}: {r[key]}"))
         print(f"{'first_failed':>12}: {_when(r['first_failed'])}\n{'last_failed':>12}: {_when(r['last_failed'])}")
-        print(f"{'error':>12}: {r['error_type']}: {r['error']}")
-        print(f"{'payload':>12}: {json.dumps(r['event']['payload'], default=str)}")
-        print("traceback:\n" + r["traceback"].rstrip())
+        # handler error texts and payloads come from events: control characters escaped
+        print(printable(f"{'error':>12}: {r['error_type']}: {r['error']}"))
+        print(printable(f"{'payload':>12}: {json.dumps(r['event']['payload'], default=str)}"))
+        print("traceback:\n" + "\n".join(printable(line) for line in r["traceback"].rstrip().splitlines()))
     elif args.action == "replay":
         print(f"replayed {len(result['replayed'])} dead letter(s)")
     else:

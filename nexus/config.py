@@ -18,9 +18,9 @@ from .errors import ConfigError
 DEFAULT_CONFIG = "config/default.yaml"
 
 # -- units -------------------------------------------------------------------
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_DURATION = re.compile(r"\A\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*\Z")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|KiB|MiB|GiB)?\s*$")
+_SIZE = re.compile(r"\A\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|KiB|MiB|GiB)?\s*\Z")
 _SIZE_UNITS = {None: 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9,
                "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}
 
@@ -132,6 +132,14 @@ class WorkerGroupConfig(Strict):
     concurrency: Positive = 16               # async handlers running at once per member
     dedup_window: Positive = 100_000         # ids of handled events remembered per member
     options: dict[str, Any] = {}             # handed to the handler as ctx.options
+    # A handler call running longer is stuck: an async one is cancelled (a TimeoutError that
+    # follows `retry`), a sync one has its member restarted. 5m: well above slow but healthy
+    # calls (LLM, uploads, imports), which a timeout would turn into restarts and duplicate
+    # work, and still short enough that a stuck partition moves on within minutes.
+    handler_timeout: Duration = Duration(300)
+    max_crashes: Positive = 3                # member crashes on one event before it is dead-lettered
+    max_rss: ByteSize | None = None          # member RSS above this: drain and restart it (recycle)
+    max_events: Positive | None = None       # events handled by one member process, then recycle
 
 
 class ScheduleProducerConfig(Strict, tag_field="kind", tag="schedule"):
@@ -340,6 +348,8 @@ def _check(cfg: Config, files: str) -> None:
     for name, group in cfg.workers.items():
         if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", name):
             raise ConfigError(f"{files}: workers.{name}: group names use letters, digits, '-', '_'")
+        if group.handler_timeout <= 0:
+            raise ConfigError(f"{files}: workers.{name}.handler_timeout: must be positive")
         if ":" not in group.handler:
             raise ConfigError(f"{files}: workers.{name}.handler: expected 'module:function', got {group.handler!r}")
     for name, spec in cfg.producers.items():
@@ -351,7 +361,7 @@ def _check(cfg: Config, files: str) -> None:
     for label, endpoint in (("router.ingest", cfg.ingest), ("router.confirm", cfg.confirm),
                             ("router.publish", cfg.publish), ("router.coord", cfg.coord),
                             ("control", cfg.control_endpoint)):
-        if not re.match(r"^(tcp|ipc|inproc)://.+", endpoint):
+        if not re.fullmatch(r"(tcp|ipc|inproc)://[^\x00-\x1f\x7f]+", endpoint):   # whole string
             raise ConfigError(f"{files}: {label}: {endpoint!r} is not a tcp://, ipc:// or inproc:// endpoint")
         if endpoint.startswith("ipc://") and len(endpoint) - 6 > 100:
             raise ConfigError(f"{files}: {label}: ipc path is longer than 100 characters; use a shorter data_dir")

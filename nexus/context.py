@@ -6,7 +6,7 @@ from typing import Any, Callable
 
 class Context:
     __slots__ = ("group", "member", "attempt", "redelivered", "seq", "partition", "options",
-                 "_base_log", "_log", "_emit", "_event_id", "_correlation_id")
+                 "_base_log", "_log", "_emit", "_event_id", "_correlation_id", "emitted")
 
     def __init__(self, group: str, member: str, attempt: int, redelivered: bool, seq: int,
                  partition: int, options: dict, base_log: Any,
@@ -23,6 +23,7 @@ class Context:
         self._emit = emit
         self._event_id = event_id
         self._correlation_id = correlation_id
+        self.emitted: list[str] | None = None   # ids of follow-ups: settled before this call counts as done
 
     @property
     def log(self) -> Any:
@@ -35,5 +36,9 @@ class Context:
         """Send a follow-up event; it carries this event's correlation id (or its id)."""
         if self._emit is None:
             raise RuntimeError("emit is not available in this context")
-        return self._emit(type, payload, key=key, priority=priority,
-                          correlation_id=self._correlation_id or self._event_id)
+        event_id = self._emit(type, payload, key=key, priority=priority,
+                              correlation_id=self._correlation_id or self._event_id)
+        if self.emitted is None:
+            self.emitted = []
+        self.emitted.append(event_id)
+        return event_id

@@ -52,6 +52,9 @@ class Group:
     claims: dict[int, str] = field(default_factory=dict)
     settle_until: float = 0.0
     fresh: bool = True                                         # no join since the router started
+    # dead-lettered poison (events that killed or hung members): partition -> seqs every
+    # next owner passes over (Assign.skip), until the cursor is past them
+    skip: dict[int, set[int]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.owner = [None] * self.partitions
@@ -146,14 +149,26 @@ class Coordinator:
         log.info("member_left", group=group.name, member=member)
         return self._rebalance(group, now)
 
-    def lost(self, group: Group, member: str, now: float) -> Outgoing:
-        """The member's process is gone (the launcher saw it exit): like a missed
-        heartbeat, without the wait."""
-        if member not in group.members:
-            return []
-        log.warning("member_lost", group=group.name, member=member, reason="process exited")
-        self._drop_member(group, member, clean=False)
-        return self._rebalance(group, now)
+    def exited(self, group: Group, member: str, pid: int, poison: dict[int, list[int]], now: float) -> Outgoing:
+        """The launcher saw the member's process end: free its partitions at once (unclean:
+        what it handled but did not ack comes again, flagged) and record the poison."""
+        for p, seqs in poison.items():
+            if 0 <= p < group.partitions and seqs:
+                group.skip.setdefault(p, set()).update(seqs)
+        info = group.members.get(member)
+        out: Outgoing = []
+        if info is not None and (not pid or not info.pid or info.pid == pid):
+            self._drop_member(group, member, clean=False)
+            log.warning("member_exited", group=group.name, member=member, pid=pid)
+            out = self._rebalance(group, now)
+        # poison in partitions a live member holds already (it was granted before the
+        # poison was known): tell the holder to pass over it too
+        told = {ident for ident, _ in out}
+        for name, info in group.members.items():
+            skip = {p: sorted(group.skip[p]) for p in info.view if p in poison and p in group.skip}
+            if skip and info.identity not in told:
+                out.append((info.identity, Assign(group=group.name, partitions=list(info.view), skip=skip)))
+        return out
 
     def expire(self, now: float) -> Outgoing:
         out: Outgoing = []
@@ -243,7 +258,8 @@ class Coordinator:
                     else:
                         group.unclean.pop(p, None)      # the cursor is past it: clean again
                 out.append((info.identity, Assign(group=group.name, partitions=list(view),
-                                                  grants=granted, redelivered=redelivered)))
+                                                  grants=granted, redelivered=redelivered,
+                                                  skip=self._skips(group, granted))))
         if out:
             log.info("group_assigned", group=group.name,
                      members={m: len(i.view) for m, i in group.members.items()},
@@ -253,6 +269,23 @@ class Coordinator:
     def _head(self, group: str, p: int) -> int:
         heads = self.heads.get(group)
         return heads[p] if heads and p < len(heads) else 0
+
+    @staticmethod
+    def _skips(group: Group, granted: dict[int, int]) -> dict[int, list[int]]:
+        """Poison seqs past the cursor of each granted partition (older ones are forgotten)."""
+        if not group.skip:
+            return {}
+        out = {}
+        for p in granted:
+            seqs = group.skip.get(p)
+            if seqs:
+                seqs = {s for s in seqs if s > group.cursors[p]}
+                if seqs:
+                    group.skip[p] = seqs
+                    out[p] = sorted(seqs)
+                else:
+                    del group.skip[p]
+        return out
 
     def replay(self, group: Group, cursor: int) -> Outgoing:
         """Move every cursor of the group to `cursor` and restart its members there."""

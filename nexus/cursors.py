@@ -1,34 +1,31 @@
-"""Durable group cursors: one small msgpack file, replaced atomically."""
+"""Durable group cursors: one small checksummed msgpack file (nexus/statefile.py)."""
 from __future__ import annotations
 
-import os
-
 import msgspec
-import structlog
 
-log = structlog.get_logger("nexus.cursors")
+from . import statefile
+
+_decoder = msgspec.msgpack.Decoder(dict[str, list[int]])
 
 
 class CursorStore:
     def __init__(self, path: str):
         self.path = path
+        # set when load() found the file damaged: {"path", "error", "recovered_from"};
+        # shown by `nexus status`. Groups without a recovered cursor then start at the
+        # journal start, never at `start: latest` (that would skip their backlog).
+        self.damage: dict | None = None
+
+    @property
+    def lost(self) -> bool:
+        return self.damage is not None
 
     def load(self) -> dict[str, list[int]]:
-        try:
-            with open(self.path, "rb") as f:
-                data = msgspec.msgpack.decode(f.read(), type=dict[str, list[int]])
-        except FileNotFoundError:
-            return {}
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            log.error("cursor_file_unreadable", path=self.path, error=str(exc))
-            return {}
-        return data
+        loaded = statefile.read(self.path, _decoder.decode)
+        if loaded.damaged:
+            self.damage = {"path": self.path, "error": loaded.damaged,
+                           "recovered_from": loaded.recovered_from}
+        return loaded.value or {}
 
     def save(self, snapshot: dict[str, list[int]]) -> None:
-        tmp = f"{self.path}.tmp"
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        with open(tmp, "wb") as f:
-            f.write(msgspec.msgpack.encode(snapshot))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        statefile.write(self.path, msgspec.msgpack.encode(snapshot))

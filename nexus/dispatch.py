@@ -24,7 +24,7 @@ import msgspec
 
 from .breaker import CLOSED
 from .context import Context
-from .errors import DependencyError, PermanentError
+from .errors import DependencyError, NexusError, PermanentError
 from .events import DECODE_ERRORS, Event, WireEvent, encode
 from .stream import PartitionStream
 from .wire import DeadLetter, encoder
@@ -32,6 +32,7 @@ from .wire import DeadLetter, encoder
 SLICE = 0.005               # seconds of sync handlers before the loop gets a turn (sockets, timers)
 TURN_MAX = 32               # events a partition runs on while another's head of equal priority is older
 MAX_PAYLOAD_DECODERS = 10_000   # (type, v) pairs whose payload decoder is cached
+DEAD_LETTER_RESEND = 3.0    # seconds without the router's confirmation: send the dead letter again
 
 
 class Dispatch:
@@ -70,8 +71,10 @@ class Dispatch:
                     self._pop(st)
                     continue
                 st.busy = True
+                st.timed_out = False
+                st.started = self.loop_stamp
                 self.active += 1
-                asyncio.ensure_future(self._run_async(st))
+                st.task = asyncio.ensure_future(self._run_async(st))
             self._refill()
 
     def _run_stream(self, st: PartitionStream, deadline: float) -> bool:
@@ -79,6 +82,7 @@ class Dispatch:
         turn (see the module doc). Returns True when the slice is used up (`st` is back
         on the heap then)."""
         queue, ready, recent, clock = st.queue, self.ready, self.recent, time.perf_counter
+        box, p = self.box, st.partition
         turn = 0
         while True:
             turn += 1
@@ -87,17 +91,27 @@ class Dispatch:
                 self._drop_duplicate(st, seq, w)
             else:
                 st.busy = True
+                ctx = None
+                if box is not None:
+                    box.mark(p, seq)             # a crash from here on names this event
+                self.call_stream = st            # the watchdog times this call
+                self.calls += 1
                 try:
                     event, ctx = self._event_and_ctx(st, seq, w)
                     self.handle(event, ctx)
                     error = None
                 except Exception as exc:
                     error = exc
-                if error is not None or self.breaker.state != CLOSED:
-                    self._finish(st, error)     # retries, the breaker, dead letters: the general path
+                self.call_stream = None
+                if box is not None:
+                    box.unmark()
+                if error is not None or self.breaker.state != CLOSED or (ctx is not None and ctx.emitted):
+                    self._outcome(st, error, ctx)   # retries, breaker, dead letters, emits: the general path
                     return clock() > deadline
                 st.busy = False
                 self.handled += 1
+                if self.handled >= self.recycle_check_at:
+                    self._check_recycle()        # (a plain compare per event; see Member._check_recycle)
                 recent.add(w.id)
             queue.popleft()
             st.attempt = 1
@@ -174,16 +188,82 @@ class Dispatch:
         return event, ctx
 
     async def _run_async(self, st: PartitionStream) -> None:
+        box = self.box
+        seq, w = st.queue[0]
+        slot = box.begin(st.partition, seq) if box is not None else -1
+        ctx = None
         try:
-            seq, w = st.queue[0]
             event, ctx = self._event_and_ctx(st, seq, w)
             await self.handle(event, ctx)
             error = None
+        except asyncio.CancelledError:
+            if not st.timed_out:
+                raise                                # the member is stopping
+            asyncio.current_task().uncancel()
+            error = TimeoutError(f"handler ran past handler_timeout ({self.spec.handler_timeout:g}s)")
+            self.timeouts += 1
+            self.log.error("handler_timed_out", event_id=w.id, seq=seq, partition=st.partition,
+                           timeout=self.spec.handler_timeout)
         except Exception as exc:
             error = exc
+        finally:
+            st.task = None
+            if box is not None:
+                box.end(slot)
         self.active -= 1
-        self._finish(st, error)
+        self._outcome(st, error, ctx)
         self._work.set()
+
+    def _cancel_overdue(self, now: float) -> None:
+        """Async handlers: cancel calls running past handler_timeout (from the loop's tick:
+        a handler call costs two stores, not a timer)."""
+        limit = now - self.spec.handler_timeout
+        for st in self.streams.values():
+            if st.task is not None and not st.timed_out and st.started < limit:
+                st.timed_out = True
+                st.task.cancel()
+
+    # -- follow-up events: settled before their cause counts as handled -----------------
+    def _outcome(self, st: PartitionStream, error: BaseException | None, ctx) -> None:
+        if error is None and ctx is not None and ctx.emitted:
+            # the head stays busy (nothing past it is acked) until the router answered for
+            # every follow-up; settlement is batched per turn across partitions (_settler)
+            self.settling.append((st, st.queue[0][0], ctx.emitted))
+            self._settle_due.set()
+            return
+        self._finish(st, error)
+
+    async def _settler(self) -> None:
+        """Wait for the router's answer to the follow-ups emitted so far (one producer
+        flush for everything emitted meanwhile); a NACKed follow-up fails its cause's
+        handler call with the router's reason (retry, then dead letter)."""
+        while True:
+            await self._settle_due.wait()
+            self._settle_due.clear()
+            batch, self.settling = self.settling, []
+            while True:
+                try:
+                    done, errors = await asyncio.to_thread(self._producer.settle, 5.0)
+                except NexusError as exc:        # the producer's I/O failed: nothing is acked meanwhile
+                    self.log.error("follow_ups_unconfirmed", causes=len(batch), error=str(exc))
+                    await asyncio.sleep(1.0)
+                    continue
+                for e in errors:
+                    if len(self._emit_errors) < 100_000:
+                        self._emit_errors[e.event_id] = e
+                if done:
+                    break
+                self.log.warning("follow_ups_unconfirmed", causes=len(batch), waiting_s=5.0)
+            for st, seq, ids in batch:
+                if not st.busy or not st.queue or st.queue[0][0] != seq:
+                    continue                     # dropped meanwhile (revoked, replay): comes again
+                error = next((self._emit_errors.pop(i) for i in ids if i in self._emit_errors), None)
+                for i in ids:
+                    self._emit_errors.pop(i, None)
+                if error is not None:
+                    self.emits_rejected += 1
+                self._finish(st, error)
+            self._work.set()
 
     # -- outcomes ---------------------------------------------------------------------
     def _finish(self, st: PartitionStream, error: BaseException | None) -> None:
@@ -191,6 +271,8 @@ class Dispatch:
         self._breaker_outcome(error)
         if error is None:
             self.handled += 1
+            if self.handled >= self.recycle_check_at:
+                self._check_recycle()
             self.recent.add(st.queue[0][1].id)
             self._pop(st)
             return
@@ -212,19 +294,37 @@ class Dispatch:
         self.loop.call_later(delay, self._retry_due, st)
 
     def _dead_letter(self, st: PartitionStream, error: BaseException) -> None:
-        """Hand the event to the router's dead-letter store, then move on. The
-        message goes out before any later ack on the same socket, so a crash in
-        between redelivers the event instead of losing it."""
+        """Hand the event to the router's dead-letter store. The head stays busy (so it
+        is not acked and the partition keeps it) until the router confirms it stored it
+        (`_on_dead_letter_stored`); the message is sent again on a timeout (`_resend_dead_letters`)."""
         seq, w = st.queue[0]
-        self.dead_lettered += 1
         summary = "".join(traceback.format_exception(error)[-12:])
-        self.coord.send(encoder.encode(DeadLetter(
+        message = encoder.encode(DeadLetter(
             group=self.group, member=self.name, seq=seq, partition=st.partition, event=msgspec.Raw(encode(w)),
             error_type=type(error).__name__, error=str(error), traceback=summary, attempts=st.attempt,
-            first_failed=st.first_failed or time.time())))
+            first_failed=st.first_failed or time.time()))
+        st.busy = True
+        st.dead_letter = (message, time.monotonic())
+        self.coord.send(message)
         self.log.error("event_dead_lettered", event_id=w.id, type=w.type, seq=seq,
                        attempts=st.attempt, error=f"{type(error).__name__}: {error}")
+
+    def _on_dead_letter_stored(self, partition: int, seq: int) -> None:
+        st = self.streams.get(partition)
+        if st is None or st.dead_letter is None or not st.queue or st.queue[0][0] != seq:
+            return                       # a resend's second answer, or the stream was dropped
+        st.dead_letter = None
+        st.busy = False
+        self.dead_lettered += 1
         self._pop(st)
+        self._work.set()
+
+    def _resend_dead_letters(self, now: float) -> None:
+        for st in self.streams.values():
+            if st.dead_letter is not None and now - st.dead_letter[1] > DEAD_LETTER_RESEND:
+                st.dead_letter = (st.dead_letter[0], now)
+                self.dead_letter_resends += 1
+                asyncio.ensure_future(self.coord.send(st.dead_letter[0]))
 
     def _retry_due(self, st: PartitionStream) -> None:
         st.waiting = False

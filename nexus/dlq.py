@@ -1,15 +1,27 @@
 """The dead-letter store: events that exhausted their retries, in SQLite.
 
-Only the router writes it (members send `DeadLetter` over coord before they ack),
-so there is one writer and a member on another host needs no shared disk. Rows are
-keyed by (group, event id): a replayed event that fails again updates its row.
+Only the router writes it (members send `DeadLetter` over coord and ack the event only
+once the router confirms it stored it), so a member on another host needs no shared
+disk. Dead letters are written by one thread (`DeadLetterWriter`) with its own
+connection: SQLite waits (a busy database, an fsync) never stall the router loop, and
+a busy database is retried until the write succeeds, never dropped. Rows are keyed by
+(group, event id): a member's resend of the same dead letter (same seq) changes nothing;
+a replayed event (a new seq) that fails again updates its row.
 """
 from __future__ import annotations
 
+import collections
 import os
+import queue
 import sqlite3
+import threading
 import time
+from dataclasses import dataclass, field
 from typing import Any
+
+import structlog
+
+log = structlog.get_logger("nexus.dlq")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS dead_letters (
@@ -40,11 +52,16 @@ COLUMNS = ("id", "grp", "event_id", "type", "source", "seq", "partition", "membe
            "replayed_at")
 
 
+POISON_TYPES = ("ProcessCrashed", "HandlerTimeout")     # dead-lettered by the router for a launcher
+
+
 class DeadLetterStore:
-    def __init__(self, path: str):
+    def __init__(self, path: str, timeout: float = 0.5):
+        # `timeout`: how long a statement waits for a lock. Short: the router loop's own
+        # connection (reads, operator purges) must never stall the loop for long.
         self.path = path
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        self.db = sqlite3.connect(path, isolation_level=None, timeout=10)
+        self.db = sqlite3.connect(path, isolation_level=None, timeout=timeout, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")     # rare writes; each one must survive
         self.db.executescript(SCHEMA)
@@ -61,7 +78,8 @@ class DeadLetterStore:
                    seq=excluded.seq, partition=excluded.partition, member=excluded.member,
                    error_type=excluded.error_type, error=excluded.error, traceback=excluded.traceback,
                    attempts=dead_letters.attempts + excluded.attempts, last_failed=excluded.last_failed,
-                   failures=dead_letters.failures + 1, status='dead'""",
+                   failures=dead_letters.failures + 1, status='dead'
+               WHERE NOT (dead_letters.seq = excluded.seq AND dead_letters.status = 'dead')""",
             (group, event_id, type, source, seq, partition, member, error_type, error[:4000],
              traceback[:8000], attempts, first_failed, now, event))
         row = self.db.execute("SELECT id FROM dead_letters WHERE grp=? AND event_id=?", (group, event_id)).fetchone()
@@ -99,6 +117,13 @@ class DeadLetterStore:
             cur = self.db.execute("DELETE FROM dead_letters")
         return cur.rowcount
 
+    def poison(self) -> list[tuple[str, int, int]]:
+        """(group, partition, seq) of events dead-lettered for killing or hanging members:
+        their group's next owner passes over them (rebuilt into Assign.skip on start)."""
+        return self.db.execute(
+            f"SELECT grp, partition, seq FROM dead_letters WHERE status='dead' AND error_type IN "
+            f"({', '.join('?' * len(POISON_TYPES))})", POISON_TYPES).fetchall()
+
     def counts(self) -> dict[str, int]:
         return dict(self.db.execute(
             "SELECT grp, COUNT(*) FROM dead_letters WHERE status='dead' GROUP BY grp").fetchall())
@@ -111,3 +136,80 @@ class DeadLetterStore:
         row = dict(zip(COLUMNS, r))
         row["group"] = row.pop("grp")
         return row
+
+
+BUSY_BACKOFF = (0.05, 0.1, 0.2, 0.5, 1.0)
+
+
+@dataclass
+class PendingDeadLetter:
+    fields: dict                         # DeadLetterStore.put keywords
+    reply_to: bytes | None = None        # the member's coord identity (None: the router's own)
+    tag: Any = None                      # handed back with the result
+    row: int = 0
+    error: str = ""
+    attempts: int = field(default=0)
+
+
+class DeadLetterWriter:
+    """The one writer of dead letters: a thread with its own connection. `submit` from
+    the router loop; finished ones show up in `done` (a deque the loop drains)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.done: collections.deque[PendingDeadLetter] = collections.deque()
+        self.busy_waits = 0                  # lock waits (for status)
+        self._in: queue.SimpleQueue[PendingDeadLetter | None] = queue.SimpleQueue()
+        self._stopping = threading.Event()
+        self.store = DeadLetterStore(path, timeout=0.1)     # schema made here, before any reader
+        self._thread = threading.Thread(target=self._run, name="nexus-dlq-writer", daemon=True)
+
+    def start(self) -> "DeadLetterWriter":
+        self._thread.start()
+        return self
+
+    def submit(self, item: PendingDeadLetter) -> None:
+        self._in.put(item)
+
+    def stop(self, timeout: float = 2.0) -> None:
+        """Write what is queued (a busy database gets until `timeout`), then stop. What is
+        left unwritten was not confirmed: its members send it again to the next router."""
+        self._in.put(None)
+        self._thread.join(timeout)
+        self._stopping.set()
+        self._thread.join(5)
+        self.store.close()
+
+    def _run(self) -> None:
+        while True:
+            item = self._in.get()
+            if item is None:
+                return
+            self._write(item)
+            self.done.append(item)
+
+    def _write(self, item: PendingDeadLetter) -> None:
+        waits = 0
+        while True:
+            item.attempts += 1
+            try:
+                item.row = self.store.put(**item.fields)
+                item.error = ""
+                if waits:
+                    log.info("dead_letter_store_free", waited_attempts=waits)
+                return
+            except sqlite3.OperationalError as exc:
+                item.error = str(exc)
+                busy = "locked" in item.error or "busy" in item.error
+                if self._stopping.is_set() or (not busy and item.reply_to is not None):
+                    # not a lock (disk full, I/O error): not confirmed, so the member keeps
+                    # the event and sends it again; never acked without a stored row. The
+                    # router's own (poison) dead letters have no one to resend: retried here
+                    log.error("dead_letter_store_failed", error=item.error, group=item.fields.get("group"),
+                              seq=item.fields.get("seq"))
+                    return
+                if waits == 0:
+                    log.warning("dead_letter_store_busy", error=item.error, action="retrying")
+                self.busy_waits += 1
+                time.sleep(BUSY_BACKOFF[min(waits, len(BUSY_BACKOFF) - 1)])
+                waits += 1

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import enum
+import signal
 
 
 class ExitCode(enum.IntEnum):
@@ -15,6 +16,22 @@ class ExitCode(enum.IntEnum):
     HANDLER_TIMEOUT = 7  # a member ended itself: a sync handler ran past handler_timeout
     RECYCLE = 8          # a member drained and ended itself (max_rss / max_events): restart, not a crash
     INTERRUPTED = 130
+
+
+def describe_exit(code: int | None) -> str:
+    """How a process ended, for logs and status: 'signal SIGSEGV' (a negative exit code
+    is the killing signal), 'exit code 7 (handler_timeout)', 'exit code 13'."""
+    if code is None:
+        return ""
+    if code < 0:
+        try:
+            return f"signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"signal {-code}"
+    try:
+        return f"exit code {code} ({ExitCode(code).name.lower()})"
+    except ValueError:
+        return f"exit code {code}"
 
 
 class NexusError(Exception):

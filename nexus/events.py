@@ -20,6 +20,20 @@ import msgspec
 
 from .errors import ConfigError, EventError
 
+# C0 controls, DEL and C1 controls: they reach terminals and logs (escape sequences,
+# forged lines), so `source`, `key` and `correlation_id` refuse them (SDK: _EventMaker,
+# router: Intake, with caches: a msgspec Meta pattern here doubled the envelope decode).
+CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """`text` for a terminal or a log line: control characters become their escapes
+    (ESC -> \\x1b, newline -> \\n), everything else stays as it is."""
+    if CONTROL_RE.search(text) is None:
+        return text
+    return CONTROL_RE.sub(lambda m: repr(m.group())[1:-1], text)
+
+
 TypeName = Annotated[str, msgspec.Meta(min_length=3, max_length=128)]
 Source = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
 EventId = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
@@ -28,7 +42,7 @@ Priority = Annotated[int, msgspec.Meta(ge=1, le=10)]
 Version = Annotated[int, msgspec.Meta(ge=1, le=1000)]
 Timestamp = Annotated[float, msgspec.Meta(ge=0, le=1e11)]   # unix seconds; NaN fails too
 
-TYPE_RE = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z0-9_]+)+$")
+TYPE_RE = re.compile(r"\A[a-z][a-z0-9_]*(\.[a-z0-9_]+)+\Z")
 
 
 class Event(msgspec.Struct, frozen=True, omit_defaults=True):

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import msgspec
 
 from .errors import EventError
-from .events import DECODE_ERRORS, TYPE_RE, Contracts, WireEvent
+from .events import CONTROL_RE, DECODE_ERRORS, TYPE_RE, Contracts, WireEvent, printable
 from .journal import Entry, entry_encoder
 from .ratelimit import RateLimiter
 from .routing import key_hash
@@ -21,6 +21,7 @@ from .wire import Nack, ProducerBatch, batch_decoder
 MAX_PRODUCERS = 100_000        # producer ids remembered for dedup (LRU)
 RECENT_NACKS = 1_000           # per producer: NACKs repeated when a batch is resent
 KEY_CACHE = 100_000           # partition keys whose hash is remembered (cleared when full)
+_CONTROLS = "malformed event: control characters are not allowed - at `"
 
 
 @dataclass
@@ -54,6 +55,7 @@ class Intake:
         self._decode_event = msgspec.msgpack.Decoder(WireEvent).decode
         self._khash_cache: dict[str, int] = {}
         self._plain_types: set[tuple[str, int]] = set()
+        self._good_sources: set[str] = set()    # sources without control characters
         self.duplicates_total = 0
 
     # -- dedup state -----------------------------------------------------------
@@ -96,24 +98,20 @@ class Intake:
         producer = batch.producer if confirm else ""
         first = batch.seq
         skip = 0
+        high = 0
         if producer:
             if first < 1:
                 detail = "confirm batches need producer seq >= 1"
                 self._reject("bad_batch", detail)
                 return Outcome(Accepted(), [], error=detail)
-            high = self.high.get(producer)
-            if high is None:
-                # a producer we do not know (new, or forgotten): trust only its floor,
-                # so a batch after a lost one is not ACKed over the gap
-                high = max(batch.floor, 1) - 1
-            elif batch.floor - 1 > high:
-                # the producer holds everything below `floor` as settled (ACKed or
-                # NACKed); NACKed ones are not in the journal we rebuilt from
-                high = self.high[producer] = batch.floor - 1
+            # The sequence rule (docs/PROTOCOL.md 4): `high` only moves over seqs this
+            # router settled itself, never over a claim. A known producer's `floor` is not
+            # trusted at all (a forged one made the router ACK and drop a producer's next
+            # events as resends); an unknown one's only up to the batch's own first seq.
+            known = self.high.get(producer)
+            high = known if known is not None else min(max(batch.floor, 1), first) - 1
             if first > high + 1:
-                # a batch before this one was lost (router restart): the producer
-                # resends from its oldest unacked event; accept nothing out of order
-                return Outcome(Accepted(), [], ack=high)
+                return self._gap(producer, first, high, len(batch.events))
             skip = high + 1 - first
         out = Outcome(Accepted(), [])
         acc = out.accepted
@@ -131,6 +129,8 @@ class Intake:
         decode = self._decode_event
         khash_of = self._khash_cache
         plain = self._plain_types           # types whose payload needs no per-event check
+        good_sources = self._good_sources
+        controls = CONTROL_RE.search
         types, khashes, accepted, bodies = acc.types, acc.khashes, acc.events, acc.bodies
         encode_entry = entry_encoder.encode
         for i in range(max(skip, 0), len(events)):
@@ -145,6 +145,23 @@ class Intake:
                 self._nack(out, producer, first + i, "malformed", f"malformed event: {exc}")
                 continue
             type_ = ev.type
+            # control characters (issue 10 #12): a known key or source passed already
+            source = ev.source
+            if source not in good_sources:
+                if controls(source) is not None:
+                    self._nack(out, producer, first + i, "malformed", _CONTROLS + "$.source`")
+                    continue
+                if len(good_sources) >= KEY_CACHE:
+                    good_sources.clear()
+                good_sources.add(source)
+            key = ev.key
+            if key is not None and key not in khash_of and controls(key) is not None:
+                self._nack(out, producer, first + i, "malformed", _CONTROLS + "$.key`", source, ev.id)
+                continue
+            if ev.correlation_id is not None and controls(ev.correlation_id) is not None:
+                self._nack(out, producer, first + i, "malformed", _CONTROLS + "$.correlation_id`",
+                           source, ev.id)
+                continue
             if (type_, ev.v) not in plain:
                 try:
                     check_payload(type_, ev.v, ev.payload)
@@ -159,7 +176,8 @@ class Intake:
                     self._nack(out, producer, first + i, "rate_limited",
                                f"source {ev.source} is over its rate limit", ev.source, ev.id, wait)
                     continue
-            key = ev.key if ev.key is not None else ev.source
+            if key is None:
+                key = source
             khash = khash_of.get(key)
             if khash is None:
                 khash = key_hash(key)
@@ -170,11 +188,25 @@ class Intake:
             khashes.append(khash)
             accepted.append(raw)
             bodies.append(encode_entry(Entry(type_, khash, producer, first + i, raw, wall)))
-        out.ack = first + len(events) - 1 if events else max(first - 1, 0)
+        if events:
+            out.ack = first + len(events) - 1
+        else:                       # an empty batch settles and moves nothing
+            out.ack = min(first - 1, high) if producer else max(first - 1, 0)
         if producer and events:
             self.remember(producer, out.ack)
         self.accepted_total += len(acc.events)
         return out
+
+    def _gap(self, producer: str, first: int, high: int, n: int) -> Outcome:
+        """Seqs before `first` never arrived (a lost batch, or numbering the router never
+        saw): accept nothing, NACK each event as retryable and ACK only what is settled.
+        The producer resends from high + 1, or renumbers from there (the SDK does when
+        its oldest unacked seq is above high + 1: what lies between was settled for it
+        by NACKs a restarted router does not remember)."""
+        detail = f"expected producer seq {high + 1}, got {first}"
+        self._reject("sequence_gap", f"producer {printable(producer)}: {detail}")
+        reason = f"sequence_gap: {detail}"
+        return Outcome(Accepted(), [Nack(first + i, reason) for i in range(n)], ack=high)
 
     def _category(self, ev) -> str:
         if self.contracts.struct_for(ev.type, ev.v):
@@ -193,3 +225,4 @@ class Intake:
                 recent.popitem(last=False)
             if len(self.recent_nacks) > MAX_PRODUCERS:
                 self.recent_nacks.pop(next(iter(self.recent_nacks)))
+

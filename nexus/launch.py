@@ -30,14 +30,14 @@ import zmq
 
 from . import blackbox, config as config_mod, logs, process, transport
 from .child import entry
-from .children import KILL_GRACE, Child, describe_exit, end_orphans
+from .children import KILL_GRACE, Child, end_orphans
+from .crashes import CrashBook
 from .datalock import LAUNCHER_LOCK, ROUTER_LOCK, DataDirLock, clean_stale_run
-from .errors import ConfigError, ExitCode, NexusError
-from .wire import MemberExited, ReloadRequest, StatusRequest, coord_decoder, encoder
+from .errors import ConfigError, ExitCode, NexusError, describe_exit
+from .wire import ReloadRequest, StatusRequest, coord_decoder, encoder
 
 log = structlog.get_logger("nexus.launch")
 ROLES_STOP_ORDER = ("producer", "worker", "router")
-NOTIFY_TIMEOUT = 0.5     # MemberExited: the router answers at once, or is down itself
 
 
 class ControlRequest(msgspec.Struct, frozen=True):
@@ -61,6 +61,7 @@ class Launcher:
         self.scale: dict[str, int] = {g: w.processes for g, w in cfg.workers.items()}
         self.token = f"{os.getpid()}-{time.time_ns()}"     # marks every process of this run
         self.lock: DataDirLock | None = None
+        self.crashbook = CrashBook(cfg)
         self.control: zmq.Socket | None = None
 
     # -- before anything runs --------------------------------------------------------
@@ -182,11 +183,13 @@ class Launcher:
             log.info("process_recycled", name=child.name)
             self._spawn(child)
             return
-        if child.role == "worker":
-            reason = "hung" if hung else "handler_timeout" if code == ExitCode.HANDLER_TIMEOUT else "crashed"
-            self._tell_router(child, code, reason)
         now = time.monotonic()
-        child.crashes = [t for t in child.crashes if now - t < self.cfg.crash_window] + [now]
+        # a member exit the black box explains counts per event (crashes.py), not as a crash loop
+        explained = False
+        if child.role == "worker":
+            explained = self.crashbook.on_exit(child.group, child.name, child.pid, code, child.box, hung=hung)
+            child.last_exit = self.crashbook.last_exit.get(child.name, child.last_exit)
+        child.crashes = [t for t in child.crashes if now - t < self.cfg.crash_window] + ([] if explained else [now])
         if code == ExitCode.CONFIG:
             child.state = "failed"
             log.error("process_failed", name=child.name, exit_code=code,
@@ -197,7 +200,7 @@ class Launcher:
                       window=self.cfg.crash_window, reason="giving up; fix the cause and restart")
         else:
             backoff = self.cfg.restart_backoff
-            delay = backoff[min(len(child.crashes) - 1, len(backoff) - 1)] if backoff else 1.0
+            delay = backoff[min(max(len(child.crashes) - 1, 0), len(backoff) - 1)] if backoff else 1.0
             child.state = "backoff"
             child.restart_at = now + delay
             log.warning("process_crashed", name=child.name, exit_code=code, last_exit=child.last_exit,
@@ -205,13 +208,6 @@ class Launcher:
         if child.role == "router" and child.state == "failed":
             self.exit_code = ExitCode.CRASH_LOOP if code != ExitCode.CONFIG else ExitCode.CONFIG
             self.stopping = True
-
-    def _tell_router(self, child: Child, code: int, reason: str) -> None:
-        """A member died: the router frees its partitions now instead of after missed
-        heartbeats. (`inflight`/`poison` are filled by the crash accounting.)"""
-        msg = MemberExited(group=child.group, member=child.name, exit_code=code, reason=reason)
-        if transport.request(zmq.Context.instance(), self.cfg.coord, encoder.encode(msg), NOTIFY_TIMEOUT) is None:
-            log.warning("member_exit_not_told", name=child.name, reason="router did not answer")
 
     def _watch(self, now: float) -> None:
         """Hang detection: a router or member whose box beat is older than hang_timeout

@@ -6,6 +6,8 @@ import sys
 
 import structlog
 
+from .events import CONTROL_RE, printable
+
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
 
@@ -18,7 +20,7 @@ def configure(level: str = "info", fmt: str = "console", process: str | None = N
     if fmt == "json":
         processors += [structlog.processors.format_exc_info, structlog.processors.JSONRenderer()]
     else:
-        processors += [structlog.dev.ConsoleRenderer(colors=False)]
+        processors += [_escape_controls, structlog.dev.ConsoleRenderer(colors=False)]
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
@@ -28,3 +30,13 @@ def configure(level: str = "info", fmt: str = "console", process: str | None = N
     structlog.contextvars.clear_contextvars()
     if process:
         structlog.contextvars.bind_contextvars(process=process)
+
+
+def _escape_controls(logger, method: str, event_dict: dict) -> dict:
+    """The console renderer prints the event name and plain string values raw (other
+    values with repr): escape control characters in them, so no value (an event's
+    source, an error text) can forge a log line or send a terminal escape sequence."""
+    for key, value in event_dict.items():
+        if type(value) is str and CONTROL_RE.search(value) is not None:
+            event_dict[key] = printable(value)
+    return event_dict

@@ -24,6 +24,7 @@ from .wire import ProducerBatch, ProducerReply, encoder
 
 MAX_BATCH_EVENTS = 1000
 MAX_BATCH_BYTES = 4 * 2**20
+GAP = "sequence_gap:"    # NACK category of a batch the router refused as out of sequence
 
 
 @dataclass
@@ -46,6 +47,7 @@ class Outbox:
         self.errors: list[RejectedError] = []
         self.retry_later: list[tuple[float, str, bytes]] = []   # rate limited: (when, id, data)
         self.resends = 0
+        self.renumbered = 0    # times the unacked window was renumbered after a sequence_gap
         self.sent_events = 0
         self.added = 0         # events ever added: written by callers only
         self.settled = 0       # events that left: sent (fire), acked or failed (confirm); I/O side only
@@ -127,6 +129,10 @@ class Outbox:
             self.settled += len(self.unacked)
             self.unacked.clear()
             return
+        if reply.nacks and reply.nacks[0].reason.startswith(GAP) and self.unacked \
+                and reply.ack < self.unacked[0].pseq - 1:
+            self._renumber(reply.ack, now)
+            return
         nacks = {n.seq: n for n in reply.nacks} if reply.nacks else None
         settled = 0
         while self.unacked and self.unacked[0].pseq <= reply.ack:
@@ -141,6 +147,19 @@ class Outbox:
                 self.errors.append(RejectedError(u.event_id, nack.reason))
             settled += 1
         self.settled += settled
+
+    def _renumber(self, ack: int, now: float) -> None:
+        """The router settled nothing above `ack` (its rule: only seqs it saw), yet our
+        oldest unacked seq is above ack + 1: the seqs between were NACKed before a router
+        restart and it does not remember them. Number the unacked events from ack + 1
+        (the router has none of those seqs) and resend them at once."""
+        pseq = ack + 1
+        for u in self.unacked:
+            u.pseq = pseq
+            u.sent = now - self.ack_timeout
+            pseq += 1
+        self.next_pseq = pseq
+        self.renumbered += 1
 
     def _release_rate_limited(self, now: float) -> None:
         if not self.retry_later:

@@ -23,7 +23,7 @@ import zmq.asyncio
 
 from . import transport
 from .errors import EventError, NexusError, PeerError, RejectedError
-from .events import TYPE_RE, Contracts, Event, new_id
+from .events import CONTROL_RE, TYPE_RE, Contracts, Event, new_id
 from .outbox import MAX_BATCH_EVENTS, Outbox
 from .wire import reply_decoder
 
@@ -37,6 +37,7 @@ class _EventMaker:
     def __init__(self, source: str, max_event_bytes: int):
         if not source or len(source) > 128:
             raise EventError("source must be 1..128 characters")
+        _refuse_controls("source", source)
         self.source = source
         self.max_event_bytes = max_event_bytes
         # validates against contracts imported in this process; types without one
@@ -45,6 +46,7 @@ class _EventMaker:
         # type names that passed TYPE_RE (the regex was the costliest check per event);
         # bounded, so a caller inventing type names cannot grow it without limit
         self._good_types: set[str] = set()
+        self._good_keys: set[str] = set()      # the same for partition keys (control chars)
         self._encode = msgspec.msgpack.Encoder().encode
 
     def make(self, type_: str, payload: Any, key: str | None, priority: int,
@@ -56,6 +58,12 @@ class _EventMaker:
                 self._good_types.add(type_)
         if not 1 <= priority <= 10:
             raise EventError(f"priority must be 1..10, got {priority}")
+        if key is not None and key not in self._good_keys:
+            _refuse_controls("key", key)
+            if len(self._good_keys) < 10_000:
+                self._good_keys.add(key)
+        if correlation_id is not None:
+            _refuse_controls("correlation_id", correlation_id)
         # looked up every time: a contract module imported later still applies
         if self.contracts.struct_for(type_, v) is not None:
             payload = self.contracts.convert(type_, v, payload)
@@ -68,6 +76,12 @@ class _EventMaker:
         if len(data) > self.max_event_bytes:
             raise EventError(f"event {type_} is {len(data)} bytes, over the limit of {self.max_event_bytes}")
         return event_id, data
+
+
+def _refuse_controls(field: str, value: str) -> None:
+    # the router NACKs these as malformed: they would reach terminals and logs raw
+    if CONTROL_RE.search(value) is not None:
+        raise EventError(f"{field} {value!r} contains control characters")
 
 
 def _raise_errors(errors: list[RejectedError]) -> None:
@@ -164,6 +178,17 @@ class Producer:
 
     def flush(self, timeout: float = 10.0) -> None:
         """Wait until every event is sent (fire) or ACKed (confirm); raise NACKs."""
+        if not self.settle(timeout, take_errors=False)[0]:
+            raise PeerError(f"router at {self.endpoint} did not confirm "
+                            f"{self._outbox.in_flight()} events within {timeout:g}s")
+        with self._cond:
+            errors = self._outbox.take_errors()
+        _raise_errors(errors)
+
+    def settle(self, timeout: float = 10.0, take_errors: bool = True) -> tuple[bool, list[RejectedError]]:
+        """Wait (up to `timeout`) until every event sent so far is settled; returns (all
+        settled, the NACKs so far) instead of raising them, so a caller can tell which
+        events were rejected (a member fails each rejected follow-up's cause)."""
         deadline = time.monotonic() + timeout
         with self._cond:
             if not self._outbox.idle() and not self._closed:
@@ -175,13 +200,11 @@ class Producer:
                         raise PeerError(f"producer I/O failed: {self._failure}")
                     left = deadline - time.monotonic()
                     if left <= 0:
-                        raise PeerError(f"router at {self.endpoint} did not confirm "
-                                        f"{self._outbox.in_flight()} events within {timeout:g}s")
+                        break
                     self._cond.wait(min(left, 0.1))
             finally:
                 self._waiting -= 1
-            errors = self._outbox.take_errors()
-        _raise_errors(errors)
+            return self._outbox.idle(), self._outbox.take_errors() if take_errors else []
 
     def close(self, timeout: float = 10.0) -> None:
         """Flush, then stop. Fire mode: also wait (within `timeout`) until ZeroMQ handed

@@ -28,10 +28,10 @@ from .journal import Journal, entry_decoder
 from .ratelimit import RateLimiter
 from .routing import RouteTable
 from . import admin
-from .dlq import DeadLetterStore
+from .dlq import DeadLetterStore, DeadLetterWriter
 from .events import DECODE_ERRORS
-from .wire import (TAIL_TOPIC, Ack, DeadLetter, Delivery, DlqRequest, Error, Fetch, Heartbeat, Join, Leave, MemberExited,
-                   ProducerReply, Pulse, Records, Released, ReloadRequest, ReplayRequest, Reply,
+from .wire import (TAIL_TOPIC, Ack, DeadLetter, Delivery, DlqRequest, Error, Fetch, Heartbeat, Join, Leave,
+                   MemberExited, ProducerReply, Pulse, Records, Released, ReloadRequest, ReplayRequest, Reply,
                    StatusRequest, coord_decoder, encoder, topic)
 
 ADMIN_REQUESTS = (StatusRequest, ReplayRequest, DlqRequest, ReloadRequest)
@@ -111,7 +111,8 @@ class Router:
                 log.warning("partitions_changed", group=name, old=len(cursors), new=group.partitions)
                 cursors = [min(cursors)] * group.partitions
             if cursors is None:
-                start = 0 if group.start == "earliest" else self.journal.last_seq
+                # a damaged cursor file: groups it lost resume at the journal start
+                start = 0 if group.start == "earliest" or self.cursors.lost else self.journal.last_seq
                 cursors = [start] * group.partitions
             self.coordinator.add_group(name, group.partitions, cursors)
         self.cursors.save(self._cursor_snapshot())
@@ -132,10 +133,14 @@ class Router:
             lock.release()
 
     def _run(self) -> None:
-        # opened here: the SQLite connection belongs to the router thread
-        self.dlq = DeadLetterStore(os.path.join(self.config.data_dir, "dlq.sqlite3"))
+        # dead letters are written by one thread (never stalls the loop); the loop's own
+        # connection reads (status, dlq list) and runs operator purges with a short busy wait
+        path = os.path.join(self.config.data_dir, "dlq.sqlite3")
+        self.dlq = DeadLetterStore(path)
         with _beating(blackbox.current()):       # a long recovery is not a hang
             self.recover()
+        admin.restore_skips(self)
+        self.dlq_writer = DeadLetterWriter(path).start()
         ctx = zmq.Context()
         flusher_started = False
         try:
@@ -153,6 +158,7 @@ class Router:
         finally:
             if flusher_started:          # a bind error must not be hidden by stopping a thread never started
                 self.flusher.stop()
+            self.dlq_writer.stop()
             ctx.destroy(linger=0)
             self.journal.close()
             self.cursors.save(self._cursor_snapshot())
@@ -184,6 +190,8 @@ class Router:
             if self.publish in ready:
                 self._drain(self.publish, self._on_subscription, 1000)
             self._send_replies()
+            if self.dlq_writer.done:
+                admin.dead_letters_written(self)
             if self.reload_requested:
                 self.reload_requested = False
                 admin.reload(self)
@@ -201,6 +209,8 @@ class Router:
         while time.monotonic() < deadline and any(g.members for g in self.coordinator.groups.values()):
             if self.coord.poll(50):
                 self._drain(self.coord, self._on_coord, 200)
+            if self.dlq_writer.done:
+                admin.dead_letters_written(self)
             if self.confirm.poll(0):
                 self._drain(self.confirm, self._on_confirm, 50)
                 self._send_replies()
@@ -355,12 +365,10 @@ class Router:
                 self._send_coord(ident, out)
         elif isinstance(msg, Fetch):
             self._send_coord(identity, self.fetch(group, msg))
-        elif isinstance(msg, MemberExited):
-            # the launcher saw the process die: free its partitions now (stopgap until
-            # the crash accounting handles MemberExited; it must never reach seen())
-            for ident, out in self.coordinator.lost(group, msg.member, now):
-                self._send_coord(ident, out)
-            self._send_coord(identity, Reply({"ok": True}))
+        elif isinstance(msg, MemberExited):          # from the launcher: the member is gone
+            self._send_coord(identity, Reply(admin.member_exited(self, group, msg, now)))
+        elif isinstance(msg, DeadLetter):            # stored even if the member was dropped meanwhile
+            admin.store_dead_letter(self, msg, identity)
         elif not self.coordinator.seen(group, msg.member,
                                        None if isinstance(msg, Heartbeat) else identity, now):
             if not isinstance(msg, Leave):
@@ -381,8 +389,6 @@ class Router:
         elif isinstance(msg, Leave):
             for ident, out in self.coordinator.leave(group, msg.member, msg.acks, now):
                 self._send_coord(ident, out)
-        elif isinstance(msg, DeadLetter):
-            admin.store_dead_letter(self, msg)
 
     def _routes_for(self, type_: str, only_group: str):
         routes = self.routes.routes(type_)

@@ -54,7 +54,7 @@ class RecentIds(set):
 class PartitionStream:
     __slots__ = ("partition", "watermark", "queue", "busy", "waiting", "attempt", "fetching",
                  "fetch_after", "buffered", "overflow", "behind", "revoked", "redelivered_upto",
-                 "acked", "first_failed")
+                 "acked", "first_failed", "skip", "dead_letter", "task", "started", "timed_out")
 
     def __init__(self, partition: int, cursor: int, redelivered_upto: int = 0):
         self.partition = partition
@@ -72,6 +72,13 @@ class PartitionStream:
         self.redelivered_upto = redelivered_upto
         self.acked = cursor
         self.first_failed = 0.0    # when the head event first failed
+        self.skip: set[int] | None = None   # seqs to pass over: dead-lettered poison (Assign.skip)
+        # the head's DeadLetter message and when it was sent, until the router confirms it
+        # stored it (the head stays `busy` meanwhile, so nothing past it is acked)
+        self.dead_letter: tuple[bytes, float] | None = None
+        self.task = None           # the asyncio task running an async handler on the head
+        self.started = 0.0         # loop stamp when that call began (handler_timeout)
+        self.timed_out = False     # that task was cancelled for running past handler_timeout
 
     def handled_upto(self) -> int:
         """Every event <= this has been handled: what the member may ack."""
@@ -87,6 +94,8 @@ class PartitionStream:
         self.queue.extend(keep)
         self.watermark = keep[0][0] if keep else handled
         self.waiting = False
+        if not keep:
+            self.dead_letter = None
         self.buffered.clear()
         return dropped
 
@@ -103,6 +112,8 @@ class PartitionStream:
 
     def take(self, seqs: list[int], events: list[Any], upto: int) -> int:
         """Queue events newer than the watermark; returns how many were queued."""
+        if self.skip:
+            seqs, events = self._without_skipped(seqs, events)
         w = self.watermark
         n = 0
         if seqs and seqs[0] > w:
@@ -118,3 +129,32 @@ class PartitionStream:
         if upto > w:
             self.watermark = upto
         return n
+
+    def _without_skipped(self, seqs: list[int], events: list[Any]) -> tuple[list[int], list[Any]]:
+        """Pass over dead-lettered poison seqs: they count as seen (the watermark moves past
+        them, so they are acked) but are never handled here."""
+        skip = self.skip
+        if not any(s in skip for s in seqs):
+            return seqs, events
+        kept = [(s, e) for s, e in zip(seqs, events) if s not in skip]
+        return [s for s, _ in kept], [e for _, e in kept]
+
+    def add_skip(self, seqs) -> int:
+        """More seqs to pass over; the ones already queued (not the head being handled)
+        leave the queue. Returns how many left it."""
+        if self.skip is None:
+            self.skip = set()
+        self.skip.update(seqs)
+        keep_head = 1 if self.busy and self.queue else 0
+        head = [self.queue.popleft()] if keep_head else []
+        before = len(self.queue)
+        rest = [item for item in self.queue if item[0] not in self.skip]
+        if not head and rest[:1] != list(self.queue)[:1]:
+            self.attempt, self.first_failed = 1, 0.0     # the head waiting for a retry left
+        self.queue.clear()
+        self.queue.extend(head + rest)
+        return before - len(rest)
+
+    def forget_skips_upto(self, seq: int) -> None:
+        if self.skip:
+            self.skip = {s for s in self.skip if s > seq} or None

@@ -139,6 +139,16 @@ class MemberExited(Coord, tag="member_exited"):
     reason: str = ""                   # "crashed", "handler_timeout", "hung", "recycled"
     inflight: dict[int, list[int]] = {}
     poison: dict[int, list[int]] = {}
+    pid: int = 0                       # the exited process (0: unknown): a newer one may have joined
+
+
+class DeadLetterStored(Coord, tag="dead_letter_stored"):
+    """Router -> member: the DeadLetter of (partition, seq) is stored; only now may the
+    member move past it and ack it. Until then it resends the DeadLetter on a timeout."""
+
+    group: str
+    partition: int
+    seq: int
 
 
 class DlqRequest(Coord, tag="dlq"):
@@ -198,7 +208,8 @@ class Error(Coord, tag="error"):
     code: str = "error"                # "unknown_member", "unknown_group", "bad_message"
 
 
-CoordMessage = Union[Join, Heartbeat, Ack, Released, Leave, Fetch, StatusRequest, DeadLetter, MemberExited,
+CoordMessage = Union[Join, Heartbeat, Ack, Released, Leave, Fetch, StatusRequest, DeadLetter, DeadLetterStored,
+                     MemberExited,
                      DlqRequest, ReloadRequest, ReplayRequest, Assign, Pulse, Records, Reply, Error]
 
 encoder = msgspec.msgpack.Encoder()

@@ -22,17 +22,21 @@ import zmq.asyncio
 from . import blackbox, transport
 from .config import Config, WorkerGroupConfig
 from .breaker import CircuitBreaker
-from .errors import ConfigError
+from .errors import ConfigError, ExitCode
 from .events import DECODE_ERRORS, Contracts, WireEvent, decode_wire_event
 from .heartbeat import HeartbeatThread
 from .producer import Producer
 from .dispatch import Dispatch
 from .handlers import load_handler
 from .stream import PartitionStream, RecentIds
-from .wire import (Ack, Assign, Delivery, Error, Fetch, Join, Leave, Pulse, Records, Released,
+from .watchdog import Watchdog, peak_rss_bytes, rss_bytes
+from .wire import (Ack, Assign, DeadLetterStored, Delivery, Error, Fetch, Join, Leave, Pulse, Records, Released,
                    coord_decoder, encoder, topic)
 
 ACK_EVERY = 0.05
+TICK = 0.1                  # the loop's own timer: loop stamp, async timeouts, dead-letter resends
+RECYCLE_CHECK_EVERY = TICK  # seconds between max_rss / max_events checks from the tick
+RSS_CHECK_EVENTS = 64       # with max_rss, also look at the peak RSS every this many handled events
 DRAIN_MAX = 64              # deliveries read per wakeup of the SUB reader before the loop gets a turn
 
 log = structlog.get_logger("nexus.worker")
@@ -61,7 +65,7 @@ class ReceivedRecords(Records, tag="records"):
 
 received_delivery_decoder = msgspec.msgpack.Decoder(ReceivedDelivery)
 delivery_head_decoder = msgspec.msgpack.Decoder(DeliveryHead)
-received_coord_decoder = msgspec.msgpack.Decoder(Assign | ReceivedRecords | Error)
+received_coord_decoder = msgspec.msgpack.Decoder(Assign | ReceivedRecords | Error | DeadLetterStored)
 
 
 class Member(Dispatch):
@@ -96,13 +100,29 @@ class Member(Dispatch):
         self.bad_events = 0            # undecodable journal events skipped (never from a sound router)
         b = self.spec.breaker
         self.breaker = CircuitBreaker(b.failures, b.window, b.reset)
+        # misbehaving handlers (see docs/failure-modes-member.md)
+        self.box = blackbox.current()            # None without a launcher: no box writes
+        self.loop_stamp = time.monotonic()       # stamped by the loop's tick; the watchdog reads it
+        self.calls = 0                           # sync handler calls started (the watchdog's clock)
+        self.call_stream: PartitionStream | None = None   # the sync call running now
+        self.stop_requested_at = 0.0             # monotonic, set from the signal handler
+        self.stop_grace = max(config.shutdown_timeout - 2.0, config.shutdown_timeout * 0.5)
+        self.timeouts = 0
+        self.recycling = ""                      # why this member drains and ends with RECYCLE
+        self.recycle_check_at = self._next_recycle_check()   # handled count of the next check
+        self.settling: list = []                 # (stream, seq, follow-up ids) waiting for the router
+        self._settle_due = asyncio.Event()
+        self._emit_errors: dict = {}             # follow-up id -> RejectedError, until matched to its cause
+        self.emits_rejected = 0
+        self.dead_letter_resends = 0
 
     def stats(self) -> dict:
         """Counters for `nexus status` (read from the heartbeat thread)."""
         return {"handled": self.handled, "failed": self.failed, "dead_lettered": self.dead_lettered,
                 "duplicates_dropped": self.duplicates_dropped, "bad_events": self.bad_events,
                 "bad_deliveries": self.bad_deliveries, "queued": self.queued,
-                "breaker": self.breaker.state}
+                "breaker": self.breaker.state, "timeouts": self.timeouts, "rss": rss_bytes(),
+                "emits_rejected": self.emits_rejected}
 
     # -- lifecycle -------------------------------------------------------------
     async def run(self) -> None:
@@ -114,13 +134,16 @@ class Member(Dispatch):
         self.heartbeat = HeartbeatThread(self.config.coord, self.group, self.name,
                                          self.config.router.heartbeat_interval, self._on_pulse_threadsafe,
                                          stats=self.stats)
+        self.watchdog = Watchdog(self)
+        self.watchdog.start()
         tasks = [asyncio.ensure_future(c) for c in
                  (self._coord_reader(), self._sub_reader(), self._dispatcher(), self._acker(),
-                  self._joiner(), self._beater())]
+                  self._joiner(), self._ticker(), self._settler())]
         try:
             await self.stop_event.wait()
             await self._drain()
         finally:
+            self.watchdog.stop()
             self.heartbeat.stop()
             for t in tasks:
                 t.cancel()
@@ -138,14 +161,6 @@ class Member(Dispatch):
             self.sub.close(0)
             self.ctx.term()
             self.log.info("member_stopped", handled=self.handled, failed=self.failed)
-
-    async def _beater(self) -> None:
-        """Beat the black box while the loop turns (the launcher's hang detection).
-        Stopgap until the handler watchdog thread beats it."""
-        box = blackbox.current()
-        while box is not None:
-            box.beat()
-            await asyncio.sleep(0.25)
 
     async def _joiner(self) -> None:
         """Join, and join again whenever the router forgot us (router restart)."""
@@ -169,11 +184,10 @@ class Member(Dispatch):
         self.sub.close(0)
         for st in self.streams.values():
             st.revoked = True
-        deadline = time.monotonic() + self.config.shutdown_timeout
+        # leave before the launcher's shutdown_timeout runs out: a stuck call is left unacked
+        deadline = (self.stop_requested_at or time.monotonic()) + self.stop_grace
         while any(st.busy for st in self.streams.values()) and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
-        if self._producer is not None:
-            await asyncio.to_thread(self._producer.flush, 5.0)
         acks = {p: st.handled_upto() for p, st in self.streams.items()}
         await self._send(Leave(group=self.group, member=self.name, acks=acks))
 
@@ -198,6 +212,8 @@ class Member(Dispatch):
                 self._on_records(msg)
             elif isinstance(msg, Error):
                 self._on_error(msg)
+            elif isinstance(msg, DeadLetterStored):
+                self._on_dead_letter_stored(msg.partition, msg.seq)
 
     def _on_error(self, msg: Error) -> None:
         if msg.code == "unknown_member":
@@ -229,6 +245,8 @@ class Member(Dispatch):
             if not self.heartbeat.started:
                 self.heartbeat.start()     # only now: a beat before the join would be refused
         wanted = set(msg.partitions)
+        if msg.skip:
+            self.log.warning("poison_skipped", skip={p: sorted(s) for p, s in msg.skip.items()})
         for p, st in list(self.streams.items()):
             if p not in wanted and not st.revoked:
                 st.revoked = True
@@ -256,6 +274,12 @@ class Member(Dispatch):
             st = self.streams[p] = PartitionStream(p, cursor, redelivered)
             self.sub.setsockopt(zmq.SUBSCRIBE, topic(self.group, p))
             self._fetch(st)
+        for p, seqs in msg.skip.items():
+            st = self.streams.get(p)
+            if st is not None and not st.revoked:
+                # dead-lettered poison: pass over it (queued copies leave the queue)
+                self.queued -= st.add_skip(seqs)
+                self._ready(st)
         self.log.info("partitions_assigned", partitions=sorted(wanted), granted=sorted(msg.grants))
 
     def _drop_queued(self, st: PartitionStream) -> None:
@@ -415,11 +439,52 @@ class Member(Dispatch):
                     acks[p] = upto
             if not acks:
                 continue
-            if self._producer is not None:
-                # follow-up events must be journaled before their cause is acked
-                await asyncio.to_thread(self._producer.flush, 30.0)
+            # (follow-ups need no flush here: a cause that emitted stays the busy head of its
+            # stream, so it is not acked, until the router answered for them; see _settler)
             await self._send(Ack(group=self.group, member=self.name, acks=acks))
             self._last_acks.update(acks)
+
+    async def _ticker(self) -> None:
+        """The loop's own heartbeat: stamp it for the watchdog thread (which beats the black
+        box), cancel overdue async handlers, resend unconfirmed dead letters, and check the
+        recycle limits now and then."""
+        next_check = time.monotonic() + RECYCLE_CHECK_EVERY
+        while True:
+            await asyncio.sleep(TICK)
+            now = self.loop_stamp = time.monotonic()
+            if self.is_async:
+                self._cancel_overdue(now)
+            self._resend_dead_letters(now)
+            if now >= next_check:
+                next_check = now + RECYCLE_CHECK_EVERY
+                self._check_recycle()
+
+    def _next_recycle_check(self) -> float:
+        """The handled count at which the dispatcher checks the recycle limits between the
+        ticks (a fast leak grows a lot in a tick): every RSS_CHECK_EVENTS with max_rss (a
+        getrusage call, ~1 us), at max_events; never without limits."""
+        spec = self.spec
+        at = float("inf")
+        if spec.max_rss is not None:
+            at = self.handled + RSS_CHECK_EVENTS
+        if spec.max_events is not None:
+            at = min(at, spec.max_events)
+        return at
+
+    def _check_recycle(self) -> None:
+        self.recycle_check_at = self._next_recycle_check()
+        if self.recycling or self.stop_event.is_set():
+            return
+        spec = self.spec
+        if spec.max_events is not None and self.handled >= spec.max_events:
+            self.recycling = f"handled {self.handled} events (max_events {spec.max_events})"
+        elif spec.max_rss is not None and (rss := peak_rss_bytes()) > spec.max_rss:
+            self.recycling = f"rss {rss >> 20} MiB over max_rss {spec.max_rss >> 20} MiB"
+        if self.recycling:
+            self.recycle_check_at = float("inf")
+            # graceful: take nothing new, finish and ack what is in flight, leave, exit RECYCLE
+            self.log.warning("member_recycling", reason=self.recycling, handled=self.handled)
+            self.stop_event.set()
 
     def _emit(self, type_: str, payload: Any, **kw) -> str:
         if self._producer is None:
@@ -430,12 +495,25 @@ class Member(Dispatch):
 
 def main(config: Config, group: str, name: str) -> None:
     import signal
+    import sys
+
+    members: list[Member] = []
 
     async def runner() -> None:
         member = Member(config, group, name)
+        members.append(member)
         loop = asyncio.get_running_loop()
+
+        def on_signal(signum, frame) -> None:  # noqa: ARG001
+            # a plain handler, not loop.add_signal_handler: it runs even while a sync
+            # handler blocks the loop, so the watchdog sees the stop and bounds that call
+            if not member.stop_requested_at:
+                member.stop_requested_at = time.monotonic()
+            loop.call_soon_threadsafe(member.stop_event.set)
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, member.stop_event.set)
+            signal.signal(sig, on_signal)
         await member.run()
 
     asyncio.run(runner())
+    if members and members[0].recycling:
+        sys.exit(int(ExitCode.RECYCLE))

@@ -12,6 +12,7 @@ import msgspec
 import pytest
 import structlog
 
+from nexus import statefile
 from nexus.config import Config, Duration, ImapProducerConfig
 from nexus.contracts import EmailReceived
 from nexus.errors import ConfigError
@@ -166,7 +167,8 @@ def test_restart_emits_exactly_the_mail_missed_while_down(server, producer, tmp_
     server.append(mail("before stop"))
     first.wait_events(1)
     first.stop()
-    state = json.loads((tmp_path / "data" / "imap" / "work.json").read_text())
+    # issue 10 #16: the state file has a checksummed header (nexus/statefile.py)
+    state = json.loads(statefile.decode((tmp_path / "data" / "imap" / "work.json").read_bytes()))
     assert state["mailboxes"]["INBOX"]["last_uid"] == first.sink.of_type("email.received")[0]["uid"]
 
     missed = [server.append(mail(f"missed {i}")) for i in range(3)]

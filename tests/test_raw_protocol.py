@@ -204,10 +204,15 @@ def test_resent_seqs_are_acked_but_not_journaled_twice(pipeline):
     assert router.journal.last_seq == 3 and router.intake.duplicates_total == 3
     # a gap (seqs 4..9 never arrived): nothing accepted, the reply says where to resume
     late = event("test.dup", {"i": 9})
-    assert request(dealer, batch([late], producer="resender", seq=10, floor=4)) == {"ack": 3}
+    gap = request(dealer, batch([late], producer="resender", seq=10, floor=4))
+    assert gap["ack"] == 3 and categories(gap) == {10: "sequence_gap"}          # retryable: seq > ack
     assert router.journal.last_seq == 3
-    # `floor` says seqs below it are settled for the producer: the router moves on
-    assert request(dealer, batch([late], producer="resender", seq=10, floor=10)) == {"ack": 10}
+    # issue 10 #6: a known producer's floor never moves the router past seqs it has not
+    # seen (a forged floor made it drop a producer's next events): still a gap
+    gap = request(dealer, batch([late], producer="resender", seq=10, floor=10))
+    assert gap["ack"] == 3 and categories(gap) == {10: "sequence_gap"}
+    # the producer numbers on from ack + 1 (seqs 4..9 were settled for it by NACKs)
+    assert request(dealer, batch([late], producer="resender", seq=4, floor=4)) == {"ack": 4}
     assert router.journal.last_seq == 4 and router.intake.accepted_total == 4
     ids = [e["id"] for e in first + [third, late]]
     pipeline.wait_delivered(ids)

@@ -437,7 +437,7 @@ def test_unclean_mark_flags_every_grant_until_the_cursor_passes_it():
     assert out[b"B"].grants == {0: 50} and out[b"B"].redelivered == {0: 100}
     coord.ack(g, "b", {0: 120})
     heads["g"][0] = 130
-    coord.lost(g, "b", now=3.0)                     # the launcher saw b die at head 130
+    coord.exited(g, "b", 0, {}, now=3.0)                     # the launcher saw b die at head 130
     out = assigns(coord.join(g, "c", b"C", now=4.0))
     assert out[b"C"].grants == {0: 120} and out[b"C"].redelivered == {0: 130}
     coord.ack(g, "c", {0: 130})
@@ -449,9 +449,9 @@ def test_unclean_mark_flags_every_grant_until_the_cursor_passes_it():
 
 def test_lost_frees_the_partitions_at_once(coord):
     g, _, _ = setup_two(coord)
-    out = assigns(coord.lost(g, "b", now=2.0))
+    out = assigns(coord.exited(g, "b", 0, {}, now=2.0))
     assert "b" not in g.members and set(out) == {b"A"}
-    assert coord.lost(g, "b", now=2.0) == []        # told twice: nothing more
+    assert coord.exited(g, "b", 0, {}, now=2.0) == []        # told twice: nothing more
 
 
 def test_members_surviving_a_router_restart_get_their_partitions_back(coord):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import msgspec
 
+from nexus import statefile
 from nexus.cursors import CursorStore
 from nexus.flusher import Flusher
 from nexus.journal import Journal
@@ -64,7 +65,9 @@ def test_an_older_snapshot_never_overwrites_a_newer_save(tmp_path):
     flusher.save_now({"g": [3]})              # version 2: a replay rewound the cursors
     flusher._save(*pending)                   # ...and saved after the rewind: ignored
     assert CursorStore(cursors.path).load() == {"g": [3]}
-    assert msgspec.msgpack.decode((tmp_path / "cursors.msgpack").read_bytes()) == {"g": [3]}
+    # issue 10 #16: the file now carries a checksummed header (nexus/statefile.py)
+    body = statefile.decode((tmp_path / "cursors.msgpack").read_bytes())
+    assert msgspec.msgpack.decode(body) == {"g": [3]}
     journal.close()
 
 

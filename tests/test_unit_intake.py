@@ -220,7 +220,10 @@ def test_batch_skipping_ahead_is_not_accepted():
     intake = make_intake()
     intake.take(batch([ev(), ev()], "p", 1), confirm=True, now=0.0)            # high = 2
     out = intake.take(batch([ev(), ev()], "p", 5, floor=3), confirm=True, now=0.0)   # 3, 4 missing
-    assert out.accepted.events == [] and out.nacks == []
+    assert out.accepted.events == []
+    # issue 10 #6: a gap is NACKed as retryable (`sequence_gap`, seqs above `ack`)
+    assert [(n.seq, n.reason.split(":")[0], n.retry_after) for n in out.nacks] == \
+        [(5, "sequence_gap", 0.0), (6, "sequence_gap", 0.0)]
     assert out.ack == 2
     assert intake.high["p"] == 2
     # the producer goes back to 3: accepted
@@ -491,3 +494,106 @@ def test_rejected_events_retrying_at_their_turn_all_pass():
     comebacks = sorted(t for t in turns if t > 0)
     assert comebacks == pytest.approx([k / 10 for k in range(1, 21)])
     assert all(b.take(t) == 0.0 for t in comebacks)       # each finds its token
+
+
+# -- issue 10 #6: the sequence rule ---------------------------------------------------------------
+def gap_seqs(out) -> list[int]:
+    return [n.seq for n in out.nacks if n.reason.startswith("sequence_gap: ")]
+
+
+def test_empty_batch_with_a_forged_floor_moves_nothing():
+    intake = make_intake()
+    intake.take(batch([ev()] * 10, "victim", 1), confirm=True, now=0.0)
+    out = intake.take(batch([], "victim", 11, floor=10**12), confirm=True, now=0.0)
+    assert out.ack == 10 and out.nacks == [] and intake.high["victim"] == 10
+    nxt = intake.take(batch([ev()] * 3, "victim", 11), confirm=True, now=0.0)
+    assert [entry_decoder.decode(b).pseq for b in nxt.accepted.bodies] == [11, 12, 13]
+
+
+def test_known_producer_floor_never_jumps_ahead():
+    intake = make_intake()
+    intake.take(batch([ev()] * 10, "victim", 1), confirm=True, now=0.0)
+    spoof = intake.take(batch([ev()], "victim", 10**12, floor=10**12), confirm=True, now=0.0)
+    assert spoof.accepted.events == [] and spoof.ack == 10 and gap_seqs(spoof) == [10**12]
+    assert all(n.retry_after == 0.0 and n.seq > spoof.ack for n in spoof.nacks)   # not settled
+    assert intake.high["victim"] == 10 and intake.rejected["sequence_gap"] == 1
+    assert "victim" not in intake.recent_nacks                   # a gap NACK is never repeated as final
+    nxt = intake.take(batch([ev()] * MAX_BATCH, "victim", 11), confirm=True, now=0.0)
+    assert len(nxt.accepted.events) == MAX_BATCH and nxt.duplicates == 0 and nxt.ack == 10 + MAX_BATCH
+
+
+def test_unknown_producer_floor_is_trusted_only_up_to_the_first_seq():
+    intake = make_intake()
+    out = intake.take(batch([ev()], "fresh", 5, floor=10**12), confirm=True, now=0.0)
+    assert out.ack == 5 and [entry_decoder.decode(b).pseq for b in out.accepted.bodies] == [5]
+    assert intake.high["fresh"] == 5
+    empty = intake.take(batch([], "other", 7, floor=10**12), confirm=True, now=0.0)
+    assert empty.ack == 6 and "other" not in intake.high
+
+
+def test_gap_nacks_every_event_of_the_batch():
+    intake = make_intake()
+    out = intake.take(batch([ev()] * 3, "p", 4, floor=1), confirm=True, now=0.0)
+    assert gap_seqs(out) == [4, 5, 6] and out.ack == 0
+    assert "expected producer seq 1, got 4" in out.nacks[0].reason
+
+
+def test_sdk_renumbers_after_a_restart_forgot_its_nacked_tail():
+    """Seqs 2..4 were NACKed before the router restarted (not in the journal): the router
+    refuses seq 5 as a gap and the SDK numbers its unacked events on from 2."""
+    ob = Outbox("p", confirm=True, window=100, ack_timeout=1.0)
+    ob.add("ok", ev())
+    for i in range(3):
+        ob.add(f"bad{i}", ev("file.created", {"path": ""}))
+    router = make_intake()
+    first = router.take(ob.next_batch(0.0), confirm=True, now=0.0)
+    ob.on_reply(ProducerReply(ack=first.ack, nacks=first.nacks), 0.0)
+    assert len(ob.take_errors()) == 3 and ob.idle()
+    restarted = make_intake()
+    restarted.remember("p", 1)
+    for i in range(5):
+        ob.add(f"next{i}", ev())
+    frames = [ob.next_batch(1.0)]
+    journaled: list[int] = []
+    for t in range(2, 6):
+        for frame in frames:
+            o = restarted.take(frame, confirm=True, now=float(t))
+            journaled += [entry_decoder.decode(b).pseq for b in o.accepted.bodies]
+            ob.on_reply(ProducerReply(ack=o.ack, nacks=o.nacks), float(t))
+        frames = ob.resend_batches(float(t))
+    assert journaled == [2, 3, 4, 5, 6] and ob.idle() and ob.renumbered == 1
+    assert ob.take_errors() == []
+
+
+# -- issue 10 #12: input edges ------------------------------------------------------------------
+def test_type_with_a_trailing_newline_is_malformed():
+    intake = make_intake()
+    raw = encoder.encode({"type": "test.x\n", "source": "s", "payload": 1, "id": "i", "time": 1.0})
+    out = intake.take(batch([raw], "p", 1), confirm=True, now=0.0)
+    assert reasons(out)[1].startswith("malformed: ") and out.accepted.events == []
+
+
+@pytest.mark.parametrize("field", ["source", "key", "correlation_id"])
+@pytest.mark.parametrize("char", ["\x00", "\n", "\x1b", "\x7f", "\x85", "\x9b"])
+def test_control_characters_are_malformed_naming_the_field(field, char):
+    intake = make_intake()
+    fields = {"source": "s", field: f"a{char}b"}
+    raw = encoder.encode({"type": "test.x", "payload": 1, "id": "i", "time": 1.0, **fields})
+    out = intake.take(batch([ev(), raw, ev()], "p", 1), confirm=True, now=0.0)
+    assert list(reasons(out)) == [2]
+    assert reasons(out)[2] == f"malformed: malformed event: control characters are not allowed - at `$.{field}`"
+    assert len(out.accepted.events) == 2
+
+
+def test_a_cached_key_or_source_does_not_let_controls_through():
+    intake = make_intake()
+    intake.take(batch([ev(source="s", key="k")]), confirm=False, now=0.0)
+    bad = [ev(source="s", key="k\x1b"), ev(source="s\x1b", key="k"), ev(source="k\n")]
+    out = intake.take(batch(bad), confirm=False, now=0.0)
+    assert [n.seq for n in out.nacks] == [0, 1, 2] and out.accepted.events == []
+
+
+def test_printable_text_is_kept_non_ascii_included():
+    intake = make_intake()
+    out = intake.take(batch([ev(source="café ☕", key="ключ\u00a0x")]), confirm=False, now=0.0)
+    assert out.nacks == [] and len(out.accepted.events) == 1

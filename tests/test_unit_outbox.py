@@ -281,3 +281,40 @@ def test_in_flight_count_matches_the_queues_through_every_path(confirm):
         if ob.unacked:
             ob.on_reply(reply(ob.unacked[-1].pseq), now)
     assert ob.idle() and ob.in_flight() == 0
+
+
+# -- issue 10 #6: sequence_gap NACKs ------------------------------------------------------------
+def gap(seq: int, expected: int) -> Nack:
+    return Nack(seq, f"sequence_gap: expected producer seq {expected}, got {seq}")
+
+
+def test_gap_after_a_lost_batch_waits_for_the_resend_with_the_same_seqs():
+    ob = Outbox("p", confirm=True, window=100, ack_timeout=1.0)
+    for i in range(4):
+        ob.add(f"e{i}", data(i))
+        ob.next_batch(0.0)                       # four batches of one: seqs 1..4
+    ob.on_reply(reply(0, gap(2, 1)), 0.1)        # seq 1 was lost: 2 is a gap
+    assert [u.pseq for u in ob.unacked] == [1, 2, 3, 4] and ob.take_errors() == []
+    assert ob.renumbered == 0 and ob.resend_batches(0.5) == []      # not renumbered, not early
+    assert [decode(f)[1] for f in ob.resend_batches(1.0)] == [1]   # go-back-N from seq 1
+
+
+def test_gap_below_the_floor_renumbers_the_unacked_window_and_resends_at_once():
+    ob = Outbox("p", confirm=True, window=100, ack_timeout=1.0)
+    ob.next_pseq = 8                             # seqs 1..7 settled (some by NACKs)
+    for i in range(3):
+        ob.add(f"e{i}", data(i))
+    ob.next_batch(0.0)                           # seqs 8..10, floor 8
+    ob.on_reply(reply(4, gap(8, 5), gap(9, 5), gap(10, 5)), 0.1)   # the router has 1..4 only
+    assert [u.pseq for u in ob.unacked] == [5, 6, 7] and ob.next_pseq == 8
+    assert ob.take_errors() == [] and ob.renumbered == 1
+    [frame] = ob.resend_batches(0.1)
+    b = batch_decoder.decode(frame)
+    assert (b.seq, b.floor, len(b.events)) == (5, 5, 3)
+    # a second gap reply (to a batch sent before the renumbering) changes nothing
+    ob.on_reply(reply(4, gap(11, 5)), 0.2)
+    assert [u.pseq for u in ob.unacked] == [5, 6, 7] and ob.renumbered == 1
+    ob.add("e3", data(3))
+    assert decode(ob.next_batch(0.3))[1] == 8
+    ob.on_reply(reply(8), 0.4)
+    assert ob.idle()

@@ -11,7 +11,7 @@ import pytest
 from nexus import blackbox, process
 from nexus.datalock import DataDirLock, clean_stale_run
 from nexus.errors import ConfigError
-from nexus.children import describe_exit
+from nexus.errors import describe_exit
 from nexus.testing import pid_alive, wait_for
 
 
@@ -71,7 +71,7 @@ def test_terminate_ends_a_process_that_ignores_sigterm():
 
 
 def test_exit_reasons():
-    assert describe_exit(-9) == "SIGKILL"
-    assert describe_exit(8) == "exit 8 (recycle)"
-    assert describe_exit(17) == "exit 17"
+    assert describe_exit(-9) == "signal SIGKILL"
+    assert describe_exit(8) == "exit code 8 (recycle)"
+    assert describe_exit(17) == "exit code 17"
     assert describe_exit(None) == ""

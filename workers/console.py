@@ -7,6 +7,7 @@ import time
 import msgspec
 
 from nexus import Context, Event
+from nexus.events import printable
 
 MAX_PAYLOAD_CHARS = 240
 MAX_FIELD_CHARS = 80       # one long field (a snippet, a body) must not hide the others
@@ -33,4 +34,6 @@ def handle(event: Event, ctx: Context) -> None:
     clock = time.strftime("%H:%M:%S", time.localtime(event.time)) + f".{int(event.time * 1000) % 1000:03d}"
     flags = " (redelivered)" if ctx.redelivered else ""
     line = f"{clock} {event.type} from {event.source} [{ctx.member} p{ctx.partition} #{ctx.seq}]{flags} {_summary(event.payload)}"
-    print(line, file=sys.stdout, flush=True)
+    # source, key and payload strings come from producers: escape control characters
+    # (terminal escape sequences, forged lines) instead of printing them
+    print(printable(line), file=sys.stdout, flush=True)

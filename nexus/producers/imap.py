@@ -265,6 +265,12 @@ class _Mailbox:
         stored = self.state.get(self.mailbox)
         if stored is not None and stored.uidvalidity == uidvalidity:
             return stored.last_uid
+        if stored is None and self.state.lost(self.mailbox):
+            # the state file was damaged (state_file_damaged): the oldest safe point is
+            # the mailbox's first message; mail is re-emitted, never skipped
+            self.log.warning("imap_position_lost", last_uid=0, newest=newest)
+            await self._sync(self.state.set, self.mailbox, uidvalidity, 0)
+            return 0
         if stored is not None:
             # The server renumbered the mailbox (recreated, restored, migrated): old UIDs
             # mean nothing now and we cannot tell what was emitted. Replaying the whole

@@ -1,7 +1,8 @@
 """What the IMAP producer keeps and decodes, apart from its connection logic:
 
 - durable positions, data_dir/imap/NAME.json = {mailbox: {uidvalidity, last_uid}},
-  written only after `sink.flush()` returned, so a crash re-emits and never skips;
+  written only after `sink.flush()` returned, so a crash re-emits and never skips
+  (a checksummed state file: a damaged one falls back to its previous copy);
 - FETCH responses as aioimaplib hands them over (text lines + literal bytearrays);
 - messages decoded into `email.received` payloads within the contract's bounds.
 """
@@ -20,6 +21,8 @@ from typing import Any
 import msgspec
 import structlog
 
+from .. import statefile
+
 log = structlog.get_logger("nexus.producers.imap")
 FETCH_START = re.compile(rb"^(?:\* )?\d+ FETCH \(", re.I)
 
@@ -35,49 +38,48 @@ class _Doc(msgspec.Struct):
 
 
 class ImapState:
-    """The positions of one producer (all its mailboxes share one small file)."""
+    """The positions of one producer (all its mailboxes share one small file, written
+    atomically with a checksum and the previous copy kept: nexus/statefile.py)."""
 
     def __init__(self, data_dir: str | os.PathLike, name: str):
         self.path = Path(data_dir) / "imap" / f"{name}.json"
         self._lock = threading.Lock()      # mailboxes persist from the loop and executor
+        self.damaged = False               # the file was damaged: see lost()
         self._doc = self._load()
 
     def _load(self) -> _Doc:
-        try:
-            return msgspec.json.decode(self.path.read_bytes(), type=_Doc)
-        except FileNotFoundError:
-            return _Doc()
-        except (OSError, msgspec.DecodeError) as exc:
-            # Writes are atomic, so this is outside damage; starting over (from the
-            # newest mail) beats refusing to run. Keep the file for inspection.
-            log.error("imap_state_unreadable", path=str(self.path), error=str(exc))
-            return _Doc()
+        loaded = statefile.read(str(self.path), _decode)
+        if loaded.damaged:
+            # logged (state_file_damaged); a mailbox missing from the recovered copy
+            # must not start at the newest mail: see lost()
+            self.damaged = True
+        return loaded.value or _Doc()
 
     def get(self, mailbox: str) -> Position | None:
         with self._lock:
             return self._doc.mailboxes.get(mailbox)
 
+    def lost(self, mailbox: str) -> bool:
+        """True when the mailbox's position was in a damaged file and no good copy had
+        it: it resumes from the mailbox's first message (re-emitting is safe, skipping
+        is not)."""
+        with self._lock:
+            return self.damaged and mailbox not in self._doc.mailboxes
+
     def set(self, mailbox: str, uidvalidity: int, last_uid: int) -> None:
-        """Record a position durably: tmp file + fsync + os.replace + fsync(dir)."""
+        """Record a position durably (statefile.write: tmp, fsync, rename, dir fsync)."""
         with self._lock:
             if self._doc.mailboxes.get(mailbox) == Position(uidvalidity, last_uid):
                 return
             mailboxes = dict(self._doc.mailboxes)
             mailboxes[mailbox] = Position(uidvalidity, last_uid)
             doc = _Doc(mailboxes=mailboxes)
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_name(f".{self.path.name}.tmp")
-            with open(tmp, "wb") as f:
-                f.write(msgspec.json.format(msgspec.json.encode(doc)))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-            fd = os.open(self.path.parent, os.O_RDONLY)
-            try:
-                os.fsync(fd)              # make the rename itself durable
-            finally:
-                os.close(fd)
+            statefile.write(str(self.path), msgspec.json.format(msgspec.json.encode(doc)))
             self._doc = doc
+
+
+def _decode(body: bytes) -> _Doc:
+    return msgspec.json.decode(body, type=_Doc)
 
 
 # -- server responses -----------------------------------------------------------
