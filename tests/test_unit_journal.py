@@ -213,6 +213,8 @@ def test_torn_header_is_truncated(tmp_path):
 
 
 def test_corrupt_byte_in_middle_of_last_segment(tmp_path):
+    """Issue 10 #2: a damaged record followed by good ones is skipped, not truncated
+    (this test asserted the old truncation before)."""
     d = tmp_path / "j"
     j = open_journal(d)
     bodies = [b"%03d-payload" % i for i in range(10)]
@@ -228,17 +230,23 @@ def test_corrupt_byte_in_middle_of_last_segment(tmp_path):
         f.seek(pos)
         f.write(bytes([b[0] ^ 0xFF]))
     j2 = open_journal(d)
-    assert j2.last_seq == 4
-    assert j2.recovery.truncated_bytes == 6 * rec
-    assert j2.recovery.records == 4
-    assert os.path.getsize(path) == 4 * rec
-    assert j2.read(0, 100) == [(i + 1, bodies[i]) for i in range(4)]
-    assert j2.append([b"new"]) == 5
-    assert j2.read(4, 10) == [(5, b"new")]
+    assert j2.last_seq == 10
+    assert j2.recovery.truncated_bytes == 0
+    assert j2.recovery.records == 9
+    assert os.path.getsize(path) == 10 * rec
+    assert [dmg.describe() for dmg in j2.damage] == [
+        {"segment": os.path.basename(path), "offset": 4 * rec, "bytes": rec, "first_seq": 5, "last_seq": 5}]
+    assert j2.read(0, 100) == [(i + 1, bodies[i]) for i in range(10) if i != 4]
+    assert j2.read(4, 1) == [(6, bodies[5])]
+    assert j2.append([b"new"]) == 11
+    assert j2.read(10, 10) == [(11, b"new")]
+    assert j2.info()["damaged_ranges"] == 1
     j2.close()
 
 
-def test_corrupt_record_in_earlier_segment_drops_later_segments(tmp_path):
+def test_corrupt_record_in_earlier_segment_keeps_later_segments(tmp_path):
+    """Issue 10 #2: damage in a closed segment never removes later segments (this test
+    asserted that they were removed before)."""
     d = tmp_path / "j"
     j = open_journal(d, segment_bytes=60)
     written = fill(j, 30)
@@ -253,19 +261,132 @@ def test_corrupt_record_in_earlier_segment_drops_later_segments(tmp_path):
         f.seek(rec + 8)
         f.write(b"\xff")
     j2 = open_journal(d, segment_bytes=60)
-    assert seg_files(d) == [os.path.basename(p) for p, _, _ in segs[:2]]
-    assert j2.last_seq == victim_first
-    assert "(removed)" in j2.recovery.truncated_at
-    for p, _, _ in segs[2:]:
-        assert os.path.basename(p) + "(removed)" in j2.recovery.truncated_at
-    assert [s for s, _ in j2.read(0, 1000)] == list(range(1, victim_first + 1))
-    assert j2.append([b"cont"]) == victim_first + 1
-    assert j2.read(victim_first, 10) == [(victim_first + 1, b"cont")]
+    assert seg_files(d) == [os.path.basename(p) for p, _, _ in segs]
+    assert j2.last_seq == 30
+    assert j2.recovery.truncated_bytes == 0
+    assert [(x.first_seq, x.last_seq) for x in j2.damage] == [(victim_first + 1, victim_first + 1)]
+    assert [s for s, _ in j2.read(0, 1000)] == [s for s in range(1, 31) if s != victim_first + 1]
+    assert j2.append([b"cont"]) == 31
     j2.close()
     j3 = open_journal(d, segment_bytes=60)
-    assert j3.last_seq == victim_first + 1
-    assert j3.recovery.truncated_bytes == 0
+    assert j3.last_seq == 31 and len(j3.damage) == 1
     j3.close()
+
+
+def test_damaged_range_to_end_of_closed_segment_is_kept(tmp_path):
+    """A closed segment whose tail is garbage (zeros, then random bytes) keeps its size;
+    the damage reports the seqs up to the next segment's first."""
+    d = tmp_path / "j"
+    j = open_journal(d, segment_bytes=200)
+    written = fill(j, 40)
+    segs = [(s.path, s.first, s.last, s.size) for s in j.segments]
+    j.close()
+    path, first, last, size = segs[1]
+    rec = HEADER.size + len(written[first])
+    with open(path, "r+b") as f:
+        f.seek(rec)
+        f.write(bytes(20) + os.urandom(size - rec - 20))
+    j2 = open_journal(d, segment_bytes=200)
+    assert os.path.getsize(path) == size
+    assert [(x.offset, x.bytes, x.first_seq, x.last_seq) for x in j2.damage] == \
+        [(rec, size - rec, first + 1, last)]
+    assert [s for s, _ in j2.read(0, 1000)] == [s for s in range(1, 41) if not first < s <= last]
+    assert all(body == written[s] for s, body in j2.read(0, 1000))
+    j2.close()
+
+
+def test_damage_found_while_reading_is_skipped_and_logged_once(tmp_path):
+    d = tmp_path / "j"
+    j = open_journal(d)
+    written = fill(j, 20)
+    rec = HEADER.size + len(written[1])
+    with open(_last_file(d), "r+b") as f:    # damaged after open: found by read()
+        f.seek(7 * rec + 3)
+        f.write(b"\x00\x00\x00\x00")
+    assert [s for s, _ in j.read(0, 100)] == [s for s in range(1, 21) if s != 8]
+    assert [s for s, _ in j.read(5, 100)] == [s for s in range(6, 21) if s != 8]
+    assert len(j.damage) == 1 and (j.damage[0].first_seq, j.damage[0].last_seq) == (8, 8)
+    j.close()
+
+
+def test_read_is_bounded_in_bytes_but_returns_at_least_one(tmp_path):
+    j = open_journal(tmp_path / "j")
+    j.append([b"x" * 1000 for _ in range(50)])
+    assert len(j.read(0, 100, max_bytes=3500)) == 4
+    assert len(j.read(0, 100, max_bytes=1)) == 1
+    j.close()
+
+
+def test_verify_reports_damage_without_changing_files(tmp_path):
+    from nexus.journal import verify
+    d = tmp_path / "j"
+    j = open_journal(d, segment_bytes=100)
+    written = fill(j, 30)
+    j.close()
+    files = seg_files(d)
+    rec = HEADER.size + len(written[1])
+    victim = str(d / files[1])
+    with open(victim, "r+b") as f:
+        f.seek(rec + 5)
+        f.write(b"\xee")
+    last = str(d / files[-1])
+    with open(last, "ab") as f:
+        f.write(b"\x01\x02\x03")                 # a torn tail: reported, not cut
+    sizes = {n: os.path.getsize(d / n) for n in files}
+    found = verify(str(d))
+    assert len(found["damaged"]) == 1 and found["damaged"][0]["segment"] == files[1]
+    assert found["torn_tail"] == {"segment": files[-1], "offset": sizes[files[-1]] - 3, "bytes": 3}
+    assert {n: os.path.getsize(d / n) for n in files} == sizes
+
+
+def test_skip_to_moves_next_seq_past_cursors(tmp_path):
+    d = tmp_path / "j"
+    j = open_journal(d)
+    fill(j, 5)
+    j.skip_to(100)
+    assert j.append([b"after"]) == 101
+    assert [s for s, _ in j.read(0, 10)] == [1, 2, 3, 4, 5, 101]
+    j.close()
+    j2 = open_journal(d)
+    assert j2.last_seq == 101 and j2.damage == []
+    j2.skip_to(50)                          # never backwards
+    assert j2.append([b"x"]) == 102
+    j2.close()
+    empty = open_journal(tmp_path / "e")
+    empty.skip_to(7)
+    empty.close()
+    again = open_journal(tmp_path / "e")
+    assert again.last_seq == 7 and seg_files(tmp_path / "e") == [f"{8:020d}{SUFFIX}"]
+    again.close()
+
+
+def test_partial_write_is_undone(tmp_path):
+    """A real short write (RLIMIT_FSIZE cuts the write() at the limit, then EFBIG): the
+    batch raises StorageError, the file is cut back, and appends resume afterwards."""
+    import resource
+    import signal
+    from nexus.journal import StorageError
+    d = tmp_path / "j"
+    j = open_journal(d)
+    fill(j, 10)
+    size = j.segments[-1].size
+    old_limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    try:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size + 100, old_limit[1]))
+        with pytest.raises(StorageError):
+            j.append([b"y" * 60 for _ in range(5)])      # 380 bytes: 100 get written
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, old_limit)
+        signal.signal(signal.SIGXFSZ, old_handler)
+    assert os.path.getsize(_last_file(d)) == size
+    assert j.last_seq == 10
+    assert j.append([b"z"]) == 11
+    assert [s for s, _ in j.read(0, 100)] == list(range(1, 12))
+    j.close()
+    j2 = open_journal(d)
+    assert j2.last_seq == 11 and j2.damage == [] and j2.recovery.truncated_bytes == 0
+    j2.close()
 
 
 def test_torn_tail_in_its_own_segment_keeps_earlier_segments(tmp_path):
