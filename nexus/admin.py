@@ -24,6 +24,13 @@ log = structlog.get_logger("nexus.router")
 
 
 def handle(router: "Router", msg) -> dict:
+    try:
+        return _handle(router, msg)
+    except OSError as exc:         # a journal or cursor write on a full or failing disk
+        return {"error": f"storage unavailable: {exc}"}
+
+
+def _handle(router: "Router", msg) -> dict:
     if isinstance(msg, StatusRequest):
         return status(router)
     if isinstance(msg, ReplayRequest):
@@ -36,6 +43,8 @@ def handle(router: "Router", msg) -> dict:
 
 
 def status(router: "Router") -> dict:
+    """Cheap by design (it is the launcher's readiness probe): nothing here reads the
+    journal; lag comes from the router's incremental backlog."""
     dead = router.dlq.counts()
     groups = {}
     for name, g in router.coordinator.groups.items():
@@ -62,7 +71,8 @@ def status(router: "Router") -> dict:
             "duplicates": intake.duplicates_total,
             "tail_subscribers": router.tail_subscribers,
             "seq": router.journal.last_seq,
-            "journal": router.journal.info(),
+            "journal": {**router.journal.info(), "cursor_past_end": router.cursor_past_end},
+            "storage": router.storage.describe(),
             "rate_limits": intake.limiter.describe(),
             "recent_rejects": list(intake.reject_log)[-10:],
         },
