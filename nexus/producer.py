@@ -96,6 +96,17 @@ LINGER_MIN = 0.01            # seconds; see Producer._io
 FIRE_HWM = 100
 
 
+def _not_confirmed(endpoint: str, outbox: Outbox, timeout: float) -> PeerError:
+    """A flush gave up: name the router's reason when it refused events retryably
+    (storage_unavailable, rate_limited), so the caller never sees a bare timeout."""
+    msg = f"router at {endpoint} did not confirm {outbox.in_flight()} events within {timeout:g}s"
+    if outbox.retry_reason:
+        msg += f"; last refusal (retryable, still retrying): {outbox.retry_reason}"
+    err = PeerError(msg)
+    err.reason = outbox.retry_reason
+    return err
+
+
 def _socket_hwm(confirm: bool) -> int:
     return transport.DEFAULT_HWM if confirm else FIRE_HWM
 
@@ -175,8 +186,7 @@ class Producer:
                         raise PeerError(f"producer I/O failed: {self._failure}")
                     left = deadline - time.monotonic()
                     if left <= 0:
-                        raise PeerError(f"router at {self.endpoint} did not confirm "
-                                        f"{self._outbox.in_flight()} events within {timeout:g}s")
+                        raise _not_confirmed(self.endpoint, self._outbox, timeout)
                     self._cond.wait(min(left, 0.1))
             finally:
                 self._waiting -= 1
@@ -351,8 +361,7 @@ class AsyncProducer:
         while not self._outbox.idle():
             left = deadline - time.monotonic()
             if left <= 0:
-                raise PeerError(f"router at {self.endpoint} did not confirm "
-                                f"{self._outbox.in_flight()} events within {timeout:g}s")
+                raise _not_confirmed(self.endpoint, self._outbox, timeout)
             self._changed.clear()
             try:
                 async with asyncio.timeout(min(left, 0.1)):
