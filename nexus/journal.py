@@ -559,5 +559,7 @@ def verify(directory: str, on_damage: Callable[[Damage], None] | None = None) ->
                         on_damage(d)
         finally:
             os.close(fd)
+    if segments:
+        last_seq = max(last_seq, segments[-1].first - 1)
     return {"dir": directory, "segments": len(segments), "records": records, "last_seq": last_seq,
             "damaged": [d.describe() for d in damaged], "torn_tail": torn}
