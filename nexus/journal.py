@@ -118,19 +118,29 @@ class Scanner:
             self.start = off
         return self.buf, off - self.start
 
-    def check(self, off: int, prev_seq: int, hi: int = 0) -> tuple[int, int] | None:
-        """(seq, end) if a good record starts at `off` with prev_seq < seq (<= hi)."""
+    def check(self, off: int, prev_seq: int, hi: int = 0, crc: bool = True) -> tuple[int, int] | None:
+        """(seq, end) if a good record starts at `off` with prev_seq < seq (<= hi).
+        crc=False checks only the header (the caller checks the CRC if it keeps the body)."""
         if off + HEADER.size > self.size:
             return None
         buf, rel = self.view(off, HEADER.size)
-        crc, length, seq = HEADER.unpack_from(buf, rel)
+        want_crc, length, seq = HEADER.unpack_from(buf, rel)
         end = off + HEADER.size + length
         if length > MAX_RECORD or end > self.size or seq <= prev_seq or (hi and seq > hi):
             return None
-        buf, rel = self.view(off, HEADER.size + length)
-        if zlib.crc32(buf[rel + 4:rel + HEADER.size + length]) != crc:
+        if crc and not self.crc_ok(off, end, want_crc):
             return None
         return seq, end
+
+    def crc_ok(self, off: int, end: int, want: int | None = None) -> bool:
+        buf, rel = self.view(off, end - off)
+        if want is None:
+            want = HEADER.unpack_from(buf, rel)[0]
+        return zlib.crc32(buf[rel + 4:rel + end - off]) == want
+
+    def body_view(self, off: int, end: int) -> memoryview:
+        buf, rel = self.view(off, end - off)
+        return buf[rel + HEADER.size:rel + end - off]
 
     def body(self, off: int, end: int) -> bytes:
         buf, rel = self.view(off, end - off)
@@ -181,6 +191,7 @@ class Journal:
         self._wfd: int | None = None
         self._dirty = False
         self._undo_pending = False
+        self.read_upto = 0                # see read()
         self._since_index = 0
         self._fd_lock = threading.Lock()   # sync() may run in another thread (nexus/flusher.py)
         self.recovery = Recovery()
@@ -390,16 +401,26 @@ class Journal:
                 pass
 
     # -- read ------------------------------------------------------------------
-    def read(self, after: int, max_records: int, max_bytes: int = READ_BYTES) -> list[tuple[int, bytes]]:
-        """Records with seq > after, in order, at most max_records and about max_bytes
-        (always at least one). Damaged ranges are skipped."""
+    def read(self, after: int, max_records: int, max_bytes: int = READ_BYTES,
+             want: Callable[[memoryview], bool] | None = None,
+             max_scan: tuple[int, int] | None = None) -> list[tuple[int, bytes]]:
+        """Records with seq > after, in order: at most max_records, and at most max_bytes
+        of bodies (or one record). Damaged ranges are skipped.
+
+        `want(body)` filters (records it refuses are neither copied nor CRC-checked: they
+        are not served); `max_scan` = (records, bytes) bounds the work of a filtered read.
+        `read_upto` is then the last seq examined, where the next read may go on."""
         out: list[tuple[int, bytes]] = []
+        self.read_upto = after
         if after >= self.last_seq or not self.segments:
             return out
         total = 0
+        scan_records, scan_bytes = max_scan or (1 << 62, 1 << 62)
+        scanned = scanned_bytes = 0
         firsts = [s.first for s in self.segments]
         i = max(0, bisect.bisect_right(firsts, after + 1) - 1)
-        while i < len(self.segments) and len(out) < max_records and total < max_bytes:
+        full = False
+        while i < len(self.segments) and not full:
             seg = self.segments[i]
             i += 1
             if seg.last <= after or seg.size == 0:
@@ -410,22 +431,44 @@ class Journal:
             else:
                 off, prev = 0, seg.first - 1
             sc = Scanner(seg.read_fd(), seg.size)
-            while off < seg.size and len(out) < max_records and total < max_bytes:
-                got = sc.check(off, prev)
-                if got is None:
-                    end = seg.damaged.get(off)
-                    if end is None or end <= off:
-                        end, nseq = sc.resync(off, prev)
-                        self._damaged(seg, off, end, prev + 1,
-                                      nseq - 1 if nseq else (seg.last if seg.last > prev else 0))
-                    off = end
-                    continue
-                seq, end = got
-                if seq > after:
-                    body = sc.body(off, end)
-                    out.append((seq, body))
-                    total += len(body)
-                prev, off = seq, end
+            while off < seg.size:
+                if len(out) >= max_records or total >= max_bytes or scanned >= scan_records \
+                        or scanned_bytes >= scan_bytes:
+                    full = True
+                    break
+                got = sc.check(off, prev, crc=False)
+                if got is not None:
+                    seq, end = got
+                    if seq <= after:
+                        prev, off = seq, end
+                        continue
+                    if want is not None:
+                        scanned += 1
+                        scanned_bytes += end - off
+                        try:
+                            keep = want(sc.body_view(off, end))
+                        except Exception:       # unreadable: the CRC check below decides
+                            keep = True
+                        if not keep:
+                            prev, off, self.read_upto = seq, end, seq
+                            continue
+                    if sc.crc_ok(off, end):
+                        size = end - off - HEADER.size
+                        if out and total + size > max_bytes:
+                            full = True
+                            break
+                        out.append((seq, bytes(sc.body_view(off, end))))
+                        total += size
+                        prev, off, self.read_upto = seq, end, seq
+                        continue
+                dmg_end = seg.damaged.get(off)
+                if dmg_end is None or dmg_end <= off:
+                    dmg_end, nseq = sc.resync(off, prev)
+                    self._damaged(seg, off, dmg_end, prev + 1,
+                                  nseq - 1 if nseq else (seg.last if seg.last > prev else 0))
+                off = dmg_end
+            else:
+                self.read_upto = max(self.read_upto, seg.last)   # the whole segment was examined
         return out
 
     def iter_all(self, after: int = 0, chunk: int = 10_000) -> Iterator[tuple[int, bytes]]:

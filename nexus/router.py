@@ -23,7 +23,7 @@ from .errors import ConfigError
 from .events import Contracts
 from .intake import Accepted, Intake, Outcome
 from .backlog import Backlog
-from .journal import READ_BYTES, Journal, StorageError, entry_decoder
+from .journal import Journal, StorageError, entry_decoder
 from .storage import REASON as STORAGE_REASON, RETRY_AFTER as STORAGE_RETRY_AFTER, StorageState
 from .ratelimit import RateLimiter
 from .routing import RouteTable
@@ -42,7 +42,7 @@ MAINTENANCE_EVERY = 0.1
 INGEST_HWM = 100             # fire-mode batches (up to 1,000 events each) queued per producer
                              # in the router; beyond it PUSH blocks the producer
 PROBE_EVERY = 1.0            # while storage is unavailable: try a write this often
-FETCH_SCAN_BYTES = 64 * 2**20  # journal bytes one fetch reads at most (then the member asks again)
+FETCH_SCAN_BYTES = 64 * 2**20  # journal bytes one fetch examines at most (then the member asks again)
 
 
 class Router:
@@ -437,52 +437,29 @@ class Router:
 
     def fetch(self, group: Group, msg: Fetch) -> Records:
         """Stream events of group/partition after `msg.after`, served from the journal.
-        A reply is bounded in events (fetch_limit) and in bytes (fetch_bytes, always at
-        least one event), and one fetch reads at most FETCH_SCAN_BYTES of journal: the
-        member asks again from `upto`, so router memory stays flat with any event size."""
+        A reply is bounded in events (fetch_limit) and in bytes (fetch_bytes, or one
+        event), and one fetch examines at most FETCH_SCAN records/bytes of journal (other
+        partitions' records are skipped without a copy): the member asks again from
+        `upto`, so router memory and loop time stay flat with any backlog."""
         rc = self.config.router
         limit = max(1, min(msg.limit, rc.fetch_limit))
-        max_bytes = rc.fetch_bytes
         p, partitions = msg.partition, group.partitions
-        seqs: list[int] = []
-        events: list[bytes] = []
-        upto = msg.after
-        # read in chunks and stop at `limit`: reading the whole scan cap (limit * 50
-        # records) up front costs ~50-100 ms per fetch when the partition is dense
-        scan_cap = max(limit * 50, 50_000)
-        scan_bytes = max(FETCH_SCAN_BYTES, 2 * max_bytes)
-        scanned, after, saw_any, nbytes, read_bytes = 0, msg.after, False, 0, 0
         in_group, decode = self.group_filter(group.name), entry_decoder.decode
-        full = False
-        while not full and scanned < scan_cap and read_bytes < scan_bytes:
-            records = self.journal.read(after, min(max(2 * limit, 1000), scan_cap - scanned),
-                                        max_bytes=min(READ_BYTES, scan_bytes - read_bytes))
-            if not records:
-                break
-            saw_any = True
-            for seq, body in records:
-                entry = decode(body)
-                if entry.khash % partitions == p and in_group(entry):
-                    size = len(entry.event)
-                    if seqs and nbytes + size > max_bytes:
-                        full = True
-                        break             # upto stays before it: the next fetch starts here
-                    seqs.append(seq)
-                    events.append(entry.event)
-                    nbytes += size
-                    full = len(seqs) >= limit or nbytes >= max_bytes
-                upto = seq
-                read_bytes += len(body)
-                if full:
-                    break
-            scanned += len(records)
-            after = records[-1][0]
-        complete = upto >= self.journal.last_seq
-        if not saw_any:
-            upto = max(msg.after, self.journal.last_seq)
-            complete = True
+
+        def want(body) -> bool:
+            entry = decode(body)
+            return entry.khash % partitions == p and in_group(entry)
+
+        journal = self.journal
+        records = journal.read(msg.after, limit, max_bytes=rc.fetch_bytes, want=want,
+                               max_scan=(max(limit * 50, 50_000), max(FETCH_SCAN_BYTES, 2 * rc.fetch_bytes)))
+        seqs = [seq for seq, _ in records]
+        events = [decode(body).event for _, body in records]
+        upto = max(journal.read_upto, msg.after)
+        if not records and upto == msg.after:
+            upto = max(msg.after, journal.last_seq)    # nothing readable after it
         return Records(group=group.name, partition=p, after=msg.after, upto=upto,
-                       seqs=seqs, events=events, complete=complete)
+                       seqs=seqs, events=events, complete=upto >= journal.last_seq)
 
     def lag(self, group: Group) -> int | str:
         """Events of the group after its cursors: kept incrementally (nexus/backlog.py),

@@ -245,8 +245,9 @@ def test_disk_full_is_back_pressure_not_a_crash(tmp_path, small_fs, config_facto
     filler = small_fs / "filler"
     filled = fill(filler)
     # confirmed producers see the reason, never a bare timeout
+    # (50 events of 1 KB: more than the slack left in the segment file's last page)
     probe = Producer(cfg.confirm, source="probe", ack_timeout=1.0)
-    probe_id = probe.send("test.item", {"probe": 1})
+    probe_ids = [probe.send("test.item", {"probe": i, "pad": "p" * 1000}) for i in range(50)]
     with pytest.raises(PeerError, match="storage_unavailable"):
         probe.flush(4)
     during = Sender(cfg.confirm, 3_000, chunk=200, source="during")
@@ -264,7 +265,7 @@ def test_disk_full_is_back_pressure_not_a_crash(tmp_path, small_fs, config_facto
     assert not during.is_alive() and during.error is None, during.error
     probe.flush(60)
     probe.close()
-    acked = before.acked + during.acked + [probe_id]
+    acked = before.acked + during.acked + probe_ids
     a = wait_all_handled(out_a, acked, 120)
     b = wait_all_handled(out_b, acked, 120)
     output = p.output()

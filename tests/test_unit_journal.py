@@ -312,8 +312,22 @@ def test_damage_found_while_reading_is_skipped_and_logged_once(tmp_path):
 def test_read_is_bounded_in_bytes_but_returns_at_least_one(tmp_path):
     j = open_journal(tmp_path / "j")
     j.append([b"x" * 1000 for _ in range(50)])
-    assert len(j.read(0, 100, max_bytes=3500)) == 4
+    assert len(j.read(0, 100, max_bytes=3500)) == 3
     assert len(j.read(0, 100, max_bytes=1)) == 1
+    j.close()
+
+
+def test_filtered_read_bounds_its_scan_and_says_where_it_stopped(tmp_path):
+    j = open_journal(tmp_path / "j", segment_bytes=2000)
+    written = fill(j, 100)
+    even = lambda body: int(bytes(body).split(b":")[0][1:]) % 2 == 0
+    got = j.read(0, 1000, want=even)
+    assert [s for s, _ in got] == list(range(1, 101, 2)) and j.read_upto == 100
+    assert all(written[s] == b for s, b in got)
+    got = j.read(0, 1000, want=even, max_scan=(10, 1 << 30))
+    assert [s for s, _ in got] == [1, 3, 5, 7, 9] and j.read_upto == 10
+    got = j.read(10, 2, want=even)
+    assert [s for s, _ in got] == [11, 13] and j.read_upto == 13
     j.close()
 
 
