@@ -6,6 +6,7 @@ the fast path, so members repair gaps by fetching from it over `coord`.
 """
 from __future__ import annotations
 
+import errno
 import os
 import threading
 import time
@@ -324,6 +325,10 @@ class Router:
         if not bodies:
             return self.journal.last_seq + 1
         try:
+            if "fsync" in self.storage.failing:
+                # writes may land in the page cache, but they are not durable: refuse
+                # until the flusher's fsync succeeds again
+                raise StorageError(errno.EIO, f"journal fsync failing ({self.storage.failing['fsync']})")
             first = self.journal.append(bodies)
         except StorageError as exc:
             self.storage.failed("journal", exc)
