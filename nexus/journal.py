@@ -197,12 +197,14 @@ class Journal:
         self.recovery = Recovery()
 
     # -- open and recover ----------------------------------------------------
-    def open(self) -> Recovery:
+    def open(self, on_record: Callable[[int, memoryview], None] | None = None) -> Recovery:
+        """Scan and index every segment; `on_record(seq, body)` sees each good record
+        (the router rebuilds its state in the same pass: the journal is read once)."""
         os.makedirs(self.dir, exist_ok=True)
         self.segments = list_segments(self.dir)
         for i, seg in enumerate(self.segments):
             nxt = self.segments[i + 1].first if i + 1 < len(self.segments) else 0
-            self._scan_segment(seg, last=(i == len(self.segments) - 1), next_first=nxt)
+            self._scan_segment(seg, last=(i == len(self.segments) - 1), next_first=nxt, on_record=on_record)
         self.recovery.segments = len(self.segments)
         if self.segments:
             self.last_seq = max(max(s.last for s in self.segments), self.segments[-1].first - 1)
@@ -215,14 +217,15 @@ class Journal:
                         at=self.recovery.truncated_at.strip(), last_seq=self.last_seq)
         return self.recovery
 
-    def _scan_segment(self, seg: Segment, last: bool, next_first: int) -> None:
+    def _scan_segment(self, seg: Segment, last: bool, next_first: int,
+                      on_record: Callable[[int, memoryview], None] | None = None) -> None:
         """Index a segment. A bad record followed by good ones is a damaged range (kept,
         skipped); with no good record after it, in the last segment, a torn tail (cut)."""
         fd = os.open(seg.path, os.O_RDONLY)
         try:
             size = os.fstat(fd).st_size
             n = 0
-            for kind, off, a, b in scan(fd, size, seg.first - 1):
+            for kind, off, a, b in scan(fd, size, seg.first - 1, on_record):
                 if kind == "record":
                     if n % INDEX_EVERY == 0:
                         seg.index_seqs.append(a)
@@ -553,15 +556,19 @@ def list_segments(directory: str) -> list[Segment]:
     return segments
 
 
-def scan(fd: int, size: int, prev_seq: int) -> Iterator[tuple[str, int, int, int]]:
-    """Walk a segment: ("record", offset, seq, end) per good record and ("damaged",
-    offset, end, next_seq) per unreadable range (end == size, next_seq 0: to the end)."""
+def scan(fd: int, size: int, prev_seq: int,
+         on_record: Callable[[int, memoryview], None] | None = None) -> Iterator[tuple[str, int, int, int]]:
+    """Walk a segment: ("record", offset, seq, end) per good record (its body handed to
+    `on_record` first) and ("damaged", offset, end, next_seq) per unreadable range
+    (end == size, next_seq 0: to the end)."""
     sc = Scanner(fd, size)
     off = 0
     while off < size:
         got = sc.check(off, prev_seq)
         if got is not None:
             seq, end = got
+            if on_record is not None:
+                on_record(seq, sc.body_view(off, end))
             yield "record", off, seq, end
             prev_seq, off = seq, end
             continue

@@ -78,22 +78,36 @@ class Router:
 
     # -- start ---------------------------------------------------------------------
     def recover(self) -> None:
-        recovery = self.journal.open()
-        cursors_by_group = self._start_cursors(self.cursors.load())
-        self._check_cursors_past_end(cursors_by_group)
+        saved = self.cursors.load()
+        cursors_by_group = self._start_cursors(saved)      # None: a new `latest` group, set below
+        never = 1 << 63
         for name, group in self.config.workers.items():
             self.heads[name] = [0] * group.partitions
-            self.backlog.add_group(name, cursors_by_group[name])
         routes, heads, intake, streams = self._routes_for, self.heads, self.intake, self.backlog.streams
-        for seq, body in self.journal.iter_all():
-            entry = entry_decoder.decode(body)
+        tracked = {name: c or [never] * len(heads[name]) for name, c in cursors_by_group.items()}
+        for name, cursors in tracked.items():
+            self.backlog.add_group(name, cursors)
+
+        def on_record(seq: int, body: memoryview) -> None:
+            try:
+                entry = entry_decoder.decode(body)
+            except DECODE_ERRORS:                    # CRC-valid but unreadable: never from us
+                log.error("journal_entry_unreadable", seq=seq)
+                return
             for route in routes(entry.type, entry.group):
                 p = entry.khash % route.partitions
                 heads[route.group][p] = seq
-                if seq > cursors_by_group[route.group][p]:
-                    streams[route.group][p].seqs.append(seq)
+                if seq > tracked[route.group][p]:
+                    streams[route.group][p].add((seq,))
             if entry.producer:
                 intake.remember(entry.producer, entry.pseq)
+
+        recovery = self.journal.open(on_record)      # one pass over the journal
+        for name, group in self.config.workers.items():
+            if cursors_by_group[name] is None:
+                cursors_by_group[name] = [self.journal.last_seq] * group.partitions
+                self.backlog.add_group(name, cursors_by_group[name])
+        self._check_cursors_past_end(cursors_by_group)
         for name, group in self.config.workers.items():
             self.coordinator.add_group(name, group.partitions, cursors_by_group[name])
         self._save_cursors()
@@ -101,18 +115,17 @@ class Router:
                  truncated_bytes=recovery.truncated_bytes, damaged_ranges=len(recovery.damaged),
                  groups=list(self.config.workers))
 
-    def _start_cursors(self, saved: dict[str, list[int]]) -> dict[str, list[int]]:
-        out = {}
+    def _start_cursors(self, saved: dict[str, list[int]]) -> dict[str, list[int] | None]:
+        out: dict[str, list[int] | None] = {}
         for name, group in self.config.workers.items():
             cursors = saved.get(name)
             if cursors is not None and len(cursors) != group.partitions:
                 # partition count changed: restart every partition from the oldest cursor
                 log.warning("partitions_changed", group=name, old=len(cursors), new=group.partitions)
                 cursors = [min(cursors)] * group.partitions
-            if cursors is None:
-                start = 0 if group.start == "earliest" else self.journal.last_seq
-                cursors = [start] * group.partitions
-            out[name] = list(cursors)
+            if cursors is None and group.start == "earliest":
+                cursors = [0] * group.partitions
+            out[name] = list(cursors) if cursors is not None else None
         return out
 
     def _check_cursors_past_end(self, cursors_by_group: dict[str, list[int]]) -> None:

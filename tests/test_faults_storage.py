@@ -69,13 +69,13 @@ def nexus_cli(path, *args) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=120)
 
 
-def send_big(endpoint: str, count: int, size: int, source: str = "big") -> list[str]:
-    """`count` confirmed events whose payload is about `size` bytes."""
+def send_big(endpoint: str, count: int, size: int, source: str = "big", keys: int = 32) -> list[str]:
+    """`count` confirmed events whose payload is about `size` bytes, over `keys` keys."""
     blob = "x" * size
     ids = []
     with Producer(endpoint, source=source, max_event_bytes=size + 4096, ack_timeout=10.0) as producer:
         for i in range(count):
-            ids.append(producer.send("test.big", {"i": i, "blob": blob}, key=f"k{i % 32}"))
+            ids.append(producer.send("test.big", {"i": i, "blob": blob}, key=f"k{i % keys}"))
             if len(ids) % 200 == 0:
                 producer.flush(120)
         producer.flush(120)
@@ -289,7 +289,7 @@ def test_member_added_to_a_backlog_of_10kb_events_catches_up(tmp_path, config_fa
     path = config_factory(workers={"rec": recorder_group(out, processes=0)})
     cfg = config.load(path)
     p = launched(path)
-    ids = send_big(cfg.confirm, 10_500, 10_000)
+    ids = send_big(cfg.confirm, 10_500, 10_000, keys=1)      # one partition: 105 MB
     pid = router_pid(p)
     sampler = RssSampler(pid)
     sampler.start()
@@ -317,7 +317,7 @@ def test_late_group_over_1mb_events_catches_up(tmp_path, config_factory, launche
     path = config_factory(router={"max_event_bytes": "2MiB"}, workers={})
     cfg = config.load(path)
     p = launched(path)
-    ids = send_big(cfg.confirm, 80, 1_000_000)
+    ids = send_big(cfg.confirm, 80, 1_000_000, keys=1)      # one partition: 80 MB
     p.stop()
     add_group(path, "late", recorder_group(out, processes=1))
     t0 = time.monotonic()
