@@ -435,7 +435,7 @@ class Journal:
                 off, prev = 0, seg.first - 1
             sc = Scanner(seg.read_fd(), seg.size)
             while off < seg.size:
-                if len(out) >= max_records or total >= max_bytes or scanned >= scan_records \
+                if len(out) >= max_records or (out and total >= max_bytes) or scanned >= scan_records \
                         or scanned_bytes >= scan_bytes:
                     full = True
                     break
@@ -504,8 +504,8 @@ class Journal:
         removed = 0
         while len(self.segments) > 1:
             seg = self.segments[0]
-            if seg.last > acked_by_all or seg.damaged:
-                break                     # damaged: kept for the operator to look at
+            if seg.last > acked_by_all:
+                break
             try:
                 age = now - os.stat(seg.path).st_mtime
             except FileNotFoundError:
@@ -516,6 +516,9 @@ class Journal:
             os.unlink(seg.path)
             self.segments.pop(0)
             removed += 1
+            if seg.damaged:                   # its damage is history now
+                name = os.path.basename(seg.path)
+                self.damage = [d for d in self.damage if d.segment != name]
         return removed
 
     def info(self) -> dict:

@@ -636,3 +636,39 @@ def test_property_any_torn_tail_recovers_a_prefix(sizes, cut):
         assert j2.append([b"tail"]) == n + 1
         assert j2.read(n, 5) == [(n + 1, b"tail")]
         j2.close()
+
+
+def test_retention_removes_a_damaged_segment_once_acked(tmp_path):
+    """A damaged segment does not block retention forever; its damage leaves status with it."""
+    d = tmp_path / "j"
+    j = open_journal(d, segment_bytes=40, retain=0.0)
+    for i in range(6):
+        j.append([b"%02d" % i + b"." * 30])        # one record per segment
+    j.close()
+    first = d / seg_files(d)[0]
+    with open(first, "r+b") as f:
+        f.seek(HEADER.size + 3)
+        f.write(b"\xff\xff")
+    j2 = open_journal(d, segment_bytes=40, retain=0.0)
+    assert len(j2.damage) == 1
+    assert j2.enforce_retention(3) == 3
+    assert j2.damage == [] and j2.info()["damaged_ranges"] == 0
+    j2.close()
+
+
+def test_zero_filled_segment_is_resynced_quickly(tmp_path):
+    """A closed segment zeroed over 4 MB: the scan skips zero runs at C speed."""
+    d = tmp_path / "j"
+    j = open_journal(d, segment_bytes=4 * 2**20)
+    j.append([b"z" * 1000 for _ in range(4500)])
+    j.append([b"after"])
+    j.close()
+    path = d / seg_files(d)[0]
+    size = path.stat().st_size
+    with open(path, "r+b") as f:
+        f.seek(500)
+        f.write(bytes(size - 500))
+    j2 = open_journal(d, segment_bytes=4 * 2**20)
+    assert [(x.first_seq, x.last_seq) for x in j2.damage] == [(1, 4500)]
+    assert j2.read(0, 10) == [(4501, b"after")]
+    j2.close()
