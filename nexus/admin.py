@@ -80,6 +80,21 @@ def status(router: "Router") -> dict:
     }
 
 
+def recovering_status(router: "Router") -> dict:
+    """Status while the router still reads its journal at start (no groups yet)."""
+    journal = router.journal
+    return {
+        "router": {
+            "pid": os.getpid(), "uptime": round(time.time() - router.started, 1), "recovering": True,
+            "recovered_records": journal.recovery.records, "accepted": 0, "rejected": 0,
+            "rejected_by_reason": {}, "duplicates": 0, "tail_subscribers": 0, "seq": journal.last_seq,
+            "journal": {**journal.info(), "cursor_past_end": []}, "storage": router.storage.describe(),
+            "rate_limits": {}, "recent_rejects": [],
+        },
+        "groups": {},
+    }
+
+
 def replay(router: "Router", msg: ReplayRequest) -> dict:
     group = router.coordinator.groups.get(msg.group)
     if group is None:

@@ -141,6 +141,8 @@ def cmd_status(args) -> int:
         print(f"router: accepted={r['accepted']} rejected={r['rejected']} ({reasons}) "
               f"duplicates={r['duplicates']} seq={r['seq']} journal={r['journal']['bytes']} bytes "
               f"in {len(r['journal']['segments'])} segment(s)")
+        if r.get("recovering"):
+            print(f"router: recovering, {r['recovered_records']} journal records read so far")
         storage = r.get("storage", {})
         if storage.get("state", "ok") != "ok":
             failing = "; ".join(f"{k}: {v}" for k, v in storage.get("failing", {}).items())

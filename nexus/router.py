@@ -88,7 +88,13 @@ class Router:
         for name, cursors in tracked.items():
             self.backlog.add_group(name, cursors)
 
+        answer_every = [0]
+
         def on_record(seq: int, body: memoryview) -> None:
+            answer_every[0] += 1 + (len(body) >> 15)       # every 512 records or ~16 MiB
+            if answer_every[0] >= 512:
+                answer_every[0] = 0
+                self._answer_while_recovering()
             try:
                 entry = entry_decoder.decode(body)
             except DECODE_ERRORS:                    # CRC-valid but unreadable: never from us
@@ -114,6 +120,29 @@ class Router:
         log.info("router_recovered", records=recovery.records, last_seq=self.journal.last_seq,
                  truncated_bytes=recovery.truncated_bytes, damaged_ranges=len(recovery.damaged),
                  groups=list(self.config.workers))
+
+    def _answer_while_recovering(self) -> None:
+        """Recovery reads the whole journal: meanwhile answer status (marked recovering)
+        and tell admin requests to come back; members' joins are dropped (they join
+        again every second)."""
+        coord = getattr(self, "coord", None)
+        if coord is None:
+            return
+        for _ in range(100):
+            try:
+                frames = coord.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if len(frames) != 2:
+                continue
+            try:
+                msg = coord_decoder.decode(frames[1])
+            except DECODE_ERRORS:
+                continue
+            if isinstance(msg, StatusRequest):
+                self._send_coord(frames[0], Reply(admin.recovering_status(self)))
+            elif isinstance(msg, ADMIN_REQUESTS):
+                self._send_coord(frames[0], Error("the router is still reading its journal; try again", "recovering"))
 
     def _start_cursors(self, saved: dict[str, list[int]]) -> dict[str, list[int] | None]:
         out: dict[str, list[int] | None] = {}
@@ -156,13 +185,19 @@ class Router:
     def run(self) -> None:
         # opened here: the SQLite connection belongs to the router thread
         self.dlq = DeadLetterStore(os.path.join(self.config.data_dir, "dlq.sqlite3"))
-        self.recover()
         ctx = zmq.Context()
+        try:
+            # coord first: status (the launcher's readiness probe) is answered while
+            # recovery reads the journal, however large it is
+            self.coord = self._bind(lambda e: transport.bind(ctx, zmq.ROUTER, e), self.config.coord)
+            self.recover()
+        except BaseException:
+            ctx.destroy(linger=0)
+            raise
         try:
             self.ingest = self._bind(lambda e: transport.bind(ctx, zmq.PULL, e, hwm=INGEST_HWM), self.config.ingest)
             self.confirm = self._bind(lambda e: transport.bind(ctx, zmq.ROUTER, e), self.config.confirm)
             self.publish = self._bind(lambda e: transport.publisher(ctx, e), self.config.publish)
-            self.coord = self._bind(lambda e: transport.bind(ctx, zmq.ROUTER, e), self.config.coord)
             log.info("router_ready", ingest=self.config.ingest, confirm=self.config.confirm,
                      publish=self.config.publish, coord=self.config.coord)
             self.flusher.start()

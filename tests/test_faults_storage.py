@@ -361,3 +361,27 @@ def test_status_is_fast_with_a_large_backlog(tmp_path, config_factory, launched)
     # lag is exact: the events not yet acked (handled ones may still wait for their ack)
     assert isinstance(lag, int) and len(ids) - done - 50 <= lag <= len(ids)
     assert max(times) < 5.0
+
+
+def test_status_is_answered_while_the_journal_is_read(tmp_path, config_factory):
+    """Readiness does not wait for recovery: coord is bound first, and status requests
+    are answered (marked recovering) between journal reads."""
+    import zmq
+    from nexus import transport
+    from nexus.router import Router
+    from nexus.wire import StatusRequest, coord_decoder, encoder
+    cfg = config.load(config_factory(workers={"rec": recorder_group(tmp_path / "rec")}))
+    router = Router(cfg)
+    ctx = zmq.Context()
+    try:
+        router.coord = transport.bind(ctx, zmq.ROUTER, cfg.coord)
+        asker = transport.connect(ctx, zmq.DEALER, cfg.coord, linger_ms=0)
+        asker.send(encoder.encode(StatusRequest()))
+        wait_for(lambda: router.coord.poll(0), 10, 0.01, "the request reached the router")
+        router._answer_while_recovering()
+        assert asker.poll(10_000)
+        status = coord_decoder.decode(asker.recv()).data
+        assert status["router"]["recovering"] is True and status["groups"] == {}
+        asker.close(0)
+    finally:
+        ctx.destroy(linger=0)
