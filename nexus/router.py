@@ -125,6 +125,9 @@ class Router:
         """Recovery reads the whole journal: meanwhile answer status (marked recovering)
         and tell admin requests to come back; members' joins are dropped (they join
         again every second)."""
+        box = blackbox.current()
+        if box is not None:
+            box.beat()                 # alive: recovering, not hung
         coord = getattr(self, "coord", None)
         if coord is None:
             return
