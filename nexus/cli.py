@@ -225,7 +225,7 @@ def cmd_journal_verify(cfg: config_mod.Config, args) -> int:
     """Read the journal files directly (no router needed, safe while it runs): every
     damaged range, and group cursors past the journal's end."""
     from .cursors import CursorStore
-    from .journal import verify
+    from .segments import verify
     directory = os.path.join(cfg.data_dir, "journal")
     if not os.path.isdir(directory):
         raise NexusError(f"no journal at {directory}")
