@@ -22,10 +22,11 @@ from typing import Callable, Iterator
 import msgspec
 import structlog
 
-from .segments import (HEADER, MAX_RECORD, SUFFIX, Damage, Scanner, Segment,  # noqa: F401 (HEADER, MAX_RECORD,
+from .segments import (CHUNK, HEADER, MAX_RECORD, SUFFIX, Damage, Scanner, Segment,  # noqa: F401 (HEADER, MAX_RECORD,
                        list_segments, scan, verify)                   # SUFFIX, verify: re-exported)
 
 LENSEQ = struct.Struct("<IQ")
+HEADER_SIZE = HEADER.size
 INDEX_EVERY = 512                     # one sparse index point per this many records
 READ_BYTES = 8 * 2**20                # default byte bound of one read() batch
 
@@ -290,13 +291,15 @@ class Journal:
 
     # -- read ------------------------------------------------------------------
     def read(self, after: int, max_records: int, max_bytes: int = READ_BYTES,
-             want: Callable[[memoryview], bool] | None = None,
-             max_scan: tuple[int, int] | None = None) -> list[tuple[int, bytes]]:
+             want: Callable[[memoryview], object] | None = None,
+             max_scan: tuple[int, int] | None = None) -> list[tuple[int, object]]:
         """Records with seq > after, in order: at most max_records, and at most max_bytes
         of bodies (or one record). Damaged ranges are skipped.
 
-        `want(body)` filters (records it refuses are neither copied nor CRC-checked: they
-        are not served); `max_scan` = (records, bytes) bounds the work of a filtered read.
+        `want(body)` filters: a falsy answer skips the record (neither copied nor CRC-checked:
+        it is not served), True keeps the body, any other value is kept instead of the body
+        (the caller's decoded form, no second decode). `max_scan` = (records, bytes) bounds
+        the work of a filtered read.
         `read_upto` is then the last seq examined, where the next read may go on."""
         out: list[tuple[int, bytes]] = []
         self.read_upto = after
@@ -308,6 +311,7 @@ class Journal:
         firsts = [s.first for s in self.segments]
         i = max(0, bisect.bisect_right(firsts, after + 1) - 1)
         full = False
+        unpack, crc32 = HEADER.unpack_from, zlib.crc32
         while i < len(self.segments) and not full:
             seg = self.segments[i]
             i += 1
@@ -318,40 +322,53 @@ class Journal:
                 off, prev = seg.index_offsets[j], seg.index_seqs[j] - 1
             else:
                 off, prev = 0, seg.first - 1
-            sc = Scanner(seg.read_fd(), seg.size)
-            while off < seg.size:
+            fd, size = seg.read_fd(), seg.size
+            buf, mv, bstart = b"", memoryview(b""), off    # a window of the file (inlined: hot)
+            while off < size:
                 if len(out) >= max_records or (out and total >= max_bytes) or scanned >= scan_records \
                         or scanned_bytes >= scan_bytes:
                     full = True
                     break
-                got = sc.check(off, prev, crc=False)
-                if got is not None:
-                    seq, end = got
+                rel = off - bstart
+                if rel < 0 or rel + HEADER_SIZE > len(buf):
+                    buf = os.pread(fd, CHUNK, off)
+                    mv, bstart, rel = memoryview(buf), off, 0
+                good = False
+                if rel + HEADER_SIZE <= len(buf):
+                    crc, length, seq = unpack(buf, rel)
+                    end = off + HEADER_SIZE + length
+                    good = length <= MAX_RECORD and end <= size and seq > prev
+                if good:
                     if seq <= after:
                         prev, off = seq, end
                         continue
+                    if rel + HEADER_SIZE + length > len(buf):
+                        buf = os.pread(fd, max(CHUNK, HEADER_SIZE + length), off)
+                        mv, bstart, rel = memoryview(buf), off, 0
+                    body_at = rel + HEADER_SIZE
                     if want is not None:
                         scanned += 1
                         scanned_bytes += end - off
                         try:
-                            keep = want(sc.body_view(off, end))
+                            keep = want(mv[body_at:body_at + length])
                         except Exception:       # unreadable: the CRC check below decides
                             keep = True
                         if not keep:
                             prev, off, self.read_upto = seq, end, seq
                             continue
-                    if sc.crc_ok(off, end):
-                        size = end - off - HEADER.size
-                        if out and total + size > max_bytes:
+                    else:
+                        keep = True
+                    if crc32(mv[rel + 4:body_at + length]) == crc:
+                        if out and total + length > max_bytes:
                             full = True
                             break
-                        out.append((seq, bytes(sc.body_view(off, end))))
-                        total += size
+                        out.append((seq, buf[body_at:body_at + length] if keep is True else keep))
+                        total += length
                         prev, off, self.read_upto = seq, end, seq
                         continue
                 dmg_end = seg.damaged.get(off)
                 if dmg_end is None or dmg_end <= off:
-                    dmg_end, nseq = sc.resync(off, prev)
+                    dmg_end, nseq = Scanner(fd, size).resync(off, prev)
                     self._damaged(seg, off, dmg_end, prev + 1,
                                   nseq - 1 if nseq else (seg.last if seg.last > prev else 0))
                 off = dmg_end

@@ -12,6 +12,7 @@ import threading
 import time
 from itertools import chain
 
+import msgspec
 import structlog
 import zmq
 
@@ -502,15 +503,21 @@ class Router:
         p, partitions = msg.partition, group.partitions
         in_group, decode = self.group_filter(group.name), entry_decoder.decode
 
-        def want(body) -> bool:
-            entry = decode(body)
-            return entry.khash % partitions == p and in_group(entry)
+        def want(body):
+            # kept: the event alone, copied out of the read buffer (the reply holds no chunk)
+            try:
+                entry = decode(body)
+            except DECODE_ERRORS:
+                return None               # unreadable (damage): never served; verify reports it
+            if entry.khash % partitions == p and in_group(entry):
+                return msgspec.Raw(bytes(entry.event))
+            return None
 
         journal = self.journal
         records = journal.read(msg.after, limit, max_bytes=rc.fetch_bytes, want=want,
                                max_scan=(max(limit * 50, 50_000), max(FETCH_SCAN_BYTES, 2 * rc.fetch_bytes)))
         seqs = [seq for seq, _ in records]
-        events = [decode(body).event for _, body in records]
+        events = [event for _, event in records]
         upto = max(journal.read_upto, msg.after)
         if not records and upto == msg.after:
             upto = max(msg.after, journal.last_seq)    # nothing readable after it
