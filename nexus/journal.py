@@ -366,8 +366,10 @@ class Journal:
                         total += length
                         prev, off, self.read_upto = seq, end, seq
                         continue
-                dmg_end = seg.damaged.get(off)
-                if dmg_end is None or dmg_end <= off:
+                # a known range (found on open, or by an earlier read) that starts here or
+                # that a plausible header led into: not found and logged again
+                dmg_end = next((e for b, e in seg.damaged.items() if b <= off < e), None)
+                if dmg_end is None:
                     dmg_end, nseq = Scanner(fd, size).resync(off, prev)
                     self._damaged(seg, off, dmg_end, prev + 1,
                                   nseq - 1 if nseq else (seg.last if seg.last > prev else 0))

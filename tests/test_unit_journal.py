@@ -672,3 +672,24 @@ def test_zero_filled_segment_is_resynced_quickly(tmp_path):
     assert [(x.first_seq, x.last_seq) for x in j2.damage] == [(1, 4500)]
     assert j2.read(0, 10) == [(4501, b"after")]
     j2.close()
+
+
+def test_filtered_read_does_not_report_a_known_range_again(tmp_path):
+    """Damage inside a record whose header is intact: a filtered read may walk into the
+    known range from that header; it is skipped, not found and logged a second time."""
+    d = tmp_path / "j"
+    j = open_journal(d)
+    written = fill(j, 30)
+    j.close()
+    rec = HEADER.size + len(written[1])
+    with open(_last_file(d), "r+b") as f:
+        f.seek(10 * rec + HEADER.size + 2)          # body of seq 11 and into seq 12
+        f.write(os.urandom(rec))
+    j2 = open_journal(d)
+    assert len(j2.damage) == 1
+    never = lambda body: False
+    assert j2.read(0, 100, want=never) == [] and j2.read_upto == 30
+    assert [s for s, _ in j2.read(0, 100, want=lambda body: True)] == \
+        [s for s in range(1, 31) if s not in (11, 12)]
+    assert len(j2.damage) == 1
+    j2.close()
