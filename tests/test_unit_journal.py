@@ -693,3 +693,44 @@ def test_filtered_read_does_not_report_a_known_range_again(tmp_path):
         [s for s in range(1, 31) if s not in (11, 12)]
     assert len(j2.damage) == 1
     j2.close()
+
+
+def test_full_filesystem_write_is_undone_and_resumes(tmp_path):
+    """A real ENOSPC (a 1 MB tmpfs the test mounts): the batch raises StorageError and
+    leaves nothing; once space is freed appends continue, and recovery finds no damage."""
+    import subprocess
+    from nexus.journal import StorageError
+    mnt = tmp_path / "fs"
+    mnt.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True,
+                          text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs: {done.stderr.strip()}")
+    try:
+        d = mnt / "j"
+        j = open_journal(d, segment_bytes=256 * 1024)
+        j.append([b"a" * 1000 for _ in range(100)])
+        filler = mnt / "filler"
+        fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
+        try:
+            while True:
+                os.write(fd, bytes(4096))
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+        with pytest.raises(StorageError) as info:
+            for _ in range(50):                      # past the slack of the file's last page
+                j.append([b"b" * 1000 for _ in range(20)])
+        assert "No space left" in str(info.value)
+        # no partial batch stays behind: every file holds exactly its good records
+        assert all(os.path.getsize(s.path) == s.size for s in j.segments)
+        filler.unlink()
+        first = j.append([b"c" * 1000 for _ in range(20)])
+        assert first == j.last_seq - 19
+        j.close()
+        j2 = open_journal(d, segment_bytes=256 * 1024)
+        assert j2.damage == [] and j2.recovery.truncated_bytes == 0 and j2.last_seq == first + 19
+        j2.close()
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
