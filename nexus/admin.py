@@ -81,7 +81,7 @@ def status(router: "Router") -> dict:
 
 
 def recovering_status(router: "Router") -> dict:
-    """Status while the router still reads its journal at start (no groups yet)."""
+    """Status while the router still reads its journal at start."""
     journal = router.journal
     return {
         "router": {
@@ -91,7 +91,10 @@ def recovering_status(router: "Router") -> dict:
             "journal": {**journal.info(), "cursor_past_end": []}, "storage": router.storage.describe(),
             "rate_limits": {}, "recent_rejects": [],
         },
-        "groups": {},
+        # no members yet (they join once recovery is done): readiness waits for them
+        "groups": {name: {"partitions": g.partitions, "members": [], "unassigned": g.partitions,
+                          "lag": "recovering", "cursor_min": 0, "dead_letters": 0}
+                   for name, g in router.config.workers.items()},
     }
 
 
