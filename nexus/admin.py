@@ -27,6 +27,13 @@ log = structlog.get_logger("nexus.router")
 
 
 def handle(router: "Router", msg) -> dict:
+    try:
+        return _handle(router, msg)
+    except OSError as exc:         # a journal or cursor write on a full or failing disk
+        return {"error": f"storage unavailable: {exc}"}
+
+
+def _handle(router: "Router", msg) -> dict:
     if isinstance(msg, StatusRequest):
         return status(router)
     if isinstance(msg, ReplayRequest):
@@ -39,6 +46,8 @@ def handle(router: "Router", msg) -> dict:
 
 
 def status(router: "Router") -> dict:
+    """Cheap by design (it is the launcher's readiness probe): nothing here reads the
+    journal; lag comes from the router's incremental backlog."""
     try:
         dead = router.dlq.counts()
     except sqlite3.OperationalError:         # locked by another process: status still answers
@@ -68,12 +77,31 @@ def status(router: "Router") -> dict:
             "duplicates": intake.duplicates_total,
             "tail_subscribers": router.tail_subscribers,
             "seq": router.journal.last_seq,
-            "journal": router.journal.info(),
+            "journal": {**router.journal.info(), "cursor_past_end": router.cursor_past_end},
+            "storage": router.storage.describe(),
             "rate_limits": intake.limiter.describe(),
             "recent_rejects": list(intake.reject_log)[-10:],
             "cursor_file_damaged": router.cursors.damage,     # None unless found damaged at start
         },
         "groups": groups,
+    }
+
+
+def recovering_status(router: "Router") -> dict:
+    """Status while the router still reads its journal at start."""
+    journal = router.journal
+    return {
+        "router": {
+            "pid": os.getpid(), "uptime": round(time.time() - router.started, 1), "recovering": True,
+            "recovered_records": journal.recovery.records, "accepted": 0, "rejected": 0,
+            "rejected_by_reason": {}, "duplicates": 0, "tail_subscribers": 0, "seq": journal.last_seq,
+            "journal": {**journal.info(), "cursor_past_end": []}, "storage": router.storage.describe(),
+            "rate_limits": {}, "recent_rejects": [],
+        },
+        # no members yet (they join once recovery is done): readiness waits for them
+        "groups": {name: {"partitions": g.partitions, "members": [], "unassigned": g.partitions,
+                          "lag": "recovering", "cursor_min": 0, "dead_letters": 0}
+                   for name, g in router.config.workers.items()},
     }
 
 

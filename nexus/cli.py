@@ -148,6 +148,18 @@ def cmd_status(args) -> int:
             where = "its previous copy" if damaged["recovered_from"] == "previous" else "the journal start"
             print(f"cursor file damaged at start: {damaged['path']}: {damaged['error']} "
                   f"(groups resumed from {where})")
+        if r.get("recovering"):
+            print(f"router: recovering, {r['recovered_records']} journal records read so far")
+        storage = r.get("storage", {})
+        if storage.get("state", "ok") != "ok":
+            failing = "; ".join(f"{k}: {v}" for k, v in storage.get("failing", {}).items())
+            print(f"storage: ERROR since {_when(storage.get('since'))}: {failing}")
+        j = r["journal"]
+        if j.get("damaged_ranges"):
+            print(f"journal: {j['damaged_ranges']} damaged range(s), {j['damaged_bytes']} bytes skipped "
+                  f"(nexus journal verify)")
+        for c in j.get("cursor_past_end", []):
+            print(f"journal: group {c['group']} cursor {c['cursor']} was past the last seq {c['last_seq']} at start")
         if r.get("rate_limits"):
             limits = ", ".join(f"{k}={v['rate']:g}/s burst {v['burst']}" for k, v in r["rate_limits"].items())
             print(f"rate limits: {limits}")
@@ -218,8 +230,41 @@ def cmd_tail(args) -> int:
 
 
 # -- journal ------------------------------------------------------------------------------
+def cmd_journal_verify(cfg: config_mod.Config, args) -> int:
+    """Read the journal files directly (no router needed, safe while it runs): every
+    damaged range, and group cursors past the journal's end."""
+    from .cursors import CursorStore
+    from .segments import verify
+    directory = os.path.join(cfg.data_dir, "journal")
+    if not os.path.isdir(directory):
+        raise NexusError(f"no journal at {directory}")
+    cursors = CursorStore(os.path.join(cfg.data_dir, "cursors.msgpack")).load()   # before the scan
+    result = verify(directory)
+    result["cursor_past_end"] = [{"group": g, "cursor": max(c), "last_seq": result["last_seq"]}
+                                 for g, c in sorted(cursors.items()) if c and max(c) > result["last_seq"]]
+    bad = bool(result["damaged"] or result["cursor_past_end"])
+    if args.json:
+        _print_json(result)
+    else:
+        for d in result["damaged"]:
+            print(f"damaged: {d['segment']} offset {d['offset']}, {d['bytes']} bytes, "
+                  f"seq {d['first_seq']}..{d['last_seq'] or '?'}")
+        for c in result["cursor_past_end"]:
+            print(f"cursor past end: group {c['group']} cursor {c['cursor']} > last seq {c['last_seq']}")
+        if result["torn_tail"]:
+            t = result["torn_tail"]
+            print(f"torn tail: {t['segment']} offset {t['offset']}, {t['bytes']} bytes "
+                  f"(a write in progress, or cut on the next start)")
+        print(f"journal {directory}: {result['segments']} segment(s), {result['records']} records, "
+              f"last seq {result['last_seq']}: "
+              + (f"{len(result['damaged'])} damaged range(s)" if bad else "ok"))
+    return ExitCode.JOURNAL_DAMAGED if bad else ExitCode.OK
+
+
 def cmd_journal(args) -> int:
     cfg = _load(args)
+    if args.action == "verify":
+        return cmd_journal_verify(cfg, args)
     if args.action == "info":
         status = _ask_router(cfg, StatusRequest())
         info = {"journal": status["router"]["journal"],
@@ -231,6 +276,11 @@ def cmd_journal(args) -> int:
             print(f"journal {j['dir']}: seq {j['first_seq']}..{j['last_seq']}, {j['bytes']} bytes, fsync={j['fsync']}")
             for s in j["segments"]:
                 print(f"  {s['file']}  seq {s['first']}..{s['last']}  {s['bytes']} bytes")
+            for d in j.get("damaged", []):
+                print(f"  damaged: {d['segment']} offset {d['offset']}, {d['bytes']} bytes, "
+                      f"seq {d['first_seq']}..{d['last_seq'] or '?'}")
+            for c in j.get("cursor_past_end", []):
+                print(f"  cursor past end at start: group {c['group']} cursor {c['cursor']} > last seq {c['last_seq']}")
             for name, g in info["groups"].items():
                 print(f"  group {name}: cursor>={g['cursor_min']} lag={g['lag']}")
         return ExitCode.OK
@@ -364,8 +414,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=float, default=0, help="stop after this long")
     p.set_defaults(func=cmd_tail)
 
-    p = sub.add_parser("journal", parents=[common], help="journal info | replay")
-    p.add_argument("action", choices=["info", "replay"])
+    p = sub.add_parser("journal", parents=[common], help="journal info | replay | verify")
+    p.add_argument("action", choices=["info", "replay", "verify"])
     p.add_argument("--group")
     p.add_argument("--from", dest="from_", default="0", help="seq number or ISO time")
     p.add_argument("--json", action="store_true")

@@ -105,6 +105,7 @@ class RouterConfig(Strict):
     heartbeat_interval: Duration = Duration(1.0)
     heartbeat_misses: Positive = 3
     fetch_limit: Positive = 10_000          # records per catch-up reply (members ask for up to this)
+    fetch_bytes: ByteSize = ByteSize(4 * 2**20)   # event bytes per catch-up reply (always >= 1 event)
 
 
 class RetryConfig(Strict):
@@ -129,6 +130,7 @@ class WorkerGroupConfig(Strict):
     retry: RetryConfig = RetryConfig()
     breaker: BreakerConfig = BreakerConfig()
     max_in_flight: Positive = 100_000        # events buffered per member (bench: 60k -> 97k events/s over 10k)
+    max_in_flight_bytes: ByteSize = ByteSize(64 * 2**20)   # and their bytes: big events catch up in flat memory
     concurrency: Positive = 16               # async handlers running at once per member
     dedup_window: Positive = 100_000         # ids of handled events remembered per member
     options: dict[str, Any] = {}             # handed to the handler as ctx.options

@@ -15,6 +15,7 @@ class ExitCode(enum.IntEnum):
     CRASH_LOOP = 6       # launcher gave up on a child that kept crashing
     HANDLER_TIMEOUT = 7  # a member ended itself: a sync handler ran past handler_timeout
     RECYCLE = 8          # a member drained and ended itself (max_rss / max_events): restart, not a crash
+    JOURNAL_DAMAGED = 9  # `nexus journal verify` found damaged ranges (or a cursor past the journal's end)
     INTERRUPTED = 130
 
 

@@ -14,13 +14,16 @@ import structlog
 
 from .cursors import CursorStore
 from .journal import Journal
+from .storage import StorageState
 
 log = structlog.get_logger("nexus.flusher")
 
 
 class Flusher:
-    def __init__(self, journal: Journal, cursors: CursorStore, interval: float):
+    def __init__(self, journal: Journal, cursors: CursorStore, interval: float,
+                 storage: StorageState | None = None):
         self.journal = journal
+        self.storage = storage if storage is not None else StorageState()
         self.cursors = cursors
         self.interval = interval
         self.saved: dict[str, list[int]] | None = None   # the cursors last made durable
@@ -68,19 +71,34 @@ class Flusher:
 
     def _run(self) -> None:
         sync = self.journal.fsync_policy == "interval"
+        retry = False
         try:
             while True:
                 with self._cond:
-                    if not self._stopping and self._pending is None:
-                        self._cond.wait(self.interval)
+                    if not self._stopping and (self._pending is None or retry):
+                        self._cond.wait(max(self.interval, 0.5) if retry else self.interval)
                     pending, self._pending = self._pending, None
                     stopping = self._stopping
+                retry = False
                 if sync:
-                    self.journal.sync()
+                    try:
+                        self.journal.sync()
+                        self.storage.succeeded("fsync")
+                    except OSError as exc:           # ENOSPC, EIO: back-pressure, tried again
+                        self.storage.failed("fsync", exc)
+                        retry = True
                 if pending is not None:
-                    self._save(*pending)
+                    try:
+                        self._save(*pending)
+                        self.storage.succeeded("cursors")
+                    except OSError as exc:
+                        self.storage.failed("cursors", exc)
+                        retry = True
+                        with self._cond:
+                            if self._pending is None:
+                                self._pending = pending     # unless a newer one came meanwhile
                 if stopping:
                     return
-        except BaseException as exc:       # a disk error: the router stops on it
+        except BaseException as exc:       # a bug, not a disk error: the router stops on it
             log.error("flush_failed", error=f"{type(exc).__name__}: {exc}")
             self.error = exc

@@ -1,30 +1,41 @@
 """The journal: an append-only log of accepted events in segment files.
 
 Record layout (little endian): crc32 u32 | body length u32 | seq u64 | body.
-The CRC covers length, seq and body, so a torn or corrupt tail is found on open
-and truncated; everything before it is served as usual.
+The CRC covers length, seq and body. On open each segment is scanned: a torn
+tail of the LAST segment (no good record after it) is truncated; a damaged range
+anywhere else is skipped, never deleted (the next good record is found by
+scanning forward for a header whose CRC checks with a plausible seq), reported
+in `damage` and logged once. Reads skip damaged ranges the same way.
 """
 from __future__ import annotations
 
 import bisect
+import errno
 import os
 import struct
 import threading
 import time
 import zlib
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 import msgspec
 import structlog
 
-HEADER = struct.Struct("<IIQ")        # crc, length, seq
+from .segments import (CHUNK, HEADER, MAX_RECORD, SUFFIX, Damage, Scanner, Segment,  # noqa: F401 (HEADER, MAX_RECORD,
+                       list_segments, scan, verify)                   # SUFFIX, verify: re-exported)
+
 LENSEQ = struct.Struct("<IQ")
-MAX_RECORD = 256 * 2**20
+HEADER_SIZE = HEADER.size
 INDEX_EVERY = 512                     # one sparse index point per this many records
-SUFFIX = ".seg"
+READ_BYTES = 8 * 2**20                # default byte bound of one read() batch
 
 log = structlog.get_logger("nexus.journal")
+
+
+class StorageError(OSError):
+    """A journal write, segment creation or fsync failed (ENOSPC, EIO): nothing of the
+    batch is in the journal; the caller answers with a retryable NACK."""
 
 
 class Entry(msgspec.Struct, frozen=True, array_like=True):
@@ -44,32 +55,12 @@ entry_decoder = msgspec.msgpack.Decoder(Entry)
 
 
 @dataclass
-class Segment:
-    path: str
-    first: int                        # first seq that may be in it
-    last: int = 0                     # last seq in it, 0 if empty
-    size: int = 0
-    index_seqs: list[int] = field(default_factory=list)
-    index_offsets: list[int] = field(default_factory=list)
-    fd: int | None = None
-
-    def read_fd(self) -> int:
-        if self.fd is None:
-            self.fd = os.open(self.path, os.O_RDONLY)
-        return self.fd
-
-    def close(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
-
-
-@dataclass
 class Recovery:
     segments: int = 0
     records: int = 0
     truncated_bytes: int = 0
     truncated_at: str = ""
+    damaged: list[Damage] = field(default_factory=list)
 
 
 class Journal:
@@ -82,105 +73,137 @@ class Journal:
         self.retain = retain
         self.segments: list[Segment] = []
         self.last_seq = 0
+        self.damage: list[Damage] = []    # every damaged range found (on open or while reading)
         self._wfd: int | None = None
         self._dirty = False
+        self._undo_pending = False
+        self.read_upto = 0                # see read()
         self._since_index = 0
         self._fd_lock = threading.Lock()   # sync() may run in another thread (nexus/flusher.py)
         self.recovery = Recovery()
 
     # -- open and recover ----------------------------------------------------
-    def open(self) -> Recovery:
+    def open(self, on_record: Callable[[int, memoryview], None] | None = None) -> Recovery:
+        """Scan and index every segment; `on_record(seq, body)` sees each good record
+        (the router rebuilds its state in the same pass: the journal is read once)."""
         os.makedirs(self.dir, exist_ok=True)
-        names = sorted(n for n in os.listdir(self.dir) if n.endswith(SUFFIX))
-        for name in names:
-            try:
-                first = int(name[: -len(SUFFIX)])
-            except ValueError:
-                continue
-            self.segments.append(Segment(os.path.join(self.dir, name), first))
+        self.segments = list_segments(self.dir)
         for i, seg in enumerate(self.segments):
-            ok = self._scan_segment(seg, last=(i == len(self.segments) - 1))
-            if not ok:
-                # corruption in the middle: keep what is before it, drop the rest
-                for later in self.segments[i + 1:]:
-                    os.unlink(later.path)
-                    self.recovery.truncated_at += f" {os.path.basename(later.path)}(removed)"
-                self.segments = self.segments[: i + 1]
-                break
+            nxt = self.segments[i + 1].first if i + 1 < len(self.segments) else 0
+            self._scan_segment(seg, last=(i == len(self.segments) - 1), next_first=nxt, on_record=on_record)
         self.recovery.segments = len(self.segments)
         if self.segments:
-            self.last_seq = max((s.last for s in self.segments), default=0) or self.segments[-1].first - 1
+            self.last_seq = max(max(s.last for s in self.segments), self.segments[-1].first - 1)
         if not self.segments:
             self._new_segment(1)
         if self._wfd is None:
-            self._wfd = os.open(self.segments[-1].path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            self._wfd = os.open(self.segments[-1].path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         if self.recovery.truncated_bytes:
             log.warning("journal_tail_truncated", bytes=self.recovery.truncated_bytes,
                         at=self.recovery.truncated_at.strip(), last_seq=self.last_seq)
         return self.recovery
 
-    def _scan_segment(self, seg: Segment, last: bool) -> bool:
-        """Index a segment; truncate it at the first bad record. False if truncated."""
-        with open(seg.path, "rb") as f:
-            data = f.read()
-        off, n = 0, 0
-        prev_seq = seg.first - 1
-        good = True
-        while off < len(data):
-            if off + HEADER.size > len(data):
-                good = False
-                break
-            crc, length, seq = HEADER.unpack_from(data, off)
-            end = off + HEADER.size + length
-            if length > MAX_RECORD or end > len(data) or seq <= prev_seq:
-                good = False
-                break
-            if zlib.crc32(data[off + 4:end]) != crc:
-                good = False
-                break
-            if n % INDEX_EVERY == 0:
-                seg.index_seqs.append(seq)
-                seg.index_offsets.append(off)
-            n += 1
-            prev_seq = seq
-            seg.last = seq
-            off = end
+    def _scan_segment(self, seg: Segment, last: bool, next_first: int,
+                      on_record: Callable[[int, memoryview], None] | None = None) -> None:
+        """Index a segment. A bad record followed by good ones is a damaged range (kept,
+        skipped); with no good record after it, in the last segment, a torn tail (cut)."""
+        fd = os.open(seg.path, os.O_RDONLY)
+        try:
+            size = os.fstat(fd).st_size
+            n = 0
+            for kind, off, a, b in scan(fd, size, seg.first - 1, on_record):
+                if kind == "record":
+                    if n % INDEX_EVERY == 0:
+                        seg.index_seqs.append(a)
+                        seg.index_offsets.append(off)
+                    n += 1
+                    self.recovery.records += 1
+                    seg.last = a
+                elif last and a >= size:
+                    size = off                    # a torn tail: nothing good after it
+                    self.recovery.truncated_bytes += a - off
+                    self.recovery.truncated_at += f" {os.path.basename(seg.path)}@{off}"
+                    with open(seg.path, "r+b") as f:
+                        f.truncate(off)
+                        f.flush()
+                        os.fsync(f.fileno())
+                    break
+                else:
+                    first = seg.last + 1 if seg.last else seg.first
+                    last_seq = b - 1 if b else (next_first - 1 if next_first else 0)
+                    self._damaged(seg, off, a, first, last_seq)
+                    n = 0                         # index the first good record after it
+        finally:
+            os.close(fd)
         self._since_index = n % INDEX_EVERY
-        self.recovery.records += n
-        seg.size = off
-        if not good:
-            self.recovery.truncated_bytes += len(data) - off
-            self.recovery.truncated_at += f" {os.path.basename(seg.path)}@{off}"
-            with open(seg.path, "r+b") as f:
-                f.truncate(off)
-                f.flush()
-                os.fsync(f.fileno())
-        return good
+        seg.size = size
+
+    def _damaged(self, seg: Segment, start: int, end: int, first_seq: int, last_seq: int) -> None:
+        seg.damaged[start] = end
+        d = Damage(os.path.basename(seg.path), start, end - start, first_seq, last_seq)
+        self.damage.append(d)
+        self.recovery.damaged.append(d)
+        # logged once: a range is recorded here only when first found
+        log.error("journal_damaged", **d.describe())
 
     def _new_segment(self, first: int) -> None:
+        """Start a segment file; on failure the current one stays the write target."""
         path = os.path.join(self.dir, f"{first:020d}{SUFFIX}")
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        fd = None
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            dirfd = os.open(self.dir, os.O_RDONLY)
+            try:
+                os.fsync(dirfd)
+            finally:
+                os.close(dirfd)
+        except OSError as exc:
+            if fd is not None:
+                os.close(fd)
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
+            raise StorageError(exc.errno, f"cannot start journal segment {path}: {exc.strerror}") from None
         with self._fd_lock:
             if self._wfd is not None:
                 if self._dirty:
-                    os.fsync(self._wfd)
-                    self._dirty = False
+                    try:
+                        os.fsync(self._wfd)
+                        self._dirty = False
+                    except OSError:
+                        pass              # the flusher reports it on the next sync
                 os.close(self._wfd)
             self._wfd = fd
         self.segments.append(Segment(path, first))
         self._since_index = 0
-        dirfd = os.open(self.dir, os.O_RDONLY)
-        try:
-            os.fsync(dirfd)
-        finally:
-            os.close(dirfd)
+
+    def skip_to(self, seq: int) -> None:
+        """Make the next seq `seq + 1` (cursors stand past the journal's end: events with
+        seqs at or below a cursor would count as handled and never be delivered). A new
+        segment named after it keeps seqs contiguous inside each segment."""
+        if seq <= self.last_seq:
+            return
+        tail = self.segments[-1]
+        self._new_segment(seq + 1)
+        if tail.size == 0 and tail.last == 0:
+            tail.close()
+            os.unlink(tail.path)              # it held nothing
+            self.segments.remove(tail)
+        self.last_seq = seq
 
     # -- write -----------------------------------------------------------------
     def append(self, bodies: list[bytes]) -> int:
-        """Append records, one per body; returns the seq of the first. One write()."""
+        """Append records, one per body; returns the seq of the first. One write().
+        On a storage error nothing of the batch stays (a partial write is cut back)
+        and StorageError is raised."""
         if not bodies:
             return self.last_seq + 1
         seg = self.segments[-1]
+        if self._undo_pending:
+            self._undo(seg)
+            if self._undo_pending:
+                raise StorageError(errno.EIO, "journal write failed: a partial write could not be undone yet")
         if seg.size >= self.segment_bytes:
             self._new_segment(self.last_seq + 1)
             seg = self.segments[-1]
@@ -191,6 +214,7 @@ class Journal:
         pack_lenseq = LENSEQ.pack
         crc32 = zlib.crc32
         since = self._since_index
+        index_mark = len(seg.index_seqs)
         for body in bodies:
             lenseq = pack_lenseq(len(body), seq)
             crc = crc32(body, crc32(lenseq))
@@ -204,58 +228,154 @@ class Journal:
             offset += HEADER.size + len(body)
             seq += 1
         buf = b"".join(parts)
-        written = 0
-        view = memoryview(buf)
-        while written < len(buf):
-            written += os.write(self._wfd, view[written:])
+        try:
+            written = 0
+            view = memoryview(buf)
+            while written < len(buf):
+                written += os.write(self._wfd, view[written:])
+            if self.fsync_policy == "always":
+                with self._fd_lock:
+                    os.fsync(self._wfd)
+        except OSError as exc:
+            del seg.index_seqs[index_mark:], seg.index_offsets[index_mark:]
+            self._undo(seg)
+            raise StorageError(exc.errno or errno.EIO, f"journal write failed: {exc.strerror or exc}") from None
         self._since_index = since
         seg.size = offset
         seg.last = seq - 1
         self.last_seq = seq - 1
-        self._dirty = True
-        if self.fsync_policy == "always":
-            self.sync()
+        if self.fsync_policy != "always":
+            self._dirty = True
         return first
+
+    def _undo(self, seg: Segment) -> None:
+        """Cut a partial write back to the last good size (O_APPEND writes go to the end)."""
+        try:
+            os.ftruncate(self._wfd, seg.size)
+            self._undo_pending = False
+        except OSError as exc:
+            self._undo_pending = True     # append refuses until a retry succeeds
+            log.error("journal_undo_failed", segment=os.path.basename(seg.path), size=seg.size,
+                      error=str(exc))
 
     def sync(self) -> None:
         with self._fd_lock:
             if self._dirty and self._wfd is not None:
                 self._dirty = False       # before the fsync: an append meanwhile sets it again
-                os.fsync(self._wfd)
+                try:
+                    os.fsync(self._wfd)
+                except OSError:
+                    self._dirty = True    # still not durable: the next sync tries again
+                    raise
+
+    def probe(self, nbytes: int = 64 * 1024) -> None:
+        """Raise OSError unless `nbytes` can be written and synced in the journal's dir
+        (the router's timer retry while storage is unavailable)."""
+        if self._undo_pending:
+            self._undo(self.segments[-1])
+            if self._undo_pending:
+                raise StorageError(errno.EIO, "a partial journal write could not be undone yet")
+        path = os.path.join(self.dir, ".probe")
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                os.write(fd, bytes(nbytes))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        finally:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
 
     # -- read ------------------------------------------------------------------
-    def read(self, after: int, max_records: int) -> list[tuple[int, bytes]]:
-        """Records with seq > after, in order, at most max_records."""
+    def read(self, after: int, max_records: int, max_bytes: int = READ_BYTES,
+             want: Callable[[memoryview], object] | None = None,
+             max_scan: tuple[int, int] | None = None) -> list[tuple[int, object]]:
+        """Records with seq > after, in order: at most max_records, and at most max_bytes
+        of bodies (or one record). Damaged ranges are skipped.
+
+        `want(body)` filters: a falsy answer skips the record (neither copied nor CRC-checked:
+        it is not served), True keeps the body, any other value is kept instead of the body
+        (the caller's decoded form, no second decode). `max_scan` = (records, bytes) bounds
+        the work of a filtered read.
+        `read_upto` is then the last seq examined, where the next read may go on."""
         out: list[tuple[int, bytes]] = []
+        self.read_upto = after
         if after >= self.last_seq or not self.segments:
             return out
+        total = 0
+        scan_records, scan_bytes = max_scan or (1 << 62, 1 << 62)
+        scanned = scanned_bytes = 0
         firsts = [s.first for s in self.segments]
         i = max(0, bisect.bisect_right(firsts, after + 1) - 1)
-        while i < len(self.segments) and len(out) < max_records:
+        full = False
+        unpack, crc32 = HEADER.unpack_from, zlib.crc32
+        while i < len(self.segments) and not full:
             seg = self.segments[i]
             i += 1
             if seg.last <= after or seg.size == 0:
                 continue
-            j = max(0, bisect.bisect_right(seg.index_seqs, after + 1) - 1)
-            off = seg.index_offsets[j] if seg.index_seqs else 0
-            fd = seg.read_fd()
-            chunk_size = 1 << 20
-            buf = b""
-            buf_start = off
-            while off < seg.size and len(out) < max_records:
-                rel = off - buf_start
-                if rel + HEADER.size > len(buf):
-                    buf = os.pread(fd, max(chunk_size, HEADER.size), off)
-                    buf_start, rel = off, 0
-                _crc, length, seq = HEADER.unpack_from(buf, rel)
-                end = rel + HEADER.size + length
-                if end > len(buf):
-                    buf = os.pread(fd, max(chunk_size, HEADER.size + length), off)
-                    buf_start, rel = off, 0
-                    end = HEADER.size + length
-                if seq > after:
-                    out.append((seq, buf[rel + HEADER.size:end]))
-                off += HEADER.size + length
+            j = bisect.bisect_right(seg.index_seqs, after + 1) - 1
+            if j >= 0:
+                off, prev = seg.index_offsets[j], seg.index_seqs[j] - 1
+            else:
+                off, prev = 0, seg.first - 1
+            fd, size = seg.read_fd(), seg.size
+            buf, mv, bstart = b"", memoryview(b""), off    # a window of the file (inlined: hot)
+            while off < size:
+                if len(out) >= max_records or (out and total >= max_bytes) or scanned >= scan_records \
+                        or scanned_bytes >= scan_bytes:
+                    full = True
+                    break
+                rel = off - bstart
+                if rel < 0 or rel + HEADER_SIZE > len(buf):
+                    buf = os.pread(fd, CHUNK, off)
+                    mv, bstart, rel = memoryview(buf), off, 0
+                good = False
+                if rel + HEADER_SIZE <= len(buf):
+                    crc, length, seq = unpack(buf, rel)
+                    end = off + HEADER_SIZE + length
+                    good = length <= MAX_RECORD and end <= size and seq > prev
+                if good:
+                    if seq <= after:
+                        prev, off = seq, end
+                        continue
+                    if rel + HEADER_SIZE + length > len(buf):
+                        buf = os.pread(fd, max(CHUNK, HEADER_SIZE + length), off)
+                        mv, bstart, rel = memoryview(buf), off, 0
+                    body_at = rel + HEADER_SIZE
+                    if want is not None:
+                        scanned += 1
+                        scanned_bytes += end - off
+                        try:
+                            keep = want(mv[body_at:body_at + length])
+                        except Exception:       # unreadable: the CRC check below decides
+                            keep = True
+                        if not keep:
+                            prev, off, self.read_upto = seq, end, seq
+                            continue
+                    else:
+                        keep = True
+                    if crc32(mv[rel + 4:body_at + length]) == crc:
+                        if out and total + length > max_bytes:
+                            full = True
+                            break
+                        out.append((seq, buf[body_at:body_at + length] if keep is True else keep))
+                        total += length
+                        prev, off, self.read_upto = seq, end, seq
+                        continue
+                # a known range (found on open, or by an earlier read) that starts here or
+                # that a plausible header led into: not found and logged again
+                dmg_end = next((e for b, e in seg.damaged.items() if b <= off < e), None)
+                if dmg_end is None:
+                    dmg_end, nseq = Scanner(fd, size).resync(off, prev)
+                    self._damaged(seg, off, dmg_end, prev + 1,
+                                  nseq - 1 if nseq else (seg.last if seg.last > prev else 0))
+                off = dmg_end
+            else:
+                self.read_upto = max(self.read_upto, seg.last)   # the whole segment was examined
         return out
 
     def iter_all(self, after: int = 0, chunk: int = 10_000) -> Iterator[tuple[int, bytes]]:
@@ -300,6 +420,9 @@ class Journal:
             os.unlink(seg.path)
             self.segments.pop(0)
             removed += 1
+            if seg.damaged:                   # its damage is history now
+                name = os.path.basename(seg.path)
+                self.damage = [d for d in self.damage if d.segment != name]
         return removed
 
     def info(self) -> dict:
@@ -311,11 +434,17 @@ class Journal:
             "last_seq": self.last_seq,
             "bytes": sum(s.size for s in self.segments),
             "fsync": self.fsync_policy,
+            "damaged_ranges": len(self.damage),
+            "damaged_bytes": sum(d.bytes for d in self.damage),
+            "damaged": [d.describe() for d in self.damage[-20:]],
         }
 
     def close(self) -> None:
         if self._wfd is not None:
-            self.sync()
+            try:
+                self.sync()
+            except OSError as exc:
+                log.error("journal_sync_failed", error=str(exc))
             with self._fd_lock:
                 os.close(self._wfd)
                 self._wfd = None

@@ -119,8 +119,10 @@ class Launcher:
         return child
 
     def _router_answers(self, timeout: float) -> bool:
-        return transport.request(zmq.Context.instance(), self.cfg.coord,
-                                 encoder.encode(StatusRequest()), timeout) is not None
+        """The router answers status and has read its journal (while it recovers it
+        answers too, marked `recovering`)."""
+        status = self.router_status(timeout)
+        return status is not None and not status.get("router", {}).get("recovering")
 
     def _start_rest(self) -> None:
         """The router answers: start producers and workers. Until then the router may
@@ -289,8 +291,8 @@ class Launcher:
         if self.ready_logged:
             return
         status = self.router_status(0.2)
-        if status is None:
-            return
+        if status is None or status.get("router", {}).get("recovering"):
+            return                    # still reading its journal: not ready, even with no members
         for group, n in self.scale.items():
             if len(status["groups"].get(group, {}).get("members", [])) < n:
                 return

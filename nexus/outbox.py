@@ -45,7 +45,8 @@ class Outbox:
         self.unacked: collections.deque[Unacked] = collections.deque()   # in pseq order
         self.next_pseq = 1
         self.errors: list[RejectedError] = []
-        self.retry_later: list[tuple[float, str, bytes]] = []   # rate limited: (when, id, data)
+        self.retry_later: list[tuple[float, str, bytes]] = []   # retryable NACK: (when, id, data)
+        self.retry_reason = ""    # the router's reason for the retryable NACKs still being retried
         self.resends = 0
         self.renumbered = 0    # times the unacked window was renumbered after a sequence_gap
         self.sent_events = 0
@@ -139,14 +140,17 @@ class Outbox:
             u = self.unacked.popleft()
             nack = nacks.get(u.pseq) if nacks else None
             if nack is not None and nack.retry_after > 0:
-                # rate limited: not an error and still in flight; send it again (as a new
-                # sequence) when the router says this event's turn comes
+                # retryable (rate limited, storage unavailable): not an error and still in
+                # flight; send it again (as a new sequence) after retry_after
                 self.retry_later.append((now + nack.retry_after, u.event_id, u.data))
+                self.retry_reason = nack.reason
                 continue
             if nack is not None:
                 self.errors.append(RejectedError(u.event_id, nack.reason))
             settled += 1
         self.settled += settled
+        if settled and not self.retry_later and not nacks:
+            self.retry_reason = ""     # the router takes events again
 
     def _renumber(self, ack: int, now: float) -> None:
         """The router settled nothing above `ack` (its rule: only seqs it saw), yet our

@@ -110,6 +110,17 @@ LINGER_MIN = 0.01            # seconds; see Producer._io
 FIRE_HWM = 100
 
 
+def _not_confirmed(endpoint: str, outbox: Outbox, timeout: float) -> PeerError:
+    """A flush gave up: name the router's reason when it refused events retryably
+    (storage_unavailable, rate_limited), so the caller never sees a bare timeout."""
+    msg = f"router at {endpoint} did not confirm {outbox.in_flight()} events within {timeout:g}s"
+    if outbox.retry_reason:
+        msg += f"; last refusal (retryable, still retrying): {outbox.retry_reason}"
+    err = PeerError(msg)
+    err.reason = outbox.retry_reason
+    return err
+
+
 def _socket_hwm(confirm: bool) -> int:
     return transport.DEFAULT_HWM if confirm else FIRE_HWM
 
@@ -179,8 +190,8 @@ class Producer:
     def flush(self, timeout: float = 10.0) -> None:
         """Wait until every event is sent (fire) or ACKed (confirm); raise NACKs."""
         if not self.settle(timeout, take_errors=False)[0]:
-            raise PeerError(f"router at {self.endpoint} did not confirm "
-                            f"{self._outbox.in_flight()} events within {timeout:g}s")
+            with self._cond:
+                raise _not_confirmed(self.endpoint, self._outbox, timeout)
         with self._cond:
             errors = self._outbox.take_errors()
         _raise_errors(errors)
@@ -374,8 +385,7 @@ class AsyncProducer:
         while not self._outbox.idle():
             left = deadline - time.monotonic()
             if left <= 0:
-                raise PeerError(f"router at {self.endpoint} did not confirm "
-                                f"{self._outbox.in_flight()} events within {timeout:g}s")
+                raise _not_confirmed(self.endpoint, self._outbox, timeout)
             self._changed.clear()
             try:
                 async with asyncio.timeout(min(left, 0.1)):

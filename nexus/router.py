@@ -7,11 +7,13 @@ the fast path, so members repair gaps by fetching from it over `coord`.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import threading
 import time
 from itertools import chain
 
+import msgspec
 import structlog
 import zmq
 
@@ -24,14 +26,16 @@ from .flusher import Flusher
 from .errors import ConfigError
 from .events import Contracts
 from .intake import Accepted, Intake, Outcome
-from .journal import Journal, entry_decoder
+from .backlog import Backlog
+from .journal import Journal, StorageError, entry_decoder
+from .storage import REASON as STORAGE_REASON, RETRY_AFTER as STORAGE_RETRY_AFTER, StorageState
 from .ratelimit import RateLimiter
 from .routing import RouteTable
 from . import admin
 from .dlq import DeadLetterStore, DeadLetterWriter
 from .events import DECODE_ERRORS
 from .wire import (TAIL_TOPIC, Ack, DeadLetter, Delivery, DlqRequest, Error, Fetch, Heartbeat, Join, Leave,
-                   MemberExited, ProducerReply, Pulse, Records, Released, ReloadRequest, ReplayRequest, Reply,
+                   MemberExited, Nack, ProducerReply, Pulse, Records, Released, ReloadRequest, ReplayRequest, Reply,
                    StatusRequest, coord_decoder, encoder, topic)
 
 ADMIN_REQUESTS = (StatusRequest, ReplayRequest, DlqRequest, ReloadRequest)
@@ -41,7 +45,8 @@ log = structlog.get_logger("nexus.router")
 MAINTENANCE_EVERY = 0.1
 INGEST_HWM = 100             # fire-mode batches (up to 1,000 events each) queued per producer
                              # in the router; beyond it PUSH blocks the producer
-LAG_SCAN_LIMIT = 20_000       # status runs in the router loop: scan at most ~20 ms, then report '>=n'
+PROBE_EVERY = 1.0            # while storage is unavailable: try a write this often
+FETCH_SCAN_BYTES = 64 * 2**20  # journal bytes one fetch examines at most (then the member asks again)
 
 
 @contextlib.contextmanager
@@ -76,7 +81,11 @@ class Router:
                                fsync_interval=rc.journal.fsync_interval_ms / 1000.0,
                                segment_bytes=rc.journal.segment_bytes, retain=rc.journal.retain)
         self.cursors = CursorStore(os.path.join(config.data_dir, "cursors.msgpack"))
-        self.flusher = Flusher(self.journal, self.cursors, self.journal.fsync_interval)
+        self.storage = StorageState()
+        self.flusher = Flusher(self.journal, self.cursors, self.journal.fsync_interval, storage=self.storage)
+        self.backlog = Backlog()                       # lag per group, kept as events are journaled
+        self.cursor_past_end: list[dict] = []          # groups whose cursor stood past the journal's end
+        self._next_probe = 0.0
         self.heads: dict[str, list[int]] = {}          # group -> last seq per partition stream
         self.coordinator = Coordinator(rc.heartbeat_interval * rc.heartbeat_misses,
                                        release_timeout=config.shutdown_timeout, heads=self.heads)
@@ -85,7 +94,7 @@ class Router:
         self.reload_requested = False
         self.started = time.time()
         self.stop_event = threading.Event()
-        self._pending_replies: list[tuple[bytes, bytes]] = []
+        self._pending_replies: list[tuple[bytes, bytes | Outcome]] = []
         self._posted_cursors: dict[str, list[int]] | None = None
         self._retention_checked: dict[str, list[int]] | None = None
         self._staged: list[Accepted] = []              # accepted in this loop turn, not yet journaled
@@ -93,31 +102,106 @@ class Router:
 
     # -- start ---------------------------------------------------------------------
     def recover(self) -> None:
-        recovery = self.journal.open()
+        saved = self.cursors.load()
+        cursors_by_group = self._start_cursors(saved)      # None: a new `latest` group, set below
+        never = 1 << 63
         for name, group in self.config.workers.items():
             self.heads[name] = [0] * group.partitions
-        routes, heads, intake = self._routes_for, self.heads, self.intake
-        for seq, body in self.journal.iter_all():
-            entry = entry_decoder.decode(body)
+        routes, heads, intake, streams = self._routes_for, self.heads, self.intake, self.backlog.streams
+        tracked = {name: c or [never] * len(heads[name]) for name, c in cursors_by_group.items()}
+        for name, cursors in tracked.items():
+            self.backlog.add_group(name, cursors)
+
+        answer_every = [0]
+
+        def on_record(seq: int, body: memoryview) -> None:
+            answer_every[0] += 1 + (len(body) >> 15)       # every 512 records or ~16 MiB
+            if answer_every[0] >= 512:
+                answer_every[0] = 0
+                self._answer_while_recovering()
+            try:
+                entry = entry_decoder.decode(body)
+            except DECODE_ERRORS:                    # CRC-valid but unreadable: never from us
+                log.error("journal_entry_unreadable", seq=seq)
+                return
             for route in routes(entry.type, entry.group):
-                heads[route.group][entry.khash % route.partitions] = seq
+                p = entry.khash % route.partitions
+                heads[route.group][p] = seq
+                if seq > tracked[route.group][p]:
+                    streams[route.group][p].add((seq,))
             if entry.producer:
                 intake.remember(entry.producer, entry.pseq)
-        saved = self.cursors.load()
+
+        recovery = self.journal.open(on_record)      # one pass over the journal
+        for name, group in self.config.workers.items():
+            if cursors_by_group[name] is None:
+                cursors_by_group[name] = [self.journal.last_seq] * group.partitions
+                self.backlog.add_group(name, cursors_by_group[name])
+        self._check_cursors_past_end(cursors_by_group)
+        for name, group in self.config.workers.items():
+            self.coordinator.add_group(name, group.partitions, cursors_by_group[name])
+        self._save_cursors()
+        log.info("router_recovered", records=recovery.records, last_seq=self.journal.last_seq,
+                 truncated_bytes=recovery.truncated_bytes, damaged_ranges=len(recovery.damaged),
+                 groups=list(self.config.workers))
+
+    def _answer_while_recovering(self) -> None:
+        """Recovery reads the whole journal: meanwhile answer status (marked recovering)
+        and tell admin requests to come back; members' joins are dropped (they join
+        again every second)."""
+        coord = getattr(self, "coord", None)
+        if coord is None:
+            return
+        for _ in range(100):
+            try:
+                frames = coord.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if len(frames) != 2:
+                continue
+            try:
+                msg = coord_decoder.decode(frames[1])
+            except DECODE_ERRORS:
+                continue
+            if isinstance(msg, StatusRequest):
+                self._send_coord(frames[0], Reply(admin.recovering_status(self)))
+            elif isinstance(msg, ADMIN_REQUESTS):
+                self._send_coord(frames[0], Error("the router is still reading its journal; try again", "recovering"))
+
+    def _start_cursors(self, saved: dict[str, list[int]]) -> dict[str, list[int] | None]:
+        out: dict[str, list[int] | None] = {}
         for name, group in self.config.workers.items():
             cursors = saved.get(name)
             if cursors is not None and len(cursors) != group.partitions:
                 # partition count changed: restart every partition from the oldest cursor
                 log.warning("partitions_changed", group=name, old=len(cursors), new=group.partitions)
                 cursors = [min(cursors)] * group.partitions
-            if cursors is None:
-                # a damaged cursor file: groups it lost resume at the journal start
-                start = 0 if group.start == "earliest" or self.cursors.lost else self.journal.last_seq
-                cursors = [start] * group.partitions
-            self.coordinator.add_group(name, group.partitions, cursors)
-        self.cursors.save(self._cursor_snapshot())
-        log.info("router_recovered", records=recovery.records, last_seq=self.journal.last_seq,
-                 truncated_bytes=recovery.truncated_bytes, groups=list(self.config.workers))
+            if cursors is None and (group.start == "earliest" or self.cursors.lost):
+                # a damaged cursor file: groups it lost resume at the journal start, never `latest`
+                cursors = [0] * group.partitions
+            out[name] = list(cursors) if cursors is not None else None
+        return out
+
+    def _check_cursors_past_end(self, cursors_by_group: dict[str, list[int]]) -> None:
+        """A cursor past the journal's last seq (the journal lost its tail): report it,
+        and start the next seq after the highest cursor. Otherwise events accepted from
+        now on would get seqs at or below that cursor, count as handled, and never be
+        delivered while lag shows 0 (a silent stall)."""
+        last = self.journal.last_seq
+        for name, cursors in cursors_by_group.items():
+            if cursors and max(cursors) > last:
+                found = {"group": name, "cursor": max(cursors), "last_seq": last}
+                self.cursor_past_end.append(found)
+                log.error("cursor_past_end", **found)
+        if self.cursor_past_end:
+            self.journal.skip_to(max(c["cursor"] for c in self.cursor_past_end))
+
+    def _save_cursors(self) -> None:
+        try:
+            self.cursors.save(self._cursor_snapshot())
+            self.storage.succeeded("cursors")
+        except OSError as exc:
+            self.storage.failed("cursors", exc)   # the flusher tries again
 
     def _cursor_snapshot(self) -> dict[str, list[int]]:
         return {name: list(g.cursors) for name, g in self.coordinator.groups.items()}
@@ -137,17 +221,23 @@ class Router:
         # connection reads (status, dlq list) and runs operator purges with a short busy wait
         path = os.path.join(self.config.data_dir, "dlq.sqlite3")
         self.dlq = DeadLetterStore(path)
-        with _beating(blackbox.current()):       # a long recovery is not a hang
-            self.recover()
-        admin.restore_skips(self)
-        self.dlq_writer = DeadLetterWriter(path).start()
         ctx = zmq.Context()
         flusher_started = False
+        try:
+            # coord first: status (the launcher's readiness probe) is answered while
+            # recovery reads the journal, however large it is
+            self.coord = self._bind(lambda e: transport.bind(ctx, zmq.ROUTER, e), self.config.coord)
+            with _beating(blackbox.current()):       # a long recovery is not a hang
+                self.recover()
+            admin.restore_skips(self)
+        except BaseException:
+            ctx.destroy(linger=0)
+            raise
+        self.dlq_writer = DeadLetterWriter(path).start()
         try:
             self.ingest = self._bind(lambda e: transport.bind(ctx, zmq.PULL, e, hwm=INGEST_HWM), self.config.ingest)
             self.confirm = self._bind(lambda e: transport.bind(ctx, zmq.ROUTER, e), self.config.confirm)
             self.publish = self._bind(lambda e: transport.publisher(ctx, e), self.config.publish)
-            self.coord = self._bind(lambda e: transport.bind(ctx, zmq.ROUTER, e), self.config.coord)
             log.info("router_ready", ingest=self.config.ingest, confirm=self.config.confirm,
                      publish=self.config.publish, coord=self.config.coord)
             self.flusher.start()
@@ -161,7 +251,7 @@ class Router:
             self.dlq_writer.stop()
             ctx.destroy(linger=0)
             self.journal.close()
-            self.cursors.save(self._cursor_snapshot())
+            self._save_cursors()
             self.dlq.close()
             log.info("router_stopped", last_seq=self.journal.last_seq,
                      accepted=self.intake.accepted_total)
@@ -199,7 +289,10 @@ class Router:
                 self._maintenance(now)
                 next_maintenance = now + MAINTENANCE_EVERY
         self._send_replies()
-        self.journal.sync()
+        try:
+            self.journal.sync()
+        except OSError as exc:
+            self.storage.failed("fsync", exc)
         self._wait_for_members()
 
     def _wait_for_members(self) -> None:
@@ -235,6 +328,14 @@ class Router:
             raise self.flusher.error
         for identity, msg in self.coordinator.expire(now):
             self._send_coord(identity, msg)
+        if "journal" in self.storage.failing and now >= self._next_probe:
+            # storage unavailable and maybe no batch to try it: a timer retry
+            self._next_probe = now + PROBE_EVERY
+            try:
+                self.journal.probe()
+                self.storage.succeeded("journal")
+            except OSError:
+                pass
         snapshot = self._cursor_snapshot()
         if snapshot != self._posted_cursors:
             self._posted_cursors = snapshot
@@ -253,6 +354,10 @@ class Router:
         if self.journal.fsync_policy == "always":
             self.journal.sync()
         for identity, payload in self._pending_replies:
+            if isinstance(payload, Outcome):
+                payload = encoder.encode(ProducerReply(ack=payload.ack, nacks=payload.nacks, error=payload.error))
+            elif isinstance(payload, ProducerReply):
+                payload = encoder.encode(payload)
             try:
                 self.confirm.send_multipart((identity, payload), zmq.NOBLOCK)
             except zmq.ZMQError:
@@ -274,8 +379,7 @@ class Router:
                 error="expected exactly one frame per message"))))
             return
         outcome = self._stage(self.intake.take(frames[1], True, time.monotonic()))
-        reply = ProducerReply(ack=outcome.ack, nacks=outcome.nacks, error=outcome.error)
-        self._pending_replies.append((identity, encoder.encode(reply)))
+        self._pending_replies.append((identity, outcome))    # encoded when sent: see _refuse
 
     def _stage(self, outcome: Outcome) -> Outcome:
         """Hold accepted events for the commit at the end of this loop turn."""
@@ -286,7 +390,27 @@ class Router:
     def _commit_staged(self) -> None:
         if self._staged:
             staged, self._staged = self._staged, []
-            self._commit(staged)
+            try:
+                self._commit(staged)
+            except StorageError as exc:
+                self._refuse(staged, exc)
+
+    def _refuse(self, staged: list[Accepted], exc: StorageError) -> None:
+        """The journal write failed (nothing of it stayed): NACK the confirmed events
+        with a retryable reason instead of the ACK, count the fire-mode ones as refused.
+        The producer resends them as new sequences after retry_after."""
+        failed = {id(acc) for acc in staged}
+        reason = f"{STORAGE_REASON}: {exc.strerror or exc}"
+        for i, (identity, reply) in enumerate(self._pending_replies):
+            if isinstance(reply, Outcome) and id(reply.accepted) in failed:
+                nacks = list(reply.nacks) + [Nack(entry_decoder.decode(body).pseq, reason, STORAGE_RETRY_AFTER)
+                                             for body in reply.accepted.bodies]
+                self._pending_replies[i] = (identity, ProducerReply(ack=reply.ack, nacks=nacks, error=reply.error))
+        n = sum(len(acc.bodies) for acc in staged)
+        self.intake.accepted_total -= n
+        self.intake.rejected[STORAGE_REASON] += n
+        self.intake.reject_log.append({"time": time.time(), "reason": STORAGE_REASON, "detail": reason[:300],
+                                       "source": "", "id": "", "events": n})
 
     def _commit(self, accepted: list[Accepted], only_group: str = "") -> int:
         """Journal accepted events with one write, then publish them to the matching
@@ -297,7 +421,16 @@ class Router:
         bodies = list(chain.from_iterable(acc.bodies for acc in accepted))
         if not bodies:
             return self.journal.last_seq + 1
-        first = self.journal.append(bodies)
+        try:
+            if "fsync" in self.storage.failing:
+                # writes may land in the page cache, but they are not durable: refuse
+                # until the flusher's fsync succeeds again
+                raise StorageError(errno.EIO, f"journal fsync failing ({self.storage.failing['fsync']})")
+            first = self.journal.append(bodies)
+        except StorageError as exc:
+            self.storage.failed("journal", exc)
+            raise
+        self.storage.succeeded("journal")
         streams: dict[tuple[str, int], tuple[int, list[int], list[bytes]]] = {}
         heads = self.heads
         # the common case (every matching group) calls the cached table directly
@@ -317,9 +450,11 @@ class Router:
                     stream[2].append(raw)
                 seq += 1
         send = self.publish.send_multipart
+        backlog = self.backlog.streams
         groups = self.coordinator.groups
         for (group, p), (prev, seqs, events) in streams.items():
             heads[group][p] = seqs[-1]
+            backlog[group][p].add(seqs)
             # no live copy for a partition nobody owns yet (after a router restart a member
             # that has not rejoined may still be subscribed): its owner will fetch it
             if groups[group].owner[p] is not None:
@@ -410,54 +545,41 @@ class Router:
         return in_group
 
     def fetch(self, group: Group, msg: Fetch) -> Records:
-        """Stream events of group/partition after `msg.after`, served from the journal."""
-        limit = max(1, min(msg.limit, self.config.router.fetch_limit))
+        """Stream events of group/partition after `msg.after`, served from the journal.
+        A reply is bounded in events (fetch_limit) and in bytes (fetch_bytes, or one
+        event), and one fetch examines at most FETCH_SCAN records/bytes of journal (other
+        partitions' records are skipped without a copy): the member asks again from
+        `upto`, so router memory and loop time stay flat with any backlog."""
+        rc = self.config.router
+        limit = max(1, min(msg.limit, rc.fetch_limit))
         p, partitions = msg.partition, group.partitions
-        seqs: list[int] = []
-        events: list[bytes] = []
-        upto = msg.after
-        # read in chunks and stop at `limit`: reading the whole scan cap (limit * 50
-        # records) up front costs ~50-100 ms per fetch when the partition is dense
-        scan_cap = max(limit * 50, 50_000)
-        scanned, after, saw_any = 0, msg.after, False
         in_group, decode = self.group_filter(group.name), entry_decoder.decode
-        while scanned < scan_cap and len(seqs) < limit:
-            records = self.journal.read(after, min(max(2 * limit, 1000), scan_cap - scanned))
-            if not records:
-                break
-            saw_any = True
-            for seq, body in records:
-                entry = decode(body)
-                upto = seq
-                if entry.khash % partitions == p and in_group(entry):
-                    seqs.append(seq)
-                    events.append(entry.event)
-                    if len(seqs) >= limit:
-                        break
-            scanned += len(records)
-            after = records[-1][0]
-        complete = upto >= self.journal.last_seq
-        if not saw_any:
-            upto = max(msg.after, self.journal.last_seq)
-            complete = True
+
+        def want(body):
+            # kept: the event alone, copied out of the read buffer (the reply holds no chunk)
+            entry = decode(body)          # unreadable: read() checks the CRC (damage)
+            if entry.khash % partitions == p and in_group(entry):
+                return msgspec.Raw(bytes(entry.event))
+            return None
+
+        journal = self.journal
+        records = journal.read(msg.after, limit, max_bytes=rc.fetch_bytes, want=want,
+                               max_scan=(max(limit * 50, 50_000), max(FETCH_SCAN_BYTES, 2 * rc.fetch_bytes)))
+        if any(type(event) is not msgspec.Raw for _, event in records):
+            # a CRC-valid body that does not decode (never written so by a router): skip it
+            records = [(seq, event) for seq, event in records if type(event) is msgspec.Raw]
+        seqs = [seq for seq, _ in records]
+        events = [event for _, event in records]
+        upto = max(journal.read_upto, msg.after)
+        if not records and upto == msg.after:
+            upto = max(msg.after, journal.last_seq)    # nothing readable after it
         return Records(group=group.name, partition=p, after=msg.after, upto=upto,
-                       seqs=seqs, events=events, complete=complete)
+                       seqs=seqs, events=events, complete=upto >= journal.last_seq)
 
     def lag(self, group: Group) -> int | str:
-        """Events of the group after its cursors (exact up to LAG_SCAN_LIMIT records)."""
-        floor = min(group.cursors) if group.cursors else self.journal.last_seq
-        if floor >= self.journal.last_seq:
-            return 0
-        count = 0
-        in_group = self.group_filter(group.name)
-        records = self.journal.read(floor, LAG_SCAN_LIMIT)
-        for seq, body in records:
-            entry = entry_decoder.decode(body)
-            if seq > group.cursors[entry.khash % group.partitions] and in_group(entry):
-                count += 1
-        if records and records[-1][0] < self.journal.last_seq:
-            return f">={count}"
-        return count
+        """Events of the group after its cursors: kept incrementally (nexus/backlog.py),
+        so status never reads the journal in the loop."""
+        return self.backlog.lag(group.name, group.cursors)
 
 
 def main(config: Config, env: str | None = None, members_alive: bool = False) -> None:

@@ -98,6 +98,7 @@ class Member(Dispatch):
         self.duplicates_dropped = 0
         self.bad_deliveries = 0        # live deliveries that did not decode (fetched instead)
         self.bad_events = 0            # undecodable journal events skipped (never from a sound router)
+        self.event_bytes = 0.0         # average bytes per event lately: the byte budget's unit
         b = self.spec.breaker
         self.breaker = CircuitBreaker(b.failures, b.window, b.reset)
         # misbehaving handlers (see docs/failure-modes-member.md)
@@ -294,8 +295,23 @@ class Member(Dispatch):
                                                           acks={st.partition: st.handled_upto()})))
 
     # -- intake ------------------------------------------------------------------
+    def _capacity(self) -> int:
+        """Events we may queue: max_in_flight, and max_in_flight_bytes at the average event
+        size seen lately (queued events are not measured one by one)."""
+        if not self.event_bytes:
+            return self.spec.max_in_flight
+        return min(self.spec.max_in_flight, max(1, int(self.spec.max_in_flight_bytes / self.event_bytes)))
+
+    def _room(self) -> int:
+        return self._capacity() - self.queued
+
+    def _observe(self, nbytes: int, events: int) -> None:
+        if events:
+            size = nbytes / events
+            self.event_bytes = size if not self.event_bytes else 0.8 * self.event_bytes + 0.2 * size
+
     def _fetch(self, st: PartitionStream) -> None:
-        room = self.spec.max_in_flight - self.queued
+        room = self._room()
         if room <= 0:
             st.behind = True
             return
@@ -310,6 +326,9 @@ class Member(Dispatch):
         if st is None or st.revoked or not st.fetching or msg.after != st.fetch_after:
             return
         st.fetching = False
+        if msg.events:
+            self._observe(sum(len(e.payload) if type(e) is WireEvent else len(e) for e in msg.events),
+                          len(msg.events))
         self._enqueue(st, msg.seqs, msg.events, msg.upto)
         if not msg.complete or st.overflow:
             st.overflow = False
@@ -354,9 +373,11 @@ class Member(Dispatch):
     def _apply(self, st: PartitionStream, frame: bytes) -> None:
         """Queue a live delivery's events, unless they are old, follow a gap (fetch it
         first) or there is no room (fall behind: they wait in the journal)."""
-        full = self.queued >= self.spec.max_in_flight
+        full = self._room() <= 0
         # full, it will not be queued: read only prev and seqs (a quarter of a full decode)
         d = self._decode_delivery(st, frame, delivery_head_decoder if full else received_delivery_decoder)
+        if d is not None:
+            self._observe(len(frame), len(d.seqs))
         if d is not None and self._takes(st, d, frame):
             self._enqueue(st, d.seqs, d.events, d.seqs[-1])
 
@@ -367,7 +388,7 @@ class Member(Dispatch):
             st.buffer(frame)
             self._fetch(st)
             return False
-        if self.queued >= self.spec.max_in_flight:
+        if self._room() <= 0:
             st.behind = True          # full: fall behind; catch up from the journal later
             return False
         # Room left: take the whole delivery, even if it overshoots max_in_flight (by less
@@ -422,7 +443,7 @@ class Member(Dispatch):
 
     def _refill(self) -> None:
         """Partitions that fell behind fetch again once there is room."""
-        if self.queued > self.spec.max_in_flight // 2:
+        if self.queued > self._capacity() // 2:
             return
         for st in self.streams.values():
             if st.behind and not st.fetching and not st.revoked:

@@ -71,18 +71,29 @@ def test_an_older_snapshot_never_overwrites_a_newer_save(tmp_path):
     journal.close()
 
 
-def test_a_disk_error_is_kept_for_the_router(tmp_path, monkeypatch):
+def test_a_disk_error_is_back_pressure_and_retried(tmp_path, monkeypatch):
+    """Issue 10 #3: a cursor save on a full disk is a storage state the router reports
+    and the flusher retries; it no longer stops the router (this test asserted
+    `flusher.error`, which made the router crash, before)."""
     journal, cursors, flusher = make(tmp_path, "never")
+    real_save = cursors.save
+    full = [True]
 
-    def failing(snapshot):
-        raise OSError(28, "No space left on device")
+    def save(snapshot):
+        if full[0]:
+            raise OSError(28, "No space left on device")
+        real_save(snapshot)
 
-    monkeypatch.setattr(cursors, "save", failing)
+    monkeypatch.setattr(cursors, "save", save)
     flusher.start()
     try:
         flusher.post({"g": [1]})
-        wait_for(lambda: flusher.error is not None, 5, message="flusher error")
-        assert "No space left" in str(flusher.error)
+        wait_for(lambda: not flusher.storage.ok, 5, message="storage error")
+        assert "No space left" in flusher.storage.describe()["failing"]["cursors"]
+        assert flusher.error is None
+        full[0] = False
+        wait_for(lambda: flusher.storage.ok, 10, message="storage recovered")
+        assert flusher.saved == {"g": [1]} and cursors.load() == {"g": [1]}
     finally:
         flusher.stop()
         journal.close()

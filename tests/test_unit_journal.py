@@ -213,6 +213,8 @@ def test_torn_header_is_truncated(tmp_path):
 
 
 def test_corrupt_byte_in_middle_of_last_segment(tmp_path):
+    """Issue 10 #2: a damaged record followed by good ones is skipped, not truncated
+    (this test asserted the old truncation before)."""
     d = tmp_path / "j"
     j = open_journal(d)
     bodies = [b"%03d-payload" % i for i in range(10)]
@@ -228,17 +230,23 @@ def test_corrupt_byte_in_middle_of_last_segment(tmp_path):
         f.seek(pos)
         f.write(bytes([b[0] ^ 0xFF]))
     j2 = open_journal(d)
-    assert j2.last_seq == 4
-    assert j2.recovery.truncated_bytes == 6 * rec
-    assert j2.recovery.records == 4
-    assert os.path.getsize(path) == 4 * rec
-    assert j2.read(0, 100) == [(i + 1, bodies[i]) for i in range(4)]
-    assert j2.append([b"new"]) == 5
-    assert j2.read(4, 10) == [(5, b"new")]
+    assert j2.last_seq == 10
+    assert j2.recovery.truncated_bytes == 0
+    assert j2.recovery.records == 9
+    assert os.path.getsize(path) == 10 * rec
+    assert [dmg.describe() for dmg in j2.damage] == [
+        {"segment": os.path.basename(path), "offset": 4 * rec, "bytes": rec, "first_seq": 5, "last_seq": 5}]
+    assert j2.read(0, 100) == [(i + 1, bodies[i]) for i in range(10) if i != 4]
+    assert j2.read(4, 1) == [(6, bodies[5])]
+    assert j2.append([b"new"]) == 11
+    assert j2.read(10, 10) == [(11, b"new")]
+    assert j2.info()["damaged_ranges"] == 1
     j2.close()
 
 
-def test_corrupt_record_in_earlier_segment_drops_later_segments(tmp_path):
+def test_corrupt_record_in_earlier_segment_keeps_later_segments(tmp_path):
+    """Issue 10 #2: damage in a closed segment never removes later segments (this test
+    asserted that they were removed before)."""
     d = tmp_path / "j"
     j = open_journal(d, segment_bytes=60)
     written = fill(j, 30)
@@ -253,19 +261,146 @@ def test_corrupt_record_in_earlier_segment_drops_later_segments(tmp_path):
         f.seek(rec + 8)
         f.write(b"\xff")
     j2 = open_journal(d, segment_bytes=60)
-    assert seg_files(d) == [os.path.basename(p) for p, _, _ in segs[:2]]
-    assert j2.last_seq == victim_first
-    assert "(removed)" in j2.recovery.truncated_at
-    for p, _, _ in segs[2:]:
-        assert os.path.basename(p) + "(removed)" in j2.recovery.truncated_at
-    assert [s for s, _ in j2.read(0, 1000)] == list(range(1, victim_first + 1))
-    assert j2.append([b"cont"]) == victim_first + 1
-    assert j2.read(victim_first, 10) == [(victim_first + 1, b"cont")]
+    assert seg_files(d) == [os.path.basename(p) for p, _, _ in segs]
+    assert j2.last_seq == 30
+    assert j2.recovery.truncated_bytes == 0
+    assert [(x.first_seq, x.last_seq) for x in j2.damage] == [(victim_first + 1, victim_first + 1)]
+    assert [s for s, _ in j2.read(0, 1000)] == [s for s in range(1, 31) if s != victim_first + 1]
+    assert j2.append([b"cont"]) == 31
     j2.close()
     j3 = open_journal(d, segment_bytes=60)
-    assert j3.last_seq == victim_first + 1
-    assert j3.recovery.truncated_bytes == 0
+    assert j3.last_seq == 31 and len(j3.damage) == 1
     j3.close()
+
+
+def test_damaged_range_to_end_of_closed_segment_is_kept(tmp_path):
+    """A closed segment whose tail is garbage (zeros, then random bytes) keeps its size;
+    the damage reports the seqs up to the next segment's first."""
+    d = tmp_path / "j"
+    j = open_journal(d, segment_bytes=200)
+    written = fill(j, 40)
+    segs = [(s.path, s.first, s.last, s.size) for s in j.segments]
+    j.close()
+    path, first, last, size = segs[1]
+    rec = HEADER.size + len(written[first])
+    with open(path, "r+b") as f:
+        f.seek(rec)
+        f.write(bytes(20) + os.urandom(size - rec - 20))
+    j2 = open_journal(d, segment_bytes=200)
+    assert os.path.getsize(path) == size
+    assert [(x.offset, x.bytes, x.first_seq, x.last_seq) for x in j2.damage] == \
+        [(rec, size - rec, first + 1, last)]
+    assert [s for s, _ in j2.read(0, 1000)] == [s for s in range(1, 41) if not first < s <= last]
+    assert all(body == written[s] for s, body in j2.read(0, 1000))
+    j2.close()
+
+
+def test_damage_found_while_reading_is_skipped_and_logged_once(tmp_path):
+    d = tmp_path / "j"
+    j = open_journal(d)
+    written = fill(j, 20)
+    rec = HEADER.size + len(written[1])
+    with open(_last_file(d), "r+b") as f:    # damaged after open: found by read()
+        f.seek(7 * rec + 3)
+        f.write(b"\x00\x00\x00\x00")
+    assert [s for s, _ in j.read(0, 100)] == [s for s in range(1, 21) if s != 8]
+    assert [s for s, _ in j.read(5, 100)] == [s for s in range(6, 21) if s != 8]
+    assert len(j.damage) == 1 and (j.damage[0].first_seq, j.damage[0].last_seq) == (8, 8)
+    j.close()
+
+
+def test_read_is_bounded_in_bytes_but_returns_at_least_one(tmp_path):
+    j = open_journal(tmp_path / "j")
+    j.append([b"x" * 1000 for _ in range(50)])
+    assert len(j.read(0, 100, max_bytes=3500)) == 3
+    assert len(j.read(0, 100, max_bytes=1)) == 1
+    j.close()
+
+
+def test_filtered_read_bounds_its_scan_and_says_where_it_stopped(tmp_path):
+    j = open_journal(tmp_path / "j", segment_bytes=2000)
+    written = fill(j, 100)
+    even = lambda body: int(bytes(body).split(b":")[0][1:]) % 2 == 0
+    got = j.read(0, 1000, want=even)
+    assert [s for s, _ in got] == list(range(1, 101, 2)) and j.read_upto == 100
+    assert all(written[s] == b for s, b in got)
+    got = j.read(0, 1000, want=even, max_scan=(10, 1 << 30))
+    assert [s for s, _ in got] == [1, 3, 5, 7, 9] and j.read_upto == 10
+    got = j.read(10, 2, want=even)
+    assert [s for s, _ in got] == [11, 13] and j.read_upto == 13
+    j.close()
+
+
+def test_verify_reports_damage_without_changing_files(tmp_path):
+    from nexus.journal import verify
+    d = tmp_path / "j"
+    j = open_journal(d, segment_bytes=100)
+    written = fill(j, 30)
+    j.close()
+    files = seg_files(d)
+    rec = HEADER.size + len(written[1])
+    victim = str(d / files[1])
+    with open(victim, "r+b") as f:
+        f.seek(rec + 5)
+        f.write(b"\xee")
+    last = str(d / files[-1])
+    with open(last, "ab") as f:
+        f.write(b"\x01\x02\x03")                 # a torn tail: reported, not cut
+    sizes = {n: os.path.getsize(d / n) for n in files}
+    found = verify(str(d))
+    assert len(found["damaged"]) == 1 and found["damaged"][0]["segment"] == files[1]
+    assert found["torn_tail"] == {"segment": files[-1], "offset": sizes[files[-1]] - 3, "bytes": 3}
+    assert {n: os.path.getsize(d / n) for n in files} == sizes
+
+
+def test_skip_to_moves_next_seq_past_cursors(tmp_path):
+    d = tmp_path / "j"
+    j = open_journal(d)
+    fill(j, 5)
+    j.skip_to(100)
+    assert j.append([b"after"]) == 101
+    assert [s for s, _ in j.read(0, 10)] == [1, 2, 3, 4, 5, 101]
+    j.close()
+    j2 = open_journal(d)
+    assert j2.last_seq == 101 and j2.damage == []
+    j2.skip_to(50)                          # never backwards
+    assert j2.append([b"x"]) == 102
+    j2.close()
+    empty = open_journal(tmp_path / "e")
+    empty.skip_to(7)
+    empty.close()
+    again = open_journal(tmp_path / "e")
+    assert again.last_seq == 7 and seg_files(tmp_path / "e") == [f"{8:020d}{SUFFIX}"]
+    again.close()
+
+
+def test_partial_write_is_undone(tmp_path):
+    """A real short write (RLIMIT_FSIZE cuts the write() at the limit, then EFBIG): the
+    batch raises StorageError, the file is cut back, and appends resume afterwards."""
+    import resource
+    import signal
+    from nexus.journal import StorageError
+    d = tmp_path / "j"
+    j = open_journal(d)
+    fill(j, 10)
+    size = j.segments[-1].size
+    old_limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    try:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size + 100, old_limit[1]))
+        with pytest.raises(StorageError):
+            j.append([b"y" * 60 for _ in range(5)])      # 380 bytes: 100 get written
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, old_limit)
+        signal.signal(signal.SIGXFSZ, old_handler)
+    assert os.path.getsize(_last_file(d)) == size
+    assert j.last_seq == 10
+    assert j.append([b"z"]) == 11
+    assert [s for s, _ in j.read(0, 100)] == list(range(1, 12))
+    j.close()
+    j2 = open_journal(d)
+    assert j2.last_seq == 11 and j2.damage == [] and j2.recovery.truncated_bytes == 0
+    j2.close()
 
 
 def test_torn_tail_in_its_own_segment_keeps_earlier_segments(tmp_path):
@@ -501,3 +636,101 @@ def test_property_any_torn_tail_recovers_a_prefix(sizes, cut):
         assert j2.append([b"tail"]) == n + 1
         assert j2.read(n, 5) == [(n + 1, b"tail")]
         j2.close()
+
+
+def test_retention_removes_a_damaged_segment_once_acked(tmp_path):
+    """A damaged segment does not block retention forever; its damage leaves status with it."""
+    d = tmp_path / "j"
+    j = open_journal(d, segment_bytes=40, retain=0.0)
+    for i in range(6):
+        j.append([b"%02d" % i + b"." * 30])        # one record per segment
+    j.close()
+    first = d / seg_files(d)[0]
+    with open(first, "r+b") as f:
+        f.seek(HEADER.size + 3)
+        f.write(b"\xff\xff")
+    j2 = open_journal(d, segment_bytes=40, retain=0.0)
+    assert len(j2.damage) == 1
+    assert j2.enforce_retention(3) == 3
+    assert j2.damage == [] and j2.info()["damaged_ranges"] == 0
+    j2.close()
+
+
+def test_zero_filled_segment_is_resynced_quickly(tmp_path):
+    """A closed segment zeroed over 4 MB: the scan skips zero runs at C speed."""
+    d = tmp_path / "j"
+    j = open_journal(d, segment_bytes=4 * 2**20)
+    j.append([b"z" * 1000 for _ in range(4500)])
+    j.append([b"after"])
+    j.close()
+    path = d / seg_files(d)[0]
+    size = path.stat().st_size
+    with open(path, "r+b") as f:
+        f.seek(500)
+        f.write(bytes(size - 500))
+    j2 = open_journal(d, segment_bytes=4 * 2**20)
+    assert [(x.first_seq, x.last_seq) for x in j2.damage] == [(1, 4500)]
+    assert j2.read(0, 10) == [(4501, b"after")]
+    j2.close()
+
+
+def test_filtered_read_does_not_report_a_known_range_again(tmp_path):
+    """Damage inside a record whose header is intact: a filtered read may walk into the
+    known range from that header; it is skipped, not found and logged a second time."""
+    d = tmp_path / "j"
+    j = open_journal(d)
+    written = fill(j, 30)
+    j.close()
+    rec = HEADER.size + len(written[1])
+    with open(_last_file(d), "r+b") as f:
+        f.seek(10 * rec + HEADER.size + 2)          # body of seq 11 and into seq 12
+        f.write(os.urandom(rec))
+    j2 = open_journal(d)
+    assert len(j2.damage) == 1
+    never = lambda body: False
+    assert j2.read(0, 100, want=never) == [] and j2.read_upto == 30
+    assert [s for s, _ in j2.read(0, 100, want=lambda body: True)] == \
+        [s for s in range(1, 31) if s not in (11, 12)]
+    assert len(j2.damage) == 1
+    j2.close()
+
+
+def test_full_filesystem_write_is_undone_and_resumes(tmp_path):
+    """A real ENOSPC (a 1 MB tmpfs the test mounts): the batch raises StorageError and
+    leaves nothing; once space is freed appends continue, and recovery finds no damage."""
+    import subprocess
+    from nexus.journal import StorageError
+    mnt = tmp_path / "fs"
+    mnt.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True,
+                          text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs: {done.stderr.strip()}")
+    try:
+        d = mnt / "j"
+        j = open_journal(d, segment_bytes=256 * 1024)
+        j.append([b"a" * 1000 for _ in range(100)])
+        filler = mnt / "filler"
+        fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
+        try:
+            while True:
+                os.write(fd, bytes(4096))
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+        with pytest.raises(StorageError) as info:
+            for _ in range(50):                      # past the slack of the file's last page
+                j.append([b"b" * 1000 for _ in range(20)])
+        assert "No space left" in str(info.value)
+        # no partial batch stays behind: every file holds exactly its good records
+        assert all(os.path.getsize(s.path) == s.size for s in j.segments)
+        filler.unlink()
+        first = j.append([b"c" * 1000 for _ in range(20)])
+        assert first == j.last_seq - 19
+        j.close()
+        j2 = open_journal(d, segment_bytes=256 * 1024)
+        assert j2.damage == [] and j2.recovery.truncated_bytes == 0 and j2.last_seq == first + 19
+        j2.close()
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)

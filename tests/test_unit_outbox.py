@@ -318,3 +318,20 @@ def test_gap_below_the_floor_renumbers_the_unacked_window_and_resends_at_once():
     assert decode(ob.next_batch(0.3))[1] == 8
     ob.on_reply(reply(8), 0.4)
     assert ob.idle()
+
+
+def test_storage_unavailable_is_retried_and_named():
+    """Issue 10 #3: a storage_unavailable NACK (retry_after > 0) is resent later as a new
+    sequence, not failed; its reason is kept for a flush that gives up."""
+    ob = Outbox("p", confirm=True, window=10, ack_timeout=5.0)
+    for i in range(3):
+        ob.add(f"e{i}", data(i))
+    drain(ob, 0.0)
+    ob.on_reply(reply(3, *(Nack(s, "storage_unavailable: No space left on device", 1.0) for s in (1, 2, 3))), 0.1)
+    assert ob.take_errors() == [] and ob.in_flight() == 3
+    assert ob.retry_reason.startswith("storage_unavailable")
+    assert drain(ob, 0.5) == []                        # not before retry_after
+    frames = drain(ob, 1.2)
+    assert [decode(f)[1] for f in frames] == [4]       # resent as seqs 4, 5, 6
+    ob.on_reply(reply(6), 1.3)
+    assert ob.idle() and ob.retry_reason == "" and ob.take_errors() == []
