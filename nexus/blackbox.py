@@ -40,6 +40,33 @@ def path_for(data_dir: str, name: str) -> str:
     return os.path.join(data_dir, "run", "box", f"{name}.box")
 
 
+def reason_path(data_dir: str, name: str) -> str:
+    """Next to the box: the one line a child that gives up (a config error) leaves for
+    the launcher's log and the LAST EXIT column of `nexus status`."""
+    return os.path.join(data_dir, "run", "box", f"{name}.reason")
+
+
+def leave_reason(data_dir: str, name: str, text: str) -> bool:
+    try:
+        with open(reason_path(data_dir, name), "w") as f:
+            f.write(text)
+        return True
+    except OSError:
+        return False
+
+
+def take_reason(data_dir: str, name: str) -> str:
+    """The line child `name` left (removed once read), or ''."""
+    path = reason_path(data_dir, name)
+    try:
+        with open(path) as f:
+            text = f.read().strip()
+        os.unlink(path)
+        return text
+    except OSError:
+        return ""
+
+
 def install(box: "BlackBox | None") -> None:
     """The child's own box (set once at start by nexus/child.py)."""
     global _current

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import sys
 
+from . import config as config_mod
 from .errors import ExitCode, NexusError
 from .process import die_with_parent, stop_own_group
 
@@ -24,6 +25,7 @@ def entry(role: str, config, env: str | None, name: str, group: str, parent_pid:
     code = ExitCode.OK
     try:
         cfg = config
+        config_mod.add_module_paths(cfg)      # handlers and contracts: see config.module_paths
         logs.configure(cfg.log.level, cfg.log.format, process=name)
         _open_box(blackbox, blackbox.path_for(cfg.data_dir, name))
         if role == "router":
@@ -38,8 +40,10 @@ def entry(role: str, config, env: str | None, name: str, group: str, parent_pid:
         else:
             raise NexusError(f"unknown role {role}")
     except NexusError as exc:
-        print(f"nexus {role} {name}: {exc}", file=sys.stderr, flush=True)
         code = exc.exit_code
+        # a config error: the launcher logs the line once and shows it in `nexus status`
+        if code != ExitCode.CONFIG or not blackbox.leave_reason(config.data_dir, name, str(exc)):
+            print(f"nexus {role} {name}: {exc}", file=sys.stderr, flush=True)
     except KeyboardInterrupt:
         code = ExitCode.OK
     # a graceful end: what a handler forked goes with us (SIGTERM, then SIGKILL)

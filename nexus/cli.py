@@ -18,13 +18,24 @@ from .wire import (TAIL_TOPIC, DlqRequest, ReloadRequest, ReplayRequest, StatusR
                    delivery_decoder, encoder)
 
 REQUEST_TIMEOUT = 3.0
+START_HINT = "; start the pipeline with `python -m nexus.launch -c FILE`"
 
 
 def _load(args) -> config_mod.Config:
-    return config_mod.load(args.config, args.env)
+    cfg = config_mod.load(args.config, args.env)
+    config_mod.add_module_paths(cfg)
+    return cfg
+
+
+def _check_reachable(endpoint: str, who: str) -> None:
+    """Fail at once when nothing listens there, instead of after a timeout."""
+    why = transport.unreachable(endpoint)
+    if why:
+        raise PeerError(f"{who} at {endpoint} is not running ({why}){START_HINT}")
 
 
 def _ask_router(cfg: config_mod.Config, msg) -> dict:
+    _check_reachable(cfg.coord, "router")
     raw = transport.request(zmq.Context.instance(), cfg.coord, encoder.encode(msg), REQUEST_TIMEOUT)
     if raw is None:
         raise PeerError(f"router at {cfg.coord} did not answer within {REQUEST_TIMEOUT:g}s (is the pipeline running?)")
@@ -36,6 +47,7 @@ def _ask_router(cfg: config_mod.Config, msg) -> dict:
 
 def _ask_launcher(cfg: config_mod.Config, cmd: str, check: bool = True, **kw) -> dict:
     from .launch import ControlRequest
+    _check_reachable(cfg.control_endpoint, "launcher")
     raw = transport.request(zmq.Context.instance(), cfg.control_endpoint,
                             msgspec.msgpack.encode(ControlRequest(cmd, **kw)), REQUEST_TIMEOUT)
     if raw is None:
@@ -68,6 +80,7 @@ def cmd_send(args) -> int:
             where = f" (line {n} of stdin)" if args.payload == "-" else ""
             raise EventError(f"--payload is not valid JSON{where}: {exc.msg} at column {exc.colno}") from None
     endpoint = cfg.ingest if args.fire else cfg.confirm
+    _check_reachable(endpoint, "router")
     with Producer(endpoint, source=args.source, confirm=not args.fire,
                   max_event_bytes=cfg.router.max_event_bytes) as producer:
         ids = [producer.send(args.type, p, key=args.key, priority=args.priority, v=args.v) for p in payloads]
@@ -111,7 +124,8 @@ def cmd_status(args) -> int:
     except PeerError as exc:
         errors.append(str(exc))
     if not status:
-        raise PeerError("; ".join(errors))
+        hint = START_HINT if any(e.endswith(START_HINT) for e in errors) else ""
+        raise PeerError("; ".join(e.removesuffix(START_HINT) for e in errors) + hint)
     if errors:
         status["errors"] = errors
     if args.json:
@@ -197,11 +211,19 @@ def cmd_tail(args) -> int:
     sub.setsockopt(zmq.SUBSCRIBE, TAIL_TOPIC)
     shown = 0
     deadline = time.monotonic() + args.seconds if args.seconds else None
+    # ZeroMQ reconnects by itself; the probe only tells the operator why nothing shows yet
+    waiting = transport.unreachable(cfg.publish)
+    if waiting:
+        print(f"nexus tail: waiting for a pipeline (nothing at {cfg.publish}: {waiting}); Ctrl-C to stop",
+              file=sys.stderr, flush=True)
     try:
         while args.count == 0 or shown < args.count:
             if deadline is not None and time.monotonic() >= deadline:
                 break
             if not sub.poll(200):
+                if waiting and not transport.unreachable(cfg.publish):
+                    waiting = None
+                    print(f"nexus tail: pipeline found at {cfg.publish}", file=sys.stderr, flush=True)
                 continue
             frames = sub.recv_multipart()
             if len(frames) != 2 or frames[0] != TAIL_TOPIC:
@@ -376,10 +398,16 @@ def _parse_time(text: str) -> float:
 
 # -- main -------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
+    # -c and --env before or after the command: the top-level parser sets the defaults,
+    # each subcommand's copy leaves the value alone unless given (SUPPRESS; a plain
+    # default would overwrite a top-level -c with None)
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("-c", "--config", help="config file (default: $NEXUS_CONFIG or config/default.yaml)")
-    common.add_argument("--env", help="config overlay name (default: $NEXUS_ENV)")
+    common.add_argument("-c", "--config", default=argparse.SUPPRESS,
+                        help="config file (default: $NEXUS_CONFIG or config/default.yaml)")
+    common.add_argument("--env", default=argparse.SUPPRESS, help="config overlay name (default: $NEXUS_ENV)")
     parser = argparse.ArgumentParser(prog="nexus", description="Control a Nexus pipeline.")
+    parser.add_argument("-c", "--config", help="config file (default: $NEXUS_CONFIG or config/default.yaml)")
+    parser.add_argument("--env", help="config overlay name (default: $NEXUS_ENV)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("send", parents=[common], help="send an event")

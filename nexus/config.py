@@ -231,6 +231,26 @@ class Config(Strict):
         return str((base / os.path.expanduser(path)).resolve())
 
 
+# -- where handler and contract modules are found ------------------------------------
+def module_paths(cfg: Config) -> list[str]:
+    """Folders searched for `handler:` and `contracts:` modules after the installed
+    packages: the current directory (as `python -m` does; the `nexus` script alone would
+    not) and the config file's folder (so a config and its handlers work from any cwd)."""
+    paths = [os.getcwd()]
+    if cfg.source:
+        paths.append(str(Path(cfg.source).parent))
+    return paths
+
+
+def add_module_paths(cfg: Config) -> None:
+    """Appended, never prepended: a file next to the config cannot shadow the standard
+    library, an installed package or nexus itself. Spawned children inherit sys.path."""
+    import sys
+    for path in module_paths(cfg):
+        if path not in sys.path and not (path == os.getcwd() and "" in sys.path):
+            sys.path.append(path)
+
+
 # -- handing a validated config to a child ------------------------------------------
 def to_bytes(cfg: Config) -> bytes:
     """The decoded config as msgpack (the launcher hands it over instead of the file)."""

@@ -8,7 +8,6 @@ only, never pickle, never "decode anything and look at it".
 from __future__ import annotations
 
 import fnmatch
-import importlib
 import itertools
 import os
 import re
@@ -18,7 +17,7 @@ from typing import Annotated, Any, Callable, Iterable, Iterator, TypeVar
 
 import msgspec
 
-from .errors import ConfigError, EventError
+from .errors import EventError
 
 # C0 controls, DEL and C1 controls: they reach terminals and logs (escape sequences,
 # forged lines), so `source`, `key` and `correlation_id` refuse them (SDK: _EventMaker,
@@ -181,11 +180,9 @@ def contract(type_: str, v: int = 1) -> Callable[[C], C]:
 
 
 def load_contract_modules(modules: Iterable[str]) -> None:
+    from .handlers import import_user_module
     for name in modules:
-        try:
-            importlib.import_module(name)
-        except ImportError as exc:
-            raise ConfigError(f"contracts: cannot import module {name!r}: {exc}") from None
+        import_user_module(name, "contracts")
 
 
 class Contracts:

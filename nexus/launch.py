@@ -56,6 +56,7 @@ class Launcher:
         self.exit_code = ExitCode.OK
         self.started = time.time()
         self.ready_logged = False
+        self.failed_groups: dict[str, str] = {}     # group -> why its first member was given up on
         self.starting = True          # until the router answers; then producers and workers start
         self.reload_requested = False
         self.scale: dict[str, int] = {g: w.processes for g, w in cfg.workers.items()}
@@ -99,6 +100,7 @@ class Launcher:
         # a router restarted under live members lets them rejoin with their partitions first
         members_alive = child.role == "router" and any(c.role == "worker" and c.alive()
                                                        for c in self.children.values())
+        blackbox.take_reason(self.cfg.data_dir, child.name)       # a stale one from an earlier run
         child.process = self.mp.Process(
             target=entry, name=child.name, daemon=False,
             args=(child.role, self.cfg, self.env, child.name, child.group, os.getpid(), members_alive))
@@ -171,13 +173,17 @@ class Launcher:
         code = child.process.exitcode
         hung = child.state == "hung"
         child.last_exit = f"hung ({describe_exit(code)})" if hung else describe_exit(code)
+        reason = blackbox.take_reason(self.cfg.data_dir, child.name) if code == ExitCode.CONFIG else ""
+        if reason:
+            child.last_exit = f"config error: {reason}"
         if self.stopping or child.retired or child.state == "stopping":
             child.state = "stopped"
             log.info("process_stopped", name=child.name, exit_code=code)
             return
         if child.role == "router" and self.starting:
             cls = ConfigError if code == ExitCode.CONFIG else NexusError
-            raise cls(f"router exited during start ({child.last_exit}); see its log above")
+            raise cls(f"router exited during start ({child.last_exit})" if reason else
+                      f"router exited during start ({child.last_exit}); see its log above")
         if code == ExitCode.RECYCLE and child.role == "worker":
             # drained and ended itself on purpose (max_rss / max_events): not a crash
             child.last_exit = "recycled"
@@ -191,15 +197,18 @@ class Launcher:
         if child.role == "worker":
             explained = self.crashbook.on_exit(child.group, child.name, child.pid, code, child.box, hung=hung)
             child.last_exit = self.crashbook.last_exit.get(child.name, child.last_exit)
+            if reason:
+                child.last_exit = f"config error: {reason}"
         child.crashes = [t for t in child.crashes if now - t < self.cfg.crash_window] + ([] if explained else [now])
         if code == ExitCode.CONFIG:
             child.state = "failed"
-            log.error("process_failed", name=child.name, exit_code=code,
-                      reason="configuration error (see the line above); not restarting")
+            self._failed(child, reason or "configuration error (see the line above)")
         elif len(child.crashes) > self.cfg.crash_loop:
             child.state = "failed"
             log.error("crash_loop", name=child.name, crashes=len(child.crashes),
                       window=self.cfg.crash_window, reason="giving up; fix the cause and restart")
+            if child.role == "worker":
+                self._failed(child, f"crash loop ({child.last_exit})", logged=True)
         else:
             backoff = self.cfg.restart_backoff
             delay = backoff[min(max(len(child.crashes) - 1, 0), len(backoff) - 1)] if backoff else 1.0
@@ -210,6 +219,17 @@ class Launcher:
         if child.role == "router" and child.state == "failed":
             self.exit_code = ExitCode.CRASH_LOOP if code != ExitCode.CONFIG else ExitCode.CONFIG
             self.stopping = True
+
+    def _failed(self, child: Child, reason: str, logged: bool = False) -> None:
+        """A child given up on: logged once with its reason; the first member of a group
+        to fail logs the group (the pipeline is then not ready, and never claims it)."""
+        if child.role == "worker" and child.group not in self.failed_groups:
+            self.failed_groups[child.group] = reason
+            log.error("group_failed", group=child.group, member=child.name, reason=reason,
+                      action="not restarting; fix the cause, then restart or `nexus scale`")
+        elif not logged:
+            same = child.role == "worker" and self.failed_groups.get(child.group) == reason
+            log.error("process_failed", name=child.name, reason="as above" if same else reason)
 
     def _watch(self, now: float) -> None:
         """Hang detection: a router or member whose box beat is older than hang_timeout
@@ -408,6 +428,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"nexus: {exc}", file=sys.stderr)
         return int(exc.exit_code)
+    config_mod.add_module_paths(cfg)
     logs.configure(cfg.log.level, cfg.log.format, process="launcher")
     launcher = Launcher(cfg, args.env)
     try:

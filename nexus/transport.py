@@ -89,3 +89,48 @@ def request(ctx: zmq.Context, endpoint: str, payload: bytes, timeout: float) -> 
         return None
     finally:
         sock.close(0)
+
+
+PROBE_TIMEOUT = 0.5
+
+
+def unreachable(endpoint: str, timeout: float = PROBE_TIMEOUT) -> str | None:
+    """Why nothing can be listening at a bound endpoint, or None when something may be.
+
+    One plain connect, no ZeroMQ: an ipc socket file that is missing or refuses, a tcp
+    port that refuses or does not accept within `timeout`. The CLI asks this before it
+    waits seconds for an answer, so "no pipeline" fails at once while a live but slow
+    peer still gets its full timeout (ZeroMQ drops the bare connection silently)."""
+    import socket
+    if endpoint.startswith("ipc://"):
+        path = endpoint[len("ipc://"):]
+        if not os.path.exists(path):
+            return f"no socket file {path}"
+        family, address = socket.AF_UNIX, path
+    elif endpoint.startswith("tcp://"):
+        host, _, port = endpoint[len("tcp://"):].rpartition(":")
+        host = host.strip("[]")
+        if host in ("*", "0.0.0.0", ""):
+            host = "127.0.0.1"
+        elif host == "::":
+            host = "::1"
+        try:
+            infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+        except (OSError, ValueError) as exc:
+            return f"cannot resolve {host}:{port}: {exc}"
+        family, address = infos[0][0], infos[0][4]
+    else:
+        return None                    # inproc and others: nothing to probe from outside
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(address)
+    except ConnectionRefusedError:
+        return "connection refused"
+    except socket.timeout:
+        return f"no connection within {timeout:g}s"
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    finally:
+        sock.close()
+    return None
