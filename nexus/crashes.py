@@ -66,11 +66,13 @@ class CrashBook:
         self.last_exit[member] = (f"{reason} ({how}) on seq {', '.join(map(str, sorted(counts)))}"
                                   + (f", dead-lettered {sorted(s for v in poison.values() for s in v)}" if poison else "")
                                   if counts else f"{reason} ({how}), no event in flight")
-        log.error("member_crashed", group=group, member=member, pid=pid,
-                  how=how,
-                  reason=reason, seqs=sorted(counts), counts=counts or None,
-                  dead_letter=sorted(s for seqs in poison.values() for s in seqs) or None,
-                  why=None if counts else "no event in flight (not caused by a handler call)")
+        # a config error (exit 3) is not a crash: the launcher logs the member's one-line reason
+        if code != ExitCode.CONFIG or counts:
+            log.error("member_crashed", group=group, member=member, pid=pid,
+                      how=how,
+                      reason=reason, seqs=sorted(counts), counts=counts or None,
+                      dead_letter=sorted(s for seqs in poison.values() for s in seqs) or None,
+                      why=None if counts else "no event in flight (not caused by a handler call)")
         return MemberExited(group=group, member=member, exit_code=code, reason=reason,
                             inflight=inflight, poison=poison, pid=pid)
 

@@ -144,6 +144,7 @@ class Launcher:
             return {"ok": False, "error": "N must be between 0 and 256"}
         old = self.scale[group]
         self.scale[group] = n
+        self.failed_groups.pop(group, None)     # failed members start again: a new chance
         if self.starting:
             return {"ok": True, "group": group, "old": old, "new": n}
         for i in range(n):

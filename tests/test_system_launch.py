@@ -199,7 +199,7 @@ def test_cli_errors_are_one_line_with_named_exit_codes(tmp_path, config_factory)
     # nothing running: the router cannot be reached
     result = nexus_cli("status", "-c", str(path))
     assert result.returncode == ExitCode.UNREACHABLE
-    assert len(result.stderr.strip().splitlines()) == 1 and "did not answer" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "is not running" in result.stderr
     result = nexus_cli("send", "test.x", "--payload", "{nope", "-c", str(path))
     assert result.returncode == ExitCode.INVALID_EVENT and "not valid JSON" in result.stderr
     result = nexus_cli("send", "Not-A-Type", "-c", str(path))
