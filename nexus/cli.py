@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -80,10 +81,15 @@ def cmd_send(args) -> int:
             where = f" (line {n} of stdin)" if args.payload == "-" else ""
             raise EventError(f"--payload is not valid JSON{where}: {exc.msg} at column {exc.colno}") from None
     endpoint = cfg.ingest if args.fire else cfg.confirm
-    _check_reachable(endpoint, "router")
     with Producer(endpoint, source=args.source, confirm=not args.fire,
                   max_event_bytes=cfg.router.max_event_bytes) as producer:
         ids = [producer.send(args.type, p, key=args.key, priority=args.priority, v=args.v) for p in payloads]
+        try:
+            _check_reachable(endpoint, "router")         # after send: an invalid event fails first
+        except PeerError:
+            with contextlib.suppress(NexusError):
+                producer.close(0)                        # nobody to wait for
+            raise
         producer.flush(args.timeout)
     for event_id in ids:
         print(event_id)
