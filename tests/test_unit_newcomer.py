@@ -35,6 +35,22 @@ def test_every_nexus_name_the_readme_uses_exists():
     assert not missing, f"README names nexus.{missing} but nexus does not export them"
 
 
+def test_every_nexus_module_and_attribute_the_readme_names_exists():
+    import importlib
+    for dotted in sorted(set(re.findall(r"`(?:python -m )?(nexus(?:\.\w+)+)", README))):
+        parts = dotted.split(".")
+        obj, n = importlib.import_module("nexus"), 1
+        while n < len(parts) and not hasattr(obj, parts[n]):      # the longest importable module
+            try:
+                obj = importlib.import_module(".".join(parts[:n + 1]))
+            except ModuleNotFoundError:
+                break
+            n += 1
+        for attr in parts[n:]:
+            assert hasattr(obj, attr), f"README names {dotted}, which does not exist"
+            obj = getattr(obj, attr)
+
+
 def test_handler_errors_are_importable_from_the_top_level():
     from nexus import DependencyError, NexusError, PermanentError
     assert issubclass(PermanentError, NexusError) and issubclass(DependencyError, NexusError)
