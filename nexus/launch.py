@@ -197,9 +197,8 @@ class Launcher:
         explained = False
         if child.role == "worker":
             explained = self.crashbook.on_exit(child.group, child.name, child.pid, code, child.box, hung=hung)
-            child.last_exit = self.crashbook.last_exit.get(child.name, child.last_exit)
-            if reason:
-                child.last_exit = f"config error: {reason}"
+            if not reason:
+                child.last_exit = self.crashbook.last_exit.get(child.name, child.last_exit)
         child.crashes = [t for t in child.crashes if now - t < self.cfg.crash_window] + ([] if explained else [now])
         if code == ExitCode.CONFIG:
             child.state = "failed"
@@ -226,11 +225,13 @@ class Launcher:
         to fail logs the group (the pipeline is then not ready, and never claims it)."""
         if child.role == "worker" and child.group not in self.failed_groups:
             self.failed_groups[child.group] = reason
-            log.error("group_failed", group=child.group, member=child.name, reason=reason,
+            log.error("group_failed", group=child.group, member=child.name, exit_code=child.process.exitcode,
+                      reason=reason,
                       action="not restarting; fix the cause, then restart or `nexus scale`")
         elif not logged:
             same = child.role == "worker" and self.failed_groups.get(child.group) == reason
-            log.error("process_failed", name=child.name, reason="as above" if same else reason)
+            log.error("process_failed", name=child.name, exit_code=child.process.exitcode,
+                      reason="as above" if same else reason)
 
     def _watch(self, now: float) -> None:
         """Hang detection: a router or member whose box beat is older than hang_timeout

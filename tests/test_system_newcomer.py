@@ -166,3 +166,18 @@ def test_handlers_and_contracts_next_to_the_config_are_found_from_any_cwd(tmp_pa
     event_id = result.stdout.strip()
     wait_for(lambda: (out / event_id).exists() and (out / event_id).read_text() == "7", 20,
              message="the handler next to the config handled it")
+
+
+def test_a_contract_module_that_raises_at_import_stops_the_start_with_one_line(tmp_path):
+    path = write_config(tmp_path, contracts=["nexus.contracts", "broken_import"])
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "nexus.launch", "-c", str(path)], capture_output=True,
+                            text=True, timeout=60, cwd=REPO)
+    text = result.stdout + result.stderr
+    print(f"BROKEN-CONTRACTS launcher exit {result.returncode} after {time.monotonic() - started:.2f}s, "
+          f"{len(text.splitlines())} log lines")
+    assert result.returncode == ExitCode.CONFIG
+    assert "Traceback" not in text
+    failed = [line for line in text.splitlines() if "launch_failed" in line]
+    assert len(failed) == 1 and "contracts: cannot import broken_import: RuntimeError: missing API key" in failed[0]
+    assert "broken_import.py:6" in failed[0] and text.count("broken_import.py:6") == 1
