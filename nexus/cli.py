@@ -118,17 +118,17 @@ def _detail(detail: dict | None) -> str:
 
 def cmd_status(args) -> int:
     cfg = _load(args)
+    from concurrent.futures import ThreadPoolExecutor
     status: dict[str, Any] = {}
     errors = []
-    try:
-        status.update(_ask_launcher(cfg, "status"))
-        status.pop("ok", None)
-    except PeerError as exc:
-        errors.append(str(exc))
-    try:
-        status.update(_ask_router(cfg, StatusRequest()))
-    except PeerError as exc:
-        errors.append(str(exc))
+    with ThreadPoolExecutor(2) as pool:       # both at once: a stalled pipeline costs one timeout, not two
+        asks = [pool.submit(_ask_launcher, cfg, "status"), pool.submit(_ask_router, cfg, StatusRequest())]
+    for ask in asks:
+        try:
+            status.update(ask.result())
+        except PeerError as exc:
+            errors.append(str(exc))
+    status.pop("ok", None)
     if not status:
         hint = START_HINT if any(e.endswith(START_HINT) for e in errors) else ""
         raise PeerError("; ".join(e.removesuffix(START_HINT) for e in errors) + hint)

@@ -127,7 +127,7 @@ def unreachable(endpoint: str, timeout: float = PROBE_TIMEOUT) -> str | None:
         sock.connect(address)
     except ConnectionRefusedError:
         return "connection refused"
-    except socket.timeout:
+    except TimeoutError:
         return f"no connection within {timeout:g}s"
     except OSError as exc:
         return exc.strerror or str(exc)

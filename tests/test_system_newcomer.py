@@ -10,19 +10,19 @@ import time
 
 import pytest
 import zmq
-
 from conftest import REPO, recorder_group, write_config
+from recorder import read_handled
+
 from nexus import config
 from nexus.errors import ExitCode
 from nexus.testing import free_port, wait_for
-from recorder import read_handled
 
 pytestmark = pytest.mark.system
 
 
 def cli(*args, cwd: str = REPO, timeout: float = 60) -> tuple[subprocess.CompletedProcess, float]:
     started = time.monotonic()
-    result = subprocess.run([sys.executable, "-m", "nexus", *args], capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-m", "nexus", *args], capture_output=True, text=True, check=False,
                             cwd=cwd, timeout=timeout)
     return result, time.monotonic() - started
 
@@ -51,32 +51,39 @@ def test_cli_fails_at_once_when_no_pipeline_runs(tmp_path, transport_kind):
             assert took < 5, f"nexus {' '.join(command)} took {took:.1f}s with no pipeline"   # sanity, not a benchmark
 
 
-def test_send_still_waits_for_a_router_that_listens_but_is_slow(tmp_path):
-    """The probe only rules out 'nothing there': a bound socket that does not answer (a
-    router busy recovering, say) gets the whole --timeout."""
+def test_commands_still_wait_for_a_pipeline_that_listens_but_is_slow(tmp_path):
+    """The probe only rules out 'nothing there': bound sockets that do not answer (a
+    pipeline stopped with SIGSTOP, say) get the whole timeout; status asks both at once."""
     path = write_config(tmp_path)
     cfg = config.load(path)
-    ctx = zmq.Context.instance()
     from nexus import transport
-    sock = transport.bind(ctx, zmq.ROUTER, cfg.confirm, linger_ms=0)
+    socks = [transport.bind(zmq.Context.instance(), zmq.ROUTER, e, linger_ms=0)
+             for e in (cfg.confirm, cfg.coord, cfg.control_endpoint)]
     stop = threading.Event()
 
     def swallow():
+        poller = zmq.Poller()
+        for sock in socks:
+            poller.register(sock, zmq.POLLIN)
         while not stop.is_set():
-            if sock.poll(50):
+            for sock, _ in poller.poll(50):
                 sock.recv_multipart()
     thread = threading.Thread(target=swallow, daemon=True)
     thread.start()
     try:
-        result, took = cli("send", "test.x", "--timeout", "2", "-c", str(path))
+        send, send_took = cli("send", "test.x", "--timeout", "2", "-c", str(path))
+        status, status_took = cli("status", "-c", str(path))
     finally:
         stop.set()
         thread.join(5)
-        sock.close(0)
-    print(f"SLOW-ROUTER nexus send --timeout 2: {took:.2f}s exit {result.returncode}")
-    assert result.returncode == ExitCode.UNREACHABLE
-    assert "did not confirm" in result.stderr and "is not running" not in result.stderr
-    assert took >= 2
+        for sock in socks:
+            sock.close(0)
+    print(f"SLOW-PIPELINE nexus send --timeout 2: {send_took:.2f}s exit {send.returncode}; "
+          f"nexus status: {status_took:.2f}s exit {status.returncode}")
+    assert send.returncode == ExitCode.UNREACHABLE and send_took >= 2
+    assert "did not confirm" in send.stderr and "is not running" not in send.stderr
+    assert status.returncode == ExitCode.UNREACHABLE and status_took >= 3
+    assert status.stderr.count("did not answer within 3s") == 2 and len(status.stderr.strip().splitlines()) == 1
 
 
 def test_tail_says_it_waits_for_a_pipeline_then_prints_events(tmp_path, launched):

@@ -28,7 +28,7 @@ def section(title: str) -> str:
 # -- exports ----------------------------------------------------------------------------
 def test_every_nexus_name_the_readme_uses_exists():
     names = set(re.findall(r"\bnexus\.([A-Z]\w*)", README))              # nexus.PermanentError
-    for imported in re.findall(r"^from nexus import (.+)$", README, re.M):  # from nexus import A, B
+    for imported in re.findall(r"^from nexus import (.+)$", README, re.MULTILINE):  # from nexus import A, B
         names |= {n.strip() for n in imported.split(",")}
     assert {"PermanentError", "DependencyError", "Producer", "Event", "Context"} <= names
     missing = sorted(n for n in names if not hasattr(nexus, n))
