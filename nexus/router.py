@@ -35,7 +35,7 @@ from . import admin
 from .dlq import DeadLetterStore, DeadLetterWriter
 from .events import DECODE_ERRORS
 from .wire import (TAIL_TOPIC, Ack, DeadLetter, Delivery, DlqRequest, Error, Fetch, Heartbeat, Join, Leave,
-                   MemberExited, Nack, ProducerReply, Pulse, Records, Released, ReloadRequest, ReplayRequest, Reply,
+                   MemberExited, ProducerReply, Pulse, Records, Released, ReloadRequest, ReplayRequest, Reply,
                    StatusRequest, coord_decoder, encoder, topic)
 
 ADMIN_REQUESTS = (StatusRequest, ReplayRequest, DlqRequest, ReloadRequest)
@@ -403,8 +403,7 @@ class Router:
         reason = f"{STORAGE_REASON}: {exc.strerror or exc}"
         for i, (identity, reply) in enumerate(self._pending_replies):
             if isinstance(reply, Outcome) and id(reply.accepted) in failed:
-                nacks = list(reply.nacks) + [Nack(entry_decoder.decode(body).pseq, reason, STORAGE_RETRY_AFTER)
-                                             for body in reply.accepted.bodies]
+                nacks = list(reply.nacks) + self.intake.refuse(reply.accepted, reason, STORAGE_RETRY_AFTER)
                 self._pending_replies[i] = (identity, ProducerReply(ack=reply.ack, nacks=nacks, error=reply.error))
         n = sum(len(acc.bodies) for acc in staged)
         self.intake.accepted_total -= n
