@@ -11,6 +11,7 @@ the durable cursor, which is at-least-once.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import structlog
 
@@ -87,9 +88,12 @@ def balanced(partitions: int, members: list[str], current: list[str | None]) -> 
 
 class Coordinator:
     def __init__(self, heartbeat_timeout: float, release_timeout: float = 30.0,
-                 heads: dict[str, list[int]] | None = None):
+                 heads: dict[str, list[int]] | None = None, end: Callable[[], int] | None = None):
         self.groups: dict[str, Group] = {}
         self.heads = heads if heads is not None else {}    # group -> last seq per partition
+        # the journal's last seq: no ack or claim moves a cursor past it (events accepted
+        # later would get seqs at or below the cursor and never be delivered)
+        self.end = end
         self.heartbeat_timeout = heartbeat_timeout
         self.release_timeout = release_timeout
         self.rejoin_grace = heartbeat_timeout      # survivors notice a restart by a refused heartbeat
@@ -207,9 +211,10 @@ class Coordinator:
     # -- acks ----------------------------------------------------------------
     def ack(self, group: Group, member: str, acks: dict[int, int]) -> None:
         cursors, owner = group.cursors, group.owner
+        end = self.end() if self.end is not None else 1 << 63
         for p, seq in acks.items():
             if 0 <= p < group.partitions and owner[p] == member and seq > cursors[p]:
-                cursors[p] = seq
+                cursors[p] = min(seq, max(end, cursors[p]))
 
     def released(self, group: Group, member: str, acks: dict[int, int], now: float) -> Outgoing:
         self.ack(group, member, acks)

@@ -324,11 +324,22 @@ class Journal:
                 off, prev = 0, seg.first - 1
             fd, size = seg.read_fd(), seg.size
             buf, mv, bstart = b"", memoryview(b""), off    # a window of the file (inlined: hot)
+            damaged = seg.damaged
+            # Seqs are contiguous inside a segment: a header is trusted only with seq == prev + 1,
+            # except the first one after a damaged range (then its CRC is checked first). A
+            # record passed over unchecked (seq <= after, or not wanted) is checked if the
+            # header after it is bad: a flipped bit in it must not make later records look bad.
+            loose = False
+            unchecked = -1                  # offset of the last record passed over unchecked
+            unchecked_prev = 0
             while off < size:
                 if len(out) >= max_records or (out and total >= max_bytes) or scanned >= scan_records \
                         or scanned_bytes >= scan_bytes:
                     full = True
                     break
+                if damaged and off in damaged:      # known damage: its bytes are never parsed
+                    off, loose, unchecked = damaged[off], True, -1
+                    continue
                 rel = off - bstart
                 if rel < 0 or rel + HEADER_SIZE > len(buf):
                     buf = os.pread(fd, CHUNK, off)
@@ -337,9 +348,16 @@ class Journal:
                 if rel + HEADER_SIZE <= len(buf):
                     crc, length, seq = unpack(buf, rel)
                     end = off + HEADER_SIZE + length
-                    good = length <= MAX_RECORD and end <= size and seq > prev
+                    good = length <= MAX_RECORD and end <= size and (seq == prev + 1 or (loose and seq > prev))
+                if good and loose:
+                    if rel + HEADER_SIZE + length > len(buf):
+                        buf = os.pread(fd, max(CHUNK, HEADER_SIZE + length), off)
+                        mv, bstart, rel = memoryview(buf), off, 0
+                    good = crc32(mv[rel + 4:rel + HEADER_SIZE + length]) == crc
+                    loose = not good
                 if good:
                     if seq <= after:
+                        unchecked, unchecked_prev = off, prev
                         prev, off = seq, end
                         continue
                     if rel + HEADER_SIZE + length > len(buf):
@@ -354,6 +372,7 @@ class Journal:
                         except Exception:       # unreadable: the CRC check below decides
                             keep = True
                         if not keep:
+                            unchecked, unchecked_prev = off, prev
                             prev, off, self.read_upto = seq, end, seq
                             continue
                     else:
@@ -365,15 +384,23 @@ class Journal:
                         out.append((seq, buf[body_at:body_at + length] if keep is True else keep))
                         total += length
                         prev, off, self.read_upto = seq, end, seq
+                        unchecked = -1
                         continue
+                if unchecked >= 0:
+                    # the record before was trusted on its header alone: if it is the bad one,
+                    # the damage starts there (its successors are whole and still served)
+                    if Scanner(fd, size).check(unchecked, unchecked_prev) is None:
+                        off, prev = unchecked, unchecked_prev
+                        self.read_upto = min(self.read_upto, max(prev, after))
+                    unchecked = -1
                 # a known range (found on open, or by an earlier read) that starts here or
                 # that a plausible header led into: not found and logged again
-                dmg_end = next((e for b, e in seg.damaged.items() if b <= off < e), None)
+                dmg_end = next((e for b, e in damaged.items() if b <= off < e), None)
                 if dmg_end is None:
                     dmg_end, nseq = Scanner(fd, size).resync(off, prev)
                     self._damaged(seg, off, dmg_end, prev + 1,
                                   nseq - 1 if nseq else (seg.last if seg.last > prev else 0))
-                off = dmg_end
+                off, loose = dmg_end, True
             else:
                 self.read_upto = max(self.read_upto, seg.last)   # the whole segment was examined
         return out

@@ -88,7 +88,8 @@ class Router:
         self._next_probe = 0.0
         self.heads: dict[str, list[int]] = {}          # group -> last seq per partition stream
         self.coordinator = Coordinator(rc.heartbeat_interval * rc.heartbeat_misses,
-                                       release_timeout=config.shutdown_timeout, heads=self.heads)
+                                       release_timeout=config.shutdown_timeout, heads=self.heads,
+                                       end=lambda: self.journal.last_seq)
         self.tail_subscribers = 0
         self.member_stats: dict[tuple[str, str], dict] = {}
         self.reload_requested = False
@@ -569,7 +570,7 @@ class Router:
             records = [(seq, event) for seq, event in records if type(event) is msgspec.Raw]
         seqs = [seq for seq, _ in records]
         events = [event for _, event in records]
-        upto = max(journal.read_upto, msg.after)
+        upto = max(min(journal.read_upto, journal.last_seq), msg.after)   # never past the end (review #2)
         if not records and upto == msg.after:
             upto = max(msg.after, journal.last_seq)    # nothing readable after it
         return Records(group=group.name, partition=p, after=msg.after, upto=upto,

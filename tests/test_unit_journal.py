@@ -734,3 +734,47 @@ def test_full_filesystem_write_is_undone_and_resumes(tmp_path):
         j2.close()
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+@pytest.mark.parametrize("when", ["before_open", "after_open"])
+def test_a_flipped_seq_bit_in_a_record_passed_over_does_not_skip_the_rest(tmp_path, when):
+    """Review #2: a filtered read passes over other partitions' records on their header
+    alone. One flipped high bit in such a record's seq made every later record look
+    out of order (false damage to the segment's end) and read_upto huge: a fetch then
+    answered an upto past the journal's end and the member acked it."""
+    d = tmp_path / "j"
+    j = open_journal(d)
+    written = fill(j, 30)
+    rec = HEADER.size + len(written[1])
+    if when == "before_open":
+        j.close()
+    with open(_last_file(d), "r+b") as f:
+        f.seek(9 * rec + 4 + 4 + 7)                  # the top byte of seq 10's seq field
+        f.write(b"\x40")
+    if when == "before_open":
+        j = open_journal(d)
+    other = lambda b: not bytes(b).startswith(b"r9:")   # seq 10 is another partition's
+    got = j.read(0, 100, want=other)
+    assert [s for s, _ in got] == [s for s in range(1, 31) if s != 10]
+    assert j.read_upto == 30
+    assert [(x.first_seq, x.last_seq) for x in j.damage] == [(10, 10)]
+    # the same from a position past the flipped record's neighbours (passed over as seq <= after)
+    assert [s for s, _ in j.read(5, 100)] == [s for s in range(6, 31) if s != 10]
+    assert j.read_upto == 30 and len(j.damage) == 1
+    j.close()
+
+
+def test_a_flipped_length_bit_in_a_record_passed_over_starts_the_damage_there(tmp_path):
+    """A record passed over unchecked (seq <= after) whose length was flipped shorter: the
+    header after it is garbage; the damage is that record, and the records after it
+    are still served."""
+    d = tmp_path / "j"
+    j = open_journal(d)
+    written = fill(j, 30)
+    rec = HEADER.size + len(written[1])
+    with open(_last_file(d), "r+b") as f:
+        f.seek(9 * rec + 4)                          # the length of seq 10
+        f.write((len(written[10]) - 4).to_bytes(4, "little"))
+    assert [s for s, _ in j.read(10, 100)] == list(range(11, 31))
+    assert [(x.first_seq, x.last_seq) for x in j.damage] == [(10, 10)]
+    j.close()
