@@ -124,9 +124,16 @@ class Coordinator:
             group.fresh = False
             if holding:       # the first member back still holds partitions: the router restarted under it
                 group.settle_until = now + self.rejoin_grace
+        end = self.end() if self.end is not None and holding else 1 << 63
         for p, upto in (holding or {}).items():
             if 0 <= p < group.partitions and group.owner[p] is None and group.claims.get(p, member) == member:
                 group.claims[p] = member
+                if upto > end:
+                    # it handled seqs the journal no longer has (a torn tail cut on restart):
+                    # its claim is clamped, never a cursor past the end (review #4)
+                    log.warning("claim_past_end", group=group.name, member=member, partition=p,
+                                claimed=upto, last_seq=end)
+                    upto = end
                 if upto > group.cursors[p]:
                     group.cursors[p] = upto      # what it handled: its acks were lost with the old router
         group.members[member] = MemberInfo(member, identity, now, now, host, pid)

@@ -508,3 +508,14 @@ def test_an_ack_past_the_journal_end_is_clamped():
     last[0] = 150
     coord.ack(g, "a", {0: 120})
     assert g.cursors[0] == 120
+
+
+def test_a_rejoin_claim_past_the_journal_end_is_clamped():
+    """Review #4: after a torn tail was cut on router restart, a surviving member claims a
+    handled position past the journal's last seq: the cursor stops at the last seq, so
+    events accepted from now on (seqs above it) are delivered, not counted as handled."""
+    coord = Coordinator(heartbeat_timeout=HB, release_timeout=RELEASE, end=lambda: 50)
+    g = coord.add_group("g", 2, [40, 0])
+    a = assigns(coord.join(g, "a", b"A", now=0.0, holding={0: 80, 1: 30}))
+    assert a[b"A"].grants == {0: 50, 1: 30}
+    assert g.cursors == [50, 30]
