@@ -56,6 +56,9 @@ class Group:
     # dead-lettered poison (events that killed or hung members): partition -> seqs every
     # next owner passes over (Assign.skip), until the cursor is past them
     skip: dict[int, set[int]] = field(default_factory=dict)
+    # poison whose dead letter is not stored yet: its partition is granted to no one until
+    # it is (a skip applied before the row exists loses the event if the router stops)
+    poison_pending: dict[int, set[int]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.owner = [None] * self.partitions
@@ -162,23 +165,36 @@ class Coordinator:
 
     def exited(self, group: Group, member: str, pid: int, poison: dict[int, list[int]], now: float) -> Outgoing:
         """The launcher saw the member's process end: free its partitions at once (unclean:
-        what it handled but did not ack comes again, flagged) and record the poison."""
+        what it handled but did not ack comes again, flagged). A partition with poison
+        waits for `poison_stored`: then its next owner passes over the poison."""
         for p, seqs in poison.items():
             if 0 <= p < group.partitions and seqs:
-                group.skip.setdefault(p, set()).update(seqs)
+                group.poison_pending.setdefault(p, set()).update(seqs)
         info = group.members.get(member)
-        out: Outgoing = []
         if info is not None and (not pid or not info.pid or info.pid == pid):
             self._drop_member(group, member, clean=False)
             log.warning("member_exited", group=group.name, member=member, pid=pid)
-            out = self._rebalance(group, now)
-        # poison in partitions a live member holds already (it was granted before the
-        # poison was known): tell the holder to pass over it too
+            return self._rebalance(group, now)
+        return []
+
+    def poison_stored(self, group: Group, partition: int, seq: int, now: float) -> Outgoing:
+        """The dead letter of poison `seq` is stored (or there is nothing to store): from
+        now on every owner of the partition passes over it."""
+        pending = group.poison_pending.get(partition)
+        if pending is None or seq not in pending:
+            return []
+        pending.discard(seq)
+        group.skip.setdefault(partition, set()).add(seq)
+        if pending:
+            return []
+        del group.poison_pending[partition]
+        out = self._rebalance(group, now)
+        # a live member holds it already (granted before the poison was known): tell it
         told = {ident for ident, _ in out}
-        for name, info in group.members.items():
-            skip = {p: sorted(group.skip[p]) for p in info.view if p in poison and p in group.skip}
-            if skip and info.identity not in told:
-                out.append((info.identity, Assign(group=group.name, partitions=list(info.view), skip=skip)))
+        for info in group.members.values():
+            if partition in info.view and info.identity not in told and partition in group.skip:
+                out.append((info.identity, Assign(group=group.name, partitions=list(info.view),
+                                                  skip={partition: sorted(group.skip[partition])})))
         return out
 
     def expire(self, now: float) -> Outgoing:
@@ -248,7 +264,7 @@ class Coordinator:
         grants: dict[str, dict[int, int]] = {}
         for p in range(group.partitions):
             holder, want = group.owner[p], group.target[p]
-            if holder is None and want is not None:
+            if holder is None and want is not None and p not in group.poison_pending:
                 group.owner[p] = want
                 grants.setdefault(want, {})[p] = group.cursors[p]
             elif holder is not None and holder != want and p not in group.revoked_at:
