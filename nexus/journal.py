@@ -23,7 +23,7 @@ import msgspec
 import structlog
 
 from .segments import (CHUNK, HEADER, MAX_RECORD, SUFFIX, Damage, Scanner, Segment,  # noqa: F401 (HEADER, MAX_RECORD,
-                       list_segments, scan, verify)                   # SUFFIX, verify: re-exported)
+                       list_segments, scan, torn_tail, verify)        # SUFFIX, verify: re-exported)
 
 LENSEQ = struct.Struct("<IQ")
 HEADER_SIZE = HEADER.size
@@ -81,6 +81,7 @@ class Journal:
         self._since_index = 0
         self._fd_lock = threading.Lock()   # sync() may run in another thread (nexus/flusher.py)
         self.recovery = Recovery()
+        self._kept_tail = 0               # highest seq a damaged, uncut tail could hold
 
     # -- open and recover ----------------------------------------------------
     def open(self, on_record: Callable[[int, memoryview], None] | None = None) -> Recovery:
@@ -94,6 +95,8 @@ class Journal:
         self.recovery.segments = len(self.segments)
         if self.segments:
             self.last_seq = max(max(s.last for s in self.segments), self.segments[-1].first - 1)
+        if self._kept_tail > self.last_seq:
+            self.skip_to(self._kept_tail)
         if not self.segments:
             self._new_segment(1)
         if self._wfd is None:
@@ -119,7 +122,7 @@ class Journal:
                     n += 1
                     self.recovery.records += 1
                     seg.last = a
-                elif last and a >= size:
+                elif last and torn_tail(fd, size, off, a):
                     size = off                    # a torn tail: nothing good after it
                     self.recovery.truncated_bytes += a - off
                     self.recovery.truncated_at += f" {os.path.basename(seg.path)}@{off}"
@@ -132,6 +135,10 @@ class Journal:
                     first = seg.last + 1 if seg.last else seg.first
                     last_seq = b - 1 if b else (next_first - 1 if next_first else 0)
                     self._damaged(seg, off, a, first, last_seq)
+                    if last and a >= size:
+                        # kept, not cut (a record in it checks): new seqs start past any seq
+                        # it could hold, so none is given twice (review #5)
+                        self._kept_tail = first + (size - off) // HEADER_SIZE
                     n = 0                         # index the first good record after it
         finally:
             os.close(fd)

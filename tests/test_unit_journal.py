@@ -778,3 +778,65 @@ def test_a_flipped_length_bit_in_a_record_passed_over_starts_the_damage_there(tm
     assert [s for s, _ in j.read(10, 100)] == list(range(11, 31))
     assert [(x.first_seq, x.last_seq) for x in j.damage] == [(10, 10)]
     j.close()
+
+
+def _record(seq: int, body: bytes) -> bytes:
+    import zlib
+    lenseq = len(body).to_bytes(4, "little") + seq.to_bytes(8, "little")
+    return zlib.crc32(body, zlib.crc32(lenseq)).to_bytes(4, "little") + lenseq + body
+
+
+@pytest.mark.parametrize("forged_seq", [5, 7])
+def test_a_record_embedded_in_a_payload_is_not_taken_after_damage(tmp_path, forged_seq):
+    """Review #5: resync took any CRC-valid header with a plausible seq, also a record
+    embedded byte for byte in an event's payload: it was served as an event, and a high
+    forged seq made the real records after it look out of order, so in the last segment
+    they were cut as a torn tail. A candidate now needs a good successor (or to end the file),
+    and no range holding a CRC-valid record is cut."""
+    d = tmp_path / "j"
+    j = open_journal(d)
+    bodies = [body(i, 40) for i in range(1, 5)]
+    bodies.append(b"p" * 64 + _record(forged_seq, b"FORGED") + b"rest of the payload")   # seq 5
+    bodies += [body(i, 40) for i in range(6, 21)]
+    j.append(bodies)
+    j.close()
+    path = _last_file(d)
+    size = os.path.getsize(path)
+    at5 = sum(HEADER.size + len(b) for b in bodies[:4])
+    with open(path, "r+b") as f:                     # seq 5's own CRC no longer checks
+        f.seek(at5)
+        f.write(b"\xff\xff\xff\xff")
+    j = open_journal(d)
+    assert os.path.getsize(path) == size and j.recovery.truncated_bytes == 0
+    got = j.read(0, 100)
+    assert [s for s, _ in got] == [s for s in range(1, 21) if s != 5]
+    assert all(b"FORGED" not in bytes(b) for _, b in got)
+    assert [(x.first_seq, x.last_seq) for x in j.damage] == [(5, 5)]
+    assert j.last_seq == 20
+    j.close()
+
+
+def test_a_bad_tail_that_holds_a_real_record_is_not_cut(tmp_path):
+    """Seq 18 damaged, 19 good, 20 damaged to the end: 19 cannot be confirmed by its
+    successor, but it checks: the range is kept (reported), never truncated."""
+    d = tmp_path / "j"
+    j = open_journal(d)
+    written = fill(j, 20)
+    j.close()
+    rec = HEADER.size + len(written[1])
+    path = _last_file(d)
+    size = os.path.getsize(path)
+    with open(path, "r+b") as f:
+        for seq in (18, 20):
+            f.seek((seq - 1) * rec)
+            f.write(b"\xff\xff\xff\xff")
+    j = open_journal(d)
+    assert os.path.getsize(path) == size and j.recovery.truncated_bytes == 0
+    assert len(j.damage) == 1 and j.damage[0].first_seq == 18
+    assert [s for s, _ in j.read(0, 100)] == list(range(1, 18))
+    first = j.append([b"next"])          # past any seq the kept range could hold: none reused
+    assert first > 20 and [s for s, _ in j.read(17, 100)] == [first]
+    j.close()
+    j = open_journal(d)
+    assert [s for s, _ in j.read(17, 100)] == [first] and j.last_seq == first
+    j.close()
