@@ -178,8 +178,13 @@ class Journal:
                     try:
                         os.fsync(self._wfd)
                         self._dirty = False
-                    except OSError:
-                        pass              # the flusher reports it on the next sync
+                    except OSError as exc:
+                        # the old segment is not durable: never hide it (review #9); it stays
+                        # the write target, the batch is refused and retried like a full disk
+                        os.close(fd)
+                        os.unlink(path)
+                        raise StorageError(exc.errno or errno.EIO, "journal fsync failed at segment "
+                                           f"rotation: {exc.strerror or exc}") from None
                 os.close(self._wfd)
             self._wfd = fd
         self.segments.append(Segment(path, first))

@@ -840,3 +840,30 @@ def test_a_bad_tail_that_holds_a_real_record_is_not_cut(tmp_path):
     j = open_journal(d)
     assert [s for s, _ in j.read(17, 100)] == [first] and j.last_seq == first
     j.close()
+
+
+def test_a_failed_fsync_at_segment_rotation_is_raised_and_the_old_segment_kept(tmp_path):
+    """Review #9: the old segment's fsync error at rotation was swallowed and its fd closed:
+    nothing ever reported it. The write fd is made a pipe (a real fd whose fsync fails
+    with EINVAL): the rotating append raises StorageError, nothing new is started."""
+    from nexus.journal import StorageError
+    d = tmp_path / "j"
+    j = open_journal(d, fsync="interval", segment_bytes=200)
+    fill(j, 8)                                       # past segment_bytes: the next append rotates
+    files = seg_files(d)
+    r, w = os.pipe()
+    saved = os.dup(j._wfd)
+    try:
+        os.dup2(w, j._wfd)                           # the segment's fd now fails fsync
+        j._dirty = True
+        wfd = j._wfd
+        with pytest.raises(StorageError, match="fsync failed at segment rotation"):
+            j.append([b"next"])
+        assert j._wfd == wfd and seg_files(d) == files and j.last_seq == 8
+    finally:
+        os.dup2(saved, j._wfd)
+        for fd in (r, w, saved):
+            os.close(fd)
+    j._dirty = False
+    assert j.append([b"next"]) == 9 and len(seg_files(d)) == len(files) + 1
+    j.close()
