@@ -143,6 +143,8 @@ def dead_letters_written(router: "Router") -> None:
     done = router.dlq_writer.done
     while done:
         item = done.popleft()
+        if item.replayed:
+            continue                # a replay's mark, written late (logged by the writer if it failed)
         f = item.fields
         if item.error:
             continue            # not stored: the member sends it again (logged by the writer)
@@ -265,7 +267,13 @@ def _replay_dead_letters(router: "Router", msg: DlqRequest) -> dict:
             acc.events.append(msgspec.Raw(raw))
             acc.bodies.append(entry_encoder.encode(Entry(ev.type, khash, "", 0, msgspec.Raw(raw), now, group)))
         first = router._commit([acc], only_group=group)
-        store.mark_replayed([row["id"] for row, _ in items])
+        ids = [row["id"] for row, _ in items]
+        try:
+            store.mark_replayed(ids)
+        except sqlite3.OperationalError:
+            # journaled already: the replay succeeded. Reporting "busy" made operators replay
+            # twice (review #10); the writer thread marks them, waiting for the lock
+            router.dlq_writer.submit(PendingDeadLetter({}, replayed=ids))
         replayed += [{"id": row["id"], "group": group, "event_id": row["event_id"], "seq": first + i}
                      for i, (row, _) in enumerate(items)]
     log.warning("dead_letters_replayed", count=len(replayed))
