@@ -432,9 +432,27 @@ class Journal:
         return self.last_seq + 1
 
     def seq_at_time(self, when: float) -> int:
-        """The last seq accepted before `when` (unix seconds), by scanning entries."""
-        before = 0
-        for seq, body in self.iter_all():
+        """The last seq accepted before `when` (unix seconds). Entry times rise with seqs:
+        a binary search over the sparse index points, then a scan of about one index
+        interval; never the whole journal (it runs in the router loop, review #16)."""
+        points = [seq for seg in self.segments for seq in seg.index_seqs]
+
+        def time_at(seq: int) -> float:
+            got = self.read(seq - 1, 1)
+            try:
+                return entry_decoder.decode(got[0][1]).time if got else when
+            except msgspec.DecodeError:
+                return when                   # unreadable: search before it
+        lo, hi = 0, len(points)               # the first point accepted at or after `when`
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if time_at(points[mid]) < when:
+                lo = mid + 1
+            else:
+                hi = mid
+        start = points[lo - 1] - 1 if lo else 0
+        before = start
+        for seq, body in self.iter_all(start, chunk=INDEX_EVERY + 1):
             if entry_decoder.decode(body).time >= when:
                 break
             before = seq

@@ -867,3 +867,28 @@ def test_a_failed_fsync_at_segment_rotation_is_raised_and_the_old_segment_kept(t
     j._dirty = False
     assert j.append([b"next"]) == 9 and len(seg_files(d)) == len(files) + 1
     j.close()
+
+
+def test_seq_at_time_searches_the_index_and_never_reads_the_whole_journal(tmp_path):
+    """Review #16: seq_at_time scanned every record before `when` in the router loop (a
+    big journal got the router killed as hung). It searches the sparse index now: a
+    damaged record far before `when` is never even read (a full scan finds and logs it)."""
+    d = tmp_path / "j"
+    j = open_journal(d, segment_bytes=64 * 1024)
+    raw = msgspec.Raw(msgspec.msgpack.encode({}))
+    n = 6000
+    for start in range(0, n, 500):
+        j.append([entry_encoder.encode(Entry("a.b", 0, "", 0, raw, float(t))) for t in range(start, start + 500)])
+    assert len(seg_files(d)) >= 3
+    rec = os.path.join(d, seg_files(d)[0])
+    with open(rec, "r+b") as f:                     # a record early in the first segment
+        f.seek(100 * (HEADER.size + len(entry_encoder.encode(Entry("a.b", 0, "", 0, raw, 1.0)))) + HEADER.size + 2)
+        f.write(b"\xff\xff")
+    # seq s was accepted at time s - 1
+    assert j.seq_at_time(4000.5) == 4001 and j.seq_at_time(4000.0) == 4000
+    assert j.damage == []
+    assert j.seq_at_time(-1.0) == 0 and j.seq_at_time(1e9) == n
+    for when in (0.0, 0.5, 511.0, 512.0, 513.0, 2047.5, 5999.0):
+        linear = max((s for s, b in j.iter_all() if entry_decoder.decode(b).time < when), default=0)
+        assert j.seq_at_time(when) == linear, when
+    j.close()
