@@ -10,6 +10,7 @@ in `damage` and logged once. Reads skip damaged ranges the same way.
 from __future__ import annotations
 
 import bisect
+import collections
 import errno
 import os
 import struct
@@ -80,6 +81,7 @@ class Journal:
         self.read_upto = 0                # see read()
         self._since_index = 0
         self._fd_lock = threading.Lock()   # sync() may run in another thread (nexus/flusher.py)
+        self._retired: collections.deque[int] = collections.deque()   # fds sync() fsyncs and closes
         self.recovery = Recovery()
         self._kept_tail = 0               # highest seq a damaged, uncut tail could hold
 
@@ -172,7 +174,17 @@ class Journal:
                 except OSError:
                     pass
             raise StorageError(exc.errno, f"cannot start journal segment {path}: {exc.strerror}") from None
-        with self._fd_lock:
+        if self._wfd is not None and self.fsync_policy == "interval":
+            # the flusher fsyncs and closes the old segment's fd (sync): the loop never waits
+            # for its lock, held across a stalled fsync (review #13); an fsync error there
+            # refuses batches until a retry succeeds (review #9)
+            self._retired.append(self._wfd)
+            self._wfd = fd
+            self._dirty = False
+            self.segments.append(Segment(path, first))
+            self._since_index = 0
+            return
+        with self._fd_lock:                   # uncontended: no flusher syncs on other policies
             if self._wfd is not None:
                 if self._dirty:
                     try:
@@ -272,6 +284,9 @@ class Journal:
 
     def sync(self) -> None:
         with self._fd_lock:
+            while self._retired:              # old segments handed over at rotation
+                os.fsync(self._retired[0])    # raises: kept and tried again
+                os.close(self._retired.popleft())
             if self._dirty and self._wfd is not None:
                 self._dirty = False       # before the fsync: an append meanwhile sets it again
                 try:
@@ -505,5 +520,7 @@ class Journal:
             with self._fd_lock:
                 os.close(self._wfd)
                 self._wfd = None
+                while self._retired:          # not synced (logged above): closed all the same
+                    os.close(self._retired.popleft())
         for seg in self.segments:
             seg.close()

@@ -845,27 +845,59 @@ def test_a_bad_tail_that_holds_a_real_record_is_not_cut(tmp_path):
 def test_a_failed_fsync_at_segment_rotation_is_raised_and_the_old_segment_kept(tmp_path):
     """Review #9: the old segment's fsync error at rotation was swallowed and its fd closed:
     nothing ever reported it. The write fd is made a pipe (a real fd whose fsync fails
-    with EINVAL): the rotating append raises StorageError, nothing new is started."""
+    with EINVAL). Policy `never` (synced in the loop at rotation): the rotating append
+    raises StorageError and nothing new is started. Policy `interval`: the flusher's sync
+    raises it (the router then refuses batches) until an fsync of that fd succeeds."""
     from nexus.journal import StorageError
-    d = tmp_path / "j"
-    j = open_journal(d, fsync="interval", segment_bytes=200)
-    fill(j, 8)                                       # past segment_bytes: the next append rotates
-    files = seg_files(d)
-    r, w = os.pipe()
-    saved = os.dup(j._wfd)
-    try:
-        os.dup2(w, j._wfd)                           # the segment's fd now fails fsync
-        j._dirty = True
-        wfd = j._wfd
-        with pytest.raises(StorageError, match="fsync failed at segment rotation"):
-            j.append([b"next"])
-        assert j._wfd == wfd and seg_files(d) == files and j.last_seq == 8
-    finally:
-        os.dup2(saved, j._wfd)
-        for fd in (r, w, saved):
-            os.close(fd)
-    j._dirty = False
-    assert j.append([b"next"]) == 9 and len(seg_files(d)) == len(files) + 1
+    for policy in ("never", "interval"):
+        d = tmp_path / policy
+        j = open_journal(d, fsync=policy, segment_bytes=200)
+        fill(j, 8)                                   # past segment_bytes: the next append rotates
+        files = seg_files(d)
+        r, w = os.pipe()
+        saved = os.dup(j._wfd)
+        old = j._wfd
+        try:
+            os.dup2(w, old)                          # the segment's fd now fails fsync
+            j._dirty = True
+            if policy == "never":
+                with pytest.raises(StorageError, match="fsync failed at segment rotation"):
+                    j.append([b"next"])
+                assert j._wfd == old and seg_files(d) == files and j.last_seq == 8
+            else:
+                assert j.append([b"next"]) == 9 and len(seg_files(d)) == len(files) + 1
+                for _ in range(2):                   # reported on every sync until it succeeds
+                    with pytest.raises(OSError):
+                        j.sync()
+        finally:
+            os.dup2(saved, old)
+            for fd in (r, w, saved):
+                os.close(fd)
+        j.sync()                                     # the real file's fsync succeeds: done
+        if policy == "never":
+            j._dirty = False
+            assert j.append([b"next"]) == 9 and len(seg_files(d)) == len(files) + 1
+        j.close()
+
+
+def test_rotation_never_waits_for_the_flushers_lock(tmp_path):
+    """Review #13: rotation took the fd lock the flusher holds across fsync: a stalled
+    disk froze the router loop (and hang detection killed it). Holding the lock here as a
+    stalled flusher would, a rotating append still completes; the flusher syncs and closes
+    the old segment's fd later."""
+    import threading
+    j = open_journal(tmp_path / "j", fsync="interval", segment_bytes=200)
+    fill(j, 8)
+    done = threading.Event()
+    with j._fd_lock:                                 # the flusher, stuck in fsync
+        t = threading.Thread(target=lambda: (j.append([b"next"]), done.set()), daemon=True)
+        t.start()
+        finished = done.wait(10)
+    t.join(10)
+    assert finished, "the rotating append waited for the flusher's lock"
+    assert len(j._retired) == 1
+    j.sync()
+    assert not j._retired and [s for s, _ in j.read(8, 10)] == [9]
     j.close()
 
 
