@@ -129,7 +129,7 @@ class Router:
                 p = entry.khash % route.partitions
                 heads[route.group][p] = seq
                 if seq > tracked[route.group][p]:
-                    streams[route.group][p].add((seq,))
+                    streams[route.group][p].add_one(seq)
             if entry.producer:
                 intake.remember(entry.producer, entry.pseq)
 
