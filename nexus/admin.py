@@ -190,7 +190,7 @@ def member_exited(router: "Router", group, msg: MemberExited, now: float) -> dic
     return {"ok": True, "dead_lettered": dead}
 
 
-def _poison_settled(router: "Router", group_name: str, partition: int, seq: int) -> None:
+def _poison_settled(router: Router, group_name: str, partition: int, seq: int) -> None:
     group = router.coordinator.groups.get(group_name)
     if group is not None:
         for identity, out in router.coordinator.poison_stored(group, partition, seq, time.monotonic()):

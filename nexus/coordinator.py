@@ -11,7 +11,7 @@ the durable cursor, which is at-least-once.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from collections.abc import Callable
 
 import structlog
 

@@ -3,6 +3,7 @@ the router's start on a damaged cursor file; plus the SDK's input checks (issue 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import msgspec
 import pytest
@@ -211,10 +212,10 @@ def test_journal_verify_reads_a_damaged_cursor_file_without_moving_it(tmp_path, 
     store.save({"g": [1, 2]})
     store.save({"g": [3, 4]})
     damage(path)
-    before = open(path, "rb").read()
+    before = Path(path).read_bytes()
     cmd_journal_verify(cfg, argparse.Namespace(json=False))
-    assert open(path, "rb").read() == before and not os.path.exists(f"{path}.damaged")
+    assert Path(path).read_bytes() == before and not os.path.exists(f"{path}.damaged")
     assert "cursor file damaged" in capsys.readouterr().out
     loaded = statefile.read(path, msgspec.msgpack.decode, quarantine=False)
     assert loaded.value == {"g": [1, 2]} and loaded.damaged and loaded.recovered_from == "previous"
-    assert open(path, "rb").read() == before
+    assert Path(path).read_bytes() == before
