@@ -143,9 +143,13 @@ def dead_letters_written(router: "Router") -> None:
     done = router.dlq_writer.done
     while done:
         item = done.popleft()
+        if item.replayed:
+            continue                # a replay's mark, written late (logged by the writer if it failed)
         f = item.fields
         if item.error:
             continue            # not stored: the member sends it again (logged by the writer)
+        if item.tag is not None:                 # poison: its partition may move on now
+            _poison_settled(router, *item.tag)
         log.error("event_dead_lettered", group=f["group"], event_id=f["event_id"], type=f["type"],
                   seq=f["seq"], dlq_id=item.row, error=f"{f['error_type']}: {f['error']}")
         if item.reply_to is not None:
@@ -165,18 +169,32 @@ def member_exited(router: "Router", group, msg: MemberExited, now: float) -> dic
             records = router.journal.read(seq - 1, 1)
             if not records or records[0][0] != seq:
                 log.error("poison_not_in_journal", group=group.name, seq=seq)
+                _poison_settled(router, group.name, p, seq)     # no member can get it either
                 continue
             raw = bytes(entry_decoder.decode(records[0][1]).event)
-            ev = decode_wire_event(raw)
+            try:
+                ev = decode_wire_event(raw)
+                event_id, type_, source = ev.id, ev.type, ev.source
+            except (msgspec.MsgspecError, UnicodeDecodeError, RecursionError):
+                event_id, type_, source = f"unreadable-{seq}", "", ""    # still stored, as it is
             error = (f"member {msg.member} ran past handler_timeout on this event ({how}), the limit of "
                      f"timeouts was reached" if timeout else
                      f"member {msg.member} died on this event ({how}); it killed members max_crashes times")
+            # the skip is applied once the row is stored (dead_letters_written): until then no
+            # one runs the partition, and a router stopping before has not skipped it
             router.dlq_writer.submit(PendingDeadLetter(dict(
-                group=group.name, event_id=ev.id, type=ev.type, source=ev.source, seq=seq, partition=p,
+                group=group.name, event_id=event_id, type=type_, source=source, seq=seq, partition=p,
                 member=msg.member, error_type="HandlerTimeout" if timeout else "ProcessCrashed", error=error,
-                traceback="", attempts=0, first_failed=time.time(), event=raw)))
+                traceback="", attempts=0, first_failed=time.time(), event=raw), tag=(group.name, p, seq)))
             dead.append(seq)
     return {"ok": True, "dead_lettered": dead}
+
+
+def _poison_settled(router: Router, group_name: str, partition: int, seq: int) -> None:
+    group = router.coordinator.groups.get(group_name)
+    if group is not None:
+        for identity, out in router.coordinator.poison_stored(group, partition, seq, time.monotonic()):
+            router._send_coord(identity, out)
 
 
 def restore_skips(router: "Router") -> None:
@@ -249,7 +267,13 @@ def _replay_dead_letters(router: "Router", msg: DlqRequest) -> dict:
             acc.events.append(msgspec.Raw(raw))
             acc.bodies.append(entry_encoder.encode(Entry(ev.type, khash, "", 0, msgspec.Raw(raw), now, group)))
         first = router._commit([acc], only_group=group)
-        store.mark_replayed([row["id"] for row, _ in items])
+        ids = [row["id"] for row, _ in items]
+        try:
+            store.mark_replayed(ids)
+        except sqlite3.OperationalError:
+            # journaled already: the replay succeeded. Reporting "busy" made operators replay
+            # twice (review #10); the writer thread marks them, waiting for the lock
+            router.dlq_writer.submit(PendingDeadLetter({}, replayed=ids))
         replayed += [{"id": row["id"], "group": group, "event_id": row["event_id"], "seq": first + i}
                      for i, (row, _) in enumerate(items)]
     log.warning("dead_letters_replayed", count=len(replayed))

@@ -266,8 +266,10 @@ def cmd_journal_verify(cfg: config_mod.Config, args) -> int:
     directory = os.path.join(cfg.data_dir, "journal")
     if not os.path.isdir(directory):
         raise NexusError(f"no journal at {directory}")
-    cursors = CursorStore(os.path.join(cfg.data_dir, "cursors.msgpack")).load()   # before the scan
+    store = CursorStore(os.path.join(cfg.data_dir, "cursors.msgpack"))
+    cursors = store.load(quarantine=False)      # before the scan; a live router owns the file
     result = verify(directory)
+    result["cursors_damaged"] = store.damage
     result["cursor_past_end"] = [{"group": g, "cursor": max(c), "last_seq": result["last_seq"]}
                                  for g, c in sorted(cursors.items()) if c and max(c) > result["last_seq"]]
     bad = bool(result["damaged"] or result["cursor_past_end"])
@@ -277,6 +279,9 @@ def cmd_journal_verify(cfg: config_mod.Config, args) -> int:
         for d in result["damaged"]:
             print(f"damaged: {d['segment']} offset {d['offset']}, {d['bytes']} bytes, "
                   f"seq {d['first_seq']}..{d['last_seq'] or '?'}")
+        if store.damage:
+            print(f"cursor file damaged: {store.damage['path']}: {store.damage['error']} "
+                  f"(usable copy: {store.damage['recovered_from']}; left as it is)")
         for c in result["cursor_past_end"]:
             print(f"cursor past end: group {c['group']} cursor {c['cursor']} > last seq {c['last_seq']}")
         if result["torn_tail"]:

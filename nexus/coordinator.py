@@ -11,6 +11,7 @@ the durable cursor, which is at-least-once.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from collections.abc import Callable
 
 import structlog
 
@@ -55,6 +56,9 @@ class Group:
     # dead-lettered poison (events that killed or hung members): partition -> seqs every
     # next owner passes over (Assign.skip), until the cursor is past them
     skip: dict[int, set[int]] = field(default_factory=dict)
+    # poison whose dead letter is not stored yet: its partition is granted to no one until
+    # it is (a skip applied before the row exists loses the event if the router stops)
+    poison_pending: dict[int, set[int]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.owner = [None] * self.partitions
@@ -87,9 +91,12 @@ def balanced(partitions: int, members: list[str], current: list[str | None]) -> 
 
 class Coordinator:
     def __init__(self, heartbeat_timeout: float, release_timeout: float = 30.0,
-                 heads: dict[str, list[int]] | None = None):
+                 heads: dict[str, list[int]] | None = None, end: Callable[[], int] | None = None):
         self.groups: dict[str, Group] = {}
         self.heads = heads if heads is not None else {}    # group -> last seq per partition
+        # the journal's last seq: no ack or claim moves a cursor past it (events accepted
+        # later would get seqs at or below the cursor and never be delivered)
+        self.end = end
         self.heartbeat_timeout = heartbeat_timeout
         self.release_timeout = release_timeout
         self.rejoin_grace = heartbeat_timeout      # survivors notice a restart by a refused heartbeat
@@ -120,9 +127,16 @@ class Coordinator:
             group.fresh = False
             if holding:       # the first member back still holds partitions: the router restarted under it
                 group.settle_until = now + self.rejoin_grace
+        end = self.end() if self.end is not None and holding else 1 << 63
         for p, upto in (holding or {}).items():
             if 0 <= p < group.partitions and group.owner[p] is None and group.claims.get(p, member) == member:
                 group.claims[p] = member
+                if upto > end:
+                    # it handled seqs the journal no longer has (a torn tail cut on restart):
+                    # its claim is clamped, never a cursor past the end (review #4)
+                    log.warning("claim_past_end", group=group.name, member=member, partition=p,
+                                claimed=upto, last_seq=end)
+                    upto = end
                 if upto > group.cursors[p]:
                     group.cursors[p] = upto      # what it handled: its acks were lost with the old router
         group.members[member] = MemberInfo(member, identity, now, now, host, pid)
@@ -151,23 +165,36 @@ class Coordinator:
 
     def exited(self, group: Group, member: str, pid: int, poison: dict[int, list[int]], now: float) -> Outgoing:
         """The launcher saw the member's process end: free its partitions at once (unclean:
-        what it handled but did not ack comes again, flagged) and record the poison."""
+        what it handled but did not ack comes again, flagged). A partition with poison
+        waits for `poison_stored`: then its next owner passes over the poison."""
         for p, seqs in poison.items():
             if 0 <= p < group.partitions and seqs:
-                group.skip.setdefault(p, set()).update(seqs)
+                group.poison_pending.setdefault(p, set()).update(seqs)
         info = group.members.get(member)
-        out: Outgoing = []
         if info is not None and (not pid or not info.pid or info.pid == pid):
             self._drop_member(group, member, clean=False)
             log.warning("member_exited", group=group.name, member=member, pid=pid)
-            out = self._rebalance(group, now)
-        # poison in partitions a live member holds already (it was granted before the
-        # poison was known): tell the holder to pass over it too
+            return self._rebalance(group, now)
+        return []
+
+    def poison_stored(self, group: Group, partition: int, seq: int, now: float) -> Outgoing:
+        """The dead letter of poison `seq` is stored (or there is nothing to store): from
+        now on every owner of the partition passes over it."""
+        pending = group.poison_pending.get(partition)
+        if pending is None or seq not in pending:
+            return []
+        pending.discard(seq)
+        group.skip.setdefault(partition, set()).add(seq)
+        if pending:
+            return []
+        del group.poison_pending[partition]
+        out = self._rebalance(group, now)
+        # a live member holds it already (granted before the poison was known): tell it
         told = {ident for ident, _ in out}
-        for name, info in group.members.items():
-            skip = {p: sorted(group.skip[p]) for p in info.view if p in poison and p in group.skip}
-            if skip and info.identity not in told:
-                out.append((info.identity, Assign(group=group.name, partitions=list(info.view), skip=skip)))
+        for info in group.members.values():
+            if partition in info.view and info.identity not in told and partition in group.skip:
+                out.append((info.identity, Assign(group=group.name, partitions=list(info.view),
+                                                  skip={partition: sorted(group.skip[partition])})))
         return out
 
     def expire(self, now: float) -> Outgoing:
@@ -207,9 +234,10 @@ class Coordinator:
     # -- acks ----------------------------------------------------------------
     def ack(self, group: Group, member: str, acks: dict[int, int]) -> None:
         cursors, owner = group.cursors, group.owner
+        end = self.end() if self.end is not None else 1 << 63
         for p, seq in acks.items():
             if 0 <= p < group.partitions and owner[p] == member and seq > cursors[p]:
-                cursors[p] = seq
+                cursors[p] = min(seq, max(end, cursors[p]))
 
     def released(self, group: Group, member: str, acks: dict[int, int], now: float) -> Outgoing:
         self.ack(group, member, acks)
@@ -236,7 +264,7 @@ class Coordinator:
         grants: dict[str, dict[int, int]] = {}
         for p in range(group.partitions):
             holder, want = group.owner[p], group.target[p]
-            if holder is None and want is not None:
+            if holder is None and want is not None and p not in group.poison_pending:
                 group.owner[p] = want
                 grants.setdefault(want, {})[p] = group.cursors[p]
             elif holder is not None and holder != want and p not in group.revoked_at:

@@ -20,8 +20,9 @@ class CursorStore:
     def lost(self) -> bool:
         return self.damage is not None
 
-    def load(self) -> dict[str, list[int]]:
-        loaded = statefile.read(self.path, _decoder.decode)
+    def load(self, quarantine: bool = True) -> dict[str, list[int]]:
+        """quarantine=False: read only (for anyone but the router, which owns the file)."""
+        loaded = statefile.read(self.path, _decoder.decode, quarantine)
         if loaded.damaged:
             self.damage = {"path": self.path, "error": loaded.damaged,
                            "recovered_from": loaded.recovered_from}

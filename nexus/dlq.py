@@ -149,6 +149,7 @@ class PendingDeadLetter:
     row: int = 0
     error: str = ""
     attempts: int = field(default=0)
+    replayed: list[int] = field(default_factory=list)   # instead of a put: mark these rows replayed
 
 
 class DeadLetterWriter:
@@ -193,7 +194,10 @@ class DeadLetterWriter:
         while True:
             item.attempts += 1
             try:
-                item.row = self.store.put(**item.fields)
+                if item.replayed:
+                    self.store.mark_replayed(item.replayed)
+                else:
+                    item.row = self.store.put(**item.fields)
                 item.error = ""
                 if waits:
                     log.info("dead_letter_store_free", waited_attempts=waits)

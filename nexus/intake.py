@@ -13,7 +13,7 @@ import msgspec
 
 from .errors import EventError
 from .events import CONTROL_RE, DECODE_ERRORS, TYPE_RE, Contracts, WireEvent, printable
-from .journal import Entry, entry_encoder
+from .journal import Entry, entry_decoder, entry_encoder
 from .ratelimit import RateLimiter
 from .routing import key_hash
 from .wire import Nack, ProducerBatch, batch_decoder
@@ -219,10 +219,25 @@ class Intake:
         nack = Nack(pseq, f"{category}: {detail}", retry_after)
         out.nacks.append(nack)
         if producer:
-            recent = self.recent_nacks.setdefault(producer, collections.OrderedDict())
-            recent[pseq] = nack
-            if len(recent) > RECENT_NACKS:
-                recent.popitem(last=False)
-            if len(self.recent_nacks) > MAX_PRODUCERS:
-                self.recent_nacks.pop(next(iter(self.recent_nacks)))
+            self._remember_nack(producer, nack)
 
+    def refuse(self, acc: Accepted, reason: str, retry_after: float) -> list[Nack]:
+        """The journal refused these accepted events: NACK each, and remember the NACKs
+        like any other, because `high` already moved over their seqs: a resend (the
+        reply was lost) must get the same NACK, not an ACK as a duplicate (review #1)."""
+        nacks = []
+        for body in acc.bodies:
+            entry = entry_decoder.decode(body)
+            nack = Nack(entry.pseq, reason, retry_after)
+            nacks.append(nack)
+            if entry.producer:
+                self._remember_nack(entry.producer, nack)
+        return nacks
+
+    def _remember_nack(self, producer: str, nack: Nack) -> None:
+        recent = self.recent_nacks.setdefault(producer, collections.OrderedDict())
+        recent[nack.seq] = nack
+        if len(recent) > RECENT_NACKS:
+            recent.popitem(last=False)
+        if len(self.recent_nacks) > MAX_PRODUCERS:
+            self.recent_nacks.pop(next(iter(self.recent_nacks)))

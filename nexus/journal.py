@@ -10,6 +10,7 @@ in `damage` and logged once. Reads skip damaged ranges the same way.
 from __future__ import annotations
 
 import bisect
+import collections
 import errno
 import os
 import struct
@@ -23,7 +24,7 @@ import msgspec
 import structlog
 
 from .segments import (CHUNK, HEADER, MAX_RECORD, SUFFIX, Damage, Scanner, Segment,  # noqa: F401 (HEADER, MAX_RECORD,
-                       list_segments, scan, verify)                   # SUFFIX, verify: re-exported)
+                       list_segments, scan, torn_tail, verify)        # SUFFIX, verify: re-exported)
 
 LENSEQ = struct.Struct("<IQ")
 HEADER_SIZE = HEADER.size
@@ -80,7 +81,9 @@ class Journal:
         self.read_upto = 0                # see read()
         self._since_index = 0
         self._fd_lock = threading.Lock()   # sync() may run in another thread (nexus/flusher.py)
+        self._retired: collections.deque[int] = collections.deque()   # fds sync() fsyncs and closes
         self.recovery = Recovery()
+        self._kept_tail = 0               # highest seq a damaged, uncut tail could hold
 
     # -- open and recover ----------------------------------------------------
     def open(self, on_record: Callable[[int, memoryview], None] | None = None) -> Recovery:
@@ -94,6 +97,8 @@ class Journal:
         self.recovery.segments = len(self.segments)
         if self.segments:
             self.last_seq = max(max(s.last for s in self.segments), self.segments[-1].first - 1)
+        if self._kept_tail > self.last_seq:
+            self.skip_to(self._kept_tail)
         if not self.segments:
             self._new_segment(1)
         if self._wfd is None:
@@ -119,7 +124,7 @@ class Journal:
                     n += 1
                     self.recovery.records += 1
                     seg.last = a
-                elif last and a >= size:
+                elif last and torn_tail(fd, size, off, a):
                     size = off                    # a torn tail: nothing good after it
                     self.recovery.truncated_bytes += a - off
                     self.recovery.truncated_at += f" {os.path.basename(seg.path)}@{off}"
@@ -132,6 +137,10 @@ class Journal:
                     first = seg.last + 1 if seg.last else seg.first
                     last_seq = b - 1 if b else (next_first - 1 if next_first else 0)
                     self._damaged(seg, off, a, first, last_seq)
+                    if last and a >= size:
+                        # kept, not cut (a record in it checks): new seqs start past any seq
+                        # it could hold, so none is given twice (review #5)
+                        self._kept_tail = first + (size - off) // HEADER_SIZE
                     n = 0                         # index the first good record after it
         finally:
             os.close(fd)
@@ -165,14 +174,29 @@ class Journal:
                 except OSError:
                     pass
             raise StorageError(exc.errno, f"cannot start journal segment {path}: {exc.strerror}") from None
-        with self._fd_lock:
+        if self._wfd is not None and self.fsync_policy == "interval":
+            # the flusher fsyncs and closes the old segment's fd (sync): the loop never waits
+            # for its lock, held across a stalled fsync (review #13); an fsync error there
+            # refuses batches until a retry succeeds (review #9)
+            self._retired.append(self._wfd)
+            self._wfd = fd
+            self._dirty = False
+            self.segments.append(Segment(path, first))
+            self._since_index = 0
+            return
+        with self._fd_lock:                   # uncontended: no flusher syncs on other policies
             if self._wfd is not None:
                 if self._dirty:
                     try:
                         os.fsync(self._wfd)
                         self._dirty = False
-                    except OSError:
-                        pass              # the flusher reports it on the next sync
+                    except OSError as exc:
+                        # the old segment is not durable: never hide it (review #9); it stays
+                        # the write target, the batch is refused and retried like a full disk
+                        os.close(fd)
+                        os.unlink(path)
+                        raise StorageError(exc.errno or errno.EIO, "journal fsync failed at segment "
+                                           f"rotation: {exc.strerror or exc}") from None
                 os.close(self._wfd)
             self._wfd = fd
         self.segments.append(Segment(path, first))
@@ -260,6 +284,9 @@ class Journal:
 
     def sync(self) -> None:
         with self._fd_lock:
+            while self._retired:              # old segments handed over at rotation
+                os.fsync(self._retired[0])    # raises: kept and tried again
+                os.close(self._retired.popleft())
             if self._dirty and self._wfd is not None:
                 self._dirty = False       # before the fsync: an append meanwhile sets it again
                 try:
@@ -324,11 +351,22 @@ class Journal:
                 off, prev = 0, seg.first - 1
             fd, size = seg.read_fd(), seg.size
             buf, mv, bstart = b"", memoryview(b""), off    # a window of the file (inlined: hot)
+            damaged = seg.damaged
+            # Seqs are contiguous inside a segment: a header is trusted only with seq == prev + 1,
+            # except the first one after a damaged range (then its CRC is checked first). A
+            # record passed over unchecked (seq <= after, or not wanted) is checked if the
+            # header after it is bad: a flipped bit in it must not make later records look bad.
+            loose = False
+            unchecked = -1                  # offset of the last record passed over unchecked
+            unchecked_prev = 0
             while off < size:
                 if len(out) >= max_records or (out and total >= max_bytes) or scanned >= scan_records \
                         or scanned_bytes >= scan_bytes:
                     full = True
                     break
+                if damaged and off in damaged:      # known damage: its bytes are never parsed
+                    off, loose, unchecked = damaged[off], True, -1
+                    continue
                 rel = off - bstart
                 if rel < 0 or rel + HEADER_SIZE > len(buf):
                     buf = os.pread(fd, CHUNK, off)
@@ -337,9 +375,16 @@ class Journal:
                 if rel + HEADER_SIZE <= len(buf):
                     crc, length, seq = unpack(buf, rel)
                     end = off + HEADER_SIZE + length
-                    good = length <= MAX_RECORD and end <= size and seq > prev
+                    good = length <= MAX_RECORD and end <= size and (seq == prev + 1 or (loose and seq > prev))
+                if good and loose:
+                    if rel + HEADER_SIZE + length > len(buf):
+                        buf = os.pread(fd, max(CHUNK, HEADER_SIZE + length), off)
+                        mv, bstart, rel = memoryview(buf), off, 0
+                    good = crc32(mv[rel + 4:rel + HEADER_SIZE + length]) == crc
+                    loose = not good
                 if good:
                     if seq <= after:
+                        unchecked, unchecked_prev = off, prev
                         prev, off = seq, end
                         continue
                     if rel + HEADER_SIZE + length > len(buf):
@@ -354,6 +399,7 @@ class Journal:
                         except Exception:       # unreadable: the CRC check below decides
                             keep = True
                         if not keep:
+                            unchecked, unchecked_prev = off, prev
                             prev, off, self.read_upto = seq, end, seq
                             continue
                     else:
@@ -365,15 +411,23 @@ class Journal:
                         out.append((seq, buf[body_at:body_at + length] if keep is True else keep))
                         total += length
                         prev, off, self.read_upto = seq, end, seq
+                        unchecked = -1
                         continue
+                if unchecked >= 0:
+                    # the record before was trusted on its header alone: if it is the bad one,
+                    # the damage starts there (its successors are whole and still served)
+                    if Scanner(fd, size).check(unchecked, unchecked_prev) is None:
+                        off, prev = unchecked, unchecked_prev
+                        self.read_upto = min(self.read_upto, max(prev, after))
+                    unchecked = -1
                 # a known range (found on open, or by an earlier read) that starts here or
                 # that a plausible header led into: not found and logged again
-                dmg_end = next((e for b, e in seg.damaged.items() if b <= off < e), None)
+                dmg_end = next((e for b, e in damaged.items() if b <= off < e), None)
                 if dmg_end is None:
                     dmg_end, nseq = Scanner(fd, size).resync(off, prev)
                     self._damaged(seg, off, dmg_end, prev + 1,
                                   nseq - 1 if nseq else (seg.last if seg.last > prev else 0))
-                off = dmg_end
+                off, loose = dmg_end, True
             else:
                 self.read_upto = max(self.read_upto, seg.last)   # the whole segment was examined
         return out
@@ -393,9 +447,27 @@ class Journal:
         return self.last_seq + 1
 
     def seq_at_time(self, when: float) -> int:
-        """The last seq accepted before `when` (unix seconds), by scanning entries."""
-        before = 0
-        for seq, body in self.iter_all():
+        """The last seq accepted before `when` (unix seconds). Entry times rise with seqs:
+        a binary search over the sparse index points, then a scan of about one index
+        interval; never the whole journal (it runs in the router loop, review #16)."""
+        points = [seq for seg in self.segments for seq in seg.index_seqs]
+
+        def time_at(seq: int) -> float:
+            got = self.read(seq - 1, 1)
+            try:
+                return entry_decoder.decode(got[0][1]).time if got else when
+            except msgspec.DecodeError:
+                return when                   # unreadable: search before it
+        lo, hi = 0, len(points)               # the first point accepted at or after `when`
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if time_at(points[mid]) < when:
+                lo = mid + 1
+            else:
+                hi = mid
+        start = points[lo - 1] - 1 if lo else 0
+        before = start
+        for seq, body in self.iter_all(start, chunk=INDEX_EVERY + 1):
             if entry_decoder.decode(body).time >= when:
                 break
             before = seq
@@ -448,5 +520,7 @@ class Journal:
             with self._fd_lock:
                 os.close(self._wfd)
                 self._wfd = None
+                while self._retired:          # not synced (logged above): closed all the same
+                    os.close(self._retired.popleft())
         for seg in self.segments:
             seg.close()

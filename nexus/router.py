@@ -35,7 +35,7 @@ from . import admin
 from .dlq import DeadLetterStore, DeadLetterWriter
 from .events import DECODE_ERRORS
 from .wire import (TAIL_TOPIC, Ack, DeadLetter, Delivery, DlqRequest, Error, Fetch, Heartbeat, Join, Leave,
-                   MemberExited, Nack, ProducerReply, Pulse, Records, Released, ReloadRequest, ReplayRequest, Reply,
+                   MemberExited, ProducerReply, Pulse, Records, Released, ReloadRequest, ReplayRequest, Reply,
                    StatusRequest, coord_decoder, encoder, topic)
 
 ADMIN_REQUESTS = (StatusRequest, ReplayRequest, DlqRequest, ReloadRequest)
@@ -88,7 +88,8 @@ class Router:
         self._next_probe = 0.0
         self.heads: dict[str, list[int]] = {}          # group -> last seq per partition stream
         self.coordinator = Coordinator(rc.heartbeat_interval * rc.heartbeat_misses,
-                                       release_timeout=config.shutdown_timeout, heads=self.heads)
+                                       release_timeout=config.shutdown_timeout, heads=self.heads,
+                                       end=lambda: self.journal.last_seq)
         self.tail_subscribers = 0
         self.member_stats: dict[tuple[str, str], dict] = {}
         self.reload_requested = False
@@ -128,7 +129,7 @@ class Router:
                 p = entry.khash % route.partitions
                 heads[route.group][p] = seq
                 if seq > tracked[route.group][p]:
-                    streams[route.group][p].add((seq,))
+                    streams[route.group][p].add_one(seq)
             if entry.producer:
                 intake.remember(entry.producer, entry.pseq)
 
@@ -403,8 +404,7 @@ class Router:
         reason = f"{STORAGE_REASON}: {exc.strerror or exc}"
         for i, (identity, reply) in enumerate(self._pending_replies):
             if isinstance(reply, Outcome) and id(reply.accepted) in failed:
-                nacks = list(reply.nacks) + [Nack(entry_decoder.decode(body).pseq, reason, STORAGE_RETRY_AFTER)
-                                             for body in reply.accepted.bodies]
+                nacks = list(reply.nacks) + self.intake.refuse(reply.accepted, reason, STORAGE_RETRY_AFTER)
                 self._pending_replies[i] = (identity, ProducerReply(ack=reply.ack, nacks=nacks, error=reply.error))
         n = sum(len(acc.bodies) for acc in staged)
         self.intake.accepted_total -= n
@@ -570,7 +570,7 @@ class Router:
             records = [(seq, event) for seq, event in records if type(event) is msgspec.Raw]
         seqs = [seq for seq, _ in records]
         events = [event for _, event in records]
-        upto = max(journal.read_upto, msg.after)
+        upto = max(min(journal.read_upto, journal.last_seq), msg.after)   # never past the end (review #2)
         if not records and upto == msg.after:
             upto = max(msg.after, journal.last_seq)    # nothing readable after it
         return Records(group=group.name, partition=p, after=msg.after, upto=upto,

@@ -101,10 +101,13 @@ class Scanner:
         buf, rel = self.view(off, end - off)
         return bytes(buf[rel + HEADER.size:rel + end - off])
 
-    def resync(self, bad: int, prev_seq: int) -> tuple[int, int]:
+    def resync(self, bad: int, prev_seq: int, bounded: bool = True) -> tuple[int, int]:
         """After a bad record at `bad`: (offset, seq) of the next good record, or
         (size, 0). A candidate's seq must fit the bytes skipped: each lost record
-        takes at least HEADER.size bytes, so seq <= prev_seq + 1 + skipped // 16."""
+        takes at least HEADER.size bytes, so seq <= prev_seq + 1 + skipped // 16; and
+        the record after it must check too (seq + 1), unless it ends the file: a record
+        embedded byte for byte in an event's payload is not taken for a real one.
+        bounded=False: the first record whose CRC checks, whatever its seq or successor."""
         p = bad + 1
         unpack = HEADER.unpack_from
         while p + HEADER.size <= self.size:
@@ -120,9 +123,12 @@ class Scanner:
                     m = NONZERO.search(buf, q + 8)
                     q = max(q + 1, (m.start() if m else len(buf)) - 15)
                     continue
-                if (prev_seq < seq <= prev_seq + 1 + (pos - bad) // HEADER.size
+                hi = prev_seq + 1 + (pos - bad) // HEADER.size if bounded else 0
+                if ((not bounded or prev_seq < seq <= hi)
                         and length <= MAX_RECORD and pos + HEADER.size + length <= self.size):
-                    if self.check(pos, prev_seq, prev_seq + 1 + (pos - bad) // HEADER.size):
+                    got = self.check(pos, prev_seq if bounded else 0, hi)
+                    if got is not None and (not bounded or got[1] == self.size
+                                            or self.check(got[1], seq, seq + 1) is not None):
                         return pos, seq
                     p, jumped = pos + 1, True     # check() may have moved the buffer
                     break
@@ -130,6 +136,13 @@ class Scanner:
             if not jumped:
                 p = self.start + q
         return self.size, 0
+
+
+def torn_tail(fd: int, size: int, off: int, end: int) -> bool:
+    """A bad range of the last segment is a torn tail (a write cut short: cut on open)
+    only if it runs to the end of the file and no record whose CRC checks lies in it:
+    real records are never cut because a forged or damaged one made them look out of order."""
+    return end >= size and Scanner(fd, size).resync(off, 0, bounded=False)[1] == 0
 
 
 def list_segments(directory: str) -> list[Segment]:
@@ -186,7 +199,7 @@ def verify(directory: str, on_damage: Callable[[Damage], None] | None = None) ->
                 if kind == "record":
                     records += 1
                     prev = last_seq = a
-                elif i == len(segments) - 1 and a >= size:
+                elif i == len(segments) - 1 and torn_tail(fd, size, off, a):
                     torn = {"segment": os.path.basename(seg.path), "offset": off, "bytes": a - off}
                 else:
                     d = Damage(os.path.basename(seg.path), off, a - off, prev + 1,

@@ -95,9 +95,11 @@ def _unlink(path: str) -> None:
         pass
 
 
-def read(path: str, parse: Callable[[bytes], T]) -> Loaded[T]:
+def read(path: str, parse: Callable[[bytes], T], quarantine: bool = True) -> Loaded[T]:
     """Read and parse the state at `path` (parse raises on invalid content); fall back
-    to the previous copy when it is damaged or gone while a previous copy exists."""
+    to the previous copy when it is damaged or gone while a previous copy exists.
+    quarantine=False (a reader that does not own the file, e.g. `nexus journal verify`
+    beside a live router): change nothing, log nothing; the caller reports `damaged`."""
     problem = ""
     try:
         with open(path, "rb") as f:
@@ -108,10 +110,11 @@ def read(path: str, parse: Callable[[bytes], T]) -> Loaded[T]:
         problem = "file is missing but its previous copy exists"
     except Exception as exc:               # Damaged, or the parser's own error
         problem = f"{type(exc).__name__}: {exc}"
-        try:
-            os.replace(path, f"{path}.damaged")
-        except OSError:
-            pass
+        if quarantine:
+            try:
+                os.replace(path, f"{path}.damaged")
+            except OSError:
+                pass
     value: T | None = None
     try:
         with open(f"{path}.prev", "rb") as f:
@@ -119,6 +122,8 @@ def read(path: str, parse: Callable[[bytes], T]) -> Loaded[T]:
     except Exception:
         value = None
     recovered = "previous" if value is not None else "nothing"
+    if not quarantine:
+        return Loaded(value, problem, recovered)
     log.error("state_file_damaged", path=path, error=problem, recovered_from=recovered,
               kept=f"{path}.damaged" if os.path.exists(f"{path}.damaged") else None)
     return Loaded(value, problem, recovered)

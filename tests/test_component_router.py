@@ -162,3 +162,41 @@ def test_router_restart_keeps_cursor_and_dedups_resends(tmp_path, config_factory
     time_limit = time.monotonic() + 0.5
     wait_for(lambda: time.monotonic() > time_limit, 2)        # let any stray redelivery show up
     assert Counter(r[1] for r in read_handled(str(out))) == Counter(first + second)
+
+
+def test_a_dlq_replay_while_the_store_is_locked_reports_success_once_journaled(setup, tmp_path):
+    """Review #10: the replay journaled the events, then marking the rows hit a busy
+    database and the answer was "busy; try again": a retry replayed them twice. Once
+    journaled it succeeds; the rows are marked as soon as the lock is free."""
+    import sqlite3
+
+    from nexus import transport
+    from nexus.dlq import DeadLetterStore
+    from nexus.events import Event, encode, new_id
+    from nexus.wire import DlqRequest
+    make, _ = setup
+    cfg, _router = make()
+    path = os.path.join(cfg.data_dir, "dlq.sqlite3")
+    wait_for(lambda: os.path.exists(path), 10, message="dead-letter store created")
+    store = DeadLetterStore(path)
+    raw = encode(Event(type="test.item", source="s", payload={"n": 1}, id=new_id(), time=1.0))
+    store.put(group="rec", event_id="e1", type="test.item", source="s", seq=1, partition=0, member="m",
+              error_type="ValueError", error="bad", traceback="", attempts=3, first_failed=1.0, event=raw)
+    ctx = zmq.Context.instance()
+
+    def replay() -> dict:
+        answer = transport.request(ctx, cfg.coord, encoder.encode(DlqRequest(action="replay", group="rec")), 15)
+        assert answer is not None, "no answer to the replay"
+        return coord_decoder.decode(answer).data
+
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")                 # someone else holds the write lock
+    try:
+        first = replay()
+    finally:
+        other.execute("COMMIT")
+        other.close()
+    assert "error" not in first and [r["event_id"] for r in first["replayed"]] == ["e1"]
+    wait_for(lambda: store.list(status="replayed"), 10, message="the row marked replayed")
+    assert replay() == {"replayed": []}             # nothing left to replay: never twice
+    store.close()

@@ -494,3 +494,28 @@ def test_a_router_restarted_under_live_members_holds_back_for_them(coord):
     coord.seen(g, "old", None, now=HB)
     out = assigns(coord.expire(now=HB + 0.1))
     assert sorted(out[b"N"].partitions) == [0, 3]
+
+
+def test_an_ack_past_the_journal_end_is_clamped():
+    """Review #2: an ack (a fetch's upto from a misread, or any coord peer) never moves a
+    cursor past the journal's last seq: events accepted later would count as handled."""
+    last = [100]
+    coord = Coordinator(heartbeat_timeout=HB, release_timeout=RELEASE, end=lambda: last[0])
+    g = coord.add_group("g", 2, [10, 200])         # partition 1: a cursor already past the end
+    assigns(coord.join(g, "a", b"A", now=0.0))
+    coord.ack(g, "a", {0: 1 << 62, 1: 1 << 62})
+    assert g.cursors == [100, 200]                  # clamped; one past the end is not moved back
+    last[0] = 150
+    coord.ack(g, "a", {0: 120})
+    assert g.cursors[0] == 120
+
+
+def test_a_rejoin_claim_past_the_journal_end_is_clamped():
+    """Review #4: after a torn tail was cut on router restart, a surviving member claims a
+    handled position past the journal's last seq: the cursor stops at the last seq, so
+    events accepted from now on (seqs above it) are delivered, not counted as handled."""
+    coord = Coordinator(heartbeat_timeout=HB, release_timeout=RELEASE, end=lambda: 50)
+    g = coord.add_group("g", 2, [40, 0])
+    a = assigns(coord.join(g, "a", b"A", now=0.0, holding={0: 80, 1: 30}))
+    assert a[b"A"].grants == {0: 50, 1: 30}
+    assert g.cursors == [50, 30]

@@ -597,3 +597,19 @@ def test_printable_text_is_kept_non_ascii_included():
     intake = make_intake()
     out = intake.take(batch([ev(source="café ☕", key="ключ\u00a0x")]), confirm=False, now=0.0)
     assert out.nacks == [] and len(out.accepted.events) == 1
+
+
+def test_resend_of_a_batch_the_journal_refused_gets_the_storage_nack_again():
+    """Review #1: take() moved `high` over the batch before the journal write failed;
+    if the storage NACK reply is lost, the producer resends the same seqs: they must be
+    NACKed again (retryable), never ACKed as duplicates of events nobody wrote."""
+    intake = make_intake()
+    frame = batch([ev(), ev(), ev()], "p1", 1)
+    out = intake.take(frame, confirm=True, now=0.0)
+    assert len(out.accepted.bodies) == 3
+    refused = intake.refuse(out.accepted, "storage_unavailable: No space left on device", 1.0)
+    assert [n.seq for n in refused] == [1, 2, 3]
+    again = intake.take(frame, confirm=True, now=0.0)       # the reply was lost: a resend
+    assert again.accepted.bodies == []
+    assert reasons(again) == {s: "storage_unavailable: No space left on device" for s in (1, 2, 3)}
+    assert all(n.retry_after == 1.0 for n in again.nacks)

@@ -734,3 +734,193 @@ def test_full_filesystem_write_is_undone_and_resumes(tmp_path):
         j2.close()
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+@pytest.mark.parametrize("when", ["before_open", "after_open"])
+def test_a_flipped_seq_bit_in_a_record_passed_over_does_not_skip_the_rest(tmp_path, when):
+    """Review #2: a filtered read passes over other partitions' records on their header
+    alone. One flipped high bit in such a record's seq made every later record look
+    out of order (false damage to the segment's end) and read_upto huge: a fetch then
+    answered an upto past the journal's end and the member acked it."""
+    d = tmp_path / "j"
+    j = open_journal(d)
+    written = fill(j, 30)
+    rec = HEADER.size + len(written[1])
+    if when == "before_open":
+        j.close()
+    with open(_last_file(d), "r+b") as f:
+        f.seek(9 * rec + 4 + 4 + 7)                  # the top byte of seq 10's seq field
+        f.write(b"\x40")
+    if when == "before_open":
+        j = open_journal(d)
+    other = lambda b: not bytes(b).startswith(b"r9:")   # seq 10 is another partition's
+    got = j.read(0, 100, want=other)
+    assert [s for s, _ in got] == [s for s in range(1, 31) if s != 10]
+    assert j.read_upto == 30
+    assert [(x.first_seq, x.last_seq) for x in j.damage] == [(10, 10)]
+    # the same from a position past the flipped record's neighbours (passed over as seq <= after)
+    assert [s for s, _ in j.read(5, 100)] == [s for s in range(6, 31) if s != 10]
+    assert j.read_upto == 30 and len(j.damage) == 1
+    j.close()
+
+
+def test_a_flipped_length_bit_in_a_record_passed_over_starts_the_damage_there(tmp_path):
+    """A record passed over unchecked (seq <= after) whose length was flipped shorter: the
+    header after it is garbage; the damage is that record, and the records after it
+    are still served."""
+    d = tmp_path / "j"
+    j = open_journal(d)
+    written = fill(j, 30)
+    rec = HEADER.size + len(written[1])
+    with open(_last_file(d), "r+b") as f:
+        f.seek(9 * rec + 4)                          # the length of seq 10
+        f.write((len(written[10]) - 4).to_bytes(4, "little"))
+    assert [s for s, _ in j.read(10, 100)] == list(range(11, 31))
+    assert [(x.first_seq, x.last_seq) for x in j.damage] == [(10, 10)]
+    j.close()
+
+
+def _record(seq: int, body: bytes) -> bytes:
+    import zlib
+    lenseq = len(body).to_bytes(4, "little") + seq.to_bytes(8, "little")
+    return zlib.crc32(body, zlib.crc32(lenseq)).to_bytes(4, "little") + lenseq + body
+
+
+@pytest.mark.parametrize("forged_seq", [5, 7])
+def test_a_record_embedded_in_a_payload_is_not_taken_after_damage(tmp_path, forged_seq):
+    """Review #5: resync took any CRC-valid header with a plausible seq, also a record
+    embedded byte for byte in an event's payload: it was served as an event, and a high
+    forged seq made the real records after it look out of order, so in the last segment
+    they were cut as a torn tail. A candidate now needs a good successor (or to end the file),
+    and no range holding a CRC-valid record is cut."""
+    d = tmp_path / "j"
+    j = open_journal(d)
+    bodies = [body(i, 40) for i in range(1, 5)]
+    bodies.append(b"p" * 64 + _record(forged_seq, b"FORGED") + b"rest of the payload")   # seq 5
+    bodies += [body(i, 40) for i in range(6, 21)]
+    j.append(bodies)
+    j.close()
+    path = _last_file(d)
+    size = os.path.getsize(path)
+    at5 = sum(HEADER.size + len(b) for b in bodies[:4])
+    with open(path, "r+b") as f:                     # seq 5's own CRC no longer checks
+        f.seek(at5)
+        f.write(b"\xff\xff\xff\xff")
+    j = open_journal(d)
+    assert os.path.getsize(path) == size and j.recovery.truncated_bytes == 0
+    got = j.read(0, 100)
+    assert [s for s, _ in got] == [s for s in range(1, 21) if s != 5]
+    assert all(b"FORGED" not in bytes(b) for _, b in got)
+    assert [(x.first_seq, x.last_seq) for x in j.damage] == [(5, 5)]
+    assert j.last_seq == 20
+    j.close()
+
+
+def test_a_bad_tail_that_holds_a_real_record_is_not_cut(tmp_path):
+    """Seq 18 damaged, 19 good, 20 damaged to the end: 19 cannot be confirmed by its
+    successor, but it checks: the range is kept (reported), never truncated."""
+    d = tmp_path / "j"
+    j = open_journal(d)
+    written = fill(j, 20)
+    j.close()
+    rec = HEADER.size + len(written[1])
+    path = _last_file(d)
+    size = os.path.getsize(path)
+    with open(path, "r+b") as f:
+        for seq in (18, 20):
+            f.seek((seq - 1) * rec)
+            f.write(b"\xff\xff\xff\xff")
+    j = open_journal(d)
+    assert os.path.getsize(path) == size and j.recovery.truncated_bytes == 0
+    assert len(j.damage) == 1 and j.damage[0].first_seq == 18
+    assert [s for s, _ in j.read(0, 100)] == list(range(1, 18))
+    first = j.append([b"next"])          # past any seq the kept range could hold: none reused
+    assert first > 20 and [s for s, _ in j.read(17, 100)] == [first]
+    j.close()
+    j = open_journal(d)
+    assert [s for s, _ in j.read(17, 100)] == [first] and j.last_seq == first
+    j.close()
+
+
+def test_a_failed_fsync_at_segment_rotation_is_raised_and_the_old_segment_kept(tmp_path):
+    """Review #9: the old segment's fsync error at rotation was swallowed and its fd closed:
+    nothing ever reported it. The write fd is made a pipe (a real fd whose fsync fails
+    with EINVAL). Policy `never` (synced in the loop at rotation): the rotating append
+    raises StorageError and nothing new is started. Policy `interval`: the flusher's sync
+    raises it (the router then refuses batches) until an fsync of that fd succeeds."""
+    from nexus.journal import StorageError
+    for policy in ("never", "interval"):
+        d = tmp_path / policy
+        j = open_journal(d, fsync=policy, segment_bytes=200)
+        fill(j, 8)                                   # past segment_bytes: the next append rotates
+        files = seg_files(d)
+        r, w = os.pipe()
+        saved = os.dup(j._wfd)
+        old = j._wfd
+        try:
+            os.dup2(w, old)                          # the segment's fd now fails fsync
+            j._dirty = True
+            if policy == "never":
+                with pytest.raises(StorageError, match="fsync failed at segment rotation"):
+                    j.append([b"next"])
+                assert j._wfd == old and seg_files(d) == files and j.last_seq == 8
+            else:
+                assert j.append([b"next"]) == 9 and len(seg_files(d)) == len(files) + 1
+                for _ in range(2):                   # reported on every sync until it succeeds
+                    with pytest.raises(OSError):
+                        j.sync()
+        finally:
+            os.dup2(saved, old)
+            for fd in (r, w, saved):
+                os.close(fd)
+        j.sync()                                     # the real file's fsync succeeds: done
+        if policy == "never":
+            j._dirty = False
+            assert j.append([b"next"]) == 9 and len(seg_files(d)) == len(files) + 1
+        j.close()
+
+
+def test_rotation_never_waits_for_the_flushers_lock(tmp_path):
+    """Review #13: rotation took the fd lock the flusher holds across fsync: a stalled
+    disk froze the router loop (and hang detection killed it). Holding the lock here as a
+    stalled flusher would, a rotating append still completes; the flusher syncs and closes
+    the old segment's fd later."""
+    import threading
+    j = open_journal(tmp_path / "j", fsync="interval", segment_bytes=200)
+    fill(j, 8)
+    done = threading.Event()
+    with j._fd_lock:                                 # the flusher, stuck in fsync
+        t = threading.Thread(target=lambda: (j.append([b"next"]), done.set()), daemon=True)
+        t.start()
+        finished = done.wait(10)
+    t.join(10)
+    assert finished, "the rotating append waited for the flusher's lock"
+    assert len(j._retired) == 1
+    j.sync()
+    assert not j._retired and [s for s, _ in j.read(8, 10)] == [9]
+    j.close()
+
+
+def test_seq_at_time_searches_the_index_and_never_reads_the_whole_journal(tmp_path):
+    """Review #16: seq_at_time scanned every record before `when` in the router loop (a
+    big journal got the router killed as hung). It searches the sparse index now: a
+    damaged record far before `when` is never even read (a full scan finds and logs it)."""
+    d = tmp_path / "j"
+    j = open_journal(d, segment_bytes=64 * 1024)
+    raw = msgspec.Raw(msgspec.msgpack.encode({}))
+    n = 6000
+    for start in range(0, n, 500):
+        j.append([entry_encoder.encode(Entry("a.b", 0, "", 0, raw, float(t))) for t in range(start, start + 500)])
+    assert len(seg_files(d)) >= 3
+    rec = os.path.join(d, seg_files(d)[0])
+    with open(rec, "r+b") as f:                     # a record early in the first segment
+        f.seek(100 * (HEADER.size + len(entry_encoder.encode(Entry("a.b", 0, "", 0, raw, 1.0)))) + HEADER.size + 2)
+        f.write(b"\xff\xff")
+    # seq s was accepted at time s - 1
+    assert j.seq_at_time(4000.5) == 4001 and j.seq_at_time(4000.0) == 4000
+    assert j.damage == []
+    assert j.seq_at_time(-1.0) == 0 and j.seq_at_time(1e9) == n
+    for when in (0.0, 0.5, 511.0, 512.0, 513.0, 2047.5, 5999.0):
+        linear = max((s for s, b in j.iter_all() if entry_decoder.decode(b).time < when), default=0)
+        assert j.seq_at_time(when) == linear, when
+    j.close()

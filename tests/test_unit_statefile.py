@@ -3,6 +3,7 @@ the router's start on a damaged cursor file; plus the SDK's input checks (issue 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import msgspec
 import pytest
@@ -192,3 +193,29 @@ def test_type_pattern_matches_the_whole_string():
 def test_printable_escapes_only_control_characters():
     assert printable("plain café ☕") == "plain café ☕"
     assert printable("a\x1b[2J\nb\x9b\x7f\x00") == "a\\x1b[2J\\nb\\x9b\\x7f\\x00"
+
+
+def test_journal_verify_reads_a_damaged_cursor_file_without_moving_it(tmp_path, config_factory, capsys):
+    """Review #18: `nexus journal verify` (safe beside a live router) loaded the cursors
+    the owner's way, which renames a damaged file to .damaged under the running router.
+    A reader that does not own the file changes nothing and reports the damage."""
+    import argparse
+
+    from nexus.cli import cmd_journal_verify
+    from nexus.journal import Journal
+    cfg = config.load(config_factory())
+    j = Journal(os.path.join(cfg.data_dir, "journal"), fsync="never")
+    j.open()
+    j.close()
+    path = os.path.join(cfg.data_dir, "cursors.msgpack")
+    store = CursorStore(path)
+    store.save({"g": [1, 2]})
+    store.save({"g": [3, 4]})
+    damage(path)
+    before = Path(path).read_bytes()
+    cmd_journal_verify(cfg, argparse.Namespace(json=False))
+    assert Path(path).read_bytes() == before and not os.path.exists(f"{path}.damaged")
+    assert "cursor file damaged" in capsys.readouterr().out
+    loaded = statefile.read(path, msgspec.msgpack.decode, quarantine=False)
+    assert loaded.value == {"g": [1, 2]} and loaded.damaged and loaded.recovered_from == "previous"
+    assert Path(path).read_bytes() == before
