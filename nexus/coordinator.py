@@ -141,10 +141,15 @@ class Coordinator:
             info.identity = identity
         return True
 
-    def leave(self, group: Group, member: str, acks: dict[int, int], now: float) -> Outgoing:
+    def leave(self, group: Group, member: str, acks: dict[int, int], now: float, busy=()) -> Outgoing:
         if member not in group.members:
             return []
         self.ack(group, member, acks)
+        for p in busy:
+            # its call still ran when the member left (drain deadline): it may have had
+            # effects, so the next owner gets it flagged redelivered
+            if 0 <= p < group.partitions and group.owner[p] == member:
+                group.unclean[p] = max(group.unclean.get(p, 0), self._head(group.name, p))
         self._drop_member(group, member)
         log.info("member_left", group=group.name, member=member)
         return self._rebalance(group, now)

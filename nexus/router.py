@@ -522,7 +522,7 @@ class Router:
             for ident, out in self.coordinator.released(group, msg.member, msg.acks, now):
                 self._send_coord(ident, out)
         elif isinstance(msg, Leave):
-            for ident, out in self.coordinator.leave(group, msg.member, msg.acks, now):
+            for ident, out in self.coordinator.leave(group, msg.member, msg.acks, now, msg.busy):
                 self._send_coord(ident, out)
 
     def _routes_for(self, type_: str, only_group: str):

@@ -96,6 +96,7 @@ class Leave(Coord, tag="leave"):
     group: str
     member: str
     acks: dict[int, int] = {}
+    busy: list[int] = []               # partitions whose head call still ran at the drain deadline
 
 
 class Fetch(Coord, tag="fetch"):

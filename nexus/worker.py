@@ -190,7 +190,10 @@ class Member(Dispatch):
         while any(st.busy for st in self.streams.values()) and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
         acks = {p: st.handled_upto() for p, st in self.streams.items()}
-        await self._send(Leave(group=self.group, member=self.name, acks=acks))
+        busy = [p for p, st in self.streams.items() if st.busy]     # unacked, maybe half done
+        if busy:
+            self.log.warning("drain_deadline_passed", busy=busy)
+        await self._send(Leave(group=self.group, member=self.name, acks=acks, busy=busy))
 
     async def _send(self, msg) -> None:
         await self.coord.send(encoder.encode(msg))

@@ -1,0 +1,64 @@
+"""Unit tests (no processes) for the review findings of issue 10 fixed on the member and
+launcher side (docs/failure-modes-member.md, docs/failure-modes-supervisor.md): one
+test per finding, named after it."""
+from __future__ import annotations
+
+import asyncio
+import time
+
+from nexus.coordinator import Coordinator
+from nexus.wire import Assign, Leave
+
+from test_unit_member import event, make_rig, run
+from test_unit_misbehave import wait_async
+
+
+class ClosableSub:
+    def setsockopt(self, *args) -> None:
+        pass
+
+    def close(self, linger=None) -> None:
+        pass
+
+
+# -- finding 6: a member leaving at its drain deadline with a call still running -------------
+def test_f6_leave_marks_partitions_still_busy_unclean():
+    heads = {"g": [50, 50]}
+    coord = Coordinator(3.0, heads=heads)
+    g = coord.add_group("g", 2, [0, 0])
+    coord.join(g, "a", b"A", now=0.0)
+    coord.ack(g, "a", {0: 50, 1: 50})
+    g.unclean.clear()                                  # everything before was handled cleanly
+    heads["g"][:] = [60, 60]
+    coord.join(g, "b", b"B", now=1.0)                  # b waits for a's partitions
+    # a leaves at its deadline: partition 0's head (seq 51) still runs, partition 1 is clean
+    out = dict(coord.leave(g, "a", {0: 50, 1: 60}, now=2.0, busy=[0]))
+    assert out[b"B"].grants == {0: 50, 1: 60}
+    assert out[b"B"].redelivered == {0: 60}            # the rerun of 51.. is flagged
+
+
+def test_f6_member_leaving_at_its_drain_deadline_names_the_busy_partitions(tmp_path):
+    async def main():
+        rig = await make_rig(tmp_path, handler_async=True)
+        m = rig.m
+        m.sub = ClosableSub()
+
+        async def handle(ev, ctx) -> None:
+            if ev.payload["n"] == 0:
+                await asyncio.Event().wait()           # still running at the deadline
+            rig.handled.append(ev.payload["n"])
+        m.handle = handle
+        rig.deliver(0, [event(0)])
+        rig.deliver(1, [event(1)])
+        task = asyncio.ensure_future(m._dispatcher())
+        await wait_async(lambda: rig.handled == [1], 5)
+        m.stop_grace, m.stop_requested_at = 0.1, time.monotonic()
+        await m._drain()
+        task.cancel()
+        leave = [x for x in m.coord.sent if isinstance(x, Leave)][0]
+        assert leave.busy == [0] and leave.acks[0] == 0 and leave.acks[1] == 2
+        for st in m.streams.values():
+            if st.task is not None:
+                st.task.cancel()
+        await asyncio.sleep(0)
+    run(main())
