@@ -79,6 +79,7 @@ def status(router: "Router") -> dict:
             "seq": router.journal.last_seq,
             "journal": {**router.journal.info(), "cursor_past_end": router.cursor_past_end},
             "storage": router.storage.describe(),
+            "dead_letter_writer": router.dlq_writer.describe(),
             "rate_limits": intake.limiter.describe(),
             "recent_rejects": list(intake.reject_log)[-10:],
             "cursor_file_damaged": router.cursors.damage,     # None unless found damaged at start

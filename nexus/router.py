@@ -326,6 +326,9 @@ class Router:
             box.beat(now)              # the launcher's hang detection reads it
         if self.flusher.error is not None:
             raise self.flusher.error
+        if not self.dlq_writer.alive():
+            # (it catches every error: this is a bug) members would wait for DeadLetterStored forever
+            raise RuntimeError("dead-letter writer thread died")
         for identity, msg in self.coordinator.expire(now):
             self._send_coord(identity, msg)
         if "journal" in self.storage.failing and now >= self._next_probe:

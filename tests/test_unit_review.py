@@ -62,3 +62,28 @@ def test_f6_member_leaving_at_its_drain_deadline_names_the_busy_partitions(tmp_p
                 st.task.cancel()
         await asyncio.sleep(0)
     run(main())
+
+
+# -- finding 11: the dead-letter writer thread survives any database error ---------------------
+def test_f11_dead_letter_writer_survives_a_database_error(tmp_path):
+    from nexus.dlq import DeadLetterWriter, PendingDeadLetter
+    from nexus.testing import wait_for
+    from test_unit_misbehave import letter
+
+    writer = DeadLetterWriter(str(tmp_path / "dlq.sqlite3")).start()
+    try:
+        writer.submit(PendingDeadLetter(letter(seq=1, event_id="e1"), reply_to=b"m"))
+        wait_for(lambda: len(writer.done) == 1, 10, message="first dead letter written")
+        assert writer.done.popleft().row
+        # rows the database refuses for good (NOT NULL): an IntegrityError killed the thread
+        writer.submit(PendingDeadLetter({**letter(seq=2, event_id="e2"), "error_type": None}, reply_to=b"m"))
+        writer.submit(PendingDeadLetter({**letter(seq=3, event_id="e3"), "error_type": None}, reply_to=None))
+        wait_for(lambda: len(writer.done) == 2, 10, message="both failures reported")
+        assert all(item.error and not item.row for item in writer.done)
+        assert writer.alive() and writer.describe()["errors"] == 2
+        writer.done.clear()
+        writer.submit(PendingDeadLetter(letter(seq=4, event_id="e4"), reply_to=b"m"))
+        wait_for(lambda: len(writer.done) == 1, 10, message="the writer still writes")
+        assert writer.done[0].row and not writer.done[0].error
+    finally:
+        writer.stop()
