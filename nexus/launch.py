@@ -38,6 +38,7 @@ from .wire import ReloadRequest, StatusRequest, coord_decoder, encoder
 
 log = structlog.get_logger("nexus.launch")
 ROLES_STOP_ORDER = ("producer", "worker", "router")
+FAST_RECYCLE = 1.0      # seconds: a member recycling sooner than this after its spawn is restarted as a crash
 
 
 class ControlRequest(msgspec.Struct, frozen=True):
@@ -178,17 +179,24 @@ class Launcher:
         if child.role == "router" and self.starting:
             cls = ConfigError if code == ExitCode.CONFIG else NexusError
             raise cls(f"router exited during start ({child.last_exit}); see its log above")
-        if code == ExitCode.RECYCLE and child.role == "worker":
-            # drained and ended itself on purpose (max_rss / max_events): not a crash
-            child.last_exit = "recycled"
-            child.restarts += 1
-            log.info("process_recycled", name=child.name)
-            self._spawn(child)
-            return
         now = time.monotonic()
+        recycled = code == ExitCode.RECYCLE and child.role == "worker"
+        if recycled:
+            # drained and ended itself on purpose (max_rss / max_events): not a crash, unless
+            # it keeps doing so at once (a limit it cannot stay under): then back off like one
+            uptime = now - child.spawned
+            child.last_exit = "recycled"
+            if uptime >= FAST_RECYCLE:
+                child.restarts += 1
+                log.info("process_recycled", name=child.name)
+                self._spawn(child)
+                return
+            child.last_exit = f"recycled after {uptime:.1f}s (restarted as a crash)"
+            log.error("recycled_too_fast", name=child.name, uptime=round(uptime, 2),
+                      reason="a limit (max_rss / max_events) it cannot stay under: backing off")
         # a member exit the black box explains counts per event (crashes.py), not as a crash loop
         explained = False
-        if child.role == "worker":
+        if child.role == "worker" and not recycled:
             explained = self.crashbook.on_exit(child.group, child.name, child.pid, code, child.box, hung=hung)
             child.last_exit = self.crashbook.last_exit.get(child.name, child.last_exit)
         child.crashes = [t for t in child.crashes if now - t < self.cfg.crash_window] + ([] if explained else [now])

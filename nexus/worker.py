@@ -111,6 +111,8 @@ class Member(Dispatch):
         self.timeouts = 0
         self.recycling = ""                      # why this member drains and ends with RECYCLE
         self.recycle_check_at = self._next_recycle_check()   # handled count of the next check
+        self.recycle_exit = ExitCode.RECYCLE     # FAILURE when max_rss is below our size at start
+        self.rss_at_start = peak_rss_bytes()     # imports and handler loaded
         self.settling: list = []                 # (stream, seq, follow-up ids) waiting for the router
         self._settle_due = asyncio.Event()
         self._emit_errors: dict = {}             # follow-up id -> RejectedError, until matched to its cause
@@ -497,13 +499,19 @@ class Member(Dispatch):
 
     def _check_recycle(self) -> None:
         self.recycle_check_at = self._next_recycle_check()
-        if self.recycling or self.stop_event.is_set():
-            return
+        if self.recycling or self.stop_event.is_set() or not self.handled:
+            return          # nothing handled since start: a restart would not make us smaller
         spec = self.spec
         if spec.max_events is not None and self.handled >= spec.max_events:
             self.recycling = f"handled {self.handled} events (max_events {spec.max_events})"
         elif spec.max_rss is not None and (rss := peak_rss_bytes()) > spec.max_rss:
             self.recycling = f"rss {rss >> 20} MiB over max_rss {spec.max_rss >> 20} MiB"
+            if self.rss_at_start > spec.max_rss:
+                # a restart starts over the limit again: end as a failure, so the launcher
+                # backs off and gives up after crash_loop instead of recycling per event
+                self.recycle_exit = ExitCode.FAILURE
+                self.log.error("max_rss_below_start_size", rss_at_start_mib=self.rss_at_start >> 20,
+                               max_rss_mib=spec.max_rss >> 20)
         if self.recycling:
             self.recycle_check_at = float("inf")
             # graceful: take nothing new, finish and ack what is in flight, leave, exit RECYCLE
@@ -540,4 +548,4 @@ def main(config: Config, group: str, name: str) -> None:
 
     asyncio.run(runner())
     if members and members[0].recycling:
-        sys.exit(int(ExitCode.RECYCLE))
+        sys.exit(int(members[0].recycle_exit))

@@ -87,3 +87,46 @@ def test_f11_dead_letter_writer_survives_a_database_error(tmp_path):
         assert writer.done[0].row and not writer.done[0].error
     finally:
         writer.stop()
+
+
+# -- finding 12: max_rss below the member's own size must not make a restart loop -------------
+def test_f12_member_over_max_rss_at_start_recycles_only_after_an_event_and_as_a_failure(tmp_path):
+    from nexus.errors import ExitCode
+
+    async def main():
+        rig = await make_rig(tmp_path, max_rss="1MiB")        # below any Python process
+        m = rig.m
+        m._check_recycle()
+        assert not m.recycling and not m.stop_event.is_set()   # nothing handled: no recycle
+        m.handled = 1
+        m._check_recycle()
+        assert m.recycling and m.recycle_exit == ExitCode.FAILURE
+    run(main())
+
+
+def test_f12_launcher_restarts_a_too_fast_recycle_as_a_crash(tmp_path):
+    import multiprocessing
+    import os
+
+    from nexus import config
+    from nexus.children import Child
+    from nexus.errors import ExitCode
+    from nexus.launch import Launcher
+    from conftest import write_config
+
+    cfg = config.load(write_config(tmp_path, workers={"g": {"handler": "recorder:record",
+                                                            "options": {"out": str(tmp_path)}}}))
+    launcher = Launcher(cfg, None)
+    launcher.starting = False
+    spawned = []
+    launcher._spawn = spawned.append                 # (no real member: only the decision is under test)
+    proc = multiprocessing.get_context("fork").Process(target=os._exit, args=(int(ExitCode.RECYCLE),))
+    proc.start()
+    proc.join(10)
+    child = Child("g-0", "worker", "g", process=proc, state="running", spawned=time.monotonic())
+    launcher._on_exit(child)
+    assert spawned == [] and child.state == "backoff" and len(child.crashes) == 1
+    assert "recycled after" in child.last_exit
+    child.state, child.spawned = "running", time.monotonic() - 60        # a recycle after a long life
+    launcher._on_exit(child)
+    assert spawned == [child] and child.last_exit == "recycled"
