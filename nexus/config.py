@@ -131,7 +131,8 @@ class WorkerGroupConfig(Strict):
     breaker: BreakerConfig = BreakerConfig()
     max_in_flight: Positive = 100_000        # events buffered per member (bench: 60k -> 97k events/s over 10k)
     max_in_flight_bytes: ByteSize = ByteSize(64 * 2**20)   # and their bytes: big events catch up in flat memory
-    concurrency: Positive = 16               # async handlers running at once per member
+    # async handlers running at once per member (bounded: a black-box slot each, blackbox.MAX_SLOTS)
+    concurrency: Annotated[int, msgspec.Meta(ge=1, le=65536)] = 16
     dedup_window: Positive = 100_000         # ids of handled events remembered per member
     options: dict[str, Any] = {}             # handed to the handler as ctx.options
     # A handler call running longer is stuck: an async one is cancelled (a TimeoutError that

@@ -94,7 +94,7 @@ class Launcher:
     # -- children ------------------------------------------------------------------
     def _spawn(self, child: Child) -> None:
         if child.box is None:
-            child.box = blackbox.BlackBox.create(blackbox.path_for(self.cfg.data_dir, child.name))
+            child.box = self._new_box(child)
         else:
             child.box.reset()
         # a router restarted under live members lets them rejoin with their partitions first
@@ -111,6 +111,12 @@ class Launcher:
         child.first_beat = 0.0
         child.reaped = False
         log.info("process_started", name=child.name, role=child.role, pid=child.pid)
+
+    def _new_box(self, child: Child) -> blackbox.BlackBox:
+        # a slot per concurrent handler call: with fewer, calls would share one and mix up events
+        spec = self.cfg.workers.get(child.group) if child.role == "worker" else None
+        slots = max(blackbox.DEFAULT_SLOTS, spec.concurrency if spec is not None else 0)
+        return blackbox.BlackBox.create(blackbox.path_for(self.cfg.data_dir, child.name), slots)
 
     def _add(self, name: str, role: str, group: str = "") -> Child:
         child = self.children.get(name) or Child(name, role, group)

@@ -130,3 +130,23 @@ def test_f12_launcher_restarts_a_too_fast_recycle_as_a_crash(tmp_path):
     child.state, child.spawned = "running", time.monotonic() - 60        # a recycle after a long life
     launcher._on_exit(child)
     assert spawned == [child] and child.last_exit == "recycled"
+
+
+# -- finding 8: a black-box slot for every concurrent call ------------------------------------
+def test_f8_member_box_has_a_slot_per_concurrent_call(tmp_path):
+    from nexus import blackbox, config
+    from nexus.children import Child
+    from nexus.launch import Launcher
+    from conftest import write_config
+
+    cfg = config.load(write_config(tmp_path, workers={"g": {"handler": "recorder:record", "concurrency": 100,
+                                                            "options": {"out": str(tmp_path)}}}))
+    box = Launcher(cfg, None)._new_box(Child("g-0", "worker", "g"))
+    try:
+        member_side = blackbox.BlackBox.open(box.path)
+        slots = [member_side.begin(p, 1000 + p) for p in range(100)]
+        assert len(set(slots)) == 100                       # no call shares a slot
+        assert sorted(f.seq for f in box.inflight()) == [1000 + p for p in range(100)]
+        member_side.close()
+    finally:
+        box.close()
