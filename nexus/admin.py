@@ -156,6 +156,7 @@ def dead_letters_written(router: "Router") -> None:
 def member_exited(router: "Router", group, msg: MemberExited, now: float) -> dict:
     """The launcher saw a member die: free its partitions now, dead-letter the poison it
     names (read from the journal by seq) and make the next owners pass over it."""
+    router.coordinator.suspect(group, msg.inflight, msg.poison)      # before exited() grants them
     for identity, out in router.coordinator.exited(group, msg.member, msg.pid, msg.poison, now):
         router._send_coord(identity, out)
     how = describe_exit(msg.exit_code)

@@ -55,7 +55,9 @@ class CrashBook:
             inflight.setdefault(slot.partition, []).append(slot.seq)
             key = (group, slot.seq)
             n = counts[slot.seq] = book.pop(key, 0) + 1      # re-inserted: the newest last
-            if n >= limit:
+            # poison only when it was alone in flight (the router has suspects of a crash with
+            # several run alone next); twice the limit regardless, so a group never spins forever
+            if (n >= limit and len(inflight_slots) == 1) or n >= 2 * limit:
                 poison.setdefault(slot.partition, []).append(slot.seq)
             else:
                 book[key] = n

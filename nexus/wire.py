@@ -180,6 +180,7 @@ class Assign(Coord, tag="assign"):
     redelivered: dict[int, int] = {}   # granted partition -> events <= this may be seen again
     replay: bool = False               # grants rewind the member's streams (journal replay)
     skip: dict[int, list[int]] = {}    # granted partition -> seqs to pass over (dead-lettered poison)
+    solo: dict[int, list[int]] = {}    # granted partition -> seqs to run alone (in flight at a crash with others)
 
 
 class Pulse(Coord, tag="pulse"):

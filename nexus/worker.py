@@ -280,6 +280,10 @@ class Member(Dispatch):
             st = self.streams[p] = PartitionStream(p, cursor, redelivered)
             self.sub.setsockopt(zmq.SUBSCRIBE, topic(self.group, p))
             self._fetch(st)
+        for p, seqs in msg.solo.items():
+            st = self.streams.get(p)
+            if st is not None and not st.revoked:
+                st.solo = set(seqs)
         for p, seqs in msg.skip.items():
             st = self.streams.get(p)
             if st is not None and not st.revoked:

@@ -150,3 +150,69 @@ def test_f8_member_box_has_a_slot_per_concurrent_call(tmp_path):
         member_side.close()
     finally:
         box.close()
+
+
+# -- finding 7: innocent events in flight with the poison are not dead-lettered -----------------
+def test_f7_only_an_event_crashing_alone_is_poison(tmp_path):
+    from nexus.blackbox import InFlight
+    from nexus.crashes import CrashBook
+    from test_unit_misbehave import cfg_with
+
+    book = CrashBook(cfg_with(tmp_path, max_crashes=3))
+    together = [InFlight(0, 0, 42), InFlight(1, 1, 43)]          # poison 42, innocent 43
+    assert [book.assess("g", "g-0", i, -11, together).poison for i in range(3)] == [{}, {}, {}]
+    assert book.assess("g", "g-0", 9, -11, [InFlight(0, 0, 42)]).poison == {0: [42]}   # alone: poison
+    # a bound regardless, should the suspects never run alone (router down)
+    other = CrashBook(cfg_with(tmp_path, max_crashes=2))
+    assert [other.assess("g", "g-0", i, -11, together).poison for i in range(4)] == [{}, {}, {}, {0: [42], 1: [43]}]
+
+
+def test_f7_suspects_of_a_crash_with_several_in_flight_are_granted_to_run_alone():
+    heads = {"g": [100, 100]}
+    coord = Coordinator(3.0, heads=heads)
+    g = coord.add_group("g", 2, [10, 20])
+    coord.join(g, "a", b"A", now=0.0)
+    coord.join(g, "b", b"B", now=1.0)
+    coord.released(g, "a", {p: g.cursors[p] for p in range(2) if g.target[p] == "b"}, now=1.5)
+    a_parts = [p for p in range(2) if g.owner[p] == "a"]
+    inflight = {p: [g.cursors[p] + 1, g.cursors[p] + 2] for p in a_parts}
+    coord.suspect(g, inflight, {})
+    out = dict(coord.exited(g, "a", 0, {}, now=2.0))
+    assert out[b"B"].solo == inflight
+    coord.ack(g, "b", {p: g.cursors[p] + 1 for p in a_parts})
+    coord.exited(g, "b", 0, {}, now=3.0)
+    out = dict(coord.join(g, "c", b"C", now=4.0))
+    assert out[b"C"].solo == {p: [s[1]] for p, s in inflight.items()}     # the ones behind the cursor go
+    coord.suspect(g, {a_parts[0]: [77]}, {})                               # one in flight: it was alone
+    assert 77 not in g.suspects.get(a_parts[0], set())
+
+
+def test_f7_member_runs_a_suspect_with_no_other_call_in_flight(tmp_path):
+    async def main():
+        rig = await make_rig(tmp_path, handler_async=True, concurrency=8)
+        m = rig.m
+        running, seen, overlaps = set(), [], []
+
+        async def handle(ev, ctx) -> None:
+            n = ev.payload["n"]
+            if 0 in running or (n == 0 and running):
+                overlaps.append((n, sorted(running)))
+            running.add(n)
+            seen.append(len(running))
+            await asyncio.sleep(0.05)
+            running.discard(n)
+            rig.handled.append(n)
+        m.handle = handle
+        rig.deliver(1, [event(1)])
+        rig.deliver(2, [event(2)])
+        rig.deliver(0, [event(0)])                    # seq 3: the suspect
+        rig.deliver(3, [event(3)])
+        m._on_assign(Assign(group="g", partitions=list(range(4)), solo={0: [3]}))
+        task = asyncio.ensure_future(m._dispatcher())
+        m._work.set()
+        await wait_async(lambda: len(rig.handled) == 4, 5)
+        task.cancel()
+        assert overlaps == []                                # the suspect ran alone
+        assert max(seen) > 1                                 # the others still run concurrently
+        assert m.active == 0 and m.streams[0].solo is None
+    run(main())
