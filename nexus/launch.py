@@ -38,7 +38,7 @@ from .wire import ReloadRequest, StatusRequest, coord_decoder, encoder
 
 log = structlog.get_logger("nexus.launch")
 ROLES_STOP_ORDER = ("producer", "worker", "router")
-FAST_RECYCLE = 1.0      # seconds: a member recycling sooner than this after its spawn is restarted as a crash
+FAST_RECYCLE = 1.0      # seconds: a member recycling sooner than this after its spawn restarts after a backoff
 
 
 class ControlRequest(msgspec.Struct, frozen=True):
@@ -186,23 +186,24 @@ class Launcher:
             cls = ConfigError if code == ExitCode.CONFIG else NexusError
             raise cls(f"router exited during start ({child.last_exit}); see its log above")
         now = time.monotonic()
-        recycled = code == ExitCode.RECYCLE and child.role == "worker"
-        if recycled:
-            # drained and ended itself on purpose (max_rss / max_events): not a crash, unless
-            # it keeps doing so at once (a limit it cannot stay under): then back off like one
-            uptime = now - child.spawned
+        if code == ExitCode.RECYCLE and child.role == "worker":
+            # drained and ended itself on purpose (max_rss / max_events): not a crash; one
+            # that does so right after its start waits restart_backoff[0] (no tight loop)
             child.last_exit = "recycled"
+            uptime = now - child.spawned
             if uptime >= FAST_RECYCLE:
                 child.restarts += 1
                 log.info("process_recycled", name=child.name)
                 self._spawn(child)
-                return
-            child.last_exit = f"recycled after {uptime:.1f}s (restarted as a crash)"
-            log.error("recycled_too_fast", name=child.name, uptime=round(uptime, 2),
-                      reason="a limit (max_rss / max_events) it cannot stay under: backing off")
+            else:
+                delay = self.cfg.restart_backoff[0] if self.cfg.restart_backoff else 1.0
+                child.state, child.restart_at = "backoff", now + delay
+                log.warning("process_recycled", name=child.name, uptime=round(uptime, 2), restart_in=delay,
+                            reason="recycled right after its start")
+            return
         # a member exit the black box explains counts per event (crashes.py), not as a crash loop
         explained = False
-        if child.role == "worker" and not recycled:
+        if child.role == "worker":
             explained = self.crashbook.on_exit(child.group, child.name, child.pid, code, child.box, hung=hung)
             child.last_exit = self.crashbook.last_exit.get(child.name, child.last_exit)
         child.crashes = [t for t in child.crashes if now - t < self.cfg.crash_window] + ([] if explained else [now])
