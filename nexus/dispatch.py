@@ -33,6 +33,7 @@ SLICE = 0.005               # seconds of sync handlers before the loop gets a tu
 TURN_MAX = 32               # events a partition runs on while another's head of equal priority is older
 MAX_PAYLOAD_DECODERS = 10_000   # (type, v) pairs whose payload decoder is cached
 DEAD_LETTER_RESEND = 3.0    # seconds without the router's confirmation: send the dead letter again
+CANCEL_GRACE = 2.0          # seconds a cancelled async call gets to end before the member ends itself
 SOLO = 1 << 30              # added to `active` while a suspect waits to run alone or runs alone
 
 
@@ -242,9 +243,15 @@ class Dispatch:
         a handler call costs two stores, not a timer)."""
         limit = now - self.spec.handler_timeout
         for st in self.streams.values():
-            if st.task is not None and not st.timed_out and st.started < limit:
+            if st.task is None or st.started >= limit:
+                continue
+            if not st.timed_out:
                 st.timed_out = True
                 st.task.cancel()
+            elif st.started < limit - CANCEL_GRACE:
+                # it ignores the cancellation: end the member as for a stuck sync call (exit 7,
+                # counted against the event; its partitions move on)
+                self.watchdog._timed_out(st, now - st.started, stopping=bool(self.stop_requested_at))
 
     # -- follow-up events: settled before their cause counts as handled -----------------
     def _outcome(self, st: PartitionStream, error: BaseException | None, ctx) -> None:

@@ -104,7 +104,7 @@ def test_f12_member_over_max_rss_at_start_recycles_only_after_an_event_and_as_a_
     run(main())
 
 
-def test_f12_launcher_restarts_a_too_fast_recycle_as_a_crash(tmp_path):
+def test_f12_launcher_backs_off_a_recycle_right_after_the_start(tmp_path):
     import multiprocessing
     import os
 
@@ -125,8 +125,8 @@ def test_f12_launcher_restarts_a_too_fast_recycle_as_a_crash(tmp_path):
     proc.join(10)
     child = Child("g-0", "worker", "g", process=proc, state="running", spawned=time.monotonic())
     launcher._on_exit(child)
-    assert spawned == [] and child.state == "backoff" and len(child.crashes) == 1
-    assert "recycled after" in child.last_exit
+    assert spawned == [] and child.state == "backoff" and child.restart_at > time.monotonic()
+    assert child.crashes == [] and child.last_exit == "recycled"      # backed off, not a crash
     child.state, child.spawned = "running", time.monotonic() - 60        # a recycle after a long life
     launcher._on_exit(child)
     assert spawned == [child] and child.last_exit == "recycled"
@@ -215,4 +215,49 @@ def test_f7_member_runs_a_suspect_with_no_other_call_in_flight(tmp_path):
         assert overlaps == []                                # the suspect ran alone
         assert max(seen) > 1                                 # the others still run concurrently
         assert m.active == 0 and m.streams[0].solo is None
+    run(main())
+
+
+# -- finding 15: an async handler that ignores its cancellation ends the member -----------------
+def test_f15_async_handler_ignoring_cancellation_ends_the_member(tmp_path):
+    class Ending:
+        """Stands in for Watchdog._timed_out, whose os._exit(7) would end the test process."""
+
+        def __init__(self) -> None:
+            self.calls = []
+
+        def _timed_out(self, st, running, stopping) -> None:
+            self.calls.append((st.partition, st.queue[0][0], running >= 0.2))
+
+    async def main():
+        rig = await make_rig(tmp_path, handler_async=True, handler_timeout="0.2s")
+        m = rig.m
+        m.watchdog = Ending()
+
+        done = []
+
+        async def handle(ev, ctx) -> None:
+            while not done:
+                try:
+                    await asyncio.sleep(10)
+                except asyncio.CancelledError:
+                    continue                       # a handler that swallows its cancellation
+        m.handle = handle
+        seqs = rig.deliver(2, [event(0)])
+        task = asyncio.ensure_future(m._dispatcher())
+        try:
+            await wait_async(lambda: m.streams[2].task is not None, 5)
+            st = m.streams[2]
+            st.started -= 0.3                      # past handler_timeout: cancelled
+            m._cancel_overdue(time.monotonic())
+            assert st.timed_out and m.watchdog.calls == []
+            st.started -= 5                        # still running past the grace
+            m._cancel_overdue(time.monotonic())
+            assert m.watchdog.calls == [(2, seqs[0], True)]
+        finally:
+            task.cancel()
+            done.append(True)                      # (let it end, or the loop never closes)
+            if m.streams[2].task is not None:
+                m.streams[2].task.cancel()
+            await asyncio.sleep(0.01)
     run(main())
