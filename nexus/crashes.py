@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 log = structlog.get_logger("nexus.launch")
 
 MAX_TRACKED = 10_000          # (group, seq) counts kept; the oldest are forgotten beyond it
-NOTIFY_TIMEOUT = 1.0          # seconds the launcher waits for the router's answer (it answers at once, or is down)
+NOTIFY_TIMEOUT = 0.5          # seconds the launcher waits for the router's answer (it answers at once, or is down)
 
 
 class CrashBook:
@@ -76,11 +76,13 @@ class CrashBook:
         return MemberExited(group=group, member=member, exit_code=code, reason=reason,
                             inflight=inflight, poison=poison, pid=pid)
 
-    def notify(self, msg: MemberExited) -> bool:
+    def notify(self, msg: MemberExited, tell: bool = True) -> bool:
         """Tell the router (it frees the partitions and dead-letters the poison). If it
-        does not answer, the poison counts are kept one short of the limit, so the next
-        crash on the event names it again."""
-        answer = transport.request(zmq.Context.instance(), self.cfg.coord, encoder.encode(msg), NOTIFY_TIMEOUT)
+        does not answer (or is not running: `tell` False, no request), the poison counts
+        are kept one short of the limit, so the next crash on the event names it again."""
+        answer = None
+        if tell:
+            answer = transport.request(zmq.Context.instance(), self.cfg.coord, encoder.encode(msg), NOTIFY_TIMEOUT)
         if answer is not None:
             self.dead_lettered += sum(len(s) for s in msg.poison.values())
             return True
@@ -94,10 +96,11 @@ class CrashBook:
                     reason="router did not answer; its heartbeat timeout will free the partitions")
         return False
 
-    def on_exit(self, group: str, member: str, pid: int, code: int, box, hung: bool = False) -> bool:
+    def on_exit(self, group: str, member: str, pid: int, code: int, box, hung: bool = False,
+                tell: bool = True) -> bool:
         """An abnormal member exit: count, log, tell the router. True when the box named
         the event(s) it died on (the crash is then bounded per event, not per process)."""
         slots = box.inflight() if box is not None else []
         msg = self.assess(group, member, pid or 0, code, slots, hung)
-        self.notify(msg)
+        self.notify(msg, tell)
         return bool(slots)

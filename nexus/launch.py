@@ -38,6 +38,7 @@ from .wire import ReloadRequest, StatusRequest, coord_decoder, encoder
 
 log = structlog.get_logger("nexus.launch")
 ROLES_STOP_ORDER = ("producer", "worker", "router")
+READY_CHECK_EVERY = 0.5  # seconds between the readiness probes (a status request each) until ready
 FAST_RECYCLE = 1.0      # seconds: a member recycling sooner than this after its spawn restarts after a backoff
 
 
@@ -57,6 +58,7 @@ class Launcher:
         self.exit_code = ExitCode.OK
         self.started = time.time()
         self.ready_logged = False
+        self.ready_check_at = 0.0     # monotonic time of the next readiness probe
         self.starting = True          # until the router answers; then producers and workers start
         self.reload_requested = False
         self.scale: dict[str, int] = {g: w.processes for g, w in cfg.workers.items()}
@@ -204,7 +206,9 @@ class Launcher:
         # a member exit the black box explains counts per event (crashes.py), not as a crash loop
         explained = False
         if child.role == "worker":
-            explained = self.crashbook.on_exit(child.group, child.name, child.pid, code, child.box, hung=hung)
+            router = self.children.get("router")
+            explained = self.crashbook.on_exit(child.group, child.name, child.pid, code, child.box, hung=hung,
+                                               tell=router is not None and router.state == "running")
             child.last_exit = self.crashbook.last_exit.get(child.name, child.last_exit)
         child.crashes = [t for t in child.crashes if now - t < self.cfg.crash_window] + ([] if explained else [now])
         if code == ExitCode.CONFIG:
@@ -303,12 +307,18 @@ class Launcher:
         return int(self.exit_code)
 
     def _log_ready(self) -> None:
-        if self.ready_logged:
+        # (a blocking request in the supervision loop: probed every READY_CHECK_EVERY, briefly)
+        now = time.monotonic()
+        if self.ready_logged or now < self.ready_check_at:
             return
-        status = self.router_status(0.2)
+        self.ready_check_at = now + READY_CHECK_EVERY
+        status = self.router_status(0.1)
         if status is None or status.get("router", {}).get("recovering"):
             return                    # still reading its journal: not ready, even with no members
-        for group, n in self.scale.items():
+        for group in self.scale:
+            # members given up on (failed) will not join: not waited for
+            n = sum(1 for c in self.children.values()
+                    if c.role == "worker" and c.group == group and not c.retired and c.state != "failed")
             if len(status["groups"].get(group, {}).get("members", [])) < n:
                 return
         self.ready_logged = True

@@ -261,3 +261,49 @@ def test_f15_async_handler_ignoring_cancellation_ends_the_member(tmp_path):
                 m.streams[2].task.cancel()
             await asyncio.sleep(0.01)
     run(main())
+
+
+# -- finding 14: no blocking requests in the launcher loop turn after turn ----------------------
+def launcher_for(tmp_path, **group):
+    from nexus import config
+    from nexus.launch import Launcher
+    from conftest import write_config
+
+    cfg = config.load(write_config(tmp_path, workers={"g": {"handler": "recorder:record", "processes": 2,
+                                                            "options": {"out": str(tmp_path)}, **group}}))
+    launcher = Launcher(cfg, None)
+    launcher.starting = False
+    return launcher
+
+
+def test_f14_readiness_is_probed_at_a_bounded_rate_and_skips_failed_members(tmp_path):
+    from nexus.children import Child
+
+    launcher = launcher_for(tmp_path)
+    asked = []
+
+    def status(timeout):
+        asked.append(timeout)
+        return {"router": {}, "groups": {"g": {"members": [{"name": "g-0"}]}}}
+    launcher.router_status = status
+    launcher.children = {"g-0": Child("g-0", "worker", "g", state="running"),
+                         "g-1": Child("g-1", "worker", "g", state="backoff")}
+    for _ in range(10):
+        launcher._log_ready()
+    assert len(asked) == 1 and not launcher.ready_logged     # one probe per READY_CHECK_EVERY
+    launcher.children["g-1"].state = "failed"                 # given up on: never joins
+    launcher.ready_check_at = 0.0
+    launcher._log_ready()
+    assert launcher.ready_logged and len(asked) == 2
+
+
+def test_f14_a_member_exit_while_the_router_is_down_asks_nothing(tmp_path):
+    from nexus.blackbox import InFlight
+    from nexus.crashes import CrashBook
+
+    launcher = launcher_for(tmp_path, max_crashes=1)
+    book = CrashBook(launcher.cfg)
+    msg = book.assess("g", "g-0", 1, -11, [InFlight(0, 0, 42)])
+    assert msg.poison == {0: [42]}
+    assert book.notify(msg, tell=False) is False              # no request: nothing to wait for
+    assert book.crashes[("g", 42)] == 0                       # one short of the limit (1): named again next crash
