@@ -467,6 +467,8 @@ class Member(Dispatch):
                 upto = st.handled_upto()
                 if upto > self._last_acks.get(p, -1):
                     acks[p] = upto
+                    if st.skip:
+                        st.forget_skips_upto(upto)     # passed: no delivery checks them again
             if not acks:
                 continue
             # (follow-ups need no flush here: a cause that emitted stays the busy head of its

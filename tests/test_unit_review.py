@@ -307,3 +307,20 @@ def test_f14_a_member_exit_while_the_router_is_down_asks_nothing(tmp_path):
     assert msg.poison == {0: [42]}
     assert book.notify(msg, tell=False) is False              # no request: nothing to wait for
     assert book.crashes[("g", 42)] == 0                       # one short of the limit (1): named again next crash
+
+
+# -- finding 20: a member forgets poison skips once its stream is past them ---------------------
+def test_f20_skips_are_forgotten_once_acked_past(tmp_path):
+    async def main():
+        rig = await make_rig(tmp_path)
+        m = rig.m
+        m._on_assign(Assign(group="g", partitions=list(range(4)), skip={0: [2]}))
+        rig.deliver(0, [event(1), event(2), event(3)])        # seq 2 is dead-lettered poison
+        tasks = [asyncio.ensure_future(m._dispatcher()), asyncio.ensure_future(m._acker())]
+        m._work.set()
+        await wait_async(lambda: m._last_acks.get(0) == 3, 5)
+        for t in tasks:
+            t.cancel()
+        assert [n for n, *_ in rig.handled] == [1, 3]
+        assert m.streams[0].skip is None
+    run(main())
