@@ -120,6 +120,17 @@ class Launcher:
         slots = max(blackbox.DEFAULT_SLOTS, spec.concurrency if spec is not None else 0)
         return blackbox.BlackBox.create(blackbox.path_for(self.cfg.data_dir, child.name), slots)
 
+    @staticmethod
+    def _drop_box(child: Child) -> None:
+        """The child ended for good (scaled away, shutdown): unmap and delete its box."""
+        if child.box is not None:
+            child.box.close()
+            try:
+                os.unlink(child.box.path)
+            except FileNotFoundError:
+                pass
+            child.box = None
+
     def _add(self, name: str, role: str, group: str = "") -> Child:
         child = self.children.get(name) or Child(name, role, group)
         child.retired = False
@@ -183,6 +194,8 @@ class Launcher:
         if self.stopping or child.retired or child.state == "stopping":
             child.state = "stopped"
             log.info("process_stopped", name=child.name, exit_code=code)
+            if child.retired:
+                self._drop_box(child)
             return
         if child.role == "router" and self.starting:
             cls = ConfigError if code == ExitCode.CONFIG else NexusError
@@ -420,6 +433,8 @@ class Launcher:
                 if child.state != "failed":
                     child.state = "stopped"
         end_orphans(self.children.values())
+        for child in self.children.values():
+            self._drop_box(child)
         log.info("shutdown_complete", exit_code=int(self.exit_code))
 
 

@@ -232,6 +232,8 @@ class Router:
             admin.restore_skips(self)
         except BaseException:
             ctx.destroy(linger=0)
+            self.dlq.close()             # a failed start (bind, recovery) leaks no connection or fd
+            self.journal.close()
             raise
         self.dlq_writer = DeadLetterWriter(path).start()
         try:

@@ -324,3 +324,68 @@ def test_f20_skips_are_forgotten_once_acked_past(tmp_path):
         assert [n for n, *_ in rig.handled] == [1, 3]
         assert m.streams[0].skip is None
     run(main())
+
+
+# -- finding 17: leaks of a failed router start and of black boxes --------------------------------
+def open_files_under(path) -> list[str]:
+    import os
+    out = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith(str(path)):
+            out.append(target)
+    return out
+
+
+def test_f17_a_router_start_that_fails_leaves_no_file_open(tmp_path):
+    import pytest
+    import zmq
+
+    from nexus import config
+    from nexus.errors import NexusError
+    from nexus.router import Router
+    from conftest import write_config
+
+    from nexus.testing import free_port
+
+    cfg = config.load(write_config(tmp_path, router={"coord": f"tcp://127.0.0.1:{free_port()}"}))
+    ctx = zmq.Context()
+    taken = ctx.socket(zmq.ROUTER)
+    taken.bind(cfg.coord)                             # the coord endpoint is in use
+    try:
+        router = Router(cfg)
+        with pytest.raises(NexusError):
+            router.run()
+        assert open_files_under(cfg.data_dir) == []
+    finally:
+        taken.close(0)
+        ctx.term()
+
+
+def test_f17_black_boxes_are_unmapped_and_deleted_when_their_child_ends_for_good(tmp_path):
+    import multiprocessing
+    import os
+
+    from nexus.children import Child
+
+    launcher = launcher_for(tmp_path)
+    boxes = []
+    for name in ("g-0", "g-1"):
+        child = Child(name, "worker", "g")
+        child.box = launcher._new_box(child)
+        boxes.append(child.box.path)
+        launcher.children[name] = child
+    # g-1 scaled away: its process ends
+    g1 = launcher.children["g-1"]
+    g1.process = multiprocessing.get_context("fork").Process(target=os._exit, args=(0,))
+    g1.process.start()
+    g1.process.join(10)
+    g1.retired, g1.state = True, "stopping"
+    launcher._on_exit(g1)
+    assert g1.box is None and not os.path.exists(boxes[1]) and os.path.exists(boxes[0])
+    launcher.shutdown()                                   # g-0 never ran: its box goes too
+    assert launcher.children["g-0"].box is None and not os.path.exists(boxes[0])
+    assert open_files_under(launcher.cfg.data_dir) == []
