@@ -272,8 +272,7 @@ def reload(router: "Router", validated: bytes = b"") -> dict:
         log.error("reload_failed", error=str(exc))
         return {"error": str(exc)}
     router.intake.limiter = RateLimiter(fresh.router.rate_limits)
-    changed = [k for k in ("workers", "contracts", "contracts_untyped", "producers")
-               if getattr(fresh, k) != getattr(router.config, k)]
+    changed = config_mod.needs_restart(router.config, fresh)
     router.config = msgspec.structs.replace(router.config, router=msgspec.structs.replace(
         router.config.router, rate_limits=fresh.router.rate_limits))
     log.info("config_reloaded", rate_limits=router.intake.limiter.describe(), needs_restart=changed)

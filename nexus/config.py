@@ -242,6 +242,14 @@ def from_bytes(raw: bytes) -> Config:
     return msgspec.msgpack.decode(raw, type=Config, dec_hook=_dec_hook)
 
 
+RESTART_KEYS = ("workers", "contracts", "contracts_untyped", "producers")   # a reload cannot apply these
+
+
+def needs_restart(old: Config, new: Config) -> list[str]:
+    """The top-level keys changed between two configs that only a restart applies."""
+    return [k for k in RESTART_KEYS if getattr(new, k) != getattr(old, k)]
+
+
 # -- loading -------------------------------------------------------------------
 def _merge(base: dict, overlay: dict) -> dict:
     out = dict(base)

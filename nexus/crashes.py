@@ -41,13 +41,18 @@ class CrashBook:
         self.dead_lettered = 0
         self.last_exit: dict[str, str] = {}     # member -> why it last ended (for `nexus status`)
 
+    def _book(self, group: str, timeout: bool) -> tuple[dict, int]:
+        """The counts an exit goes to and their poison limit: handler timeouts against
+        `retry.attempts`, other crashes against `max_crashes`."""
+        spec = self.cfg.workers.get(group)
+        limit = (spec.retry.attempts if timeout else spec.max_crashes) if spec is not None else 3
+        return (self.timeouts if timeout else self.crashes), limit
+
     def assess(self, group: str, member: str, pid: int, code: int, inflight_slots,
                hung: bool = False) -> MemberExited:
         """Count this exit against the events the box names; build the router's notice."""
         timeout = code == ExitCode.HANDLER_TIMEOUT
-        spec = self.cfg.workers.get(group)
-        limit = (spec.retry.attempts if timeout else spec.max_crashes) if spec is not None else 3
-        book = self.timeouts if timeout else self.crashes
+        book, limit = self._book(group, timeout)
         inflight: dict[int, list[int]] = {}
         poison: dict[int, list[int]] = {}
         counts = {}
@@ -86,9 +91,7 @@ class CrashBook:
         if answer is not None:
             self.dead_lettered += sum(len(s) for s in msg.poison.values())
             return True
-        spec = self.cfg.workers.get(msg.group)
-        book = self.timeouts if msg.reason == "handler_timeout" else self.crashes
-        limit = (spec.retry.attempts if msg.reason == "handler_timeout" else spec.max_crashes) if spec else 3
+        book, limit = self._book(msg.group, msg.reason == "handler_timeout")
         for seqs in msg.poison.values():
             for seq in seqs:
                 book[(msg.group, seq)] = limit - 1

@@ -34,6 +34,7 @@ from .children import KILL_GRACE, Child, end_orphans
 from .crashes import CrashBook
 from .datalock import LAUNCHER_LOCK, ROUTER_LOCK, DataDirLock, clean_stale_run
 from .errors import ConfigError, ExitCode, NexusError, describe_exit
+from .statefile import unlink_quietly
 from .wire import ReloadRequest, StatusRequest, coord_decoder, encoder
 
 log = structlog.get_logger("nexus.launch")
@@ -125,10 +126,7 @@ class Launcher:
         """The child ended for good (scaled away, shutdown): unmap and delete its box."""
         if child.box is not None:
             child.box.close()
-            try:
-                os.unlink(child.box.path)
-            except FileNotFoundError:
-                pass
+            unlink_quietly(child.box.path)
             child.box = None
 
     def _add(self, name: str, role: str, group: str = "") -> Child:
@@ -354,8 +352,7 @@ class Launcher:
         except ConfigError as exc:
             log.error("reload_failed", error=str(exc))
             return {"ok": False, "error": str(exc)}
-        changed = [k for k in ("workers", "contracts", "contracts_untyped", "producers")
-                   if getattr(fresh, k) != getattr(self.cfg, k)]
+        changed = config_mod.needs_restart(self.cfg, fresh)
         cfg = msgspec.structs.replace(self.cfg, router=msgspec.structs.replace(
             self.cfg.router, rate_limits=fresh.router.rate_limits))
         raw = transport.request(zmq.Context.instance(), self.cfg.coord,

@@ -137,7 +137,7 @@ class MemberExited(Coord, tag="member_exited"):
     group: str
     member: str
     exit_code: int                     # negative: killed by that signal
-    reason: str = ""                   # "crashed", "handler_timeout", "hung", "recycled"
+    reason: str = ""                   # "crashed", "handler_timeout", "hung" (a recycle is not told)
     inflight: dict[int, list[int]] = {}
     poison: dict[int, list[int]] = {}
     pid: int = 0                       # the exited process (0: unknown): a newer one may have joined

@@ -125,6 +125,7 @@ class Member(Dispatch):
                 "duplicates_dropped": self.duplicates_dropped, "bad_events": self.bad_events,
                 "bad_deliveries": self.bad_deliveries, "queued": self.queued,
                 "breaker": self.breaker.state, "timeouts": self.timeouts, "rss": rss_bytes(),
+                "rss_peak": peak_rss_bytes(),          # what max_rss is checked against
                 "emits_rejected": self.emits_rejected}
 
     # -- lifecycle -------------------------------------------------------------

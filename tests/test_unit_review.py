@@ -389,3 +389,24 @@ def test_f17_black_boxes_are_unmapped_and_deleted_when_their_child_ends_for_good
     launcher.shutdown()                                   # g-0 never ran: its box goes too
     assert launcher.children["g-0"].box is None and not os.path.exists(boxes[0])
     assert open_files_under(launcher.cfg.data_dir) == []
+
+
+# -- finding 22: one rule, written once ------------------------------------------------------
+def test_f22_member_stats_show_the_peak_rss_max_rss_is_checked_against(tmp_path):
+    async def main():
+        rig = await make_rig(tmp_path, max_rss="1GiB")
+        stats = rig.m.stats()
+        assert stats["rss_peak"] >= stats["rss"] > 0
+    run(main())
+
+
+def test_f22_restart_needing_keys_are_one_list(tmp_path):
+    import msgspec
+
+    from nexus import config
+    from conftest import write_config
+
+    cfg = config.load(write_config(tmp_path))
+    fresh = msgspec.structs.replace(cfg, contracts_untyped=["other.*"])
+    assert config.needs_restart(cfg, fresh) == ["contracts_untyped"]
+    assert config.needs_restart(cfg, cfg) == []
