@@ -79,6 +79,7 @@ def status(router: "Router") -> dict:
             "seq": router.journal.last_seq,
             "journal": {**router.journal.info(), "cursor_past_end": router.cursor_past_end},
             "storage": router.storage.describe(),
+            "dead_letter_writer": router.dlq_writer.describe(),
             "rate_limits": intake.limiter.describe(),
             "recent_rejects": list(intake.reject_log)[-10:],
             "cursor_file_damaged": router.cursors.damage,     # None unless found damaged at start
@@ -159,6 +160,7 @@ def dead_letters_written(router: "Router") -> None:
 def member_exited(router: "Router", group, msg: MemberExited, now: float) -> dict:
     """The launcher saw a member die: free its partitions now, dead-letter the poison it
     names (read from the journal by seq) and make the next owners pass over it."""
+    router.coordinator.suspect(group, msg.inflight, msg.poison)      # before exited() grants them
     for identity, out in router.coordinator.exited(group, msg.member, msg.pid, msg.poison, now):
         router._send_coord(identity, out)
     how = describe_exit(msg.exit_code)
@@ -294,8 +296,7 @@ def reload(router: "Router", validated: bytes = b"") -> dict:
         log.error("reload_failed", error=str(exc))
         return {"error": str(exc)}
     router.intake.limiter = RateLimiter(fresh.router.rate_limits)
-    changed = [k for k in ("workers", "contracts", "contracts_untyped", "producers")
-               if getattr(fresh, k) != getattr(router.config, k)]
+    changed = config_mod.needs_restart(router.config, fresh)
     router.config = msgspec.structs.replace(router.config, router=msgspec.structs.replace(
         router.config.router, rate_limits=fresh.router.rate_limits))
     log.info("config_reloaded", rate_limits=router.intake.limiter.describe(), needs_restart=changed)

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 MAGIC = 0x4E58424F58000001        # "NXBOX" v1
 HEADER_WORDS = 4
 DEFAULT_SLOTS = 64
+MAX_SLOTS = 1 << 16               # the launcher sizes a member's box to its group's concurrency
 
 
 _current: "BlackBox | None" = None
@@ -123,7 +124,7 @@ class BlackBox:
         except (OSError, struct.error):
             os.close(fd)
             raise ValueError(f"{path}: not a black box file") from None
-        if magic != MAGIC or not 0 < slots <= 1 << 16:
+        if magic != MAGIC or not 0 < slots <= MAX_SLOTS:
             os.close(fd)
             raise ValueError(f"{path}: not a black box file")
         return cls(path, fd, int(slots))

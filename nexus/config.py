@@ -131,7 +131,8 @@ class WorkerGroupConfig(Strict):
     breaker: BreakerConfig = BreakerConfig()
     max_in_flight: Positive = 100_000        # events buffered per member (bench: 60k -> 97k events/s over 10k)
     max_in_flight_bytes: ByteSize = ByteSize(64 * 2**20)   # and their bytes: big events catch up in flat memory
-    concurrency: Positive = 16               # async handlers running at once per member
+    # async handlers running at once per member (bounded: a black-box slot each, blackbox.MAX_SLOTS)
+    concurrency: Annotated[int, msgspec.Meta(ge=1, le=65536)] = 16
     dedup_window: Positive = 100_000         # ids of handled events remembered per member
     options: dict[str, Any] = {}             # handed to the handler as ctx.options
     # A handler call running longer is stuck: an async one is cancelled (a TimeoutError that
@@ -259,6 +260,14 @@ def to_bytes(cfg: Config) -> bytes:
 
 def from_bytes(raw: bytes) -> Config:
     return msgspec.msgpack.decode(raw, type=Config, dec_hook=_dec_hook)
+
+
+RESTART_KEYS = ("workers", "contracts", "contracts_untyped", "producers")   # a reload cannot apply these
+
+
+def needs_restart(old: Config, new: Config) -> list[str]:
+    """The top-level keys changed between two configs that only a restart applies."""
+    return [k for k in RESTART_KEYS if getattr(new, k) != getattr(old, k)]
 
 
 # -- loading -------------------------------------------------------------------

@@ -59,6 +59,9 @@ class Group:
     # poison whose dead letter is not stored yet: its partition is granted to no one until
     # it is (a skip applied before the row exists loses the event if the router stops)
     poison_pending: dict[int, set[int]] = field(default_factory=dict)
+    # events in flight together when a member crashed: partition -> seqs every next owner
+    # runs alone (Assign.solo), so the next crash names the culprit alone (crashes.py)
+    suspects: dict[int, set[int]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.owner = [None] * self.partitions
@@ -155,10 +158,15 @@ class Coordinator:
             info.identity = identity
         return True
 
-    def leave(self, group: Group, member: str, acks: dict[int, int], now: float) -> Outgoing:
+    def leave(self, group: Group, member: str, acks: dict[int, int], now: float, busy=()) -> Outgoing:
         if member not in group.members:
             return []
         self.ack(group, member, acks)
+        for p in busy:
+            # its call still ran when the member left (drain deadline): it may have had
+            # effects, so the next owner gets it flagged redelivered
+            if 0 <= p < group.partitions and group.owner[p] == member:
+                group.unclean[p] = max(group.unclean.get(p, 0), self._head(group.name, p))
         self._drop_member(group, member)
         log.info("member_left", group=group.name, member=member)
         return self._rebalance(group, now)
@@ -196,6 +204,14 @@ class Coordinator:
                 out.append((info.identity, Assign(group=group.name, partitions=list(info.view),
                                                   skip={partition: sorted(group.skip[partition])})))
         return out
+
+    def suspect(self, group: Group, inflight: dict[int, list[int]], poison: dict[int, list[int]]) -> None:
+        """A member died with several events in flight: any of them may be the cause."""
+        if sum(len(s) for s in inflight.values()) < 2:
+            return
+        for p, seqs in inflight.items():
+            if 0 <= p < group.partitions:
+                group.suspects.setdefault(p, set()).update(s for s in seqs if s not in poison.get(p, ()))
 
     def expire(self, now: float) -> Outgoing:
         out: Outgoing = []
@@ -287,7 +303,8 @@ class Coordinator:
                         group.unclean.pop(p, None)      # the cursor is past it: clean again
                 out.append((info.identity, Assign(group=group.name, partitions=list(view),
                                                   grants=granted, redelivered=redelivered,
-                                                  skip=self._skips(group, granted))))
+                                                  skip=self._skips(group, granted),
+                                                  solo=self._past_cursor(group, group.suspects, granted))))
         if out:
             log.info("group_assigned", group=group.name,
                      members={m: len(i.view) for m, i in group.members.items()},
@@ -301,18 +318,23 @@ class Coordinator:
     @staticmethod
     def _skips(group: Group, granted: dict[int, int]) -> dict[int, list[int]]:
         """Poison seqs past the cursor of each granted partition (older ones are forgotten)."""
-        if not group.skip:
+        return Coordinator._past_cursor(group, group.skip, granted)
+
+    @staticmethod
+    def _past_cursor(group: Group, table: dict[int, set[int]], granted: dict[int, int]) -> dict[int, list[int]]:
+        """The seqs of `table` past the cursor of each granted partition (older ones are forgotten)."""
+        if not table:
             return {}
         out = {}
         for p in granted:
-            seqs = group.skip.get(p)
+            seqs = table.get(p)
             if seqs:
                 seqs = {s for s in seqs if s > group.cursors[p]}
                 if seqs:
-                    group.skip[p] = seqs
+                    table[p] = seqs
                     out[p] = sorted(seqs)
                 else:
-                    del group.skip[p]
+                    del table[p]
         return out
 
     def replay(self, group: Group, cursor: int) -> Outgoing:

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 log = structlog.get_logger("nexus.launch")
 
 MAX_TRACKED = 10_000          # (group, seq) counts kept; the oldest are forgotten beyond it
-NOTIFY_TIMEOUT = 1.0          # seconds the launcher waits for the router's answer (it answers at once, or is down)
+NOTIFY_TIMEOUT = 0.5          # seconds the launcher waits for the router's answer (it answers at once, or is down)
 
 
 class CrashBook:
@@ -41,13 +41,18 @@ class CrashBook:
         self.dead_lettered = 0
         self.last_exit: dict[str, str] = {}     # member -> why it last ended (for `nexus status`)
 
+    def _book(self, group: str, timeout: bool) -> tuple[dict, int]:
+        """The counts an exit goes to and their poison limit: handler timeouts against
+        `retry.attempts`, other crashes against `max_crashes`."""
+        spec = self.cfg.workers.get(group)
+        limit = (spec.retry.attempts if timeout else spec.max_crashes) if spec is not None else 3
+        return (self.timeouts if timeout else self.crashes), limit
+
     def assess(self, group: str, member: str, pid: int, code: int, inflight_slots,
                hung: bool = False) -> MemberExited:
         """Count this exit against the events the box names; build the router's notice."""
         timeout = code == ExitCode.HANDLER_TIMEOUT
-        spec = self.cfg.workers.get(group)
-        limit = (spec.retry.attempts if timeout else spec.max_crashes) if spec is not None else 3
-        book = self.timeouts if timeout else self.crashes
+        book, limit = self._book(group, timeout)
         inflight: dict[int, list[int]] = {}
         poison: dict[int, list[int]] = {}
         counts = {}
@@ -55,7 +60,9 @@ class CrashBook:
             inflight.setdefault(slot.partition, []).append(slot.seq)
             key = (group, slot.seq)
             n = counts[slot.seq] = book.pop(key, 0) + 1      # re-inserted: the newest last
-            if n >= limit:
+            # poison only when it was alone in flight (the router has suspects of a crash with
+            # several run alone next); twice the limit regardless, so a group never spins forever
+            if (n >= limit and len(inflight_slots) == 1) or n >= 2 * limit:
                 poison.setdefault(slot.partition, []).append(slot.seq)
             else:
                 book[key] = n
@@ -76,17 +83,17 @@ class CrashBook:
         return MemberExited(group=group, member=member, exit_code=code, reason=reason,
                             inflight=inflight, poison=poison, pid=pid)
 
-    def notify(self, msg: MemberExited) -> bool:
+    def notify(self, msg: MemberExited, tell: bool = True) -> bool:
         """Tell the router (it frees the partitions and dead-letters the poison). If it
-        does not answer, the poison counts are kept one short of the limit, so the next
-        crash on the event names it again."""
-        answer = transport.request(zmq.Context.instance(), self.cfg.coord, encoder.encode(msg), NOTIFY_TIMEOUT)
+        does not answer (or is not running: `tell` False, no request), the poison counts
+        are kept one short of the limit, so the next crash on the event names it again."""
+        answer = None
+        if tell:
+            answer = transport.request(zmq.Context.instance(), self.cfg.coord, encoder.encode(msg), NOTIFY_TIMEOUT)
         if answer is not None:
             self.dead_lettered += sum(len(s) for s in msg.poison.values())
             return True
-        spec = self.cfg.workers.get(msg.group)
-        book = self.timeouts if msg.reason == "handler_timeout" else self.crashes
-        limit = (spec.retry.attempts if msg.reason == "handler_timeout" else spec.max_crashes) if spec else 3
+        book, limit = self._book(msg.group, msg.reason == "handler_timeout")
         for seqs in msg.poison.values():
             for seq in seqs:
                 book[(msg.group, seq)] = limit - 1
@@ -94,10 +101,11 @@ class CrashBook:
                     reason="router did not answer; its heartbeat timeout will free the partitions")
         return False
 
-    def on_exit(self, group: str, member: str, pid: int, code: int, box, hung: bool = False) -> bool:
+    def on_exit(self, group: str, member: str, pid: int, code: int, box, hung: bool = False,
+                tell: bool = True) -> bool:
         """An abnormal member exit: count, log, tell the router. True when the box named
         the event(s) it died on (the crash is then bounded per event, not per process)."""
         slots = box.inflight() if box is not None else []
         msg = self.assess(group, member, pid or 0, code, slots, hung)
-        self.notify(msg)
+        self.notify(msg, tell)
         return bool(slots)

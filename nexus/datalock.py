@@ -25,6 +25,7 @@ import structlog
 
 from . import blackbox, process
 from .errors import ConfigError
+from .statefile import unlink_quietly
 
 log = structlog.get_logger("nexus.launch")
 
@@ -103,14 +104,14 @@ def clean_stale_run(data_dir: str, endpoints: list[str], previous_token: str) ->
         killed += [p for p in process.tagged(previous_token) if p not in killed and p != os.getpid()]
         process.signal_pids(killed, 9)
     for path in boxes:
-        _unlink(path)
+        unlink_quietly(path)
     sockets = []
     candidates = [e[len("ipc://"):] for e in endpoints if e.startswith("ipc://")]
     candidates += glob.glob(os.path.join(data_dir, "run", "*"))
     for path in dict.fromkeys(candidates):
         try:
             if stat_mod.S_ISSOCK(os.lstat(path).st_mode):
-                _unlink(path)
+                unlink_quietly(path)
                 sockets.append(os.path.basename(path))
         except OSError:
             pass
@@ -119,8 +120,3 @@ def clean_stale_run(data_dir: str, endpoints: list[str], previous_token: str) ->
     return {"killed": killed, "sockets": sockets, "boxes": len(boxes)}
 
 
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass

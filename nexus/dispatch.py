@@ -33,6 +33,8 @@ SLICE = 0.005               # seconds of sync handlers before the loop gets a tu
 TURN_MAX = 32               # events a partition runs on while another's head of equal priority is older
 MAX_PAYLOAD_DECODERS = 10_000   # (type, v) pairs whose payload decoder is cached
 DEAD_LETTER_RESEND = 3.0    # seconds without the router's confirmation: send the dead letter again
+CANCEL_GRACE = 2.0          # seconds a cancelled async call gets to end before the member ends itself
+SOLO = 1 << 30              # added to `active` while a suspect waits to run alone or runs alone
 
 
 class Dispatch:
@@ -69,6 +71,8 @@ class Dispatch:
                 if w.id in self.recent:
                     self._drop_duplicate(st, seq, w)
                     self._pop(st)
+                    continue
+                if st.solo is not None and not self._solo(st, seq, w):
                     continue
                 st.busy = True
                 st.timed_out = False
@@ -211,17 +215,43 @@ class Dispatch:
             if box is not None:
                 box.end(slot)
         self.active -= 1
+        if self.active == SOLO:
+            self.active = 0                          # a suspect's wait or its lone run is over
         self._outcome(st, error, ctx)
         self._work.set()
+
+    def _solo(self, st: PartitionStream, seq: int, w: WireEvent) -> bool:
+        """Async handlers: an event in flight with others when a member crashed (Assign.solo)
+        runs with no other call in flight, so a crash on it names it alone and only the
+        culprit is charged as poison (crashes.py). `SOLO` added to `active` keeps the
+        dispatcher from starting anything else meanwhile. True: start it now."""
+        if seq not in st.solo:
+            return True
+        if self.active:
+            self.active += SOLO                      # hold: let the running calls end first
+            heapq.heappush(self.ready, (w.priority, seq, st.partition))
+            return False
+        self.active = SOLO                           # run alone
+        st.solo.discard(seq)
+        if not st.solo:
+            st.solo = None
+        self.log.info("suspect_running_alone", seq=seq, partition=st.partition)
+        return True
 
     def _cancel_overdue(self, now: float) -> None:
         """Async handlers: cancel calls running past handler_timeout (from the loop's tick:
         a handler call costs two stores, not a timer)."""
         limit = now - self.spec.handler_timeout
         for st in self.streams.values():
-            if st.task is not None and not st.timed_out and st.started < limit:
+            if st.task is None or st.started >= limit:
+                continue
+            if not st.timed_out:
                 st.timed_out = True
                 st.task.cancel()
+            elif st.started < limit - CANCEL_GRACE:
+                # it ignores the cancellation: end the member as for a stuck sync call (exit 7,
+                # counted against the event; its partitions move on)
+                self.watchdog._timed_out(st, now - st.started, stopping=bool(self.stop_requested_at))
 
     # -- follow-up events: settled before their cause counts as handled -----------------
     def _outcome(self, st: PartitionStream, error: BaseException | None, ctx) -> None:

@@ -160,6 +160,8 @@ class DeadLetterWriter:
         self.path = path
         self.done: collections.deque[PendingDeadLetter] = collections.deque()
         self.busy_waits = 0                  # lock waits (for status)
+        self.errors = 0                      # writes that failed for good (for status)
+        self.last_error = ""
         self._in: queue.SimpleQueue[PendingDeadLetter | None] = queue.SimpleQueue()
         self._stopping = threading.Event()
         self.store = DeadLetterStore(path, timeout=0.1)     # schema made here, before any reader
@@ -181,12 +183,27 @@ class DeadLetterWriter:
         self._thread.join(5)
         self.store.close()
 
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def describe(self) -> dict:
+        return {"alive": self.alive(), "queued": self._in.qsize(), "busy_waits": self.busy_waits,
+                "errors": self.errors, "last_error": self.last_error}
+
     def _run(self) -> None:
         while True:
             item = self._in.get()
             if item is None:
                 return
-            self._write(item)
+            try:
+                self._write(item)
+            except Exception as exc:     # never die: members would wait for DeadLetterStored forever
+                item.error = f"{type(exc).__name__}: {exc}"
+                log.error("dead_letter_store_failed", error=item.error, group=item.fields.get("group"),
+                          seq=item.fields.get("seq"))
+            if item.error:
+                self.errors += 1
+                self.last_error = item.error
             self.done.append(item)
 
     def _write(self, item: PendingDeadLetter) -> None:
@@ -202,10 +219,12 @@ class DeadLetterWriter:
                 if waits:
                     log.info("dead_letter_store_free", waited_attempts=waits)
                 return
-            except sqlite3.OperationalError as exc:
+            except sqlite3.Error as exc:
                 item.error = str(exc)
-                busy = "locked" in item.error or "busy" in item.error
-                if self._stopping.is_set() or (not busy and item.reply_to is not None):
+                operational = isinstance(exc, sqlite3.OperationalError)
+                busy = operational and ("locked" in item.error or "busy" in item.error)
+                # a write the database refuses for good (integrity, corrupt file) is not retried
+                if self._stopping.is_set() or (not busy and (item.reply_to is not None or not operational)):
                     # not a lock (disk full, I/O error): not confirmed, so the member keeps
                     # the event and sends it again; never acked without a stored row. The
                     # router's own (poison) dead letters have no one to resend: retried here

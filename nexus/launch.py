@@ -34,10 +34,13 @@ from .children import KILL_GRACE, Child, end_orphans
 from .crashes import CrashBook
 from .datalock import LAUNCHER_LOCK, ROUTER_LOCK, DataDirLock, clean_stale_run
 from .errors import ConfigError, ExitCode, NexusError, describe_exit
+from .statefile import unlink_quietly
 from .wire import ReloadRequest, StatusRequest, coord_decoder, encoder
 
 log = structlog.get_logger("nexus.launch")
 ROLES_STOP_ORDER = ("producer", "worker", "router")
+READY_CHECK_EVERY = 0.5  # seconds between the readiness probes (a status request each) until ready
+FAST_RECYCLE = 1.0      # seconds: a member recycling sooner than this after its spawn restarts after a backoff
 
 
 class ControlRequest(msgspec.Struct, frozen=True):
@@ -57,6 +60,7 @@ class Launcher:
         self.started = time.time()
         self.ready_logged = False
         self.failed_groups: dict[str, str] = {}     # group -> why its first member was given up on
+        self.ready_check_at = 0.0     # monotonic time of the next readiness probe
         self.starting = True          # until the router answers; then producers and workers start
         self.reload_requested = False
         self.scale: dict[str, int] = {g: w.processes for g, w in cfg.workers.items()}
@@ -94,7 +98,7 @@ class Launcher:
     # -- children ------------------------------------------------------------------
     def _spawn(self, child: Child) -> None:
         if child.box is None:
-            child.box = blackbox.BlackBox.create(blackbox.path_for(self.cfg.data_dir, child.name))
+            child.box = self._new_box(child)
         else:
             child.box.reset()
         # a router restarted under live members lets them rejoin with their partitions first
@@ -112,6 +116,20 @@ class Launcher:
         child.first_beat = 0.0
         child.reaped = False
         log.info("process_started", name=child.name, role=child.role, pid=child.pid)
+
+    def _new_box(self, child: Child) -> blackbox.BlackBox:
+        # a slot per concurrent handler call: with fewer, calls would share one and mix up events
+        spec = self.cfg.workers.get(child.group) if child.role == "worker" else None
+        slots = max(blackbox.DEFAULT_SLOTS, spec.concurrency if spec is not None else 0)
+        return blackbox.BlackBox.create(blackbox.path_for(self.cfg.data_dir, child.name), slots)
+
+    @staticmethod
+    def _drop_box(child: Child) -> None:
+        """The child ended for good (scaled away, shutdown): unmap and delete its box."""
+        if child.box is not None:
+            child.box.close()
+            unlink_quietly(child.box.path)
+            child.box = None
 
     def _add(self, name: str, role: str, group: str = "") -> Child:
         child = self.children.get(name) or Child(name, role, group)
@@ -180,23 +198,35 @@ class Launcher:
         if self.stopping or child.retired or child.state == "stopping":
             child.state = "stopped"
             log.info("process_stopped", name=child.name, exit_code=code)
+            if child.retired:
+                self._drop_box(child)
             return
         if child.role == "router" and self.starting:
             cls = ConfigError if code == ExitCode.CONFIG else NexusError
             raise cls(f"router exited during start ({child.last_exit})" if reason else
                       f"router exited during start ({child.last_exit}); see its log above")
-        if code == ExitCode.RECYCLE and child.role == "worker":
-            # drained and ended itself on purpose (max_rss / max_events): not a crash
-            child.last_exit = "recycled"
-            child.restarts += 1
-            log.info("process_recycled", name=child.name)
-            self._spawn(child)
-            return
         now = time.monotonic()
+        if code == ExitCode.RECYCLE and child.role == "worker":
+            # drained and ended itself on purpose (max_rss / max_events): not a crash; one
+            # that does so right after its start waits restart_backoff[0] (no tight loop)
+            child.last_exit = "recycled"
+            uptime = now - child.spawned
+            if uptime >= FAST_RECYCLE:
+                child.restarts += 1
+                log.info("process_recycled", name=child.name)
+                self._spawn(child)
+            else:
+                delay = self.cfg.restart_backoff[0] if self.cfg.restart_backoff else 1.0
+                child.state, child.restart_at = "backoff", now + delay
+                log.warning("process_recycled", name=child.name, uptime=round(uptime, 2), restart_in=delay,
+                            reason="recycled right after its start")
+            return
         # a member exit the black box explains counts per event (crashes.py), not as a crash loop
         explained = False
         if child.role == "worker":
-            explained = self.crashbook.on_exit(child.group, child.name, child.pid, code, child.box, hung=hung)
+            router = self.children.get("router")
+            explained = self.crashbook.on_exit(child.group, child.name, child.pid, code, child.box, hung=hung,
+                                               tell=router is not None and router.state == "running")
             if not reason:
                 child.last_exit = self.crashbook.last_exit.get(child.name, child.last_exit)
         child.crashes = [t for t in child.crashes if now - t < self.cfg.crash_window] + ([] if explained else [now])
@@ -310,12 +340,18 @@ class Launcher:
         return int(self.exit_code)
 
     def _log_ready(self) -> None:
-        if self.ready_logged:
+        # (a blocking request in the supervision loop: probed every READY_CHECK_EVERY, briefly)
+        now = time.monotonic()
+        if self.ready_logged or now < self.ready_check_at:
             return
-        status = self.router_status(0.2)
+        self.ready_check_at = now + READY_CHECK_EVERY
+        status = self.router_status(0.1)
         if status is None or status.get("router", {}).get("recovering"):
             return                    # still reading its journal: not ready, even with no members
-        for group, n in self.scale.items():
+        for group in self.scale:
+            # members given up on (failed) will not join: not waited for
+            n = sum(1 for c in self.children.values()
+                    if c.role == "worker" and c.group == group and not c.retired and c.state != "failed")
             if len(status["groups"].get(group, {}).get("members", [])) < n:
                 return
         self.ready_logged = True
@@ -338,8 +374,7 @@ class Launcher:
         except ConfigError as exc:
             log.error("reload_failed", error=str(exc))
             return {"ok": False, "error": str(exc)}
-        changed = [k for k in ("workers", "contracts", "contracts_untyped", "producers")
-                   if getattr(fresh, k) != getattr(self.cfg, k)]
+        changed = config_mod.needs_restart(self.cfg, fresh)
         cfg = msgspec.structs.replace(self.cfg, router=msgspec.structs.replace(
             self.cfg.router, rate_limits=fresh.router.rate_limits))
         raw = transport.request(zmq.Context.instance(), self.cfg.coord,
@@ -417,6 +452,8 @@ class Launcher:
                 if child.state != "failed":
                     child.state = "stopped"
         end_orphans(self.children.values())
+        for child in self.children.values():
+            self._drop_box(child)
         log.info("shutdown_complete", exit_code=int(self.exit_code))
 
 

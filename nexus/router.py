@@ -233,6 +233,8 @@ class Router:
             admin.restore_skips(self)
         except BaseException:
             ctx.destroy(linger=0)
+            self.dlq.close()             # a failed start (bind, recovery) leaks no connection or fd
+            self.journal.close()
             raise
         self.dlq_writer = DeadLetterWriter(path).start()
         try:
@@ -327,6 +329,9 @@ class Router:
             box.beat(now)              # the launcher's hang detection reads it
         if self.flusher.error is not None:
             raise self.flusher.error
+        if not self.dlq_writer.alive():
+            # (it catches every error: this is a bug) members would wait for DeadLetterStored forever
+            raise RuntimeError("dead-letter writer thread died")
         for identity, msg in self.coordinator.expire(now):
             self._send_coord(identity, msg)
         if "journal" in self.storage.failing and now >= self._next_probe:
@@ -522,7 +527,7 @@ class Router:
             for ident, out in self.coordinator.released(group, msg.member, msg.acks, now):
                 self._send_coord(ident, out)
         elif isinstance(msg, Leave):
-            for ident, out in self.coordinator.leave(group, msg.member, msg.acks, now):
+            for ident, out in self.coordinator.leave(group, msg.member, msg.acks, now, msg.busy):
                 self._send_coord(ident, out)
 
     def _routes_for(self, type_: str, only_group: str):

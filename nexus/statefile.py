@@ -71,11 +71,11 @@ def write(path: str, body: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
     except BaseException:
-        _unlink(tmp)                       # e.g. ENOSPC: leave no half file behind
+        unlink_quietly(tmp)                # e.g. ENOSPC: leave no half file behind
         raise
     try:
         prev_tmp = f"{path}.prev.tmp"
-        _unlink(prev_tmp)
+        unlink_quietly(prev_tmp)
         os.link(path, prev_tmp)            # no copy: the current inode becomes .prev
         os.replace(prev_tmp, f"{path}.prev")
     except OSError:
@@ -88,10 +88,11 @@ def write(path: str, body: bytes) -> None:
         os.close(fd)
 
 
-def _unlink(path: str) -> None:
+def unlink_quietly(path: str) -> None:
+    """Remove a file if it can be (best effort: cleanup of temp files, boxes, stale sockets)."""
     try:
         os.unlink(path)
-    except FileNotFoundError:
+    except OSError:
         pass
 
 

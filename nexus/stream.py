@@ -54,7 +54,7 @@ class RecentIds(set):
 class PartitionStream:
     __slots__ = ("partition", "watermark", "queue", "busy", "waiting", "attempt", "fetching",
                  "fetch_after", "buffered", "overflow", "behind", "revoked", "redelivered_upto",
-                 "acked", "first_failed", "skip", "dead_letter", "task", "started", "timed_out")
+                 "acked", "first_failed", "skip", "dead_letter", "task", "started", "timed_out", "solo")
 
     def __init__(self, partition: int, cursor: int, redelivered_upto: int = 0):
         self.partition = partition
@@ -79,6 +79,7 @@ class PartitionStream:
         self.task = None           # the asyncio task running an async handler on the head
         self.started = 0.0         # loop stamp when that call began (handler_timeout)
         self.timed_out = False     # that task was cancelled for running past handler_timeout
+        self.solo: set[int] | None = None   # seqs to run with no other call in flight (Assign.solo)
 
     def handled_upto(self) -> int:
         """Every event <= this has been handled: what the member may ack."""

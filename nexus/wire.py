@@ -96,6 +96,7 @@ class Leave(Coord, tag="leave"):
     group: str
     member: str
     acks: dict[int, int] = {}
+    busy: list[int] = []               # partitions whose head call still ran at the drain deadline
 
 
 class Fetch(Coord, tag="fetch"):
@@ -136,7 +137,7 @@ class MemberExited(Coord, tag="member_exited"):
     group: str
     member: str
     exit_code: int                     # negative: killed by that signal
-    reason: str = ""                   # "crashed", "handler_timeout", "hung", "recycled"
+    reason: str = ""                   # "crashed", "handler_timeout", "hung" (a recycle is not told)
     inflight: dict[int, list[int]] = {}
     poison: dict[int, list[int]] = {}
     pid: int = 0                       # the exited process (0: unknown): a newer one may have joined
@@ -179,6 +180,7 @@ class Assign(Coord, tag="assign"):
     redelivered: dict[int, int] = {}   # granted partition -> events <= this may be seen again
     replay: bool = False               # grants rewind the member's streams (journal replay)
     skip: dict[int, list[int]] = {}    # granted partition -> seqs to pass over (dead-lettered poison)
+    solo: dict[int, list[int]] = {}    # granted partition -> seqs to run alone (in flight at a crash with others)
 
 
 class Pulse(Coord, tag="pulse"):

@@ -111,6 +111,8 @@ class Member(Dispatch):
         self.timeouts = 0
         self.recycling = ""                      # why this member drains and ends with RECYCLE
         self.recycle_check_at = self._next_recycle_check()   # handled count of the next check
+        self.recycle_exit = ExitCode.RECYCLE     # FAILURE when max_rss is below our size at start
+        self.rss_at_start = peak_rss_bytes()     # imports and handler loaded
         self.settling: list = []                 # (stream, seq, follow-up ids) waiting for the router
         self._settle_due = asyncio.Event()
         self._emit_errors: dict = {}             # follow-up id -> RejectedError, until matched to its cause
@@ -123,6 +125,7 @@ class Member(Dispatch):
                 "duplicates_dropped": self.duplicates_dropped, "bad_events": self.bad_events,
                 "bad_deliveries": self.bad_deliveries, "queued": self.queued,
                 "breaker": self.breaker.state, "timeouts": self.timeouts, "rss": rss_bytes(),
+                "rss_peak": peak_rss_bytes(),          # what max_rss is checked against
                 "emits_rejected": self.emits_rejected}
 
     # -- lifecycle -------------------------------------------------------------
@@ -190,7 +193,10 @@ class Member(Dispatch):
         while any(st.busy for st in self.streams.values()) and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
         acks = {p: st.handled_upto() for p, st in self.streams.items()}
-        await self._send(Leave(group=self.group, member=self.name, acks=acks))
+        busy = [p for p, st in self.streams.items() if st.busy]     # unacked, maybe half done
+        if busy:
+            self.log.warning("drain_deadline_passed", busy=busy)
+        await self._send(Leave(group=self.group, member=self.name, acks=acks, busy=busy))
 
     async def _send(self, msg) -> None:
         await self.coord.send(encoder.encode(msg))
@@ -275,6 +281,10 @@ class Member(Dispatch):
             st = self.streams[p] = PartitionStream(p, cursor, redelivered)
             self.sub.setsockopt(zmq.SUBSCRIBE, topic(self.group, p))
             self._fetch(st)
+        for p, seqs in msg.solo.items():
+            st = self.streams.get(p)
+            if st is not None and not st.revoked:
+                st.solo = set(seqs)
         for p, seqs in msg.skip.items():
             st = self.streams.get(p)
             if st is not None and not st.revoked:
@@ -458,6 +468,8 @@ class Member(Dispatch):
                 upto = st.handled_upto()
                 if upto > self._last_acks.get(p, -1):
                     acks[p] = upto
+                    if st.skip:
+                        st.forget_skips_upto(upto)     # passed: no delivery checks them again
             if not acks:
                 continue
             # (follow-ups need no flush here: a cause that emitted stays the busy head of its
@@ -494,13 +506,19 @@ class Member(Dispatch):
 
     def _check_recycle(self) -> None:
         self.recycle_check_at = self._next_recycle_check()
-        if self.recycling or self.stop_event.is_set():
-            return
+        if self.recycling or self.stop_event.is_set() or not self.handled:
+            return          # nothing handled since start: a restart would not make us smaller
         spec = self.spec
         if spec.max_events is not None and self.handled >= spec.max_events:
             self.recycling = f"handled {self.handled} events (max_events {spec.max_events})"
         elif spec.max_rss is not None and (rss := peak_rss_bytes()) > spec.max_rss:
             self.recycling = f"rss {rss >> 20} MiB over max_rss {spec.max_rss >> 20} MiB"
+            if self.rss_at_start > spec.max_rss:
+                # a restart starts over the limit again: end as a failure, so the launcher
+                # backs off and gives up after crash_loop instead of recycling per event
+                self.recycle_exit = ExitCode.FAILURE
+                self.log.error("max_rss_below_start_size", rss_at_start_mib=self.rss_at_start >> 20,
+                               max_rss_mib=spec.max_rss >> 20)
         if self.recycling:
             self.recycle_check_at = float("inf")
             # graceful: take nothing new, finish and ack what is in flight, leave, exit RECYCLE
@@ -537,4 +555,4 @@ def main(config: Config, group: str, name: str) -> None:
 
     asyncio.run(runner())
     if members and members[0].recycling:
-        sys.exit(int(ExitCode.RECYCLE))
+        sys.exit(int(members[0].recycle_exit))

@@ -58,3 +58,12 @@ def forwards(event, ctx) -> None:
     else:
         ctx.emit("test.follow", {"of": event.id}, key=event.key)
     _record(event, ctx, ctx.options["out"])
+
+
+async def exits_async(event, ctx) -> None:
+    """Async: takes options.slow seconds on every event (so several are in flight at once)
+    and os._exit()s 0.3 s into the poison event, while the others are still running."""
+    await asyncio.sleep(0.3 if _poison(event) else float(ctx.options.get("slow", 0.05)))
+    if _poison(event):
+        os._exit(13)
+    _record(event, ctx, ctx.options["out"])
