@@ -27,6 +27,7 @@ from .segments import (CHUNK, HEADER, MAX_RECORD, SUFFIX, Damage, Scanner, Segme
 
 LENSEQ = struct.Struct("<IQ")
 HEADER_SIZE = HEADER.size
+SMALL_BODY = 4096                 # read(want=...) hands bodies up to this size over as bytes
 INDEX_EVERY = 512                     # one sparse index point per this many records
 READ_BYTES = 8 * 2**20                # default byte bound of one read() batch
 
@@ -291,13 +292,13 @@ class Journal:
 
     # -- read ------------------------------------------------------------------
     def read(self, after: int, max_records: int, max_bytes: int = READ_BYTES,
-             want: Callable[[memoryview], object] | None = None,
+             want: Callable[[bytes | memoryview], object] | None = None,
              max_scan: tuple[int, int] | None = None) -> list[tuple[int, object]]:
         """Records with seq > after, in order: at most max_records, and at most max_bytes
         of bodies (or one record). Damaged ranges are skipped.
 
-        `want(body)` filters: a falsy answer skips the record (neither copied nor CRC-checked:
-        it is not served), True keeps the body, any other value is kept instead of the body
+        `want(body)` filters (body: bytes up to SMALL_BODY, else a view of the read chunk):
+        a falsy answer skips the record (not CRC-checked: it is not served), True keeps the body, any other value is kept instead of the body
         (the caller's decoded form, no second decode). `max_scan` = (records, bytes) bounds
         the work of a filtered read.
         `read_upto` is then the last seq examined, where the next read may go on."""
@@ -308,10 +309,11 @@ class Journal:
         total = 0
         scan_records, scan_bytes = max_scan or (1 << 62, 1 << 62)
         scanned = scanned_bytes = 0
+        read_upto = after          # (a local in the loop: stored once at the end)
         firsts = [s.first for s in self.segments]
         i = max(0, bisect.bisect_right(firsts, after + 1) - 1)
         full = False
-        unpack, crc32 = HEADER.unpack_from, zlib.crc32
+        unpack, crc32, append = HEADER.unpack_from, zlib.crc32, out.append
         while i < len(self.segments) and not full:
             seg = self.segments[i]
             i += 1
@@ -323,18 +325,18 @@ class Journal:
             else:
                 off, prev = 0, seg.first - 1
             fd, size = seg.read_fd(), seg.size
-            buf, mv, bstart = b"", memoryview(b""), off    # a window of the file (inlined: hot)
+            buf, mv, bstart, nbuf = b"", memoryview(b""), off, 0    # a window of the file (inlined: hot)
             while off < size:
-                if len(out) >= max_records or (out and total >= max_bytes) or scanned >= scan_records \
+                if len(out) >= max_records or (total >= max_bytes and out) or scanned >= scan_records \
                         or scanned_bytes >= scan_bytes:
                     full = True
                     break
                 rel = off - bstart
-                if rel < 0 or rel + HEADER_SIZE > len(buf):
+                if rel < 0 or rel + HEADER_SIZE > nbuf:
                     buf = os.pread(fd, CHUNK, off)
-                    mv, bstart, rel = memoryview(buf), off, 0
+                    mv, bstart, rel, nbuf = memoryview(buf), off, 0, len(buf)
                 good = False
-                if rel + HEADER_SIZE <= len(buf):
+                if rel + HEADER_SIZE <= nbuf:
                     crc, length, seq = unpack(buf, rel)
                     end = off + HEADER_SIZE + length
                     good = length <= MAX_RECORD and end <= size and seq > prev
@@ -342,19 +344,24 @@ class Journal:
                     if seq <= after:
                         prev, off = seq, end
                         continue
-                    if rel + HEADER_SIZE + length > len(buf):
-                        buf = os.pread(fd, max(CHUNK, HEADER_SIZE + length), off)
-                        mv, bstart, rel = memoryview(buf), off, 0
                     body_at = rel + HEADER_SIZE
+                    if body_at + length > nbuf:
+                        buf = os.pread(fd, max(CHUNK, HEADER_SIZE + length), off)
+                        mv, bstart, rel, nbuf = memoryview(buf), off, 0, len(buf)
+                        body_at = HEADER_SIZE
                     if want is not None:
                         scanned += 1
                         scanned_bytes += end - off
                         try:
-                            keep = want(mv[body_at:body_at + length])
+                            # a small body as bytes (a copy is cheaper than a view), a large
+                            # one as a view of the chunk (not copied just to be filtered)
+                            keep = want(buf[body_at:body_at + length] if length <= SMALL_BODY
+                                        else mv[body_at:body_at + length])
                         except Exception:       # unreadable: the CRC check below decides
                             keep = True
                         if not keep:
-                            prev, off, self.read_upto = seq, end, seq
+                            prev = read_upto = seq
+                            off = end
                             continue
                     else:
                         keep = True
@@ -362,9 +369,10 @@ class Journal:
                         if out and total + length > max_bytes:
                             full = True
                             break
-                        out.append((seq, buf[body_at:body_at + length] if keep is True else keep))
+                        append((seq, buf[body_at:body_at + length] if keep is True else keep))
                         total += length
-                        prev, off, self.read_upto = seq, end, seq
+                        prev = read_upto = seq
+                        off = end
                         continue
                 # a known range (found on open, or by an earlier read) that starts here or
                 # that a plausible header led into: not found and logged again
@@ -375,7 +383,8 @@ class Journal:
                                   nseq - 1 if nseq else (seg.last if seg.last > prev else 0))
                 off = dmg_end
             else:
-                self.read_upto = max(self.read_upto, seg.last)   # the whole segment was examined
+                read_upto = max(read_upto, seg.last)   # the whole segment was examined
+        self.read_upto = read_upto
         return out
 
     def iter_all(self, after: int = 0, chunk: int = 10_000) -> Iterator[tuple[int, bytes]]:

@@ -559,19 +559,21 @@ class Router:
             # kept: the event alone, copied out of the read buffer (the reply holds no chunk)
             entry = decode(body)          # unreadable: read() checks the CRC (damage)
             if entry.khash % partitions == p and in_group(entry):
-                return msgspec.Raw(bytes(entry.event))
+                # a view into the read chunk is copied out (small bodies come as bytes of
+                # their own: nothing to copy)
+                return entry.event if type(body) is bytes else entry.event.copy()
             return None
 
         journal = self.journal
         records = journal.read(msg.after, limit, max_bytes=rc.fetch_bytes, want=want,
                                max_scan=(max(limit * 50, 50_000), max(FETCH_SCAN_BYTES, 2 * rc.fetch_bytes)))
-        if any(type(event) is not msgspec.Raw for _, event in records):
+        seqs, events = (list(column) for column in zip(*records)) if records else ([], [])
+        if set(map(type, events)) - {msgspec.Raw}:
             # a CRC-valid body that does not decode (never written so by a router): skip it
-            records = [(seq, event) for seq, event in records if type(event) is msgspec.Raw]
-        seqs = [seq for seq, _ in records]
-        events = [event for _, event in records]
+            kept = [(seq, event) for seq, event in records if type(event) is msgspec.Raw]
+            seqs, events = [seq for seq, _ in kept], [event for _, event in kept]
         upto = max(journal.read_upto, msg.after)
-        if not records and upto == msg.after:
+        if not seqs and upto == msg.after:
             upto = max(msg.after, journal.last_seq)    # nothing readable after it
         return Records(group=group.name, partition=p, after=msg.after, upto=upto,
                        seqs=seqs, events=events, complete=upto >= journal.last_seq)
