@@ -555,10 +555,17 @@ class Router:
         p, partitions = msg.partition, group.partitions
         in_group, decode = self.group_filter(group.name), entry_decoder.decode
 
+        name, by_type = group.name, {}     # (in_group's answer per type, without its call)
+
         def want(body):
             # kept: the event alone, copied out of the read buffer (the reply holds no chunk)
             entry = decode(body)          # unreadable: read() checks the CRC (damage)
-            if entry.khash % partitions == p and in_group(entry):
+            if entry.khash % partitions != p:
+                return None
+            ok = entry.group == name if entry.group else by_type.get(entry.type)
+            if ok is None:
+                ok = by_type[entry.type] = in_group(entry)
+            if ok:
                 # a view into the read chunk is copied out (small bodies come as bytes of
                 # their own: nothing to copy)
                 return entry.event if type(body) is bytes else entry.event.copy()
