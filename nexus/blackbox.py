@@ -31,6 +31,7 @@ MAGIC = 0x4E58424F58000001        # "NXBOX" v1
 HEADER_WORDS = 4
 DEFAULT_SLOTS = 64
 MAX_SLOTS = 1 << 16               # the launcher sizes a member's box to its group's concurrency
+SLOT0_SEQ, SLOT0_PARTITION = HEADER_WORDS, HEADER_WORDS + 1   # `words` indexes of slot 0 (mark/unmark)
 
 
 _current: "BlackBox | None" = None
@@ -99,6 +100,7 @@ class BlackBox:
         self._map = mmap.mmap(fd, _size(slots))
         os.close(fd)
         self._u64 = memoryview(self._map).cast("Q")
+        self.words = self._u64      # for the dispatcher's inlined mark/unmark (hot path)
         self._f64 = memoryview(self._map).cast("d")
         self.slots = slots
         self._free = list(range(slots - 1, -1, -1))      # a stack: slot 0 first
@@ -156,12 +158,13 @@ class BlackBox:
         self._free.append(slot)
 
     # one handler call at a time (sync handlers): slot 0, no bookkeeping
+    # (Dispatch._run_stream inlines these as stores into `words`)
     def mark(self, partition: int, seq: int) -> None:
-        self._u64[HEADER_WORDS + 1] = partition
-        self._u64[HEADER_WORDS] = seq
+        self._u64[SLOT0_PARTITION] = partition
+        self._u64[SLOT0_SEQ] = seq
 
     def unmark(self) -> None:
-        self._u64[HEADER_WORDS] = 0
+        self._u64[SLOT0_SEQ] = 0
 
     # -- the launcher reads --------------------------------------------------------
     def last_beat(self) -> float:

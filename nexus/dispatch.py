@@ -22,6 +22,7 @@ from typing import Any, Callable
 
 import msgspec
 
+from .blackbox import SLOT0_PARTITION, SLOT0_SEQ
 from .breaker import CLOSED
 from .context import Context
 from .errors import DependencyError, NexusError, PermanentError
@@ -86,7 +87,11 @@ class Dispatch:
         turn (see the module doc). Returns True when the slice is used up (`st` is back
         on the heap then)."""
         queue, ready, recent, clock = st.queue, self.ready, self.recent, time.perf_counter
-        box, p = self.box, st.partition
+        # the black box's slot 0 (sync calls run one at a time): the partition is written
+        # once per run (no call is marked then: seq word 0), the seq word per call
+        words = self.box.words if self.box is not None else None
+        if words is not None:
+            words[SLOT0_PARTITION] = st.partition
         turn = 0
         while True:
             turn += 1
@@ -96,8 +101,8 @@ class Dispatch:
             else:
                 st.busy = True
                 ctx = None
-                if box is not None:
-                    box.mark(p, seq)             # a crash from here on names this event
+                if words is not None:
+                    words[SLOT0_SEQ] = seq       # a crash from here on names this event
                 self.call_stream = st            # the watchdog times this call
                 self.calls += 1
                 try:
@@ -107,8 +112,8 @@ class Dispatch:
                 except Exception as exc:
                     error = exc
                 self.call_stream = None
-                if box is not None:
-                    box.unmark()
+                if words is not None:
+                    words[SLOT0_SEQ] = 0
                 if error is not None or self.breaker.state != CLOSED or (ctx is not None and ctx.emitted):
                     self._outcome(st, error, ctx)   # retries, breaker, dead letters, emits: the general path
                     return clock() > deadline

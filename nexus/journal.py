@@ -28,6 +28,7 @@ from .segments import (CHUNK, HEADER, MAX_RECORD, SUFFIX, Damage, Scanner, Segme
 
 LENSEQ = struct.Struct("<IQ")
 HEADER_SIZE = HEADER.size
+SMALL_BODY = 4096                 # read(want=...) hands bodies up to this size over as bytes
 INDEX_EVERY = 512                     # one sparse index point per this many records
 READ_BYTES = 8 * 2**20                # default byte bound of one read() batch
 
@@ -395,7 +396,10 @@ class Journal:
                         scanned += 1
                         scanned_bytes += end - off
                         try:
-                            keep = want(mv[body_at:body_at + length])
+                            # a small body as bytes (a copy is cheaper than a view), a large
+                            # one as a view of the chunk (not copied just to be filtered)
+                            keep = want(buf[body_at:body_at + length] if length <= SMALL_BODY
+                                        else mv[body_at:body_at + length])
                         except Exception:       # unreadable: the CRC check below decides
                             keep = True
                         if not keep:

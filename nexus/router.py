@@ -560,17 +560,27 @@ class Router:
         p, partitions = msg.partition, group.partitions
         in_group, decode = self.group_filter(group.name), entry_decoder.decode
 
+        name, by_type = group.name, {}     # (in_group's answer per type, without its call)
+
         def want(body):
             # kept: the event alone, copied out of the read buffer (the reply holds no chunk)
             entry = decode(body)          # unreadable: read() checks the CRC (damage)
-            if entry.khash % partitions == p and in_group(entry):
-                return msgspec.Raw(bytes(entry.event))
+            if entry.khash % partitions != p:
+                return None
+            ok = entry.group == name if entry.group else by_type.get(entry.type)
+            if ok is None:
+                ok = by_type[entry.type] = in_group(entry)
+            if ok:
+                # a view into the read chunk is copied out (small bodies come as bytes of
+                # their own: nothing to copy)
+                return entry.event if type(body) is bytes else entry.event.copy()
             return None
 
         journal = self.journal
         records = journal.read(msg.after, limit, max_bytes=rc.fetch_bytes, want=want,
                                max_scan=(max(limit * 50, 50_000), max(FETCH_SCAN_BYTES, 2 * rc.fetch_bytes)))
-        if any(type(event) is not msgspec.Raw for _, event in records):
+        seqs, events = (list(column) for column in zip(*records)) if records else ([], [])
+        if set(map(type, events)) - {msgspec.Raw}:
             # a CRC-valid body that does not decode (never written so by a router): skip it
             records = [(seq, event) for seq, event in records if type(event) is msgspec.Raw]
         seqs = [seq for seq, _ in records]

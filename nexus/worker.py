@@ -216,7 +216,7 @@ class Member(Dispatch):
             if isinstance(msg, Assign):
                 self._on_assign(msg)
             elif isinstance(msg, Records):
-                self._on_records(msg)
+                self._on_records(msg, len(raw))
             elif isinstance(msg, Error):
                 self._on_error(msg)
             elif isinstance(msg, DeadLetterStored):
@@ -331,14 +331,17 @@ class Member(Dispatch):
                                                after=st.watermark,
                                                limit=min(room, self.config.router.fetch_limit))))
 
-    def _on_records(self, msg: Records) -> None:
+    def _on_records(self, msg: Records, nbytes: int | None = None) -> None:
+        """`nbytes`: the reply's size as received (the byte budget's measure, like a live
+        frame's; without it the events are measured one by one)."""
         st = self.streams.get(msg.partition)
         if st is None or st.revoked or not st.fetching or msg.after != st.fetch_after:
             return
         st.fetching = False
         if msg.events:
-            self._observe(sum(len(e.payload) if type(e) is WireEvent else len(e) for e in msg.events),
-                          len(msg.events))
+            if nbytes is None:
+                nbytes = sum(len(e.payload) if type(e) is WireEvent else len(e) for e in msg.events)
+            self._observe(nbytes, len(msg.events))
         self._enqueue(st, msg.seqs, msg.events, msg.upto)
         if not msg.complete or st.overflow:
             st.overflow = False
