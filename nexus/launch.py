@@ -345,13 +345,18 @@ class Launcher:
         if self.ready_logged or now < self.ready_check_at:
             return
         self.ready_check_at = now + READY_CHECK_EVERY
+        # members given up on (failed) will not join: not waited for; but a group with
+        # members wanted and none left can never have its partitions assigned: not ready
+        # (no request needed to know that)
+        live = {group: sum(1 for c in self.children.values()
+                           if c.role == "worker" and c.group == group and not c.retired and c.state != "failed")
+                for group in self.scale}
+        if any(n > 0 and live[group] == 0 for group, n in self.scale.items()):
+            return
         status = self.router_status(0.1)
         if status is None or status.get("router", {}).get("recovering"):
             return                    # still reading its journal: not ready, even with no members
-        for group in self.scale:
-            # members given up on (failed) will not join: not waited for
-            n = sum(1 for c in self.children.values()
-                    if c.role == "worker" and c.group == group and not c.retired and c.state != "failed")
+        for group, n in live.items():
             if len(status["groups"].get(group, {}).get("members", [])) < n:
                 return
         self.ready_logged = True
