@@ -97,7 +97,8 @@ def recovering_status(router: "Router") -> dict:
             "recovered_records": journal.recovery.records, "accepted": 0, "rejected": 0,
             "rejected_by_reason": {}, "duplicates": 0, "tail_subscribers": 0, "seq": journal.last_seq,
             "journal": {**journal.info(), "cursor_past_end": []}, "storage": router.storage.describe(),
-            "rate_limits": {}, "recent_rejects": [],
+            # the limits are configured before recovery starts; report them, not {}
+            "rate_limits": router.intake.limiter.describe(), "recent_rejects": [],
         },
         # no members yet (they join once recovery is done): readiness waits for them
         "groups": {name: {"partitions": g.partitions, "members": [], "unassigned": g.partitions,
