@@ -15,6 +15,7 @@ by a consumer process) without validation, journal, acks or coordination:
 Every process is started with the spawn method, every run is bounded in count
 and in time, and every process is joined or killed before a function returns.
 """
+
 from __future__ import annotations
 
 import multiprocessing
@@ -27,10 +28,10 @@ from typing import Any
 
 import msgspec
 
-from nexus.outbox import MAX_BATCH_EVENTS
+from nexus.producer.outbox import MAX_BATCH_EVENTS
 
 EVENT_TYPE = "bench.event"
-SEND_HWM = 1_000_000        # raw chain: enough that PUB never drops in a bounded run
+SEND_HWM = 1_000_000  # raw chain: enough that PUB never drops in a bounded run
 
 
 class RawEvent(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -73,9 +74,9 @@ def _mark(seen: bytearray, n: int) -> bool:
 
 
 # -- raw pyzmq chain -------------------------------------------------------------------
-def _raw_producer(idx: int, producers: int, endpoint: str, count: int, seconds: float, size: int,
-                  go, results) -> None:
+def _raw_producer(idx: int, producers: int, endpoint: str, count: int, seconds: float, size: int, go, results) -> None:
     import zmq
+
     ctx = zmq.Context()
     sock = ctx.socket(zmq.PUSH)
     sock.setsockopt(zmq.SNDHWM, 100_000)
@@ -91,8 +92,7 @@ def _raw_producer(idx: int, producers: int, endpoint: str, count: int, seconds: 
     batch: list[msgspec.Raw] = []
     i = 0
     while i < count:
-        ev = RawEvent(EVENT_TYPE, source, {"n": _n(idx, i, producers), "pad": pad},
-                      f"{prefix}{i:020x}", time.time())
+        ev = RawEvent(EVENT_TYPE, source, {"n": _n(idx, i, producers), "pad": pad}, f"{prefix}{i:020x}", time.time())
         batch.append(msgspec.Raw(enc.encode(ev)))
         i += 1
         if len(batch) >= MAX_BATCH_EVENTS:
@@ -102,16 +102,16 @@ def _raw_producer(idx: int, producers: int, endpoint: str, count: int, seconds: 
                 break
     if batch:
         sock.send(enc.encode(RawBatch(batch)))
-    sock.send(b"")                                  # end marker
+    sock.send(b"")  # end marker
     t_last = time.time()
     sock.close()
     ctx.term()
-    results.put({"idx": idx, "sent": i, "t_first": t_first, "t_last": t_last,
-                 "cpu": time.process_time()})
+    results.put({"idx": idx, "sent": i, "t_first": t_first, "t_last": t_last, "cpu": time.process_time()})
 
 
 def _raw_router(pull_ep: str, pub_ep: str, producers: int, ready, results, timeout: float) -> None:
     import zmq
+
     ctx = zmq.Context()
     pull = ctx.socket(zmq.PULL)
     pull.setsockopt(zmq.RCVHWM, 100_000)
@@ -150,6 +150,7 @@ def _raw_router(pull_ep: str, pub_ep: str, producers: int, ready, results, timeo
 
 def _raw_consumer(sub_ep: str, results, timeout: float) -> None:
     import zmq
+
     ctx = zmq.Context()
     sub = ctx.socket(zmq.SUB)
     sub.setsockopt(zmq.RCVHWM, SEND_HWM)
@@ -173,8 +174,16 @@ def _raw_consumer(sub_ep: str, results, timeout: float) -> None:
             if _mark(seen, ev.payload["n"]):
                 dups += 1
         last = time.time()
-    results.put({"role": "consumer", "count": count, "duplicates": dups, "last": last,
-                 "bitmap": bytes(seen), "cpu": time.process_time()})
+    results.put(
+        {
+            "role": "consumer",
+            "count": count,
+            "duplicates": dups,
+            "last": last,
+            "bitmap": bytes(seen),
+            "cpu": time.process_time(),
+        }
+    )
     sub.close(0)
     ctx.term()
 
@@ -189,15 +198,21 @@ def _mpq_producer(idx: int, producers: int, q, count: int, seconds: float, size:
     end = time.monotonic() + seconds
     i = 0
     while i < count:
-        q.put({"type": EVENT_TYPE, "source": source, "payload": {"n": _n(idx, i, producers), "pad": pad},
-               "id": f"{prefix}{i:020x}", "time": time.time()})
+        q.put(
+            {
+                "type": EVENT_TYPE,
+                "source": source,
+                "payload": {"n": _n(idx, i, producers), "pad": pad},
+                "id": f"{prefix}{i:020x}",
+                "time": time.time(),
+            }
+        )
         i += 1
         if not i % 1000 and time.monotonic() >= end:
             break
     q.put(None)
     t_last = time.time()
-    results.put({"idx": idx, "sent": i, "t_first": t_first, "t_last": t_last,
-                 "cpu": time.process_time()})
+    results.put({"idx": idx, "sent": i, "t_first": t_first, "t_last": t_last, "cpu": time.process_time()})
     q.close()
     q.join_thread()
 
@@ -238,8 +253,16 @@ def _mpq_consumer(q, ready, results, timeout: float) -> None:
         if _mark(seen, ev["payload"]["n"]):
             dups += 1
         last = time.time()
-    results.put({"role": "consumer", "count": count, "duplicates": dups, "last": last,
-                 "bitmap": bytes(seen), "cpu": time.process_time()})
+    results.put(
+        {
+            "role": "consumer",
+            "count": count,
+            "duplicates": dups,
+            "last": last,
+            "bitmap": bytes(seen),
+            "cpu": time.process_time(),
+        }
+    )
 
 
 # -- running them ------------------------------------------------------------------------
@@ -265,8 +288,12 @@ def count_loss(bitmaps: list[bytes], sent: list[int]) -> dict:
         distinct_sum += v.bit_count()
         union |= v
     expected = expected_bitmap(sent)
-    return {"unique": union.bit_count(), "lost": (expected & ~union).bit_count(),
-            "unexpected": (union & ~expected).bit_count(), "cross_duplicates": distinct_sum - union.bit_count()}
+    return {
+        "unique": union.bit_count(),
+        "lost": (expected & ~union).bit_count(),
+        "unexpected": (union & ~expected).bit_count(),
+        "cross_duplicates": distinct_sum - union.bit_count(),
+    }
 
 
 def _collect(procs: list, results, want: int, timeout: float) -> list[dict]:
@@ -306,12 +333,18 @@ def _summarize(name: str, prod: list[dict], others: list[dict], producers: int) 
     loss = count_loss([consumer["bitmap"]], sent) if consumer.get("bitmap") is not None else {}
     elapsed = last - first if last and first else 0.0
     return {
-        "name": name, "sent": total, "handled": count,
+        "name": name,
+        "sent": total,
+        "handled": count,
         "events_per_s": round(loss.get("unique", count) / elapsed) if elapsed > 0 else 0,
         "elapsed_s": round(elapsed, 3),
-        "lost": loss.get("lost", total), "duplicates": consumer.get("duplicates", 0),
-        "cpu_s": {"producers": round(sum(r["cpu"] for r in prod), 3),
-                  "router": round(router.get("cpu", 0.0), 3), "consumer": round(consumer.get("cpu", 0.0), 3)},
+        "lost": loss.get("lost", total),
+        "duplicates": consumer.get("duplicates", 0),
+        "cpu_s": {
+            "producers": round(sum(r["cpu"] for r in prod), 3),
+            "router": round(router.get("cpu", 0.0), 3),
+            "consumer": round(consumer.get("cpu", 0.0), 3),
+        },
         "error": router.get("error", "") or ("" if consumer else "consumer did not report"),
     }
 
@@ -322,10 +355,14 @@ def run_raw_zmq(count: int, producers: int, size: int, seconds: float, timeout: 
     tmp = tempfile.mkdtemp(prefix="nexus-bench-raw-")
     pull_ep, pub_ep = f"ipc://{tmp}/pull", f"ipc://{tmp}/pub"
     results, go, ready = mp.Queue(), mp.Event(), mp.Event()
-    procs = [mp.Process(target=_raw_router, args=(pull_ep, pub_ep, producers, ready, results, timeout)),
-             mp.Process(target=_raw_consumer, args=(pub_ep, results, timeout))]
-    prods = [mp.Process(target=_raw_producer, args=(i, producers, pull_ep, count, seconds, size, go, results))
-             for i in range(producers)]
+    procs = [
+        mp.Process(target=_raw_router, args=(pull_ep, pub_ep, producers, ready, results, timeout)),
+        mp.Process(target=_raw_consumer, args=(pub_ep, results, timeout)),
+    ]
+    prods = [
+        mp.Process(target=_raw_producer, args=(i, producers, pull_ep, count, seconds, size, go, results))
+        for i in range(producers)
+    ]
     try:
         for p in procs + prods:
             p.start()
@@ -345,10 +382,14 @@ def run_mpqueue(count: int, producers: int, size: int, seconds: float, timeout: 
     mp = multiprocessing.get_context("spawn")
     q1, q2 = mp.Queue(maxsize=100_000), mp.Queue(maxsize=100_000)
     results, go, ready_mid, ready_cons = mp.Queue(), mp.Event(), mp.Event(), mp.Event()
-    procs = [mp.Process(target=_mpq_middle, args=(q1, q2, producers, ready_mid, results, timeout)),
-             mp.Process(target=_mpq_consumer, args=(q2, ready_cons, results, timeout))]
-    prods = [mp.Process(target=_mpq_producer, args=(i, producers, q1, count, seconds, size, go, results))
-             for i in range(producers)]
+    procs = [
+        mp.Process(target=_mpq_middle, args=(q1, q2, producers, ready_mid, results, timeout)),
+        mp.Process(target=_mpq_consumer, args=(q2, ready_cons, results, timeout)),
+    ]
+    prods = [
+        mp.Process(target=_mpq_producer, args=(i, producers, q1, count, seconds, size, go, results))
+        for i in range(producers)
+    ]
     try:
         for p in procs + prods:
             p.start()

@@ -1,9 +1,10 @@
 """Fixtures of the micro suite (`python -m pytest bench/ -q`).
 
 Each benchmark that works on a batch uses BATCH events (Nexus' own batch size,
-nexus.outbox.MAX_BATCH_EVENTS) and records `per_event_ns` in extra_info, so
+nexus.producer.outbox.MAX_BATCH_EVENTS) and records `per_event_ns` in extra_info, so
 `--benchmark-json` carries per-event costs next to per-call times.
 """
+
 from __future__ import annotations
 
 import sys
@@ -13,8 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from nexus.events import Event, encode, new_id
-from nexus.outbox import MAX_BATCH_EVENTS
+from nexus.producer.outbox import MAX_BATCH_EVENTS
+from nexus.protocol.events import Event, encode, new_id
 
 REPO = str(Path(__file__).resolve().parent.parent)
 if REPO not in sys.path:
@@ -25,8 +26,7 @@ PAD = "x" * 16
 
 
 def make_event(n: int, type_: str = "bench.event", key: str | None = None) -> Event:
-    return Event(type=type_, source="bench-0", payload={"n": n, "pad": PAD}, id=new_id(),
-                 time=time.time(), key=key)
+    return Event(type=type_, source="bench-0", payload={"n": n, "pad": PAD}, id=new_id(), time=time.time(), key=key)
 
 
 @pytest.fixture(scope="session")
@@ -39,23 +39,41 @@ def raw_events() -> list[bytes]:
 def raw_typed_events() -> list[bytes]:
     """BATCH encoded events with a contract (file.created), as the file producer sends them."""
     import nexus.contracts  # noqa: F401  registers the built-in contracts
-    return [encode(Event(type="file.created", source="file:inbox",
-                         payload={"path": f"/tmp/inbox/f{i}.txt", "watcher": "inbox", "size": i},
-                         id=new_id(), time=time.time())) for i in range(BATCH)]
+
+    return [
+        encode(
+            Event(
+                type="file.created",
+                source="file:inbox",
+                payload={"path": f"/tmp/inbox/f{i}.txt", "watcher": "inbox", "size": i},
+                id=new_id(),
+                time=time.time(),
+            )
+        )
+        for i in range(BATCH)
+    ]
 
 
 def write_config(directory: Path, groups: int = 1, partitions: int = 16) -> Path:
     cfg = {
         "data_dir": "./var",
-        "router": {"ingest": "ipc://{data_dir}/run/ingest", "confirm": "ipc://{data_dir}/run/confirm",
-                   "journal": {"fsync": "never"}},
+        "router": {
+            "ingest": "ipc://{data_dir}/run/ingest",
+            "confirm": "ipc://{data_dir}/run/confirm",
+            "journal": {"fsync": "never"},
+        },
         "contracts": ["nexus.contracts"],
         "contracts_untyped": ["bench.*"],
-        "workers": {f"bench{g}": {"handler": "bench.noop:Counter", "subscribe": ["bench.*"],
-                                  "partitions": partitions, "start": "earliest",
-                                  "options": {"out": str(directory / "out"), "group": f"bench{g}",
-                                              "sample_every": 50}}
-                    for g in range(groups)},
+        "workers": {
+            f"bench{g}": {
+                "handler": "bench.noop:Counter",
+                "subscribe": ["bench.*"],
+                "partitions": partitions,
+                "start": "earliest",
+                "options": {"out": str(directory / "out"), "group": f"bench{g}", "sample_every": 50},
+            }
+            for g in range(groups)
+        },
     }
     (directory / "out").mkdir(parents=True, exist_ok=True)
     path = directory / "nexus.yaml"
@@ -66,6 +84,7 @@ def write_config(directory: Path, groups: int = 1, partitions: int = 16) -> Path
 @pytest.fixture
 def bench_config(tmp_path):
     from nexus import config
+
     return config.load(write_config(tmp_path))
 
 

@@ -14,6 +14,7 @@ as a duplicate) and, for sampled events, records handler start minus `event.time
 router; `close()` (run when the member stops on SIGTERM) writes the full result
 as msgpack: counts, the bitmap, latency samples, first and last handle times.
 """
+
 from __future__ import annotations
 
 import array
@@ -47,9 +48,9 @@ class Counter:
         self.first = 0.0
         self.last = 0.0
         self.member = ""
-        self.seen = bytearray(1 << 17)          # bitmap over payload["n"], grows on demand
+        self.seen = bytearray(1 << 17)  # bitmap over payload["n"], grows on demand
         self.latency = array.array("d")
-        self.sent_at = array.array("d")          # event.time of each latency sample
+        self.sent_at = array.array("d")  # event.time of each latency sample
         self._countdown = self.sample_every
         self._stop = threading.Event()
         self._progress_path = os.path.join(self.out, f"progress-{self.group}-{self.pid}.json")
@@ -95,8 +96,9 @@ class Counter:
 
     def _write_progress(self) -> None:
         try:
-            _write_atomic(self._progress_path, msgspec.json.encode(
-                {"count": self.count, "last": self.last, "pid": self.pid}))
+            _write_atomic(
+                self._progress_path, msgspec.json.encode({"count": self.count, "last": self.last, "pid": self.pid})
+            )
         except OSError:
             pass
 
@@ -105,13 +107,18 @@ class Counter:
         self._thread.join(2)
         self._write_progress()
         result = {
-            "group": self.group, "member": self.member, "pid": self.pid,
-            "count": self.count, "duplicates": self.duplicates, "redelivered": self.redelivered,
-            "bad": self.bad, "first": self.first, "last": self.last,
+            "group": self.group,
+            "member": self.member,
+            "pid": self.pid,
+            "count": self.count,
+            "duplicates": self.duplicates,
+            "redelivered": self.redelivered,
+            "bad": self.bad,
+            "first": self.first,
+            "last": self.last,
             "sample_every": self.sample_every,
             "bitmap": bytes(self.seen),
             "latency": self.latency.tobytes(),
             "sent_at": self.sent_at.tobytes(),
         }
-        _write_atomic(os.path.join(self.out, f"result-{self.group}-{self.pid}.msgpack"),
-                      msgspec.msgpack.encode(result))
+        _write_atomic(os.path.join(self.out, f"result-{self.group}-{self.pid}.msgpack"), msgspec.msgpack.encode(result))

@@ -15,6 +15,7 @@ and a multiprocessing.Queue chain) and prints the ratios.
 Every run is bounded in count and time; the pipeline is always stopped and the
 temp dir removed (unless --keep).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,7 +36,7 @@ from pathlib import Path
 import msgspec
 import yaml
 
-from nexus.outbox import MAX_BATCH_EVENTS
+from nexus.producer.outbox import MAX_BATCH_EVENTS
 from nexus.testing import LaunchedPipeline
 
 from . import baselines
@@ -70,8 +71,7 @@ def write_config(directory: Path, args) -> Path:
         "router": {
             "ingest": "ipc://{data_dir}/run/ingest",
             "confirm": "ipc://{data_dir}/run/confirm",
-            "journal": {"fsync": args.fsync, "fsync_interval_ms": args.fsync_interval_ms,
-                        "retain": args.retain},
+            "journal": {"fsync": args.fsync, "fsync_interval_ms": args.fsync_interval_ms, "retain": args.retain},
         },
         "contracts": ["nexus.contracts"],
         "contracts_untyped": ["bench.*"],
@@ -94,16 +94,20 @@ def proc_sample(pid: int) -> dict | None:
     except (FileNotFoundError, ProcessLookupError, IndexError):
         return None
     kb = lambda key: int(status.get(key, "0 kB").split()[0]) * 1024
-    return {"cpu": (int(fields[11]) + int(fields[12])) / CLK_TCK,   # utime + stime
-            "rss": kb("VmRSS"), "hwm": kb("VmHWM"), "t": time.monotonic()}
+    return {
+        "cpu": (int(fields[11]) + int(fields[12])) / CLK_TCK,  # utime + stime
+        "rss": kb("VmRSS"),
+        "hwm": kb("VmHWM"),
+        "t": time.monotonic(),
+    }
 
 
 def host_cpu() -> tuple[float, float]:
     """(busy seconds, total seconds) summed over all CPUs, from /proc/stat."""
     with open("/proc/stat") as f:
         fields = [int(x) for x in f.readline().split()[1:]]
-    idle = fields[3] + fields[4]                       # idle + iowait
-    total = sum(fields[:8])                            # up to steal
+    idle = fields[3] + fields[4]  # idle + iowait
+    total = sum(fields[:8])  # up to steal
     return (total - idle) / CLK_TCK, total / CLK_TCK
 
 
@@ -130,7 +134,7 @@ class Sampler:
         while not self._stop.wait(self.interval):
             self.sample()
 
-    def start(self) -> "Sampler":
+    def start(self) -> Sampler:
         self.host_start = host_cpu()
         self.sample()
         self._thread.start()
@@ -160,10 +164,23 @@ class Sampler:
 
 
 # -- producers -----------------------------------------------------------------------------
-def producer_main(idx: int, producers: int, endpoint: str, confirm: bool, count: int, seconds: float,
-                  rate: float, size: int, keys: int, window: int, go, results) -> None:
+def producer_main(
+    idx: int,
+    producers: int,
+    endpoint: str,
+    confirm: bool,
+    count: int,
+    seconds: float,
+    rate: float,
+    size: int,
+    keys: int,
+    window: int,
+    go,
+    results,
+) -> None:
     """One producer process: nexus.Producer, `count` events or `seconds`, paced when rate > 0."""
     from nexus import Producer
+
     result = {"idx": idx, "sent": 0, "t_first": 0.0, "t_last": 0.0, "error": ""}
     i = 0
     try:
@@ -192,16 +209,19 @@ def producer_main(idx: int, producers: int, endpoint: str, confirm: bool, count:
                 stop = min(count, i + 500)
             while i < stop:
                 n = idx + i * producers
-                send(EVENT_TYPE, {"n": n, "pad": pad},
-                     key=key_names[n % keys] if key_names else None)
+                send(EVENT_TYPE, {"n": n, "pad": pad}, key=key_names[n % keys] if key_names else None)
                 i += 1
         t_last = time.time()
         result.update(t_first=t_first, t_last=t_last)
         p.flush(120)
         result["t_flushed"] = time.time()
         p.close(10)
-        result.update(cpu=time.process_time(), resent=p.stats["resent"], batches=batches[0],
-                      avg_batch=round(i / batches[0], 1) if batches[0] else 0)
+        result.update(
+            cpu=time.process_time(),
+            resent=p.stats["resent"],
+            batches=batches[0],
+            avg_batch=round(i / batches[0], 1) if batches[0] else 0,
+        )
     except BaseException as exc:  # reported, never raised past the process
         result["error"] = f"producer {idx}: {type(exc).__name__}: {exc}"
     result["sent"] = i
@@ -221,6 +241,7 @@ def _count_batches(producer) -> list[int]:
         if batch is not None:
             counter[0] += 1
         return batch
+
     outbox.next_batch = next_batch
     return counter
 
@@ -233,7 +254,7 @@ def read_progress(out: Path) -> dict[str, int]:
             data = msgspec.json.decode(f.read_bytes())
         except (OSError, msgspec.DecodeError):
             continue
-        group = f.name[len("progress-"):].rsplit("-", 1)[0]
+        group = f.name[len("progress-") :].rsplit("-", 1)[0]
         totals[group] = totals.get(group, 0) + data["count"]
     return totals
 
@@ -279,14 +300,32 @@ def run_nexus(args) -> dict:
         pids["launcher"] = pipeline.proc.pid
         cfg_endpoint = f"ipc://{tmp}/var/run/confirm" if args.mode == "confirm" else f"ipc://{tmp}/var/run/ingest"
 
-        per_producer = args.count or (math.ceil(args.rate * args.duration / args.producers) + 1 if args.rate
-                                      else DEFAULT_MAX_PER_PRODUCER)
+        per_producer = args.count or (
+            math.ceil(args.rate * args.duration / args.producers) + 1 if args.rate else DEFAULT_MAX_PER_PRODUCER
+        )
         results, go = mp.Queue(), mp.Event()
         rate = args.rate / args.producers if args.rate else 0.0
-        prods = [mp.Process(target=producer_main, daemon=True,
-                            args=(i, args.producers, cfg_endpoint, args.mode == "confirm", per_producer,
-                                  args.duration, rate, args.size, args.keys, args.window, go, results))
-                 for i in range(args.producers)]
+        prods = [
+            mp.Process(
+                target=producer_main,
+                daemon=True,
+                args=(
+                    i,
+                    args.producers,
+                    cfg_endpoint,
+                    args.mode == "confirm",
+                    per_producer,
+                    args.duration,
+                    rate,
+                    args.size,
+                    args.keys,
+                    args.window,
+                    go,
+                    results,
+                ),
+            )
+            for i in range(args.producers)
+        ]
         for p in prods:
             p.start()
         # producers import nexus and create their Producer first; `go` starts the clock
@@ -356,8 +395,7 @@ def run_nexus(args) -> dict:
         summary["stop_s"] = round(time.monotonic() - t_stop, 3)
         summary["launcher_exit"] = code
         member_results = read_results(out)
-        summary.update(analyze(args, sent, prod_results, member_results, sampler, t_go, t_done, status,
-                               restarts, pids))
+        summary.update(analyze(args, sent, prod_results, member_results, sampler, t_go, t_done, status, restarts, pids))
         summary["errors"] = errors + summary.get("errors", [])
         # without a full drain, "lost" counts events not handled by the end of the run:
         # they are in the journal, not gone
@@ -391,9 +429,21 @@ def start_profilers(args, pids: dict[str, int], tmp: Path) -> list[subprocess.Po
     targets = ["router"] + [n for n in pids if n.startswith("bench")][:1] + ["producer0"]
     for name in targets:
         base = os.path.join(args.profile, f"{name}")
-        cmd = ["py-spy", "record", "--pid", str(pids[name]), "--duration", str(int(max(1, args.profile_seconds or args.duration))),
-               "--rate", "200", "--format", args.profile_format, *(["--native"] if args.profile_native else []),
-               "-o", base + (".svg" if args.profile_format == "flamegraph" else f".{args.profile_format}")]
+        cmd = [
+            "py-spy",
+            "record",
+            "--pid",
+            str(pids[name]),
+            "--duration",
+            str(int(max(1, args.profile_seconds or args.duration))),
+            "--rate",
+            "200",
+            "--format",
+            args.profile_format,
+            *(["--native"] if args.profile_native else []),
+            "-o",
+            base + (".svg" if args.profile_format == "flamegraph" else f".{args.profile_format}"),
+        ]
         procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
     return procs
 
@@ -405,7 +455,7 @@ def analyze(args, sent, prod_results, member_results, sampler, t_go, t_done, sta
     t_last_send = max((r["t_last"] for r in prod_results if r.get("t_last")), default=t_go)
     groups = {}
     all_latency: list[float] = []
-    windows: dict[int, list[float]] = {}      # second of sending -> latency samples
+    windows: dict[int, list[float]] = {}  # second of sending -> latency samples
     last_handler = 0.0
     warm = t_first + args.warmup
     for g in range(args.groups):
@@ -422,14 +472,17 @@ def analyze(args, sent, prod_results, member_results, sampler, t_go, t_done, sta
             a, t = array.array("d"), array.array("d")
             a.frombytes(r["latency"])
             t.frombytes(r["sent_at"])
-            for x, sent_at in zip(a, t):
+            for x, sent_at in zip(a, t, strict=False):
                 if sent_at >= warm:
                     lat.append(x)
                     windows.setdefault(int(sent_at - warm), []).append(x)
         groups[name] = {
-            "handled": handled, "unique": loss["unique"], "lost": loss["lost"],
+            "handled": handled,
+            "unique": loss["unique"],
+            "lost": loss["lost"],
             "duplicates": sum(r["duplicates"] for r in rs) + loss["cross_duplicates"],
-            "unexpected": loss["unexpected"], "members": len(rs),
+            "unexpected": loss["unexpected"],
+            "members": len(rs),
             "per_member": [r["count"] for r in rs],
         }
         all_latency.extend(lat)
@@ -446,10 +499,13 @@ def analyze(args, sent, prod_results, member_results, sampler, t_go, t_done, sta
                 "cpu_pct": round(100 * (last["cpu"] - first["cpu"]) / wall, 1) if wall > 0 else 0.0,
                 "rss_mb": round(last["rss"] / 2**20, 1),
                 "peak_rss_mb": round(max(s["hwm"] for s in series) / 2**20, 1),
-                "rss_1min_mb": (round(sampler.rss_at(name, 60) / 2**20, 1)
-                                if sampler.rss_at(name, 60) is not None else None),
-                "rss_series_mb": [[round(x["t"] - first["t"], 1), round(x["rss"] / 2**20, 1)]
-                                  for x in series[::max(1, len(series) // 60)]],
+                "rss_1min_mb": (
+                    round(sampler.rss_at(name, 60) / 2**20, 1) if sampler.rss_at(name, 60) is not None else None
+                ),
+                "rss_series_mb": [
+                    [round(x["t"] - first["t"], 1), round(x["rss"] / 2**20, 1)]
+                    for x in series[:: max(1, len(series) // 60)]
+                ],
             }
     router_status = status.get("router", {})
     # per-second windows: other tenants of a shared machine show up as bad seconds;
@@ -480,8 +536,10 @@ def analyze(args, sent, prod_results, member_results, sampler, t_go, t_done, sta
         "groups": groups,
         "latency_ms": percentiles(all_latency),
         "processes": samples,
-        "producers": [{k: r.get(k) for k in ("idx", "sent", "cpu", "resent", "batches", "avg_batch", "error")}
-                      for r in prod_results],
+        "producers": [
+            {k: r.get(k) for k in ("idx", "sent", "cpu", "resent", "batches", "avg_batch", "error")}
+            for r in prod_results
+        ],
         "router": {k: router_status.get(k) for k in ("accepted", "rejected", "duplicates", "seq")},
         "restarts": {k: v for k, v in restarts.items() if v},
     }
@@ -491,67 +549,99 @@ def analyze(args, sent, prod_results, member_results, sampler, t_go, t_done, sta
 def print_table(args, summary: dict) -> None:
     nx = summary["nexus"]
     p = print
-    p(f"\nNexus pipeline: mode={args.mode} fsync={args.fsync} producers={args.producers} groups={args.groups} "
-      f"members={args.members} size={args.size}B keys={args.keys or 'source'} "
-      f"rate={'max' if not args.rate else f'{args.rate:g}/s'} duration={args.duration:g}s batch={MAX_BATCH_EVENTS}")
-    p(f"  ready          {nx.get('ready_s')} s  (spawn -> LaunchedPipeline.wait_ready; partitions assigned at "
-      f"{nx.get('assigned_s')} s)")
+    p(
+        f"\nNexus pipeline: mode={args.mode} fsync={args.fsync} producers={args.producers} groups={args.groups} "
+        f"members={args.members} size={args.size}B keys={args.keys or 'source'} "
+        f"rate={'max' if not args.rate else f'{args.rate:g}/s'} duration={args.duration:g}s batch={MAX_BATCH_EVENTS}"
+    )
+    p(
+        f"  ready          {nx.get('ready_s')} s  (spawn -> LaunchedPipeline.wait_ready; partitions assigned at "
+        f"{nx.get('assigned_s')} s)"
+    )
     p(f"  sent           {nx['sent']:,} events in {nx['send_window_s']} s ({nx['send_rate']:,}/s at the producers)")
-    p(f"  end to end     {nx['events_per_s']:,} events/s  ({nx['elapsed_s']} s first send -> last handler; "
-      f"{nx['deliveries_per_s']:,} deliveries/s over {args.groups} group(s))")
+    p(
+        f"  end to end     {nx['events_per_s']:,} events/s  ({nx['elapsed_s']} s first send -> last handler; "
+        f"{nx['deliveries_per_s']:,} deliveries/s over {args.groups} group(s))"
+    )
     lat = nx["latency_ms"]
     if lat:
-        p(f"  latency ms     p50 {lat['p50']}  p90 {lat['p90']}  p99 {lat['p99']}  p99.9 {lat['p999']}  "
-          f"max {lat['max']}  ({lat['samples']:,} samples, send -> handler start)")
+        p(
+            f"  latency ms     p50 {lat['p50']}  p90 {lat['p90']}  p99 {lat['p99']}  p99.9 {lat['p999']}  "
+            f"max {lat['max']}  ({lat['samples']:,} samples, send -> handler start)"
+        )
     lw = nx.get("latency_windows_ms")
     if lw:
-        p(f"  per 1 s window p50 best/median/worst {lw['p50']['best']}/{lw['p50']['median']}/{lw['p50']['worst']} ms, "
-          f"p99 {lw['p99']['best']}/{lw['p99']['median']}/{lw['p99']['worst']} ms ({lw['windows']} windows)")
-    p(f"  host           {nx.get('host_busy_cores')} of {os.cpu_count()} CPUs busy on average; other tenants "
-      f"~{nx.get('other_load_cores')} CPUs (busy minus this run's processes)")
+        p(
+            "  per 1 s window p50 best/median/worst "
+            f"{lw['p50']['best']}/{lw['p50']['median']}/{lw['p50']['worst']} ms, "
+            f"p99 {lw['p99']['best']}/{lw['p99']['median']}/{lw['p99']['worst']} ms ({lw['windows']} windows)"
+        )
+    p(
+        f"  host           {nx.get('host_busy_cores')} of {os.cpu_count()} CPUs busy on average; other tenants "
+        f"~{nx.get('other_load_cores')} CPUs (busy minus this run's processes)"
+    )
     lost_label = "lost / dup    " if nx.get("drained", True) else "unhandled/dup "
-    p(f"  {lost_label} {nx['lost']} / {nx['duplicates']}    router accepted={nx['router'].get('accepted')} "
-      f"rejected={nx['router'].get('rejected')}")
+    p(
+        f"  {lost_label} {nx['lost']} / {nx['duplicates']}    router accepted={nx['router'].get('accepted')} "
+        f"rejected={nx['router'].get('rejected')}"
+    )
     p(f"  {'process':<12}{'cpu s':>9}{'cpu %':>8}{'rss MB':>9}{'peak MB':>9}{'@1min MB':>10}")
     for name, s in nx["processes"].items():
-        p(f"  {name:<12}{s['cpu_s']:>9}{s['cpu_pct']:>8}{s['rss_mb']:>9}{s['peak_rss_mb']:>9}"
-          f"{s['rss_1min_mb'] if s['rss_1min_mb'] is not None else '-':>10}")
+        p(
+            f"  {name:<12}{s['cpu_s']:>9}{s['cpu_pct']:>8}{s['rss_mb']:>9}{s['peak_rss_mb']:>9}"
+            f"{s['rss_1min_mb'] if s['rss_1min_mb'] is not None else '-':>10}"
+        )
     for pr in nx["producers"]:
-        p(f"  producer {pr['idx']}: sent {pr['sent']:,} in {pr.get('batches')} messages (avg {pr.get('avg_batch')} "
-          f"events) cpu {pr.get('cpu') and round(pr['cpu'], 2)} s resent {pr.get('resent')} {pr.get('error') or ''}")
+        p(
+            f"  producer {pr['idx']}: sent {pr['sent']:,} in {pr.get('batches')} messages (avg {pr.get('avg_batch')} "
+            f"events) cpu {pr.get('cpu') and round(pr['cpu'], 2)} s resent {pr.get('resent')} {pr.get('error') or ''}"
+        )
     if nx.get("restarts"):
         p(f"  restarts       {nx['restarts']}")
     for e in nx.get("errors", []):
         p(f"  ERROR          {e}")
     if summary.get("nexus_runs"):
         r = summary["nexus_runs"]
-        p(f"  over {len(r['events_per_s']['all'])} runs: events/s best {r['events_per_s']['best']:,} median "
-          f"{r['events_per_s']['median']:,} (all {r['events_per_s']['all']}); p50 ms best {r['latency_p50_ms']['best']} "
-          f"median {r['latency_p50_ms']['median']}; p99 ms best {r['latency_p99_ms']['best']} median "
-          f"{r['latency_p99_ms']['median']}; p99.9 ms best {r['latency_p999_ms']['best']} median "
-          f"{r['latency_p999_ms']['median']}; lost {r['lost']} dup {r['duplicates']}")
+        p(
+            f"  over {len(r['events_per_s']['all'])} runs: events/s best {r['events_per_s']['best']:,} median "
+            f"{r['events_per_s']['median']:,} (all {r['events_per_s']['all']}); "
+            f"p50 ms best {r['latency_p50_ms']['best']} "
+            f"median {r['latency_p50_ms']['median']}; p99 ms best {r['latency_p99_ms']['best']} median "
+            f"{r['latency_p99_ms']['median']}; p99.9 ms best {r['latency_p999_ms']['best']} median "
+            f"{r['latency_p999_ms']['median']}; lost {r['lost']} dup {r['duplicates']}"
+        )
     if summary.get("ready"):
         rd = summary["ready"]
-        p(f"  ready x{rd['ready_s']['n']}       best {rd['ready_s']['best']} s  median {rd['ready_s']['median']} s  "
-          f"worst {rd['ready_s']['worst']} s  (all members assigned: median {rd['assigned_s']['median']} s)")
+        p(
+            f"  ready x{rd['ready_s']['n']}       best {rd['ready_s']['best']} s  median {rd['ready_s']['median']} s  "
+            f"worst {rd['ready_s']['worst']} s  (all members assigned: median {rd['assigned_s']['median']} s)"
+        )
     for key in ("raw_zmq", "mpqueue"):
         b = summary.get(key)
         if b:
             runs = f"  (runs: best {b['runs']['best']:,} median {b['runs']['median']:,})" if b.get("runs") else ""
-            p(f"\nbaseline {key:<8} {b['events_per_s']:>10,} events/s  sent {b['sent']:,} lost {b['lost']} "
-              f"dup {b['duplicates']}  cpu s {b['cpu_s']} {b.get('error') or ''}{runs}")
+            p(
+                f"\nbaseline {key:<8} {b['events_per_s']:>10,} events/s  sent {b['sent']:,} lost {b['lost']} "
+                f"dup {b['duplicates']}  cpu s {b['cpu_s']} {b.get('error') or ''}{runs}"
+            )
     if summary.get("ratios"):
         p("\nratios  " + "  ".join(f"{k} = {v}" for k, v in summary["ratios"].items()))
         if args.rate or args.groups > 1 or args.members > 1:
-            p("        (the baselines run unpaced with one consumer: compare against an unpaced "
-              "1-group, 1-member Nexus run)")
+            p(
+                "        (the baselines run unpaced with one consumer: compare against an unpaced "
+                "1-group, 1-member Nexus run)"
+            )
 
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(prog="python -m bench.pipeline", description=__doc__.split("\n\n")[0])
     ap.add_argument("--duration", type=float, default=10.0, help="seconds of sending (default 10)")
-    ap.add_argument("--count", type=int, default=0, help="max events per producer (default: rate*duration, "
-                    f"or {DEFAULT_MAX_PER_PRODUCER:,} unpaced)")
+    ap.add_argument(
+        "--count",
+        type=int,
+        default=0,
+        help=f"max events per producer (default: rate*duration, or {DEFAULT_MAX_PER_PRODUCER:,} unpaced)",
+    )
     ap.add_argument("--rate", type=float, default=0.0, help="total events/s, paced (default 0: as fast as possible)")
     ap.add_argument("--producers", type=int, default=1)
     ap.add_argument("--groups", type=int, default=1)
@@ -565,26 +655,44 @@ def parse_args(argv=None):
     ap.add_argument("--fsync-interval-ms", type=int, default=50)
     ap.add_argument("--retain", default="7d", help="journal retention (e.g. 30s for long runs)")
     ap.add_argument("--max-in-flight", type=int, default=0, help="per member (default: config default)")
-    ap.add_argument("--sample-every", type=int, default=0,
-                    help="latency sample 1 in N events (default: every event when paced, up to 900k samples; else 50)")
-    ap.add_argument("--warmup", type=float, default=0.5,
-                    help="latency: ignore events sent in the first S seconds (default 0.5)")
+    ap.add_argument(
+        "--sample-every",
+        type=int,
+        default=0,
+        help="latency sample 1 in N events (default: every event when paced, up to 900k samples; else 50)",
+    )
+    ap.add_argument(
+        "--warmup", type=float, default=0.5, help="latency: ignore events sent in the first S seconds (default 0.5)"
+    )
     ap.add_argument("--sample-interval", type=float, default=0.5, help="CPU/RSS sampling period (s)")
     ap.add_argument("--drain-timeout", type=float, default=120.0)
     ap.add_argument("--stall-timeout", type=float, default=20.0)
     ap.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
-    ap.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=True,
-                    help="also run the raw pyzmq and multiprocessing.Queue baselines (default on)")
+    ap.add_argument(
+        "--baselines",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also run the raw pyzmq and multiprocessing.Queue baselines (default on)",
+    )
     ap.add_argument("--baseline-timeout", type=float, default=120.0)
     ap.add_argument("--profile", metavar="DIR", help="py-spy record the router and one member into DIR")
     ap.add_argument("--profile-seconds", type=float, default=0, help="py-spy duration (default: --duration)")
     ap.add_argument("--profile-native", action="store_true", help="py-spy --native (C frames too)")
     ap.add_argument("--profile-format", default="raw", choices=("raw", "flamegraph", "speedscope"))
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (config, journal, logs)")
-    ap.add_argument("--repeat", type=int, default=1,
-                    help="run Nexus (and each baseline) N times; report the median run, best and median")
-    ap.add_argument("--ready-repeat", type=int, default=0, metavar="N",
-                    help="first measure spawn -> ready N times (start/stop only)")
+    ap.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="run Nexus (and each baseline) N times; report the median run, best and median",
+    )
+    ap.add_argument(
+        "--ready-repeat",
+        type=int,
+        default=0,
+        metavar="N",
+        help="first measure spawn -> ready N times (start/stop only)",
+    )
     ap.add_argument("--json", action="store_true", help="print a JSON summary instead of the table")
     args = ap.parse_args(argv)
     if not args.sample_every:
@@ -628,8 +736,11 @@ def best_median(runs: list[dict], key: str, higher_is_better: bool = True) -> di
     values = sorted(r[key] for r in runs)
     if not values:
         return {}
-    return {"best": values[-1] if higher_is_better else values[0], "median": values[len(values) // 2],
-            "all": [r[key] for r in runs]}
+    return {
+        "best": values[-1] if higher_is_better else values[0],
+        "median": values[len(values) // 2],
+        "all": [r[key] for r in runs],
+    }
 
 
 def main(argv=None) -> int:
@@ -656,14 +767,14 @@ def _main(args) -> int:
             "latency_p99_ms": best_median([{"v": r["latency_ms"].get("p99", 0)} for r in runs], "v", False),
             "latency_p999_ms": best_median([{"v": r["latency_ms"].get("p999", 0)} for r in runs], "v", False),
             "ready_s": best_median(runs, "ready_s", False),
-            "lost": sum(r["lost"] for r in runs), "duplicates": sum(r["duplicates"] for r in runs),
+            "lost": sum(r["lost"] for r in runs),
+            "duplicates": sum(r["duplicates"] for r in runs),
         }
     if args.baselines and nx["sent"]:
         count = math.ceil(nx["sent"] / args.producers)
         seconds = max(args.duration * 3, 30.0)
         for key, fn in (("raw_zmq", baselines.run_raw_zmq), ("mpqueue", baselines.run_mpqueue)):
-            bruns = [fn(count, args.producers, args.size, seconds, args.baseline_timeout)
-                     for _ in range(args.repeat)]
+            bruns = [fn(count, args.producers, args.size, seconds, args.baseline_timeout) for _ in range(args.repeat)]
             border = sorted(range(len(bruns)), key=lambda i: bruns[i]["events_per_s"])
             summary[key] = bruns[border[len(border) // 2]]
             if len(bruns) > 1:

@@ -1,13 +1,14 @@
 """Batching on both ends: the producer outbox, the publish Delivery codec, and the member's
 per-event path (enqueue, priority heap, Event + Context, handler, pop)."""
+
 from __future__ import annotations
 
 import msgspec
 import pytest
 
-from nexus.outbox import Outbox
-from nexus.stream import PartitionStream
-from nexus.wire import Delivery, ProducerReply, delivery_decoder, encoder
+from nexus.member.stream import PartitionStream
+from nexus.producer.outbox import Outbox
+from nexus.protocol.wire import Delivery, ProducerReply, delivery_decoder, encoder
 
 from .conftest import BATCH, per_event
 
@@ -20,6 +21,7 @@ def test_outbox_fire_batch(benchmark, raw_events):
         for r in raw_events:
             ob.add("id", r)
         return ob.next_batch(0.0)
+
     benchmark(run)
     per_event(benchmark, BATCH)
 
@@ -33,6 +35,7 @@ def test_outbox_confirm_batch_and_ack(benchmark, raw_events):
             ob.add("id", r)
         ob.next_batch(0.0)
         ob.on_reply(ProducerReply(ack=ob.next_pseq - 1), 0.0)
+
     benchmark(run)
     per_event(benchmark, BATCH)
 
@@ -58,13 +61,15 @@ def test_stream_take(benchmark, raw_events):
     def run():
         st = PartitionStream(0, 0)
         return st.take(seqs, raw_events, BATCH)
+
     benchmark(run)
     per_event(benchmark, BATCH)
 
 
 @pytest.fixture
 def member(bench_config):
-    from nexus.worker import Member
+    from nexus.member.runtime import Member
+
     m = Member(bench_config, "bench0", "bench0-0")
     yield m
     if m.close_handler is not None:
@@ -77,8 +82,11 @@ def test_member_dispatch_batch(benchmark, member):
     into the no-op Counter handler. Every round uses fresh event ids, so the member's
     dedup window does not drop them."""
     import heapq
-    from nexus.events import encode
+
+    from nexus.protocol.events import encode
+
     from .conftest import make_event
+
     rounds = 60
     frames = []
     for r in range(rounds + 1):
@@ -100,6 +108,7 @@ def test_member_dispatch_batch(benchmark, member):
             if s.busy or s.waiting or s.revoked or not s.queue or s.queue[0][0] != seq:
                 continue
             member._run_stream(s, float("inf"))
+
     benchmark.pedantic(run, rounds=rounds, iterations=1, warmup_rounds=1)
     assert member.failed == 0 and member.handled - handled_before == state["round"] * BATCH
     per_event(benchmark, BATCH)

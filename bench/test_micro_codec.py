@@ -1,13 +1,14 @@
 """Encode / decode / validate: the per-event codec work of producer, router and member."""
+
 from __future__ import annotations
 
 import time
 
 import msgspec
 
-from nexus.events import Contracts, Event, decode_wire_event, encode, new_id
-from nexus.journal import Entry, entry_decoder, entry_encoder
-from nexus.producer import _EventMaker
+from nexus.producer.client import _EventMaker
+from nexus.protocol.events import Contracts, Event, decode_wire_event, encode, new_id
+from nexus.router.journal import Entry, entry_decoder, entry_encoder
 
 from .conftest import PAD, make_event
 
@@ -62,8 +63,18 @@ def test_member_build_event(benchmark):
 
     def build():
         payload = contracts.decode_payload(w.type, w.v, w.payload)
-        return Event(type=w.type, source=w.source, payload=payload, id=w.id, time=w.time, key=w.key,
-                     priority=w.priority, correlation_id=w.correlation_id, v=w.v)
+        return Event(
+            type=w.type,
+            source=w.source,
+            payload=payload,
+            id=w.id,
+            time=w.time,
+            key=w.key,
+            priority=w.priority,
+            correlation_id=w.correlation_id,
+            v=w.v,
+        )
+
     benchmark(build)
 
 

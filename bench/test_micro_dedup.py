@@ -1,8 +1,9 @@
-"""The member's dedup window (nexus.stream.RecentIds): one add per handled event.
+"""The member's dedup window (nexus.member.stream.RecentIds): one add per handled event.
 
 Measured in steady state, i.e. once the window is full and adds evict old ids, next to
 two reference implementations of the same bounded FIFO set (one evicting per add).
 """
+
 from __future__ import annotations
 
 import collections
@@ -10,12 +11,12 @@ import itertools
 
 import pytest
 
-from nexus.stream import RecentIds
+from nexus.member.stream import RecentIds
 
 from .conftest import per_event
 
-CAPACITY = 100_000          # WorkerGroupConfig.dedup_window default
-ADDS = 50_000               # per round
+CAPACITY = 100_000  # WorkerGroupConfig.dedup_window default
+ADDS = 50_000  # per round
 
 
 class DequeRecent:
@@ -54,8 +55,11 @@ class OrderedRecent:
             self._ids.popitem(last=False)
 
 
-@pytest.mark.parametrize("impl", [RecentIds, DequeRecent, OrderedRecent],
-                         ids=["nexus.RecentIds (set, generations)", "ref-set+deque", "ref-OrderedDict"])
+@pytest.mark.parametrize(
+    "impl",
+    [RecentIds, DequeRecent, OrderedRecent],
+    ids=["nexus.RecentIds (set, generations)", "ref-set+deque", "ref-OrderedDict"],
+)
 def test_dedup_add_steady_state(benchmark, impl):
     """ADDS adds (+ a membership check each, as the dispatcher does) on a full window."""
     recent = impl(CAPACITY)
@@ -69,5 +73,6 @@ def test_dedup_add_steady_state(benchmark, impl):
         for event_id in next(rounds):
             if event_id not in recent:
                 recent.add(event_id)
+
     benchmark.pedantic(run, rounds=3, iterations=1, warmup_rounds=1)
     per_event(benchmark, ADDS)

@@ -1,4 +1,5 @@
 """Journal append and read (fsync never: the CPU cost; fsync itself is measured separately)."""
+
 from __future__ import annotations
 
 import time
@@ -6,16 +7,18 @@ import time
 import msgspec
 import pytest
 
-from nexus.events import encode
-from nexus.journal import Entry, Journal, entry_encoder
+from nexus.protocol.events import encode
+from nexus.router.journal import Entry, Journal, entry_encoder
 
 from .conftest import BATCH, make_event, per_event
 
 
 def bodies(n: int) -> list[bytes]:
     now = time.time()
-    return [entry_encoder.encode(Entry("bench.event", i % 97, "", 0, msgspec.Raw(encode(make_event(i))), now))
-            for i in range(n)]
+    return [
+        entry_encoder.encode(Entry("bench.event", i % 97, "", 0, msgspec.Raw(encode(make_event(i))), now))
+        for i in range(n)
+    ]
 
 
 @pytest.fixture
@@ -50,7 +53,7 @@ def filled(tmp_path_factory):
     j = Journal(str(tmp_path_factory.mktemp("filled") / "journal"), fsync="never", segment_bytes=2**30)
     j.open()
     b = bodies(BATCH)
-    for _ in range(200):                      # 200,000 records
+    for _ in range(200):  # 200,000 records
         j.append(b)
     yield j
     j.close()

@@ -1,6 +1,7 @@
 """Member hot path: reading a Delivery, and one Delivery of BATCH events through a real
 `Member` (intake, dedup, Event and Context, the sync dispatcher; fake sockets, no-op
 handler), per event."""
+
 from __future__ import annotations
 
 import asyncio
@@ -9,9 +10,9 @@ import time
 
 import msgspec
 
-from nexus.events import Event, decode_wire_event, encode, new_id
-from nexus.wire import Assign, Delivery, Records, delivery_decoder, encoder, topic
-from nexus.worker import Member, received_delivery_decoder
+from nexus.member.runtime import Member, received_delivery_decoder
+from nexus.protocol.events import Event, decode_wire_event, encode, new_id
+from nexus.protocol.wire import Assign, Delivery, Records, delivery_decoder, encoder, topic
 
 from .conftest import BATCH, PAD, per_event
 
@@ -65,9 +66,19 @@ def test_member_intake_and_dispatch(benchmark, bench_config):
     now = time.time()
     counter = itertools.count()
     frames, prev = [], 0
-    for _ in range(ROUNDS + 1):         # + the warmup round; fresh ids: none is a duplicate
-        raws = [encode(Event(type="bench.event", source="bench-0", payload={"n": next(counter), "pad": PAD},
-                             id=new_id(), time=now)) for _ in range(BATCH)]
+    for _ in range(ROUNDS + 1):  # + the warmup round; fresh ids: none is a duplicate
+        raws = [
+            encode(
+                Event(
+                    type="bench.event",
+                    source="bench-0",
+                    payload={"n": next(counter), "pad": PAD},
+                    id=new_id(),
+                    time=now,
+                )
+            )
+            for _ in range(BATCH)
+        ]
         frames.append([topic("bench0", 0), _delivery(raws, prev)])
         prev += BATCH
     pending = iter(frames)
@@ -84,8 +95,9 @@ def test_member_intake_and_dispatch(benchmark, bench_config):
 
     dispatcher = loop.run_until_complete(start())
     try:
-        benchmark.pedantic(lambda: loop.run_until_complete(one_delivery()), rounds=ROUNDS, iterations=1,
-                           warmup_rounds=1)
+        benchmark.pedantic(
+            lambda: loop.run_until_complete(one_delivery()), rounds=ROUNDS, iterations=1, warmup_rounds=1
+        )
         assert member.handled == (ROUNDS + 1) * BATCH and member.duplicates_dropped == 0
     finally:
         dispatcher.cancel()

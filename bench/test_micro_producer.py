@@ -3,6 +3,7 @@ batching and the ZeroMQ send, against a PULL drained by another process (so the 
 takes no CPU from this one). Records wall time per event and, in extra_info, this
 process's CPU per event (`cpu_per_event_ns`, the I/O threads included) and the average
 batch size."""
+
 from __future__ import annotations
 
 import subprocess
@@ -15,7 +16,7 @@ from nexus import Producer
 
 from .conftest import BATCH, PAD, per_event
 
-EVENTS = 10 * BATCH        # per round
+EVENTS = 10 * BATCH  # per round
 
 DRAIN = """
 import sys, zmq
@@ -50,6 +51,7 @@ def test_producer_send_fire(benchmark, ingest):
         batch = original(now)
         batches[0] += batch is not None
         return batch
+
     p._outbox.next_batch = next_batch
     cpu = [0.0, 0]
 
@@ -60,6 +62,7 @@ def test_producer_send_fire(benchmark, ingest):
         p.flush(60)
         cpu[0] += time.process_time() - c0
         cpu[1] += EVENTS
+
     benchmark.pedantic(run, rounds=10, iterations=1, warmup_rounds=1)
     p.close(30)
     per_event(benchmark, EVENTS)

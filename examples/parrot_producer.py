@@ -15,6 +15,7 @@ app are handled in order; email and message notifications get priority 2, the re
 Errors are one line on stderr; the exit code is nexus.errors.ExitCode (4: invalid or
 rejected notification, 5: router did not confirm in time).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,7 +23,7 @@ import itertools
 import json
 import sys
 import time
-from typing import Any, Iterator
+from collections.abc import Iterator
 
 import nexus.contracts  # noqa: F401  registers parrot.notification: payloads are checked before sending
 from nexus import NexusError, Producer
@@ -32,22 +33,54 @@ EVENT_TYPE = "parrot.notification"
 URGENT = {"email", "message"}
 
 DEMO = [
-    {"app_id": "Microsoft.Office.OUTLOOK.EXE.15", "app_name": "Outlook", "notification_type": "email",
-     "title": "Ana Lima", "body": "Q3 report: numbers attached",
-     "email_data": {"sender": "ana.lima@example.com", "subject": "Q3 report",
-                    "preview": "Hi, the numbers are attached. Can we review them on Friday?"}},
-    {"app_id": "MSTeams_8wekyb3d8bbwe!MSTeams", "app_name": "Microsoft Teams", "notification_type": "message",
-     "title": "Tom (Platform)", "body": "deploy is green, merging now"},
-    {"app_id": "microsoft.windowscommunicationsapps_8wekyb3d8bbwe!microsoft.windowslive.calendar",
-     "app_name": "Calendar", "notification_type": "calendar",
-     "title": "Standup in 5 minutes", "body": "10:00-10:15, Room 3 / Teams"},
-    {"app_id": "Windows.SystemToast.SecurityAndMaintenance", "app_name": "Windows Security",
-     "notification_type": "system", "title": "Virus & threat protection", "body": "Scan finished, no threats found"},
-    {"app_id": "com.squirrel.slack.slack", "app_name": "Slack", "notification_type": "message",
-     "title": "#incidents", "body": "pager: disk 91% on db-2"},
-    {"app_id": "Microsoft.Office.OUTLOOK.EXE.15", "app_name": "Outlook", "notification_type": "email",
-     "title": "GitHub", "body": "[nexus] PR #42 approved",
-     "email_data": {"sender": "notifications@github.com", "subject": "[nexus] PR #42 approved"}},
+    {
+        "app_id": "Microsoft.Office.OUTLOOK.EXE.15",
+        "app_name": "Outlook",
+        "notification_type": "email",
+        "title": "Ana Lima",
+        "body": "Q3 report: numbers attached",
+        "email_data": {
+            "sender": "ana.lima@example.com",
+            "subject": "Q3 report",
+            "preview": "Hi, the numbers are attached. Can we review them on Friday?",
+        },
+    },
+    {
+        "app_id": "MSTeams_8wekyb3d8bbwe!MSTeams",
+        "app_name": "Microsoft Teams",
+        "notification_type": "message",
+        "title": "Tom (Platform)",
+        "body": "deploy is green, merging now",
+    },
+    {
+        "app_id": "microsoft.windowscommunicationsapps_8wekyb3d8bbwe!microsoft.windowslive.calendar",
+        "app_name": "Calendar",
+        "notification_type": "calendar",
+        "title": "Standup in 5 minutes",
+        "body": "10:00-10:15, Room 3 / Teams",
+    },
+    {
+        "app_id": "Windows.SystemToast.SecurityAndMaintenance",
+        "app_name": "Windows Security",
+        "notification_type": "system",
+        "title": "Virus & threat protection",
+        "body": "Scan finished, no threats found",
+    },
+    {
+        "app_id": "com.squirrel.slack.slack",
+        "app_name": "Slack",
+        "notification_type": "message",
+        "title": "#incidents",
+        "body": "pager: disk 91% on db-2",
+    },
+    {
+        "app_id": "Microsoft.Office.OUTLOOK.EXE.15",
+        "app_name": "Outlook",
+        "notification_type": "email",
+        "title": "GitHub",
+        "body": "[nexus] PR #42 approved",
+        "email_data": {"sender": "notifications@github.com", "subject": "[nexus] PR #42 approved"},
+    },
 ]
 
 
@@ -88,10 +121,11 @@ def send_all(producer: Producer, notifications: Iterator[tuple[str, dict]], time
     for where, payload in notifications:
         kind = payload.get("notification_type")
         try:
-            event_id = producer.send(EVENT_TYPE, payload, key=payload.get("app_id"),
-                                     priority=2 if kind in URGENT else 5)
+            event_id = producer.send(
+                EVENT_TYPE, payload, key=payload.get("app_id"), priority=2 if kind in URGENT else 5
+            )
             producer.flush(timeout)
-        except EventError as exc:          # invalid payload (checked locally) or NACKed by the router
+        except EventError as exc:  # invalid payload (checked locally) or NACKed by the router
             raise InputError(f"{where}: {exc}") from None
         print(event_id, flush=True)
         sent += 1
@@ -100,16 +134,31 @@ def send_all(producer: Producer, notifications: Iterator[tuple[str, dict]], time
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Send Parrot desktop notifications to a Nexus router.")
-    p.add_argument("--endpoint", default="tcp://127.0.0.1:5556",
-                   help="the router's confirm endpoint (router.confirm in the config; default %(default)s)")
+    p.add_argument(
+        "--endpoint",
+        default="tcp://127.0.0.1:5556",
+        help="the router's confirm endpoint (router.confirm in the config; default %(default)s)",
+    )
     p.add_argument("--source", default="parrot", help="event source (default %(default)s)")
     what = p.add_mutually_exclusive_group()
-    what.add_argument("--count", type=int, default=None, metavar="N",
-                      help="generate N demo notifications: email, message, calendar, system (default 6)")
-    what.add_argument("--from-jsonl", metavar="FILE",
-                      help="send the notifications of a JSON-lines file, one payload per line; '-' for stdin")
-    p.add_argument("--timeout", type=float, default=10.0,
-                   help="seconds to wait for the router's ACK of each notification (default %(default)s)")
+    what.add_argument(
+        "--count",
+        type=int,
+        default=None,
+        metavar="N",
+        help="generate N demo notifications: email, message, calendar, system (default 6)",
+    )
+    what.add_argument(
+        "--from-jsonl",
+        metavar="FILE",
+        help="send the notifications of a JSON-lines file, one payload per line; '-' for stdin",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=10.0,
+        help="seconds to wait for the router's ACK of each notification (default %(default)s)",
+    )
     return p
 
 
@@ -131,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"parrot_producer: cannot read {exc.filename}: {exc.strerror}", file=sys.stderr)
         return int(ExitCode.USAGE)
     except NexusError as exc:
-        message = " ".join(str(exc).split())          # always one line
+        message = " ".join(str(exc).split())  # always one line
         print(f"parrot_producer: {message}", file=sys.stderr)
         return int(exc.exit_code)
     except KeyboardInterrupt:

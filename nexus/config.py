@@ -3,6 +3,7 @@
 A typo is an error naming the file and the key; durations ("50ms", "10s", "7d")
 and sizes ("64MiB") are parsed here so nothing downstream handles strings.
 """
+
 from __future__ import annotations
 
 import os
@@ -13,7 +14,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 import yaml
 
-from .errors import ConfigError
+from nexus.errors import ConfigError
 
 DEFAULT_CONFIG = "config/default.yaml"
 
@@ -21,8 +22,7 @@ DEFAULT_CONFIG = "config/default.yaml"
 _DURATION = re.compile(r"\A\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*\Z")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 _SIZE = re.compile(r"\A\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|KiB|MiB|GiB)?\s*\Z")
-_SIZE_UNITS = {None: 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9,
-               "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}
+_SIZE_UNITS = {None: 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}
 
 
 class Duration(float):
@@ -99,13 +99,13 @@ class RouterConfig(Strict):
     publish: str = "ipc://{data_dir}/run/publish"
     coord: str = "ipc://{data_dir}/run/coord"
     max_event_bytes: ByteSize = ByteSize(2**20)
-    max_batch: Positive = 5000               # events per producer message
+    max_batch: Positive = 5000  # events per producer message
     journal: JournalConfig = JournalConfig()
     rate_limits: RateLimits = RateLimits()
     heartbeat_interval: Duration = Duration(1.0)
     heartbeat_misses: Positive = 3
-    fetch_limit: Positive = 10_000          # records per catch-up reply (members ask for up to this)
-    fetch_bytes: ByteSize = ByteSize(4 * 2**20)   # event bytes per catch-up reply (always >= 1 event)
+    fetch_limit: Positive = 10_000  # records per catch-up reply (members ask for up to this)
+    fetch_bytes: ByteSize = ByteSize(4 * 2**20)  # event bytes per catch-up reply (always >= 1 event)
 
 
 class RetryConfig(Strict):
@@ -116,9 +116,9 @@ class RetryConfig(Strict):
 
 
 class BreakerConfig(Strict):
-    failures: Positive = 5                   # dependency errors within `window` open it
+    failures: Positive = 5  # dependency errors within `window` open it
     window: Duration = Duration(60)
-    reset: Duration = Duration(30)           # open this long, then one probe event
+    reset: Duration = Duration(30)  # open this long, then one probe event
 
 
 class WorkerGroupConfig(Strict):
@@ -129,20 +129,20 @@ class WorkerGroupConfig(Strict):
     start: Literal["earliest", "latest"] = "latest"
     retry: RetryConfig = RetryConfig()
     breaker: BreakerConfig = BreakerConfig()
-    max_in_flight: Positive = 100_000        # events buffered per member (bench: 60k -> 97k events/s over 10k)
-    max_in_flight_bytes: ByteSize = ByteSize(64 * 2**20)   # and their bytes: big events catch up in flat memory
+    max_in_flight: Positive = 100_000  # events buffered per member (bench: 60k -> 97k events/s over 10k)
+    max_in_flight_bytes: ByteSize = ByteSize(64 * 2**20)  # and their bytes: big events catch up in flat memory
     # async handlers running at once per member (bounded: a black-box slot each, blackbox.MAX_SLOTS)
     concurrency: Annotated[int, msgspec.Meta(ge=1, le=65536)] = 16
-    dedup_window: Positive = 100_000         # ids of handled events remembered per member
-    options: dict[str, Any] = {}             # handed to the handler as ctx.options
+    dedup_window: Positive = 100_000  # ids of handled events remembered per member
+    options: dict[str, Any] = {}  # handed to the handler as ctx.options
     # A handler call running longer is stuck: an async one is cancelled (a TimeoutError that
     # follows `retry`), a sync one has its member restarted. 5m: well above slow but healthy
     # calls (LLM, uploads, imports), which a timeout would turn into restarts and duplicate
     # work, and still short enough that a stuck partition moves on within minutes.
     handler_timeout: Duration = Duration(300)
-    max_crashes: Positive = 3                # member crashes on one event before it is dead-lettered
-    max_rss: ByteSize | None = None          # member RSS above this: drain and restart it (recycle)
-    max_events: Positive | None = None       # events handled by one member process, then recycle
+    max_crashes: Positive = 3  # member crashes on one event before it is dead-lettered
+    max_rss: ByteSize | None = None  # member RSS above this: drain and restart it (recycle)
+    max_events: Positive | None = None  # events handled by one member process, then recycle
 
 
 class ScheduleProducerConfig(Strict, tag_field="kind", tag="schedule"):
@@ -176,7 +176,7 @@ class ImapProducerConfig(Strict, tag_field="kind", tag="imap"):
     password: str | None = None
     password_env: str | None = None
     mailboxes: list[str] = msgspec.field(default_factory=lambda: ["INBOX"])
-    idle_timeout: Duration = Duration(25 * 60)   # RFC 2177: re-issue before 29 minutes
+    idle_timeout: Duration = Duration(25 * 60)  # RFC 2177: re-issue before 29 minutes
     snippet_bytes: Annotated[int, msgspec.Meta(ge=0, le=8192)] = 512
     reconnect_max: Duration = Duration(60)
     key: str | None = None
@@ -190,14 +190,15 @@ class Config(Strict):
     log: LogConfig = LogConfig()
     router: RouterConfig = RouterConfig()
     contracts: list[str] = msgspec.field(default_factory=lambda: ["nexus.contracts"])
-    contracts_untyped: list[str] = []       # glob patterns of types allowed without a contract
+    contracts_untyped: list[str] = []  # glob patterns of types allowed without a contract
     control: str = "ipc://{data_dir}/run/control"
     shutdown_timeout: Duration = Duration(30)
     restart_backoff: list[Duration] = msgspec.field(
-        default_factory=lambda: [Duration(0.5), Duration(1), Duration(2), Duration(5)])
-    crash_loop: Annotated[int, msgspec.Meta(ge=1)] = 5   # restarts within crash_window -> give up
+        default_factory=lambda: [Duration(0.5), Duration(1), Duration(2), Duration(5)]
+    )
+    crash_loop: Annotated[int, msgspec.Meta(ge=1)] = 5  # restarts within crash_window -> give up
     crash_window: Duration = Duration(60)
-    hang_timeout: Duration = Duration(30)     # a router or member silent this long is restarted
+    hang_timeout: Duration = Duration(30)  # a router or member silent this long is restarted
     producers: dict[str, ProducerConfig] = {}
     workers: dict[str, WorkerGroupConfig] = {}
     # set by load(): where the config came from, for messages and relative paths
@@ -247,6 +248,7 @@ def add_module_paths(cfg: Config) -> None:
     """Appended, never prepended: a file next to the config cannot shadow the standard
     library, an installed package or nexus itself. Spawned children inherit sys.path."""
     import sys
+
     for path in module_paths(cfg):
         if path not in sys.path and not (path == os.getcwd() and "" in sys.path):
             sys.path.append(path)
@@ -262,7 +264,7 @@ def from_bytes(raw: bytes) -> Config:
     return msgspec.msgpack.decode(raw, type=Config, dec_hook=_dec_hook)
 
 
-RESTART_KEYS = ("workers", "contracts", "contracts_untyped", "producers")   # a reload cannot apply these
+RESTART_KEYS = ("workers", "contracts", "contracts_untyped", "producers")  # a reload cannot apply these
 
 
 def needs_restart(old: Config, new: Config) -> list[str]:
@@ -370,7 +372,7 @@ def _check_named_sections(data: dict, files: str) -> None:
             except msgspec.ValidationError as exc:
                 message = _describe(exc, files)
                 prefix = f"{files}: "
-                rest = message[len(prefix):] if message.startswith(prefix) else message
+                rest = message[len(prefix) :] if message.startswith(prefix) else message
                 rest = rest.replace("(top level)", "", 1).lstrip(".")
                 raise ConfigError(f"{files}: {section}.{name}{'.' if not rest.startswith(':') else ''}{rest}") from None
 
@@ -387,12 +389,17 @@ def _check(cfg: Config, files: str) -> None:
         if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", name):
             raise ConfigError(f"{files}: producers.{name}: names use letters, digits, '-', '_', '.'")
         if isinstance(spec, ScheduleProducerConfig):
-            from .producers.schedule import validate   # cron and timezone: fail at load, not later
+            from nexus.sources.schedule import validate  # cron and timezone: fail at load, not later
+
             validate(name, spec, where=f"{files}: ")
-    for label, endpoint in (("router.ingest", cfg.ingest), ("router.confirm", cfg.confirm),
-                            ("router.publish", cfg.publish), ("router.coord", cfg.coord),
-                            ("control", cfg.control_endpoint)):
-        if not re.fullmatch(r"(tcp|ipc|inproc)://[^\x00-\x1f\x7f]+", endpoint):   # whole string
+    for label, endpoint in (
+        ("router.ingest", cfg.ingest),
+        ("router.confirm", cfg.confirm),
+        ("router.publish", cfg.publish),
+        ("router.coord", cfg.coord),
+        ("control", cfg.control_endpoint),
+    ):
+        if not re.fullmatch(r"(tcp|ipc|inproc)://[^\x00-\x1f\x7f]+", endpoint):  # whole string
             raise ConfigError(f"{files}: {label}: {endpoint!r} is not a tcp://, ipc:// or inproc:// endpoint")
         if endpoint.startswith("ipc://") and len(endpoint) - 6 > 100:
             raise ConfigError(f"{files}: {label}: ipc path is longer than 100 characters; use a shorter data_dir")

@@ -3,13 +3,14 @@
 Every string has a bound, so one hostile event cannot make a handler or a sink
 carry megabytes; the router rejects what breaks a bound before it is journaled.
 """
+
 from __future__ import annotations
 
 from typing import Annotated, Literal
 
 import msgspec
 
-from .events import Contract, contract
+from nexus.protocol.events import Contract, contract
 
 Short = Annotated[str, msgspec.Meta(max_length=256)]
 Name = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
@@ -33,7 +34,7 @@ class FileChanged(Contract):
 
 @contract("file.moved")
 class FileMoved(Contract):
-    path: PathStr                 # the new path
+    path: PathStr  # the new path
     src_path: PathStr
     watcher: Name
     is_directory: bool = False
@@ -43,9 +44,9 @@ class FileMoved(Contract):
 @contract("schedule.tick")
 class ScheduleTick(Contract):
     name: Name
-    scheduled: float              # unix seconds the tick was due
-    fired: float                  # unix seconds it was emitted
-    expression: Short = ""        # "every 10s" or the cron expression
+    scheduled: float  # unix seconds the tick was due
+    fired: float  # unix seconds it was emitted
+    expression: Short = ""  # "every 10s" or the cron expression
 
 
 # -- mail --------------------------------------------------------------------
@@ -60,7 +61,7 @@ class EmailReceived(Contract):
     to: Annotated[list[Address], msgspec.Meta(max_length=256)] = []
     cc: Annotated[list[Address], msgspec.Meta(max_length=256)] = []
     subject: Annotated[str, msgspec.Meta(max_length=2048)] = ""
-    date: float | None = None     # unix seconds from the Date header
+    date: float | None = None  # unix seconds from the Date header
     size: NonNeg = 0
     flags: Annotated[list[Short], msgspec.Meta(max_length=64)] = []
     snippet: Text = ""

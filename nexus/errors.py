@@ -1,4 +1,5 @@
 """One error root with a few precise subclasses, and the named exit codes."""
+
 from __future__ import annotations
 
 import enum
@@ -7,14 +8,14 @@ import signal
 
 class ExitCode(enum.IntEnum):
     OK = 0
-    FAILURE = 1          # unexpected internal error
-    USAGE = 2            # bad command line
-    CONFIG = 3           # config file missing or invalid
-    INVALID_EVENT = 4    # event rejected locally or NACKed by the router
-    UNREACHABLE = 5      # router or launcher did not answer in time
-    CRASH_LOOP = 6       # launcher gave up on a child that kept crashing
+    FAILURE = 1  # unexpected internal error
+    USAGE = 2  # bad command line
+    CONFIG = 3  # config file missing or invalid
+    INVALID_EVENT = 4  # event rejected locally or NACKed by the router
+    UNREACHABLE = 5  # router or launcher did not answer in time
+    CRASH_LOOP = 6  # launcher gave up on a child that kept crashing
     HANDLER_TIMEOUT = 7  # a member ended itself: a sync handler ran past handler_timeout
-    RECYCLE = 8          # a member drained and ended itself (max_rss / max_events): restart, not a crash
+    RECYCLE = 8  # a member drained and ended itself (max_rss / max_events): restart, not a crash
     JOURNAL_DAMAGED = 9  # `nexus journal verify` found damaged ranges (or a cursor past the journal's end)
     INTERRUPTED = 130
 

@@ -1,13 +1,16 @@
 """Helpers for tests of Nexus and of code built on it (shipped in the package)."""
+
 from __future__ import annotations
 
 import socket
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 
-def wait_for(condition: Callable[[], Any], timeout: float = 10.0, interval: float = 0.01,
-             message: str = "condition") -> Any:
+def wait_for(
+    condition: Callable[[], Any], timeout: float = 10.0, interval: float = 0.01, message: str = "condition"
+) -> Any:
     """Poll `condition` until it returns a truthy value; raise TimeoutError at the deadline."""
     deadline = time.monotonic() + timeout
     while True:
@@ -30,6 +33,7 @@ class CollectingSink:
 
     def __init__(self) -> None:
         import threading
+
         self.events: list[tuple[str, Any, str | None]] = []
         self.flushes = 0
         self._lock = threading.Lock()
@@ -56,6 +60,7 @@ class LaunchedPipeline:
 
     def __init__(self, config_path: str, env: dict | None = None, output_path: str | None = None):
         import os
+
         self.config_path = str(config_path)
         self.env = dict(os.environ, **(env or {}))
         self.output_path = output_path or f"{self.config_path}.launch.log"
@@ -67,22 +72,28 @@ class LaunchedPipeline:
         """The config as it was when first read (endpoints), like the launcher's: a test
         may break the file on disk meanwhile."""
         if self._cfg is None:
-            from . import config as config_mod
+            from nexus import config as config_mod
+
             self._cfg = config_mod.load(self.config_path)
         return self._cfg
 
-    def start(self, wait_ready: bool = True, timeout: float = 30.0) -> "LaunchedPipeline":
+    def start(self, wait_ready: bool = True, timeout: float = 30.0) -> LaunchedPipeline:
         import subprocess
         import sys
-        self.cfg                     # read before anything can change the file
+
+        _ = self.cfg  # read before anything can change the file
         self._out = open(self.output_path, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "nexus.launch", "-c", self.config_path],
-                                     stdout=self._out, stderr=subprocess.STDOUT, env=self.env)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "nexus.launch", "-c", self.config_path],
+            stdout=self._out,
+            stderr=subprocess.STDOUT,
+            env=self.env,
+        )
         if wait_ready:
             try:
                 self.wait_ready(timeout)
             except BaseException:
-                self.stop()            # never leave a half-started process group behind
+                self.stop()  # never leave a half-started process group behind
                 raise
         return self
 
@@ -93,16 +104,24 @@ class LaunchedPipeline:
     def control(self, cmd: str, timeout: float = 3.0, **kw) -> dict | None:
         import msgspec
         import zmq
-        from . import transport
-        from .launch import ControlRequest
-        raw = transport.request(zmq.Context.instance(), self.cfg.control_endpoint,
-                                msgspec.msgpack.encode(ControlRequest(cmd, **kw)), timeout)
+
+        from nexus.protocol import transport
+        from nexus.supervisor.launcher import ControlRequest
+
+        raw = transport.request(
+            zmq.Context.instance(),
+            self.cfg.control_endpoint,
+            msgspec.msgpack.encode(ControlRequest(cmd, **kw)),
+            timeout,
+        )
         return None if raw is None else msgspec.msgpack.decode(raw)
 
     def router_status(self, timeout: float = 3.0) -> dict | None:
         import zmq
-        from . import transport
-        from .wire import StatusRequest, coord_decoder, encoder
+
+        from nexus.protocol import transport
+        from nexus.protocol.wire import StatusRequest, coord_decoder, encoder
+
         raw = transport.request(zmq.Context.instance(), self.cfg.coord, encoder.encode(StatusRequest()), timeout)
         return None if raw is None else coord_decoder.decode(raw).data
 
@@ -116,6 +135,7 @@ class LaunchedPipeline:
                 raise RuntimeError(f"launcher exited with {self.proc.returncode}:\n{self.output()[-3000:]}")
             reply = self.control("status", timeout=0.5)
             return reply is not None and reply.get("ready")
+
         wait_for(ready, timeout, 0.05, "pipeline ready")
 
     def wait_members(self, group: str, n: int, timeout: float = 30.0) -> None:
@@ -125,6 +145,7 @@ class LaunchedPipeline:
                 return False
             g = status["groups"][group]
             return len(g["members"]) == n and g["unassigned"] == 0
+
         wait_for(joined, timeout, 0.05, f"{n} members in group {group}")
 
     def child_pids(self) -> list[int]:
@@ -133,6 +154,7 @@ class LaunchedPipeline:
     def stop(self, timeout: float = 60.0) -> int:
         import signal
         import subprocess
+
         if self.proc is None:
             return 0
         if self.proc.poll() is None:
@@ -145,7 +167,7 @@ class LaunchedPipeline:
         self._out.close()
         return self.proc.returncode
 
-    def __enter__(self) -> "LaunchedPipeline":
+    def __enter__(self) -> LaunchedPipeline:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -154,6 +176,7 @@ class LaunchedPipeline:
 
 def pid_alive(pid: int) -> bool:
     import os
+
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -164,5 +187,5 @@ def pid_alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
             return f.read().split(") ", 1)[1][0] != "Z"
-    except (FileNotFoundError, ProcessLookupError, IndexError):   # it exited mid-read
+    except (FileNotFoundError, ProcessLookupError, IndexError):  # it exited mid-read
         return False

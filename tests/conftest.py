@@ -16,6 +16,17 @@ if SUPPORT not in sys.path:
 os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (SUPPORT, REPO, os.environ.get("PYTHONPATH")) if p)
 
 
+LEVELS = ("unit", "component", "system")
+
+
+def pytest_collection_modifyitems(items):
+    """Each test carries the marker of its folder: `pytest -m unit` runs the fast ones."""
+    for item in items:
+        level = next((part for part in Path(str(item.fspath)).parts if part in LEVELS), None)
+        if level:
+            item.add_marker(level)
+
+
 def write_config(directory: Path, **overrides) -> Path:
     """A config for tests: every endpoint is ipc:// under the test's own directory."""
     cfg = {
@@ -48,8 +59,15 @@ def write_config(directory: Path, **overrides) -> Path:
 def recorder_group(out: Path, processes: int = 1, **extra) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     options = {"out": str(out), **extra.pop("options", {})}
-    return {"handler": "recorder:record", "subscribe": ["test.*"], "processes": processes,
-            "start": "earliest", "retry": {"attempts": 3, "backoff": ["0.1s"]}, "options": options, **extra}
+    return {
+        "handler": "recorder:record",
+        "subscribe": ["test.*"],
+        "processes": processes,
+        "start": "earliest",
+        "retry": {"attempts": 3, "backoff": ["0.1s"]},
+        "options": options,
+        **extra,
+    }
 
 
 @pytest.fixture
@@ -78,7 +96,8 @@ class ThreadRunner:
         self.stops = []
 
     def router(self, cfg):
-        from nexus.router import Router
+        from nexus.router.server import Router
+
         router = Router(cfg)
         thread = threading.Thread(target=router.run, daemon=True)
         thread.start()
@@ -87,7 +106,9 @@ class ThreadRunner:
 
     def member(self, cfg, group, name):
         import asyncio
-        from nexus.worker import Member
+
+        from nexus.member.runtime import Member
+
         holder = {}
         ready = threading.Event()
 
@@ -97,6 +118,7 @@ class ThreadRunner:
                 holder["member"], holder["loop"] = member, asyncio.get_running_loop()
                 ready.set()
                 await member.run()
+
             asyncio.run(main())
 
         thread = threading.Thread(target=run, daemon=True)
@@ -130,11 +152,12 @@ def launched():
     """Start `python -m nexus.launch -c PATH`; every one started is stopped at teardown
     and its children are waited for (no orphans)."""
     from nexus.testing import LaunchedPipeline, pid_alive, wait_for
+
     pipelines: list[LaunchedPipeline] = []
 
     def start(path, wait_ready: bool = True) -> LaunchedPipeline:
         p = LaunchedPipeline(path)
-        pipelines.append(p)            # before start: a failed start is stopped too
+        pipelines.append(p)  # before start: a failed start is stopped too
         return p.start(wait_ready=wait_ready)
 
     yield start

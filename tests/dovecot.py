@@ -9,6 +9,7 @@ Everything lives in a private temp dir (config, passwd-file, maildirs, base_dir,
 state_dir, log); no systemd and nothing under /etc is read. Written for Dovecot 2.3
 (`disable_plaintext_auth`; 2.4 renamed it `auth_allow_cleartext`).
 """
+
 from __future__ import annotations
 
 import grp
@@ -27,7 +28,8 @@ from pathlib import Path
 from nexus.testing import free_port
 
 BINARY = shutil.which("dovecot") or next(
-    (p for p in ("/usr/sbin/dovecot", "/usr/local/sbin/dovecot") if os.path.exists(p)), None)
+    (p for p in ("/usr/sbin/dovecot", "/usr/local/sbin/dovecot") if os.path.exists(p)), None
+)
 
 
 def version() -> str:
@@ -51,7 +53,7 @@ def _user(*names: str) -> pwd.struct_passwd:
 
 def _accounts() -> dict[str, str]:
     """Which system users the Dovecot processes run as."""
-    if os.geteuid() != 0:          # unprivileged master: everything runs as us
+    if os.geteuid() != 0:  # unprivileged master: everything runs as us
         me = pwd.getpwuid(os.geteuid()).pw_name
         return {"login": me, "internal": me, "internal_group": grp.getgrgid(os.getegid()).gr_name}
     # As root: imap-login refuses to run as root ("must not be run as root") and the
@@ -60,10 +62,15 @@ def _accounts() -> dict[str, str]:
     login = _user("dovenull", "nobody")
     internal = _user("dovecot", "nobody")
     mail = _user("nobody")
-    return {"login": login.pw_name, "internal": internal.pw_name,
-            "internal_group": grp.getgrgid(internal.pw_gid).gr_name,
-            "mail": mail.pw_name, "mail_group": grp.getgrgid(mail.pw_gid).gr_name,
-            "mail_uid": mail.pw_uid, "mail_gid": mail.pw_gid}
+    return {
+        "login": login.pw_name,
+        "internal": internal.pw_name,
+        "internal_group": grp.getgrgid(internal.pw_gid).gr_name,
+        "mail": mail.pw_name,
+        "mail_group": grp.getgrgid(mail.pw_gid).gr_name,
+        "mail_uid": mail.pw_uid,
+        "mail_gid": mail.pw_gid,
+    }
 
 
 CONFIG = """\
@@ -128,21 +135,27 @@ class Dovecot:
             mail_user = f"mail_uid = {acc['mail']}\nmail_gid = {acc['mail_group']}"
         else:
             mail_user = ""
-        (self.root / "passwd").write_text(
-            "".join(f"{u}:{{PLAIN}}{p}::::::\n" for u, p in self.users.items()))
+        (self.root / "passwd").write_text("".join(f"{u}:{{PLAIN}}{p}::::::\n" for u, p in self.users.items()))
         self.config = self.root / "dovecot.conf"
-        self.config.write_text(CONFIG.format(root=self.root, port=self.port, mail_user=mail_user,
-                                             **{k: v for k, v in acc.items() if "mail" not in k}))
+        self.config.write_text(
+            CONFIG.format(
+                root=self.root, port=self.port, mail_user=mail_user, **{k: v for k, v in acc.items() if "mail" not in k}
+            )
+        )
 
     # -- process ---------------------------------------------------------------------
-    def start(self, timeout: float = 15.0) -> "Dovecot":
+    def start(self, timeout: float = 15.0) -> Dovecot:
         assert self.proc is None, "already running"
         # Own session: stop() can kill every child by process group, and Ctrl-C in the
         # test terminal does not hit Dovecot before teardown does.
-        with open(self.root / "stderr.log", "ab") as err:      # the child keeps its own fd
-            self.proc = subprocess.Popen([BINARY, "-F", "-c", str(self.config)],
-                                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                         stderr=err, start_new_session=True)
+        with open(self.root / "stderr.log", "ab") as err:  # the child keeps its own fd
+            self.proc = subprocess.Popen(
+                [BINARY, "-F", "-c", str(self.config)],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+                start_new_session=True,
+            )
         deadline = time.monotonic() + timeout
         while not self._greets():
             if self.proc.poll() is not None:
@@ -150,8 +163,7 @@ class Dovecot:
                 raise RuntimeError(f"dovecot exited at start:\n{self.log_tail()}")
             if time.monotonic() > deadline:
                 self.stop()
-                raise RuntimeError(f"dovecot did not greet on port {self.port} within "
-                                   f"{timeout:g}s:\n{self.log_tail()}")
+                raise RuntimeError(f"dovecot did not greet on port {self.port} within {timeout:g}s:\n{self.log_tail()}")
             time.sleep(0.05)
         return self
 
@@ -166,13 +178,13 @@ class Dovecot:
         proc, self.proc = self.proc, None
         if proc is None:
             return
-        proc.terminate()              # master stops its children (shutdown_clients = yes)
+        proc.terminate()  # master stops its children (shutdown_clients = yes)
         try:
             proc.wait(timeout)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout)
-        try:                          # any straggler of this server's own process group
+        try:  # any straggler of this server's own process group
             os.killpg(proc.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
@@ -181,7 +193,7 @@ class Dovecot:
         self.stop()
         shutil.rmtree(self.root, ignore_errors=True)
 
-    def __enter__(self) -> "Dovecot":
+    def __enter__(self) -> Dovecot:
         return self.start() if self.proc is None else self
 
     def __exit__(self, *exc) -> None:

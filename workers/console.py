@@ -1,4 +1,5 @@
 """Print each event as one readable line: the demo handler."""
+
 from __future__ import annotations
 
 import sys
@@ -7,10 +8,10 @@ import time
 import msgspec
 
 from nexus import Context, Event
-from nexus.events import printable
+from nexus.protocol.events import printable
 
 MAX_PAYLOAD_CHARS = 240
-MAX_FIELD_CHARS = 80       # one long field (a snippet, a body) must not hide the others
+MAX_FIELD_CHARS = 80  # one long field (a snippet, a body) must not hide the others
 
 
 def _short(value: object) -> object:
@@ -33,7 +34,8 @@ def _summary(payload: object) -> str:
 def handle(event: Event, ctx: Context) -> None:
     clock = time.strftime("%H:%M:%S", time.localtime(event.time)) + f".{int(event.time * 1000) % 1000:03d}"
     flags = " (redelivered)" if ctx.redelivered else ""
-    line = f"{clock} {event.type} from {event.source} [{ctx.member} p{ctx.partition} #{ctx.seq}]{flags} {_summary(event.payload)}"
+    where = f"[{ctx.member} p{ctx.partition} #{ctx.seq}]{flags}"
+    line = f"{clock} {event.type} from {event.source} {where} {_summary(event.payload)}"
     # source, key and payload strings come from producers: escape control characters
     # (terminal escape sequences, forged lines) instead of printing them
     print(printable(line), file=sys.stdout, flush=True)

@@ -13,16 +13,18 @@ Rules: a null value renders as ""; a path that does not exist is an error
 (`TemplateError`), so a typo does not silently send empty notifications. Syntax
 errors are found when the sink is built (`ConfigError`), not per event.
 """
+
 from __future__ import annotations
 
 import fnmatch
 import string
-from typing import Any, Generic, Iterable, TypeVar
+from collections.abc import Iterable
+from typing import Any, Generic, TypeVar
 
 import msgspec
 
 from nexus.errors import ConfigError, PermanentError
-from nexus.events import Event
+from nexus.protocol.events import Event
 
 T = TypeVar("T")
 ROOTS = ("payload", "event")
@@ -67,12 +69,13 @@ class Template:
                 self._parts.append((literal, None, None, ""))
                 continue
             if "[" in field:
-                raise ConfigError(f"{where} {source!r}: use dotted paths, e.g. {{payload.from}}, "
-                                  f"not {{{field}}}")
+                raise ConfigError(f"{where} {source!r}: use dotted paths, e.g. {{payload.from}}, not {{{field}}}")
             path = tuple(field.split("."))
             if path[0] not in ROOTS or not all(path):
-                raise ConfigError(f"{where} {source!r}: field {{{field}}} must be a dotted path "
-                                  f"starting with one of {', '.join(ROOTS)}")
+                raise ConfigError(
+                    f"{where} {source!r}: field {{{field}}} must be a dotted path "
+                    f"starting with one of {', '.join(ROOTS)}"
+                )
             if conversion not in (None, "s", "r", "a"):
                 raise ConfigError(f"{where} {source!r}: unknown conversion !{conversion}")
             if spec and "{" in spec:
@@ -87,8 +90,7 @@ class Template:
                 continue
             value = _resolve(data, path)
             if value is _MISSING:
-                raise TemplateError(f"template {self.source!r}: {'.'.join(path)} "
-                                    f"not found{_known_keys(data, path)}")
+                raise TemplateError(f"template {self.source!r}: {'.'.join(path)} not found{_known_keys(data, path)}")
             if value is None:
                 continue
             if conversion:
@@ -107,7 +109,7 @@ def _resolve(data: Any, path: Iterable[str]) -> Any:
             if seg in cur:
                 cur = cur[seg]
             elif seg.endswith("_") and seg[:-1] in cur:
-                cur = cur[seg[:-1]]     # Python spelling of a renamed field: from_ -> from
+                cur = cur[seg[:-1]]  # Python spelling of a renamed field: from_ -> from
             else:
                 return _MISSING
         elif isinstance(cur, list) and seg.isdigit():
@@ -147,6 +149,6 @@ class Rules(Generic[T]):
         except KeyError:
             pass
         rule = next((r for glob, r in self._rules if fnmatch.fnmatchcase(type_, glob)), None)
-        if len(self._cache) < 10_000:       # types are bounded in practice; stay bounded anyway
+        if len(self._cache) < 10_000:  # types are bounded in practice; stay bounded anyway
             self._cache[type_] = rule
         return rule

@@ -19,6 +19,7 @@ A given `mapping` replaces the built-in one (`DEFAULT_MAPPING`); an event whose 
 matches no entry is skipped. Template syntax: see `workers.mapping`. A gRPC failure
 raises `ToastyError`, so the runtime retries the event with backoff.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -28,11 +29,10 @@ import grpc
 import msgspec
 
 from nexus.errors import ConfigError, DependencyError, NexusError
-from nexus.events import Event
 from nexus.proto.toasty.v1 import toasty_pb2 as pb
 from nexus.proto.toasty.v1 import toasty_pb2_grpc as pb_grpc
-
-from .mapping import Rules, Template, event_data, load_options
+from nexus.protocol.events import Event
+from workers.mapping import Rules, Template, event_data, load_options
 
 URGENCIES = {"low": pb.LOW, "normal": pb.NORMAL, "critical": pb.CRITICAL}
 
@@ -79,8 +79,13 @@ class ToastyUnavailable(ToastyError, DependencyError):
 
 
 # codes that say "the service is not there right now", as opposed to "bad request"
-TRANSIENT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
-             grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED, grpc.StatusCode.CANCELLED}
+TRANSIENT = {
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.ABORTED,
+    grpc.StatusCode.CANCELLED,
+}
 
 
 def urgency(name: str, where: str) -> int:
@@ -125,12 +130,17 @@ class Toasty:
             return None
         data = event_data(event)
         return pb.Notification(
-            title=rule.title.render(data), body=rule.body.render(data), app=self.options.app,
-            urgency=rule.urgency, tag=rule.tag.render(data), event_id=event.id,
-            correlation_id=event.correlation_id or "")
+            title=rule.title.render(data),
+            body=rule.body.render(data),
+            app=self.options.app,
+            urgency=rule.urgency,
+            tag=rule.tag.render(data),
+            event_id=event.id,
+            correlation_id=event.correlation_id or "",
+        )
 
     async def handle(self, event: Event, ctx) -> None:
-        note = self.notification(event)     # TemplateError -> handler error, retried, then DLQ
+        note = self.notification(event)  # TemplateError -> handler error, retried, then DLQ
         if note is None:
             ctx.log.debug("toasty_skipped", type=event.type, reason="no mapping entry matches")
             return
@@ -138,8 +148,9 @@ class Toasty:
             reply = await self._get_stub().Notify(note, timeout=self.options.timeout)
         except grpc.aio.AioRpcError as exc:
             error = ToastyUnavailable if exc.code() in TRANSIENT else ToastyError
-            raise error(f"toasty {self.options.target}: Notify failed: "
-                        f"{exc.code().name}: {exc.details()}", exc.code()) from None
+            raise error(
+                f"toasty {self.options.target}: Notify failed: {exc.code().name}: {exc.details()}", exc.code()
+            ) from None
         if reply.accepted:
             ctx.log.debug("toasty_sent", notification_id=reply.id)
         else:

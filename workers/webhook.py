@@ -19,6 +19,7 @@ retried here first; 4xx (and anything else) raises at once, since sending the sa
 request again will not help soon. Either way a final failure raises `WebhookError` and
 the runtime's own retry (and dead-lettering) takes over.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -31,11 +32,10 @@ import msgspec
 
 from nexus import __version__
 from nexus.errors import ConfigError, DependencyError, NexusError, PermanentError
-from nexus.events import Event
+from nexus.protocol.events import Event
+from workers.mapping import load_options
 
-from .mapping import load_options
-
-MAX_KEPT_BODY = 64 * 1024       # read at most this much of a response (and keep the conn)
+MAX_KEPT_BODY = 64 * 1024  # read at most this much of a response (and keep the conn)
 STALE_ERRORS = (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError)
 
 
@@ -44,7 +44,7 @@ class WebhookOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     timeout: Annotated[float, msgspec.Meta(gt=0)] = 5.0
     headers: dict[str, str] = {}
     retries: Annotated[int, msgspec.Meta(ge=0, le=10)] = 3
-    backoff: Annotated[float, msgspec.Meta(ge=0)] = 0.2     # first delay; doubles each retry
+    backoff: Annotated[float, msgspec.Meta(ge=0)] = 0.2  # first delay; doubles each retry
 
 
 class WebhookError(NexusError):
@@ -86,24 +86,37 @@ class Webhook:
         except ValueError as exc:
             raise ConfigError(f"webhook options.url {opts.url!r}: {exc}") from None
         if parts.username is not None:
-            raise ConfigError("webhook options.url must not carry credentials: "
-                              "put them in options.headers (e.g. Authorization)")
+            raise ConfigError(
+                "webhook options.url must not carry credentials: put them in options.headers (e.g. Authorization)"
+            )
         self._https = parts.scheme == "https"
         # Error messages name the URL without its query (it may hold a token).
         self._shown = f"{parts.scheme}://{parts.netloc}{parts.path}"
         self._host = parts.hostname
         self._path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        self._headers = {"Content-Type": "application/json",
-                         "User-Agent": f"nexus-webhook/{__version__}", **opts.headers}
-        self._idle: list[http.client.HTTPConnection] = []   # kept-alive connections
-        self._lock = threading.Lock()                       # the pool is used from threads
+        self._headers = {
+            "Content-Type": "application/json",
+            "User-Agent": f"nexus-webhook/{__version__}",
+            **opts.headers,
+        }
+        self._idle: list[http.client.HTTPConnection] = []  # kept-alive connections
+        self._lock = threading.Lock()  # the pool is used from threads
 
     @staticmethod
     def body(event: Event) -> bytes:
-        return msgspec.json.encode({
-            "id": event.id, "type": event.type, "source": event.source, "time": event.time,
-            "key": event.key, "priority": event.priority, "correlation_id": event.correlation_id,
-            "v": event.v, "payload": msgspec.to_builtins(event.payload)})
+        return msgspec.json.encode(
+            {
+                "id": event.id,
+                "type": event.type,
+                "source": event.source,
+                "time": event.time,
+                "key": event.key,
+                "priority": event.priority,
+                "correlation_id": event.correlation_id,
+                "v": event.v,
+                "payload": msgspec.to_builtins(event.payload),
+            }
+        )
 
     async def handle(self, event: Event, ctx) -> None:
         body = self.body(event)
@@ -117,8 +130,7 @@ class Webhook:
             except WebhookError as exc:
                 if not exc.retryable or attempt > opts.retries:
                     if exc.retryable:
-                        raise WebhookError(f"{exc} (gave up after {attempt} attempts)",
-                                           exc.status) from None
+                        raise WebhookError(f"{exc} (gave up after {attempt} attempts)", exc.status) from None
                     raise
                 delay = opts.backoff * 2 ** (attempt - 1)
                 ctx.log.warning("webhook_retry", error=str(exc), attempt=attempt, delay=delay)
@@ -137,7 +149,7 @@ class Webhook:
             except (OSError, http.client.HTTPException) as exc:
                 conn.close()
                 if reused and isinstance(exc, STALE_ERRORS):
-                    continue    # the server closed an idle kept-alive connection: not a failure
+                    continue  # the server closed an idle kept-alive connection: not a failure
                 raise WebhookError(f"webhook POST {self._shown}: {type(exc).__name__}: {exc}") from None
         if reusable:
             self._give(conn)
@@ -146,9 +158,11 @@ class Webhook:
         if 200 <= resp.status < 300:
             return resp.status
         excerpt = data[:200].decode("utf-8", "replace").strip()
-        raise WebhookError(f"webhook POST {self._shown}: HTTP {resp.status} {resp.reason}"
-                           + (f": {excerpt}" if excerpt else ""),
-                           resp.status, retryable=resp.status >= 500)
+        raise WebhookError(
+            f"webhook POST {self._shown}: HTTP {resp.status} {resp.reason}" + (f": {excerpt}" if excerpt else ""),
+            resp.status,
+            retryable=resp.status >= 500,
+        )
 
     def _take(self, fresh: bool) -> tuple[http.client.HTTPConnection, bool]:
         """(connection, reused): an idle kept-alive one unless `fresh`, else a new one."""

@@ -7,6 +7,7 @@ port), so scripts and tests can wait for that line. --fail-first N answers the f
 Notify calls with UNAVAILABLE, to exercise retries. SIGTERM/SIGINT stop it cleanly.
 Embed it with `serve(listen, on_notification=...)`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -15,8 +16,8 @@ import json
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from concurrent import futures
-from typing import Callable
 
 import grpc
 
@@ -24,7 +25,7 @@ from nexus.errors import ExitCode
 from nexus.proto.toasty.v1 import toasty_pb2 as pb
 from nexus.proto.toasty.v1 import toasty_pb2_grpc as pb_grpc
 
-GRACE = 2.0     # seconds in-flight calls get to finish on stop
+GRACE = 2.0  # seconds in-flight calls get to finish on stop
 
 
 class ToastyServicer(pb_grpc.ToastyServicer):
@@ -34,7 +35,7 @@ class ToastyServicer(pb_grpc.ToastyServicer):
         self._on_notification = on_notification
         self._fail_left = fail_first
         self._ids = itertools.count(1)
-        self._lock = threading.Lock()   # calls run on a thread pool
+        self._lock = threading.Lock()  # calls run on a thread pool
 
     def Notify(self, request: pb.Notification, context: grpc.ServicerContext) -> pb.NotifyReply:
         with self._lock:
@@ -51,14 +52,15 @@ class ToastyServicer(pb_grpc.ToastyServicer):
         return pb.HealthReply(status=pb.HealthReply.SERVING)
 
 
-def serve(listen: str, on_notification: Callable[[pb.Notification, str], None],
-          fail_first: int = 0, max_workers: int = 4) -> tuple[grpc.Server, int]:
+def serve(
+    listen: str, on_notification: Callable[[pb.Notification, str], None], fail_first: int = 0, max_workers: int = 4
+) -> tuple[grpc.Server, int]:
     """Start a Toasty server on `listen` (host:port); returns (server, bound port)."""
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers))
     pb_grpc.add_ToastyServicer_to_server(ToastyServicer(on_notification, fail_first), server)
     try:
         port = server.add_insecure_port(listen)
-    except RuntimeError as exc:     # newer grpcio raises instead of returning 0
+    except RuntimeError as exc:  # newer grpcio raises instead of returning 0
         raise OSError(f"cannot listen on {listen}: {exc}") from None
     if port == 0:
         raise OSError(f"cannot listen on {listen}")
@@ -67,31 +69,40 @@ def serve(listen: str, on_notification: Callable[[pb.Notification, str], None],
 
 
 def urgency_name(note: pb.Notification) -> str:
-    return pb.Urgency.Name(note.urgency or pb.NORMAL)     # unspecified (0) means NORMAL
+    return pb.Urgency.Name(note.urgency or pb.NORMAL)  # unspecified (0) means NORMAL
 
 
 def as_dict(note: pb.Notification, nid: str) -> dict:
-    return {"id": nid, "app": note.app, "urgency": urgency_name(note),
-            "title": note.title, "body": note.body, "tag": note.tag,
-            "event_id": note.event_id, "correlation_id": note.correlation_id}
+    return {
+        "id": nid,
+        "app": note.app,
+        "urgency": urgency_name(note),
+        "title": note.title,
+        "body": note.body,
+        "tag": note.tag,
+        "event_id": note.event_id,
+        "correlation_id": note.correlation_id,
+    }
 
 
 def as_line(note: pb.Notification, nid: str) -> str:
     # One notification, one line: newlines in the text would break line-based readers.
     def flat(s: str) -> str:
         return " ".join(s.split())
-    extra = "".join(f" {k}={v}" for k, v in (("tag", note.tag), ("event", note.event_id),
-                                              ("corr", note.correlation_id)) if v)
-    return (f"[{urgency_name(note)}] {flat(note.app)}: {flat(note.title)}"
-            f" | {flat(note.body)} (id={nid}{extra})")
+
+    extra = "".join(
+        f" {k}={v}" for k, v in (("tag", note.tag), ("event", note.event_id), ("corr", note.correlation_id)) if v
+    )
+    return f"[{urgency_name(note)}] {flat(note.app)}: {flat(note.title)} | {flat(note.body)} (id={nid}{extra})"
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m nexus.tools.toasty", description=__doc__.split("\n")[0])
     ap.add_argument("--listen", default="127.0.0.1:50051", help="host:port (port 0 picks a free one)")
     ap.add_argument("--json", action="store_true", help="print each notification as a JSON object")
-    ap.add_argument("--fail-first", type=int, default=0, metavar="N",
-                    help="answer the first N Notify calls with UNAVAILABLE")
+    ap.add_argument(
+        "--fail-first", type=int, default=0, metavar="N", help="answer the first N Notify calls with UNAVAILABLE"
+    )
     args = ap.parse_args(argv)
 
     out_lock = threading.Lock()
@@ -113,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     host = args.listen.rsplit(":", 1)[0]
     with out_lock:
         print(f"toasty listening on {host}:{port}", flush=True)
-    while not stop.wait(1.0):     # a timed wait so signals are handled promptly everywhere
+    while not stop.wait(1.0):  # a timed wait so signals are handled promptly everywhere
         pass
     server.stop(GRACE).wait()
     return ExitCode.OK

@@ -1,4 +1,5 @@
 """A handler module that raises at import: a config error, not a crash loop."""
+
 SETTING = {"retries": 3}
 
 

@@ -1,4 +1,5 @@
 """A handler module that kills its process on import: a crash loop for the launcher."""
+
 import os
 
 os._exit(17)

@@ -5,6 +5,7 @@ and records their pids (options.out/forked-<pid>.txt):
 - a grandchild orphaned at once (started in the background by a shell that exits),
 - a child that calls setsid (its own session and process group).
 """
+
 from __future__ import annotations
 
 import os

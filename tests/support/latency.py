@@ -9,6 +9,7 @@ DIR/latency-MEMBER.jsonl: {"t", "id", "type", "source", "member", "redelivered",
 "payload"}. Each line is one O_APPEND write, so lines from concurrent members never
 interleave.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,9 +21,20 @@ import msgspec
 
 def record(event, ctx) -> None:
     t = time.time()
-    line = json.dumps({"t": t, "id": event.id, "type": event.type, "source": event.source,
-                       "member": ctx.member, "redelivered": bool(ctx.redelivered),
-                       "payload": msgspec.to_builtins(event.payload)}) + "\n"
+    line = (
+        json.dumps(
+            {
+                "t": t,
+                "id": event.id,
+                "type": event.type,
+                "source": event.source,
+                "member": ctx.member,
+                "redelivered": bool(ctx.redelivered),
+                "payload": msgspec.to_builtins(event.payload),
+            }
+        )
+        + "\n"
+    )
     path = os.path.join(ctx.options["out"], f"latency-{ctx.member}.jsonl")
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:

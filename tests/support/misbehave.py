@@ -1,6 +1,7 @@
-"""Misbehaving handlers for the member fault tests (tests/test_faults_member.py).
+"""Misbehaving handlers for the member fault tests (tests/system/test_faults_member.py).
 Each records normal events like recorder.record and misbehaves on a payload with
 "poison": true (or on every event: leak)."""
+
 from __future__ import annotations
 
 import asyncio

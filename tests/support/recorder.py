@@ -1,4 +1,5 @@
 """Test handlers, importable by spawned members (tests/support is on PYTHONPATH)."""
+
 from __future__ import annotations
 
 import os
@@ -30,6 +31,7 @@ def record(event, ctx) -> None:
 
 async def record_async(event, ctx) -> None:
     import asyncio
+
     if ctx.options.get("sleep"):
         await asyncio.sleep(float(ctx.options["sleep"]))
     _record(event, ctx, ctx.options["out"])
@@ -69,5 +71,6 @@ def recycling(event, ctx) -> None:
     if _count == int(ctx.options["every"]):
         import atexit
         import signal
-        atexit.register(os._exit, 8)          # after the graceful stop, exit with RECYCLE
+
+        atexit.register(os._exit, 8)  # after the graceful stop, exit with RECYCLE
         os.kill(os.getpid(), signal.SIGTERM)

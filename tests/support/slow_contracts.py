@@ -1,6 +1,7 @@
 """A contracts module whose import takes SLOW_ROUTER_START seconds in the router
 process only: a router that is alive and beating but slow to become ready (as with
 the recovery of a big journal)."""
+
 import multiprocessing
 import os
 import time

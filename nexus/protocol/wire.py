@@ -1,0 +1,239 @@
+"""Messages on the wire between producers, the router and members.
+
+Every message is one msgpack frame (plus a topic frame on `publish`), decoded into
+one of these typed structs; docs/PROTOCOL.md describes them for other languages.
+"""
+
+from __future__ import annotations
+
+from typing import Union
+
+import msgspec
+
+# -- producer -> router (ingest PUSH/PULL and confirm DEALER/ROUTER) -------------
+
+
+class ProducerBatch(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """`events` are msgpack-encoded `Event` maps; in confirm mode they carry the
+    producer sequence numbers seq, seq+1, ... in order."""
+
+    events: list[msgspec.Raw]
+    producer: str = ""
+    seq: int = 0
+    floor: int = 0  # every producer seq below this is settled for the producer
+
+
+class Nack(msgspec.Struct, frozen=True, array_like=True):
+    seq: int  # producer seq of the rejected event
+    reason: str
+    retry_after: float = 0.0  # >0: rejected for rate; send again after this many seconds
+
+
+class ProducerReply(msgspec.Struct, frozen=True, omit_defaults=True):
+    """Router -> confirm producer: every producer seq <= `ack` is settled: journaled,
+    unless it is listed in `nacks`. `error` is set when the message was unreadable."""
+
+    ack: int = 0
+    nacks: list[Nack] = []
+    error: str = ""
+
+
+# -- router -> member (publish XPUB/SUB), frames: [topic, Delivery] --------------
+
+
+class Delivery(msgspec.Struct, frozen=True, array_like=True):
+    """Consecutive events of one group/partition stream. `prev` is the seq of the
+    stream's event before seqs[0] (0 when none), so a member can see gaps."""
+
+    prev: int
+    seqs: list[int]
+    events: list[msgspec.Raw]
+
+
+TAIL_TOPIC = b"~tail"
+
+
+def topic(group: str, partition: int) -> bytes:
+    return f"{group}/{partition}".encode()
+
+
+# -- coord: member DEALER <-> router ROUTER; CLI REQ/DEALER -> router -------------
+
+
+class Coord(msgspec.Struct, frozen=True, tag_field="op", forbid_unknown_fields=True):
+    pass
+
+
+class Join(Coord, tag="join"):
+    group: str
+    member: str
+    host: str = ""
+    pid: int = 0
+    holding: dict[int, int] = {}  # rejoining after a router restart: partition -> handled up to
+
+
+class Heartbeat(Coord, tag="hb"):
+    group: str
+    member: str
+    acks: dict[int, int] = {}  # partition -> every seq <= this is handled
+    stats: dict[str, int | float | str] = {}  # member counters and breaker state, for status
+
+
+class Ack(Coord, tag="ack"):
+    group: str
+    member: str
+    acks: dict[int, int]
+
+
+class Released(Coord, tag="released"):
+    """Member gave up partitions after a revoke, with its final acks."""
+
+    group: str
+    member: str
+    acks: dict[int, int]
+
+
+class Leave(Coord, tag="leave"):
+    group: str
+    member: str
+    acks: dict[int, int] = {}
+    busy: list[int] = []  # partitions whose head call still ran at the drain deadline
+
+
+class Fetch(Coord, tag="fetch"):
+    group: str
+    member: str
+    partition: int
+    after: int
+    limit: int = 1000
+
+
+class StatusRequest(Coord, tag="status"):
+    pass
+
+
+class DeadLetter(Coord, tag="dead_letter"):
+    """Member -> router, before the member acks the event: store it in the DLQ."""
+
+    group: str
+    member: str
+    seq: int
+    partition: int
+    event: msgspec.Raw
+    error_type: str
+    error: str
+    traceback: str
+    attempts: int
+    first_failed: float
+
+
+class MemberExited(Coord, tag="member_exited"):
+    """Launcher -> router: a member process ended (crash, hang kill, recycle). The
+    router frees its partitions at once instead of waiting for missed heartbeats.
+    `inflight` names the events its black box says it was handling (partition -> seqs);
+    `poison` lists those the launcher has now seen kill a member `max_crashes` times
+    (or time out `retry.attempts` times): the router dead-letters each with `reason`
+    and the group's next owner skips it. Answered with a Reply."""
+
+    group: str
+    member: str
+    exit_code: int  # negative: killed by that signal
+    reason: str = ""  # "crashed", "handler_timeout", "hung" (a recycle is not told)
+    inflight: dict[int, list[int]] = {}
+    poison: dict[int, list[int]] = {}
+    pid: int = 0  # the exited process (0: unknown): a newer one may have joined
+
+
+class DeadLetterStored(Coord, tag="dead_letter_stored"):
+    """Router -> member: the DeadLetter of (partition, seq) is stored; only now may the
+    member move past it and ack it. Until then it resends the DeadLetter on a timeout."""
+
+    group: str
+    partition: int
+    seq: int
+
+
+class DlqRequest(Coord, tag="dlq"):
+    action: str  # list | show | replay | purge
+    ids: list[int] = []
+    group: str | None = None
+    type: str | None = None
+    all: bool = False
+
+
+class ReloadRequest(Coord, tag="reload"):
+    config: bytes = b""  # the config the launcher validated (config.to_bytes); empty: re-read the file
+
+
+class ReplayRequest(Coord, tag="replay"):
+    group: str
+    from_seq: int = 0
+    from_time: float = 0.0
+
+
+class Assign(Coord, tag="assign"):
+    """The member's full partition set. `grants` holds the newly granted partitions
+    with the cursor to start after; partitions missing from `partitions` are revoked."""
+
+    group: str
+    partitions: list[int]
+    grants: dict[int, int] = {}
+    redelivered: dict[int, int] = {}  # granted partition -> events <= this may be seen again
+    replay: bool = False  # grants rewind the member's streams (journal replay)
+    skip: dict[int, list[int]] = {}  # granted partition -> seqs to pass over (dead-lettered poison)
+    solo: dict[int, list[int]] = {}  # granted partition -> seqs to run alone (in flight at a crash with others)
+
+
+class Pulse(Coord, tag="pulse"):
+    """Heartbeat answer: the last seq of each of the member's partition streams."""
+
+    heads: dict[int, int] = {}
+
+
+class Records(Coord, tag="records"):
+    group: str
+    partition: int
+    after: int
+    upto: int  # every stream event <= upto is in this reply or earlier
+    seqs: list[int]
+    events: list[msgspec.Raw]
+    complete: bool = True  # False: more to fetch after `upto`
+
+
+class Reply(Coord, tag="reply"):
+    """Generic answer to CLI requests: `data` is a plain mapping."""
+
+    data: dict = {}
+
+
+class Error(Coord, tag="error"):
+    reason: str
+    code: str = "error"  # "unknown_member", "unknown_group", "bad_message"
+
+
+CoordMessage = Union[  # noqa: UP007 - a long tagged union reads better one member per line
+    Join,
+    Heartbeat,
+    Ack,
+    Released,
+    Leave,
+    Fetch,
+    StatusRequest,
+    DeadLetter,
+    DeadLetterStored,
+    MemberExited,
+    DlqRequest,
+    ReloadRequest,
+    ReplayRequest,
+    Assign,
+    Pulse,
+    Records,
+    Reply,
+    Error,
+]
+
+encoder = msgspec.msgpack.Encoder()
+batch_decoder = msgspec.msgpack.Decoder(ProducerBatch)
+reply_decoder = msgspec.msgpack.Decoder(ProducerReply)
+delivery_decoder = msgspec.msgpack.Decoder(Delivery)
+coord_decoder = msgspec.msgpack.Decoder(CoordMessage)

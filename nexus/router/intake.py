@@ -1,0 +1,272 @@
+"""Router intake: bytes from a producer -> validated journal entries or rejections.
+
+Nothing here trusts its input: every failure becomes a (reason, detail) pair that
+is counted, and in confirm mode sent back as a NACK. No byte string raises out.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from dataclasses import dataclass, field
+
+import msgspec
+
+from nexus.errors import EventError
+from nexus.protocol.events import CONTROL_RE, DECODE_ERRORS, TYPE_RE, Contracts, WireEvent, printable
+from nexus.protocol.wire import Nack, ProducerBatch, batch_decoder
+from nexus.router.journal import Entry, entry_decoder, entry_encoder
+from nexus.router.ratelimit import RateLimiter
+from nexus.router.routing import key_hash
+
+MAX_PRODUCERS = 100_000  # producer ids remembered for dedup (LRU)
+RECENT_NACKS = 1_000  # per producer: NACKs repeated when a batch is resent
+KEY_CACHE = 100_000  # partition keys whose hash is remembered (cleared when full)
+_CONTROLS = "malformed event: control characters are not allowed - at `"
+
+
+@dataclass
+class Accepted:
+    types: list[str] = field(default_factory=list)
+    khashes: list[int] = field(default_factory=list)
+    events: list[bytes] = field(default_factory=list)
+    bodies: list[bytes] = field(default_factory=list)
+
+
+@dataclass
+class Outcome:
+    accepted: Accepted
+    nacks: list[Nack]
+    ack: int = 0  # highest producer seq settled by this batch
+    error: str = ""  # the whole message was unusable
+    duplicates: int = 0
+
+
+class Intake:
+    def __init__(self, contracts: Contracts, limiter: RateLimiter, max_event_bytes: int, max_batch: int):
+        self.contracts = contracts
+        self.limiter = limiter
+        self.max_event_bytes = max_event_bytes
+        self.max_batch = max_batch
+        self.high: collections.OrderedDict[str, int] = collections.OrderedDict()
+        self.recent_nacks: dict[str, collections.OrderedDict[int, Nack]] = {}
+        self.rejected: collections.Counter[str] = collections.Counter()
+        self.reject_log: collections.deque[dict] = collections.deque(maxlen=200)
+        self.accepted_total = 0
+        self._decode_event = msgspec.msgpack.Decoder(WireEvent).decode
+        self._khash_cache: dict[str, int] = {}
+        self._plain_types: set[tuple[str, int]] = set()
+        self._good_sources: set[str] = set()  # sources without control characters
+        self.duplicates_total = 0
+
+    # -- dedup state -----------------------------------------------------------
+    def remember(self, producer: str, pseq: int) -> None:
+        """Rebuild dedup state from the journal on start."""
+        if producer and pseq > self.high.get(producer, 0):
+            self.high[producer] = pseq
+            self.high.move_to_end(producer)
+            if len(self.high) > MAX_PRODUCERS:
+                self.high.popitem(last=False)
+
+    # -- intake ------------------------------------------------------------------
+    def _reject(self, category: str, detail: str, source: str = "", event_id: str = "") -> None:
+        self.rejected[category] += 1
+        self.reject_log.append(
+            {
+                "time": time.time(),
+                "reason": category,
+                "detail": detail[:300],
+                "source": source[:128],
+                "id": event_id[:64],
+            }
+        )
+
+    def decode_batch(self, frame: bytes) -> ProducerBatch | str:
+        try:
+            batch = batch_decoder.decode(frame)
+        except DECODE_ERRORS as exc:
+            detail = f"unreadable batch: {exc}"
+            self._reject("bad_batch", detail)
+            return detail
+        if len(batch.events) > self.max_batch:
+            detail = f"batch of {len(batch.events)} events exceeds max_batch {self.max_batch}"
+            self._reject("bad_batch", detail)
+            return detail
+        if len(batch.producer) > 128 or batch.seq < 0:
+            detail = "producer id longer than 128 characters or negative seq"
+            self._reject("bad_batch", detail)
+            return detail
+        return batch
+
+    def take(self, frame: bytes, confirm: bool, now: float) -> Outcome:
+        decoded = self.decode_batch(frame)
+        if isinstance(decoded, str):
+            return Outcome(Accepted(), [], error=decoded)
+        batch = decoded
+        producer = batch.producer if confirm else ""
+        first = batch.seq
+        skip = 0
+        high = 0
+        if producer:
+            if first < 1:
+                detail = "confirm batches need producer seq >= 1"
+                self._reject("bad_batch", detail)
+                return Outcome(Accepted(), [], error=detail)
+            # The sequence rule (docs/PROTOCOL.md 4): `high` only moves over seqs this
+            # router settled itself, never over a claim. A known producer's `floor` is not
+            # trusted at all (a forged one made the router ACK and drop a producer's next
+            # events as resends); an unknown one's only up to the batch's own first seq.
+            known = self.high.get(producer)
+            high = known if known is not None else min(max(batch.floor, 1), first) - 1
+            if first > high + 1:
+                return self._gap(producer, first, high, len(batch.events))
+            skip = high + 1 - first
+        out = Outcome(Accepted(), [])
+        acc = out.accepted
+        wall = time.time()
+        events = batch.events
+        if skip > 0:
+            out.duplicates = min(skip, len(events))
+            self.duplicates_total += out.duplicates
+            recent = self.recent_nacks.get(producer)
+            if recent:
+                out.nacks.extend(n for s, n in recent.items() if first <= s < first + out.duplicates)
+        limiter = self.limiter if self.limiter.enabled else None
+        max_bytes = self.max_event_bytes
+        check_payload = self.contracts.check_payload
+        decode = self._decode_event
+        khash_of = self._khash_cache
+        plain = self._plain_types  # types whose payload needs no per-event check
+        good_sources = self._good_sources
+        controls = CONTROL_RE.search
+        types, khashes, accepted, bodies = acc.types, acc.khashes, acc.events, acc.bodies
+        encode_entry = entry_encoder.encode
+        for i in range(max(skip, 0), len(events)):
+            raw = events[i]
+            if len(raw) > max_bytes:
+                self._nack(
+                    out,
+                    producer,
+                    first + i,
+                    "too_large",
+                    f"event of {len(raw)} bytes exceeds max_event_bytes {max_bytes}",
+                )
+                continue
+            try:
+                ev = decode(raw)
+            except DECODE_ERRORS as exc:
+                self._nack(out, producer, first + i, "malformed", f"malformed event: {exc}")
+                continue
+            type_ = ev.type
+            # control characters (issue 10 #12): a known key or source passed already
+            source = ev.source
+            if source not in good_sources:
+                if controls(source) is not None:
+                    self._nack(out, producer, first + i, "malformed", _CONTROLS + "$.source`")
+                    continue
+                if len(good_sources) >= KEY_CACHE:
+                    good_sources.clear()
+                good_sources.add(source)
+            key = ev.key
+            if key is not None and key not in khash_of and controls(key) is not None:
+                self._nack(out, producer, first + i, "malformed", _CONTROLS + "$.key`", source, ev.id)
+                continue
+            if ev.correlation_id is not None and controls(ev.correlation_id) is not None:
+                self._nack(out, producer, first + i, "malformed", _CONTROLS + "$.correlation_id`", source, ev.id)
+                continue
+            if (type_, ev.v) not in plain:
+                try:
+                    check_payload(type_, ev.v, ev.payload)
+                except EventError as exc:
+                    self._nack(out, producer, first + i, self._category(ev), str(exc), ev.source, ev.id)
+                    continue
+                if self.contracts.struct_for(type_, ev.v) is None and len(plain) < 10_000:
+                    plain.add((type_, ev.v))  # allowed untyped: the same answer every time
+            if limiter is not None:
+                wait = limiter.check(ev.source, now)
+                if wait > 0.0:
+                    self._nack(
+                        out,
+                        producer,
+                        first + i,
+                        "rate_limited",
+                        f"source {ev.source} is over its rate limit",
+                        ev.source,
+                        ev.id,
+                        wait,
+                    )
+                    continue
+            if key is None:
+                key = source
+            khash = khash_of.get(key)
+            if khash is None:
+                khash = key_hash(key)
+                if len(khash_of) >= KEY_CACHE:
+                    khash_of.clear()
+                khash_of[key] = khash
+            types.append(type_)
+            khashes.append(khash)
+            accepted.append(raw)
+            bodies.append(encode_entry(Entry(type_, khash, producer, first + i, raw, wall)))
+        if events:
+            out.ack = first + len(events) - 1
+        else:  # an empty batch settles and moves nothing
+            out.ack = min(first - 1, high) if producer else max(first - 1, 0)
+        if producer and events:
+            self.remember(producer, out.ack)
+        self.accepted_total += len(acc.events)
+        return out
+
+    def _gap(self, producer: str, first: int, high: int, n: int) -> Outcome:
+        """Seqs before `first` never arrived (a lost batch, or numbering the router never
+        saw): accept nothing, NACK each event as retryable and ACK only what is settled.
+        The producer resends from high + 1, or renumbers from there (the SDK does when
+        its oldest unacked seq is above high + 1: what lies between was settled for it
+        by NACKs a restarted router does not remember)."""
+        detail = f"expected producer seq {high + 1}, got {first}"
+        self._reject("sequence_gap", f"producer {printable(producer)}: {detail}")
+        reason = f"sequence_gap: {detail}"
+        return Outcome(Accepted(), [Nack(first + i, reason) for i in range(n)], ack=high)
+
+    def _category(self, ev) -> str:
+        if self.contracts.struct_for(ev.type, ev.v):
+            return "contract"
+        return "unknown_type" if TYPE_RE.match(ev.type) else "malformed"
+
+    def _nack(
+        self,
+        out: Outcome,
+        producer: str,
+        pseq: int,
+        category: str,
+        detail: str,
+        source: str = "",
+        event_id: str = "",
+        retry_after: float = 0.0,
+    ) -> None:
+        self._reject(category, detail, source, event_id)
+        nack = Nack(pseq, f"{category}: {detail}", retry_after)
+        out.nacks.append(nack)
+        if producer:
+            self._remember_nack(producer, nack)
+
+    def refuse(self, acc: Accepted, reason: str, retry_after: float) -> list[Nack]:
+        """The journal refused these accepted events: NACK each, and remember the NACKs
+        like any other, because `high` already moved over their seqs: a resend (the
+        reply was lost) must get the same NACK, not an ACK as a duplicate (review #1)."""
+        nacks = []
+        for body in acc.bodies:
+            entry = entry_decoder.decode(body)
+            nack = Nack(entry.pseq, reason, retry_after)
+            nacks.append(nack)
+            if entry.producer:
+                self._remember_nack(entry.producer, nack)
+        return nacks
+
+    def _remember_nack(self, producer: str, nack: Nack) -> None:
+        recent = self.recent_nacks.setdefault(producer, collections.OrderedDict())
+        recent[nack.seq] = nack
+        if len(recent) > RECENT_NACKS:
+            recent.popitem(last=False)
+        if len(self.recent_nacks) > MAX_PRODUCERS:
+            self.recent_nacks.pop(next(iter(self.recent_nacks)))

@@ -1,0 +1,662 @@
+"""The router process: ingest -> validate -> limit -> journal -> publish; coord.
+
+One thread, one poll loop. Every accepted batch is written to the journal with one
+write() before it is published or ACKed; the journal is the truth and PUB/SUB only
+the fast path, so members repair gaps by fetching from it over `coord`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import threading
+import time
+from itertools import chain
+
+import msgspec
+import structlog
+import zmq
+
+from nexus.common import blackbox
+from nexus.common.datalock import ROUTER_LOCK, DataDirLock
+from nexus.config import Config
+from nexus.errors import ConfigError
+from nexus.protocol import transport
+from nexus.protocol.events import DECODE_ERRORS, Contracts
+from nexus.protocol.wire import (
+    TAIL_TOPIC,
+    Ack,
+    DeadLetter,
+    Delivery,
+    DlqRequest,
+    Error,
+    Fetch,
+    Heartbeat,
+    Join,
+    Leave,
+    MemberExited,
+    ProducerReply,
+    Pulse,
+    Records,
+    Released,
+    ReloadRequest,
+    ReplayRequest,
+    Reply,
+    StatusRequest,
+    coord_decoder,
+    encoder,
+    topic,
+)
+from nexus.router import admin
+from nexus.router.backlog import Backlog
+from nexus.router.coordinator import Coordinator, Group
+from nexus.router.cursors import CursorStore
+from nexus.router.deadletters import DeadLetterStore, DeadLetterWriter
+from nexus.router.flusher import Flusher
+from nexus.router.intake import Accepted, Intake, Outcome
+from nexus.router.journal import Journal, StorageError, entry_decoder
+from nexus.router.ratelimit import RateLimiter
+from nexus.router.routing import RouteTable
+from nexus.router.storage import REASON as STORAGE_REASON
+from nexus.router.storage import RETRY_AFTER as STORAGE_RETRY_AFTER
+from nexus.router.storage import StorageState
+
+ADMIN_REQUESTS = (StatusRequest, ReplayRequest, DlqRequest, ReloadRequest)
+
+log = structlog.get_logger("nexus.router")
+
+MAINTENANCE_EVERY = 0.1
+INGEST_HWM = 100  # fire-mode batches (up to 1,000 events each) queued per producer
+# in the router; beyond it PUSH blocks the producer
+PROBE_EVERY = 1.0  # while storage is unavailable: try a write this often
+FETCH_SCAN_BYTES = 64 * 2**20  # journal bytes one fetch examines at most (then the member asks again)
+
+
+@contextlib.contextmanager
+def _beating(box, every: float = 0.2):
+    """Beat the black box from a thread while the block runs (journal recovery)."""
+    if box is None:
+        yield
+        return
+    done = threading.Event()
+
+    def beat() -> None:
+        while not done.wait(every):
+            box.beat()
+
+    thread = threading.Thread(target=beat, name="nexus-recovery-beat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+
+
+class Router:
+    def __init__(self, config: Config, env: str | None = None):
+        self.config = config
+        self.env = env
+        rc = config.router
+        self.contracts = Contracts.from_modules(config.contracts, config.contracts_untyped)
+        self.routes = RouteTable({name: (g.subscribe, g.partitions) for name, g in config.workers.items()})
+        self.intake = Intake(self.contracts, RateLimiter(rc.rate_limits), rc.max_event_bytes, rc.max_batch)
+        self.journal = Journal(
+            os.path.join(config.data_dir, "journal"),
+            fsync=rc.journal.fsync,
+            fsync_interval=rc.journal.fsync_interval_ms / 1000.0,
+            segment_bytes=rc.journal.segment_bytes,
+            retain=rc.journal.retain,
+        )
+        self.cursors = CursorStore(os.path.join(config.data_dir, "cursors.msgpack"))
+        self.storage = StorageState()
+        self.flusher = Flusher(self.journal, self.cursors, self.journal.fsync_interval, storage=self.storage)
+        self.backlog = Backlog()  # lag per group, kept as events are journaled
+        self.cursor_past_end: list[dict] = []  # groups whose cursor stood past the journal's end
+        self._next_probe = 0.0
+        self.heads: dict[str, list[int]] = {}  # group -> last seq per partition stream
+        self.coordinator = Coordinator(
+            rc.heartbeat_interval * rc.heartbeat_misses,
+            release_timeout=config.shutdown_timeout,
+            heads=self.heads,
+            end=lambda: self.journal.last_seq,
+        )
+        self.tail_subscribers = 0
+        self.member_stats: dict[tuple[str, str], dict] = {}
+        self.reload_requested = False
+        self.started = time.time()
+        self.stop_event = threading.Event()
+        self._pending_replies: list[tuple[bytes, bytes | Outcome]] = []
+        self._posted_cursors: dict[str, list[int]] | None = None
+        self._retention_checked: dict[str, list[int]] | None = None
+        self._staged: list[Accepted] = []  # accepted in this loop turn, not yet journaled
+        self.expect_rejoin = False  # restarted while members live: they rejoin (see Coordinator.expect_rejoin)
+
+    # -- start ---------------------------------------------------------------------
+    def recover(self) -> None:
+        saved = self.cursors.load()
+        cursors_by_group = self._start_cursors(saved)  # None: a new `latest` group, set below
+        never = 1 << 63
+        for name, group in self.config.workers.items():
+            self.heads[name] = [0] * group.partitions
+        routes, heads, intake, streams = self._routes_for, self.heads, self.intake, self.backlog.streams
+        tracked = {name: c or [never] * len(heads[name]) for name, c in cursors_by_group.items()}
+        for name, cursors in tracked.items():
+            self.backlog.add_group(name, cursors)
+
+        answer_every = [0]
+
+        def on_record(seq: int, body: memoryview) -> None:
+            answer_every[0] += 1 + (len(body) >> 15)  # every 512 records or ~16 MiB
+            if answer_every[0] >= 512:
+                answer_every[0] = 0
+                self._answer_while_recovering()
+            try:
+                entry = entry_decoder.decode(body)
+            except DECODE_ERRORS:  # CRC-valid but unreadable: never from us
+                log.error("journal_entry_unreadable", seq=seq)
+                return
+            for route in routes(entry.type, entry.group):
+                p = entry.khash % route.partitions
+                heads[route.group][p] = seq
+                if seq > tracked[route.group][p]:
+                    streams[route.group][p].add_one(seq)
+            if entry.producer:
+                intake.remember(entry.producer, entry.pseq)
+
+        recovery = self.journal.open(on_record)  # one pass over the journal
+        for name, group in self.config.workers.items():
+            if cursors_by_group[name] is None:
+                cursors_by_group[name] = [self.journal.last_seq] * group.partitions
+                self.backlog.add_group(name, cursors_by_group[name])
+        self._check_cursors_past_end(cursors_by_group)
+        for name, group in self.config.workers.items():
+            self.coordinator.add_group(name, group.partitions, cursors_by_group[name])
+        self._save_cursors()
+        log.info(
+            "router_recovered",
+            records=recovery.records,
+            last_seq=self.journal.last_seq,
+            truncated_bytes=recovery.truncated_bytes,
+            damaged_ranges=len(recovery.damaged),
+            groups=list(self.config.workers),
+        )
+
+    def _answer_while_recovering(self) -> None:
+        """Recovery reads the whole journal: meanwhile answer status (marked recovering)
+        and tell admin requests to come back; members' joins are dropped (they join
+        again every second)."""
+        coord = getattr(self, "coord", None)
+        if coord is None:
+            return
+        for _ in range(100):
+            try:
+                frames = coord.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if len(frames) != 2:
+                continue
+            try:
+                msg = coord_decoder.decode(frames[1])
+            except DECODE_ERRORS:
+                continue
+            if isinstance(msg, StatusRequest):
+                self._send_coord(frames[0], Reply(admin.recovering_status(self)))
+            elif isinstance(msg, ADMIN_REQUESTS):
+                self._send_coord(frames[0], Error("the router is still reading its journal; try again", "recovering"))
+
+    def _start_cursors(self, saved: dict[str, list[int]]) -> dict[str, list[int] | None]:
+        out: dict[str, list[int] | None] = {}
+        for name, group in self.config.workers.items():
+            cursors = saved.get(name)
+            if cursors is not None and len(cursors) != group.partitions:
+                # partition count changed: restart every partition from the oldest cursor
+                log.warning("partitions_changed", group=name, old=len(cursors), new=group.partitions)
+                cursors = [min(cursors)] * group.partitions
+            if cursors is None and (group.start == "earliest" or self.cursors.lost):
+                # a damaged cursor file: groups it lost resume at the journal start, never `latest`
+                cursors = [0] * group.partitions
+            out[name] = list(cursors) if cursors is not None else None
+        return out
+
+    def _check_cursors_past_end(self, cursors_by_group: dict[str, list[int]]) -> None:
+        """A cursor past the journal's last seq (the journal lost its tail): report it,
+        and start the next seq after the highest cursor. Otherwise events accepted from
+        now on would get seqs at or below that cursor, count as handled, and never be
+        delivered while lag shows 0 (a silent stall)."""
+        last = self.journal.last_seq
+        for name, cursors in cursors_by_group.items():
+            if cursors and max(cursors) > last:
+                found = {"group": name, "cursor": max(cursors), "last_seq": last}
+                self.cursor_past_end.append(found)
+                log.error("cursor_past_end", **found)
+        if self.cursor_past_end:
+            self.journal.skip_to(max(c["cursor"] for c in self.cursor_past_end))
+
+    def _save_cursors(self) -> None:
+        try:
+            self.cursors.save(self._cursor_snapshot())
+            self.storage.succeeded("cursors")
+        except OSError as exc:
+            self.storage.failed("cursors", exc)  # the flusher tries again
+
+    def _cursor_snapshot(self) -> dict[str, list[int]]:
+        return {name: list(g.cursors) for name, g in self.coordinator.groups.items()}
+
+    # -- main loop -----------------------------------------------------------------
+    def run(self) -> None:
+        # One router per data dir, before the journal is even opened: a second one
+        # (a standalone router beside a launched pipeline) refuses, touching nothing.
+        lock = DataDirLock(self.config.data_dir, ROUTER_LOCK, "router").acquire()
+        try:
+            self._run()
+        finally:
+            lock.release()
+
+    def _run(self) -> None:
+        # dead letters are written by one thread (never stalls the loop); the loop's own
+        # connection reads (status, dlq list) and runs operator purges with a short busy wait
+        path = os.path.join(self.config.data_dir, "dlq.sqlite3")
+        self.dlq = DeadLetterStore(path)
+        ctx = zmq.Context()
+        flusher_started = False
+        try:
+            # coord first: status (the launcher's readiness probe) is answered while
+            # recovery reads the journal, however large it is
+            self.coord = self._bind(lambda e: transport.bind(ctx, zmq.ROUTER, e), self.config.coord)
+            with _beating(blackbox.current()):  # a long recovery is not a hang
+                self.recover()
+            admin.restore_skips(self)
+        except BaseException:
+            ctx.destroy(linger=0)
+            self.dlq.close()  # a failed start (bind, recovery) leaks no connection or fd
+            self.journal.close()
+            raise
+        self.dlq_writer = DeadLetterWriter(path).start()
+        try:
+            self.ingest = self._bind(lambda e: transport.bind(ctx, zmq.PULL, e, hwm=INGEST_HWM), self.config.ingest)
+            self.confirm = self._bind(lambda e: transport.bind(ctx, zmq.ROUTER, e), self.config.confirm)
+            self.publish = self._bind(lambda e: transport.publisher(ctx, e), self.config.publish)
+            log.info(
+                "router_ready",
+                ingest=self.config.ingest,
+                confirm=self.config.confirm,
+                publish=self.config.publish,
+                coord=self.config.coord,
+            )
+            self.flusher.start()
+            flusher_started = True
+            if self.expect_rejoin:
+                self.coordinator.expect_rejoin(time.monotonic())
+            self._loop()
+        finally:
+            if flusher_started:  # a bind error must not be hidden by stopping a thread never started
+                self.flusher.stop()
+            self.dlq_writer.stop()
+            ctx.destroy(linger=0)
+            self.journal.close()
+            self._save_cursors()
+            self.dlq.close()
+            log.info("router_stopped", last_seq=self.journal.last_seq, accepted=self.intake.accepted_total)
+
+    @staticmethod
+    def _bind(make, endpoint: str) -> zmq.Socket:
+        try:
+            return make(endpoint)
+        except zmq.ZMQError as exc:
+            raise ConfigError(f"router cannot bind {endpoint}: {exc}") from None
+
+    def _loop(self) -> None:
+        poller = zmq.Poller()
+        for sock in (self.ingest, self.confirm, self.coord, self.publish):
+            poller.register(sock, zmq.POLLIN)
+        next_maintenance = time.monotonic()
+        while not self.stop_event.is_set():
+            ready = dict(poller.poll(50))
+            now = time.monotonic()
+            if self.coord in ready:
+                self._drain(self.coord, self._on_coord, 200)
+            if self.ingest in ready:
+                self._drain(self.ingest, self._on_ingest, 50)
+            if self.confirm in ready:
+                self._drain(self.confirm, self._on_confirm, 50)
+            if self.publish in ready:
+                self._drain(self.publish, self._on_subscription, 1000)
+            self._send_replies()
+            if self.dlq_writer.done:
+                admin.dead_letters_written(self)
+            if self.reload_requested:
+                self.reload_requested = False
+                admin.reload(self)
+            if now >= next_maintenance:
+                self._maintenance(now)
+                next_maintenance = now + MAINTENANCE_EVERY
+        self._send_replies()
+        try:
+            self.journal.sync()
+        except OSError as exc:
+            self.storage.failed("fsync", exc)
+        self._wait_for_members()
+
+    def _wait_for_members(self) -> None:
+        """Stopping: keep serving coord a little while members still leave, so their
+        final acks land even when every process got the signal at once."""
+        deadline = time.monotonic() + min(5.0, self.config.shutdown_timeout)
+        while time.monotonic() < deadline and any(g.members for g in self.coordinator.groups.values()):
+            if self.coord.poll(50):
+                self._drain(self.coord, self._on_coord, 200)
+            if self.dlq_writer.done:
+                admin.dead_letters_written(self)
+            if self.confirm.poll(0):
+                self._drain(self.confirm, self._on_confirm, 50)
+                self._send_replies()
+
+    def _drain(self, sock: zmq.Socket, handler, limit: int) -> None:
+        for _ in range(limit):
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=True)
+            except zmq.Again:
+                return
+            try:
+                handler(frames)
+            except Exception:  # the router never dies of one message
+                log.exception("message_failed")
+                self.intake.rejected["internal"] += 1
+
+    def _maintenance(self, now: float) -> None:
+        box = blackbox.current()
+        if box is not None:
+            box.beat(now)  # the launcher's hang detection reads it
+        if self.flusher.error is not None:
+            raise self.flusher.error
+        if not self.dlq_writer.alive():
+            # (it catches every error: this is a bug) members would wait for DeadLetterStored forever
+            raise RuntimeError("dead-letter writer thread died")
+        for identity, msg in self.coordinator.expire(now):
+            self._send_coord(identity, msg)
+        if "journal" in self.storage.failing and now >= self._next_probe:
+            # storage unavailable and maybe no batch to try it: a timer retry
+            self._next_probe = now + PROBE_EVERY
+            try:
+                self.journal.probe()
+                self.storage.succeeded("journal")
+            except OSError:
+                pass
+        snapshot = self._cursor_snapshot()
+        if snapshot != self._posted_cursors:
+            self._posted_cursors = snapshot
+            self.flusher.post(snapshot)
+        saved = self.flusher.saved
+        if saved is not None and saved is not self._retention_checked:
+            # only cursors already on disk may let segments go
+            self._retention_checked = saved
+            floor = min((min(c) for c in saved.values() if c), default=self.journal.last_seq)
+            self.journal.enforce_retention(floor)
+
+    def _send_replies(self) -> None:
+        self._commit_staged()  # a reply never goes out before its events are written
+        if not self._pending_replies:
+            return
+        if self.journal.fsync_policy == "always":
+            self.journal.sync()
+        for identity, payload in self._pending_replies:
+            if isinstance(payload, Outcome):
+                payload = encoder.encode(ProducerReply(ack=payload.ack, nacks=payload.nacks, error=payload.error))
+            elif isinstance(payload, ProducerReply):
+                payload = encoder.encode(payload)
+            try:
+                self.confirm.send_multipart((identity, payload), zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass  # producer gone or its queue full: it resends on timeout
+        self._pending_replies.clear()
+
+    # -- producers -------------------------------------------------------------------
+    def _on_ingest(self, frames: list[bytes]) -> None:
+        if len(frames) != 1:
+            self.intake.rejected["bad_batch"] += 1
+            return
+        self._stage(self.intake.take(frames[0], False, time.monotonic()))
+
+    def _on_confirm(self, frames: list[bytes]) -> None:
+        identity = frames[0]
+        if len(frames) != 2:
+            self.intake.rejected["bad_batch"] += 1
+            self._pending_replies.append(
+                (identity, encoder.encode(ProducerReply(error="expected exactly one frame per message")))
+            )
+            return
+        outcome = self._stage(self.intake.take(frames[1], True, time.monotonic()))
+        self._pending_replies.append((identity, outcome))  # encoded when sent: see _refuse
+
+    def _stage(self, outcome: Outcome) -> Outcome:
+        """Hold accepted events for the commit at the end of this loop turn."""
+        if outcome.accepted.bodies:
+            self._staged.append(outcome.accepted)
+        return outcome
+
+    def _commit_staged(self) -> None:
+        if self._staged:
+            staged, self._staged = self._staged, []
+            try:
+                self._commit(staged)
+            except StorageError as exc:
+                self._refuse(staged, exc)
+
+    def _refuse(self, staged: list[Accepted], exc: StorageError) -> None:
+        """The journal write failed (nothing of it stayed): NACK the confirmed events
+        with a retryable reason instead of the ACK, count the fire-mode ones as refused.
+        The producer resends them as new sequences after retry_after."""
+        failed = {id(acc) for acc in staged}
+        reason = f"{STORAGE_REASON}: {exc.strerror or exc}"
+        for i, (identity, reply) in enumerate(self._pending_replies):
+            if isinstance(reply, Outcome) and id(reply.accepted) in failed:
+                nacks = list(reply.nacks) + self.intake.refuse(reply.accepted, reason, STORAGE_RETRY_AFTER)
+                self._pending_replies[i] = (identity, ProducerReply(ack=reply.ack, nacks=nacks, error=reply.error))
+        n = sum(len(acc.bodies) for acc in staged)
+        self.intake.accepted_total -= n
+        self.intake.rejected[STORAGE_REASON] += n
+        self.intake.reject_log.append(
+            {"time": time.time(), "reason": STORAGE_REASON, "detail": reason[:300], "source": "", "id": "", "events": n}
+        )
+
+    def _commit(self, accepted: list[Accepted], only_group: str = "") -> int:
+        """Journal accepted events with one write, then publish them to the matching
+        group streams: one Delivery per stream for everything taken in this loop turn
+        (fewer, larger messages: ZeroMQ's cost is per message)."""
+        if only_group:
+            self._commit_staged()  # keep journal order: staged events were accepted first
+        bodies = list(chain.from_iterable(acc.bodies for acc in accepted))
+        if not bodies:
+            return self.journal.last_seq + 1
+        try:
+            if "fsync" in self.storage.failing:
+                # writes may land in the page cache, but they are not durable: refuse
+                # until the flusher's fsync succeeds again
+                raise StorageError(errno.EIO, f"journal fsync failing ({self.storage.failing['fsync']})")
+            first = self.journal.append(bodies)
+        except StorageError as exc:
+            self.storage.failed("journal", exc)
+            raise
+        self.storage.succeeded("journal")
+        streams: dict[tuple[str, int], tuple[int, list[int], list[bytes]]] = {}
+        heads = self.heads
+        # the common case (every matching group) calls the cached table directly
+        routes = self.routes.routes if not only_group else lambda t: self._routes_for(t, only_group)
+        seq = first
+        last_type, type_routes = None, ()
+        for acc in accepted:
+            for type_, khash, raw in zip(acc.types, acc.khashes, acc.events, strict=False):
+                if type_ != last_type:
+                    last_type, type_routes = type_, routes(type_)
+                for route in type_routes:
+                    p = khash % route.partitions
+                    stream = streams.get((route.group, p))
+                    if stream is None:
+                        stream = streams[(route.group, p)] = (heads[route.group][p], [], [])
+                    stream[1].append(seq)
+                    stream[2].append(raw)
+                seq += 1
+        send = self.publish.send_multipart
+        backlog = self.backlog.streams
+        groups = self.coordinator.groups
+        for (group, p), (prev, seqs, events) in streams.items():
+            heads[group][p] = seqs[-1]
+            backlog[group][p].add(seqs)
+            # no live copy for a partition nobody owns yet (after a router restart a member
+            # that has not rejoined may still be subscribed): its owner will fetch it
+            if groups[group].owner[p] is not None:
+                send((topic(group, p), encoder.encode(Delivery(prev, seqs, events))), zmq.NOBLOCK)
+        if self.tail_subscribers:
+            seqs = list(range(first, seq))
+            events = list(chain.from_iterable(acc.events for acc in accepted))
+            send((TAIL_TOPIC, encoder.encode(Delivery(0, seqs, events))), zmq.NOBLOCK)
+        return first
+
+    def _on_subscription(self, frames: list[bytes]) -> None:
+        msg = frames[0]
+        if msg[1:] == TAIL_TOPIC:
+            self.tail_subscribers += 1 if msg[:1] == b"\x01" else -1
+            self.tail_subscribers = max(self.tail_subscribers, 0)
+
+    # -- coord ---------------------------------------------------------------------
+    def _send_coord(self, identity: bytes, msg) -> None:
+        try:
+            self.coord.send_multipart((identity, encoder.encode(msg)), zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass
+
+    def _on_coord(self, frames: list[bytes]) -> None:
+        identity = frames[0]
+        if len(frames) != 2:
+            return self._send_coord(identity, Error("expected exactly one frame", "bad_message"))
+        try:
+            msg = coord_decoder.decode(frames[1])
+        except DECODE_ERRORS as exc:
+            self.intake.rejected["bad_coord"] += 1
+            return self._send_coord(identity, Error(f"unreadable coord message: {exc}", "bad_message"))
+        now = time.monotonic()
+        if isinstance(msg, ADMIN_REQUESTS):
+            return self._send_coord(identity, Reply(admin.handle(self, msg)))
+        group = self.coordinator.groups.get(getattr(msg, "group", ""))
+        if group is None:
+            return self._send_coord(identity, Error(f"unknown group {getattr(msg, 'group', '')!r}", "unknown_group"))
+        if isinstance(msg, Join):
+            for ident, out in self.coordinator.join(group, msg.member, identity, now, msg.host, msg.pid, msg.holding):
+                self._send_coord(ident, out)
+        elif isinstance(msg, Fetch):
+            self._send_coord(identity, self.fetch(group, msg))
+        elif isinstance(msg, MemberExited):  # from the launcher: the member is gone
+            self._send_coord(identity, Reply(admin.member_exited(self, group, msg, now)))
+        elif isinstance(msg, DeadLetter):  # stored even if the member was dropped meanwhile
+            admin.store_dead_letter(self, msg, identity)
+        elif not self.coordinator.seen(group, msg.member, None if isinstance(msg, Heartbeat) else identity, now):
+            if not isinstance(msg, Leave):
+                self._send_coord(identity, Error(f"{msg.member} is not a member of {group.name}", "unknown_member"))
+        elif isinstance(msg, Heartbeat):
+            self.coordinator.ack(group, msg.member, msg.acks)
+            if msg.stats:
+                self.member_stats[(group.name, msg.member)] = msg.stats
+            info = group.members[msg.member]
+            heads = self.heads[group.name]
+            self._send_coord(identity, Pulse({p: heads[p] for p in info.view}))
+        elif isinstance(msg, Ack):
+            self.coordinator.ack(group, msg.member, msg.acks)
+        elif isinstance(msg, Released):
+            for ident, out in self.coordinator.released(group, msg.member, msg.acks, now):
+                self._send_coord(ident, out)
+        elif isinstance(msg, Leave):
+            for ident, out in self.coordinator.leave(group, msg.member, msg.acks, now, msg.busy):
+                self._send_coord(ident, out)
+
+    def _routes_for(self, type_: str, only_group: str):
+        routes = self.routes.routes(type_)
+        return [r for r in routes if r.group == only_group] if only_group else routes
+
+    def group_filter(self, group: str):
+        """A predicate: does a journal entry belong to `group`'s streams? (Cached per
+        event type: fetch and lag call it for every record they scan.)"""
+        by_type: dict[str, bool] = {}
+        routes = self.routes.routes
+
+        def in_group(entry) -> bool:
+            if entry.group:
+                return entry.group == group
+            found = by_type.get(entry.type)
+            if found is None:
+                found = by_type[entry.type] = any(r.group == group for r in routes(entry.type))
+            return found
+
+        return in_group
+
+    def fetch(self, group: Group, msg: Fetch) -> Records:
+        """Stream events of group/partition after `msg.after`, served from the journal.
+        A reply is bounded in events (fetch_limit) and in bytes (fetch_bytes, or one
+        event), and one fetch examines at most FETCH_SCAN records/bytes of journal (other
+        partitions' records are skipped without a copy): the member asks again from
+        `upto`, so router memory and loop time stay flat with any backlog."""
+        rc = self.config.router
+        limit = max(1, min(msg.limit, rc.fetch_limit))
+        p, partitions = msg.partition, group.partitions
+        in_group, decode = self.group_filter(group.name), entry_decoder.decode
+
+        name, by_type = group.name, {}  # (in_group's answer per type, without its call)
+
+        def want(body):
+            # kept: the event alone, copied out of the read buffer (the reply holds no chunk)
+            entry = decode(body)  # unreadable: read() checks the CRC (damage)
+            if entry.khash % partitions != p:
+                return None
+            ok = entry.group == name if entry.group else by_type.get(entry.type)
+            if ok is None:
+                ok = by_type[entry.type] = in_group(entry)
+            if ok:
+                # a view into the read chunk is copied out (small bodies come as bytes of
+                # their own: nothing to copy)
+                return entry.event if type(body) is bytes else entry.event.copy()
+            return None
+
+        journal = self.journal
+        records = journal.read(
+            msg.after,
+            limit,
+            max_bytes=rc.fetch_bytes,
+            want=want,
+            max_scan=(max(limit * 50, 50_000), max(FETCH_SCAN_BYTES, 2 * rc.fetch_bytes)),
+        )
+        seqs, events = (list(column) for column in zip(*records, strict=False)) if records else ([], [])
+        if set(map(type, events)) - {msgspec.Raw}:
+            # a CRC-valid body that does not decode (never written so by a router): skip it
+            records = [(seq, event) for seq, event in records if type(event) is msgspec.Raw]
+        seqs = [seq for seq, _ in records]
+        events = [event for _, event in records]
+        upto = max(min(journal.read_upto, journal.last_seq), msg.after)  # never past the end (review #2)
+        if not records and upto == msg.after:
+            upto = max(msg.after, journal.last_seq)  # nothing readable after it
+        return Records(
+            group=group.name,
+            partition=p,
+            after=msg.after,
+            upto=upto,
+            seqs=seqs,
+            events=events,
+            complete=upto >= journal.last_seq,
+        )
+
+    def lag(self, group: Group) -> int | str:
+        """Events of the group after its cursors: kept incrementally (nexus/router/backlog.py),
+        so status never reads the journal in the loop."""
+        return self.backlog.lag(group.name, group.cursors)
+
+
+def main(config: Config, env: str | None = None, members_alive: bool = False) -> None:
+    import signal
+
+    from nexus.common.process import stop_on_signals
+
+    with _beating(blackbox.current()):  # contract imports: starting is not hanging
+        router = Router(config, env)
+    router.expect_rejoin = members_alive
+    stop_on_signals(router.stop_event)
+    signal.signal(signal.SIGHUP, lambda *_: setattr(router, "reload_requested", True))
+    router.run()

@@ -1,0 +1,417 @@
+"""IMAP producer (`kind: imap`): one `email.received` per new message, pushed by IDLE.
+
+One connection per mailbox, because IDLE only watches the selected mailbox. Each one
+loops: fetch UIDs above the stored position, emit them in UID order, `sink.flush()`,
+then persist the position (data_dir/imap/NAME.json); then IDLE until the server
+reports EXISTS/RECENT or `idle_timeout` passes (RFC 2177: re-issue before 29 min).
+
+Start position (the default, documented): with no stored position, e.g. the first
+run, a mailbox starts at its newest message, so only mail arriving from then on is
+emitted and years of history are not replayed as "received". With a stored position
+it resumes after the last emitted UID: mail that arrived while Nexus was down is
+emitted, at least once (a crash between flush and persist re-emits one batch).
+
+Connection state: STATUS[(name, mailbox)] and the logs imap_connected,
+imap_disconnected, imap_auth_failed, imap_uidvalidity_changed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+import ssl
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import aioimaplib
+import structlog
+
+from nexus.config import Config, ImapProducerConfig
+from nexus.errors import ConfigError, EventError, PeerError, RejectedError
+from nexus.sources.imap_state import ImapState, build_payload, ints, parse_fetch, resp_code
+
+log = structlog.get_logger("nexus.producers.imap")
+# aioimaplib logs every line sent at DEBUG (its password scrub misses a password it
+# had to escape) and every ignored untagged reply at INFO: keep it to real problems.
+logging.getLogger("aioimaplib").setLevel(logging.WARNING)
+
+COMMAND_TIMEOUT = 30.0  # a command (or a fetch without progress) longer than this is hung
+FLUSH_TIMEOUT = 30.0
+FETCH_BATCH = 20  # messages per UID FETCH; one flush + persist per batch
+POLL_INTERVAL = 30.0  # NOOP interval for the rare server without IDLE
+STOP_POLL = 0.1  # how often the loop looks at the `stop` threading.Event
+STOP_GRACE = 0.7  # time given to LOGOUT on stop before connections are cut
+_NEW_MAIL = re.compile(rb"^\* \d+ (EXISTS|RECENT)\b", re.I)
+
+
+@dataclass
+class MailboxStatus:
+    state: str = "starting"  # connecting | syncing | idle | polling | backoff | auth_failed | stopped
+    error: str | None = None
+    connects: int = 0
+    auth_failures: int = 0
+    emitted: int = 0
+    uidvalidity: int | None = None
+    last_uid: int | None = None
+
+
+STATUS: dict[tuple[str, str], MailboxStatus] = {}  # (producer name, mailbox) -> live status
+
+
+def status(name: str) -> dict:
+    """Per-mailbox state for `nexus status` (an auth failure shows there)."""
+    return {
+        "mailboxes": {
+            mb: {"state": s.state, "error": s.error, "emitted": s.emitted, "last_uid": s.last_uid}
+            for (n, mb), s in list(STATUS.items())
+            if n == name
+        }
+    }
+
+
+class AuthFailed(Exception):
+    pass
+
+
+class ImapError(Exception):
+    """The server said NO/BAD, went away or stopped answering: reconnect."""
+
+
+class _Stopped(Exception):
+    pass
+
+
+class _Protocol(aioimaplib.IMAP4ClientProtocol):
+    # Notes EXISTS/RECENT whenever it arrives: during IDLE, and also inside the reply
+    # to a SEARCH or FETCH, where aioimaplib drops it; so no wake-up is ever lost.
+    def __init__(self, loop: Any, conn_lost_cb: Any = None):
+        super().__init__(loop, conn_lost_cb)
+        self.new_mail = asyncio.Event()
+
+    def _handle_line(self, line: bytes, current_cmd: Any) -> Any:
+        if _NEW_MAIL.match(line):
+            self.new_mail.set()
+        return super()._handle_line(line, current_cmd)
+
+
+class _Client(aioimaplib.IMAP4):
+    def create_client(self, host, port, loop, conn_lost_cb=None, ssl_context=None) -> None:
+        loop = loop or asyncio.get_running_loop()
+        self.protocol = _Protocol(loop, conn_lost_cb)
+        self._client_task = loop.create_task(loop.create_connection(lambda: self.protocol, host, port, ssl=ssl_context))
+
+
+def _password(name: str, spec: ImapProducerConfig) -> str:
+    if spec.password:
+        return spec.password
+    where = f"producers.{name}.password_env"
+    if not spec.password_env:
+        raise ConfigError(
+            f"{where}: name the environment variable holding the IMAP password of {spec.username!r} (or set password)"
+        )
+    value = os.environ.get(spec.password_env)
+    if not value:
+        raise ConfigError(f"{where}: environment variable {spec.password_env} is not set or empty")
+    return value
+
+
+def run(name: str, spec: ImapProducerConfig, config: Config, sink: Any, stop: threading.Event) -> None:
+    password = _password(name, spec)
+    state = ImapState(config.data_dir, name)
+    # One worker: emit, flush and fsync leave the loop free (IDLE, stop) and stay ordered.
+    executor = ThreadPoolExecutor(1, thread_name_prefix=f"imap-{name}")
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(_main(name, spec, password, state, sink, stop, executor))
+    finally:
+        executor.shutdown(wait=False, cancel_futures=True)
+        loop.close()
+
+
+async def _main(
+    name: str,
+    spec: ImapProducerConfig,
+    password: str,
+    state: ImapState,
+    sink: Any,
+    stop: threading.Event,
+    executor: ThreadPoolExecutor,
+) -> None:
+    stopping = asyncio.get_running_loop().create_future()
+    tasks = [
+        asyncio.create_task(_Mailbox(name, mb, spec, password, state, sink, executor, stopping).run())
+        for mb in dict.fromkeys(spec.mailboxes)
+    ]
+    while not stop.is_set():
+        await asyncio.sleep(STOP_POLL)
+    stopping.set_result(None)
+    await asyncio.wait(tasks, timeout=STOP_GRACE)
+    rest = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    for task in rest:
+        task.cancel()
+    if rest:
+        await asyncio.wait(rest, timeout=0.2)
+    for mailbox in dict.fromkeys(spec.mailboxes):
+        STATUS[(name, mailbox)].state = "stopped"
+
+
+class _Mailbox:
+    def __init__(
+        self,
+        name: str,
+        mailbox: str,
+        spec: ImapProducerConfig,
+        password: str,
+        state: ImapState,
+        sink: Any,
+        executor: ThreadPoolExecutor,
+        stopping: asyncio.Future,
+    ):
+        self.name, self.mailbox, self.spec, self.password = name, mailbox, spec, password
+        self.state, self.sink, self.executor, self.stopping = state, sink, executor, stopping
+        self.key = spec.key or f"{name}:{mailbox}"
+        self.status = STATUS[(name, mailbox)] = MailboxStatus()
+        self.log = log.bind(producer=name, mailbox=mailbox)
+        self.client: _Client | None = None
+        self.lost: asyncio.Future = stopping.get_loop().create_future()
+        self.healthy = False
+
+    def _set(self, state: str, error: str | None = None) -> None:
+        self.status.state, self.status.error = state, error
+
+    async def run(self) -> None:
+        spec, backoff = self.spec, 0.5
+        while not self.stopping.done():
+            self.healthy, delay = False, backoff
+            try:
+                await self._session()
+            except _Stopped:
+                break
+            except AuthFailed as exc:
+                # Not a tight loop: the account may be locked out by retries. Retry
+                # slowly so a corrected password is picked up without a restart.
+                delay = spec.reconnect_max
+                self.status.auth_failures += 1
+                self._set("auth_failed", str(exc))
+                self.log.error(
+                    "imap_auth_failed",
+                    host=spec.host,
+                    port=spec.port,
+                    user=spec.username,
+                    error=str(exc),
+                    retry_in=delay,
+                )
+            except Exception as exc:  # anything else: drop the connection, back off, retry
+                if self.healthy:
+                    backoff = 0.5
+                delay, backoff = backoff, min(backoff * 2, spec.reconnect_max)
+                error = _describe(exc)
+                self._set("backoff", error)
+                event = "imap_flush_failed" if isinstance(exc, PeerError) else "imap_disconnected"
+                self.log.warning(
+                    event,
+                    host=spec.host,
+                    port=spec.port,
+                    error=error,
+                    retry_in=delay,
+                    exc_info=not isinstance(
+                        exc, (OSError, ImapError, PeerError, asyncio.TimeoutError, aioimaplib.AioImapException)
+                    ),
+                )
+            finally:
+                await self._close(graceful=self.stopping.done())
+            await asyncio.wait([self.stopping], timeout=delay)
+        self._set("stopped")
+
+    async def _call(self, aw: Any, timeout: float | None = COMMAND_TIMEOUT, lost: bool = True) -> Any:
+        """Await `aw`, but give up when stop is requested, the connection drops or time runs out."""
+        task = asyncio.ensure_future(aw)
+        waits = {task, self.stopping} | ({self.lost} if lost else set())
+        try:
+            await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not task.done():
+                task.cancel()
+        if task.done() and not task.cancelled():
+            return task.result()
+        if self.stopping.done():
+            raise _Stopped()
+        if self.lost.done():
+            raise ImapError(f"connection lost: {self.lost.result() or 'closed by the server'}")
+        raise TimeoutError(f"no answer from the server within {timeout:g}s")
+
+    async def _sync(self, fn: Any, *args: Any) -> Any:
+        # Not cut by a lost IMAP connection: the flush + persist should complete.
+        loop = asyncio.get_running_loop()
+        return await self._call(loop.run_in_executor(self.executor, fn, *args), None, lost=False)
+
+    async def _session(self) -> None:
+        spec = self.spec
+        self._set("connecting")
+        loop = asyncio.get_running_loop()
+        self.lost = lost = loop.create_future()
+
+        def on_lost(exc: Exception | None) -> None:
+            if not lost.done():
+                lost.set_result(exc)
+
+        self.client = c = _Client(
+            host=spec.host,
+            port=spec.port,
+            timeout=COMMAND_TIMEOUT,
+            conn_lost_cb=on_lost,
+            ssl_context=ssl.create_default_context() if spec.ssl else None,
+        )
+        await self._call(c.wait_hello_from_server())
+        r = await self._call(c.login(aioimaplib.quoted(spec.username), self.password))
+        if r.result != "OK":
+            text = _text(r)
+            if re.search(r"\[(UNAVAILABLE|INUSE|LIMIT)\]", text):  # RFC 5530: try again later
+                raise ImapError(f"login temporarily refused: {text}")
+            raise AuthFailed(f"IMAP login to {spec.host}:{spec.port} as {spec.username!r} was refused: {text}")
+        await self._call(c.protocol.capability())  # post-login capabilities (IDLE)
+        r = await self._call(c.select(aioimaplib.quoted(self.mailbox)))
+        if r.result != "OK":
+            raise ImapError(f"SELECT {self.mailbox!r} failed: {_text(r)}")
+        uidvalidity = resp_code(r.lines, b"UIDVALIDITY")
+        if uidvalidity is None:
+            raise ImapError("the server sent no UIDVALIDITY")
+        uidnext = resp_code(r.lines, b"UIDNEXT")
+        newest = uidnext - 1 if uidnext is not None else await self._max_uid()
+        last = await self._start_position(uidvalidity, newest)
+        self.status.connects += 1
+        self.status.uidvalidity, self.status.last_uid = uidvalidity, last
+        self.log.info(
+            "imap_connected", host=spec.host, port=spec.port, user=spec.username, uidvalidity=uidvalidity, last_uid=last
+        )
+        while True:
+            c.protocol.new_mail.clear()
+            self._set("syncing")
+            last = await self._catch_up(uidvalidity, last)
+            if not c.protocol.new_mail.is_set():  # else mail came in during the fetch
+                await self._wait_for_mail()
+
+    async def _max_uid(self) -> int:
+        r = await self._call(self.client.protocol.search("UID", "*", charset=None, by_uid=True))
+        return max(ints(r.lines[:-1]), default=0)
+
+    async def _start_position(self, uidvalidity: int, newest: int) -> int:
+        stored = self.state.get(self.mailbox)
+        if stored is not None and stored.uidvalidity == uidvalidity:
+            return stored.last_uid
+        if stored is None and self.state.lost(self.mailbox):
+            # the state file was damaged (state_file_damaged): the oldest safe point is
+            # the mailbox's first message; mail is re-emitted, never skipped
+            self.log.warning("imap_position_lost", last_uid=0, newest=newest)
+            await self._sync(self.state.set, self.mailbox, uidvalidity, 0)
+            return 0
+        if stored is not None:
+            # The server renumbered the mailbox (recreated, restored, migrated): old UIDs
+            # mean nothing now and we cannot tell what was emitted. Replaying the whole
+            # mailbox would flood handlers with old mail as "received", so start from
+            # the newest message, as on a first run, and say so.
+            self.log.warning("imap_uidvalidity_changed", stored=stored.uidvalidity, server=uidvalidity, last_uid=newest)
+        await self._sync(self.state.set, self.mailbox, uidvalidity, newest)
+        return newest
+
+    async def _catch_up(self, uidvalidity: int, last: int) -> int:
+        c = self.client
+        r = await self._call(c.protocol.search("UID", f"{last + 1}:*", charset=None, by_uid=True))
+        if r.result != "OK":
+            raise ImapError(f"UID SEARCH failed: {_text(r)}")
+        uids = sorted(u for u in set(ints(r.lines[:-1])) if u > last)  # n:* includes the max
+        for i in range(0, len(uids), FETCH_BATCH):
+            batch = uids[i : i + FETCH_BATCH]
+            # aioimaplib's own fetch timeout counts inactivity, so big mail is fine
+            r = await self._call(c.uid("fetch", ",".join(map(str, batch)), "(UID FLAGS RFC822.SIZE BODY.PEEK[])"), None)
+            if r.result != "OK":
+                raise ImapError(f"UID FETCH failed: {_text(r)}")
+            records = parse_fetch(r.lines)
+            found = [(uid, *records[uid]) for uid in batch if uid in records]
+            if len(found) < len(batch):  # expunged meanwhile, or a reply we could not read
+                self.log.warning("imap_messages_missing", uids=[uid for uid in batch if uid not in records])
+            await self._sync(self._deliver, found, uidvalidity, batch[-1])
+            last = self.status.last_uid = batch[-1]
+        return last
+
+    def _deliver(self, records: list, uidvalidity: int, last_uid: int) -> None:
+        """Executor thread: emit in UID order, flush, and only then persist."""
+        emitted = 0
+        for uid, flags, size, raw in records:
+            payload = build_payload(
+                raw,
+                account=self.name,
+                mailbox=self.mailbox,
+                uid=uid,
+                uidvalidity=uidvalidity,
+                flags=flags,
+                size=size,
+                snippet_chars=self.spec.snippet_bytes,
+            )
+            try:
+                self.sink.emit("email.received", payload, key=self.key)
+                emitted += 1
+            except (EventError, ValueError, TypeError) as exc:  # bounded + cleaned: should
+                # not happen; a message that cannot be sent must not block the mailbox
+                self.log.error("imap_message_skipped", uid=uid, error=str(exc))
+        if emitted:
+            try:
+                self.sink.flush(FLUSH_TIMEOUT)
+            except RejectedError as exc:  # final NACK: resending would be refused again
+                self.log.error("imap_events_rejected", error=str(exc))
+        self.state.set(self.mailbox, uidvalidity, last_uid)
+        self.status.emitted += emitted
+
+    async def _wait_for_mail(self) -> None:
+        c = self.client
+        while not c.protocol.idle_queue.empty():  # unused by us; keep it from growing
+            c.protocol.idle_queue.get_nowait()
+        if not c.has_capability("IDLE"):
+            self._set("polling")
+            self.healthy = True
+            try:
+                await self._call(c.protocol.new_mail.wait(), POLL_INTERVAL)
+            except TimeoutError:
+                await self._call(c.noop())
+            return
+        idle = await self._call(c.idle_start(timeout=self.spec.idle_timeout + COMMAND_TIMEOUT))
+        self._set("idle")
+        self.healthy = True  # caught up and idling: the next failure starts backoff over
+        try:
+            await self._call(c.protocol.new_mail.wait(), self.spec.idle_timeout)
+        except TimeoutError:
+            pass  # re-issue IDLE before the server drops us
+        c.idle_done()
+        await self._call(idle)
+
+    async def _close(self, graceful: bool) -> None:
+        c, self.client = self.client, None
+        if c is None:
+            return
+        try:
+            if graceful and not self.lost.done() and c.protocol.transport is not None:
+                if c.has_pending_idle():
+                    c.idle_done()
+                await asyncio.wait_for(c.logout(), STOP_GRACE / 2)
+        except Exception:
+            pass  # best effort; the connection is cut below anyway
+        finally:
+            c._client_task.cancel()
+            if c.protocol.transport is not None:
+                c.protocol.transport.close()
+            for task in list(c.tasks) + list(c.protocol.tasks):
+                task.cancel()
+
+
+# -- helpers ------------------------------------------------------------------
+def _describe(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _text(r: Any) -> str:
+    return " ".join(bytes(x).decode("utf-8", "replace") for x in r.lines[-1:])

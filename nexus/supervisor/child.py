@@ -1,0 +1,67 @@
+"""Entry point of every process the launcher starts (spawn start method).
+
+The child runs on the config the launcher validated and hands over (`config`), never
+on whatever the file on disk says when it (re)starts: an edit takes effect only
+through `nexus reload`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from nexus import config as config_mod
+from nexus.common.process import die_with_parent, stop_own_group
+from nexus.errors import ExitCode, NexusError
+
+
+def entry(
+    role: str, config, env: str | None, name: str, group: str, parent_pid: int, members_alive: bool = False
+) -> None:
+    die_with_parent(parent_pid)
+    # Own process group: a terminal's Ctrl-C (or `timeout`) signals the launcher only,
+    # which then stops children in order instead of all at once; and whatever this
+    # child forks stays in the group, so the launcher can end it after we exit.
+    os.setpgrp()
+    from nexus.common import blackbox, logs
+
+    code = ExitCode.OK
+    try:
+        cfg = config
+        config_mod.add_module_paths(cfg)  # handlers and contracts: see config.module_paths
+        logs.configure(cfg.log.level, cfg.log.format, process=name)
+        _open_box(blackbox, blackbox.path_for(cfg.data_dir, name))
+        if role == "router":
+            from nexus.router.server import main
+
+            main(cfg, env, members_alive)
+        elif role == "producer":
+            from nexus.sources import main
+
+            main(cfg, name)
+        elif role == "worker":
+            from nexus.member.runtime import main
+
+            main(cfg, group, name)
+        else:
+            raise NexusError(f"unknown role {role}")
+    except NexusError as exc:
+        code = exc.exit_code
+        # a config error: the launcher logs the line once and shows it in `nexus status`
+        if code != ExitCode.CONFIG or not blackbox.leave_reason(config.data_dir, name, str(exc)):
+            print(f"nexus {role} {name}: {exc}", file=sys.stderr, flush=True)
+    except KeyboardInterrupt:
+        code = ExitCode.OK
+    # a graceful end: what a handler forked goes with us (SIGTERM, then SIGKILL)
+    stop_own_group(grace=2.0)
+    sys.exit(int(code))
+
+
+def _open_box(blackbox, path: str) -> None:
+    """Map the box the launcher made for this child; without one, run without."""
+    try:
+        box = blackbox.BlackBox.open(path)
+    except (OSError, ValueError):
+        return
+    box.started()
+    blackbox.install(box)

@@ -1,0 +1,552 @@
+"""`python -m nexus.launch`: start, watch and restart the whole process group.
+
+The supervisor loop only waits on child sentinels and the control socket; signal
+handlers set a flag. Stop order is producers, then workers (they finish and ack
+in-flight events while the router is still there), then the router (flush, fsync,
+cursors). Children die with the launcher (PR_SET_PDEATHSIG), so none is orphaned;
+what a child forks lives in the child's process group and is killed when the child
+ends; what escapes the group (setsid) is re-parented to the launcher (a child
+subreaper) once its parent died, and ended then.
+
+Before it touches anything the launcher locks the data dir (nexus/common/datalock.py): a
+second pipeline on the same data dir refuses at once. Children get the config the
+launcher validated, never the file as it is when they restart. The router and the
+members beat their black box; one that stops beating for `hang_timeout` is restarted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import multiprocessing.connection
+import os
+import signal
+import sys
+import time
+
+import msgspec
+import structlog
+import zmq
+
+from nexus import config as config_mod
+from nexus.common import blackbox, logs, process
+from nexus.common.datalock import LAUNCHER_LOCK, ROUTER_LOCK, DataDirLock, clean_stale_run
+from nexus.common.statefile import unlink_quietly
+from nexus.errors import ConfigError, ExitCode, NexusError, describe_exit
+from nexus.protocol import transport
+from nexus.protocol.wire import ReloadRequest, StatusRequest, coord_decoder, encoder
+from nexus.supervisor.child import entry
+from nexus.supervisor.children import KILL_GRACE, Child, end_orphans
+from nexus.supervisor.crashes import CrashBook
+
+log = structlog.get_logger("nexus.launch")
+ROLES_STOP_ORDER = ("producer", "worker", "router")
+READY_CHECK_EVERY = 0.5  # seconds between the readiness probes (a status request each) until ready
+FAST_RECYCLE = 1.0  # seconds: a member recycling sooner than this after its spawn restarts after a backoff
+
+
+class ControlRequest(msgspec.Struct, frozen=True):
+    cmd: str  # status | scale | stop | reload
+    group: str = ""
+    n: int = 0
+
+
+class Launcher:
+    def __init__(self, cfg: config_mod.Config, env: str | None):
+        self.cfg = cfg
+        self.env = env
+        self.mp = multiprocessing.get_context("spawn")
+        self.children: dict[str, Child] = {}
+        self.stopping = False
+        self.exit_code = ExitCode.OK
+        self.started = time.time()
+        self.ready_logged = False
+        self.failed_groups: dict[str, str] = {}  # group -> why its first member was given up on
+        self.ready_check_at = 0.0  # monotonic time of the next readiness probe
+        self.starting = True  # until the router answers; then producers and workers start
+        self.reload_requested = False
+        self.scale: dict[str, int] = {g: w.processes for g, w in cfg.workers.items()}
+        self.token = f"{os.getpid()}-{time.time_ns()}"  # marks every process of this run
+        self.lock: DataDirLock | None = None
+        self.crashbook = CrashBook(cfg)
+        self.control: zmq.Socket | None = None
+
+    # -- before anything runs --------------------------------------------------------
+    def prepare(self) -> None:
+        """Lock the data dir, clean up after a killed run, bind control. Raises
+        ConfigError (exit 3) with one line when the data dir or a port is taken."""
+        cfg = self.cfg
+        self.lock = DataDirLock(cfg.data_dir, LAUNCHER_LOCK, "pipeline").acquire(self.token)
+        previous = self.lock.previous.split()
+        # the router lock too, while cleaning: no router may be running on this data dir
+        with DataDirLock(cfg.data_dir, ROUTER_LOCK, "router"):
+            clean_stale_run(
+                cfg.data_dir,
+                [cfg.ingest, cfg.confirm, cfg.publish, cfg.coord, cfg.control_endpoint],
+                previous[1] if len(previous) > 1 else "",
+            )
+        process.become_subreaper()
+        os.environ[process.RUN_ENV] = self.token  # inherited by every child and its forks
+        try:
+            self.control = transport.bind(zmq.Context.instance(), zmq.ROUTER, cfg.control_endpoint, linger_ms=0)
+        except zmq.ZMQError as exc:
+            raise ConfigError(f"cannot bind control endpoint {cfg.control_endpoint}: {exc}") from None
+
+    def release(self) -> None:
+        if self.control is not None:
+            self.control.close(0)
+            self.control = None
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+    # -- children ------------------------------------------------------------------
+    def _spawn(self, child: Child) -> None:
+        if child.box is None:
+            child.box = self._new_box(child)
+        else:
+            child.box.reset()
+        # a router restarted under live members lets them rejoin with their partitions first
+        members_alive = child.role == "router" and any(c.role == "worker" and c.alive() for c in self.children.values())
+        blackbox.take_reason(self.cfg.data_dir, child.name)  # a stale one from an earlier run
+        child.process = self.mp.Process(
+            target=entry,
+            name=child.name,
+            daemon=False,
+            args=(child.role, self.cfg, self.env, child.name, child.group, os.getpid(), members_alive),
+        )
+        child.process.start()
+        child.state = "running"
+        child.started = time.time()
+        child.spawned = time.monotonic()
+        child.kill_at = 0.0
+        child.first_beat = 0.0
+        child.reaped = False
+        log.info("process_started", name=child.name, role=child.role, pid=child.pid)
+
+    def _new_box(self, child: Child) -> blackbox.BlackBox:
+        # a slot per concurrent handler call: with fewer, calls would share one and mix up events
+        spec = self.cfg.workers.get(child.group) if child.role == "worker" else None
+        slots = max(blackbox.DEFAULT_SLOTS, spec.concurrency if spec is not None else 0)
+        return blackbox.BlackBox.create(blackbox.path_for(self.cfg.data_dir, child.name), slots)
+
+    @staticmethod
+    def _drop_box(child: Child) -> None:
+        """The child ended for good (scaled away, shutdown): unmap and delete its box."""
+        if child.box is not None:
+            child.box.close()
+            unlink_quietly(child.box.path)
+            child.box = None
+
+    def _add(self, name: str, role: str, group: str = "") -> Child:
+        child = self.children.get(name) or Child(name, role, group)
+        child.retired = False
+        self.children[name] = child
+        self._spawn(child)
+        return child
+
+    def _router_answers(self, timeout: float) -> bool:
+        """The router answers status and has read its journal (while it recovers it
+        answers too, marked `recovering`)."""
+        status = self.router_status(timeout)
+        return status is not None and not status.get("router", {}).get("recovering")
+
+    def _start_rest(self) -> None:
+        """The router answers: start producers and workers. Until then the router may
+        recover a journal of any size; it beats meanwhile, and only its exit or a
+        silence of hang_timeout fails the start (no fixed deadline)."""
+        self.starting = False
+        for name in self.cfg.producers:
+            self._add(name, "producer")
+        for group, n in self.scale.items():
+            for i in range(n):
+                self._add(f"{group}-{i}", "worker", group)
+
+    def set_scale(self, group: str, n: int) -> dict:
+        if group not in self.cfg.workers:
+            return {"ok": False, "error": f"unknown group {group!r}"}
+        if not 0 <= n <= 256:
+            return {"ok": False, "error": "N must be between 0 and 256"}
+        old = self.scale[group]
+        self.scale[group] = n
+        self.failed_groups.pop(group, None)  # failed members start again: a new chance
+        if self.starting:
+            return {"ok": True, "group": group, "old": old, "new": n}
+        for i in range(n):
+            child = self.children.get(f"{group}-{i}")
+            if child is None or child.retired or child.state in ("stopped", "failed"):
+                self._add(f"{group}-{i}", "worker", group)
+        for child in self.children.values():
+            if child.group == group and child.role == "worker" and int(child.name.rsplit("-", 1)[1]) >= n:
+                if not child.retired:
+                    child.retired = True
+                    self._terminate(child)
+        log.info("group_scaled", group=group, old=old, new=n)
+        return {"ok": True, "group": group, "old": old, "new": n}
+
+    def _terminate(self, child: Child) -> None:
+        if child.alive():
+            child.state = "stopping"
+            child.process.terminate()
+        else:
+            child.state = "stopped"
+
+    def _reaped(self, child: Child) -> None:
+        if child.end_group():
+            end_orphans(self.children.values())
+
+    def _on_exit(self, child: Child) -> None:
+        code = child.process.exitcode
+        hung = child.state == "hung"
+        child.last_exit = f"hung ({describe_exit(code)})" if hung else describe_exit(code)
+        reason = blackbox.take_reason(self.cfg.data_dir, child.name) if code == ExitCode.CONFIG else ""
+        if reason:
+            child.last_exit = f"config error: {reason}"
+        if self.stopping or child.retired or child.state == "stopping":
+            child.state = "stopped"
+            log.info("process_stopped", name=child.name, exit_code=code)
+            if child.retired:
+                self._drop_box(child)
+            return
+        if child.role == "router" and self.starting:
+            cls = ConfigError if code == ExitCode.CONFIG else NexusError
+            raise cls(
+                f"router exited during start ({child.last_exit})"
+                if reason
+                else f"router exited during start ({child.last_exit}); see its log above"
+            )
+        now = time.monotonic()
+        if code == ExitCode.RECYCLE and child.role == "worker":
+            # drained and ended itself on purpose (max_rss / max_events): not a crash; one
+            # that does so right after its start waits restart_backoff[0] (no tight loop)
+            child.last_exit = "recycled"
+            uptime = now - child.spawned
+            if uptime >= FAST_RECYCLE:
+                child.restarts += 1
+                log.info("process_recycled", name=child.name)
+                self._spawn(child)
+            else:
+                delay = self.cfg.restart_backoff[0] if self.cfg.restart_backoff else 1.0
+                child.state, child.restart_at = "backoff", now + delay
+                log.warning(
+                    "process_recycled",
+                    name=child.name,
+                    uptime=round(uptime, 2),
+                    restart_in=delay,
+                    reason="recycled right after its start",
+                )
+            return
+        # a member exit the black box explains counts per event (crashes.py), not as a crash loop
+        explained = False
+        if child.role == "worker":
+            router = self.children.get("router")
+            explained = self.crashbook.on_exit(
+                child.group,
+                child.name,
+                child.pid,
+                code,
+                child.box,
+                hung=hung,
+                tell=router is not None and router.state == "running",
+            )
+            if not reason:
+                child.last_exit = self.crashbook.last_exit.get(child.name, child.last_exit)
+        child.crashes = [t for t in child.crashes if now - t < self.cfg.crash_window] + ([] if explained else [now])
+        if code == ExitCode.CONFIG:
+            child.state = "failed"
+            self._failed(child, reason or "configuration error (see the line above)")
+        elif len(child.crashes) > self.cfg.crash_loop:
+            child.state = "failed"
+            log.error(
+                "crash_loop",
+                name=child.name,
+                crashes=len(child.crashes),
+                window=self.cfg.crash_window,
+                reason="giving up; fix the cause and restart",
+            )
+            if child.role == "worker":
+                self._failed(child, f"crash loop ({child.last_exit})", logged=True)
+        else:
+            backoff = self.cfg.restart_backoff
+            delay = backoff[min(max(len(child.crashes) - 1, 0), len(backoff) - 1)] if backoff else 1.0
+            child.state = "backoff"
+            child.restart_at = now + delay
+            log.warning("process_crashed", name=child.name, exit_code=code, last_exit=child.last_exit, restart_in=delay)
+        if child.role == "router" and child.state == "failed":
+            self.exit_code = ExitCode.CRASH_LOOP if code != ExitCode.CONFIG else ExitCode.CONFIG
+            self.stopping = True
+
+    def _failed(self, child: Child, reason: str, logged: bool = False) -> None:
+        """A child given up on: logged once with its reason; the first member of a group
+        to fail logs the group (the pipeline is then not ready, and never claims it)."""
+        if child.role == "worker" and child.group not in self.failed_groups:
+            self.failed_groups[child.group] = reason
+            log.error(
+                "group_failed",
+                group=child.group,
+                member=child.name,
+                exit_code=child.process.exitcode,
+                reason=reason,
+                action="not restarting; fix the cause, then restart or `nexus scale`",
+            )
+        elif not logged:
+            same = child.role == "worker" and self.failed_groups.get(child.group) == reason
+            log.error(
+                "process_failed",
+                name=child.name,
+                exit_code=child.process.exitcode,
+                reason="as above" if same else reason,
+            )
+
+    def _watch(self, now: float) -> None:
+        """Hang detection: a router or member whose box beat is older than hang_timeout
+        gets SIGTERM, then SIGKILL after KILL_GRACE; its exit restarts it as a crash."""
+        timeout = self.cfg.hang_timeout
+        for child in self.children.values():
+            if child.state == "hung":
+                if child.kill_at and now >= child.kill_at and child.alive():
+                    log.warning("process_killed", name=child.name, reason="hung")
+                    child.process.kill()
+                    child.kill_at = 0.0
+                continue
+            if child.state != "running":
+                continue
+            silence = child.silent(now, timeout)
+            if silence is None:
+                continue
+            log.error("process_hung", name=child.name, pid=child.pid, silence=round(silence, 1))
+            if child.role == "router" and self.starting:
+                raise NexusError(
+                    f"router stopped beating for {silence:.0f}s during start (hang_timeout "
+                    f"{timeout:g}s); see its log above"
+                )
+            child.state = "hung"
+            child.kill_at = now + KILL_GRACE
+            child.process.terminate()
+
+    # -- supervision loop ----------------------------------------------------------------
+    def run(self) -> int:
+        def on_signal(signum, frame):  # noqa: ARG001
+            self.stopping = True
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        signal.signal(signal.SIGHUP, lambda *_: setattr(self, "reload_requested", True))
+        try:
+            if self.control is None:
+                self.prepare()
+            control = self.control
+            self._add("router", "router")
+            poller = zmq.Poller()
+            poller.register(control, zmq.POLLIN)
+            while not self.stopping:
+                sentinels = {
+                    c.process.sentinel: c
+                    for c in self.children.values()
+                    if c.state in ("running", "stopping", "hung") and c.process is not None
+                }
+                for fd in sentinels:
+                    poller.register(fd, zmq.POLLIN)
+                events = dict(poller.poll(100))
+                for fd, child in sentinels.items():
+                    poller.unregister(fd)
+                    if fd in events or not child.process.is_alive():
+                        self._reaped(child)
+                        if child.process.exitcode is not None:
+                            self._on_exit(child)
+                if control in events:
+                    self._on_control(control)
+                if self.reload_requested and not self.starting:
+                    self.reload_requested = False
+                    self.reload()  # SIGHUP: like `nexus reload`
+                now = time.monotonic()
+                self._watch(now)
+                for child in self.children.values():
+                    if child.state == "backoff" and now >= child.restart_at and not self.stopping:
+                        child.restarts += 1
+                        self._spawn(child)
+                if self.starting:
+                    if not self.stopping and self.children["router"].state == "running" and self._router_answers(0.1):
+                        self._start_rest()
+                else:
+                    self._log_ready()
+        except NexusError as exc:
+            log.error("launch_failed", error=str(exc))
+            self.exit_code = exc.exit_code if self.exit_code == ExitCode.OK else self.exit_code
+        finally:
+            self.shutdown()
+            self.release()
+        return int(self.exit_code)
+
+    def _log_ready(self) -> None:
+        # (a blocking request in the supervision loop: probed every READY_CHECK_EVERY, briefly)
+        now = time.monotonic()
+        if self.ready_logged or now < self.ready_check_at:
+            return
+        self.ready_check_at = now + READY_CHECK_EVERY
+        # members given up on (failed) will not join: not waited for; but a group with
+        # members wanted and none left can never have its partitions assigned: not ready
+        # (no request needed to know that)
+        live = {
+            group: sum(
+                1
+                for c in self.children.values()
+                if c.role == "worker" and c.group == group and not c.retired and c.state != "failed"
+            )
+            for group in self.scale
+        }
+        if any(n > 0 and live[group] == 0 for group, n in self.scale.items()):
+            return
+        status = self.router_status(0.1)
+        if status is None or status.get("router", {}).get("recovering"):
+            return  # still reading its journal: not ready, even with no members
+        for group, n in live.items():
+            if len(status["groups"].get(group, {}).get("members", [])) < n:
+                return
+        self.ready_logged = True
+        log.info("pipeline_ready", seconds=round(time.time() - self.started, 3), processes=len(self.children))
+
+    def router_status(self, timeout: float) -> dict | None:
+        raw = transport.request(zmq.Context.instance(), self.cfg.coord, encoder.encode(StatusRequest()), timeout)
+        if raw is None:
+            return None
+        msg = coord_decoder.decode(raw)
+        return getattr(msg, "data", None)
+
+    def reload(self) -> dict:
+        """Validate the file as it is now; what applies live (rate limits) goes to the
+        router and becomes part of the config every child restarts on. A bad file is
+        refused with one line and nothing changes."""
+        try:
+            fresh = config_mod.load(self.cfg.source, self.env)
+        except ConfigError as exc:
+            log.error("reload_failed", error=str(exc))
+            return {"ok": False, "error": str(exc)}
+        changed = config_mod.needs_restart(self.cfg, fresh)
+        cfg = msgspec.structs.replace(
+            self.cfg, router=msgspec.structs.replace(self.cfg.router, rate_limits=fresh.router.rate_limits)
+        )
+        raw = transport.request(
+            zmq.Context.instance(), self.cfg.coord, encoder.encode(ReloadRequest(config=config_mod.to_bytes(cfg))), 3.0
+        )
+        if raw is None:
+            return {"ok": False, "error": f"router at {self.cfg.coord} did not answer; nothing changed"}
+        data = getattr(coord_decoder.decode(raw), "data", None) or {}
+        if "error" in data:
+            return {"ok": False, "error": data["error"]}
+        self.cfg = cfg
+        log.info("config_reloaded", needs_restart=changed)
+        return {"ok": True, "rate_limits": data.get("rate_limits", {}), "needs_restart": changed}
+
+    def _on_control(self, control: zmq.Socket) -> None:
+        while control.poll(0):
+            frames = control.recv_multipart()
+            if len(frames) != 2:
+                continue
+            try:
+                req = msgspec.msgpack.decode(frames[1], type=ControlRequest)
+                if req.cmd == "status":
+                    reply = {
+                        "ok": True,
+                        "processes": self.describe(),
+                        "ready": self.ready_logged,
+                        "launcher": {
+                            "pid": os.getpid(),
+                            "uptime": round(time.time() - self.started, 1),
+                            "config": self.cfg.source,
+                        },
+                    }
+                elif req.cmd == "scale":
+                    reply = self.set_scale(req.group, req.n)
+                elif req.cmd == "reload":
+                    reply = self.reload()
+                elif req.cmd == "stop":
+                    self.stopping = True
+                    reply = {"ok": True}
+                else:
+                    reply = {"ok": False, "error": f"unknown command {req.cmd!r}"}
+            except msgspec.MsgspecError as exc:
+                reply = {"ok": False, "error": f"bad request: {exc}"}
+            control.send_multipart((frames[0], msgspec.msgpack.encode(reply)))
+
+    def describe(self) -> list[dict]:
+        now = time.time()
+        return [
+            {
+                "name": c.name,
+                "role": c.role,
+                "group": c.group,
+                "pid": c.pid,
+                "state": c.state,
+                "restarts": c.restarts,
+                "uptime": round(now - c.started, 1) if c.state == "running" else 0.0,
+                "last_exit": c.last_exit,
+                **({"detail": self._detail(c)} if c.role == "producer" else {}),
+            }
+            for c in self.children.values()
+        ]
+
+    def _detail(self, child: Child) -> dict:
+        from nexus.sources import status_path
+
+        try:
+            with open(status_path(self.cfg, child.name)) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return {}
+
+    def shutdown(self) -> None:
+        """Stop in order; whatever is left after shutdown_timeout is killed."""
+        deadline = time.monotonic() + self.cfg.shutdown_timeout
+        log.info("shutdown_started", timeout=self.cfg.shutdown_timeout)
+        for role in ROLES_STOP_ORDER:
+            group = [c for c in self.children.values() if c.role == role]
+            for child in group:
+                if child.alive():
+                    child.state = "stopping"
+                    child.process.terminate()
+                elif child.state != "failed":
+                    child.state = "stopped"
+            for child in group:
+                if child.process is None:
+                    continue
+                sentinel = [child.process.sentinel]
+                if not multiprocessing.connection.wait(sentinel, max(0.0, deadline - time.monotonic())):
+                    log.warning("process_killed", name=child.name, reason="shutdown_timeout")
+                    child.process.kill()
+                    multiprocessing.connection.wait(sentinel, 2)
+                self._reaped(child)
+                if child.state != "failed":
+                    child.state = "stopped"
+        end_orphans(self.children.values())
+        for child in self.children.values():
+            self._drop_box(child)
+        log.info("shutdown_complete", exit_code=int(self.exit_code))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m nexus.launch", description="Run the Nexus process group.")
+    parser.add_argument("-c", "--config", help="config file (default: $NEXUS_CONFIG or config/default.yaml)")
+    parser.add_argument("--env", help="overlay config/<ENV>.yaml (default: $NEXUS_ENV)")
+    args = parser.parse_args(argv)
+    try:
+        cfg = config_mod.load(args.config, args.env)
+    except ConfigError as exc:
+        print(f"nexus: {exc}", file=sys.stderr)
+        return int(exc.exit_code)
+    config_mod.add_module_paths(cfg)
+    logs.configure(cfg.log.level, cfg.log.format, process="launcher")
+    launcher = Launcher(cfg, args.env)
+    try:
+        launcher.prepare()
+    except NexusError as exc:
+        # the data dir is another pipeline's, or a port is taken: one line, nothing touched
+        launcher.release()
+        print(f"nexus: {exc}", file=sys.stderr)
+        return int(exc.exit_code)
+    return launcher.run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

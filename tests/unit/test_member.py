@@ -1,0 +1,610 @@
+"""Unit tests of the member runtime (nexus/member/runtime.py, nexus/member/dispatch.py) without a router:
+a real `Member` whose coord socket is a recorder and whose deliveries are fed by hand
+(or through a real in-process PUB/SUB pair), to check what the fast paths must keep:
+priority across partitions, order per partition, duplicates dropped, retries, bounded
+intake, gap repair and hostile input."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+
+import msgspec
+import pytest
+import zmq
+import zmq.asyncio
+from conftest import write_config
+from hypothesis import given, settings
+from hypothesis import strategies as hs
+
+from nexus import config
+from nexus.member.dispatch import TURN_MAX
+from nexus.member.runtime import DRAIN_MAX, Member
+from nexus.member.stream import GENERATIONS, RecentIds
+from nexus.protocol.events import Event, encode
+from nexus.protocol.wire import Assign, Delivery, Fetch, Records, coord_decoder, encoder, topic
+
+GROUP = "g"
+PARTITIONS = 4
+_ids = itertools.count(1)
+
+
+def event(n: int, priority: int = 5, id: str | None = None, type_: str = "test.n") -> bytes:
+    return encode(
+        Event(
+            type=type_,
+            source="unit",
+            payload={"n": n},
+            id=id or f"id-{next(_ids)}",
+            time=time.time(),
+            priority=priority,
+        )
+    )
+
+
+class FakeCoord:
+    """Records what the member sends to the router (decoded)."""
+
+    def __init__(self) -> None:
+        self.sent: list = []
+
+    def send(self, data: bytes):
+        self.sent.append(coord_decoder.decode(data))
+        done = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        return done
+
+    def fetches(self) -> list[Fetch]:
+        return [m for m in self.sent if isinstance(m, Fetch)]
+
+
+class FakeSub:
+    def setsockopt(self, *args) -> None:
+        pass
+
+
+class FakeHeartbeat:
+    started = True
+
+
+class Rig:
+    """A Member with all partitions granted at cursor 0 and its fetches answered empty."""
+
+    def __init__(self, member: Member) -> None:
+        self.m = member
+        self.handled: list[tuple[int, int, bool, int]] = []  # (n, seq, redelivered, attempt)
+        self.prev = dict.fromkeys(range(PARTITIONS), 0)
+        self.seq = 0
+        self.fail: dict[int, int] = {}  # n -> failures left
+
+        def handle(ev, ctx) -> None:
+            if self.fail.get(ev.payload["n"], 0) > 0:
+                self.fail[ev.payload["n"]] -= 1
+                raise RuntimeError("planned")
+            self.handled.append((ev.payload["n"], ctx.seq, ctx.redelivered, ctx.attempt))
+
+        member.handle = handle
+
+    def deliver(
+        self, p: int, raws: list[bytes], raw_frame: bytes | None = None, seqs: list[int] | None = None
+    ) -> list[int]:
+        """One live delivery to partition p; its seqs follow the last one given out, or
+        are `seqs` (interleaved with other partitions', as the router numbers keyed events)."""
+        if seqs is None:
+            seqs = list(range(self.seq + 1, self.seq + 1 + len(raws)))
+        self.seq = max(self.seq, seqs[-1])
+        frame = (
+            raw_frame
+            if raw_frame is not None
+            else encoder.encode(Delivery(self.prev[p], seqs, [msgspec.Raw(r) for r in raws]))
+        )
+        self.prev[p] = seqs[-1]
+        self.m._on_delivery([topic(GROUP, p), frame])
+        return seqs
+
+    def answer_fetches(
+        self, journal: dict[int, list[tuple[int, bytes]]] | None = None, last_seq: int | None = None
+    ) -> None:
+        """Answer the outstanding fetches from `journal` (partition -> [(seq, raw)]), whose
+        last seq is `last_seq` (default: the last one delivered)."""
+        for f in self.m.coord.fetches():
+            st = self.m.streams.get(f.partition)
+            if st is None or not st.fetching or f.after != st.fetch_after:
+                continue
+            items = [(s, r) for s, r in (journal or {}).get(f.partition, []) if s > f.after][: f.limit]
+            upto = max([f.after, self.seq if last_seq is None else last_seq] + [s for s, _ in items])
+            self.m._on_records(
+                Records(
+                    group=GROUP,
+                    partition=f.partition,
+                    after=f.after,
+                    upto=upto,
+                    seqs=[s for s, _ in items],
+                    events=[msgspec.Raw(r) for _, r in items],
+                )
+            )
+
+    async def store_dead_letters(self, rounds: int = 3) -> None:
+        """Answer the member's DeadLetters as the router does once each is stored."""
+        answered = set()
+        for _ in range(rounds):
+            await self.settle()
+            for m in self.m.coord.sent:
+                if type(m).__name__ == "DeadLetter" and (m.partition, m.seq) not in answered:
+                    answered.add((m.partition, m.seq))
+                    self.m._on_dead_letter_stored(m.partition, m.seq)
+
+    async def settle(self) -> None:
+        """Let the member's tasks run until they are idle."""
+        for _ in range(50):
+            await asyncio.sleep(0)
+        await asyncio.sleep(0.01)
+        for _ in range(50):
+            await asyncio.sleep(0)
+
+
+async def make_rig(tmp_path, handler_async: bool = False, **group) -> Rig:
+    spec = {
+        "handler": "recorder:record",
+        "partitions": PARTITIONS,
+        "options": {"out": str(tmp_path)},
+        "retry": {"attempts": 3, "backoff": ["10ms"]},
+        **group,
+    }
+    cfg = config.load(write_config(tmp_path, workers={GROUP: spec}))
+    m = Member(cfg, GROUP, "m1")
+    m.loop = asyncio.get_running_loop()
+    m.coord, m.sub, m.heartbeat = FakeCoord(), FakeSub(), FakeHeartbeat()
+    rig = Rig(m)
+    if handler_async:
+        sync_handle = m.handle
+
+        async def handle(ev, ctx) -> None:
+            await asyncio.sleep(0)
+            sync_handle(ev, ctx)
+
+        m.handle, m.is_async = handle, True
+    m._on_assign(Assign(group=GROUP, partitions=list(range(PARTITIONS)), grants=dict.fromkeys(range(PARTITIONS), 0)))
+    await asyncio.sleep(0)
+    rig.answer_fetches()
+    m.coord.sent.clear()
+    return rig
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+# -- order ------------------------------------------------------------------------------
+def check_order(handled: list[int], parts: dict[int, list[tuple[int, int, int]]]) -> None:
+    """The dispatch order of events all queued up front (items (seq, priority, n) per
+    partition), against the rules: each partition in seq order; no event is handled
+    while another partition's head has a better priority; a partition taken from the heap
+    starts with the best (priority, seq) of all heads; among equal priorities a partition
+    runs on past an older head in another partition for TURN_MAX events at most."""
+    where = {n: (p, i) for p, items in parts.items() for i, (_, _, n) in enumerate(items)}
+    pos = dict.fromkeys(parts, 0)
+    last, turn = None, 0
+    for n in handled:
+        p, i = where[n]
+        assert i == pos[p], "order within a partition"
+        seq, prio, _ = parts[p][i]
+        others = [parts[q][pos[q]][:2] for q in parts if q != p and pos[q] < len(parts[q])]
+        assert all(o_prio >= prio for _, o_prio in others), "priority across partitions"
+        turn = turn + 1 if p == last else 1
+        if turn == 1:
+            assert all((prio, seq) < (o_prio, o_seq) for o_seq, o_prio in others), "the heap's best first"
+        elif turn > TURN_MAX:
+            assert not any(o_prio == prio and o_seq < seq for o_seq, o_prio in others), "bounded turn"
+        pos[p] += 1
+        last = p
+    assert all(pos[p] == len(items) for p, items in parts.items())
+
+
+@settings(max_examples=40, deadline=None, database=None)
+@given(
+    events=hs.lists(hs.tuples(hs.integers(0, PARTITIONS - 1), hs.integers(1, 3)), min_size=1, max_size=120),
+    per_delivery=hs.integers(1, 50),
+    handler_async=hs.booleans(),
+)
+def test_priority_across_partitions_and_order_per_partition(tmp_path_factory, events, per_delivery, handler_async):
+    """Keyed events spread over partitions (seqs interleaved as the router numbers them),
+    all queued before the dispatcher runs: see check_order for what must hold."""
+
+    async def main():
+        rig = await make_rig(tmp_path_factory.mktemp("m"), handler_async=handler_async, concurrency=1)
+        parts: dict[int, list[tuple[int, int, int]]] = {p: [] for p in range(PARTITIONS)}
+        for n, (p, prio) in enumerate(events):
+            parts[p].append((n + 1, prio, n))
+        for p, items in parts.items():
+            for k in range(0, len(items), per_delivery):
+                chunk = items[k : k + per_delivery]
+                rig.deliver(p, [event(n, priority=prio) for _, prio, n in chunk], seqs=[s for s, _, _ in chunk])
+        task = asyncio.ensure_future(rig.m._dispatcher())
+        await rig.settle()
+        task.cancel()
+        check_order([h[0] for h in rig.handled], parts)
+        assert rig.m.queued == 0 and rig.m.handled == len(events)
+
+    run(main())
+
+
+def test_a_partition_yields_to_an_older_head_of_equal_priority_after_its_turn(tmp_path):
+    async def main():
+        rig = await make_rig(tmp_path)
+        rig.deliver(0, [event(1)], seqs=[1])
+        rig.deliver(1, [event(2)], seqs=[2])
+        rig.deliver(0, [event(n) for n in range(3, 51)], seqs=list(range(3, 51)))
+        task = asyncio.ensure_future(rig.m._dispatcher())
+        await rig.settle()
+        task.cancel()
+        first_turn = [1] + list(range(3, 3 + TURN_MAX - 1))  # TURN_MAX events of partition 0
+        assert [h[0] for h in rig.handled] == first_turn + [2] + list(range(3 + TURN_MAX - 1, 51))
+
+    run(main())
+
+
+def test_a_lone_partition_runs_without_the_heap_but_yields_to_a_better_event(tmp_path):
+    async def main():
+        rig = await make_rig(tmp_path)
+        rig.deliver(0, [event(n) for n in range(5)])  # seqs 1..5, priority 5
+        rig.deliver(1, [event(100, priority=1)])  # seq 6, priority 1: first
+        task = asyncio.ensure_future(rig.m._dispatcher())
+        await rig.settle()
+        assert [h[0] for h in rig.handled] == [100, 0, 1, 2, 3, 4]
+        rig.deliver(0, [event(n) for n in range(5, 8)])  # arrives while idle
+        await rig.settle()
+        task.cancel()
+        assert [h[0] for h in rig.handled][6:] == [5, 6, 7]
+        assert rig.m.ready == [] and rig.m.queued == 0
+
+    run(main())
+
+
+def test_context_of_each_event(tmp_path):
+    async def main():
+        rig = await make_rig(tmp_path, options={"out": str(tmp_path), "k": 1})
+        seen = []
+        rig.m.handle = lambda ev, ctx: seen.append(ctx)
+        rig.deliver(2, [event(0, id="e-1")])
+        task = asyncio.ensure_future(rig.m._dispatcher())
+        await rig.settle()
+        task.cancel()
+        (ctx,) = seen
+        assert (ctx.group, ctx.member, ctx.seq, ctx.partition, ctx.attempt, ctx.redelivered) == (
+            GROUP,
+            "m1",
+            1,
+            2,
+            1,
+            False,
+        )
+        assert ctx.options["k"] == 1 and ctx.log is not None
+
+    run(main())
+
+
+def test_slow_sync_handlers_let_the_loop_run_between_events(tmp_path):
+    """A sync handler longer than the dispatcher's slice: the loop (sockets, timers, acks)
+    gets a turn after each event, not after the whole backlog."""
+
+    async def main():
+        rig = await make_rig(tmp_path)
+        calls = []
+
+        def slow(ev, ctx) -> None:
+            time.sleep(0.006)
+            calls.append(ev.payload["n"])
+            if ev.payload["n"] == 0:
+                rig.m.loop.call_soon(lambda: calls.append("loop"))
+
+        rig.m.handle = slow
+        rig.deliver(0, [event(n) for n in range(4)])
+        task = asyncio.ensure_future(rig.m._dispatcher())
+        await rig.settle()
+        task.cancel()
+        assert calls == [0, "loop", 1, 2, 3]
+
+    run(main())
+
+
+# -- failures -----------------------------------------------------------------------------
+def test_a_failing_event_holds_only_its_partition_and_is_retried(tmp_path):
+    async def main():
+        rig = await make_rig(tmp_path)
+        rig.fail[1] = 2  # fails twice, then succeeds
+        rig.deliver(0, [event(0), event(1), event(2)])
+        rig.deliver(1, [event(10), event(11)])
+        task = asyncio.ensure_future(rig.m._dispatcher())
+        await rig.settle()
+        await asyncio.sleep(0.1)
+        await rig.settle()
+        task.cancel()
+        order = [h[0] for h in rig.handled]
+        assert order.index(10) < order.index(1) and order.index(11) < order.index(1)  # p1 went on
+        assert [n for n in order if n < 10] == [0, 1, 2]  # p0 in order
+        assert [h for h in rig.handled if h[0] == 1][0][2:] == (True, 3)  # attempt 3
+        assert rig.m.failed == 2 and rig.m.handled == 5
+
+    run(main())
+
+
+def test_dead_letter_then_the_partition_moves_on(tmp_path):
+    async def main():
+        rig = await make_rig(tmp_path, retry={"attempts": 1})
+        rig.fail[0] = 5
+        rig.deliver(0, [event(0), event(1)])
+        task = asyncio.ensure_future(rig.m._dispatcher())
+        await rig.settle()
+        assert [type(m).__name__ for m in rig.m.coord.sent] == ["DeadLetter"]
+        # issue 10 #5: the partition keeps its head (unacked) until the router stored it
+        assert rig.handled == [] and rig.m.streams[0].handled_upto() == 0
+        rig.m._on_dead_letter_stored(0, rig.m.coord.sent[0].seq)
+        await rig.settle()
+        task.cancel()
+        assert [h[0] for h in rig.handled] == [1]
+        assert rig.m.dead_lettered == 1
+
+    run(main())
+
+
+# -- duplicates ---------------------------------------------------------------------------
+def test_an_id_handled_before_is_dropped(tmp_path):
+    async def main():
+        rig = await make_rig(tmp_path)
+        rig.deliver(0, [event(0, id="same"), event(1), event(2, id="same")])
+        task = asyncio.ensure_future(rig.m._dispatcher())
+        await rig.settle()
+        task.cancel()
+        assert [h[0] for h in rig.handled] == [0, 1]
+        assert rig.m.duplicates_dropped == 1 and rig.m.queued == 0
+        assert rig.m.streams[0].handled_upto() == 3  # the duplicate is acked too
+
+    run(main())
+
+
+def test_a_partition_given_back_redelivers_and_what_we_handled_is_dropped(tmp_path):
+    """The partition goes away and comes back from an older cursor (the router lost our
+    acks): the events come again flagged, and the ones this member handled are dropped."""
+
+    async def main():
+        rig = await make_rig(tmp_path)
+        raws = [event(n) for n in range(4)]
+        seqs = rig.deliver(0, raws)
+        task = asyncio.ensure_future(rig.m._dispatcher())
+        await rig.settle()
+        assert len(rig.handled) == 4
+        rig.m._on_assign(Assign(group=GROUP, partitions=[1, 2, 3]))  # revoked
+        await rig.settle()
+        rig.m._on_assign(
+            Assign(group=GROUP, partitions=list(range(PARTITIONS)), grants={0: 0}, redelivered={0: seqs[-1]})
+        )
+        await rig.settle()
+        journal = {0: list(zip(seqs, raws, strict=False)) + [(rig.seq + 1, event(99))]}
+        rig.seq += 1
+        rig.answer_fetches(journal)
+        await rig.settle()
+        task.cancel()
+        assert [h[0] for h in rig.handled] == [0, 1, 2, 3, 99]
+        assert rig.m.duplicates_dropped == 4
+
+    run(main())
+
+
+@settings(max_examples=50, deadline=None, database=None)
+@given(capacity=hs.integers(1, 20), ids=hs.lists(hs.integers(0, 60), max_size=200))
+def test_recent_ids_remember_at_least_the_last_capacity(capacity, ids):
+    recent = RecentIds(capacity)
+    handled = []
+    for i in ids:
+        key = f"e{i}"
+        if key not in recent:  # as the dispatcher does: only new ids are added
+            recent.add(key)
+            handled.append(key)
+        assert set(handled[-capacity:]) <= recent
+        assert len(recent) <= (GENERATIONS + 1) * -(-capacity // GENERATIONS)  # about capacity
+    recent.clear()
+    assert not recent and all(f"e{i}" not in recent for i in ids)
+
+
+# -- intake -------------------------------------------------------------------------------
+def test_a_delivery_is_taken_while_there_is_room_even_past_max_in_flight(tmp_path):
+    async def main():
+        rig = await make_rig(tmp_path, max_in_flight=10)
+        rig.deliver(0, [event(n) for n in range(8)])
+        rig.deliver(0, [event(n) for n in range(8, 13)])  # 8 < 10: taken whole (13)
+        assert rig.m.queued == 13 and not rig.m.streams[0].behind
+        rig.deliver(0, [event(n) for n in range(13, 15)])  # full: left in the journal
+        assert rig.m.queued == 13 and rig.m.streams[0].behind
+        assert rig.m.streams[0].watermark == 13
+
+    run(main())
+
+
+def test_deliveries_dropped_while_full_are_fetched_once_there_is_room(tmp_path):
+    async def main():
+        rig = await make_rig(tmp_path, max_in_flight=4)
+        raws = [event(n) for n in range(8)]
+        rig.deliver(0, raws[:4])
+        rig.deliver(0, raws[4:6])  # full: dropped, the stream is behind
+        rig.deliver(0, raws[6:])  # a gap now: fetched, not queued
+        assert rig.m.queued == 4 and rig.m.streams[0].watermark == 4
+        task = asyncio.ensure_future(rig.m._dispatcher())
+        await rig.settle()
+        rig.answer_fetches({0: list(zip(range(1, 9), raws, strict=False))})
+        await rig.settle()
+        task.cancel()
+        assert [h[0] for h in rig.handled] == list(range(8))
+
+    run(main())
+
+
+def test_a_gap_is_fetched_and_live_deliveries_wait_for_it(tmp_path):
+    async def main():
+        rig = await make_rig(tmp_path)
+        raws = [event(n) for n in range(6)]
+        rig.deliver(0, raws[:2])  # seqs 1, 2
+        rig.seq += 2  # 3, 4 lost on PUB/SUB
+        rig.prev[0] = 4
+        rig.deliver(0, raws[4:])  # seqs 5, 6: prev 4 > watermark 2
+        await rig.settle()
+        assert [f.after for f in rig.m.coord.fetches()] == [2]
+        rig.answer_fetches({0: list(zip(range(1, 7), raws, strict=False))})  # the journal has them all
+        task = asyncio.ensure_future(rig.m._dispatcher())
+        await rig.settle()
+        task.cancel()
+        assert [h[0] for h in rig.handled] == [0, 1, 2, 3, 4, 5]
+
+    run(main())
+
+
+def test_live_deliveries_buffered_during_a_fetch_are_applied_after_it(tmp_path):
+    async def main():
+        rig = await make_rig(tmp_path)
+        raws = [event(n) for n in range(6)]
+        rig.deliver(0, raws[:2])
+        rig.seq += 2
+        rig.prev[0] = 4
+        rig.deliver(0, raws[4:])  # buffered: 3, 4 are fetched
+        await rig.settle()
+        rig.answer_fetches({0: list(zip(range(1, 5), raws, strict=False))}, last_seq=4)  # journal read before 5, 6
+        task = asyncio.ensure_future(rig.m._dispatcher())
+        await rig.settle()
+        task.cancel()
+        assert [h[0] for h in rig.handled] == [0, 1, 2, 3, 4, 5]
+        assert len(rig.m.coord.fetches()) == 1
+
+    run(main())
+
+
+def test_a_delivery_that_does_not_decode_is_fetched_from_the_journal(tmp_path):
+    """E.g. an event published as msgpack bin instead of a map: the journal's copy is used."""
+
+    async def main():
+        rig = await make_rig(tmp_path)
+        good = event(0)
+        bad_frame = encoder.encode(Delivery(0, [1], [good]))  # bytes, not Raw: a bin, not a map
+        rig.deliver(0, [good], raw_frame=bad_frame)
+        await rig.settle()
+        assert rig.m.bad_deliveries == 1 and [f.after for f in rig.m.coord.fetches()] == [0]
+        rig.answer_fetches({0: [(1, good)]})
+        rig.deliver(0, [event(1)])
+        task = asyncio.ensure_future(rig.m._dispatcher())
+        await rig.settle()
+        task.cancel()
+        assert [h[0] for h in rig.handled] == [0, 1]
+
+    run(main())
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        b"",
+        b"\xc1",
+        encoder.encode([0, [], []]),
+        encoder.encode([0, [1, 2], []]),
+        encoder.encode({"prev": 0}),
+        encoder.encode([0, [1], [{"type": 1}]]),
+    ],
+)
+def test_hostile_deliveries_do_not_hurt(tmp_path, frame):
+    async def main():
+        rig = await make_rig(tmp_path)
+        rig.m._on_delivery([topic(GROUP, 0), frame])
+        rig.m._on_delivery([b"nonsense", frame])
+        rig.m._on_delivery([topic(GROUP, 0)])
+        rig.m.coord.sent.clear()
+        rig.m.streams[0].fetching = False
+        rig.deliver(0, [event(0)])
+        task = asyncio.ensure_future(rig.m._dispatcher())
+        await rig.settle()
+        task.cancel()
+        assert [h[0] for h in rig.handled] == [0]
+
+    run(main())
+
+
+def test_an_unreadable_event_in_a_fetch_reply_is_skipped_not_fatal(tmp_path):
+    async def main():
+        rig = await make_rig(tmp_path)
+        rig.m.streams[0].fetching = True
+        rig.m.streams[0].fetch_after = 0
+        rig.seq = 3
+        rig.m._on_records(
+            Records(
+                group=GROUP,
+                partition=0,
+                after=0,
+                upto=3,
+                seqs=[1, 2, 3],
+                events=[msgspec.Raw(event(0)), msgspec.Raw(b"\x01"), msgspec.Raw(event(2))],
+            )
+        )
+        task = asyncio.ensure_future(rig.m._dispatcher())
+        await rig.settle()
+        task.cancel()
+        assert [h[0] for h in rig.handled] == [0, 2] and rig.m.bad_events == 1
+        assert rig.m.streams[0].handled_upto() == 3
+
+    run(main())
+
+
+def test_an_unknown_type_or_bad_payload_fails_like_a_handler_error(tmp_path):
+    async def main():
+        rig = await make_rig(tmp_path, retry={"attempts": 1})
+        bad_payload = msgspec.msgpack.encode(
+            {"type": "test.n", "source": "unit", "payload": msgspec.Raw(b"\xa2\xff\xfe"), "id": "bad-utf8", "time": 1.0}
+        )
+        rig.deliver(0, [event(0, type_="nope.unknown"), bad_payload, event(2)])
+        task = asyncio.ensure_future(rig.m._dispatcher())
+        await rig.store_dead_letters()
+        task.cancel()
+        assert [h[0] for h in rig.handled] == [2]
+        letters = [m for m in rig.m.coord.sent if type(m).__name__ == "DeadLetter"]
+        assert [m.error_type for m in letters] == ["EventError", "EventError"]
+        assert "unknown event type" in letters[0].error and "not valid msgpack" in letters[1].error
+
+    run(main())
+
+
+def test_the_sub_reader_loses_nothing_when_many_deliveries_are_queued(tmp_path):
+    """More than DRAIN_MAX deliveries waiting: read in rounds, in order, none dropped."""
+
+    async def main():
+        rig = await make_rig(tmp_path)
+        ctx = zmq.asyncio.Context()
+        pub = ctx.socket(zmq.PUB)
+        pub.bind("inproc://unit-member")
+        sub = ctx.socket(zmq.SUB)
+        sub.setsockopt(zmq.RCVHWM, 0)
+        sub.setsockopt(zmq.SUBSCRIBE, b"")
+        sub.connect("inproc://unit-member")
+        await asyncio.sleep(0.1)
+        rig.m.sub = sub
+        total = 0
+        for k in range(DRAIN_MAX * 3 + 5):
+            p = k % PARTITIONS
+            seqs = list(range(rig.seq + 1, rig.seq + 4))
+            await pub.send_multipart(
+                [
+                    topic(GROUP, p),
+                    encoder.encode(Delivery(rig.prev[p], seqs, [msgspec.Raw(event(total + i)) for i in range(3)])),
+                ]
+            )
+            rig.seq, rig.prev[p], total = seqs[-1], seqs[-1], total + 3
+        tasks = [asyncio.ensure_future(rig.m._sub_reader()), asyncio.ensure_future(rig.m._dispatcher())]
+        deadline = time.monotonic() + 10
+        while rig.m.handled < total and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        sub.close(0)
+        pub.close(0)
+        ctx.term()
+        assert rig.m.handled == total and rig.m.coord.fetches() == []
+        assert sorted(h[0] for h in rig.handled) == list(range(total))
+
+    run(main())

@@ -1,0 +1,294 @@
+"""Producer and AsyncProducer against real sockets owned by the test (no router): fire-mode
+close delivers what ZeroMQ still queues, the window is exact with concurrent senders, and
+adaptive batching never holds back an event sent to an idle producer."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+import zmq
+
+import nexus.producer.client as producer_module
+from nexus import AsyncProducer, PeerError, Producer
+from nexus.protocol.wire import ProducerReply, batch_decoder, encoder
+from nexus.testing import wait_for
+
+REPO = str(__import__("pathlib").Path(__file__).resolve().parents[2])
+
+
+@pytest.fixture
+def zctx():
+    ctx = zmq.Context()
+    yield ctx
+    ctx.destroy(linger=0)
+
+
+def bind(ctx: zmq.Context, kind: int, endpoint: str, rcvhwm: int = 1000) -> zmq.Socket:
+    sock = ctx.socket(kind)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVHWM, rcvhwm)
+    sock.bind(endpoint)
+    return sock
+
+
+def receive_events(sock: zmq.Socket, count: int, timeout: float) -> list[bytes]:
+    """Read ProducerBatch messages from a PULL until `count` events came or `timeout` ran out."""
+    events: list[bytes] = []
+    deadline = time.monotonic() + timeout
+    while len(events) < count:
+        left = deadline - time.monotonic()
+        if left <= 0 or not sock.poll(int(left * 1000) + 1):
+            break
+        events.extend(bytes(e) for e in batch_decoder.decode(sock.recv()).events)
+    return events
+
+
+# -- fire mode: close() delivers the queue --------------------------------------------------
+SENDER = textwrap.dedent("""
+    import asyncio, sys
+    sys.path.insert(0, {repo!r})
+    from nexus import AsyncProducer, Producer
+    endpoint, count, mode = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    pad = "x" * 1000
+    if mode == "sync":
+        p = Producer(endpoint, source="late", confirm=False)
+        for i in range(count):
+            p.send("test.late", {{"i": i, "pad": pad}})
+        p.flush(30)
+        print("handed", flush=True)
+        p.close(30)
+    else:
+        async def main():
+            p = AsyncProducer(endpoint, source="late", confirm=False)
+            for i in range(count):
+                await p.send("test.late", {{"i": i, "pad": pad}})
+            await p.flush(30)
+            print("handed", flush=True)
+            await p.close(30)
+        asyncio.run(main())
+    print("closed", flush=True)
+""")
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_fire_close_delivers_the_queue_to_a_router_that_reads_late(tmp_path, zctx, mode):
+    """The benchmark's loss: a backed-up router, and the producer process exits right after
+    close(). close() must wait until ZeroMQ handed every queued message over."""
+    endpoint = f"ipc://{tmp_path}/ingest"
+    pull = bind(zctx, zmq.PULL, endpoint, rcvhwm=1)  # takes almost nothing until we read
+    count = 20_000  # ~20 MB: far more than socket buffers
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SENDER.format(repo=REPO), endpoint, str(count), mode], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout.readline().strip() == "handed"  # every event is in ZeroMQ's queue
+        # the router is busy: it reads nothing until the producer exited, or for 1 s at most
+        # (without the fix the process exits at once and the queue dies with it)
+        try:
+            proc.wait(1.0)
+        except subprocess.TimeoutExpired:
+            pass
+        events: list[bytes] = []
+        deadline = time.monotonic() + 60
+        while len(events) < count and time.monotonic() < deadline:
+            # every receive has a timeout; once the producer exited, 2 s of silence is the end
+            more = receive_events(pull, count - len(events), timeout=2)
+            if not more and proc.poll() is not None:
+                break
+            events += more
+        assert proc.wait(60) == 0
+        assert proc.stdout.read().strip() == "closed"
+    finally:
+        proc.kill()
+        proc.wait(10)
+    assert len(events) == count
+
+
+def test_fire_close_raises_when_the_router_never_takes_the_queue(tmp_path):
+    endpoint = f"ipc://{tmp_path}/nobody"  # no router bound there
+    p = Producer(endpoint, source="down", confirm=False)
+    for i in range(10):
+        p.send("test.down", {"i": i})
+    p.flush(5)  # handed to ZeroMQ: that is all flush says
+    start = time.monotonic()
+    with pytest.raises(PeerError, match="dropped"):
+        p.close(timeout=0.5)
+    assert time.monotonic() - start < 5
+
+
+def test_async_fire_close_raises_when_the_router_never_takes_the_queue(tmp_path):
+    async def main():
+        p = AsyncProducer(f"ipc://{tmp_path}/nobody", source="down", confirm=False)
+        for i in range(10):
+            await p.send("test.down", {"i": i})
+        await p.flush(5)
+        with pytest.raises(PeerError, match="dropped"):
+            await p.close(timeout=0.5)
+
+    asyncio.run(asyncio.wait_for(main(), 30))
+
+
+def test_fire_close_with_a_reading_router_is_quiet_and_quick(tmp_path, zctx):
+    endpoint = f"ipc://{tmp_path}/ingest"
+    pull = bind(zctx, zmq.PULL, endpoint)
+    received: list[bytes] = []
+    reader = threading.Thread(target=lambda: received.extend(receive_events(pull, 5000, 30)))
+    reader.start()
+    p = Producer(endpoint, source="ok", confirm=False)
+    for i in range(5000):
+        p.send("test.ok", {"i": i})
+    start = time.monotonic()
+    p.close(timeout=20)  # no PeerError: everything was taken
+    assert time.monotonic() - start < 10
+    reader.join(40)
+    assert len(received) == 5000
+
+
+# -- the window ---------------------------------------------------------------------------
+def test_window_is_exact_with_concurrent_senders(tmp_path, zctx):
+    """Confirm mode, a fake router that ACKs only when the test says so: the router never
+    holds more than `window` unacked events, however many threads send."""
+    endpoint = f"ipc://{tmp_path}/confirm"
+    router = bind(zctx, zmq.ROUTER, endpoint)
+    window, threads, per_thread = 50, 4, 60
+    p = Producer(endpoint, source="win", confirm=True, window=window, ack_timeout=600)
+    done = []
+    lock = threading.Lock()
+
+    def sender(t: int) -> None:
+        for i in range(per_thread):
+            p.send("test.win", {"t": t, "i": i})
+            with lock:
+                done.append((t, i))
+
+    workers = [threading.Thread(target=sender, args=(t,)) for t in range(threads)]
+    for w in workers:
+        w.start()
+    received = acked = 0
+    peer = None
+    deadline = time.monotonic() + 60
+    while acked < threads * per_thread:
+        assert time.monotonic() < deadline, f"stuck at {received} received, {acked} acked"
+        if router.poll(100):
+            peer, raw = router.recv_multipart()
+            batch = batch_decoder.decode(raw)
+            assert batch.seq == received + 1  # nothing resent, nothing skipped
+            received += len(batch.events)
+            assert received - acked <= window, "the router holds more than the window"
+            continue
+        # the producer went quiet: it must be because the window is full
+        if received - acked == window:
+            with lock:
+                assert len(done) == received  # every blocked send is still blocked
+            assert p._outbox.in_flight() == window
+        if received > acked:
+            router.send_multipart([peer, encoder.encode(ProducerReply(ack=received))])
+            acked = received
+    for w in workers:
+        w.join(30)
+    assert len(done) == threads * per_thread
+    p.flush(10)
+    p.close(5)
+
+
+def test_a_blocked_sender_is_released_when_the_producer_closes(tmp_path, zctx):
+    endpoint = f"ipc://{tmp_path}/confirm"
+    router = bind(zctx, zmq.ROUTER, endpoint)
+    p = Producer(endpoint, source="win", confirm=True, window=3, ack_timeout=600)
+    for i in range(3):
+        p.send("test.win", {"i": i})
+    outcome = []
+
+    def blocked() -> None:
+        try:
+            p.send("test.win", {"i": 3})
+            outcome.append("sent")
+        except Exception as exc:  # noqa: BLE001 - recorded for the assertion
+            outcome.append(type(exc).__name__)
+
+    t = threading.Thread(target=blocked)
+    t.start()
+    t.join(0.3)
+    assert t.is_alive() and not outcome  # the window is full: send blocks
+    with pytest.raises(PeerError):
+        p.close(timeout=0.2)  # nothing is ever ACKed
+    t.join(10)
+    assert outcome == ["NexusError"]
+    router.close(0)
+
+
+# -- adaptive batching ------------------------------------------------------------------
+@pytest.fixture
+def long_nap(monkeypatch):
+    """Make a nap long enough to see: anything that arrives within half of it was not held."""
+    monkeypatch.setattr(producer_module, "NAP_MS", 2000)
+    return 1.0
+
+
+def test_an_event_to_an_idle_producer_goes_out_at_once(tmp_path, zctx, long_nap):
+    endpoint = f"ipc://{tmp_path}/ingest"
+    pull = bind(zctx, zmq.PULL, endpoint)
+    p = Producer(endpoint, source="idle", confirm=False)
+    try:
+        p.send("test.idle", {"i": 0})
+        assert len(receive_events(pull, 1, timeout=long_nap)) == 1
+        # a burst: the I/O thread naps between batches; flush wakes it
+        for i in range(600):
+            p.send("test.idle", {"i": i})
+        p.flush(long_nap)
+        assert len(receive_events(pull, 600, timeout=long_nap)) == 600
+        # once the burst is over the I/O thread waits for a wake-up again ...
+        wait_for(lambda: not p._signaled, 10, message="the I/O thread to go idle")
+        # ... so a lone event is not held back
+        start = time.monotonic()
+        p.send("test.idle", {"i": -1})
+        assert len(receive_events(pull, 1, timeout=long_nap)) == 1
+        assert time.monotonic() - start < long_nap
+    finally:
+        p.close(5)
+
+
+def test_a_full_window_ends_a_nap(tmp_path, zctx, monkeypatch):
+    monkeypatch.setattr(producer_module, "NAP_MS", 10_000)
+    endpoint = f"ipc://{tmp_path}/ingest"
+    pull = bind(zctx, zmq.PULL, endpoint)
+    received: list[bytes] = []
+    reader = threading.Thread(target=lambda: received.extend(receive_events(pull, 3000, 30)))
+    reader.start()
+    p = Producer(endpoint, source="full", confirm=False, window=100)  # full long before a wake at 500
+    start = time.monotonic()
+    for i in range(3000):
+        p.send("test.full", {"i": i})
+    assert time.monotonic() - start < 5  # 30 windows: not 30 naps of 10 s
+    p.close(10)
+    reader.join(40)
+    assert len(received) == 3000
+
+
+def test_batches_grow_under_load(tmp_path, zctx):
+    endpoint = f"ipc://{tmp_path}/ingest"
+    pull = bind(zctx, zmq.PULL, endpoint)
+    messages = []
+
+    def read() -> None:
+        deadline = time.monotonic() + 30
+        n = 0
+        while n < 20_000 and pull.poll(max(1, int((deadline - time.monotonic()) * 1000))):
+            m = len(batch_decoder.decode(pull.recv()).events)
+            messages.append(m)
+            n += m
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    with Producer(endpoint, source="load", confirm=False) as p:
+        for i in range(20_000):
+            p.send("test.load", {"i": i})
+    reader.join(40)
+    assert sum(messages) == 20_000
+    assert sum(messages) / len(messages) >= 16, f"{len(messages)} messages for 20,000 events"
