@@ -189,3 +189,64 @@ def pid_alive(pid: int) -> bool:
             return f.read().split(") ", 1)[1][0] != "Z"
     except (FileNotFoundError, ProcessLookupError, IndexError):  # it exited mid-read
         return False
+
+
+class ThreadRunner:
+    """Runs a router and members in threads of this process (component tests: real
+    sockets, no launcher); `close()` stops members first (they ack and leave), then
+    the router, and fails if a thread does not end."""
+
+    def __init__(self) -> None:
+        self.stops: list[tuple[Callable[[], Any], Any]] = []
+
+    def router(self, cfg):
+        import threading
+
+        from nexus.router.server import Router
+
+        router = Router(cfg)
+        thread = threading.Thread(target=router.run, daemon=True)
+        thread.start()
+        self.stops.append((router.stop_event.set, thread))
+        return router
+
+    def member(self, cfg, group: str, name: str):
+        """Start a member of `group`; returns (member, stop, thread)."""
+        import asyncio
+        import threading
+
+        from nexus.member.runtime import Member
+
+        holder: dict[str, Any] = {}
+        ready = threading.Event()
+
+        def run() -> None:
+            async def main() -> None:
+                member = Member(cfg, group, name)
+                holder["member"], holder["loop"] = member, asyncio.get_running_loop()
+                ready.set()
+                await member.run()
+
+            asyncio.run(main())
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        if not ready.wait(10):
+            raise TimeoutError(f"member {name} did not start within 10s")
+
+        def stop() -> None:
+            holder["loop"].call_soon_threadsafe(holder["member"].stop_event.set)
+
+        self.stops.append((stop, thread))
+        return holder["member"], stop, thread
+
+    def close(self) -> None:
+        for stop, thread in reversed(self.stops):
+            if thread.is_alive():
+                try:
+                    stop()
+                except RuntimeError:  # its loop already closed
+                    pass
+                thread.join(15)
+                if thread.is_alive():
+                    raise AssertionError("component thread did not stop")

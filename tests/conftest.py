@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import os
 import sys
-import threading
 from pathlib import Path
 
 import pytest
@@ -89,59 +88,10 @@ def config_factory(tmp_path):
     return lambda **overrides: write_config(tmp_path, **overrides)
 
 
-class ThreadRunner:
-    """Runs components (router, members) in threads and stops them on teardown."""
-
-    def __init__(self):
-        self.stops = []
-
-    def router(self, cfg):
-        from nexus.router.server import Router
-
-        router = Router(cfg)
-        thread = threading.Thread(target=router.run, daemon=True)
-        thread.start()
-        self.stops.append((router.stop_event.set, thread))
-        return router
-
-    def member(self, cfg, group, name):
-        import asyncio
-
-        from nexus.member.runtime import Member
-
-        holder = {}
-        ready = threading.Event()
-
-        def run():
-            async def main():
-                member = Member(cfg, group, name)
-                holder["member"], holder["loop"] = member, asyncio.get_running_loop()
-                ready.set()
-                await member.run()
-
-            asyncio.run(main())
-
-        thread = threading.Thread(target=run, daemon=True)
-        thread.start()
-        assert ready.wait(10)
-        stop = lambda: holder["loop"].call_soon_threadsafe(holder["member"].stop_event.set)
-        self.stops.append((stop, thread))
-        return holder["member"], stop, thread
-
-    def close(self):
-        # members first (they ack and leave), then the router
-        for stop, thread in reversed(self.stops):
-            if thread.is_alive():
-                try:
-                    stop()
-                except RuntimeError:
-                    pass
-                thread.join(15)
-                assert not thread.is_alive(), "component thread did not stop"
-
-
 @pytest.fixture
 def components():
+    from nexus.testing import ThreadRunner
+
     runner = ThreadRunner()
     yield runner
     runner.close()
