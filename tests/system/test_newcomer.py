@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import zmq
@@ -19,6 +20,11 @@ from nexus.errors import ExitCode
 from nexus.testing import free_port, wait_for
 
 pytestmark = pytest.mark.system
+
+
+# where tests/support/broken_import.py raises: the one line must name that file and line
+_BROKEN = (Path(__file__).resolve().parents[1] / "support" / "broken_import.py").read_text().splitlines()
+BROKEN_AT = f"broken_import.py:{next(n for n, line in enumerate(_BROKEN, 1) if 'raise RuntimeError' in line)}"
 
 
 def cli(*args, cwd: str = REPO, timeout: float = 60) -> tuple[subprocess.CompletedProcess, float]:
@@ -155,7 +161,7 @@ def test_a_handler_module_that_raises_at_import_fails_its_group_once_with_the_re
         return procs if len(procs) == 2 and all(x["state"] == "failed" for x in procs) else None
 
     procs = wait_for(bad_members, 30, 0.1, "both bad members failed")
-    where = "broken_import.py:6"
+    where = BROKEN_AT
     for proc in procs:
         assert proc["restarts"] == 0  # exit 3: not restarted, no crash loop
         assert proc["last_exit"].startswith(
@@ -234,4 +240,4 @@ def test_a_contract_module_that_raises_at_import_stops_the_start_with_one_line(t
     assert "Traceback" not in text
     failed = [line for line in text.splitlines() if "launch_failed" in line]
     assert len(failed) == 1 and "contracts: cannot import broken_import: RuntimeError: missing API key" in failed[0]
-    assert "broken_import.py:6" in failed[0] and text.count("broken_import.py:6") == 1
+    assert BROKEN_AT in failed[0] and text.count(BROKEN_AT) == 1
