@@ -257,6 +257,9 @@ class Coordinator:
             stuck = [p for p, t in group.revoked_at.items() if now - t > self.release_timeout]
             for p in stuck:
                 log.warning("release_timed_out", group=group.name, partition=p, owner=group.owner[p])
+                # the old owner may still be handling events past its last ack: whatever
+                # the new owner gets up to the head may be a repeat, so it is flagged
+                group.unclean[p] = max(group.unclean.get(p, 0), self._head(group.name, p))
                 group.owner[p] = None
                 group.revoked_at.pop(p, None)
             if dead or stuck or settled:

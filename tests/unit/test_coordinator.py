@@ -453,6 +453,27 @@ def test_unclean_mark_flags_every_grant_until_the_cursor_passes_it():
     assert g.unclean == {}
 
 
+
+def test_a_forced_release_flags_the_new_owner_up_to_the_head():
+    # the old owner never released (a stuck handler): it may have handled events past
+    # its last ack, so the new owner must see them as possible repeats (ctx.redelivered)
+    heads = {"g": [100, 100]}
+    coord = Coordinator(heartbeat_timeout=HB, release_timeout=RELEASE, heads=heads)
+    g = coord.add_group("g", 2, [10, 10])
+    assigns(coord.join(g, "a", b"A", now=0.0))
+    coord.ack(g, "a", {0: 100, 1: 100})  # a handled everything so far
+    coord.join(g, "b", b"B", now=1.0)  # b waits for the partition a must hand over
+    moving = [p for p in range(2) if g.target[p] == "b"]
+    assert len(moving) == 1
+    heads["g"] = [180, 180]  # more arrived; a holds it and never releases
+    for t in (5.0, 10.0, 20.0, 30.0, 31.5):
+        coord.seen(g, "a", None, now=t)
+        coord.seen(g, "b", None, now=t)
+    out = assigns(coord.expire(now=RELEASE + 1.0 + 0.01))
+    assert out[b"B"].grants == {moving[0]: 100}
+    assert out[b"B"].redelivered == {moving[0]: 180}
+
+
 def test_lost_frees_the_partitions_at_once(coord):
     g, _, _ = setup_two(coord)
     out = assigns(coord.exited(g, "b", 0, {}, now=2.0))
