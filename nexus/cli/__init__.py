@@ -1,5 +1,6 @@
 """The `nexus` command: a short-lived process that talks to a running pipeline
-(status, send, tail, replay, reload, scale, stop) or reads its data dir offline."""
+(send, status, scale, tail, dlq, reload), runs one more member (worker), or reads a
+data dir offline (journal)."""
 
 from nexus.cli.commands import main
 
