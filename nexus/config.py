@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import os
 import re
+from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar, dataclass_transform
 
 import msgspec
 import yaml
 
+from nexus.common.modules import describe_import_error
 from nexus.errors import ConfigError
 
 DEFAULT_CONFIG = "config/default.yaml"
+T = TypeVar("T")
 
 # -- units -------------------------------------------------------------------
 _DURATION = re.compile(r"\A\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*\Z")
@@ -66,6 +69,9 @@ def _dec_hook(type_: type, obj: Any) -> Any:
 Positive = Annotated[int, msgspec.Meta(ge=1)]
 
 
+# dataclass_transform: type checkers see every subclass as frozen too, as msgspec makes it
+# (without it mypy reads a subclass as a non-frozen child of a frozen base)
+@dataclass_transform(frozen_default=True, field_specifiers=(msgspec.field,))
 class Strict(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     pass
 
@@ -145,44 +151,13 @@ class WorkerGroupConfig(Strict):
     max_events: Positive | None = None  # events handled by one member process, then recycle
 
 
-class ScheduleProducerConfig(Strict, tag_field="kind", tag="schedule"):
-    every: Duration | None = None
-    cron: str | None = None
-    timezone: str = "UTC"
-    key: str | None = None
-    priority: Annotated[int, msgspec.Meta(ge=1, le=10)] = 5
+class SourceConfig(Strict, kw_only=True):
+    """The options of one `producers:` entry: the keys every kind has (`kind`), which each
+    source kind's `Config` subclasses with its own. Strict like every section: a typo in a
+    plugin's option is an `unknown key` error too. Decoded through the source registry below.
+    (kw_only: a subclass may declare required keys after this default.)"""
 
-    def __post_init__(self) -> None:
-        if (self.every is None) == (self.cron is None):
-            raise ValueError("a schedule needs exactly one of `every` or `cron`")
-        if self.every is not None and self.every <= 0:
-            raise ValueError("`every` must be positive")
-
-
-class FileProducerConfig(Strict, tag_field="kind", tag="file"):
-    paths: list[str]
-    patterns: list[str] = msgspec.field(default_factory=lambda: ["*"])
-    ignore: list[str] = msgspec.field(default_factory=lambda: [".*", "*~", "*.swp", "*.tmp"])
-    recursive: bool = False
-    debounce: Duration = Duration(0.2)
-    create_missing: bool = True
-
-
-class ImapProducerConfig(Strict, tag_field="kind", tag="imap"):
-    host: str
-    username: str
-    port: Positive = 993
-    ssl: bool = True
-    password: str | None = None
-    password_env: str | None = None
-    mailboxes: list[str] = msgspec.field(default_factory=lambda: ["INBOX"])
-    idle_timeout: Duration = Duration(25 * 60)  # RFC 2177: re-issue before 29 minutes
-    snippet_bytes: Annotated[int, msgspec.Meta(ge=0, le=8192)] = 512
-    reconnect_max: Duration = Duration(60)
-    key: str | None = None
-
-
-ProducerConfig = ScheduleProducerConfig | FileProducerConfig | ImapProducerConfig
+    kind: str = ""
 
 
 class Config(Strict):
@@ -199,7 +174,9 @@ class Config(Strict):
     crash_loop: Annotated[int, msgspec.Meta(ge=1)] = 5  # restarts within crash_window -> give up
     crash_window: Duration = Duration(60)
     hang_timeout: Duration = Duration(30)  # a router or member silent this long is restarted
-    producers: dict[str, ProducerConfig] = {}
+    # name -> the kind's SourceConfig subclass; Any to msgspec, which cannot know the kinds
+    # installed: load() and from_bytes() decode each entry through the registry below
+    producers: dict[str, Any] = {}
     workers: dict[str, WorkerGroupConfig] = {}
     # set by load(): where the config came from, for messages and relative paths
     source: str = ""
@@ -254,6 +231,64 @@ def add_module_paths(cfg: Config) -> None:
             sys.path.append(path)
 
 
+# -- producers: source kinds are plugins --------------------------------------------
+# A kind is a class registered under this entry-point group (see nexus/sources/base.py);
+# the built-ins register the same way in pyproject.toml.
+SOURCES_GROUP = "nexus.sources"
+# The built-ins' entries as pyproject.toml declares them, for a checkout run without
+# `pip install` (or with metadata installed before a kind was added): an installed entry
+# point of the same name wins. tests/unit/test_source_registry.py keeps the two equal.
+BUILTIN_SOURCES = {
+    "file": "nexus.sources.file:FileSource",
+    "imap": "nexus.sources.imap:ImapSource",
+    "schedule": "nexus.sources.schedule:ScheduleSource",
+}
+
+
+def source_kinds() -> dict[str, EntryPoint]:
+    """The installed kinds, read from the package metadata now (not cached: a config
+    loaded after a `pip install` sees the new kind)."""
+    kinds = {name: EntryPoint(name, value, SOURCES_GROUP) for name, value in BUILTIN_SOURCES.items()}
+    kinds.update((ep.name, ep) for ep in entry_points(group=SOURCES_GROUP))
+    return kinds
+
+
+def source_class(kind: str, kinds: dict[str, EntryPoint] | None = None) -> Any:
+    """The class of a source kind, imported. ConfigError without the file and key (the
+    caller knows them): an unknown kind names the installed ones."""
+    kinds = source_kinds() if kinds is None else kinds
+    ep = kinds.get(kind)
+    if ep is None:
+        raise ConfigError(f"unknown kind {kind!r} (installed: {', '.join(sorted(kinds))})")
+    try:
+        cls = ep.load()
+    except Exception as exc:  # noqa: BLE001 - a plugin can raise anything at import
+        raise ConfigError(f"cannot load kind {kind!r} ({ep.value}): {describe_import_error(exc)}") from None
+    config_type = getattr(cls, "Config", None)
+    if not (isinstance(cls, type) and isinstance(config_type, type) and issubclass(config_type, SourceConfig)):
+        raise ConfigError(f"kind {kind!r} ({ep.value}) is not a source: it needs a Config subclassing SourceConfig")
+    return cls
+
+
+class _Kind(msgspec.Struct):
+    """An entry's `kind` alone (other keys ignored): read first, to pick the struct."""
+
+    kind: str
+
+
+def _decode_producers(entries: dict, files: str, kinds: dict[str, EntryPoint]) -> dict[str, SourceConfig]:
+    """Each `producers:` entry into its kind's Config; errors name the entry's key."""
+    decoded = {}
+    for name, value in entries.items():
+        kind = _convert_entry("producers", name, value, _Kind, files).kind
+        try:
+            cls = source_class(kind, kinds)
+        except ConfigError as exc:
+            raise ConfigError(f"{files}: producers.{name}.kind: {exc}") from None
+        decoded[name] = _convert_entry("producers", name, value, cls.Config, files)
+    return decoded
+
+
 # -- handing a validated config to a child ------------------------------------------
 def to_bytes(cfg: Config) -> bytes:
     """The decoded config as msgpack (the launcher hands it over instead of the file)."""
@@ -261,7 +296,9 @@ def to_bytes(cfg: Config) -> bytes:
 
 
 def from_bytes(raw: bytes) -> Config:
-    return msgspec.msgpack.decode(raw, type=Config, dec_hook=_dec_hook)
+    cfg = msgspec.msgpack.decode(raw, type=Config, dec_hook=_dec_hook)
+    producers = _decode_producers(cfg.producers, cfg.source or "config", source_kinds())
+    return msgspec.structs.replace(cfg, producers=producers)
 
 
 RESTART_KEYS = ("workers", "contracts", "contracts_untyped", "producers")  # a reload cannot apply these
@@ -349,35 +386,36 @@ def load(path: str | os.PathLike | None = None, env: str | None = None) -> Confi
         data = _merge(data, _read_yaml(overlay_path))
         files = f"{main} + {overlay_path.name}"
     data.pop("source", None)
-    _check_named_sections(data, files)
+    # dict-valued sections entry by entry first, so an error names the entry
+    kinds = source_kinds()
+    producers = data.get("producers")
+    decoded = _decode_producers(producers, files, kinds) if isinstance(producers, dict) else {}
+    workers = data.get("workers")
+    for name, value in workers.items() if isinstance(workers, dict) else ():
+        _convert_entry("workers", name, value, WorkerGroupConfig, files)
     try:
         cfg = msgspec.convert(data, Config, dec_hook=_dec_hook)
     except msgspec.ValidationError as exc:
         raise ConfigError(_describe(exc, files)) from None
     data_dir = str((main.parent / os.path.expanduser(cfg.data_dir)).resolve())
-    cfg = msgspec.structs.replace(cfg, data_dir=data_dir, source=str(main))
-    _check(cfg, files)
+    cfg = msgspec.structs.replace(cfg, data_dir=data_dir, source=str(main), producers=decoded)
+    _check(cfg, files, kinds)
     return cfg
 
 
-def _check_named_sections(data: dict, files: str) -> None:
-    """Decode dict-valued sections entry by entry, so an error names the entry."""
-    for section, typ in (("producers", ProducerConfig), ("workers", WorkerGroupConfig)):
-        entries = data.get(section)
-        if not isinstance(entries, dict):
-            continue
-        for name, value in entries.items():
-            try:
-                msgspec.convert(value, typ, dec_hook=_dec_hook)
-            except msgspec.ValidationError as exc:
-                message = _describe(exc, files)
-                prefix = f"{files}: "
-                rest = message[len(prefix) :] if message.startswith(prefix) else message
-                rest = rest.replace("(top level)", "", 1).lstrip(".")
-                raise ConfigError(f"{files}: {section}.{name}{'.' if not rest.startswith(':') else ''}{rest}") from None
+def _convert_entry(section: str, name: str, value: Any, typ: type[T], files: str) -> T:
+    """One entry of a dict-valued section; an error names `section.name.key`."""
+    try:
+        return msgspec.convert(value, typ, dec_hook=_dec_hook)
+    except msgspec.ValidationError as exc:
+        message = _describe(exc, files)
+        prefix = f"{files}: "
+        rest = message[len(prefix) :] if message.startswith(prefix) else message
+        rest = rest.replace("(top level)", "", 1).lstrip(".")
+        raise ConfigError(f"{files}: {section}.{name}{'.' if not rest.startswith(':') else ''}{rest}") from None
 
 
-def _check(cfg: Config, files: str) -> None:
+def _check(cfg: Config, files: str, kinds: dict[str, EntryPoint]) -> None:
     for name, group in cfg.workers.items():
         if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", name):
             raise ConfigError(f"{files}: workers.{name}: group names use letters, digits, '-', '_'")
@@ -388,10 +426,10 @@ def _check(cfg: Config, files: str) -> None:
     for name, spec in cfg.producers.items():
         if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", name):
             raise ConfigError(f"{files}: producers.{name}: names use letters, digits, '-', '_', '.'")
-        if isinstance(spec, ScheduleProducerConfig):
-            from nexus.sources.schedule import validate  # cron and timezone: fail at load, not later
-
-            validate(name, spec, where=f"{files}: ")
+        try:  # the kind's own checks (a cron expression, a timezone): fail at load, not later
+            source_class(spec.kind, kinds).check(name, spec, cfg)
+        except ConfigError as exc:
+            raise ConfigError(f"{files}: {exc}") from None
     for label, endpoint in (
         ("router.ingest", cfg.ingest),
         ("router.confirm", cfg.confirm),

@@ -2,6 +2,8 @@
 
 Every string has a bound, so one hostile event cannot make a handler or a sink
 carry megabytes; the router rejects what breaks a bound before it is journaled.
+`frozen=True` repeats Contract's own setting, for type checkers (a subclass that does
+not say it reads to mypy as a mutable child of a frozen dataclass).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ NonNeg = Annotated[int, msgspec.Meta(ge=0)]
 @contract("file.created")
 @contract("file.modified")
 @contract("file.deleted")
-class FileChanged(Contract):
+class FileChanged(Contract, frozen=True):
     path: PathStr
     watcher: Name
     is_directory: bool = False
@@ -33,7 +35,7 @@ class FileChanged(Contract):
 
 
 @contract("file.moved")
-class FileMoved(Contract):
+class FileMoved(Contract, frozen=True):
     path: PathStr  # the new path
     src_path: PathStr
     watcher: Name
@@ -42,7 +44,7 @@ class FileMoved(Contract):
 
 # -- schedules ---------------------------------------------------------------
 @contract("schedule.tick")
-class ScheduleTick(Contract):
+class ScheduleTick(Contract, frozen=True):
     name: Name
     scheduled: float  # unix seconds the tick was due
     fired: float  # unix seconds it was emitted
@@ -51,7 +53,7 @@ class ScheduleTick(Contract):
 
 # -- mail --------------------------------------------------------------------
 @contract("email.received")
-class EmailReceived(Contract):
+class EmailReceived(Contract, frozen=True):
     account: Name
     mailbox: Name
     uid: NonNeg
@@ -72,14 +74,14 @@ class EmailReceived(Contract):
 NotificationType = Literal["email", "message", "calendar", "system", "other"]
 
 
-class ParrotEmailData(Contract):
+class ParrotEmailData(Contract, frozen=True):
     sender: Address
     subject: Annotated[str, msgspec.Meta(max_length=2048)]
     preview: Annotated[str, msgspec.Meta(max_length=4096)] = ""
 
 
 @contract("parrot.notification")
-class ParrotNotification(Contract):
+class ParrotNotification(Contract, frozen=True):
     app_id: Name
     app_name: Name
     title: Annotated[str, msgspec.Meta(max_length=1024)]

@@ -14,6 +14,7 @@ import queue
 import threading
 import time
 
+import msgspec
 import structlog
 from watchdog.events import (
     FileCreatedEvent,
@@ -25,8 +26,9 @@ from watchdog.events import (
 )
 from watchdog.observers import Observer
 
-from nexus.config import Config, FileProducerConfig
+from nexus.config import Config, Duration, SourceConfig
 from nexus.errors import ConfigError
+from nexus.sources.base import Sink, Source
 
 log = structlog.get_logger("nexus.producer.file")
 
@@ -35,6 +37,16 @@ MAX_BATCH = 10_000  # raw events taken per round, so a flood cannot starve stop
 JOIN_TIMEOUT = 5.0
 # Only these reach the handler (watchdog also narrows the inotify mask to them).
 EVENT_FILTER = [FileCreatedEvent, FileModifiedEvent, FileDeletedEvent, FileMovedEvent]
+
+
+class FileConfig(SourceConfig):
+    paths: list[str]
+    patterns: list[str] = msgspec.field(default_factory=lambda: ["*"])
+    ignore: list[str] = msgspec.field(default_factory=lambda: [".*", "*~", "*.swp", "*.tmp"])
+    recursive: bool = False
+    debounce: Duration = Duration(0.2)
+    create_missing: bool = True
+
 
 # How a pending change merges with the next raw event on the same path; pairs not
 # listed take the new kind. created+deleted within the window emits nothing: the
@@ -67,9 +79,10 @@ class Debouncer:
         first = now
         if entry is not None:
             first = entry[1]
-            kind = _MERGE.get((entry[0], kind), kind)
-            if kind is None:
+            merged = _MERGE.get((entry[0], kind), kind)
+            if merged is None:
                 return
+            kind = merged
         self._pending[path] = (kind, first, now)
 
     def move(self, src: str, dest: str, src_ok: bool, dest_ok: bool, now: float) -> None:
@@ -118,7 +131,7 @@ def matches(path: str, patterns: list[str], ignore: list[str]) -> bool:
     return any(fnmatch.fnmatch(base, p) for p in patterns) and not any(fnmatch.fnmatch(base, p) for p in ignore)
 
 
-def watch_paths(name: str, spec: FileProducerConfig, config: Config, where: str = "") -> list[str]:
+def watch_paths(name: str, spec: FileConfig, config: Config, where: str = "") -> list[str]:
     """Resolve (and create, if allowed) the watched folders; ConfigError names the path."""
     if not spec.paths:
         raise ConfigError(f"{where}producers.{name}.paths: no paths to watch")
@@ -168,56 +181,64 @@ def _payload(name: str, kind: str, path: str, src: str | None) -> dict | None:
     return {"path": path, "watcher": name, "is_directory": False, "size": size, "mtime": mtime}
 
 
-def run(name: str, spec: FileProducerConfig, config: Config, sink, stop: threading.Event) -> None:
-    paths = watch_paths(name, spec, config, f"{config.source}: " if config.source else "")
-    logger = log.bind(producer=name)
-    debouncer = Debouncer(spec.debounce, max(10 * spec.debounce, 1.0))
-    events: queue.SimpleQueue = queue.SimpleQueue()
+class FileSource(Source[FileConfig]):
+    Config = FileConfig
 
-    def feed(item: tuple[str, str, str | None]) -> None:
-        kind, src, dest = item
-        now = time.monotonic()
-        if kind == "moved" and dest is not None:
-            debouncer.move(
-                src, dest, matches(src, spec.patterns, spec.ignore), matches(dest, spec.patterns, spec.ignore), now
-            )
-        elif matches(src, spec.patterns, spec.ignore):
-            debouncer.add(kind, src, now)
+    def run(self, sink: Sink, stop: threading.Event) -> None:
+        name, spec, config = self.name, self.spec, self.config
+        paths = watch_paths(name, spec, config, f"{config.source}: " if config.source else "")
+        logger = log.bind(producer=name)
+        debouncer = Debouncer(spec.debounce, max(10 * spec.debounce, 1.0))
+        events: queue.SimpleQueue = queue.SimpleQueue()
 
-    def emit(ready: list[tuple[str, str, str | None]]) -> None:
-        for kind, path, src in ready:
-            sink.emit(f"file.{kind}", _payload(name, kind, path, src), key=path)
-            logger.debug("file_event_emitted", type=f"file.{kind}", path=path)
+        def feed(item: tuple[str, str, str | None]) -> None:
+            kind, src, dest = item
+            now = time.monotonic()
+            if kind == "moved" and dest is not None:
+                debouncer.move(
+                    src, dest, matches(src, spec.patterns, spec.ignore), matches(dest, spec.patterns, spec.ignore), now
+                )
+            elif matches(src, spec.patterns, spec.ignore):
+                debouncer.add(kind, src, now)
 
-    handler = _Enqueue(events)
-    observer = Observer()
-    observer.name = f"nexus-file-{name}"  # tests wait for this thread: watches are set
-    for path in paths:
-        observer.schedule(handler, path, recursive=spec.recursive, event_filter=EVENT_FILTER)
-    try:
-        observer.start()  # inside try: a failed start may have begun some emitters
-        logger.info(
-            "file_watch_started", paths=paths, recursive=spec.recursive, patterns=spec.patterns, debounce=spec.debounce
-        )
-        while not stop.is_set():
-            deadline = debouncer.next_deadline()
-            timeout = POLL if deadline is None else min(POLL, max(0.0, deadline - time.monotonic()))
-            try:
-                feed(events.get(timeout=timeout))
-                for _ in range(MAX_BATCH):
-                    feed(events.get_nowait())
-            except queue.Empty:
-                pass
-            emit(debouncer.pop_ready(time.monotonic()))
-    finally:
-        observer.stop()
-        if observer.is_alive():
-            observer.join(JOIN_TIMEOUT)
-    # Stopped cleanly: report what was still waiting for quiet, rather than lose it.
-    while True:
+        def emit(ready: list[tuple[str, str, str | None]]) -> None:
+            for kind, path, src in ready:
+                sink.emit(f"file.{kind}", _payload(name, kind, path, src), key=path)
+                logger.debug("file_event_emitted", type=f"file.{kind}", path=path)
+
+        handler = _Enqueue(events)
+        observer = Observer()
+        observer.name = f"nexus-file-{name}"  # tests wait for this thread: watches are set
+        for path in paths:
+            observer.schedule(handler, path, recursive=spec.recursive, event_filter=EVENT_FILTER)
         try:
-            feed(events.get_nowait())
-        except queue.Empty:
-            break
-    emit(debouncer.drain())
-    logger.info("file_watch_stopped")
+            observer.start()  # inside try: a failed start may have begun some emitters
+            logger.info(
+                "file_watch_started",
+                paths=paths,
+                recursive=spec.recursive,
+                patterns=spec.patterns,
+                debounce=spec.debounce,
+            )
+            while not stop.is_set():
+                deadline = debouncer.next_deadline()
+                timeout = POLL if deadline is None else min(POLL, max(0.0, deadline - time.monotonic()))
+                try:
+                    feed(events.get(timeout=timeout))
+                    for _ in range(MAX_BATCH):
+                        feed(events.get_nowait())
+                except queue.Empty:
+                    pass
+                emit(debouncer.pop_ready(time.monotonic()))
+        finally:
+            observer.stop()
+            if observer.is_alive():
+                observer.join(JOIN_TIMEOUT)
+        # Stopped cleanly: report what was still waiting for quiet, rather than lose it.
+        while True:
+            try:
+                feed(events.get_nowait())
+            except queue.Empty:
+                break
+        emit(debouncer.drain())
+        logger.info("file_watch_stopped")

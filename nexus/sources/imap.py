@@ -25,13 +25,15 @@ import ssl
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 import aioimaplib
+import msgspec
 import structlog
 
-from nexus.config import Config, ImapProducerConfig
+from nexus.config import Duration, Positive, SourceConfig
 from nexus.errors import ConfigError, EventError, PeerError, RejectedError
+from nexus.sources.base import Sink, Source
 from nexus.sources.imap_state import ImapState, build_payload, ints, parse_fetch, resp_code
 
 log = structlog.get_logger("nexus.producers.imap")
@@ -48,6 +50,20 @@ STOP_GRACE = 0.7  # time given to LOGOUT on stop before connections are cut
 _NEW_MAIL = re.compile(rb"^\* \d+ (EXISTS|RECENT)\b", re.I)
 
 
+class ImapConfig(SourceConfig):
+    host: str
+    username: str
+    port: Positive = 993
+    ssl: bool = True
+    password: str | None = None
+    password_env: str | None = None
+    mailboxes: list[str] = msgspec.field(default_factory=lambda: ["INBOX"])
+    idle_timeout: Duration = Duration(25 * 60)  # RFC 2177: re-issue before 29 minutes
+    snippet_bytes: Annotated[int, msgspec.Meta(ge=0, le=8192)] = 512
+    reconnect_max: Duration = Duration(60)
+    key: str | None = None
+
+
 @dataclass
 class MailboxStatus:
     state: str = "starting"  # connecting | syncing | idle | polling | backoff | auth_failed | stopped
@@ -60,17 +76,6 @@ class MailboxStatus:
 
 
 STATUS: dict[tuple[str, str], MailboxStatus] = {}  # (producer name, mailbox) -> live status
-
-
-def status(name: str) -> dict:
-    """Per-mailbox state for `nexus status` (an auth failure shows there)."""
-    return {
-        "mailboxes": {
-            mb: {"state": s.state, "error": s.error, "emitted": s.emitted, "last_uid": s.last_uid}
-            for (n, mb), s in list(STATUS.items())
-            if n == name
-        }
-    }
 
 
 class AuthFailed(Exception):
@@ -104,8 +109,12 @@ class _Client(aioimaplib.IMAP4):
         self.protocol = _Protocol(loop, conn_lost_cb)
         self._client_task = loop.create_task(loop.create_connection(lambda: self.protocol, host, port, ssl=ssl_context))
 
+    def cancel_connect(self) -> None:
+        """Cut a connection attempt still under way (aioimaplib keeps its task private)."""
+        self._client_task.cancel()
 
-def _password(name: str, spec: ImapProducerConfig) -> str:
+
+def _password(name: str, spec: ImapConfig) -> str:
     if spec.password:
         return spec.password
     where = f"producers.{name}.password_env"
@@ -119,22 +128,36 @@ def _password(name: str, spec: ImapProducerConfig) -> str:
     return value
 
 
-def run(name: str, spec: ImapProducerConfig, config: Config, sink: Any, stop: threading.Event) -> None:
-    password = _password(name, spec)
-    state = ImapState(config.data_dir, name)
-    # One worker: emit, flush and fsync leave the loop free (IDLE, stop) and stay ordered.
-    executor = ThreadPoolExecutor(1, thread_name_prefix=f"imap-{name}")
-    loop = asyncio.new_event_loop()
-    try:
-        loop.run_until_complete(_main(name, spec, password, state, sink, stop, executor))
-    finally:
-        executor.shutdown(wait=False, cancel_futures=True)
-        loop.close()
+class ImapSource(Source[ImapConfig]):
+    Config = ImapConfig
+
+    def run(self, sink: Sink, stop: threading.Event) -> None:
+        name, spec = self.name, self.spec
+        password = _password(name, spec)
+        state = ImapState(self.config.data_dir, name)
+        # One worker: emit, flush and fsync leave the loop free (IDLE, stop) and stay ordered.
+        executor = ThreadPoolExecutor(1, thread_name_prefix=f"imap-{name}")
+        loop = asyncio.new_event_loop()
+        try:
+            loop.run_until_complete(_main(name, spec, password, state, sink, stop, executor))
+        finally:
+            executor.shutdown(wait=False, cancel_futures=True)
+            loop.close()
+
+    def status(self) -> dict[str, Any]:
+        """Per-mailbox state for `nexus status` (an auth failure shows there)."""
+        return {
+            "mailboxes": {
+                mb: {"state": s.state, "error": s.error, "emitted": s.emitted, "last_uid": s.last_uid}
+                for (n, mb), s in list(STATUS.items())
+                if n == self.name
+            }
+        }
 
 
 async def _main(
     name: str,
-    spec: ImapProducerConfig,
+    spec: ImapConfig,
     password: str,
     state: ImapState,
     sink: Any,
@@ -164,7 +187,7 @@ class _Mailbox:
         self,
         name: str,
         mailbox: str,
-        spec: ImapProducerConfig,
+        spec: ImapConfig,
         password: str,
         state: ImapState,
         sink: Any,
@@ -179,6 +202,13 @@ class _Mailbox:
         self.client: _Client | None = None
         self.lost: asyncio.Future = stopping.get_loop().create_future()
         self.healthy = False
+
+    @property
+    def session(self) -> _Client:
+        """The connection of the running session (`_session` sets it, `_close` clears it)."""
+        if self.client is None:
+            raise ImapError("not connected")
+        return self.client
 
     def _set(self, state: str, error: str | None = None) -> None:
         self.status.state, self.status.error = state, error
@@ -296,7 +326,7 @@ class _Mailbox:
                 await self._wait_for_mail()
 
     async def _max_uid(self) -> int:
-        r = await self._call(self.client.protocol.search("UID", "*", charset=None, by_uid=True))
+        r = await self._call(self.session.protocol.search("UID", "*", charset=None, by_uid=True))
         return max(ints(r.lines[:-1]), default=0)
 
     async def _start_position(self, uidvalidity: int, newest: int) -> int:
@@ -319,7 +349,7 @@ class _Mailbox:
         return newest
 
     async def _catch_up(self, uidvalidity: int, last: int) -> int:
-        c = self.client
+        c = self.session
         r = await self._call(c.protocol.search("UID", f"{last + 1}:*", charset=None, by_uid=True))
         if r.result != "OK":
             raise ImapError(f"UID SEARCH failed: {_text(r)}")
@@ -367,7 +397,7 @@ class _Mailbox:
         self.status.emitted += emitted
 
     async def _wait_for_mail(self) -> None:
-        c = self.client
+        c = self.session
         while not c.protocol.idle_queue.empty():  # unused by us; keep it from growing
             c.protocol.idle_queue.get_nowait()
         if not c.has_capability("IDLE"):
@@ -400,7 +430,7 @@ class _Mailbox:
         except Exception:
             pass  # best effort; the connection is cut below anyway
         finally:
-            c._client_task.cancel()
+            c.cancel_connect()
             if c.protocol.transport is not None:
                 c.protocol.transport.close()
             for task in list(c.tasks) + list(c.protocol.tasks):

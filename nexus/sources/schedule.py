@@ -12,13 +12,17 @@ import math
 import threading
 import time
 from datetime import datetime
+from typing import Annotated
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+import msgspec
 import structlog
 from croniter import CroniterError, croniter
 
-from nexus.config import Config, ScheduleProducerConfig
+from nexus.config import Config as PipelineConfig
+from nexus.config import Duration, SourceConfig
 from nexus.errors import ConfigError
+from nexus.sources.base import Sink, Source
 
 log = structlog.get_logger("nexus.producer.schedule")
 
@@ -30,7 +34,21 @@ MAX_WAIT = 1.0
 MAX_CATCH_UP = 100_000
 
 
-def timezone_of(name: str, spec: ScheduleProducerConfig, where: str = "") -> ZoneInfo:
+class ScheduleConfig(SourceConfig):
+    every: Duration | None = None
+    cron: str | None = None
+    timezone: str = "UTC"
+    key: str | None = None
+    priority: Annotated[int, msgspec.Meta(ge=1, le=10)] = 5
+
+    def __post_init__(self) -> None:
+        if (self.every is None) == (self.cron is None):
+            raise ValueError("a schedule needs exactly one of `every` or `cron`")
+        if self.every is not None and self.every <= 0:
+            raise ValueError("`every` must be positive")
+
+
+def timezone_of(name: str, spec: ScheduleConfig, where: str = "") -> ZoneInfo:
     try:
         return ZoneInfo(spec.timezone)
     except (ZoneInfoNotFoundError, ValueError):
@@ -40,7 +58,7 @@ def timezone_of(name: str, spec: ScheduleProducerConfig, where: str = "") -> Zon
         ) from None
 
 
-def validate(name: str, spec: ScheduleProducerConfig, where: str = "") -> ZoneInfo:
+def validate(name: str, spec: ScheduleConfig, where: str = "") -> ZoneInfo:
     """Check timezone and cron expression up front; return the timezone."""
     tz = timezone_of(name, spec, where)
     if spec.cron is not None:
@@ -54,11 +72,11 @@ def validate(name: str, spec: ScheduleProducerConfig, where: str = "") -> ZoneIn
     return tz
 
 
-def expression(spec: ScheduleProducerConfig) -> str:
+def expression(spec: ScheduleConfig) -> str:
     return f"every {spec.every:g}s" if spec.every is not None else str(spec.cron)
 
 
-def next_due(spec: ScheduleProducerConfig, after: float, tz: ZoneInfo | None = None) -> float:
+def next_due(spec: ScheduleConfig, after: float, tz: ZoneInfo | None = None) -> float:
     """The first due time strictly after `after` (unix seconds)."""
     if spec.every is not None:
         every = float(spec.every)
@@ -70,7 +88,7 @@ def next_due(spec: ScheduleProducerConfig, after: float, tz: ZoneInfo | None = N
     return croniter(spec.cron, start).get_next(float)
 
 
-def catch_up(spec: ScheduleProducerConfig, due: float, now: float, tz: ZoneInfo | None = None) -> tuple[float, int]:
+def catch_up(spec: ScheduleConfig, due: float, now: float, tz: ZoneInfo | None = None) -> tuple[float, int]:
     """From an overdue `due` (<= now): the latest due time <= now and how many it skips."""
     if spec.every is not None:
         skipped = max(0, math.floor((now - due) / spec.every))
@@ -81,31 +99,39 @@ def catch_up(spec: ScheduleProducerConfig, due: float, now: float, tz: ZoneInfo 
     return due, skipped
 
 
-def run(name: str, spec: ScheduleProducerConfig, config: Config, sink, stop: threading.Event) -> None:
-    tz = validate(name, spec, f"{config.source}: " if config.source else "")
-    expr = expression(spec)
-    key = spec.key or name
-    logger = log.bind(producer=name, expression=expr)
-    due = next_due(spec, time.time(), tz)
-    logger.info("schedule_started", timezone=spec.timezone, next_due=due)
-    while not stop.is_set():
-        now = time.time()
-        if now < due:
-            stop.wait(min(due - now, MAX_WAIT))
-            continue
-        # Missed ticks are not replayed: a tick says "it is time to do X", and a
-        # burst of stale ticks after a pause (suspend, overload) would only make
-        # handlers do X several times in a row. One tick for the latest due time,
-        # plus a log line saying how many were skipped.
-        due, skipped = catch_up(spec, due, now, tz)
-        if skipped:
-            logger.warning("schedule_ticks_skipped", count=skipped, scheduled=due)
-        sink.emit(
-            "schedule.tick",
-            {"name": name, "scheduled": due, "fired": time.time(), "expression": expr},
-            key=key,
-            priority=spec.priority,
-        )
-        logger.debug("schedule_tick", scheduled=due)
-        due = next_due(spec, due, tz)
-    logger.info("schedule_stopped")
+class ScheduleSource(Source[ScheduleConfig]):
+    Config = ScheduleConfig
+
+    @classmethod
+    def check(cls, name: str, spec: ScheduleConfig, config: PipelineConfig) -> None:
+        validate(name, spec)
+
+    def run(self, sink: Sink, stop: threading.Event) -> None:
+        name, spec = self.name, self.spec
+        tz = validate(name, spec, f"{self.config.source}: " if self.config.source else "")
+        expr = expression(spec)
+        key = spec.key or name
+        logger = log.bind(producer=name, expression=expr)
+        due = next_due(spec, time.time(), tz)
+        logger.info("schedule_started", timezone=spec.timezone, next_due=due)
+        while not stop.is_set():
+            now = time.time()
+            if now < due:
+                stop.wait(min(due - now, MAX_WAIT))
+                continue
+            # Missed ticks are not replayed: a tick says "it is time to do X", and a
+            # burst of stale ticks after a pause (suspend, overload) would only make
+            # handlers do X several times in a row. One tick for the latest due time,
+            # plus a log line saying how many were skipped.
+            due, skipped = catch_up(spec, due, now, tz)
+            if skipped:
+                logger.warning("schedule_ticks_skipped", count=skipped, scheduled=due)
+            sink.emit(
+                "schedule.tick",
+                {"name": name, "scheduled": due, "fired": time.time(), "expression": expr},
+                key=key,
+                priority=spec.priority,
+            )
+            logger.debug("schedule_tick", scheduled=due)
+            due = next_due(spec, due, tz)
+        logger.info("schedule_stopped")

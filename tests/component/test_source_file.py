@@ -15,11 +15,10 @@ import msgspec
 import pytest
 
 from nexus import config as nexus_config
-from nexus.config import Config, Duration, FileProducerConfig
+from nexus.config import Config, Duration
 from nexus.contracts import FileChanged, FileMoved
 from nexus.errors import ConfigError
-from nexus.sources import file as file_producer
-from nexus.sources.file import Debouncer
+from nexus.sources.file import Debouncer, FileConfig, FileSource
 from nexus.testing import CollectingSink, wait_for
 
 _names = itertools.count()
@@ -64,13 +63,13 @@ def start(config):
     """Run file.run() in a thread, wait until its observer watches; teardown stops it."""
     running = []
 
-    def _start(spec: FileProducerConfig, cfg: Config | None = None) -> Running:
+    def _start(spec: FileConfig, cfg: Config | None = None) -> Running:
         name = f"watch-{next(_names)}"
         sink, stop, errors = CollectingSink(), threading.Event(), []
 
         def target() -> None:
             try:
-                file_producer.run(name, spec, cfg or config, sink, stop)
+                FileSource(name, spec, cfg or config).run(sink, stop)
             except BaseException as exc:  # surfaced below and by the teardown
                 errors.append(exc)
 
@@ -94,10 +93,10 @@ def start(config):
         assert not errors, errors
 
 
-def spec(**kw) -> FileProducerConfig:
+def spec(**kw) -> FileConfig:
     kw.setdefault("paths", ["./inbox"])
     kw.setdefault("debounce", Duration(0.1))
-    return FileProducerConfig(**kw)
+    return FileConfig(**kw)
 
 
 # -- Debouncer (pure) ------------------------------------------------------------
@@ -298,9 +297,7 @@ def test_paths_are_relative_to_the_config_file_and_created(start, tmp_path):
 
 def test_missing_path_without_create_missing_is_a_config_error(config, tmp_path):
     with pytest.raises(ConfigError, match=r"producers\.w\.paths: .*nope does not exist") as exc:
-        file_producer.run(
-            "w", spec(paths=["./nope"], create_missing=False), config, CollectingSink(), threading.Event()
-        )
+        FileSource("w", spec(paths=["./nope"], create_missing=False), config).run(CollectingSink(), threading.Event())
     assert str(tmp_path / "nope") in str(exc.value)
     assert not (tmp_path / "nope").exists()
 
@@ -308,4 +305,4 @@ def test_missing_path_without_create_missing_is_a_config_error(config, tmp_path)
 def test_path_that_is_a_file_is_a_config_error(config, tmp_path):
     (tmp_path / "plain").write_text("x")
     with pytest.raises(ConfigError, match=r"producers\.w\.paths: .*plain is not a directory"):
-        file_producer.run("w", spec(paths=["./plain"]), config, CollectingSink(), threading.Event())
+        FileSource("w", spec(paths=["./plain"]), config).run(CollectingSink(), threading.Event())

@@ -14,10 +14,11 @@ import pytest
 import structlog
 
 from nexus.common import statefile
-from nexus.config import Config, Duration, ImapProducerConfig
+from nexus.config import Config, Duration
 from nexus.contracts import EmailReceived
 from nexus.errors import ConfigError
 from nexus.sources import imap
+from nexus.sources.imap import ImapConfig, ImapSource
 from nexus.testing import CollectingSink, wait_for
 
 try:
@@ -44,20 +45,19 @@ def server():
 
 
 class Running:
-    """`imap.run` in a thread, as the producer process runs it."""
+    """`ImapSource.run` in a thread, as the producer process runs it."""
 
-    def __init__(self, name: str, spec: ImapProducerConfig, data_dir: str, sink: CollectingSink):
+    def __init__(self, name: str, spec: ImapConfig, data_dir: str, sink: CollectingSink):
         self.name, self.spec, self.sink = name, spec, sink
         self.stop_event = threading.Event()
         self.error: BaseException | None = None
-        self.thread = threading.Thread(
-            target=self._run, args=(Config(data_dir=data_dir),), name=f"imap-test-{name}", daemon=True
-        )
+        self.source = ImapSource(name, spec, Config(data_dir=data_dir))
+        self.thread = threading.Thread(target=self._run, name=f"imap-test-{name}", daemon=True)
         self.thread.start()
 
-    def _run(self, config: Config) -> None:
+    def _run(self) -> None:
         try:
-            imap.run(self.name, self.spec, config, self.sink, self.stop_event)
+            self.source.run(self.sink, self.stop_event)
         except BaseException as exc:  # surfaced by stop()
             self.error = exc
 
@@ -78,8 +78,8 @@ class Running:
     def stop(self) -> None:
         self.stop_event.set()
         self.thread.join(10)
-        assert not self.thread.is_alive(), "imap.run did not return after stop was set"
-        assert self.error is None, f"imap.run raised {self.error!r}"
+        assert not self.thread.is_alive(), "ImapSource.run did not return after stop was set"
+        assert self.error is None, f"ImapSource.run raised {self.error!r}"
 
 
 @pytest.fixture
@@ -88,7 +88,7 @@ def producer(tmp_path):
 
     def start(server, *, name: str = "work", sink: CollectingSink | None = None, data_dir=None, **fields) -> Running:
         fields = {"mailboxes": ["INBOX"], "password": "secret", "reconnect_max": Duration(2), **fields}
-        spec = ImapProducerConfig(host=server.host, port=server.port, ssl=False, username="alice", **fields)
+        spec = ImapConfig(host=server.host, port=server.port, ssl=False, username="alice", **fields)
         r = Running(name, spec, str(data_dir or tmp_path / "data"), sink or CollectingSink())
         started.append(r)
         return r
@@ -148,6 +148,9 @@ def test_new_mail_while_idle_is_emitted(server, producer):
     assert payload["has_attachments"] is False and "\\Seen" not in payload["flags"]
     msgspec.convert(payload, EmailReceived)  # honours the contract
     assert p.sink.flushes >= 1
+    # what `nexus status` shows for the producer (written by the runner every second)
+    wait_for(lambda: p.source.status()["mailboxes"]["INBOX"]["emitted"] == 1, WAIT, message="status counts it")
+    assert p.source.status()["mailboxes"]["INBOX"]["last_uid"] == uid
     # BODY.PEEK[]: the message is still unread for the user
     client = server.connect()
     client.select("INBOX")
@@ -237,9 +240,9 @@ def test_wrong_password_is_logged_and_does_not_crash(server, producer):
 
 def test_missing_password_is_a_config_error(tmp_path, monkeypatch):
     monkeypatch.delenv("NEXUS_TEST_IMAP_PW", raising=False)
-    spec = ImapProducerConfig(host="127.0.0.1", username="alice", password_env="NEXUS_TEST_IMAP_PW")
+    spec = ImapConfig(host="127.0.0.1", username="alice", password_env="NEXUS_TEST_IMAP_PW")
     with pytest.raises(ConfigError, match=r"producers\.work\.password_env"):
-        imap.run("work", spec, Config(data_dir=str(tmp_path)), CollectingSink(), threading.Event())
+        ImapSource("work", spec, Config(data_dir=str(tmp_path))).run(CollectingSink(), threading.Event())
     monkeypatch.setenv("NEXUS_TEST_IMAP_PW", "secret")  # and the variable is used
     assert imap._password("work", spec) == "secret"
 

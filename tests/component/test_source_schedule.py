@@ -9,10 +9,11 @@ from zoneinfo import ZoneInfo
 import msgspec
 import pytest
 
-from nexus.config import Config, Duration, ScheduleProducerConfig
+from nexus.config import Config, Duration
 from nexus.contracts import ScheduleTick
 from nexus.errors import ConfigError
 from nexus.sources import schedule
+from nexus.sources.schedule import ScheduleConfig, ScheduleSource
 from nexus.testing import CollectingSink, wait_for
 
 UTC = UTC
@@ -41,15 +42,15 @@ def config(tmp_path) -> Config:
 
 @pytest.fixture
 def start(config):
-    """Run schedule.run() in a thread; teardown stops it and checks it ended cleanly."""
+    """Run ScheduleSource.run() in a thread; teardown stops it and checks it ended cleanly."""
     running = []
 
-    def _start(spec: ScheduleProducerConfig, name: str = "tick"):
+    def _start(spec: ScheduleConfig, name: str = "tick"):
         sink, stop, errors = PrioritySink(), threading.Event(), []
 
         def target() -> None:
             try:
-                schedule.run(name, spec, config, sink, stop)
+                ScheduleSource(name, spec, config).run(sink, stop)
             except BaseException as exc:  # surfaced by the teardown
                 errors.append(exc)
 
@@ -62,33 +63,33 @@ def start(config):
     for thread, stop, errors in running:
         stop.set()
         thread.join(10)
-        assert not thread.is_alive(), "schedule.run() did not return after stop"
+        assert not thread.is_alive(), "ScheduleSource.run() did not return after stop"
         assert not errors, errors
 
 
 # -- pure logic ----------------------------------------------------------------
 def test_next_due_every_is_aligned_to_the_epoch():
-    spec = ScheduleProducerConfig(every=Duration(10))
+    spec = ScheduleConfig(every=Duration(10))
     assert schedule.next_due(spec, 1003.5) == 1010.0
     assert schedule.next_due(spec, 1010.0) == 1020.0  # strictly after
     assert schedule.next_due(spec, schedule.next_due(spec, 1003.5)) == 1020.0
 
 
 def test_next_due_fractional_every_is_strictly_after():
-    spec = ScheduleProducerConfig(every=Duration(0.1))
+    spec = ScheduleConfig(every=Duration(0.1))
     after = 1_700_000_000.3
     due = schedule.next_due(spec, after)
     assert after < due <= after + 0.1 + 1e-6
 
 
 def test_catch_up_every_lands_on_the_latest_due_time():
-    spec = ScheduleProducerConfig(every=Duration(10))
+    spec = ScheduleConfig(every=Duration(10))
     assert schedule.catch_up(spec, 1000.0, 1035.0) == (1030.0, 3)
     assert schedule.catch_up(spec, 1000.0, 1000.5) == (1000.0, 0)
 
 
 def test_next_due_cron_in_a_timezone_follows_dst():
-    spec = ScheduleProducerConfig(cron="0 9 * * *", timezone="Europe/Paris")
+    spec = ScheduleConfig(cron="0 9 * * *", timezone="Europe/Paris")
     tz = schedule.validate("tick", spec)
     # 09:00 in Paris is 07:00 UTC in summer (CEST) and 08:00 UTC in winter (CET)
     assert schedule.next_due(spec, ts(2024, 7, 1), tz) == ts(2024, 7, 1, 7)
@@ -100,7 +101,7 @@ def test_next_due_cron_in_a_timezone_follows_dst():
 
 
 def test_next_due_cron_weekdays_and_strictly_after():
-    spec = ScheduleProducerConfig(cron="30 8 * * mon-fri", timezone="America/New_York")
+    spec = ScheduleConfig(cron="30 8 * * mon-fri", timezone="America/New_York")
     ny = ZoneInfo("America/New_York")
     friday = ts(2024, 5, 3, 8, 30, tz=ny)
     assert schedule.next_due(spec, friday - 1, ny) == friday
@@ -108,42 +109,42 @@ def test_next_due_cron_weekdays_and_strictly_after():
 
 
 def test_catch_up_cron_counts_skipped_ticks():
-    spec = ScheduleProducerConfig(cron="*/5 * * * *")
+    spec = ScheduleConfig(cron="*/5 * * * *")
     due, now = ts(2024, 1, 1, 0, 5), ts(2024, 1, 1, 0, 23)
     assert schedule.catch_up(spec, due, now, ZoneInfo("UTC")) == (ts(2024, 1, 1, 0, 20), 3)
 
 
 def test_expression():
-    assert schedule.expression(ScheduleProducerConfig(every=Duration(10))) == "every 10s"
-    assert schedule.expression(ScheduleProducerConfig(every=Duration(0.5))) == "every 0.5s"
-    assert schedule.expression(ScheduleProducerConfig(cron="@hourly")) == "@hourly"
+    assert schedule.expression(ScheduleConfig(every=Duration(10))) == "every 10s"
+    assert schedule.expression(ScheduleConfig(every=Duration(0.5))) == "every 0.5s"
+    assert schedule.expression(ScheduleConfig(cron="@hourly")) == "@hourly"
 
 
 # -- validation ----------------------------------------------------------------
 @pytest.mark.parametrize("cron", ["bad", "61 * * * *", "*/0 * * * *", "0 0 31 2 *"])
 def test_invalid_cron_is_a_config_error(config, cron):
-    spec = ScheduleProducerConfig(cron=cron)
+    spec = ScheduleConfig(cron=cron)
     with pytest.raises(ConfigError, match=r"producers\.tick\.cron: invalid cron expression") as exc:
-        schedule.run("tick", spec, config, CollectingSink(), threading.Event())
+        ScheduleSource("tick", spec, config).run(CollectingSink(), threading.Event())
     assert config.source in str(exc.value)
 
 
 def test_overlong_cron_is_a_config_error(config):
-    spec = ScheduleProducerConfig(cron="0 " + "0," * 200 + "1 * * *")
+    spec = ScheduleConfig(cron="0 " + "0," * 200 + "1 * * *")
     with pytest.raises(ConfigError, match=r"producers\.tick\.cron: longer than 256"):
         schedule.validate("tick", spec)
 
 
 @pytest.mark.parametrize("tz", ["Mars/Olympus", "", "../etc/passwd"])
 def test_unknown_timezone_is_a_config_error(config, tz):
-    spec = ScheduleProducerConfig(every=Duration(1), timezone=tz)
+    spec = ScheduleConfig(every=Duration(1), timezone=tz)
     with pytest.raises(ConfigError, match=r"producers\.tick\.timezone: unknown timezone"):
-        schedule.run("tick", spec, config, CollectingSink(), threading.Event())
+        ScheduleSource("tick", spec, config).run(CollectingSink(), threading.Event())
 
 
 # -- run() -----------------------------------------------------------------------
 def test_every_ticks_arrive_aligned_and_increasing(start):
-    spec = ScheduleProducerConfig(every=Duration(0.2), key="beat", priority=3)
+    spec = ScheduleConfig(every=Duration(0.2), key="beat", priority=3)
     sink, _, _ = start(spec, name="beat-every")
     ticks = wait_for(lambda: len(sink.events) >= 3 and sink.of_type("schedule.tick"), timeout=10, message="three ticks")
     scheduled = [t["scheduled"] for t in ticks]
@@ -162,7 +163,7 @@ def test_every_ticks_arrive_aligned_and_increasing(start):
 
 
 def test_cron_ticks_use_the_schedule_name_as_key(start):
-    spec = ScheduleProducerConfig(cron="* * * * * *")  # six fields: every second
+    spec = ScheduleConfig(cron="* * * * * *")  # six fields: every second
     sink, _, _ = start(spec, name="beat-cron")
     ticks = wait_for(
         lambda: len(sink.events) >= 2 and sink.of_type("schedule.tick"), timeout=10, message="two cron ticks"
@@ -175,7 +176,7 @@ def test_cron_ticks_use_the_schedule_name_as_key(start):
 
 
 def test_stop_returns_promptly_while_waiting_for_a_far_tick(start):
-    sink, stop, thread = start(ScheduleProducerConfig(every=Duration(3600)), name="hourly")
+    sink, stop, thread = start(ScheduleConfig(every=Duration(3600)), name="hourly")
     stop.set()
     thread.join(5)
     assert not thread.is_alive()
