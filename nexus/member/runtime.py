@@ -61,7 +61,8 @@ log = structlog.get_logger("nexus.worker")
 
 
 class Member:
-    """`handle`: the handler function itself instead of the group's configured one."""
+    """Member `name` of worker group `group`. `handle`: run this function instead of the
+    group's configured handler (tests and benchmarks)."""
 
     loop: asyncio.AbstractEventLoop
     ctx: zmq.asyncio.Context
