@@ -72,17 +72,15 @@ def member(bench_config):
 
     m = Member(bench_config, "bench0", "bench0-0")
     yield m
-    if m.close_handler is not None:
-        m.close_handler()
+    if m.handler.close is not None:
+        m.handler.close()
 
 
 def test_member_dispatch_batch(benchmark, member):
-    """Member: one live Delivery of BATCH events through _apply (decoded with its events)
-    and the sync dispatch loop (the body of Member._dispatcher without the event loop),
-    into the no-op Counter handler. Every round uses fresh event ids, so the member's
+    """Member: one live Delivery of BATCH events through the fetcher (decoded with its
+    events) and the scheduler's sync turns (the body of Member._dispatcher without the event
+    loop), into the no-op Counter handler. Every round uses fresh event ids, so the member's
     dedup window does not drop them."""
-    import heapq
-
     from nexus.protocol.events import encode
 
     from .conftest import make_event
@@ -93,22 +91,18 @@ def test_member_dispatch_batch(benchmark, member):
         raws = [msgspec.Raw(encode(make_event(r * BATCH + i))) for i in range(BATCH)]
         frames.append(encoder.encode(Delivery(r * BATCH, list(range(r * BATCH + 1, (r + 1) * BATCH + 1)), raws)))
     state = {"round": 0}
-    handled_before = member.handled
+    sched, streams = member.scheduler, member.partitions.streams
+    handled_before = sched.handled
 
     def run():
-        st = member.streams.get(0)
+        st = streams.get(0)
         if st is None:
-            st = member.streams[0] = PartitionStream(0, 0)
-        member._apply(st, frames[state["round"]])
+            st = streams[0] = PartitionStream(0, 0)
+        member.fetcher._apply(st, frames[state["round"]])
         state["round"] += 1
-        ready = member.ready
-        while ready:
-            _, seq, p = heapq.heappop(ready)
-            s = member.streams[p]
-            if s.busy or s.waiting or s.revoked or not s.queue or s.queue[0][0] != seq:
-                continue
-            member._run_stream(s, float("inf"))
+        while (s := sched.next()) is not None:
+            sched.run(s, float("inf"))
 
     benchmark.pedantic(run, rounds=rounds, iterations=1, warmup_rounds=1)
-    assert member.failed == 0 and member.handled - handled_before == state["round"] * BATCH
+    assert member.outcomes.failed == 0 and sched.handled - handled_before == state["round"] * BATCH
     per_event(benchmark, BATCH)

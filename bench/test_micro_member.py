@@ -10,7 +10,8 @@ import time
 
 import msgspec
 
-from nexus.member.runtime import Member, received_delivery_decoder
+from nexus.member.fetcher import received_delivery_decoder
+from nexus.member.runtime import Member
 from nexus.protocol.events import Event, decode_wire_event, encode, new_id
 from nexus.protocol.wire import Assign, Delivery, Records, delivery_decoder, encoder, topic
 
@@ -59,10 +60,9 @@ def test_member_intake_and_dispatch(benchmark, bench_config):
     no-op sync handler: decode, queue, dedup check and record, payload decode, Event,
     Context, the dispatcher loop."""
     loop = asyncio.new_event_loop()
-    member = Member(bench_config, "bench0", "bench-m")
+    member = Member(bench_config, "bench0", "bench-m", handle=lambda event, ctx: None)
     member.loop = loop
     member.coord, member.sub, member.heartbeat = _Coord(), _Sub(), _Heartbeat()
-    member.handle = lambda event, ctx: None
     now = time.time()
     counter = itertools.count()
     frames, prev = [], 0
@@ -90,7 +90,7 @@ def test_member_intake_and_dispatch(benchmark, bench_config):
 
     async def one_delivery():
         member._on_delivery(next(pending))
-        while member.queued:
+        while member.partitions.queued:
             await asyncio.sleep(0)
 
     dispatcher = loop.run_until_complete(start())
@@ -98,11 +98,11 @@ def test_member_intake_and_dispatch(benchmark, bench_config):
         benchmark.pedantic(
             lambda: loop.run_until_complete(one_delivery()), rounds=ROUNDS, iterations=1, warmup_rounds=1
         )
-        assert member.handled == (ROUNDS + 1) * BATCH and member.duplicates_dropped == 0
+        assert member.scheduler.handled == (ROUNDS + 1) * BATCH and member.scheduler.duplicates_dropped == 0
     finally:
         dispatcher.cancel()
         loop.run_until_complete(asyncio.gather(dispatcher, return_exceptions=True))
-        if member.close_handler is not None:
-            member.close_handler()
+        if member.handler.close is not None:
+            member.handler.close()
         loop.close()
     per_event(benchmark, BATCH)

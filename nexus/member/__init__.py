@@ -1,3 +1,5 @@
-"""The worker-group member process: the runtime that joins a group and fetches its
-partitions, the dispatcher and its outcome policy (retries, breaker, dead letters),
-handler loading and context, heartbeats and the watchdog."""
+"""The worker-group member process: a runtime (sockets, loop, tasks) wired from parts
+without sockets: the partitions it holds, the fetcher, the scheduler of handler calls,
+the outcome policy (retries, breaker, dead letters), follow-up settlement, recycle
+limits, the group client (coord messages), handler loading and context; plus the
+heartbeat and watchdog threads. See runtime.py for the map."""

@@ -19,44 +19,41 @@ class CircuitBreaker:
         self.opened_at = 0.0
         self.probing = False
         self.recent: collections.deque[float] = collections.deque()
-        self.transitions: list[tuple[float, str]] = []
-
-    def _move(self, state: str, now: float) -> str:
-        self.state = state
-        self.transitions.append((now, state))
-        del self.transitions[:-20]
-        return state
 
     def allow(self, now: float) -> bool:
         """May an event be taken now? In HALF_OPEN only one probe at a time."""
         if self.state == CLOSED:
             return True
         if self.state == OPEN and now - self.opened_at >= self.reset:
-            self._move(HALF_OPEN, now)
+            self.state = HALF_OPEN
         if self.state == HALF_OPEN and not self.probing:
             self.probing = True
             return True
         return False
 
-    def success(self, now: float) -> str | None:
+    def success(self) -> str | None:
         """Returns the new state when it changed."""
         self.probing = False
         if self.state != CLOSED:
             self.recent.clear()
-            return self._move(CLOSED, now)
+            self.state = CLOSED
+            return CLOSED
         return None
 
     def failure(self, now: float) -> str | None:
+        """Returns the new state when it changed."""
         self.probing = False
         if self.state == HALF_OPEN:
             self.opened_at = now
-            return self._move(OPEN, now)
+            self.state = OPEN
+            return OPEN
         self.recent.append(now)
         while self.recent and now - self.recent[0] > self.window:
             self.recent.popleft()
         if self.state == CLOSED and len(self.recent) >= self.failures:
             self.opened_at = now
-            return self._move(OPEN, now)
+            self.state = OPEN
+            return OPEN
         return None
 
     def retry_in(self, now: float) -> float:

@@ -7,23 +7,30 @@ the loop through a callback.
 
 from __future__ import annotations
 
-import os
 import threading
+from collections.abc import Callable
 
-import msgspec
 import zmq
 
+from nexus.member.group import GroupClient
 from nexus.protocol import transport
-from nexus.protocol.wire import Heartbeat, coord_decoder, encoder
+from nexus.protocol.wire import Coord
 
 
 class HeartbeatThread:
-    def __init__(self, endpoint: str, group: str, member: str, interval: float, on_message, stats=None):
+    def __init__(
+        self,
+        endpoint: str,
+        client: GroupClient,
+        interval: float,
+        on_message: Callable[[Coord], None],
+        stats: Callable[[], dict] = dict,
+    ):
         self.endpoint = endpoint
-        self.group, self.member = group, member
+        self.client = client
         self.interval = interval
         self.on_message = on_message
-        self.stats = stats or dict
+        self.stats = stats  # the member's counters, sent with each beat (for `nexus status`)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="nexus-heartbeat", daemon=True)
 
@@ -40,23 +47,18 @@ class HeartbeatThread:
             self._thread.join(timeout=2)
 
     def _run(self) -> None:
-        ctx = zmq.Context.instance()
-        sock = transport.connect(
-            ctx,
-            zmq.DEALER,
-            self.endpoint,
-            linger_ms=0,
-            identity=f"{self.group}/{self.member}/{os.getpid()}/hb".encode(),
-        )
+        ctx: zmq.Context = zmq.Context.instance()
+        sock = transport.connect(ctx, zmq.DEALER, self.endpoint, linger_ms=0, identity=self.client.identity("hb"))
         try:
             while not self._stop.is_set():
-                sock.send(encoder.encode(Heartbeat(group=self.group, member=self.member, stats=self.stats())))
+                sock.send(self.client.heartbeat(self.stats()))
                 if sock.poll(int(self.interval * 1000)):
                     while sock.poll(0):
+                        msg = self.client.read(sock.recv())
+                        if msg is None:
+                            continue
                         try:
-                            self.on_message(coord_decoder.decode(sock.recv()))
-                        except msgspec.MsgspecError:
-                            pass
+                            self.on_message(msg)
                         except RuntimeError:  # loop closed while stopping
                             return
                     self._stop.wait(max(0.0, self.interval / 2))

@@ -1,175 +1,177 @@
 """The member runtime: join a group, run the handler on assigned partitions, ack.
 
-One asyncio loop owns the coord DEALER and the SUB socket. Heartbeats come from a
-small thread with its own socket, so a long synchronous handler does not make the
-router think the member died. Events of one partition are handled one at a time,
-in journal order; across partitions the lowest priority number goes first.
+One asyncio loop owns the coord DEALER and the SUB socket and runs the member's tasks
+(readers, dispatcher, acker, joiner, ticker, settler). The work is done by parts without
+sockets, which the runtime wires together: it hands them what arrives, sends what they
+return, and runs their timers.
+
+    partitions  Partitions     the assigned streams, the queued count, acks, releases
+    fetcher     Fetcher        live deliveries and fetch replies in; what to fetch next
+    scheduler   Scheduler      which event runs next (priority, order, concurrency); the calls
+    outcomes    OutcomePolicy  breaker, retries with backoff, dead letters
+    followups   FollowUps      causes waiting for the router's answer to their follow-ups
+    limits      RecycleLimits  max_events / max_rss
+    client      GroupClient    the coord messages, encoded and decoded
+    handler     Handler        the group's handler and the Event and Context of a call
+
+Heartbeats come from a small thread with its own socket (heartbeat.py), so a long
+synchronous handler does not make the router think the member died; a watchdog thread
+bounds synchronous handler calls (watchdog.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import inspect
-import os
-import socket as _socket
 import time
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, cast
 
-import msgspec
 import structlog
 import zmq
 import zmq.asyncio
 
 from nexus.common import blackbox
 from nexus.config import Config, WorkerGroupConfig
-from nexus.errors import ConfigError, ExitCode
+from nexus.errors import ConfigError, NexusError
 from nexus.member.breaker import CircuitBreaker
-from nexus.member.dispatch import Dispatch
-from nexus.member.handlers import load_handler
+from nexus.member.context import Context
+from nexus.member.fetcher import Fetcher, FetchRequest
+from nexus.member.followups import FollowUps
+from nexus.member.group import GroupClient
+from nexus.member.handlers import Handler, load_handler
 from nexus.member.heartbeat import HeartbeatThread
-from nexus.member.stream import PartitionStream, RecentIds
-from nexus.member.watchdog import Watchdog, peak_rss_bytes, rss_bytes
+from nexus.member.limits import RecycleLimits, peak_rss_bytes, rss_bytes
+from nexus.member.outcomes import OutcomePolicy
+from nexus.member.partitions import Partitions
+from nexus.member.scheduler import SLICE, Scheduler
+from nexus.member.stream import PartitionStream
+from nexus.member.watchdog import Liveness, Watchdog
 from nexus.producer.client import Producer
 from nexus.protocol import transport
-from nexus.protocol.events import DECODE_ERRORS, Contracts, WireEvent, decode_wire_event
-from nexus.protocol.wire import (
-    Ack,
-    Assign,
-    DeadLetterStored,
-    Delivery,
-    Error,
-    Fetch,
-    Join,
-    Leave,
-    Pulse,
-    Records,
-    Released,
-    coord_decoder,
-    encoder,
-    topic,
-)
+from nexus.protocol.events import Contracts
+from nexus.protocol.wire import Assign, Coord, DeadLetterStored, Error, Pulse, Records
 
 ACK_EVERY = 0.05
 TICK = 0.1  # the loop's own timer: loop stamp, async timeouts, dead-letter resends
 RECYCLE_CHECK_EVERY = TICK  # seconds between max_rss / max_events checks from the tick
-RSS_CHECK_EVENTS = 64  # with max_rss, also look at the peak RSS every this many handled events
 DRAIN_MAX = 64  # deliveries read per wakeup of the SUB reader before the loop gets a turn
 
 log = structlog.get_logger("nexus.worker")
 
 
-# -- what the member reads -------------------------------------------------------------
-# Deliveries and fetch replies are decoded with their events in one msgspec call (the
-# envelope typed, the payload kept raw until the handler needs it) instead of a call per
-# event. A live delivery that does not decode so is taken from the journal instead
-# (`_bad_delivery`); a fetch reply is decoded again event by event (`_decode_each`).
+class Member:
+    """Member `name` of worker group `group`. `handle`: run this function instead of the
+    group's configured handler (tests and benchmarks)."""
 
+    loop: asyncio.AbstractEventLoop
+    ctx: zmq.asyncio.Context
+    coord: zmq.asyncio.Socket
+    sub: zmq.asyncio.Socket
+    heartbeat: HeartbeatThread
+    watchdog: Watchdog
 
-class ReceivedDelivery(Delivery, frozen=True, array_like=True):
-    events: list[WireEvent]
-
-
-class DeliveryHead(msgspec.Struct, frozen=True, array_like=True):
-    """The first two fields of a Delivery (msgspec skips the rest of the array)."""
-
-    prev: int
-    seqs: list[int]
-
-
-class ReceivedRecords(Records, tag="records"):
-    events: list[WireEvent]
-
-
-received_delivery_decoder = msgspec.msgpack.Decoder(ReceivedDelivery)
-delivery_head_decoder = msgspec.msgpack.Decoder(DeliveryHead)
-received_coord_decoder = msgspec.msgpack.Decoder(Assign | ReceivedRecords | Error | DeadLetterStored)
-
-
-class Member(Dispatch):
-    def __init__(self, config: Config, group: str, name: str):
+    def __init__(self, config: Config, group: str, name: str, handle: Callable | None = None):
         if group not in config.workers:
             raise ConfigError(f"unknown worker group {group!r} (configured: {', '.join(config.workers) or 'none'})")
         self.config = config
         self.group = group
         self.name = name
         self.spec: WorkerGroupConfig = config.workers[group]
-        self.contracts = Contracts.from_modules(config.contracts, config.contracts_untyped)
-        self.handle, self.close_handler = load_handler(self.spec.handler, dict(self.spec.options))
-        self.is_async = inspect.iscoroutinefunction(self.handle)
-        self.streams: dict[int, PartitionStream] = {}
-        self.ready: list[tuple[int, int, int]] = []  # (priority, seq, partition)
-        self.queued = 0
-        self.active = 0
-        self.handled = 0
-        self.failed = 0
-        self.dead_lettered = 0
+        spec = self.spec
+        self.log = log.bind(group=group, member=name)
+        contracts = Contracts.from_modules(config.contracts, config.contracts_untyped)
+        close = None
+        if handle is None:
+            handle, close = load_handler(spec.handler, dict(spec.options))
+        self.handler = Handler(
+            handle,
+            close=close,
+            contracts=contracts,
+            group=group,
+            member=name,
+            options=spec.options,
+            log=self.log,
+            emit=self._emit,
+        )
+        self.box = blackbox.current()  # None without a launcher: no box writes
+        self.client = GroupClient(group, name)
+        self.partitions = Partitions()
+        self.scheduler = Scheduler(
+            self.partitions,
+            self.handler,
+            concurrency=spec.concurrency,
+            dedup_window=spec.dedup_window,
+            handler_timeout=spec.handler_timeout,
+            box=self.box,
+            log=self.log,
+        )
+        self.fetcher = Fetcher(
+            self.partitions,
+            self.scheduler,
+            group=group,
+            max_in_flight=spec.max_in_flight,
+            max_in_flight_bytes=spec.max_in_flight_bytes,
+            fetch_limit=config.router.fetch_limit,
+            log=self.log,
+        )
+        b = spec.breaker
+        self.breaker = CircuitBreaker(b.failures, b.window, b.reset)
+        self.outcomes = OutcomePolicy(spec.retry, self.breaker, self.client, self.log)
+        self.followups = FollowUps()
+        self.limits = RecycleLimits(spec.max_events, spec.max_rss, self.log)
+        # misbehaving handlers (see docs/failure-modes-member.md)
+        self.live = Liveness(stop_grace=max(config.shutdown_timeout - 2.0, config.shutdown_timeout * 0.5))
+        self.producer: Producer | None = None  # sends the follow-ups (ctx.emit); made on the first
         self.stop_event = asyncio.Event()
         self.joined = asyncio.Event()
-        self.log = log.bind(group=group, member=name)
-        self._work = asyncio.Event()
         self._rejoin_needed = asyncio.Event()
-        self._producer: Producer | None = None
-        self._last_acks: dict[int, int] = {}
-        self.recent = RecentIds(self.spec.dedup_window)  # ids handled lately: drop repeats
-        self._payload_decoders: dict = {}  # (type, v) -> decoder, see Dispatch
-        self.duplicates_dropped = 0
-        self.bad_deliveries = 0  # live deliveries that did not decode (fetched instead)
-        self.bad_events = 0  # undecodable journal events skipped (never from a sound router)
-        self.event_bytes = 0.0  # average bytes per event lately: the byte budget's unit
-        b = self.spec.breaker
-        self.breaker = CircuitBreaker(b.failures, b.window, b.reset)
-        # misbehaving handlers (see docs/failure-modes-member.md)
-        self.box = blackbox.current()  # None without a launcher: no box writes
-        self.loop_stamp = time.monotonic()  # stamped by the loop's tick; the watchdog reads it
-        self.calls = 0  # sync handler calls started (the watchdog's clock)
-        self.call_stream: PartitionStream | None = None  # the sync call running now
-        self.stop_requested_at = 0.0  # monotonic, set from the signal handler
-        self.stop_grace = max(config.shutdown_timeout - 2.0, config.shutdown_timeout * 0.5)
-        self.timeouts = 0
-        self.recycling = ""  # why this member drains and ends with RECYCLE
-        self.recycle_check_at = self._next_recycle_check()  # handled count of the next check
-        self.recycle_exit = ExitCode.RECYCLE  # FAILURE when max_rss is below our size at start
-        self.rss_at_start = peak_rss_bytes()  # imports and handler loaded
-        self.settling: list = []  # (stream, seq, follow-up ids) waiting for the router
         self._settle_due = asyncio.Event()
-        self._emit_errors: dict = {}  # follow-up id -> RejectedError, until matched to its cause
-        self.emits_rejected = 0
-        self.dead_letter_resends = 0
 
     def stats(self) -> dict:
         """Counters for `nexus status` (read from the heartbeat thread)."""
         return {
-            "handled": self.handled,
-            "failed": self.failed,
-            "dead_lettered": self.dead_lettered,
-            "duplicates_dropped": self.duplicates_dropped,
-            "bad_events": self.bad_events,
-            "bad_deliveries": self.bad_deliveries,
-            "queued": self.queued,
+            "handled": self.scheduler.handled,
+            "failed": self.outcomes.failed,
+            "dead_lettered": self.outcomes.dead_lettered,
+            "duplicates_dropped": self.scheduler.duplicates_dropped,
+            "bad_events": self.fetcher.bad_events,
+            "bad_deliveries": self.fetcher.bad_deliveries,
+            "queued": self.partitions.queued,
             "breaker": self.breaker.state,
-            "timeouts": self.timeouts,
+            "timeouts": self.scheduler.timeouts,
             "rss": rss_bytes(),
             "rss_peak": peak_rss_bytes(),  # what max_rss is checked against
-            "emits_rejected": self.emits_rejected,
+            "emits_rejected": self.followups.rejected,
         }
 
     # -- lifecycle -------------------------------------------------------------
     async def run(self) -> None:
         self.loop = asyncio.get_running_loop()
         self.ctx = zmq.asyncio.Context()
-        self.coord = transport.connect(
-            self.ctx, zmq.DEALER, self.config.coord, identity=f"{self.group}/{self.name}/{os.getpid()}".encode()
+        self.coord = cast(
+            zmq.asyncio.Socket,
+            transport.connect(self.ctx, zmq.DEALER, self.config.coord, identity=self.client.identity()),
         )
-        self.sub = transport.subscriber(self.ctx, self.config.publish)
+        self.sub = cast(zmq.asyncio.Socket, transport.subscriber(self.ctx, self.config.publish))
         self.heartbeat = HeartbeatThread(
             self.config.coord,
-            self.group,
-            self.name,
+            self.client,
             self.config.router.heartbeat_interval,
             self._on_pulse_threadsafe,
             stats=self.stats,
         )
-        self.watchdog = Watchdog(self)
+        self.watchdog = Watchdog(
+            self.scheduler,
+            self.partitions,
+            self.client,
+            self.live,
+            endpoint=self.config.coord,
+            handler_timeout=self.spec.handler_timeout,
+            sync=not self.handler.is_async,
+            box=self.box,
+            log=self.log,
+        )
         self.watchdog.start()
         tasks = [
             asyncio.ensure_future(c)
@@ -192,31 +194,25 @@ class Member(Dispatch):
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            if self._producer is not None:
+            if self.producer is not None:
                 try:
-                    await asyncio.to_thread(self._producer.close, 5.0)
+                    await asyncio.to_thread(self.producer.close, 5.0)
                 except Exception as exc:
                     self.log.error("emit_flush_failed", error=str(exc))
-            if self.close_handler is not None:
-                result = self.close_handler()
+            if self.handler.close is not None:
+                result = self.handler.close()
                 if inspect.isawaitable(result):
                     await result
             self.coord.close(linger=500)
             self.sub.close(0)
             self.ctx.term()
-            self.log.info("member_stopped", handled=self.handled, failed=self.failed)
+            self.log.info("member_stopped", handled=self.scheduler.handled, failed=self.outcomes.failed)
 
     async def _joiner(self) -> None:
         """Join, and join again whenever the router forgot us (router restart)."""
         while True:
             if not self.joined.is_set():
-                # after a router restart: the partitions we still run, to keep them
-                holding = {p: st.handled_upto() for p, st in self.streams.items() if not st.revoked}
-                await self._send(
-                    Join(
-                        group=self.group, member=self.name, host=_socket.gethostname(), pid=os.getpid(), holding=holding
-                    )
-                )
+                await self._send(self.client.join(self.partitions.holding()))
             try:
                 async with asyncio.timeout(1.0):
                     await self.joined.wait()
@@ -229,34 +225,36 @@ class Member(Dispatch):
     async def _drain(self) -> None:
         """Graceful stop: take nothing new, finish in-flight events, ack, leave."""
         self.sub.close(0)
-        for st in self.streams.values():
-            st.revoked = True
+        self.partitions.revoke_all()
         # leave before the launcher's shutdown_timeout runs out: a stuck call is left unacked
-        deadline = (self.stop_requested_at or time.monotonic()) + self.stop_grace
-        while any(st.busy for st in self.streams.values()) and time.monotonic() < deadline:
+        deadline = (self.live.stop_requested_at or time.monotonic()) + self.live.stop_grace
+        while self.partitions.busy() and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
-        acks = {p: st.handled_upto() for p, st in self.streams.items()}
-        busy = [p for p, st in self.streams.items() if st.busy]  # unacked, maybe half done
+        acks = self.partitions.final_acks()
+        busy = self.partitions.busy()  # unacked, maybe half done
         if busy:
             self.log.warning("drain_deadline_passed", busy=busy)
-        await self._send(Leave(group=self.group, member=self.name, acks=acks, busy=busy))
+        await self._send(self.client.leave(acks, busy))
 
-    async def _send(self, msg) -> None:
-        await self.coord.send(encoder.encode(msg))
+    async def _send(self, data: bytes) -> None:
+        await self.coord.send(data)
+
+    def _post(self, data: bytes) -> None:
+        """Send from code on the loop that does not wait (the socket keeps the order)."""
+        self.coord.send(data)
+
+    def _post_fetches(self, requests: Sequence[FetchRequest]) -> None:
+        for r in requests:
+            self._post(self.client.fetch(r.partition, r.after, r.limit))
 
     # -- coord -------------------------------------------------------------------
     async def _coord_reader(self) -> None:
         while True:
             raw = await self.coord.recv()
-            try:
-                msg = received_coord_decoder.decode(raw)
-            except DECODE_ERRORS:
-                try:
-                    msg = coord_decoder.decode(raw)  # events left raw: see _decode_each
-                except DECODE_ERRORS:
-                    self.log.error("bad_coord_message")
-                    continue
-            if isinstance(msg, Assign):
+            msg = self.client.read(raw)
+            if msg is None:
+                self.log.error("bad_coord_message")
+            elif isinstance(msg, Assign):
                 self._on_assign(msg)
             elif isinstance(msg, Records):
                 self._on_records(msg, len(raw))
@@ -276,139 +274,50 @@ class Member(Dispatch):
         else:
             self.log.error("router_error", reason=msg.reason, code=msg.code)
 
-    def _on_pulse_threadsafe(self, msg) -> None:
+    def _on_pulse_threadsafe(self, msg: Coord) -> None:
         self.loop.call_soon_threadsafe(self._on_pulse, msg)
 
-    def _on_pulse(self, msg) -> None:
+    def _on_pulse(self, msg: Coord) -> None:
         if isinstance(msg, Error):
-            return self._on_error(msg)
-        if not isinstance(msg, Pulse):
-            return
-        for p, head in msg.heads.items():
-            st = self.streams.get(p)
-            if st is not None and head > st.watermark and not st.fetching and not st.revoked:
-                self._fetch(st)
+            self._on_error(msg)
+        elif isinstance(msg, Pulse):
+            self._post_fetches(self.fetcher.on_heads(msg.heads))
 
     def _on_assign(self, msg: Assign) -> None:
         if not self.joined.is_set():
             self.joined.set()
             if not self.heartbeat.started:
                 self.heartbeat.start()  # only now: a beat before the join would be refused
-        wanted = set(msg.partitions)
         if msg.skip:
             self.log.warning("poison_skipped", skip={p: sorted(s) for p, s in msg.skip.items()})
-        for p, st in list(self.streams.items()):
-            if p not in wanted and not st.revoked:
-                st.revoked = True
-                self.sub.setsockopt(zmq.UNSUBSCRIBE, topic(self.group, p))
-                self._drop_queued(st)
-                self._maybe_release(st)
-        for p, cursor in msg.grants.items():
-            redelivered = msg.redelivered.get(p, 0)
-            old = self.streams.get(p)
-            if old is not None and not old.revoked:
-                self._drop_queued(old)
-                if msg.replay:
-                    # journal replay: rewind; what we handled before comes again, flagged
-                    old.redelivered_upto = max(old.redelivered_upto, old.watermark)
-                    old.watermark = old.queue[0][0] if old.busy else cursor
-                    self._last_acks[p] = cursor
-                    self.recent.clear()
-                else:
-                    # granted again after a rejoin: keep what we handled ourselves
-                    old.watermark = max(cursor, old.queue[0][0] if old.busy else old.handled_upto())
-                    old.redelivered_upto = max(old.redelivered_upto, redelivered)
-                self._fetch(old)
-                continue
-            self._last_acks.pop(p, None)
-            st = self.streams[p] = PartitionStream(p, cursor, redelivered)
-            self.sub.setsockopt(zmq.SUBSCRIBE, topic(self.group, p))
-            self._fetch(st)
-        for p, seqs in msg.solo.items():
-            st = self.streams.get(p)
-            if st is not None and not st.revoked:
-                st.solo = set(seqs)
-        for p, seqs in msg.skip.items():
-            st = self.streams.get(p)
-            if st is not None and not st.revoked:
-                # dead-lettered poison: pass over it (queued copies leave the queue)
-                self.queued -= st.add_skip(seqs)
-                self._ready(st)
-        self.log.info("partitions_assigned", partitions=sorted(wanted), granted=sorted(msg.grants))
+        change = self.partitions.assign(msg)
+        for p in change.unsubscribe:
+            self.sub.setsockopt(zmq.UNSUBSCRIBE, self.client.topic(p))
+        if not self.stop_event.is_set():
+            for p, upto in change.released.items():
+                self._post(self.client.released({p: upto}))
+        if change.replay:
+            self.scheduler.forget_handled()
+        for p in change.subscribe:
+            self.sub.setsockopt(zmq.SUBSCRIBE, self.client.topic(p))
+        for st in change.fetch:
+            self._post_fetches(self.fetcher.fetch(st))
+        for st in change.skipped:
+            self.scheduler.ready(st)
+        self.log.info("partitions_assigned", partitions=sorted(set(msg.partitions)), granted=sorted(msg.grants))
 
-    def _drop_queued(self, st: PartitionStream) -> None:
-        """Forget queued events (not the one being handled); they stay in the journal."""
-        self.queued -= st.drop_queued()
-
-    def _maybe_release(self, st: PartitionStream) -> None:
-        if st.revoked and not st.busy and self.streams.get(st.partition) is st:
-            del self.streams[st.partition]
-            if not self.stop_event.is_set():
-                asyncio.ensure_future(
-                    self._send(Released(group=self.group, member=self.name, acks={st.partition: st.handled_upto()}))
-                )
+    def _release(self, st: PartitionStream) -> None:
+        """A revoked stream whose head is finished: Released, with its final ack."""
+        upto = self.partitions.release(st)
+        if upto is not None and not self.stop_event.is_set():
+            self._post(self.client.released({st.partition: upto}))
 
     # -- intake ------------------------------------------------------------------
-    def _capacity(self) -> int:
-        """Events we may queue: max_in_flight, and max_in_flight_bytes at the average event
-        size seen lately (queued events are not measured one by one)."""
-        if not self.event_bytes:
-            return self.spec.max_in_flight
-        return min(self.spec.max_in_flight, max(1, int(self.spec.max_in_flight_bytes / self.event_bytes)))
-
-    def _room(self) -> int:
-        return self._capacity() - self.queued
-
-    def _observe(self, nbytes: int, events: int) -> None:
-        if events:
-            size = nbytes / events
-            self.event_bytes = size if not self.event_bytes else 0.8 * self.event_bytes + 0.2 * size
-
-    def _fetch(self, st: PartitionStream) -> None:
-        room = self._room()
-        if room <= 0:
-            st.behind = True
-            return
-        st.fetching, st.behind = True, False
-        st.fetch_after = st.watermark
-        asyncio.ensure_future(
-            self._send(
-                Fetch(
-                    group=self.group,
-                    member=self.name,
-                    partition=st.partition,
-                    after=st.watermark,
-                    limit=min(room, self.config.router.fetch_limit),
-                )
-            )
-        )
-
-    def _on_records(self, msg: Records, nbytes: int | None = None) -> None:
-        """`nbytes`: the reply's size as received (the byte budget's measure, like a live
-        frame's; without it the events are measured one by one)."""
-        st = self.streams.get(msg.partition)
-        if st is None or st.revoked or not st.fetching or msg.after != st.fetch_after:
-            return
-        st.fetching = False
-        if msg.events:
-            if nbytes is None:
-                nbytes = sum(len(e.payload) if type(e) is WireEvent else len(e) for e in msg.events)
-            self._observe(nbytes, len(msg.events))
-        self._enqueue(st, msg.seqs, msg.events, msg.upto)
-        if not msg.complete or st.overflow:
-            st.overflow = False
-            st.buffered.clear()
-            self._fetch(st)
-            return
-        buffered, st.buffered = st.buffered, []
-        for frame in buffered:
-            self._apply(st, frame)
-
     async def _sub_reader(self) -> None:
         # Once awake, read what is already queued through a plain (blocking-API) shadow of
         # the socket: no future and no loop turn per message. pyzmq's asyncio recv looks
         # at the socket's state before it waits, so nothing is missed by mixing the two.
-        sub = zmq.Socket.shadow(self.sub.underlying)
+        sub: zmq.Socket = zmq.Socket.shadow(self.sub.underlying)
         while True:
             self._on_delivery(await self.sub.recv_multipart())
             for _ in range(DRAIN_MAX):
@@ -420,118 +329,129 @@ class Member(Dispatch):
             else:
                 await asyncio.sleep(0)  # let the handlers run; the rest is still queued
 
+    def _on_records(self, msg: Records, nbytes: int | None = None) -> None:
+        self._post_fetches(self.fetcher.on_records(msg, nbytes))
+
     def _on_delivery(self, frames: list[bytes]) -> None:
-        if len(frames) != 2:
+        wanted = self.fetcher.on_delivery(frames)
+        if wanted:
+            self._post_fetches(wanted)
+
+    # -- dispatch ----------------------------------------------------------------
+    async def _dispatcher(self) -> None:
+        sched, outcomes, limits, live = self.scheduler, self.outcomes, self.limits, self.live
+        sync = not self.handler.is_async
+        clock = time.perf_counter
+        while True:
+            await sched.work.wait()
+            sched.work.clear()
+            deadline = clock() + SLICE
+            while (st := sched.next()) is not None:
+                closed = outcomes.closed
+                if not closed and (wait := outcomes.admit(time.monotonic())):
+                    sched.put_back(st)  # nothing is taken while open
+                    self.loop.call_later(wait, sched.work.set)
+                    break
+                if not sync:
+                    if sched.start(st, live.loop_stamp):
+                        st.task = asyncio.ensure_future(self._call(st))
+                    continue
+                outcome = sched.run(st, deadline, every_outcome=not closed)
+                if outcome is not None:
+                    self._outcome(st, *outcome)
+                elif st.revoked:
+                    self._release(st)
+                if sched.handled >= limits.check_at:
+                    self._check_recycle()  # (a plain compare per turn)
+                if clock() > deadline:
+                    # let the sockets and timers run between sync handlers
+                    sched.work.set()
+                    await asyncio.sleep(0)
+                    deadline = clock() + SLICE
+            self._post_fetches(self.fetcher.refill())
+
+    async def _call(self, st: PartitionStream) -> None:
+        self._outcome(st, *await self.scheduler.call(st))
+        self.scheduler.work.set()
+
+    def _outcome(self, st: PartitionStream, error: BaseException | None, ctx: Context | None) -> None:
+        if error is None and ctx is not None and ctx.emitted:
+            # the head stays busy (nothing past it is acked) until the router answered for
+            # every follow-up (_settler)
+            self.followups.add(st, ctx.emitted)
+            self._settle_due.set()
             return
-        try:
-            p = int(frames[0][len(self.group) + 1 :])
-        except ValueError:
-            return
-        st = self.streams.get(p)
-        if st is None or st.revoked:
-            return
-        if st.fetching:
-            st.buffer(frames[1])  # kept undecoded: applied after the fetch reply
-            return
-        self._apply(st, frames[1])
+        self._finish(st, error)
 
-    def _apply(self, st: PartitionStream, frame: bytes) -> None:
-        """Queue a live delivery's events, unless they are old, follow a gap (fetch it
-        first) or there is no room (fall behind: they wait in the journal)."""
-        full = self._room() <= 0
-        # full, it will not be queued: read only prev and seqs (a quarter of a full decode)
-        d = self._decode_delivery(st, frame, delivery_head_decoder if full else received_delivery_decoder)
-        if d is not None:
-            self._observe(len(frame), len(d.seqs))
-        if d is not None and self._takes(st, d, frame):
-            self._enqueue(st, d.seqs, d.events, d.seqs[-1])
+    def _finish(self, st: PartitionStream, error: BaseException | None) -> None:
+        verdict = self.outcomes.judge(st, error)
+        if verdict.action == "done":
+            self.scheduler.done(st)
+            if self.scheduler.handled >= self.limits.check_at:
+                self._check_recycle()
+            if st.revoked:
+                self._release(st)
+        elif verdict.action == "retry":
+            self.loop.call_later(verdict.delay, self._retry_due, st)
+        elif error is not None:
+            self._post(self.outcomes.dead_letter(st, error))
 
-    def _takes(self, st: PartitionStream, d: DeliveryHead | ReceivedDelivery, frame: bytes) -> bool:
-        if d.seqs[-1] <= st.watermark:
-            return False
-        if st.needs_fetch(d.prev):
-            st.buffer(frame)
-            self._fetch(st)
-            return False
-        if self._room() <= 0:
-            st.behind = True  # full: fall behind; catch up from the journal later
-            return False
-        # Room left: take the whole delivery, even if it overshoots max_in_flight (by less
-        # than one delivery, i.e. one router batch): dropping it would only make us fetch
-        # the same events from the journal later, a much dearer way in.
-        return True
+    def _retry_due(self, st: PartitionStream) -> None:
+        st.waiting = False
+        self.scheduler.ready(st)
+        self._release(st)
 
-    def _decode_delivery(
-        self, st: PartitionStream, frame: bytes, decoder: msgspec.msgpack.Decoder
-    ) -> DeliveryHead | ReceivedDelivery | None:
-        try:
-            d = decoder.decode(frame)
-        except DECODE_ERRORS:
-            d = None
-        if d is None or not d.seqs or (isinstance(d, ReceivedDelivery) and len(d.seqs) != len(d.events)):
-            self._bad_delivery(st)
-            return None
-        return d
+    def _on_dead_letter_stored(self, partition: int, seq: int) -> None:
+        st = self.partitions.streams.get(partition)
+        if st is not None and self.outcomes.stored(st, seq):
+            self.scheduler.pop(st)
+            if st.revoked:
+                self._release(st)
+            self.scheduler.work.set()
 
-    def _bad_delivery(self, st: PartitionStream) -> None:
-        """A live delivery we cannot read: take that part of the stream from the journal,
-        the truth, instead (the router validated and journaled every event it publishes)."""
-        self.bad_deliveries += 1
-        self.log.error("bad_delivery", partition=st.partition, after=st.watermark)
-        if st.fetching:
-            st.overflow = True  # fetch again once the outstanding reply is in
-        else:
-            self._fetch(st)
+    async def _settler(self) -> None:
+        """Wait for the router's answer to the follow-ups emitted so far (one producer
+        flush for everything emitted meanwhile); a NACKed follow-up fails its cause's
+        handler call with the router's reason (retry, then dead letter)."""
+        while True:
+            await self._settle_due.wait()
+            self._settle_due.clear()
+            batch = self.followups.take()
+            producer = self.producer
+            assert producer is not None  # (made by the emits that put causes in the batch)
+            while True:
+                try:
+                    done, errors = await asyncio.to_thread(producer.settle, 5.0)
+                except NexusError as exc:  # the producer's I/O failed: nothing is acked meanwhile
+                    self.log.error("follow_ups_unconfirmed", causes=len(batch), error=str(exc))
+                    await asyncio.sleep(1.0)
+                    continue
+                self.followups.rejections(errors)
+                if done:
+                    break
+                self.log.warning("follow_ups_unconfirmed", causes=len(batch), waiting_s=5.0)
+            for st, error in self.followups.outcomes(batch):
+                self._finish(st, error)
+            self.scheduler.work.set()
 
-    def _enqueue(self, st: PartitionStream, seqs: list[int], events: list, upto: int) -> None:
-        if events and type(events[0]) is not WireEvent:
-            seqs, events = self._decode_each(seqs, events)
-        was_empty = not st.queue
-        n = st.take(seqs, events, upto)
-        self.queued += n
-        if n and was_empty:
-            self._ready(st)
+    def _emit(self, type_: str, payload: Any, **kw: Any) -> str:
+        if self.producer is None:
+            self.producer = Producer(
+                self.config.confirm, source=f"worker:{self.group}", max_event_bytes=self.config.router.max_event_bytes
+            )
+        return self.producer.send(type_, payload, **kw)
 
-    def _decode_each(self, seqs: list[int], raws: list) -> tuple[list[int], list[WireEvent]]:
-        """The slow path for a fetch reply whose events did not all decode: keep the good
-        ones. This is the journal's copy, there is no better one: a bad event is logged
-        and skipped (it can never be handled), the stream moves on."""
-        good_seqs, events = [], []
-        for seq, raw in zip(seqs, raws, strict=False):
-            try:
-                events.append(decode_wire_event(raw))
-            except DECODE_ERRORS as exc:
-                self.bad_events += 1
-                self.log.error("bad_event_skipped", seq=seq, error=str(exc))
-                continue
-            good_seqs.append(seq)
-        return good_seqs, events
-
-    def _refill(self) -> None:
-        """Partitions that fell behind fetch again once there is room."""
-        if self.queued > self._capacity() // 2:
-            return
-        for st in self.streams.values():
-            if st.behind and not st.fetching and not st.revoked:
-                self._fetch(st)
-
-    # -- acks and emits --------------------------------------------------------------
+    # -- timers --------------------------------------------------------------------
     async def _acker(self) -> None:
         while True:
             await asyncio.sleep(ACK_EVERY)
-            acks = {}
-            for p, st in self.streams.items():
-                upto = st.handled_upto()
-                if upto > self._last_acks.get(p, -1):
-                    acks[p] = upto
-                    if st.skip:
-                        st.forget_skips_upto(upto)  # passed: no delivery checks them again
+            acks = self.partitions.due_acks()
             if not acks:
                 continue
             # (follow-ups need no flush here: a cause that emitted stays the busy head of its
             # stream, so it is not acked, until the router answered for them; see _settler)
-            await self._send(Ack(group=self.group, member=self.name, acks=acks))
-            self._last_acks.update(acks)
+            await self._send(self.client.ack(acks))
+            self.partitions.acks_sent(acks)
 
     async def _ticker(self) -> None:
         """The loop's own heartbeat: stamp it for the watchdog thread (which beats the black
@@ -540,54 +460,25 @@ class Member(Dispatch):
         next_check = time.monotonic() + RECYCLE_CHECK_EVERY
         while True:
             await asyncio.sleep(TICK)
-            now = self.loop_stamp = time.monotonic()
-            if self.is_async:
+            now = self.live.loop_stamp = time.monotonic()
+            if self.handler.is_async:
                 self._cancel_overdue(now)
-            self._resend_dead_letters(now)
+            for message in self.outcomes.resends(self.partitions.streams.values(), now):
+                self._post(message)
             if now >= next_check:
                 next_check = now + RECYCLE_CHECK_EVERY
                 self._check_recycle()
 
-    def _next_recycle_check(self) -> float:
-        """The handled count at which the dispatcher checks the recycle limits between the
-        ticks (a fast leak grows a lot in a tick): every RSS_CHECK_EVENTS with max_rss (a
-        getrusage call, ~1 us), at max_events; never without limits."""
-        spec = self.spec
-        at = float("inf")
-        if spec.max_rss is not None:
-            at = self.handled + RSS_CHECK_EVENTS
-        if spec.max_events is not None:
-            at = min(at, spec.max_events)
-        return at
+    def _cancel_overdue(self, now: float) -> None:
+        for st, running in self.scheduler.cancel_overdue(now):
+            # it ignores its cancellation: end the member as for a stuck sync call
+            self.watchdog.timed_out(st, running, stopping=bool(self.live.stop_requested_at))
 
     def _check_recycle(self) -> None:
-        self.recycle_check_at = self._next_recycle_check()
-        if self.recycling or self.stop_event.is_set() or not self.handled:
-            return  # nothing handled since start: a restart would not make us smaller
-        spec = self.spec
-        if spec.max_events is not None and self.handled >= spec.max_events:
-            self.recycling = f"handled {self.handled} events (max_events {spec.max_events})"
-        elif spec.max_rss is not None and (rss := peak_rss_bytes()) > spec.max_rss:
-            self.recycling = f"rss {rss >> 20} MiB over max_rss {spec.max_rss >> 20} MiB"
-            if self.rss_at_start > spec.max_rss:
-                # a restart starts over the limit again: end as a failure, so the launcher
-                # backs off and gives up after crash_loop instead of recycling per event
-                self.recycle_exit = ExitCode.FAILURE
-                self.log.error(
-                    "max_rss_below_start_size", rss_at_start_mib=self.rss_at_start >> 20, max_rss_mib=spec.max_rss >> 20
-                )
-        if self.recycling:
-            self.recycle_check_at = float("inf")
+        if self.limits.check(self.scheduler.handled, stopping=self.stop_event.is_set()):
             # graceful: take nothing new, finish and ack what is in flight, leave, exit RECYCLE
-            self.log.warning("member_recycling", reason=self.recycling, handled=self.handled)
+            self.log.warning("member_recycling", reason=self.limits.recycling, handled=self.scheduler.handled)
             self.stop_event.set()
-
-    def _emit(self, type_: str, payload: Any, **kw) -> str:
-        if self._producer is None:
-            self._producer = Producer(
-                self.config.confirm, source=f"worker:{self.group}", max_event_bytes=self.config.router.max_event_bytes
-            )
-        return self._producer.send(type_, payload, **kw)
 
 
 def main(config: Config, group: str, name: str) -> None:
@@ -604,8 +495,8 @@ def main(config: Config, group: str, name: str) -> None:
         def on_signal(signum, frame) -> None:  # noqa: ARG001
             # a plain handler, not loop.add_signal_handler: it runs even while a sync
             # handler blocks the loop, so the watchdog sees the stop and bounds that call
-            if not member.stop_requested_at:
-                member.stop_requested_at = time.monotonic()
+            if not member.live.stop_requested_at:
+                member.live.stop_requested_at = time.monotonic()
             loop.call_soon_threadsafe(member.stop_event.set)
 
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -613,5 +504,5 @@ def main(config: Config, group: str, name: str) -> None:
         await member.run()
 
     asyncio.run(runner())
-    if members and members[0].recycling:
-        sys.exit(int(members[0].recycle_exit))
+    if members and members[0].limits.recycling:
+        sys.exit(int(members[0].limits.exit_code))

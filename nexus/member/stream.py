@@ -8,6 +8,7 @@ live deliveries meanwhile (the Clone pattern). The journal is the truth.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 from typing import Any
 
@@ -26,11 +27,10 @@ class RecentIds(set):
     stays about `capacity` big: with a full window most of the cost is its memory.
     """
 
-    __slots__ = ("capacity", "_generation", "_young", "_old")
+    __slots__ = ("_generation", "_young", "_old")
 
     def __init__(self, capacity: int):
         super().__init__()
-        self.capacity = capacity
         self._generation = max(1, -(-capacity // GENERATIONS))  # ids per generation
         self._young: list[str] = []
         self._old: collections.deque[list[str]] = collections.deque()  # full ones, oldest first
@@ -67,7 +67,6 @@ class PartitionStream:
         "behind",
         "revoked",
         "redelivered_upto",
-        "acked",
         "first_failed",
         "skip",
         "dead_letter",
@@ -91,13 +90,12 @@ class PartitionStream:
         self.behind = False  # live events dropped for lack of room: fetch later
         self.revoked = False
         self.redelivered_upto = redelivered_upto
-        self.acked = cursor
         self.first_failed = 0.0  # when the head event first failed
         self.skip: set[int] | None = None  # seqs to pass over: dead-lettered poison (Assign.skip)
         # the head's DeadLetter message and when it was sent, until the router confirms it
         # stored it (the head stays `busy` meanwhile, so nothing past it is acked)
         self.dead_letter: tuple[bytes, float] | None = None
-        self.task = None  # the asyncio task running an async handler on the head
+        self.task: asyncio.Task[None] | None = None  # the asyncio task running an async handler on the head
         self.started = 0.0  # loop stamp when that call began (handler_timeout)
         self.timed_out = False  # that task was cancelled for running past handler_timeout
         self.solo: set[int] | None = None  # seqs to run with no other call in flight (Assign.solo)
@@ -135,7 +133,7 @@ class PartitionStream:
     def take(self, seqs: list[int], events: list[Any], upto: int) -> int:
         """Queue events newer than the watermark; returns how many were queued."""
         if self.skip:
-            seqs, events = self._without_skipped(seqs, events)
+            seqs, events = self._without_skipped(self.skip, seqs, events)
         w = self.watermark
         n = 0
         if seqs and seqs[0] > w:
@@ -152,10 +150,10 @@ class PartitionStream:
             self.watermark = upto
         return n
 
-    def _without_skipped(self, seqs: list[int], events: list[Any]) -> tuple[list[int], list[Any]]:
+    @staticmethod
+    def _without_skipped(skip: set[int], seqs: list[int], events: list[Any]) -> tuple[list[int], list[Any]]:
         """Pass over dead-lettered poison seqs: they count as seen (the watermark moves past
         them, so they are acked) but are never handled here."""
-        skip = self.skip
         if not any(s in skip for s in seqs):
             return seqs, events
         kept = [(s, e) for s, e in zip(seqs, events, strict=False) if s not in skip]

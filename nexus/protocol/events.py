@@ -34,6 +34,7 @@ Version = Annotated[int, msgspec.Meta(ge=1, le=1000)]
 Timestamp = Annotated[float, msgspec.Meta(ge=0, le=1e11)]  # unix seconds; NaN fails too
 
 TYPE_RE = re.compile(r"\A[a-z][a-z0-9_]*(\.[a-z0-9_]+)+\Z")
+MAX_PAYLOAD_DECODERS = 10_000  # (type, v) pairs whose payload decoder is cached
 
 
 class Event(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -191,7 +192,9 @@ class Contracts:
 
     def __init__(self, untyped: Iterable[str] = ()):
         self._untyped = tuple(untyped)
-        self._decoders: dict[tuple[str, int], msgspec.msgpack.Decoder] = {}
+        # (type, v) -> its payload decoder (see payload_decoder): a reader per event looks
+        # here first, one dict lookup, and calls payload_decoder on a miss
+        self.payload_decoders: dict[tuple[str, int], Callable[[bytes], Any]] = {}
         self._untyped_cache: dict[str, bool] = {}
 
     @classmethod
@@ -213,21 +216,32 @@ class Contracts:
                 self._untyped_cache[type_] = allowed
         return allowed
 
+    def payload_decoder(self, type_: str, v: int) -> Callable[[bytes], Any]:
+        """The payload decoder of (type, v), cached in `payload_decoders`: the contract's
+        typed decoder, generic msgpack for an allowed untyped type, else one that raises the
+        EventError. It lets msgspec's errors (DECODE_ERRORS) out as they are; decode_payload
+        turns them into an EventError with the reason."""
+        cls = _REGISTRY.get((type_, v))
+        decode: Callable[[bytes], Any]
+        if cls is not None:
+            decode = msgspec.msgpack.Decoder(cls).decode
+        elif self.is_untyped_allowed(type_):
+            decode = msgspec.msgpack.decode
+        else:
+            reason = self._unknown_reason(type_, v)
+
+            def decode(raw: bytes) -> Any:
+                raise EventError(reason)
+
+        if len(self.payload_decoders) < MAX_PAYLOAD_DECODERS:
+            self.payload_decoders[(type_, v)] = decode
+        return decode
+
     def decode_payload(self, type_: str, v: int, raw: bytes) -> Any:
         """Decode raw msgpack into the contract; raise EventError with the reason."""
-        dec = self._decoders.get((type_, v))
-        if dec is None:
-            cls = _REGISTRY.get((type_, v))
-            if cls is None:
-                if self.is_untyped_allowed(type_):
-                    try:
-                        return msgspec.msgpack.decode(raw)
-                    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
-                        raise EventError(f"payload of {type_} is not valid msgpack: {exc}") from None
-                raise EventError(self._unknown_reason(type_, v))
-            dec = self._decoders[(type_, v)] = msgspec.msgpack.Decoder(cls)
+        decode = self.payload_decoders.get((type_, v)) or self.payload_decoder(type_, v)
         try:
-            return dec.decode(raw)
+            return decode(raw)
         except msgspec.ValidationError as exc:
             raise EventError(f"payload does not match contract {type_} v{v}: {exc}") from None
         except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:

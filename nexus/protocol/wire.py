@@ -75,7 +75,6 @@ class Join(Coord, tag="join"):
 class Heartbeat(Coord, tag="hb"):
     group: str
     member: str
-    acks: dict[int, int] = {}  # partition -> every seq <= this is handled
     stats: dict[str, int | float | str] = {}  # member counters and breaker state, for status
 
 

@@ -554,7 +554,6 @@ class Router:
             if not isinstance(msg, Leave):
                 self._send_coord(identity, Error(f"{msg.member} is not a member of {group.name}", "unknown_member"))
         elif isinstance(msg, Heartbeat):
-            self.coordinator.ack(group, msg.member, msg.acks)
             if msg.stats:
                 self.member_stats[(group.name, msg.member)] = msg.stats
             info = group.members[msg.member]

@@ -31,6 +31,7 @@ import zmq
 
 from nexus import config as config_mod
 from nexus.common import blackbox, logs, process
+from nexus.common.backoff import backoff_delay
 from nexus.common.datalock import LAUNCHER_LOCK, ROUTER_LOCK, DataDirLock, clean_stale_run
 from nexus.common.statefile import unlink_quietly
 from nexus.errors import ConfigError, ExitCode, NexusError, describe_exit
@@ -227,7 +228,7 @@ class Launcher:
                 log.info("process_recycled", name=child.name)
                 self._spawn(child)
             else:
-                delay = self.cfg.restart_backoff[0] if self.cfg.restart_backoff else 1.0
+                delay = backoff_delay(self.cfg.restart_backoff, 1)
                 child.state, child.restart_at = "backoff", now + delay
                 log.warning(
                     "process_recycled",
@@ -268,8 +269,7 @@ class Launcher:
             if child.role == "worker":
                 self._failed(child, f"crash loop ({child.last_exit})", logged=True)
         else:
-            backoff = self.cfg.restart_backoff
-            delay = backoff[min(max(len(child.crashes) - 1, 0), len(backoff) - 1)] if backoff else 1.0
+            delay = backoff_delay(self.cfg.restart_backoff, len(child.crashes))
             child.state = "backoff"
             child.restart_at = now + delay
             log.warning("process_crashed", name=child.name, exit_code=code, last_exit=child.last_exit, restart_in=delay)

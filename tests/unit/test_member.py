@@ -1,8 +1,10 @@
-"""Unit tests of the member runtime (nexus/member/runtime.py, nexus/member/dispatch.py) without a router:
-a real `Member` whose coord socket is a recorder and whose deliveries are fed by hand
-(or through a real in-process PUB/SUB pair), to check what the fast paths must keep:
-priority across partitions, order per partition, duplicates dropped, retries, bounded
-intake, gap repair and hostile input."""
+"""Unit tests of the member (nexus/member/) without a router. Most drive its socket-free
+parts directly (`Parts`: partitions, scheduler, fetcher, handler): priority across
+partitions, order per partition, duplicates dropped, bounded intake, gap repair and hostile
+input. Where the runtime's wiring is under test (the loop between sync handlers, retries,
+dead letters, a partition given back, the SUB reader) a real `Member` runs (`Rig`), whose
+coord socket is a recorder and whose deliveries are fed by hand (or through a real
+in-process PUB/SUB pair)."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import time
 
 import msgspec
 import pytest
+import structlog
 import zmq
 import zmq.asyncio
 from conftest import write_config
@@ -19,10 +22,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as hs
 
 from nexus import config
-from nexus.member.dispatch import TURN_MAX
+from nexus.common.backoff import backoff_delay
+from nexus.errors import DependencyError, PermanentError
+from nexus.member.breaker import CircuitBreaker
+from nexus.member.fetcher import Fetcher
+from nexus.member.group import GroupClient
+from nexus.member.handlers import Handler
+from nexus.member.outcomes import DEAD_LETTER, DEAD_LETTER_RESEND, DONE, OutcomePolicy
+from nexus.member.partitions import Partitions
 from nexus.member.runtime import DRAIN_MAX, Member
-from nexus.member.stream import GENERATIONS, RecentIds
-from nexus.protocol.events import Event, encode
+from nexus.member.scheduler import SLICE, TURN_MAX, Scheduler
+from nexus.member.stream import GENERATIONS, PartitionStream, RecentIds
+from nexus.protocol.events import Contracts, Event, decode_wire_event, encode
 from nexus.protocol.wire import Assign, Delivery, Fetch, Records, coord_decoder, encoder, topic
 
 GROUP = "g"
@@ -43,6 +54,173 @@ def event(n: int, priority: int = 5, id: str | None = None, type_: str = "test.n
     )
 
 
+def group_config(tmp_path, **group) -> config.Config:
+    spec = {
+        "handler": "recorder:record",
+        "partitions": PARTITIONS,
+        "options": {"out": str(tmp_path)},
+        "retry": {"attempts": 3, "backoff": ["10ms"]},
+        **group,
+    }
+    return config.load(write_config(tmp_path, workers={GROUP: spec}))
+
+
+class Feed:
+    """Live deliveries and fetch replies fed by hand, numbered as the router numbers them,
+    and a handler that records its calls (`fail`: n -> failures left before it succeeds)."""
+
+    def __init__(self) -> None:
+        self.handled: list = []  # (n, seq, redelivered, attempt)
+        self.prev = dict.fromkeys(range(PARTITIONS), 0)
+        self.seq = 0
+        self.fail: dict[int, int] = {}
+
+    def handle(self, ev, ctx) -> None:
+        if self.fail.get(ev.payload["n"], 0) > 0:
+            self.fail[ev.payload["n"]] -= 1
+            raise RuntimeError("planned")
+        self.handled.append((ev.payload["n"], ctx.seq, ctx.redelivered, ctx.attempt))
+
+    def handle_fn(self, handler_async: bool):
+        if not handler_async:
+            return self.handle
+
+        async def handle(ev, ctx) -> None:
+            await asyncio.sleep(0)
+            self.handle(ev, ctx)
+
+        return handle
+
+    # -- what the member under test is fed and asked for ------------------------------
+    streams: dict[int, PartitionStream]
+
+    def on_delivery(self, frames: list[bytes]) -> None:
+        raise NotImplementedError
+
+    def on_records(self, records: Records) -> None:
+        raise NotImplementedError
+
+    def fetches(self) -> list:
+        """The fetches asked for so far (.partition, .after, .limit)."""
+        raise NotImplementedError
+
+    def deliver(
+        self, p: int, raws: list[bytes], raw_frame: bytes | None = None, seqs: list[int] | None = None
+    ) -> list[int]:
+        """One live delivery to partition p; its seqs follow the last one given out, or
+        are `seqs` (interleaved with other partitions', as the router numbers keyed events)."""
+        if seqs is None:
+            seqs = list(range(self.seq + 1, self.seq + 1 + len(raws)))
+        self.seq = max(self.seq, seqs[-1])
+        frame = (
+            raw_frame
+            if raw_frame is not None
+            else encoder.encode(Delivery(self.prev[p], seqs, [msgspec.Raw(r) for r in raws]))
+        )
+        self.prev[p] = seqs[-1]
+        self.on_delivery([topic(GROUP, p), frame])
+        return seqs
+
+    def answer_fetches(
+        self, journal: dict[int, list[tuple[int, bytes]]] | None = None, last_seq: int | None = None
+    ) -> None:
+        """Answer the outstanding fetches from `journal` (partition -> [(seq, raw)]), whose
+        last seq is `last_seq` (default: the last one delivered)."""
+        for f in self.fetches():
+            st = self.streams.get(f.partition)
+            if st is None or not st.fetching or f.after != st.fetch_after:
+                continue
+            items = [(s, r) for s, r in (journal or {}).get(f.partition, []) if s > f.after][: f.limit]
+            upto = max([f.after, self.seq if last_seq is None else last_seq] + [s for s, _ in items])
+            self.on_records(
+                Records(
+                    group=GROUP,
+                    partition=f.partition,
+                    after=f.after,
+                    upto=upto,
+                    seqs=[s for s, _ in items],
+                    events=[msgspec.Raw(r) for _, r in items],
+                )
+            )
+
+
+# -- the parts, without a Member ----------------------------------------------------------
+class Parts(Feed):
+    """The member's socket-free parts as the runtime wires them, holding every partition
+    from cursor 0; the fetches the fetcher asks for are kept in `requests`. `run` dispatches
+    what is ready as the runtime's dispatcher does when every call succeeds."""
+
+    def __init__(self, cfg: config.Config, handler_async: bool = False) -> None:
+        super().__init__()
+        spec = cfg.workers[GROUP]
+        self.log = structlog.get_logger("test").bind(group=GROUP, member="m1")
+        self.handler = Handler(
+            self.handle_fn(handler_async),
+            contracts=Contracts.from_modules(cfg.contracts, cfg.contracts_untyped),
+            group=GROUP,
+            member="m1",
+            options=spec.options,
+            log=self.log,
+        )
+        self.partitions = Partitions()
+        self.scheduler = Scheduler(
+            self.partitions,
+            self.handler,
+            concurrency=spec.concurrency,
+            dedup_window=spec.dedup_window,
+            handler_timeout=spec.handler_timeout,
+            box=None,
+            log=self.log,
+        )
+        self.fetcher = Fetcher(
+            self.partitions,
+            self.scheduler,
+            group=GROUP,
+            max_in_flight=spec.max_in_flight,
+            max_in_flight_bytes=spec.max_in_flight_bytes,
+            fetch_limit=cfg.router.fetch_limit,
+            log=self.log,
+        )
+        self.outcomes = OutcomePolicy(spec.retry, CircuitBreaker(), GroupClient(GROUP, "m1"), self.log)
+        self.streams = self.partitions.streams
+        for p in range(PARTITIONS):
+            self.streams[p] = PartitionStream(p, 0)
+        self.requests: list = []
+
+    def on_delivery(self, frames: list[bytes]) -> None:
+        self.requests.extend(self.fetcher.on_delivery(frames))
+
+    def on_records(self, records: Records) -> None:
+        self.requests.extend(self.fetcher.on_records(records))
+
+    def fetches(self) -> list:
+        return self.requests
+
+    async def run(self) -> None:
+        """Run every ready head (and what becomes ready meanwhile), then refill."""
+        sched, running = self.scheduler, set()
+        while True:
+            while (st := sched.next()) is not None:
+                if not self.handler.is_async:
+                    assert sched.run(st, time.perf_counter() + SLICE) is None  # (no call fails here)
+                elif sched.start(st, time.monotonic()):
+                    running.add(asyncio.ensure_future(self._call(st)))
+            if not running:
+                break
+            _, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+        self.requests.extend(self.fetcher.refill())
+
+    async def _call(self, st: PartitionStream) -> None:
+        error, ctx = await self.scheduler.call(st)
+        assert error is None and self.outcomes.judge(st, error).action == "done"
+        self.scheduler.done(st)
+
+
+def make_parts(tmp_path, handler_async: bool = False, **group) -> Parts:
+    return Parts(group_config(tmp_path, **group), handler_async)
+
+
+# -- a whole Member, with a recorder for its coord socket -----------------------------------
 class FakeCoord:
     """Records what the member sends to the router (decoded)."""
 
@@ -68,62 +246,23 @@ class FakeHeartbeat:
     started = True
 
 
-class Rig:
+class Rig(Feed):
     """A Member with all partitions granted at cursor 0 and its fetches answered empty."""
 
-    def __init__(self, member: Member) -> None:
-        self.m = member
-        self.handled: list[tuple[int, int, bool, int]] = []  # (n, seq, redelivered, attempt)
-        self.prev = dict.fromkeys(range(PARTITIONS), 0)
-        self.seq = 0
-        self.fail: dict[int, int] = {}  # n -> failures left
+    m: Member
 
-        def handle(ev, ctx) -> None:
-            if self.fail.get(ev.payload["n"], 0) > 0:
-                self.fail[ev.payload["n"]] -= 1
-                raise RuntimeError("planned")
-            self.handled.append((ev.payload["n"], ctx.seq, ctx.redelivered, ctx.attempt))
+    @property
+    def streams(self) -> dict[int, PartitionStream]:
+        return self.m.partitions.streams
 
-        member.handle = handle
+    def on_delivery(self, frames: list[bytes]) -> None:
+        self.m._on_delivery(frames)
 
-    def deliver(
-        self, p: int, raws: list[bytes], raw_frame: bytes | None = None, seqs: list[int] | None = None
-    ) -> list[int]:
-        """One live delivery to partition p; its seqs follow the last one given out, or
-        are `seqs` (interleaved with other partitions', as the router numbers keyed events)."""
-        if seqs is None:
-            seqs = list(range(self.seq + 1, self.seq + 1 + len(raws)))
-        self.seq = max(self.seq, seqs[-1])
-        frame = (
-            raw_frame
-            if raw_frame is not None
-            else encoder.encode(Delivery(self.prev[p], seqs, [msgspec.Raw(r) for r in raws]))
-        )
-        self.prev[p] = seqs[-1]
-        self.m._on_delivery([topic(GROUP, p), frame])
-        return seqs
+    def on_records(self, records: Records) -> None:
+        self.m._on_records(records)
 
-    def answer_fetches(
-        self, journal: dict[int, list[tuple[int, bytes]]] | None = None, last_seq: int | None = None
-    ) -> None:
-        """Answer the outstanding fetches from `journal` (partition -> [(seq, raw)]), whose
-        last seq is `last_seq` (default: the last one delivered)."""
-        for f in self.m.coord.fetches():
-            st = self.m.streams.get(f.partition)
-            if st is None or not st.fetching or f.after != st.fetch_after:
-                continue
-            items = [(s, r) for s, r in (journal or {}).get(f.partition, []) if s > f.after][: f.limit]
-            upto = max([f.after, self.seq if last_seq is None else last_seq] + [s for s, _ in items])
-            self.m._on_records(
-                Records(
-                    group=GROUP,
-                    partition=f.partition,
-                    after=f.after,
-                    upto=upto,
-                    seqs=[s for s, _ in items],
-                    events=[msgspec.Raw(r) for _, r in items],
-                )
-            )
+    def fetches(self) -> list:
+        return self.m.coord.fetches()
 
     async def store_dead_letters(self, rounds: int = 3) -> None:
         """Answer the member's DeadLetters as the router does once each is stored."""
@@ -145,26 +284,10 @@ class Rig:
 
 
 async def make_rig(tmp_path, handler_async: bool = False, **group) -> Rig:
-    spec = {
-        "handler": "recorder:record",
-        "partitions": PARTITIONS,
-        "options": {"out": str(tmp_path)},
-        "retry": {"attempts": 3, "backoff": ["10ms"]},
-        **group,
-    }
-    cfg = config.load(write_config(tmp_path, workers={GROUP: spec}))
-    m = Member(cfg, GROUP, "m1")
+    rig = Rig()
+    m = rig.m = Member(group_config(tmp_path, **group), GROUP, "m1", handle=rig.handle_fn(handler_async))
     m.loop = asyncio.get_running_loop()
     m.coord, m.sub, m.heartbeat = FakeCoord(), FakeSub(), FakeHeartbeat()
-    rig = Rig(m)
-    if handler_async:
-        sync_handle = m.handle
-
-        async def handle(ev, ctx) -> None:
-            await asyncio.sleep(0)
-            sync_handle(ev, ctx)
-
-        m.handle, m.is_async = handle, True
     m._on_assign(Assign(group=GROUP, partitions=list(range(PARTITIONS)), grants=dict.fromkeys(range(PARTITIONS), 0)))
     await asyncio.sleep(0)
     rig.answer_fetches()
@@ -213,7 +336,7 @@ def test_priority_across_partitions_and_order_per_partition(tmp_path_factory, ev
     all queued before the dispatcher runs: see check_order for what must hold."""
 
     async def main():
-        rig = await make_rig(tmp_path_factory.mktemp("m"), handler_async=handler_async, concurrency=1)
+        rig = make_parts(tmp_path_factory.mktemp("m"), handler_async=handler_async, concurrency=1)
         parts: dict[int, list[tuple[int, int, int]]] = {p: [] for p in range(PARTITIONS)}
         for n, (p, prio) in enumerate(events):
             parts[p].append((n + 1, prio, n))
@@ -221,24 +344,20 @@ def test_priority_across_partitions_and_order_per_partition(tmp_path_factory, ev
             for k in range(0, len(items), per_delivery):
                 chunk = items[k : k + per_delivery]
                 rig.deliver(p, [event(n, priority=prio) for _, prio, n in chunk], seqs=[s for s, _, _ in chunk])
-        task = asyncio.ensure_future(rig.m._dispatcher())
-        await rig.settle()
-        task.cancel()
+        await rig.run()
         check_order([h[0] for h in rig.handled], parts)
-        assert rig.m.queued == 0 and rig.m.handled == len(events)
+        assert rig.partitions.queued == 0 and rig.scheduler.handled == len(events)
 
     run(main())
 
 
 def test_a_partition_yields_to_an_older_head_of_equal_priority_after_its_turn(tmp_path):
     async def main():
-        rig = await make_rig(tmp_path)
+        rig = make_parts(tmp_path)
         rig.deliver(0, [event(1)], seqs=[1])
         rig.deliver(1, [event(2)], seqs=[2])
         rig.deliver(0, [event(n) for n in range(3, 51)], seqs=list(range(3, 51)))
-        task = asyncio.ensure_future(rig.m._dispatcher())
-        await rig.settle()
-        task.cancel()
+        await rig.run()
         first_turn = [1] + list(range(3, 3 + TURN_MAX - 1))  # TURN_MAX events of partition 0
         assert [h[0] for h in rig.handled] == first_turn + [2] + list(range(3 + TURN_MAX - 1, 51))
 
@@ -247,30 +366,28 @@ def test_a_partition_yields_to_an_older_head_of_equal_priority_after_its_turn(tm
 
 def test_a_lone_partition_runs_without_the_heap_but_yields_to_a_better_event(tmp_path):
     async def main():
-        rig = await make_rig(tmp_path)
+        rig = make_parts(tmp_path)
         rig.deliver(0, [event(n) for n in range(5)])  # seqs 1..5, priority 5
         rig.deliver(1, [event(100, priority=1)])  # seq 6, priority 1: first
-        task = asyncio.ensure_future(rig.m._dispatcher())
-        await rig.settle()
+        await rig.run()
         assert [h[0] for h in rig.handled] == [100, 0, 1, 2, 3, 4]
-        rig.deliver(0, [event(n) for n in range(5, 8)])  # arrives while idle
-        await rig.settle()
-        task.cancel()
+        rig.scheduler.work.clear()
+        rig.deliver(0, [event(n) for n in range(5, 8)])  # arrives while idle: wakes the dispatcher
+        assert rig.scheduler.work.is_set()
+        await rig.run()
         assert [h[0] for h in rig.handled][6:] == [5, 6, 7]
-        assert rig.m.ready == [] and rig.m.queued == 0
+        assert rig.scheduler.heap == [] and rig.partitions.queued == 0
 
     run(main())
 
 
 def test_context_of_each_event(tmp_path):
     async def main():
-        rig = await make_rig(tmp_path, options={"out": str(tmp_path), "k": 1})
+        rig = make_parts(tmp_path, options={"out": str(tmp_path), "k": 1})
         seen = []
-        rig.m.handle = lambda ev, ctx: seen.append(ctx)
+        rig.handler.handle = lambda ev, ctx: seen.append(ctx)
         rig.deliver(2, [event(0, id="e-1")])
-        task = asyncio.ensure_future(rig.m._dispatcher())
-        await rig.settle()
-        task.cancel()
+        await rig.run()
         (ctx,) = seen
         assert (ctx.group, ctx.member, ctx.seq, ctx.partition, ctx.attempt, ctx.redelivered) == (
             GROUP,
@@ -299,7 +416,7 @@ def test_slow_sync_handlers_let_the_loop_run_between_events(tmp_path):
             if ev.payload["n"] == 0:
                 rig.m.loop.call_soon(lambda: calls.append("loop"))
 
-        rig.m.handle = slow
+        rig.m.handler.handle = slow
         rig.deliver(0, [event(n) for n in range(4)])
         task = asyncio.ensure_future(rig.m._dispatcher())
         await rig.settle()
@@ -325,7 +442,7 @@ def test_a_failing_event_holds_only_its_partition_and_is_retried(tmp_path):
         assert order.index(10) < order.index(1) and order.index(11) < order.index(1)  # p1 went on
         assert [n for n in order if n < 10] == [0, 1, 2]  # p0 in order
         assert [h for h in rig.handled if h[0] == 1][0][2:] == (True, 3)  # attempt 3
-        assert rig.m.failed == 2 and rig.m.handled == 5
+        assert rig.m.outcomes.failed == 2 and rig.m.scheduler.handled == 5
 
     run(main())
 
@@ -339,27 +456,83 @@ def test_dead_letter_then_the_partition_moves_on(tmp_path):
         await rig.settle()
         assert [type(m).__name__ for m in rig.m.coord.sent] == ["DeadLetter"]
         # issue 10 #5: the partition keeps its head (unacked) until the router stored it
-        assert rig.handled == [] and rig.m.streams[0].handled_upto() == 0
+        assert rig.handled == [] and rig.streams[0].handled_upto() == 0
         rig.m._on_dead_letter_stored(0, rig.m.coord.sent[0].seq)
         await rig.settle()
         task.cancel()
         assert [h[0] for h in rig.handled] == [1]
-        assert rig.m.dead_lettered == 1
+        assert rig.m.outcomes.dead_lettered == 1
 
     run(main())
+
+
+# -- outcomes (no Member) -----------------------------------------------------------------------
+def test_backoff_delay_is_the_attempts_backoff_and_the_last_one_past_the_list():
+    assert [backoff_delay([1.0, 2.0, 4.0], n) for n in (0, 1, 2, 3, 9)] == [1.0, 1.0, 2.0, 4.0, 4.0]
+    assert backoff_delay([], 3) == 1.0
+
+
+def head_stream(n: int = 0) -> PartitionStream:
+    """A stream whose head (seq 1) is in a call."""
+    st = PartitionStream(0, 0)
+    st.take([1], [decode_wire_event(event(n))], 1)
+    st.busy = True
+    return st
+
+
+def test_outcome_policy_retries_with_backoff_then_dead_letters(tmp_path):
+    retry = group_config(tmp_path, retry={"attempts": 3, "backoff": ["1s", "2s", "50s"], "max_backoff": "30s"})
+    policy = OutcomePolicy(
+        retry.workers[GROUP].retry, CircuitBreaker(), GroupClient(GROUP, "m1"), structlog.get_logger()
+    )
+    st = head_stream()
+    assert policy.judge(st, None) == DONE and not st.busy and policy.failed == 0
+    st.busy = True
+    assert policy.judge(st, RuntimeError("1")) == ("retry", 1.0)
+    assert st.attempt == 2 and st.waiting and not st.busy and st.first_failed > 0
+    st.waiting, st.busy = False, True
+    assert policy.judge(st, RuntimeError("2")) == ("retry", 2.0)
+    st.waiting, st.busy = False, True
+    assert policy.judge(st, RuntimeError("3")) == DEAD_LETTER and st.attempt == 3 and policy.failed == 3
+    letter = coord_decoder.decode(policy.dead_letter(st, RuntimeError("3")))
+    assert (letter.partition, letter.seq, letter.attempts, letter.error_type) == (0, 1, 3, "RuntimeError")
+    assert st.busy and st.dead_letter is not None  # kept until the router stored it
+    assert policy.resends([st], time.monotonic()) == []
+    assert policy.resends([st], time.monotonic() + DEAD_LETTER_RESEND + 1) == [st.dead_letter[0]]
+    assert not policy.stored(st, 2) and policy.stored(st, 1)
+    assert not st.busy and st.dead_letter is None and policy.dead_lettered == 1
+    assert not policy.stored(st, 1)  # a resend's second answer
+    # a PermanentError goes to the dead letters at once; a DependencyError is retried, always
+    assert policy.judge(head_stream(), PermanentError("no")) == DEAD_LETTER
+    st = head_stream()
+    st.attempt = 5
+    assert policy.judge(st, DependencyError("down")) == ("retry", 30.0)  # the last backoff, capped
+
+
+def test_outcome_policy_breaker_opens_on_dependency_errors_and_a_probe_closes_it(tmp_path):
+    cfg = group_config(tmp_path, retry={"attempts": 9, "backoff": ["10ms"]})
+    breaker = CircuitBreaker(failures=2, window=60.0, reset=5.0)
+    policy = OutcomePolicy(cfg.workers[GROUP].retry, breaker, GroupClient(GROUP, "m1"), structlog.get_logger())
+    assert policy.closed
+    for _ in range(2):
+        assert policy.judge(head_stream(), DependencyError("down")).action == "retry"
+    assert not policy.closed
+    now = time.monotonic()
+    assert 4.0 < policy.admit(now) <= 5.0  # open: nothing is taken
+    assert policy.admit(now + 5.0) == 0.0  # half open: one probe
+    assert policy.admit(now + 5.0) == 0.05  # ... at a time
+    assert policy.judge(head_stream(), None) == DONE and policy.closed  # the probe succeeded
 
 
 # -- duplicates ---------------------------------------------------------------------------
 def test_an_id_handled_before_is_dropped(tmp_path):
     async def main():
-        rig = await make_rig(tmp_path)
+        rig = make_parts(tmp_path)
         rig.deliver(0, [event(0, id="same"), event(1), event(2, id="same")])
-        task = asyncio.ensure_future(rig.m._dispatcher())
-        await rig.settle()
-        task.cancel()
+        await rig.run()
         assert [h[0] for h in rig.handled] == [0, 1]
-        assert rig.m.duplicates_dropped == 1 and rig.m.queued == 0
-        assert rig.m.streams[0].handled_upto() == 3  # the duplicate is acked too
+        assert rig.scheduler.duplicates_dropped == 1 and rig.partitions.queued == 0
+        assert rig.streams[0].handled_upto() == 3  # the duplicate is acked too
 
     run(main())
 
@@ -387,7 +560,7 @@ def test_a_partition_given_back_redelivers_and_what_we_handled_is_dropped(tmp_pa
         await rig.settle()
         task.cancel()
         assert [h[0] for h in rig.handled] == [0, 1, 2, 3, 99]
-        assert rig.m.duplicates_dropped == 4
+        assert rig.m.scheduler.duplicates_dropped == 4
 
     run(main())
 
@@ -411,30 +584,28 @@ def test_recent_ids_remember_at_least_the_last_capacity(capacity, ids):
 # -- intake -------------------------------------------------------------------------------
 def test_a_delivery_is_taken_while_there_is_room_even_past_max_in_flight(tmp_path):
     async def main():
-        rig = await make_rig(tmp_path, max_in_flight=10)
+        rig = make_parts(tmp_path, max_in_flight=10)
         rig.deliver(0, [event(n) for n in range(8)])
         rig.deliver(0, [event(n) for n in range(8, 13)])  # 8 < 10: taken whole (13)
-        assert rig.m.queued == 13 and not rig.m.streams[0].behind
+        assert rig.partitions.queued == 13 and not rig.streams[0].behind
         rig.deliver(0, [event(n) for n in range(13, 15)])  # full: left in the journal
-        assert rig.m.queued == 13 and rig.m.streams[0].behind
-        assert rig.m.streams[0].watermark == 13
+        assert rig.partitions.queued == 13 and rig.streams[0].behind
+        assert rig.streams[0].watermark == 13
 
     run(main())
 
 
 def test_deliveries_dropped_while_full_are_fetched_once_there_is_room(tmp_path):
     async def main():
-        rig = await make_rig(tmp_path, max_in_flight=4)
+        rig = make_parts(tmp_path, max_in_flight=4)
         raws = [event(n) for n in range(8)]
         rig.deliver(0, raws[:4])
         rig.deliver(0, raws[4:6])  # full: dropped, the stream is behind
         rig.deliver(0, raws[6:])  # a gap now: fetched, not queued
-        assert rig.m.queued == 4 and rig.m.streams[0].watermark == 4
-        task = asyncio.ensure_future(rig.m._dispatcher())
-        await rig.settle()
+        assert rig.partitions.queued == 4 and rig.streams[0].watermark == 4
+        await rig.run()  # (then refills: the stream behind fetches)
         rig.answer_fetches({0: list(zip(range(1, 9), raws, strict=False))})
-        await rig.settle()
-        task.cancel()
+        await rig.run()
         assert [h[0] for h in rig.handled] == list(range(8))
 
     run(main())
@@ -442,18 +613,15 @@ def test_deliveries_dropped_while_full_are_fetched_once_there_is_room(tmp_path):
 
 def test_a_gap_is_fetched_and_live_deliveries_wait_for_it(tmp_path):
     async def main():
-        rig = await make_rig(tmp_path)
+        rig = make_parts(tmp_path)
         raws = [event(n) for n in range(6)]
         rig.deliver(0, raws[:2])  # seqs 1, 2
         rig.seq += 2  # 3, 4 lost on PUB/SUB
         rig.prev[0] = 4
         rig.deliver(0, raws[4:])  # seqs 5, 6: prev 4 > watermark 2
-        await rig.settle()
-        assert [f.after for f in rig.m.coord.fetches()] == [2]
+        assert [f.after for f in rig.fetches()] == [2]
         rig.answer_fetches({0: list(zip(range(1, 7), raws, strict=False))})  # the journal has them all
-        task = asyncio.ensure_future(rig.m._dispatcher())
-        await rig.settle()
-        task.cancel()
+        await rig.run()
         assert [h[0] for h in rig.handled] == [0, 1, 2, 3, 4, 5]
 
     run(main())
@@ -461,19 +629,16 @@ def test_a_gap_is_fetched_and_live_deliveries_wait_for_it(tmp_path):
 
 def test_live_deliveries_buffered_during_a_fetch_are_applied_after_it(tmp_path):
     async def main():
-        rig = await make_rig(tmp_path)
+        rig = make_parts(tmp_path)
         raws = [event(n) for n in range(6)]
         rig.deliver(0, raws[:2])
         rig.seq += 2
         rig.prev[0] = 4
         rig.deliver(0, raws[4:])  # buffered: 3, 4 are fetched
-        await rig.settle()
         rig.answer_fetches({0: list(zip(range(1, 5), raws, strict=False))}, last_seq=4)  # journal read before 5, 6
-        task = asyncio.ensure_future(rig.m._dispatcher())
-        await rig.settle()
-        task.cancel()
+        await rig.run()
         assert [h[0] for h in rig.handled] == [0, 1, 2, 3, 4, 5]
-        assert len(rig.m.coord.fetches()) == 1
+        assert len(rig.fetches()) == 1
 
     run(main())
 
@@ -482,17 +647,14 @@ def test_a_delivery_that_does_not_decode_is_fetched_from_the_journal(tmp_path):
     """E.g. an event published as msgpack bin instead of a map: the journal's copy is used."""
 
     async def main():
-        rig = await make_rig(tmp_path)
+        rig = make_parts(tmp_path)
         good = event(0)
         bad_frame = encoder.encode(Delivery(0, [1], [good]))  # bytes, not Raw: a bin, not a map
         rig.deliver(0, [good], raw_frame=bad_frame)
-        await rig.settle()
-        assert rig.m.bad_deliveries == 1 and [f.after for f in rig.m.coord.fetches()] == [0]
+        assert rig.fetcher.bad_deliveries == 1 and [f.after for f in rig.fetches()] == [0]
         rig.answer_fetches({0: [(1, good)]})
         rig.deliver(0, [event(1)])
-        task = asyncio.ensure_future(rig.m._dispatcher())
-        await rig.settle()
-        task.cancel()
+        await rig.run()
         assert [h[0] for h in rig.handled] == [0, 1]
 
     run(main())
@@ -511,16 +673,14 @@ def test_a_delivery_that_does_not_decode_is_fetched_from_the_journal(tmp_path):
 )
 def test_hostile_deliveries_do_not_hurt(tmp_path, frame):
     async def main():
-        rig = await make_rig(tmp_path)
-        rig.m._on_delivery([topic(GROUP, 0), frame])
-        rig.m._on_delivery([b"nonsense", frame])
-        rig.m._on_delivery([topic(GROUP, 0)])
-        rig.m.coord.sent.clear()
-        rig.m.streams[0].fetching = False
+        rig = make_parts(tmp_path)
+        rig.on_delivery([topic(GROUP, 0), frame])
+        rig.on_delivery([b"nonsense", frame])
+        rig.on_delivery([topic(GROUP, 0)])
+        rig.requests.clear()
+        rig.streams[0].fetching = False
         rig.deliver(0, [event(0)])
-        task = asyncio.ensure_future(rig.m._dispatcher())
-        await rig.settle()
-        task.cancel()
+        await rig.run()
         assert [h[0] for h in rig.handled] == [0]
 
     run(main())
@@ -528,11 +688,11 @@ def test_hostile_deliveries_do_not_hurt(tmp_path, frame):
 
 def test_an_unreadable_event_in_a_fetch_reply_is_skipped_not_fatal(tmp_path):
     async def main():
-        rig = await make_rig(tmp_path)
-        rig.m.streams[0].fetching = True
-        rig.m.streams[0].fetch_after = 0
+        rig = make_parts(tmp_path)
+        rig.streams[0].fetching = True
+        rig.streams[0].fetch_after = 0
         rig.seq = 3
-        rig.m._on_records(
+        rig.on_records(
             Records(
                 group=GROUP,
                 partition=0,
@@ -542,11 +702,9 @@ def test_an_unreadable_event_in_a_fetch_reply_is_skipped_not_fatal(tmp_path):
                 events=[msgspec.Raw(event(0)), msgspec.Raw(b"\x01"), msgspec.Raw(event(2))],
             )
         )
-        task = asyncio.ensure_future(rig.m._dispatcher())
-        await rig.settle()
-        task.cancel()
-        assert [h[0] for h in rig.handled] == [0, 2] and rig.m.bad_events == 1
-        assert rig.m.streams[0].handled_upto() == 3
+        await rig.run()
+        assert [h[0] for h in rig.handled] == [0, 2] and rig.fetcher.bad_events == 1
+        assert rig.streams[0].handled_upto() == 3
 
     run(main())
 
@@ -596,7 +754,7 @@ def test_the_sub_reader_loses_nothing_when_many_deliveries_are_queued(tmp_path):
             rig.seq, rig.prev[p], total = seqs[-1], seqs[-1], total + 3
         tasks = [asyncio.ensure_future(rig.m._sub_reader()), asyncio.ensure_future(rig.m._dispatcher())]
         deadline = time.monotonic() + 10
-        while rig.m.handled < total and time.monotonic() < deadline:
+        while rig.m.scheduler.handled < total and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
         for t in tasks:
             t.cancel()
@@ -604,7 +762,26 @@ def test_the_sub_reader_loses_nothing_when_many_deliveries_are_queued(tmp_path):
         sub.close(0)
         pub.close(0)
         ctx.term()
-        assert rig.m.handled == total and rig.m.coord.fetches() == []
+        assert rig.m.scheduler.handled == total and rig.m.coord.fetches() == []
         assert sorted(h[0] for h in rig.handled) == list(range(total))
+
+    run(main())
+
+
+def test_a_delivery_read_while_full_is_not_queued_when_smaller_events_made_room(tmp_path):
+    """A delivery that arrives while the member is full is read as its head only (prev,
+    seqs); its events' size, smaller than the average so far, can make room at once. It
+    must still only fall behind (fetched later), not be queued without its events."""
+
+    async def main():
+        rig = make_parts(tmp_path, max_in_flight=100, max_in_flight_bytes=10_000)
+        big = encode(Event(type="test.n", source="unit", payload={"n": 0, "pad": "x" * 6000}, id="big", time=1.0))
+        rig.deliver(0, [big])
+        assert rig.fetcher.capacity() == 1 and rig.partitions.queued == 1  # full
+        rig.deliver(0, [event(n) for n in range(1, 11)])
+        assert rig.fetcher.room() > 0  # smaller events seen: room again
+        assert rig.partitions.queued == 1 and rig.streams[0].behind and rig.streams[0].watermark == 1
+        await rig.run()  # (then refills: the stream behind fetches)
+        assert [(f.partition, f.after) for f in rig.fetches()] == [(0, 1)]
 
     run(main())

@@ -212,7 +212,7 @@ def test_a_rejected_follow_up_fails_its_cause_and_the_rest_are_acked(tmp_path):
     async def main():
         rig = await make_rig(tmp_path, retry={"attempts": 2, "backoff": ["10ms"]})
         m, producer = rig.m, FakeProducer()
-        m._producer = producer
+        m.producer = producer
         calls = []
 
         def handle(ev, ctx) -> None:
@@ -221,7 +221,7 @@ def test_a_rejected_follow_up_fails_its_cause_and_the_rest_are_acked(tmp_path):
             if ev.payload["n"] == 1:
                 producer.rejected.add(follow)
 
-        m.handle = handle
+        m.handler.handle = handle
         rig.deliver(0, [event(0), event(1), event(2)])
         tasks = [asyncio.ensure_future(m._dispatcher()), asyncio.ensure_future(m._settler())]
         await rig.store_dead_letters(rounds=10)
@@ -232,7 +232,7 @@ def test_a_rejected_follow_up_fails_its_cause_and_the_rest_are_acked(tmp_path):
         letters = [x for x in m.coord.sent if type(x).__name__ == "DeadLetter"]
         assert calls == [0, 1, 1, 2]  # 1 retried once, then dead-lettered
         assert [x.error_type for x in letters] == ["RejectedError"] and "unknown event type" in letters[0].error
-        assert m.handled == 2 and m.emits_rejected == 2 and m.streams[0].handled_upto() == 3
+        assert m.scheduler.handled == 2 and m.followups.rejected == 2 and rig.streams[0].handled_upto() == 3
 
     run(main())
 
@@ -241,17 +241,17 @@ def test_a_cause_is_not_acked_before_its_follow_ups_are_settled(tmp_path):
     async def main():
         rig = await make_rig(tmp_path)
         m, producer = rig.m, FakeProducer()
-        m._producer = producer
-        m.handle = lambda ev, ctx: ctx.emit("test.follow", {})
+        m.producer = producer
+        m.handler.handle = lambda ev, ctx: ctx.emit("test.follow", {})
         rig.deliver(0, [event(0)])
         task = asyncio.ensure_future(m._dispatcher())
         await rig.settle()
-        assert m.streams[0].busy and m.streams[0].handled_upto() == 0 and producer.settles == 0
+        assert rig.streams[0].busy and rig.streams[0].handled_upto() == 0 and producer.settles == 0
         settler = asyncio.ensure_future(m._settler())
         await rig.settle()
         for t in (task, settler):
             t.cancel()
-        assert m.handled == 1 and m.streams[0].handled_upto() == 1
+        assert m.scheduler.handled == 1 and rig.streams[0].handled_upto() == 1
 
     run(main())
 
@@ -271,7 +271,7 @@ def test_an_async_handler_past_handler_timeout_is_cancelled_and_follows_retry(tm
                 await asyncio.Event().wait()
             rig.handled.append((ev.payload["n"], ctx.seq, ctx.redelivered, ctx.attempt))
 
-        m.handle = handle
+        m.handler.handle = handle
         rig.deliver(0, [event(0), event(1)])
         rig.deliver(1, [event(5)])
         tasks = [asyncio.ensure_future(m._dispatcher()), asyncio.ensure_future(m._ticker())]
@@ -282,7 +282,7 @@ def test_an_async_handler_past_handler_timeout_is_cancelled_and_follows_retry(tm
         letter_ = [x for x in m.coord.sent if type(x).__name__ == "DeadLetter"][0]
         assert letter_.error_type == "TimeoutError" and letter_.attempts == 2
         assert started[:1] == [(0, 1)] and (0, 2) in started
-        assert [h[0] for h in rig.handled] == [5, 1] and m.timeouts == 2
+        assert [h[0] for h in rig.handled] == [5, 1] and m.scheduler.timeouts == 2
 
     run(main())
 

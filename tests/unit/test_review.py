@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from test_member import event, make_rig, run
+from test_member import event, make_parts, make_rig, run
 from test_misbehave import wait_async
 
 from nexus.protocol.wire import Assign, Leave
@@ -49,17 +49,17 @@ def test_f6_member_leaving_at_its_drain_deadline_names_the_busy_partitions(tmp_p
                 await asyncio.Event().wait()  # still running at the deadline
             rig.handled.append(ev.payload["n"])
 
-        m.handle = handle
+        m.handler.handle = handle
         rig.deliver(0, [event(0)])
         rig.deliver(1, [event(1)])
         task = asyncio.ensure_future(m._dispatcher())
         await wait_async(lambda: rig.handled == [1], 5)
-        m.stop_grace, m.stop_requested_at = 0.1, time.monotonic()
+        m.live.stop_grace, m.live.stop_requested_at = 0.1, time.monotonic()
         await m._drain()
         task.cancel()
         leave = [x for x in m.coord.sent if isinstance(x, Leave)][0]
         assert leave.busy == [0] and leave.acks[0] == 0 and leave.acks[1] == 2
-        for st in m.streams.values():
+        for st in rig.streams.values():
             if st.task is not None:
                 st.task.cancel()
         await asyncio.sleep(0)
@@ -95,18 +95,16 @@ def test_f11_dead_letter_writer_survives_a_database_error(tmp_path):
 
 # -- finding 12: max_rss below the member's own size must not make a restart loop -------------
 def test_f12_member_over_max_rss_at_start_recycles_only_after_an_event_and_as_a_failure(tmp_path):
+    import structlog
+
     from nexus.errors import ExitCode
+    from nexus.member.limits import RecycleLimits
 
-    async def main():
-        rig = await make_rig(tmp_path, max_rss="1MiB")  # below any Python process
-        m = rig.m
-        m._check_recycle()
-        assert not m.recycling and not m.stop_event.is_set()  # nothing handled: no recycle
-        m.handled = 1
-        m._check_recycle()
-        assert m.recycling and m.recycle_exit == ExitCode.FAILURE
-
-    run(main())
+    limits = RecycleLimits(max_events=None, max_rss=2**20, log=structlog.get_logger("test"))  # below any Python process
+    stop = limits.check(handled=0)
+    assert not limits.recycling and not stop  # nothing handled: no recycle
+    stop = limits.check(handled=1)
+    assert stop and limits.recycling and limits.exit_code == ExitCode.FAILURE
 
 
 def test_f12_launcher_backs_off_a_recycle_right_after_the_start(tmp_path):
@@ -203,8 +201,7 @@ def test_f7_suspects_of_a_crash_with_several_in_flight_are_granted_to_run_alone(
 
 def test_f7_member_runs_a_suspect_with_no_other_call_in_flight(tmp_path):
     async def main():
-        rig = await make_rig(tmp_path, handler_async=True, concurrency=8)
-        m = rig.m
+        rig = make_parts(tmp_path, handler_async=True, concurrency=8)
         running, seen, overlaps = set(), [], []
 
         async def handle(ev, ctx) -> None:
@@ -217,19 +214,18 @@ def test_f7_member_runs_a_suspect_with_no_other_call_in_flight(tmp_path):
             running.discard(n)
             rig.handled.append(n)
 
-        m.handle = handle
+        rig.handler.handle = handle
         rig.deliver(1, [event(1)])
         rig.deliver(2, [event(2)])
         rig.deliver(0, [event(0)])  # seq 3: the suspect
         rig.deliver(3, [event(3)])
-        m._on_assign(Assign(group="g", partitions=list(range(4)), solo={0: [3]}))
-        task = asyncio.ensure_future(m._dispatcher())
-        m._work.set()
-        await wait_async(lambda: len(rig.handled) == 4, 5)
-        task.cancel()
+        change = rig.partitions.assign(Assign(group="g", partitions=list(range(4)), solo={0: [3]}))
+        assert change.fetch == [] and change.released == {}  # (only the solo changed)
+        await asyncio.wait_for(rig.run(), 5)
+        assert len(rig.handled) == 4
         assert overlaps == []  # the suspect ran alone
         assert max(seen) > 1  # the others still run concurrently
-        assert m.active == 0 and m.streams[0].solo is None
+        assert rig.scheduler.active == 0 and rig.streams[0].solo is None
 
     run(main())
 
@@ -237,12 +233,12 @@ def test_f7_member_runs_a_suspect_with_no_other_call_in_flight(tmp_path):
 # -- finding 15: an async handler that ignores its cancellation ends the member -----------------
 def test_f15_async_handler_ignoring_cancellation_ends_the_member(tmp_path):
     class Ending:
-        """Stands in for Watchdog._timed_out, whose os._exit(7) would end the test process."""
+        """Stands in for Watchdog.timed_out, whose os._exit(7) would end the test process."""
 
         def __init__(self) -> None:
             self.calls = []
 
-        def _timed_out(self, st, running, stopping) -> None:
+        def timed_out(self, st, running, stopping) -> None:
             self.calls.append((st.partition, st.queue[0][0], running >= 0.2))
 
     async def main():
@@ -259,12 +255,12 @@ def test_f15_async_handler_ignoring_cancellation_ends_the_member(tmp_path):
                 except asyncio.CancelledError:
                     continue  # a handler that swallows its cancellation
 
-        m.handle = handle
+        m.handler.handle = handle
         seqs = rig.deliver(2, [event(0)])
         task = asyncio.ensure_future(m._dispatcher())
         try:
-            await wait_async(lambda: m.streams[2].task is not None, 5)
-            st = m.streams[2]
+            await wait_async(lambda: rig.streams[2].task is not None, 5)
+            st = rig.streams[2]
             st.started -= 0.3  # past handler_timeout: cancelled
             m._cancel_overdue(time.monotonic())
             assert st.timed_out and m.watchdog.calls == []
@@ -274,8 +270,8 @@ def test_f15_async_handler_ignoring_cancellation_ends_the_member(tmp_path):
         finally:
             task.cancel()
             done.append(True)  # (let it end, or the loop never closes)
-            if m.streams[2].task is not None:
-                m.streams[2].task.cancel()
+            if rig.streams[2].task is not None:
+                rig.streams[2].task.cancel()
             await asyncio.sleep(0.01)
 
     run(main())
@@ -338,17 +334,15 @@ def test_f14_a_member_exit_while_the_router_is_down_asks_nothing(tmp_path):
 # -- finding 20: a member forgets poison skips once its stream is past them ---------------------
 def test_f20_skips_are_forgotten_once_acked_past(tmp_path):
     async def main():
-        rig = await make_rig(tmp_path)
-        m = rig.m
-        m._on_assign(Assign(group="g", partitions=list(range(4)), skip={0: [2]}))
+        rig = make_parts(tmp_path)
+        rig.partitions.assign(Assign(group="g", partitions=list(range(4)), skip={0: [2]}))
         rig.deliver(0, [event(1), event(2), event(3)])  # seq 2 is dead-lettered poison
-        tasks = [asyncio.ensure_future(m._dispatcher()), asyncio.ensure_future(m._acker())]
-        m._work.set()
-        await wait_async(lambda: m._last_acks.get(0) == 3, 5)
-        for t in tasks:
-            t.cancel()
+        await rig.run()
+        acks = rig.partitions.due_acks()
+        rig.partitions.acks_sent(acks)
+        assert acks[0] == 3 and rig.partitions.acked.get(0) == 3
         assert [n for n, *_ in rig.handled] == [1, 3]
-        assert m.streams[0].skip is None
+        assert rig.streams[0].skip is None
 
     run(main())
 
