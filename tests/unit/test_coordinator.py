@@ -453,7 +453,6 @@ def test_unclean_mark_flags_every_grant_until_the_cursor_passes_it():
     assert g.unclean == {}
 
 
-
 def test_a_forced_release_flags_the_new_owner_up_to_the_head():
     # the old owner never released (a stuck handler): it may have handled events past
     # its last ack, so the new owner must see them as possible repeats (ctx.redelivered)
