@@ -32,17 +32,17 @@ def entry(
         logs.configure(cfg.log.level, cfg.log.format, process=name)
         _open_box(blackbox, blackbox.path_for(cfg.data_dir, name))
         if role == "router":
-            from nexus.router.server import main
+            from nexus.router.server import main as run_router
 
-            main(cfg, env, members_alive)
+            run_router(cfg, env, members_alive)
         elif role == "producer":
-            from nexus.sources import main
+            from nexus.sources import main as run_source
 
-            main(cfg, name)
+            run_source(cfg, name)
         elif role == "worker":
-            from nexus.member.runtime import main
+            from nexus.member.runtime import main as run_member
 
-            main(cfg, group, name)
+            run_member(cfg, group, name)
         else:
             raise NexusError(f"unknown role {role}")
     except NexusError as exc:

@@ -67,7 +67,8 @@ class Child:
         if self.reaped:
             return False  # long gone: its pid may belong to someone else by now
         process.kill_group(self.pid or 0)
-        self.process.join(0.5)
+        if self.process is not None:
+            self.process.join(0.5)
         self.reaped = True
         return True
 

@@ -42,7 +42,7 @@ class ToastyServicer(pb_grpc.ToastyServicer):
             failing = self._fail_left > 0
             if failing:
                 self._fail_left -= 1
-            nid = None if failing else f"n{next(self._ids)}"
+            nid = "" if failing else f"n{next(self._ids)}"  # failing: abort() raises below
         if failing:
             context.abort(grpc.StatusCode.UNAVAILABLE, "failing on purpose (--fail-first)")
         self._on_notification(request, nid)
