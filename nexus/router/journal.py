@@ -26,8 +26,7 @@ from typing import Any, overload
 import msgspec
 import structlog
 
-# HEADER, MAX_RECORD, SUFFIX and verify are re-exported: journal.verify is the offline check
-from nexus.router.segments import (  # noqa: F401
+from nexus.router.segments import (
     CHUNK,
     HEADER,
     MAX_RECORD,
@@ -38,7 +37,6 @@ from nexus.router.segments import (  # noqa: F401
     list_segments,
     scan,
     torn_tail,
-    verify,
 )
 
 LENSEQ = struct.Struct("<IQ")
