@@ -12,7 +12,6 @@ import errno
 import os
 import threading
 import time
-from collections.abc import Sequence
 from itertools import chain
 
 import msgspec
@@ -60,11 +59,12 @@ from nexus.router.flusher import Flusher
 from nexus.router.intake import Accepted, Intake, Outcome
 from nexus.router.journal import Journal, StorageError, entry_decoder
 from nexus.router.ratelimit import RateLimiter
-from nexus.router.routing import Route, RouteTable
+from nexus.router.routing import RouteTable
 from nexus.router.storage import REASON as STORAGE_REASON
 from nexus.router.storage import RETRY_AFTER as STORAGE_RETRY_AFTER
 from nexus.router.storage import StorageState
 
+Stream = tuple[int, list[int], list[msgspec.Raw]]  # one partition's events of a commit: prev, seqs, events
 ADMIN_REQUESTS = (StatusRequest, ReplayRequest, DlqRequest, ReloadRequest)
 MEMBER_MESSAGES = (Heartbeat, Ack, Released, Leave)  # from a joined member (Join, Fetch: any)
 
@@ -483,35 +483,46 @@ class Router:
             self.storage.failed("journal", exc)
             raise
         self.storage.succeeded("journal")
-        streams: dict[tuple[str, int], tuple[int, list[int], list[msgspec.Raw]]] = {}
+        # group -> per partition, the stream of this commit: (prev, seqs, events) or None
+        streams: dict[str, list[Stream | None]] = {}
         heads = self.heads
         # the common case (every matching group) calls the cached table directly
         routes = self.routes.routes if not only_group else lambda t: self._routes_for(t, only_group)
         seq = first
         last_type: str | None = None
-        type_routes: Sequence[Route] = ()
+        targets: list[tuple[str, int, list[Stream | None]]] = []  # per route of the type
         for acc in accepted:
             for type_, khash, raw in zip(acc.types, acc.khashes, acc.events, strict=False):
                 if type_ != last_type:
-                    last_type, type_routes = type_, routes(type_)
-                for route in type_routes:
-                    p = partition_of(khash, route.partitions)
-                    stream = streams.get((route.group, p))
+                    last_type, targets = type_, []
+                    for route in routes(type_):
+                        slots = streams.get(route.group)
+                        if slots is None:
+                            slots = streams[route.group] = [None] * route.partitions
+                        targets.append((route.group, route.partitions, slots))
+                for group, partitions, slots in targets:
+                    p = partition_of(khash, partitions)
+                    stream = slots[p]
                     if stream is None:
-                        stream = streams[(route.group, p)] = (heads[route.group][p], [], [])
+                        stream = slots[p] = (heads[group][p], [], [])
                     stream[1].append(seq)
                     stream[2].append(raw)
                 seq += 1
         send = self.publish.send_multipart
         backlog = self.backlog.streams
         groups = self.coordinator.groups
-        for (group, p), (prev, seqs, events) in streams.items():
-            heads[group][p] = seqs[-1]
-            backlog[group][p].add(seqs)
-            # no live copy for a partition nobody owns yet (after a router restart a member
-            # that has not rejoined may still be subscribed): its owner will fetch it
-            if groups[group].owner[p] is not None:
-                send((topic(group, p), encoder.encode(Delivery(prev, seqs, events))), zmq.NOBLOCK)
+        for group, slots in streams.items():
+            owner, group_heads, group_backlog = groups[group].owner, heads[group], backlog[group]
+            for p, stream in enumerate(slots):
+                if stream is None:
+                    continue
+                prev, seqs, events = stream
+                group_heads[p] = seqs[-1]
+                group_backlog[p].add(seqs)
+                # no live copy for a partition nobody owns yet (after a router restart a member
+                # that has not rejoined may still be subscribed): its owner will fetch it
+                if owner[p] is not None:
+                    send((topic(group, p), encoder.encode(Delivery(prev, seqs, events))), zmq.NOBLOCK)
         if self.tail_subscribers:
             seqs = list(range(first, seq))
             events = list(chain.from_iterable(acc.events for acc in accepted))
