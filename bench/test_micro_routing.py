@@ -7,10 +7,11 @@ import pytest
 
 from nexus.config import RateLimits
 from nexus.protocol.events import Contracts, encode
+from nexus.protocol.partitions import key_hash, partition_of
 from nexus.protocol.wire import ProducerBatch, encoder
 from nexus.router.intake import Intake
 from nexus.router.ratelimit import RateLimiter
-from nexus.router.routing import RouteTable, key_hash, partition_of
+from nexus.router.routing import RouteTable
 
 from .conftest import BATCH, make_event, per_event
 
@@ -123,8 +124,8 @@ def test_router_fetch_dense_partition(benchmark, router, raw_events):
     record is in the fetched partition: the catch-up path of a member that fell behind."""
     import msgspec
 
+    from nexus.protocol.partitions import key_hash
     from nexus.protocol.wire import Fetch
-    from nexus.router.routing import key_hash
 
     frame = encoder.encode(ProducerBatch([msgspec.Raw(r) for r in raw_events]))
     for _ in range(120):

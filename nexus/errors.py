@@ -66,10 +66,7 @@ class PeerError(NexusError):
     """A peer process (router, launcher) did not answer in time."""
 
     exit_code = ExitCode.UNREACHABLE
-
-
-class CrashLoopError(NexusError):
-    exit_code = ExitCode.CRASH_LOOP
+    reason = ""  # the peer's last refusal when one explains it (a producer's flush gave up)
 
 
 class DependencyError(NexusError):

@@ -3,9 +3,17 @@
 from __future__ import annotations
 
 import socket
+import subprocess
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import IO, TYPE_CHECKING, Any
+
+from nexus.errors import PeerError
+from nexus.protocol.client import ControlClient, CoordClient
+from nexus.protocol.wire import ControlReply, ControlRequest
+
+if TYPE_CHECKING:
+    from nexus.config import Config
 
 
 def wait_for(
@@ -64,11 +72,12 @@ class LaunchedPipeline:
         self.config_path = str(config_path)
         self.env = dict(os.environ, **(env or {}))
         self.output_path = output_path or f"{self.config_path}.launch.log"
-        self.proc = None
-        self._cfg = None
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._out: IO[bytes] | None = None
+        self._cfg: Config | None = None
 
     @property
-    def cfg(self):
+    def cfg(self) -> Config:
         """The config as it was when first read (endpoints), like the launcher's: a test
         may break the file on disk meanwhile."""
         if self._cfg is None:
@@ -78,7 +87,6 @@ class LaunchedPipeline:
         return self._cfg
 
     def start(self, wait_ready: bool = True, timeout: float = 30.0) -> LaunchedPipeline:
-        import subprocess
         import sys
 
         _ = self.cfg  # read before anything can change the file
@@ -101,38 +109,32 @@ class LaunchedPipeline:
         with open(self.output_path, "rb") as f:
             return f.read().decode(errors="replace")
 
-    def control(self, cmd: str, timeout: float = 3.0, **kw) -> dict | None:
-        import msgspec
-        import zmq
-
-        from nexus.protocol import transport
-        from nexus.supervisor.launcher import ControlRequest
-
-        raw = transport.request(
-            zmq.Context.instance(),
-            self.cfg.control_endpoint,
-            msgspec.msgpack.encode(ControlRequest(cmd, **kw)),
-            timeout,
-        )
-        return None if raw is None else msgspec.msgpack.decode(raw)
+    def control(self, cmd: str, timeout: float = 3.0, **kw: Any) -> ControlReply | None:
+        """The launcher's reply to `cmd` (status, scale, stop, reload); None when it does not answer."""
+        try:
+            return ControlClient(self.cfg.control_endpoint, timeout).request(ControlRequest(cmd, **kw))
+        except PeerError:
+            return None
 
     def router_status(self, timeout: float = 3.0) -> dict | None:
-        import zmq
-
-        from nexus.protocol import transport
-        from nexus.protocol.wire import StatusRequest, coord_decoder, encoder
-
-        raw = transport.request(zmq.Context.instance(), self.cfg.coord, encoder.encode(StatusRequest()), timeout)
-        return None if raw is None else coord_decoder.decode(raw).data
+        """The router's status; None when it does not answer."""
+        try:
+            return CoordClient(self.cfg.coord, timeout).status()
+        except PeerError:
+            return None
 
     def processes(self) -> list[dict]:
         reply = self.control("status")
         return reply["processes"] if reply else []
 
     def wait_ready(self, timeout: float = 30.0) -> None:
+        proc = self.proc
+        if proc is None:
+            raise RuntimeError("the pipeline was not started")
+
         def ready():
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"launcher exited with {self.proc.returncode}:\n{self.output()[-3000:]}")
+            if proc.poll() is not None:
+                raise RuntimeError(f"launcher exited with {proc.returncode}:\n{self.output()[-3000:]}")
             reply = self.control("status", timeout=0.5)
             return reply is not None and reply.get("ready")
 
@@ -153,19 +155,20 @@ class LaunchedPipeline:
 
     def stop(self, timeout: float = 60.0) -> int:
         import signal
-        import subprocess
 
-        if self.proc is None:
+        proc = self.proc
+        if proc is None:
             return 0
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
             try:
-                self.proc.wait(timeout)
+                proc.wait(timeout)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self._out.close()
-        return self.proc.returncode
+                proc.kill()
+                proc.wait(10)
+        if self._out is not None:
+            self._out.close()
+        return proc.returncode
 
     def __enter__(self) -> LaunchedPipeline:
         return self.start()

@@ -17,19 +17,10 @@ import zmq
 from nexus import config as config_mod
 from nexus.errors import ConfigError, EventError, ExitCode, NexusError, PeerError
 from nexus.protocol import transport
+from nexus.protocol.client import REQUEST_TIMEOUT, ControlClient, CoordClient, require_listening
 from nexus.protocol.events import Contracts, decode_wire_event, printable
-from nexus.protocol.wire import (
-    TAIL_TOPIC,
-    DlqRequest,
-    ReloadRequest,
-    ReplayRequest,
-    StatusRequest,
-    coord_decoder,
-    delivery_decoder,
-    encoder,
-)
+from nexus.protocol.wire import TAIL_TOPIC, ControlReply, delivery_decoder
 
-REQUEST_TIMEOUT = 3.0
 START_HINT = "; start the pipeline with `python -m nexus.launch -c FILE`"
 
 
@@ -39,38 +30,19 @@ def _load(args) -> config_mod.Config:
     return cfg
 
 
-def _check_reachable(endpoint: str, who: str) -> None:
-    """Fail at once when nothing listens there, instead of after a timeout."""
-    why = transport.unreachable(endpoint)
-    if why:
-        raise PeerError(f"{who} at {endpoint} is not running ({why}){START_HINT}")
+# Both clients fail at once, with START_HINT, when nothing can be listening (no pipeline
+# runs), and after REQUEST_TIMEOUT when a peer is there but does not answer.
+def _router(cfg: config_mod.Config) -> CoordClient:
+    return CoordClient(cfg.coord, REQUEST_TIMEOUT, probe=True, not_running_hint=START_HINT)
 
 
-def _ask_router(cfg: config_mod.Config, msg) -> dict:
-    _check_reachable(cfg.coord, "router")
-    raw = transport.request(zmq.Context.instance(), cfg.coord, encoder.encode(msg), REQUEST_TIMEOUT)
-    if raw is None:
-        raise PeerError(f"router at {cfg.coord} did not answer within {REQUEST_TIMEOUT:g}s (is the pipeline running?)")
-    reply = coord_decoder.decode(raw)
-    if hasattr(reply, "reason"):
-        raise NexusError(f"router: {reply.reason}")
-    return reply.data
+def _launcher(cfg: config_mod.Config) -> ControlClient:
+    return ControlClient(cfg.control_endpoint, REQUEST_TIMEOUT, probe=True, not_running_hint=START_HINT)
 
 
-def _ask_launcher(cfg: config_mod.Config, cmd: str, check: bool = True, **kw) -> dict:
-    from nexus.supervisor.launcher import ControlRequest
-
-    _check_reachable(cfg.control_endpoint, "launcher")
-    raw = transport.request(
-        zmq.Context.instance(), cfg.control_endpoint, msgspec.msgpack.encode(ControlRequest(cmd, **kw)), REQUEST_TIMEOUT
-    )
-    if raw is None:
-        raise PeerError(
-            f"launcher at {cfg.control_endpoint} did not answer within {REQUEST_TIMEOUT:g}s "
-            "(is `python -m nexus.launch` running with this config?)"
-        )
-    reply = msgspec.msgpack.decode(raw)
-    if check and not reply.get("ok"):
+def _done(reply: ControlReply) -> ControlReply:
+    """The launcher's reply when it did what was asked; its reason otherwise."""
+    if not reply.get("ok"):
         raise NexusError(reply.get("error", "launcher refused the request"))
     return reply
 
@@ -102,7 +74,7 @@ def cmd_send(args) -> int:
     ) as producer:
         ids = [producer.send(args.type, p, key=args.key, priority=args.priority, v=args.v) for p in payloads]
         try:
-            _check_reachable(endpoint, "router")  # after send: an invalid event fails first
+            require_listening(endpoint, "router", START_HINT)  # after send: an invalid event fails first
         except PeerError:
             with contextlib.suppress(NexusError):
                 producer.close(0)  # nobody to wait for
@@ -140,7 +112,7 @@ def cmd_status(args) -> int:
     status: dict[str, Any] = {}
     errors = []
     with ThreadPoolExecutor(2) as pool:  # both at once: a stalled pipeline costs one timeout, not two
-        asks = [pool.submit(_ask_launcher, cfg, "status"), pool.submit(_ask_router, cfg, StatusRequest())]
+        asks = [pool.submit(lambda: _done(_launcher(cfg).status())), pool.submit(_router(cfg).status)]
     for ask in asks:
         try:
             status.update(ask.result())
@@ -220,7 +192,7 @@ def cmd_status(args) -> int:
 # -- scale, worker ----------------------------------------------------------------------
 def cmd_scale(args) -> int:
     cfg = _load(args)
-    reply = _ask_launcher(cfg, "scale", group=args.group, n=args.n)
+    reply = _done(_launcher(cfg).scale(args.group, args.n))
     print(f"{reply['group']}: {reply['old']} -> {reply['new']} processes")
     return ExitCode.OK
 
@@ -243,8 +215,7 @@ def cmd_tail(args) -> int:
     import fnmatch
 
     cfg = _load(args)
-    ctx = zmq.Context.instance()
-    sub = transport.subscriber(ctx, cfg.publish)
+    sub = transport.subscriber(zmq.Context.instance(), cfg.publish)
     sub.setsockopt(zmq.SUBSCRIBE, TAIL_TOPIC)
     shown = 0
     deadline = time.monotonic() + args.seconds if args.seconds else None
@@ -359,7 +330,7 @@ def cmd_journal(args) -> int:
     if args.action == "verify":
         return cmd_journal_verify(cfg, args)
     if args.action == "info":
-        status = _ask_router(cfg, StatusRequest())
+        status = _router(cfg).status()
         info = {
             "journal": status["router"]["journal"],
             "groups": {n: {"lag": g["lag"], "cursor_min": g["cursor_min"]} for n, g in status["groups"].items()},
@@ -383,17 +354,16 @@ def cmd_journal(args) -> int:
         return ExitCode.OK
     if args.group is None:
         raise NexusError("journal replay needs --group GROUP")
-    req = ReplayRequest(group=args.group, from_seq=0, from_time=0.0)
     value = args.from_
     try:
-        req = ReplayRequest(group=args.group, from_seq=int(value))
+        from_seq, from_time = int(value), 0.0
     except ValueError:
         try:
-            when = float(value) if value.replace(".", "", 1).isdigit() else _parse_time(value)
+            from_time = float(value) if value.replace(".", "", 1).isdigit() else _parse_time(value)
         except ValueError:
             raise NexusError(f"--from {value!r}: expected a seq number or an ISO time") from None
-        req = ReplayRequest(group=args.group, from_time=when)
-    result = _ask_router(cfg, req)
+        from_seq = 0
+    result = _router(cfg).replay(args.group, from_seq, from_time)
     if "error" in result:
         raise NexusError(result["error"])
     _print_json(result) if args.json else print(
@@ -414,7 +384,7 @@ def cmd_dlq(args) -> int:
         raise NexusError("dlq show needs exactly one ID")
     if args.action in ("replay", "purge") and not (ids or args.group or args.all):
         raise NexusError(f"dlq {args.action} needs IDs, --group G or --all")
-    result = _ask_router(cfg, DlqRequest(action=args.action, ids=ids, group=args.group, type=args.type, all=args.all))
+    result = _router(cfg).dead_letters(args.action, ids, args.group, args.type, args.all)
     if "error" in result:
         raise NexusError(result["error"])
     if args.json:
@@ -464,9 +434,9 @@ def cmd_reload(args) -> int:
     try:
         # the launcher validates the file and hands the router (and every child it
         # restarts later) what it checked
-        result = _ask_launcher(cfg, "reload", check=False)
+        result = _launcher(cfg).reload()
     except PeerError:
-        result = _ask_router(cfg, ReloadRequest())  # a router run without a launcher
+        result = _router(cfg).reload()  # a router run without a launcher
     if "error" in result:
         raise ConfigError(result["error"])
     if args.json:

@@ -134,6 +134,34 @@ def _socket_hwm(confirm: bool) -> int:
     return transport.DEFAULT_HWM if confirm else FIRE_HWM
 
 
+class _Closing:
+    """close() of either producer. A fire-mode socket lingers until close's deadline (at
+    least LINGER_MIN, so that "delivered" and "lingered out" can be told apart); the
+    context's term() then returns once ZeroMQ handed every queued message to the router,
+    or when the linger ran out, and then those messages were dropped."""
+
+    def __init__(self, endpoint: str, timeout: float):
+        self.endpoint = endpoint
+        self.timeout = timeout
+        self.deadline = time.monotonic() + timeout
+        self.linger = 0.0
+        self.closed_at = 0.0  # monotonic; set when a fire-mode socket was closed lingering
+
+    def close_socket(self, sock: zmq.Socket, fire: bool) -> None:
+        if fire:
+            self.linger = max(LINGER_MIN, self.deadline - time.monotonic())
+            self.closed_at = time.monotonic()
+        sock.close(linger=int(self.linger * 1000))
+
+    def check_delivered(self) -> None:
+        """After the context's term(): raise PeerError if the linger ran out."""
+        if self.closed_at and time.monotonic() - self.closed_at >= self.linger - 0.001:
+            raise PeerError(
+                f"fire mode: events still queued for the router at {self.endpoint} when "
+                f"close's {self.timeout:g}s ran out were dropped (router down or backed up)"
+            )
+
+
 class Producer:
     """Thread-safe producer; a background thread owns the socket and batches."""
 
@@ -167,11 +195,8 @@ class Producer:
         # False: the I/O thread waits for a wake-up message (the next send() sends one);
         # True: one is on its way, or the thread is busy or napping
         self._signaled = False
-        self._closing = False
+        self._closing: _Closing | None = None  # set by close(): the I/O thread ends
         self._closed = False
-        self._close_deadline = 0.0  # monotonic; the fire-mode socket lingers until then
-        self._sock_closed_at = 0.0
-        self._linger = 0.0
         self._failure: BaseException | None = None
         self._thread = threading.Thread(target=self._io, name="nexus-producer", daemon=True)
         self._thread.start()
@@ -191,7 +216,7 @@ class Producer:
         event_id, data = self._maker.make(type, payload, key, priority, correlation_id, v, id)
         outbox = self._outbox
         with self._lock:
-            if self._closing or self._failure is not None or not outbox.has_room():
+            if self._closing is not None or self._failure is not None or not outbox.has_room():
                 self._wait_for_room()
             outbox.add(event_id, data)
             if not self._signaled or len(outbox.pending) == NAP_WAKE_AT:
@@ -247,12 +272,12 @@ class Producer:
         every queued message to the router; raise PeerError if it could not."""
         if self._closed:
             return
-        self._close_deadline = time.monotonic() + timeout
+        closing = _Closing(self.endpoint, timeout)
         try:
             self.flush(timeout)
         finally:
             with self._lock:
-                self._closing = True
+                self._closing = closing
                 self._wake_w.send(b"")
             self._thread.join(timeout=5)
             with self._lock:
@@ -261,12 +286,7 @@ class Producer:
             # blocks until the sockets are closed (a still blocked I/O thread gets ETERM and
             # closes its socket) and the fire-mode socket delivered its queue or lingered out
             self._ctx.term()
-        # term() returning only when the linger ran out means ZeroMQ still held messages
-        if self._sock_closed_at and time.monotonic() - self._sock_closed_at >= self._linger - 0.001:
-            raise PeerError(
-                f"fire mode: events still queued for the router at {self.endpoint} when "
-                f"close's {timeout:g}s ran out were dropped (router down or backed up)"
-            )
+        closing.check_delivered()
 
     @property
     def stats(self) -> dict:
@@ -285,7 +305,7 @@ class Producer:
                 pass
 
     def _check_open(self) -> None:
-        if self._closing or self._closed:
+        if self._closing is not None or self._closed:
             raise NexusError("producer is closed")
         if self._failure is not None:
             raise PeerError(f"producer I/O failed: {self._failure}")
@@ -305,7 +325,7 @@ class Producer:
                 # re-armed before taking: an event added after this point either is taken
                 # below or its sender sends a wake-up
                 self._signaled = False
-                closing = self._closing
+                closing = self._closing is not None
                 now = time.monotonic()
                 messages = outbox.resend_batches(now)
                 before = outbox.sent_events
@@ -353,16 +373,12 @@ class Producer:
                 self._failure = exc
                 cond.notify_all()
         finally:
-            if not self.confirm and self._closing:
+            if self._closing is not None:
                 # fire mode: what ZeroMQ still queues goes out while close() terminates the
-                # context, until the close deadline (at least LINGER_MIN, so that close() can
-                # tell "delivered" from "lingered out"); confirm mode needs no linger: flush
-                # already saw every event ACKed
-                self._linger = max(LINGER_MIN, self._close_deadline - time.monotonic())
-                self._sock_closed_at = time.monotonic()
-                sock.close(linger=int(self._linger * 1000))
+                # context; confirm mode needs no linger: flush already saw every event ACKed
+                self._closing.close_socket(sock, fire=not self.confirm)
             else:
-                sock.close(linger=0)
+                sock.close(linger=0)  # failed: close() raises that failure
             self._wake_r.close(0)
 
 
@@ -393,10 +409,12 @@ class AsyncProducer:
     def _start(self) -> None:
         if self._sock is None:
             kind = zmq.DEALER if self.confirm else zmq.PUSH
-            self._sock = transport.connect(self._ctx, kind, self.endpoint, linger_ms=0, hwm=_socket_hwm(self.confirm))
-            self._tasks.append(asyncio.ensure_future(self._sender()))
+            self._sock = sock = transport.connect(
+                self._ctx, kind, self.endpoint, linger_ms=0, hwm=_socket_hwm(self.confirm)
+            )
+            self._tasks.append(asyncio.ensure_future(self._sender(sock)))
             if self.confirm:
-                self._tasks.append(asyncio.ensure_future(self._receiver()))
+                self._tasks.append(asyncio.ensure_future(self._receiver(sock)))
 
     async def send(
         self,
@@ -440,8 +458,7 @@ class AsyncProducer:
         queued message to the router and raises PeerError if it could not."""
         if self._closed:
             return
-        deadline = time.monotonic() + timeout
-        linger, closed_at = 0.0, 0.0
+        closing = _Closing(self.endpoint, timeout)
         try:
             if self._sock is not None:
                 await self.flush(timeout)
@@ -451,17 +468,10 @@ class AsyncProducer:
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
             if self._sock is not None:
-                if not self.confirm:
-                    linger = max(LINGER_MIN, deadline - time.monotonic())
-                    closed_at = time.monotonic()
-                self._sock.close(linger=int(linger * 1000))
+                closing.close_socket(self._sock, fire=not self.confirm)
             # in a thread: term() blocks until the queue is delivered or the linger ran out
             await asyncio.to_thread(self._ctx.term)
-        if closed_at and time.monotonic() - closed_at >= linger - 0.001:
-            raise PeerError(
-                f"fire mode: events still queued for the router at {self.endpoint} when "
-                f"close's {timeout:g}s ran out were dropped (router down or backed up)"
-            )
+        closing.check_delivered()
 
     async def __aenter__(self) -> AsyncProducer:
         return self
@@ -475,7 +485,7 @@ class AsyncProducer:
             except NexusError:
                 pass
 
-    async def _sender(self) -> None:
+    async def _sender(self, sock: zmq.asyncio.Socket) -> None:
         outbox = self._outbox
         while True:
             now = time.monotonic()
@@ -483,7 +493,7 @@ class AsyncProducer:
             while (batch := outbox.next_batch(now)) is not None:
                 messages.append(batch)
             for message in messages:
-                await self._sock.send(message)
+                await sock.send(message)
             if messages and not self.confirm:
                 self._changed.set()
             self._wake.clear()
@@ -496,9 +506,9 @@ class AsyncProducer:
             except TimeoutError:
                 pass
 
-    async def _receiver(self) -> None:
+    async def _receiver(self, sock: zmq.asyncio.Socket) -> None:
         while True:
-            raw = await self._sock.recv()
+            raw = await sock.recv()
             try:
                 self._outbox.on_reply(reply_decoder.decode(raw), time.monotonic())
             except msgspec.MsgspecError:

@@ -82,7 +82,7 @@ class Outbox:
         self._release_rate_limited(now)
         if not self.pending:
             return None
-        events: list[bytes] = []
+        events: list[msgspec.Raw] = []
         size = 0
         first = self.next_pseq
         while self.pending and len(events) < MAX_BATCH_EVENTS and size < MAX_BATCH_BYTES:

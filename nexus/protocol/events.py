@@ -21,6 +21,7 @@ import msgspec
 
 from nexus.common.text import CONTROL_RE, printable  # noqa: F401  re-exported for the wire layer
 from nexus.errors import EventError
+from nexus.protocol.partitions import partition_key
 
 # C0 controls, DEL and C1 controls: they reach terminals and logs (escape sequences,
 # forged lines), so `source`, `key` and `correlation_id` refuse them (SDK: _EventMaker,
@@ -52,7 +53,7 @@ class Event(msgspec.Struct, frozen=True, omit_defaults=True):
 
     @property
     def partition_key(self) -> str:
-        return self.key if self.key is not None else self.source
+        return partition_key(self.key, self.source)
 
 
 class WireEvent(msgspec.Struct, frozen=True, omit_defaults=True, forbid_unknown_fields=True):

@@ -8,7 +8,7 @@ connecting sockets use ZMTP heartbeats to notice a dead peer.
 from __future__ import annotations
 
 import os
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import zmq
 
@@ -62,7 +62,7 @@ def bind(
 
 
 def connect(
-    ctx: zmq.Context,
+    ctx: zmq.Context[S],
     kind: int,
     endpoint: str,
     *,
@@ -70,8 +70,9 @@ def connect(
     identity: bytes | None = None,
     linger_ms: int = LINGER_MS,
     max_message: int = MAX_MESSAGE_BYTES,
-) -> zmq.Socket:
-    """A socket a producer, member or CLI uses to reach a bound endpoint."""
+) -> S:
+    """A socket a producer, member or CLI uses to reach a bound endpoint (an asyncio
+    socket from an asyncio context)."""
     sock = ctx.socket(kind)
     _common(sock, linger_ms)
     sock.setsockopt(zmq.MAXMSGSIZE, max_message)
@@ -118,6 +119,7 @@ def unreachable(endpoint: str, timeout: float = PROBE_TIMEOUT) -> str | None:
     peer still gets its full timeout (ZeroMQ drops the bare connection silently)."""
     import socket
 
+    address: str | tuple[Any, ...]
     if endpoint.startswith("ipc://"):
         path = endpoint[len("ipc://") :]
         if not os.path.exists(path):

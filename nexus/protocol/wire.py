@@ -6,7 +6,7 @@ one of these typed structs; docs/PROTOCOL.md describes them for other languages.
 
 from __future__ import annotations
 
-from typing import Union
+from typing import Any, Union
 
 import msgspec
 
@@ -61,10 +61,10 @@ def topic(group: str, partition: int) -> bytes:
 
 
 class Coord(msgspec.Struct, frozen=True, tag_field="op", forbid_unknown_fields=True):
-    pass
+    """Base of the coord messages (each subclass repeats frozen=True only for type checkers)."""
 
 
-class Join(Coord, tag="join"):
+class Join(Coord, tag="join", frozen=True):
     group: str
     member: str
     host: str = ""
@@ -72,19 +72,19 @@ class Join(Coord, tag="join"):
     holding: dict[int, int] = {}  # rejoining after a router restart: partition -> handled up to
 
 
-class Heartbeat(Coord, tag="hb"):
+class Heartbeat(Coord, tag="hb", frozen=True):
     group: str
     member: str
     stats: dict[str, int | float | str] = {}  # member counters and breaker state, for status
 
 
-class Ack(Coord, tag="ack"):
+class Ack(Coord, tag="ack", frozen=True):
     group: str
     member: str
     acks: dict[int, int]
 
 
-class Released(Coord, tag="released"):
+class Released(Coord, tag="released", frozen=True):
     """Member gave up partitions after a revoke, with its final acks."""
 
     group: str
@@ -92,14 +92,14 @@ class Released(Coord, tag="released"):
     acks: dict[int, int]
 
 
-class Leave(Coord, tag="leave"):
+class Leave(Coord, tag="leave", frozen=True):
     group: str
     member: str
     acks: dict[int, int] = {}
     busy: list[int] = []  # partitions whose head call still ran at the drain deadline
 
 
-class Fetch(Coord, tag="fetch"):
+class Fetch(Coord, tag="fetch", frozen=True):
     group: str
     member: str
     partition: int
@@ -107,11 +107,11 @@ class Fetch(Coord, tag="fetch"):
     limit: int = 1000
 
 
-class StatusRequest(Coord, tag="status"):
+class StatusRequest(Coord, tag="status", frozen=True):
     pass
 
 
-class DeadLetter(Coord, tag="dead_letter"):
+class DeadLetter(Coord, tag="dead_letter", frozen=True):
     """Member -> router, before the member acks the event: store it in the DLQ."""
 
     group: str
@@ -126,7 +126,7 @@ class DeadLetter(Coord, tag="dead_letter"):
     first_failed: float
 
 
-class MemberExited(Coord, tag="member_exited"):
+class MemberExited(Coord, tag="member_exited", frozen=True):
     """Launcher -> router: a member process ended (crash, hang kill, recycle). The
     router frees its partitions at once instead of waiting for missed heartbeats.
     `inflight` names the events its black box says it was handling (partition -> seqs);
@@ -143,7 +143,7 @@ class MemberExited(Coord, tag="member_exited"):
     pid: int = 0  # the exited process (0: unknown): a newer one may have joined
 
 
-class DeadLetterStored(Coord, tag="dead_letter_stored"):
+class DeadLetterStored(Coord, tag="dead_letter_stored", frozen=True):
     """Router -> member: the DeadLetter of (partition, seq) is stored; only now may the
     member move past it and ack it. Until then it resends the DeadLetter on a timeout."""
 
@@ -152,7 +152,7 @@ class DeadLetterStored(Coord, tag="dead_letter_stored"):
     seq: int
 
 
-class DlqRequest(Coord, tag="dlq"):
+class DlqRequest(Coord, tag="dlq", frozen=True):
     action: str  # list | show | replay | purge
     ids: list[int] = []
     group: str | None = None
@@ -160,17 +160,17 @@ class DlqRequest(Coord, tag="dlq"):
     all: bool = False
 
 
-class ReloadRequest(Coord, tag="reload"):
+class ReloadRequest(Coord, tag="reload", frozen=True):
     config: bytes = b""  # the config the launcher validated (config.to_bytes); empty: re-read the file
 
 
-class ReplayRequest(Coord, tag="replay"):
+class ReplayRequest(Coord, tag="replay", frozen=True):
     group: str
     from_seq: int = 0
     from_time: float = 0.0
 
 
-class Assign(Coord, tag="assign"):
+class Assign(Coord, tag="assign", frozen=True):
     """The member's full partition set. `grants` holds the newly granted partitions
     with the cursor to start after; partitions missing from `partitions` are revoked."""
 
@@ -183,13 +183,13 @@ class Assign(Coord, tag="assign"):
     solo: dict[int, list[int]] = {}  # granted partition -> seqs to run alone (in flight at a crash with others)
 
 
-class Pulse(Coord, tag="pulse"):
+class Pulse(Coord, tag="pulse", frozen=True):
     """Heartbeat answer: the last seq of each of the member's partition streams."""
 
     heads: dict[int, int] = {}
 
 
-class Records(Coord, tag="records"):
+class Records(Coord, tag="records", frozen=True):
     group: str
     partition: int
     after: int
@@ -199,13 +199,13 @@ class Records(Coord, tag="records"):
     complete: bool = True  # False: more to fetch after `upto`
 
 
-class Reply(Coord, tag="reply"):
+class Reply(Coord, tag="reply", frozen=True):
     """Generic answer to CLI requests: `data` is a plain mapping."""
 
     data: dict = {}
 
 
-class Error(Coord, tag="error"):
+class Error(Coord, tag="error", frozen=True):
     reason: str
     code: str = "error"  # "unknown_member", "unknown_group", "bad_message"
 
@@ -231,8 +231,26 @@ CoordMessage = Union[  # noqa: UP007 - a long tagged union reads better one memb
     Error,
 ]
 
+# -- control: CLI / tests DEALER -> launcher ROUTER ---------------------------------
+
+
+class ControlRequest(msgspec.Struct, frozen=True):
+    """A request to the launcher. The reply is a plain map (`ControlReply`): "ok" (bool),
+    "error" (str) when not ok, and per command: status "processes", "ready", "launcher";
+    scale "group", "old", "new"; reload "rate_limits", "needs_restart"; stop nothing."""
+
+    cmd: str  # status | scale | stop | reload
+    group: str = ""
+    n: int = 0
+
+
+ControlReply = dict[str, Any]
+
 encoder = msgspec.msgpack.Encoder()
 batch_decoder = msgspec.msgpack.Decoder(ProducerBatch)
 reply_decoder = msgspec.msgpack.Decoder(ProducerReply)
 delivery_decoder = msgspec.msgpack.Decoder(Delivery)
 coord_decoder = msgspec.msgpack.Decoder(CoordMessage)
+coord_reply_decoder = msgspec.msgpack.Decoder(Reply | Error)  # an answer to a request
+control_decoder = msgspec.msgpack.Decoder(ControlRequest)
+control_reply_decoder = msgspec.msgpack.Decoder(ControlReply)

@@ -1,19 +1,29 @@
-"""Router requests from the CLI (status, journal replay, dead letters, reload),
-kept apart from the router's hot path."""
+"""Router requests from the CLI and the launcher (status, journal replay, dead letters,
+member exits, reload), kept apart from the router's hot path.
+
+Admin reaches the router only through `RouterSurface`: the router's parts (read, or
+used through their public methods) and four methods of the router's own: lag,
+send_coord, commit_replayed and apply_rate_limits. It never imports the server (which
+imports admin): the server's `Router` meets the protocol as it is.
+"""
 
 from __future__ import annotations
 
 import os
 import sqlite3
 import time
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import msgspec
 import structlog
 
+from nexus import config as config_mod
+from nexus.config import Config, RateLimits
 from nexus.errors import ConfigError, describe_exit
 from nexus.protocol.events import decode_wire_event
+from nexus.protocol.partitions import key_hash, partition_key
 from nexus.protocol.wire import (
+    Coord,
     DeadLetter,
     DeadLetterStored,
     DlqRequest,
@@ -22,26 +32,55 @@ from nexus.protocol.wire import (
     ReplayRequest,
     StatusRequest,
 )
-from nexus.router.deadletters import PendingDeadLetter
-from nexus.router.intake import Accepted
-from nexus.router.journal import Entry, entry_decoder, entry_encoder
-from nexus.router.ratelimit import RateLimiter
-from nexus.router.routing import key_hash
-
-if TYPE_CHECKING:
-    from nexus.router.server import Router
+from nexus.router.coordinator import Coordinator, Group
+from nexus.router.cursors import CursorStore
+from nexus.router.deadletters import DeadLetterStore, DeadLetterWriter, PendingDeadLetter
+from nexus.router.flusher import Flusher
+from nexus.router.intake import Accepted, Intake
+from nexus.router.journal import Journal, encode_entries, entry_decoder
+from nexus.router.storage import StorageState
 
 log = structlog.get_logger("nexus.router")
 
+AdminRequest = StatusRequest | ReplayRequest | DlqRequest | ReloadRequest
 
-def handle(router: Router, msg) -> dict:
+
+class RouterSurface(Protocol):
+    """What admin uses of the router (nexus/router/server.py `Router`): admin assigns
+    none of these attributes; it changes the router only through the methods."""
+
+    config: Config
+    env: str | None
+    started: float  # wall time
+    intake: Intake
+    journal: Journal
+    coordinator: Coordinator
+    cursors: CursorStore
+    flusher: Flusher
+    storage: StorageState
+    dlq: DeadLetterStore  # the loop's connection: reads and operator purges
+    dlq_writer: DeadLetterWriter  # the thread that stores dead letters
+    member_stats: dict[tuple[str, str], dict]
+    tail_subscribers: int
+    cursor_past_end: list[dict]
+
+    def lag(self, group: Group) -> int | str: ...
+
+    def send_coord(self, identity: bytes, msg: Coord) -> None: ...
+
+    def commit_replayed(self, accepted: Accepted, group: str) -> int: ...
+
+    def apply_rate_limits(self, limits: RateLimits) -> None: ...
+
+
+def handle(router: RouterSurface, msg: AdminRequest) -> dict:
     try:
         return _handle(router, msg)
     except OSError as exc:  # a journal or cursor write on a full or failing disk
         return {"error": f"storage unavailable: {exc}"}
 
 
-def _handle(router: Router, msg) -> dict:
+def _handle(router: RouterSurface, msg: AdminRequest) -> dict:
     if isinstance(msg, StatusRequest):
         return status(router)
     if isinstance(msg, ReplayRequest):
@@ -53,7 +92,7 @@ def _handle(router: Router, msg) -> dict:
     return {"error": f"unsupported request {type(msg).__name__}"}
 
 
-def status(router: Router) -> dict:
+def status(router: RouterSurface) -> dict:
     """Cheap by design (it is the launcher's readiness probe): nothing here reads the
     journal; lag comes from the router's incremental backlog."""
     try:
@@ -96,7 +135,7 @@ def status(router: Router) -> dict:
     }
 
 
-def recovering_status(router: Router) -> dict:
+def recovering_status(router: RouterSurface) -> dict:
     """Status while the router still reads its journal at start."""
     journal = router.journal
     return {
@@ -132,7 +171,7 @@ def recovering_status(router: Router) -> dict:
     }
 
 
-def replay(router: Router, msg: ReplayRequest) -> dict:
+def replay(router: RouterSurface, msg: ReplayRequest) -> dict:
     group = router.coordinator.groups.get(msg.group)
     if group is None:
         return {"error": f"unknown group {msg.group!r}"}
@@ -143,14 +182,14 @@ def replay(router: Router, msg: ReplayRequest) -> dict:
         from_seq = max(msg.from_seq, journal.first_seq())
     from_seq = min(from_seq, journal.last_seq + 1)
     for identity, out in router.coordinator.replay(group, from_seq - 1):
-        router._send_coord(identity, out)
-    router.flusher.save_now(router._cursor_snapshot())
+        router.send_coord(identity, out)
+    router.flusher.save_now(router.coordinator.cursor_snapshot())
     log.warning("journal_replay", group=group.name, from_seq=from_seq, last_seq=journal.last_seq)
     return {"group": group.name, "from_seq": from_seq, "last_seq": journal.last_seq, "events": router.lag(group)}
 
 
 # -- dead letters ---------------------------------------------------------------------
-def store_dead_letter(router: Router, msg: DeadLetter, identity: bytes) -> None:
+def store_dead_letter(router: RouterSurface, msg: DeadLetter, identity: bytes) -> None:
     """Hand the dead letter to the writer thread; the member hears `DeadLetterStored`
     once it is written (see `dead_letters_written`) and only then acks the event."""
     try:
@@ -180,7 +219,7 @@ def store_dead_letter(router: Router, msg: DeadLetter, identity: bytes) -> None:
     )
 
 
-def dead_letters_written(router: Router) -> None:
+def dead_letters_written(router: RouterSurface) -> None:
     """From the router loop: confirm what the writer thread stored."""
     done = router.dlq_writer.done
     while done:
@@ -202,15 +241,15 @@ def dead_letters_written(router: Router) -> None:
             error=f"{f['error_type']}: {f['error']}",
         )
         if item.reply_to is not None:
-            router._send_coord(item.reply_to, DeadLetterStored(f["group"], f["partition"], f["seq"]))
+            router.send_coord(item.reply_to, DeadLetterStored(f["group"], f["partition"], f["seq"]))
 
 
-def member_exited(router: Router, group, msg: MemberExited, now: float) -> dict:
+def member_exited(router: RouterSurface, group, msg: MemberExited, now: float) -> dict:
     """The launcher saw a member die: free its partitions now, dead-letter the poison it
     names (read from the journal by seq) and make the next owners pass over it."""
     router.coordinator.suspect(group, msg.inflight, msg.poison)  # before exited() grants them
     for identity, out in router.coordinator.exited(group, msg.member, msg.pid, msg.poison, now):
-        router._send_coord(identity, out)
+        router.send_coord(identity, out)
     how = describe_exit(msg.exit_code)
     timeout = msg.reason == "handler_timeout"
     dead = []
@@ -258,14 +297,14 @@ def member_exited(router: Router, group, msg: MemberExited, now: float) -> dict:
     return {"ok": True, "dead_lettered": dead}
 
 
-def _poison_settled(router: Router, group_name: str, partition: int, seq: int) -> None:
+def _poison_settled(router: RouterSurface, group_name: str, partition: int, seq: int) -> None:
     group = router.coordinator.groups.get(group_name)
     if group is not None:
         for identity, out in router.coordinator.poison_stored(group, partition, seq, time.monotonic()):
-            router._send_coord(identity, out)
+            router.send_coord(identity, out)
 
 
-def restore_skips(router: Router) -> None:
+def restore_skips(router: RouterSurface) -> None:
     """On start: poison dead-lettered before stays passed over (its partition's cursor
     may not have moved past it when the router stopped)."""
     for grp, partition, seq in router.dlq.poison():
@@ -274,7 +313,7 @@ def restore_skips(router: Router) -> None:
             group.skip.setdefault(partition, set()).add(seq)
 
 
-def dlq(router: Router, msg: DlqRequest) -> dict:
+def dlq(router: RouterSurface, msg: DlqRequest) -> dict:
     try:
         return _dlq(router, msg)
     except sqlite3.OperationalError as exc:
@@ -282,7 +321,7 @@ def dlq(router: Router, msg: DlqRequest) -> dict:
         return {"error": f"dead-letter store busy ({exc}); try again"}
 
 
-def _dlq(router: Router, msg: DlqRequest) -> dict:
+def _dlq(router: RouterSurface, msg: DlqRequest) -> dict:
     store = router.dlq
     if msg.group is not None and msg.group not in router.coordinator.groups:
         return {"error": f"unknown group {msg.group!r}"}
@@ -315,7 +354,7 @@ def _dlq(router: Router, msg: DlqRequest) -> dict:
     return {"error": f"unknown dlq action {msg.action!r}"}
 
 
-def _replay_dead_letters(router: Router, msg: DlqRequest) -> dict:
+def _replay_dead_letters(router: RouterSurface, msg: DlqRequest) -> dict:
     """Journal the events again, for their group only; each succeeds or comes back."""
     store = router.dlq
     if msg.ids:
@@ -324,10 +363,11 @@ def _replay_dead_letters(router: Router, msg: DlqRequest) -> dict:
         if missing:
             return {"error": f"no dead letter with id {', '.join(map(str, missing))}"}
     elif msg.group or msg.all:
-        rows = [store.get(r["id"]) for r in store.list(group=msg.group, type=msg.type)]
+        # (a row purged meanwhile by another process is left out)
+        rows = [found for r in store.list(group=msg.group, type=msg.type) if (found := store.get(r["id"])) is not None]
     else:
         return {"error": "replay needs ids, --group G or --all"}
-    by_group: dict[str, list] = {}
+    by_group: dict[str, list[tuple[dict[str, Any], bytes]]] = {}
     for row, raw in rows:
         if row["group"] in router.coordinator.groups:
             by_group.setdefault(row["group"], []).append((row, raw))
@@ -337,12 +377,11 @@ def _replay_dead_letters(router: Router, msg: DlqRequest) -> dict:
         acc = Accepted()
         for _row, raw in items:
             ev = decode_wire_event(raw)
-            khash = key_hash(ev.key if ev.key is not None else ev.source)
             acc.types.append(ev.type)
-            acc.khashes.append(khash)
+            acc.khashes.append(key_hash(partition_key(ev.key, ev.source)))
             acc.events.append(msgspec.Raw(raw))
-            acc.bodies.append(entry_encoder.encode(Entry(ev.type, khash, "", 0, msgspec.Raw(raw), now, group)))
-        first = router._commit([acc], only_group=group)
+        acc.bodies = encode_entries(acc.types, acc.khashes, acc.events, now, group=group)
+        first = router.commit_replayed(acc, group)
         ids = [row["id"] for row, _ in items]
         try:
             store.mark_replayed(ids)
@@ -359,11 +398,9 @@ def _replay_dead_letters(router: Router, msg: DlqRequest) -> dict:
 
 
 # -- reload ------------------------------------------------------------------------------
-def reload(router: Router, validated: bytes = b"") -> dict:
+def reload(router: RouterSurface, validated: bytes = b"") -> dict:
     """Apply a new config: the one the launcher validated and hands over, or (a router
     run alone) the file re-read. Rate limits apply at once, the rest needs a restart."""
-    from nexus import config as config_mod
-
     try:
         fresh = config_mod.from_bytes(validated) if validated else config_mod.load(router.config.source, router.env)
     except msgspec.MsgspecError as exc:
@@ -372,10 +409,7 @@ def reload(router: Router, validated: bytes = b"") -> dict:
     except ConfigError as exc:
         log.error("reload_failed", error=str(exc))
         return {"error": str(exc)}
-    router.intake.limiter = RateLimiter(fresh.router.rate_limits)
     changed = config_mod.needs_restart(router.config, fresh)
-    router.config = msgspec.structs.replace(
-        router.config, router=msgspec.structs.replace(router.config.router, rate_limits=fresh.router.rate_limits)
-    )
+    router.apply_rate_limits(fresh.router.rate_limits)
     log.info("config_reloaded", rate_limits=router.intake.limiter.describe(), needs_restart=changed)
     return {"rate_limits": router.intake.limiter.describe(), "needs_restart": changed}

@@ -116,6 +116,10 @@ class Coordinator:
         self.groups[name] = group
         return group
 
+    def cursor_snapshot(self) -> dict[str, list[int]]:
+        """Every group's cursors, copied: what the flusher saves."""
+        return {name: list(g.cursors) for name, g in self.groups.items()}
+
     def expect_rejoin(self, now: float) -> None:
         """The router restarted under live members (the launcher knows): hold back
         unclaimed partitions for one grace period even if the first member back is a
@@ -398,10 +402,3 @@ class Coordinator:
                     )
                 )
         return out
-
-    def member_of_identity(self, identity: bytes) -> tuple[Group, MemberInfo] | None:
-        for group in self.groups.values():
-            for info in group.members.values():
-                if info.identity == identity:
-                    return group, info
-        return None

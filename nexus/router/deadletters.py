@@ -11,12 +11,14 @@ a replayed event (a new seq) that fails again updates its row.
 
 from __future__ import annotations
 
+import builtins
 import collections
 import os
 import queue
 import sqlite3
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -149,13 +151,14 @@ class DeadLetterStore:
         r = self.db.execute(f"SELECT {', '.join(COLUMNS)}, event FROM dead_letters WHERE id = ?", (row_id,)).fetchone()
         return None if r is None else (self._row(r[:-1]), bytes(r[-1]))
 
-    def mark_replayed(self, row_ids: list[int]) -> None:
+    # (below `list`, the method, shadows the builtin in this class: hence builtins.list)
+    def mark_replayed(self, row_ids: Sequence[int]) -> None:
         now = time.time()
         self.db.executemany(
             "UPDATE dead_letters SET status='replayed', replayed_at=? WHERE id=?", [(now, i) for i in row_ids]
         )
 
-    def purge(self, group: str | None = None, row_ids: list[int] | None = None) -> int:
+    def purge(self, group: str | None = None, row_ids: Sequence[int] | None = None) -> int:
         if row_ids:
             cur = self.db.executemany("DELETE FROM dead_letters WHERE id = ?", [(i,) for i in row_ids])
         elif group is not None:
@@ -164,7 +167,7 @@ class DeadLetterStore:
             cur = self.db.execute("DELETE FROM dead_letters")
         return cur.rowcount
 
-    def poison(self) -> list[tuple[str, int, int]]:
+    def poison(self) -> builtins.list[tuple[str, int, int]]:
         """(group, partition, seq) of events dead-lettered for killing or hanging members:
         their group's next owner passes over them (rebuilt into Assign.skip on start)."""
         return self.db.execute(

@@ -14,10 +14,10 @@ import msgspec
 
 from nexus.errors import EventError
 from nexus.protocol.events import CONTROL_RE, DECODE_ERRORS, TYPE_RE, Contracts, WireEvent, printable
+from nexus.protocol.partitions import key_hash, partition_key
 from nexus.protocol.wire import Nack, ProducerBatch, batch_decoder
-from nexus.router.journal import Entry, entry_decoder, entry_encoder
+from nexus.router.journal import encode_entries, entry_decoder
 from nexus.router.ratelimit import RateLimiter
-from nexus.router.routing import key_hash
 
 MAX_PRODUCERS = 100_000  # producer ids remembered for dedup (LRU)
 RECENT_NACKS = 1_000  # per producer: NACKs repeated when a batch is resent
@@ -27,9 +27,12 @@ _CONTROLS = "malformed event: control characters are not allowed - at `"
 
 @dataclass
 class Accepted:
+    """Events accepted for the journal, column by column: `bodies` are their journal
+    records (journal.encode_entries), the rest what fan-out needs without decoding them."""
+
     types: list[str] = field(default_factory=list)
     khashes: list[int] = field(default_factory=list)
-    events: list[bytes] = field(default_factory=list)
+    events: list[msgspec.Raw] = field(default_factory=list)
     bodies: list[bytes] = field(default_factory=list)
 
 
@@ -139,8 +142,8 @@ class Intake:
         plain = self._plain_types  # types whose payload needs no per-event check
         good_sources = self._good_sources
         controls = CONTROL_RE.search
-        types, khashes, accepted, bodies = acc.types, acc.khashes, acc.events, acc.bodies
-        encode_entry = entry_encoder.encode
+        types, khashes, accepted = acc.types, acc.khashes, acc.events
+        pseqs: list[int] = []
         for i in range(max(skip, 0), len(events)):
             raw = events[i]
             if len(raw) > max_bytes:
@@ -196,8 +199,7 @@ class Intake:
                         wait,
                     )
                     continue
-            if key is None:
-                key = source
+            key = partition_key(key, source)
             khash = khash_of.get(key)
             if khash is None:
                 khash = key_hash(key)
@@ -207,7 +209,9 @@ class Intake:
             types.append(type_)
             khashes.append(khash)
             accepted.append(raw)
-            bodies.append(encode_entry(Entry(type_, khash, producer, first + i, raw, wall)))
+            pseqs.append(first + i)
+        if accepted:
+            acc.bodies = encode_entries(types, khashes, accepted, wall, producer=producer, pseqs=pseqs)
         if events:
             out.ack = first + len(events) - 1
         else:  # an empty batch settles and moves nothing

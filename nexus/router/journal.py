@@ -18,14 +18,15 @@ import struct
 import threading
 import time
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from itertools import repeat
+from typing import Any, overload
 
 import msgspec
 import structlog
 
-# HEADER, MAX_RECORD, SUFFIX and verify are re-exported: journal.verify is the offline check
-from nexus.router.segments import (  # noqa: F401
+from nexus.router.segments import (
     CHUNK,
     HEADER,
     MAX_RECORD,
@@ -36,7 +37,6 @@ from nexus.router.segments import (  # noqa: F401
     list_segments,
     scan,
     torn_tail,
-    verify,
 )
 
 LENSEQ = struct.Struct("<IQ")
@@ -67,6 +67,27 @@ class Entry(msgspec.Struct, frozen=True, array_like=True):
 
 entry_encoder = msgspec.msgpack.Encoder()
 entry_decoder = msgspec.msgpack.Decoder(Entry)
+
+
+def encode_entries(
+    types: Sequence[str],
+    khashes: Sequence[int],
+    events: Sequence[msgspec.Raw],
+    accepted_at: float,
+    *,
+    producer: str = "",
+    pseqs: Iterable[int] | None = None,
+    group: str = "",
+) -> list[bytes]:
+    """The journal record bodies of accepted events, in order: the one place an `Entry`
+    is made (intake for producers' batches, admin for dead-letter replays). `pseqs` are
+    the producer seqs (0 when not given); `group` limits a re-delivery to that group."""
+    encode = entry_encoder.encode
+    seqs = repeat(0) if pseqs is None else pseqs
+    return [
+        encode(Entry(type_, khash, producer, pseq, event, accepted_at, group))
+        for type_, khash, pseq, event in zip(types, khashes, seqs, events)  # noqa: B905 - seqs may be endless
+    ]
 
 
 @dataclass
@@ -279,14 +300,15 @@ class Journal:
             offset += HEADER.size + len(body)
             seq += 1
         buf = b"".join(parts)
+        wfd = self._write_fd()
         try:
             written = 0
             view = memoryview(buf)
             while written < len(buf):
-                written += os.write(self._wfd, view[written:])
+                written += os.write(wfd, view[written:])
             if self.fsync_policy == "always":
                 with self._fd_lock:
-                    os.fsync(self._wfd)
+                    os.fsync(wfd)
         except OSError as exc:
             del seg.index_seqs[index_mark:], seg.index_offsets[index_mark:]
             self._undo(seg)
@@ -299,10 +321,16 @@ class Journal:
             self._dirty = True
         return first
 
+    def _write_fd(self) -> int:
+        """The last segment's write fd (open() made it; close() is the end of writing)."""
+        if self._wfd is None:
+            raise StorageError(errno.EBADF, "journal is closed")
+        return self._wfd
+
     def _undo(self, seg: Segment) -> None:
         """Cut a partial write back to the last good size (O_APPEND writes go to the end)."""
         try:
-            os.ftruncate(self._wfd, seg.size)
+            os.ftruncate(self._write_fd(), seg.size)
             self._undo_pending = False
         except OSError as exc:
             self._undo_pending = True  # append refuses until a retry succeeds
@@ -343,14 +371,35 @@ class Journal:
                 pass
 
     # -- read ------------------------------------------------------------------
+    @overload
+    def read(
+        self,
+        after: int,
+        max_records: int,
+        max_bytes: int = ...,
+        want: None = None,
+        max_scan: tuple[int, int] | None = None,
+    ) -> list[tuple[int, bytes]]: ...
+
+    @overload
+    def read(
+        self,
+        after: int,
+        max_records: int,
+        max_bytes: int = ...,
+        *,
+        want: Callable[[bytes | memoryview], Any],
+        max_scan: tuple[int, int] | None = None,
+    ) -> list[tuple[int, Any]]: ...
+
     def read(
         self,
         after: int,
         max_records: int,
         max_bytes: int = READ_BYTES,
-        want: Callable[[memoryview], object] | None = None,
+        want: Callable[[bytes | memoryview], Any] | None = None,
         max_scan: tuple[int, int] | None = None,
-    ) -> list[tuple[int, object]]:
+    ) -> list[tuple[int, Any]]:
         """Records with seq > after, in order: at most max_records, and at most max_bytes
         of bodies (or one record). Damaged ranges are skipped.
 
@@ -359,7 +408,7 @@ class Journal:
         (the caller's decoded form, no second decode). `max_scan` = (records, bytes) bounds
         the work of a filtered read.
         `read_upto` is then the last seq examined, where the next read may go on."""
-        out: list[tuple[int, bytes]] = []
+        out: list[tuple[int, Any]] = []
         self.read_upto = after
         if after >= self.last_seq or not self.segments:
             return out

@@ -1,19 +1,9 @@
-"""Which groups an event goes to, and which partition within each group."""
+"""Which groups an event goes to (the partition within each: nexus/protocol/partitions.py)."""
 
 from __future__ import annotations
 
 import fnmatch
-import zlib
 from dataclasses import dataclass
-
-
-def key_hash(key: str) -> int:
-    """Stable across processes and Python versions (unlike hash())."""
-    return zlib.crc32(key.encode("utf-8", "surrogatepass"))
-
-
-def partition_of(khash: int, partitions: int) -> int:
-    return khash % partitions
 
 
 def matches(type_: str, patterns: list[str] | tuple[str, ...]) -> bool:
@@ -42,7 +32,3 @@ class RouteTable:
             if len(self._cache) < 100_000:
                 self._cache[type_] = found
         return found
-
-    def route_of(self, group: str) -> Route | None:
-        spec = self.groups.get(group)
-        return Route(group, spec[1]) if spec else None

@@ -20,13 +20,15 @@ import zmq
 
 from nexus.common import blackbox
 from nexus.common.datalock import ROUTER_LOCK, DataDirLock
-from nexus.config import Config
+from nexus.config import Config, RateLimits
 from nexus.errors import ConfigError
 from nexus.protocol import transport
 from nexus.protocol.events import DECODE_ERRORS, Contracts
+from nexus.protocol.partitions import partition_of
 from nexus.protocol.wire import (
     TAIL_TOPIC,
     Ack,
+    Coord,
     DeadLetter,
     Delivery,
     DlqRequest,
@@ -62,7 +64,9 @@ from nexus.router.storage import REASON as STORAGE_REASON
 from nexus.router.storage import RETRY_AFTER as STORAGE_RETRY_AFTER
 from nexus.router.storage import StorageState
 
+Stream = tuple[int, list[int], list[msgspec.Raw]]  # one partition's events of a commit: prev, seqs, events
 ADMIN_REQUESTS = (StatusRequest, ReplayRequest, DlqRequest, ReloadRequest)
+MEMBER_MESSAGES = (Heartbeat, Ack, Released, Leave)  # from a joined member (Join, Fetch: any)
 
 log = structlog.get_logger("nexus.router")
 
@@ -127,7 +131,7 @@ class Router:
         self.reload_requested = False
         self.started = time.time()
         self.stop_event = threading.Event()
-        self._pending_replies: list[tuple[bytes, bytes | Outcome]] = []
+        self._pending_replies: list[tuple[bytes, bytes | Outcome | ProducerReply]] = []
         self._posted_cursors: dict[str, list[int]] | None = None
         self._retention_checked: dict[str, list[int]] | None = None
         self._staged: list[Accepted] = []  # accepted in this loop turn, not yet journaled
@@ -158,7 +162,7 @@ class Router:
                 log.error("journal_entry_unreadable", seq=seq)
                 return
             for route in routes(entry.type, entry.group):
-                p = entry.khash % route.partitions
+                p = partition_of(entry.khash, route.partitions)
                 heads[route.group][p] = seq
                 if seq > tracked[route.group][p]:
                     streams[route.group][p].add_one(seq)
@@ -166,13 +170,16 @@ class Router:
                 intake.remember(entry.producer, entry.pseq)
 
         recovery = self.journal.open(on_record)  # one pass over the journal
+        start: dict[str, list[int]] = {}
         for name, group in self.config.workers.items():
-            if cursors_by_group[name] is None:
-                cursors_by_group[name] = [self.journal.last_seq] * group.partitions
-                self.backlog.add_group(name, cursors_by_group[name])
-        self._check_cursors_past_end(cursors_by_group)
+            found = cursors_by_group[name]
+            if found is None:  # a new `latest` group: it starts at the journal's end
+                found = [self.journal.last_seq] * group.partitions
+                self.backlog.add_group(name, found)
+            start[name] = found
+        self._check_cursors_past_end(start)
         for name, group in self.config.workers.items():
-            self.coordinator.add_group(name, group.partitions, cursors_by_group[name])
+            self.coordinator.add_group(name, group.partitions, start[name])
         self._save_cursors()
         log.info(
             "router_recovered",
@@ -202,9 +209,9 @@ class Router:
             except DECODE_ERRORS:
                 continue
             if isinstance(msg, StatusRequest):
-                self._send_coord(frames[0], Reply(admin.recovering_status(self)))
+                self.send_coord(frames[0], Reply(admin.recovering_status(self)))
             elif isinstance(msg, ADMIN_REQUESTS):
-                self._send_coord(frames[0], Error("the router is still reading its journal; try again", "recovering"))
+                self.send_coord(frames[0], Error("the router is still reading its journal; try again", "recovering"))
 
     def _start_cursors(self, saved: dict[str, list[int]]) -> dict[str, list[int] | None]:
         out: dict[str, list[int] | None] = {}
@@ -236,13 +243,10 @@ class Router:
 
     def _save_cursors(self) -> None:
         try:
-            self.cursors.save(self._cursor_snapshot())
+            self.cursors.save(self.coordinator.cursor_snapshot())
             self.storage.succeeded("cursors")
         except OSError as exc:
             self.storage.failed("cursors", exc)  # the flusher tries again
-
-    def _cursor_snapshot(self) -> dict[str, list[int]]:
-        return {name: list(g.cursors) for name, g in self.coordinator.groups.items()}
 
     # -- main loop -----------------------------------------------------------------
     def run(self) -> None:
@@ -374,7 +378,7 @@ class Router:
             # (it catches every error: this is a bug) members would wait for DeadLetterStored forever
             raise RuntimeError("dead-letter writer thread died")
         for identity, msg in self.coordinator.expire(now):
-            self._send_coord(identity, msg)
+            self.send_coord(identity, msg)
         if "journal" in self.storage.failing and now >= self._next_probe:
             # storage unavailable and maybe no batch to try it: a timer retry
             self._next_probe = now + PROBE_EVERY
@@ -383,7 +387,7 @@ class Router:
                 self.storage.succeeded("journal")
             except OSError:
                 pass
-        snapshot = self._cursor_snapshot()
+        snapshot = self.coordinator.cursor_snapshot()
         if snapshot != self._posted_cursors:
             self._posted_cursors = snapshot
             self.flusher.post(snapshot)
@@ -479,34 +483,46 @@ class Router:
             self.storage.failed("journal", exc)
             raise
         self.storage.succeeded("journal")
-        streams: dict[tuple[str, int], tuple[int, list[int], list[bytes]]] = {}
+        # group -> per partition, the stream of this commit: (prev, seqs, events) or None
+        streams: dict[str, list[Stream | None]] = {}
         heads = self.heads
         # the common case (every matching group) calls the cached table directly
         routes = self.routes.routes if not only_group else lambda t: self._routes_for(t, only_group)
         seq = first
-        last_type, type_routes = None, ()
+        last_type: str | None = None
+        targets: list[tuple[str, int, list[Stream | None]]] = []  # per route of the type
         for acc in accepted:
             for type_, khash, raw in zip(acc.types, acc.khashes, acc.events, strict=False):
                 if type_ != last_type:
-                    last_type, type_routes = type_, routes(type_)
-                for route in type_routes:
-                    p = khash % route.partitions
-                    stream = streams.get((route.group, p))
+                    last_type, targets = type_, []
+                    for route in routes(type_):
+                        slots = streams.get(route.group)
+                        if slots is None:
+                            slots = streams[route.group] = [None] * route.partitions
+                        targets.append((route.group, route.partitions, slots))
+                for group, partitions, slots in targets:
+                    p = partition_of(khash, partitions)
+                    stream = slots[p]
                     if stream is None:
-                        stream = streams[(route.group, p)] = (heads[route.group][p], [], [])
+                        stream = slots[p] = (heads[group][p], [], [])
                     stream[1].append(seq)
                     stream[2].append(raw)
                 seq += 1
         send = self.publish.send_multipart
         backlog = self.backlog.streams
         groups = self.coordinator.groups
-        for (group, p), (prev, seqs, events) in streams.items():
-            heads[group][p] = seqs[-1]
-            backlog[group][p].add(seqs)
-            # no live copy for a partition nobody owns yet (after a router restart a member
-            # that has not rejoined may still be subscribed): its owner will fetch it
-            if groups[group].owner[p] is not None:
-                send((topic(group, p), encoder.encode(Delivery(prev, seqs, events))), zmq.NOBLOCK)
+        for group, slots in streams.items():
+            owner, group_heads, group_backlog = groups[group].owner, heads[group], backlog[group]
+            for p, stream in enumerate(slots):
+                if stream is None:
+                    continue
+                prev, seqs, events = stream
+                group_heads[p] = seqs[-1]
+                group_backlog[p].add(seqs)
+                # no live copy for a partition nobody owns yet (after a router restart a member
+                # that has not rejoined may still be subscribed): its owner will fetch it
+                if owner[p] is not None:
+                    send((topic(group, p), encoder.encode(Delivery(prev, seqs, events))), zmq.NOBLOCK)
         if self.tail_subscribers:
             seqs = list(range(first, seq))
             events = list(chain.from_iterable(acc.events for acc in accepted))
@@ -519,8 +535,23 @@ class Router:
             self.tail_subscribers += 1 if msg[:1] == b"\x01" else -1
             self.tail_subscribers = max(self.tail_subscribers, 0)
 
+    # -- what admin uses (nexus/router/admin.py types it as RouterSurface) ---------------
+    def commit_replayed(self, accepted: Accepted, group: str) -> int:
+        """Journal events again for `group` alone (a dead-letter replay) and publish them
+        to its streams, after anything staged; the first seq. Raises StorageError."""
+        return self._commit([accepted], only_group=group)
+
+    def apply_rate_limits(self, limits: RateLimits) -> None:
+        """A reload: these limits apply from the next batch on, and are the config's
+        from now on (status shows them; the next reload compares with them)."""
+        self.intake.limiter = RateLimiter(limits)
+        self.config = msgspec.structs.replace(
+            self.config, router=msgspec.structs.replace(self.config.router, rate_limits=limits)
+        )
+
     # -- coord ---------------------------------------------------------------------
-    def _send_coord(self, identity: bytes, msg) -> None:
+    def send_coord(self, identity: bytes, msg: Coord) -> None:
+        """Send to a coord peer; never blocks (a gone or backed-up peer asks again)."""
         try:
             self.coord.send_multipart((identity, encoder.encode(msg)), zmq.NOBLOCK)
         except zmq.ZMQError:
@@ -529,44 +560,46 @@ class Router:
     def _on_coord(self, frames: list[bytes]) -> None:
         identity = frames[0]
         if len(frames) != 2:
-            return self._send_coord(identity, Error("expected exactly one frame", "bad_message"))
+            return self.send_coord(identity, Error("expected exactly one frame", "bad_message"))
         try:
             msg = coord_decoder.decode(frames[1])
         except DECODE_ERRORS as exc:
             self.intake.rejected["bad_coord"] += 1
-            return self._send_coord(identity, Error(f"unreadable coord message: {exc}", "bad_message"))
+            return self.send_coord(identity, Error(f"unreadable coord message: {exc}", "bad_message"))
         now = time.monotonic()
         if isinstance(msg, ADMIN_REQUESTS):
-            return self._send_coord(identity, Reply(admin.handle(self, msg)))
+            return self.send_coord(identity, Reply(admin.handle(self, msg)))
         group = self.coordinator.groups.get(getattr(msg, "group", ""))
         if group is None:
-            return self._send_coord(identity, Error(f"unknown group {getattr(msg, 'group', '')!r}", "unknown_group"))
+            return self.send_coord(identity, Error(f"unknown group {getattr(msg, 'group', '')!r}", "unknown_group"))
         if isinstance(msg, Join):
             for ident, out in self.coordinator.join(group, msg.member, identity, now, msg.host, msg.pid, msg.holding):
-                self._send_coord(ident, out)
+                self.send_coord(ident, out)
         elif isinstance(msg, Fetch):
-            self._send_coord(identity, self.fetch(group, msg))
+            self.send_coord(identity, self.fetch(group, msg))
         elif isinstance(msg, MemberExited):  # from the launcher: the member is gone
-            self._send_coord(identity, Reply(admin.member_exited(self, group, msg, now)))
+            self.send_coord(identity, Reply(admin.member_exited(self, group, msg, now)))
         elif isinstance(msg, DeadLetter):  # stored even if the member was dropped meanwhile
             admin.store_dead_letter(self, msg, identity)
+        elif not isinstance(msg, MEMBER_MESSAGES):  # one the router sends, come back
+            self.send_coord(identity, Error(f"unexpected {type(msg).__name__} on coord", "bad_message"))
         elif not self.coordinator.seen(group, msg.member, None if isinstance(msg, Heartbeat) else identity, now):
             if not isinstance(msg, Leave):
-                self._send_coord(identity, Error(f"{msg.member} is not a member of {group.name}", "unknown_member"))
+                self.send_coord(identity, Error(f"{msg.member} is not a member of {group.name}", "unknown_member"))
         elif isinstance(msg, Heartbeat):
             if msg.stats:
                 self.member_stats[(group.name, msg.member)] = msg.stats
             info = group.members[msg.member]
             heads = self.heads[group.name]
-            self._send_coord(identity, Pulse({p: heads[p] for p in info.view}))
+            self.send_coord(identity, Pulse({p: heads[p] for p in info.view}))
         elif isinstance(msg, Ack):
             self.coordinator.ack(group, msg.member, msg.acks)
         elif isinstance(msg, Released):
             for ident, out in self.coordinator.released(group, msg.member, msg.acks, now):
-                self._send_coord(ident, out)
+                self.send_coord(ident, out)
         elif isinstance(msg, Leave):
             for ident, out in self.coordinator.leave(group, msg.member, msg.acks, now, msg.busy):
-                self._send_coord(ident, out)
+                self.send_coord(ident, out)
 
     def _routes_for(self, type_: str, only_group: str):
         routes = self.routes.routes(type_)
@@ -599,12 +632,13 @@ class Router:
         p, partitions = msg.partition, group.partitions
         in_group, decode = self.group_filter(group.name), entry_decoder.decode
 
-        name, by_type = group.name, {}  # (in_group's answer per type, without its call)
+        name = group.name
+        by_type: dict[str, bool] = {}  # (in_group's answer per type, without its call)
 
         def want(body):
             # kept: the event alone, copied out of the read buffer (the reply holds no chunk)
             entry = decode(body)  # unreadable: read() checks the CRC (damage)
-            if entry.khash % partitions != p:
+            if partition_of(entry.khash, partitions) != p:
                 return None
             ok = entry.group == name if entry.group else by_type.get(entry.type)
             if ok is None:

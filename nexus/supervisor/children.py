@@ -3,10 +3,10 @@ and the cleanup of what it forked once it has exited."""
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from multiprocessing.process import BaseProcess
 
 import structlog
 
@@ -25,7 +25,7 @@ class Child:
     name: str
     role: str
     group: str = ""
-    process: multiprocessing.Process | None = None
+    process: BaseProcess | None = None
     state: str = "new"  # running, hung, backoff, stopping, stopped, failed
     restarts: int = 0
     started: float = 0.0

@@ -19,11 +19,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import structlog
-import zmq
 
-from nexus.errors import ExitCode, describe_exit
-from nexus.protocol import transport
-from nexus.protocol.wire import MemberExited, encoder
+from nexus.errors import ExitCode, NexusError, describe_exit
+from nexus.protocol.client import CoordClient
+from nexus.protocol.wire import MemberExited
 
 if TYPE_CHECKING:
     from nexus.config import Config
@@ -98,10 +97,14 @@ class CrashBook:
         """Tell the router (it frees the partitions and dead-letters the poison). If it
         does not answer (or is not running: `tell` False, no request), the poison counts
         are kept one short of the limit, so the next crash on the event names it again."""
-        answer = None
+        told = False
         if tell:
-            answer = transport.request(zmq.Context.instance(), self.cfg.coord, encoder.encode(msg), NOTIFY_TIMEOUT)
-        if answer is not None:
+            try:
+                CoordClient(self.cfg.coord, NOTIFY_TIMEOUT).member_exited(msg)
+                told = True
+            except NexusError:  # no answer, or refused
+                pass
+        if told:
             self.dead_lettered += sum(len(s) for s in msg.poison.values())
             return True
         book, limit = self._book(msg.group, msg.reason == "handler_timeout")
@@ -116,7 +119,9 @@ class CrashBook:
         )
         return False
 
-    def on_exit(self, group: str, member: str, pid: int, code: int, box, hung: bool = False, tell: bool = True) -> bool:
+    def on_exit(
+        self, group: str, member: str, pid: int | None, code: int, box, hung: bool = False, tell: bool = True
+    ) -> bool:
         """An abnormal member exit: count, log, tell the router. True when the box named
         the event(s) it died on (the crash is then bounded per event, not per process)."""
         slots = box.inflight() if box is not None else []

@@ -24,6 +24,7 @@ import os
 import signal
 import sys
 import time
+from multiprocessing.process import BaseProcess
 
 import msgspec
 import structlog
@@ -34,9 +35,10 @@ from nexus.common import blackbox, logs, process
 from nexus.common.backoff import backoff_delay
 from nexus.common.datalock import LAUNCHER_LOCK, ROUTER_LOCK, DataDirLock, clean_stale_run
 from nexus.common.statefile import unlink_quietly
-from nexus.errors import ConfigError, ExitCode, NexusError, describe_exit
+from nexus.errors import ConfigError, ExitCode, NexusError, PeerError, describe_exit
 from nexus.protocol import transport
-from nexus.protocol.wire import ReloadRequest, StatusRequest, coord_decoder, encoder
+from nexus.protocol.client import CoordClient
+from nexus.protocol.wire import ControlReply, control_decoder
 from nexus.supervisor.child import entry
 from nexus.supervisor.children import KILL_GRACE, Child, end_orphans
 from nexus.supervisor.crashes import CrashBook
@@ -45,12 +47,6 @@ log = structlog.get_logger("nexus.launch")
 ROLES_STOP_ORDER = ("producer", "worker", "router")
 READY_CHECK_EVERY = 0.5  # seconds between the readiness probes (a status request each) until ready
 FAST_RECYCLE = 1.0  # seconds: a member recycling sooner than this after its spawn restarts after a backoff
-
-
-class ControlRequest(msgspec.Struct, frozen=True):
-    cmd: str  # status | scale | stop | reload
-    group: str = ""
-    n: int = 0
 
 
 class Launcher:
@@ -74,9 +70,9 @@ class Launcher:
         self.control: zmq.Socket | None = None
 
     # -- before anything runs --------------------------------------------------------
-    def prepare(self) -> None:
-        """Lock the data dir, clean up after a killed run, bind control. Raises
-        ConfigError (exit 3) with one line when the data dir or a port is taken."""
+    def prepare(self) -> zmq.Socket:
+        """Lock the data dir, clean up after a killed run, bind control (returned).
+        Raises ConfigError (exit 3) with one line when the data dir or a port is taken."""
         cfg = self.cfg
         self.lock = DataDirLock(cfg.data_dir, LAUNCHER_LOCK, "pipeline").acquire(self.token)
         previous = self.lock.previous.split()
@@ -93,6 +89,7 @@ class Launcher:
             self.control = transport.bind(zmq.Context.instance(), zmq.ROUTER, cfg.control_endpoint, linger_ms=0)
         except zmq.ZMQError as exc:
             raise ConfigError(f"cannot bind control endpoint {cfg.control_endpoint}: {exc}") from None
+        return self.control
 
     def release(self) -> None:
         if self.control is not None:
@@ -111,13 +108,13 @@ class Launcher:
         # a router restarted under live members lets them rejoin with their partitions first
         members_alive = child.role == "router" and any(c.role == "worker" and c.alive() for c in self.children.values())
         blackbox.take_reason(self.cfg.data_dir, child.name)  # a stale one from an earlier run
-        child.process = self.mp.Process(
+        child.process = proc = self.mp.Process(
             target=entry,
             name=child.name,
             daemon=False,
             args=(child.role, self.cfg, self.env, child.name, child.group, os.getpid(), members_alive),
         )
-        child.process.start()
+        proc.start()
         child.state = "running"
         child.started = time.time()
         child.spawned = time.monotonic()
@@ -187,9 +184,9 @@ class Launcher:
         return {"ok": True, "group": group, "old": old, "new": n}
 
     def _terminate(self, child: Child) -> None:
-        if child.alive():
+        if (proc := _running(child)) is not None:
             child.state = "stopping"
-            child.process.terminate()
+            proc.terminate()
         else:
             child.state = "stopped"
 
@@ -198,7 +195,9 @@ class Launcher:
             end_orphans(self.children.values())
 
     def _on_exit(self, child: Child) -> None:
-        code = child.process.exitcode
+        code = _exit_code(child)
+        if code is None:
+            return  # still running (the loop calls this once it has exited)
         hung = child.state == "hung"
         child.last_exit = f"hung ({describe_exit(code)})" if hung else describe_exit(code)
         reason = blackbox.take_reason(self.cfg.data_dir, child.name) if code == ExitCode.CONFIG else ""
@@ -286,7 +285,7 @@ class Launcher:
                 "group_failed",
                 group=child.group,
                 member=child.name,
-                exit_code=child.process.exitcode,
+                exit_code=_exit_code(child),
                 reason=reason,
                 action="not restarting; fix the cause, then restart or `nexus scale`",
             )
@@ -295,7 +294,7 @@ class Launcher:
             log.error(
                 "process_failed",
                 name=child.name,
-                exit_code=child.process.exitcode,
+                exit_code=_exit_code(child),
                 reason="as above" if same else reason,
             )
 
@@ -305,9 +304,9 @@ class Launcher:
         timeout = self.cfg.hang_timeout
         for child in self.children.values():
             if child.state == "hung":
-                if child.kill_at and now >= child.kill_at and child.alive():
+                if child.kill_at and now >= child.kill_at and (proc := _running(child)) is not None:
                     log.warning("process_killed", name=child.name, reason="hung")
-                    child.process.kill()
+                    proc.kill()
                     child.kill_at = 0.0
                 continue
             if child.state != "running":
@@ -323,7 +322,8 @@ class Launcher:
                 )
             child.state = "hung"
             child.kill_at = now + KILL_GRACE
-            child.process.terminate()
+            if (proc := _running(child)) is not None:
+                proc.terminate()
 
     # -- supervision loop ----------------------------------------------------------------
     def run(self) -> int:
@@ -334,26 +334,24 @@ class Launcher:
         signal.signal(signal.SIGINT, on_signal)
         signal.signal(signal.SIGHUP, lambda *_: setattr(self, "reload_requested", True))
         try:
-            if self.control is None:
-                self.prepare()
-            control = self.control
+            control = self.control if self.control is not None else self.prepare()
             self._add("router", "router")
             poller = zmq.Poller()
             poller.register(control, zmq.POLLIN)
             while not self.stopping:
                 sentinels = {
-                    c.process.sentinel: c
+                    c.process.sentinel: (c, c.process)
                     for c in self.children.values()
                     if c.state in ("running", "stopping", "hung") and c.process is not None
                 }
                 for fd in sentinels:
                     poller.register(fd, zmq.POLLIN)
                 events = dict(poller.poll(100))
-                for fd, child in sentinels.items():
+                for fd, (child, proc) in sentinels.items():
                     poller.unregister(fd)
-                    if fd in events or not child.process.is_alive():
+                    if fd in events or not proc.is_alive():
                         self._reaped(child)
-                        if child.process.exitcode is not None:
+                        if proc.exitcode is not None:
                             self._on_exit(child)
                 if control in events:
                     self._on_control(control)
@@ -408,11 +406,11 @@ class Launcher:
         log.info("pipeline_ready", seconds=round(time.time() - self.started, 3), processes=len(self.children))
 
     def router_status(self, timeout: float) -> dict | None:
-        raw = transport.request(zmq.Context.instance(), self.cfg.coord, encoder.encode(StatusRequest()), timeout)
-        if raw is None:
+        """The router's status; None when it does not answer (or refuses)."""
+        try:
+            return CoordClient(self.cfg.coord, timeout).status()
+        except NexusError:
             return None
-        msg = coord_decoder.decode(raw)
-        return getattr(msg, "data", None)
 
     def reload(self) -> dict:
         """Validate the file as it is now; what applies live (rate limits) goes to the
@@ -427,12 +425,12 @@ class Launcher:
         cfg = msgspec.structs.replace(
             self.cfg, router=msgspec.structs.replace(self.cfg.router, rate_limits=fresh.router.rate_limits)
         )
-        raw = transport.request(
-            zmq.Context.instance(), self.cfg.coord, encoder.encode(ReloadRequest(config=config_mod.to_bytes(cfg))), 3.0
-        )
-        if raw is None:
+        try:
+            data = CoordClient(self.cfg.coord).reload(config_mod.to_bytes(cfg))
+        except PeerError:
             return {"ok": False, "error": f"router at {self.cfg.coord} did not answer; nothing changed"}
-        data = getattr(coord_decoder.decode(raw), "data", None) or {}
+        except NexusError as exc:  # refused (still reading its journal)
+            return {"ok": False, "error": str(exc)}
         if "error" in data:
             return {"ok": False, "error": data["error"]}
         self.cfg = cfg
@@ -444,8 +442,9 @@ class Launcher:
             frames = control.recv_multipart()
             if len(frames) != 2:
                 continue
+            reply: ControlReply
             try:
-                req = msgspec.msgpack.decode(frames[1], type=ControlRequest)
+                req = control_decoder.decode(frames[1])
                 if req.cmd == "status":
                     reply = {
                         "ok": True,
@@ -503,9 +502,9 @@ class Launcher:
         for role in ROLES_STOP_ORDER:
             group = [c for c in self.children.values() if c.role == role]
             for child in group:
-                if child.alive():
+                if (proc := _running(child)) is not None:
                     child.state = "stopping"
-                    child.process.terminate()
+                    proc.terminate()
                 elif child.state != "failed":
                     child.state = "stopped"
             for child in group:
@@ -523,6 +522,17 @@ class Launcher:
         for child in self.children.values():
             self._drop_box(child)
         log.info("shutdown_complete", exit_code=int(self.exit_code))
+
+
+def _running(child: Child) -> BaseProcess | None:
+    """The child's process while it is alive."""
+    proc = child.process
+    return proc if proc is not None and proc.is_alive() else None
+
+
+def _exit_code(child: Child) -> int | None:
+    """How the child's process ended (negative: the signal); None while it runs."""
+    return child.process.exitcode if child.process is not None else None
 
 
 def main(argv: list[str] | None = None) -> int:

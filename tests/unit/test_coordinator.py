@@ -285,8 +285,9 @@ def test_heartbeat_keeps_member_alive_and_updates_identity(coord):
         assert coord.expire(now=t + 1.0) == []
     assert coord.seen(g, "a", b"A2", now=7.0)
     assert g.members["a"].identity == b"A2"
-    assert coord.member_of_identity(b"A2") == (g, g.members["a"])
-    assert coord.member_of_identity(b"A") is None
+    members = [(grp, m) for grp in coord.groups.values() for m in grp.members.values()]
+    assert [(grp, m) for grp, m in members if m.identity == b"A2"] == [(g, g.members["a"])]
+    assert not [m for _, m in members if m.identity == b"A"]
     assert coord.seen(g, "ghost", None, now=7.0) is False
 
 

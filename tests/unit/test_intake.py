@@ -11,11 +11,11 @@ import nexus.contracts  # noqa: F401  (registers the built-in contracts)
 from nexus.config import RateLimit, RateLimits
 from nexus.producer.outbox import Outbox
 from nexus.protocol.events import Contracts, Event, encode, new_id
+from nexus.protocol.partitions import key_hash
 from nexus.protocol.wire import Nack, ProducerBatch, ProducerReply, encoder
 from nexus.router.intake import Intake
 from nexus.router.journal import entry_decoder
 from nexus.router.ratelimit import RateLimiter
-from nexus.router.routing import key_hash
 
 MAX_EVENT = 2000
 MAX_BATCH = 50

@@ -332,7 +332,7 @@ def test_filtered_read_bounds_its_scan_and_says_where_it_stopped(tmp_path):
 
 
 def test_verify_reports_damage_without_changing_files(tmp_path):
-    from nexus.router.journal import verify
+    from nexus.router.segments import verify
 
     d = tmp_path / "j"
     j = open_journal(d, segment_bytes=100)

@@ -122,9 +122,9 @@ def router_after_damage(tmp_path, config_factory, both: bool):
     event = encode(Event("test.x", "s", {}, "id", 1.0))
     r.journal.append([entry_encoder.encode(Entry("test.x", 0, "", 0, msgspec.Raw(event)))] * 10)
     r.coordinator.groups["old"].cursors[:] = [7, 9]
-    r.cursors.save(r._cursor_snapshot())
+    r.cursors.save(r.coordinator.cursor_snapshot())
     r.coordinator.groups["old"].cursors[:] = [8, 9]
-    r.cursors.save(r._cursor_snapshot())
+    r.cursors.save(r.coordinator.cursor_snapshot())
     r.journal.close()
     damage(r.cursors.path)
     if both:
