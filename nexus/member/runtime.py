@@ -149,10 +149,7 @@ class Member:
     async def run(self) -> None:
         self.loop = asyncio.get_running_loop()
         self.ctx = zmq.asyncio.Context()
-        self.coord = cast(
-            zmq.asyncio.Socket,
-            transport.connect(self.ctx, zmq.DEALER, self.config.coord, identity=self.client.identity()),
-        )
+        self.coord = transport.connect(self.ctx, zmq.DEALER, self.config.coord, identity=self.client.identity())
         self.sub = cast(zmq.asyncio.Socket, transport.subscriber(self.ctx, self.config.publish))
         self.heartbeat = HeartbeatThread(
             self.config.coord,
