@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from enum import StrEnum
 from multiprocessing.process import BaseProcess
 
 import structlog
@@ -20,13 +21,25 @@ START_GRACE = 60.0  # a child whose own loop has not beaten yet (interpreter sta
 KILL_GRACE = 2.0  # a hung child gets SIGTERM, then SIGKILL this much later
 
 
+class ChildState(StrEnum):
+    """Where a child is in its life; the value is what `nexus status` shows."""
+
+    NEW = "new"  # not started yet
+    RUNNING = "running"
+    HUNG = "hung"  # silent past hang_timeout: SIGTERM sent, SIGKILL at kill_at
+    BACKOFF = "backoff"  # exited; restarts at restart_at
+    STOPPING = "stopping"  # asked to stop (shutdown, scale down)
+    STOPPED = "stopped"  # ended on purpose: not restarted
+    FAILED = "failed"  # crash loop or config error: not restarted until fixed
+
+
 @dataclass
 class Child:
     name: str
     role: str
     group: str = ""
     process: BaseProcess | None = None
-    state: str = "new"  # running, hung, backoff, stopping, stopped, failed
+    state: ChildState = ChildState.NEW
     restarts: int = 0
     started: float = 0.0
     spawned: float = 0.0  # monotonic: the start grace counts from here

@@ -40,7 +40,7 @@ from nexus.protocol import transport
 from nexus.protocol.client import CoordClient
 from nexus.protocol.wire import ControlReply, control_decoder
 from nexus.supervisor.child import entry
-from nexus.supervisor.children import KILL_GRACE, Child, end_orphans
+from nexus.supervisor.children import KILL_GRACE, Child, ChildState, end_orphans
 from nexus.supervisor.crashes import CrashBook
 
 log = structlog.get_logger("nexus.launch")
@@ -115,7 +115,7 @@ class Launcher:
             args=(child.role, self.cfg, self.env, child.name, child.group, os.getpid(), members_alive),
         )
         proc.start()
-        child.state = "running"
+        child.state = ChildState.RUNNING
         child.started = time.time()
         child.spawned = time.monotonic()
         child.kill_at = 0.0
@@ -173,7 +173,7 @@ class Launcher:
             return {"ok": True, "group": group, "old": old, "new": n}
         for i in range(n):
             child = self.children.get(f"{group}-{i}")
-            if child is None or child.retired or child.state in ("stopped", "failed"):
+            if child is None or child.retired or child.state in (ChildState.STOPPED, ChildState.FAILED):
                 self._add(f"{group}-{i}", "worker", group)
         for child in self.children.values():
             if child.group == group and child.role == "worker" and int(child.name.rsplit("-", 1)[1]) >= n:
@@ -185,10 +185,10 @@ class Launcher:
 
     def _terminate(self, child: Child) -> None:
         if (proc := _running(child)) is not None:
-            child.state = "stopping"
+            child.state = ChildState.STOPPING
             proc.terminate()
         else:
-            child.state = "stopped"
+            child.state = ChildState.STOPPED
 
     def _reaped(self, child: Child) -> None:
         if child.end_group():
@@ -198,13 +198,13 @@ class Launcher:
         code = _exit_code(child)
         if code is None:
             return  # still running (the loop calls this once it has exited)
-        hung = child.state == "hung"
+        hung = child.state == ChildState.HUNG
         child.last_exit = f"hung ({describe_exit(code)})" if hung else describe_exit(code)
         reason = blackbox.take_reason(self.cfg.data_dir, child.name) if code == ExitCode.CONFIG else ""
         if reason:
             child.last_exit = f"config error: {reason}"
-        if self.stopping or child.retired or child.state == "stopping":
-            child.state = "stopped"
+        if self.stopping or child.retired or child.state == ChildState.STOPPING:
+            child.state = ChildState.STOPPED
             log.info("process_stopped", name=child.name, exit_code=code)
             if child.retired:
                 self._drop_box(child)
@@ -228,7 +228,7 @@ class Launcher:
                 self._spawn(child)
             else:
                 delay = backoff_delay(self.cfg.restart_backoff, 1)
-                child.state, child.restart_at = "backoff", now + delay
+                child.state, child.restart_at = ChildState.BACKOFF, now + delay
                 log.warning(
                     "process_recycled",
                     name=child.name,
@@ -248,16 +248,16 @@ class Launcher:
                 code,
                 child.box,
                 hung=hung,
-                tell=router is not None and router.state == "running",
+                tell=router is not None and router.state == ChildState.RUNNING,
             )
             if not reason:
                 child.last_exit = self.crashbook.last_exit.get(child.name, child.last_exit)
         child.crashes = [t for t in child.crashes if now - t < self.cfg.crash_window] + ([] if explained else [now])
         if code == ExitCode.CONFIG:
-            child.state = "failed"
+            child.state = ChildState.FAILED
             self._failed(child, reason or "configuration error (see the line above)")
         elif len(child.crashes) > self.cfg.crash_loop:
-            child.state = "failed"
+            child.state = ChildState.FAILED
             log.error(
                 "crash_loop",
                 name=child.name,
@@ -269,10 +269,10 @@ class Launcher:
                 self._failed(child, f"crash loop ({child.last_exit})", logged=True)
         else:
             delay = backoff_delay(self.cfg.restart_backoff, len(child.crashes))
-            child.state = "backoff"
+            child.state = ChildState.BACKOFF
             child.restart_at = now + delay
             log.warning("process_crashed", name=child.name, exit_code=code, last_exit=child.last_exit, restart_in=delay)
-        if child.role == "router" and child.state == "failed":
+        if child.role == "router" and child.state == ChildState.FAILED:
             self.exit_code = ExitCode.CRASH_LOOP if code != ExitCode.CONFIG else ExitCode.CONFIG
             self.stopping = True
 
@@ -303,13 +303,13 @@ class Launcher:
         gets SIGTERM, then SIGKILL after KILL_GRACE; its exit restarts it as a crash."""
         timeout = self.cfg.hang_timeout
         for child in self.children.values():
-            if child.state == "hung":
+            if child.state == ChildState.HUNG:
                 if child.kill_at and now >= child.kill_at and (proc := _running(child)) is not None:
                     log.warning("process_killed", name=child.name, reason="hung")
                     proc.kill()
                     child.kill_at = 0.0
                 continue
-            if child.state != "running":
+            if child.state != ChildState.RUNNING:
                 continue
             silence = child.silent(now, timeout)
             if silence is None:
@@ -320,7 +320,7 @@ class Launcher:
                     f"router stopped beating for {silence:.0f}s during start (hang_timeout "
                     f"{timeout:g}s); see its log above"
                 )
-            child.state = "hung"
+            child.state = ChildState.HUNG
             child.kill_at = now + KILL_GRACE
             if (proc := _running(child)) is not None:
                 proc.terminate()
@@ -342,7 +342,7 @@ class Launcher:
                 sentinels = {
                     c.process.sentinel: (c, c.process)
                     for c in self.children.values()
-                    if c.state in ("running", "stopping", "hung") and c.process is not None
+                    if c.state in (ChildState.RUNNING, ChildState.STOPPING, ChildState.HUNG) and c.process is not None
                 }
                 for fd in sentinels:
                     poller.register(fd, zmq.POLLIN)
@@ -361,11 +361,12 @@ class Launcher:
                 now = time.monotonic()
                 self._watch(now)
                 for child in self.children.values():
-                    if child.state == "backoff" and now >= child.restart_at and not self.stopping:
+                    if child.state == ChildState.BACKOFF and now >= child.restart_at and not self.stopping:
                         child.restarts += 1
                         self._spawn(child)
                 if self.starting:
-                    if not self.stopping and self.children["router"].state == "running" and self._router_answers(0.1):
+                    router_up = self.children["router"].state == ChildState.RUNNING
+                    if not self.stopping and router_up and self._router_answers(0.1):
                         self._start_rest()
                 else:
                     self._log_ready()
@@ -390,7 +391,7 @@ class Launcher:
             group: sum(
                 1
                 for c in self.children.values()
-                if c.role == "worker" and c.group == group and not c.retired and c.state != "failed"
+                if c.role == "worker" and c.group == group and not c.retired and c.state != ChildState.FAILED
             )
             for group in self.scale
         }
@@ -479,7 +480,7 @@ class Launcher:
                 "pid": c.pid,
                 "state": c.state,
                 "restarts": c.restarts,
-                "uptime": round(now - c.started, 1) if c.state == "running" else 0.0,
+                "uptime": round(now - c.started, 1) if c.state == ChildState.RUNNING else 0.0,
                 "last_exit": c.last_exit,
                 **({"detail": self._detail(c)} if c.role == "producer" else {}),
             }
@@ -503,10 +504,10 @@ class Launcher:
             group = [c for c in self.children.values() if c.role == role]
             for child in group:
                 if (proc := _running(child)) is not None:
-                    child.state = "stopping"
+                    child.state = ChildState.STOPPING
                     proc.terminate()
-                elif child.state != "failed":
-                    child.state = "stopped"
+                elif child.state != ChildState.FAILED:
+                    child.state = ChildState.STOPPED
             for child in group:
                 if child.process is None:
                     continue
@@ -516,8 +517,8 @@ class Launcher:
                     child.process.kill()
                     multiprocessing.connection.wait(sentinel, 2)
                 self._reaped(child)
-                if child.state != "failed":
-                    child.state = "stopped"
+                if child.state != ChildState.FAILED:
+                    child.state = ChildState.STOPPED
         end_orphans(self.children.values())
         for child in self.children.values():
             self._drop_box(child)
