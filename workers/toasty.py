@@ -11,6 +11,12 @@ Config::
           timeout: 5                  # deadline per call, seconds
           app: nexus
           urgency: normal             # low | normal | critical
+          tls:                        # TLS to the server (required unless the target is loopback)
+            ca_file: /etc/nexus/toasty-ca.pem   # trust this CA (default: the system's CAs)
+            cert_file: /etc/nexus/client.pem    # a client certificate, if the server asks for one
+            key_file: /etc/nexus/client.key
+            server_name: toasty.lan   # the name to check the certificate against (default: the target's host)
+          insecure: false             # true: allow plaintext to a non-loopback target (not advised)
           mapping:                    # event-type glob -> templates; first match wins
             "email.received": {title: "{payload.from}", body: "{payload.subject}", urgency: critical}
             "*": {title: "{event.type}", body: "{event.source}"}
@@ -18,22 +24,32 @@ Config::
 A given `mapping` replaces the built-in one (`DEFAULT_MAPPING`); an event whose type
 matches no entry is skipped. Template syntax: see `workers.mapping`. A gRPC failure
 raises `ToastyError`, so the runtime retries the event with backoff.
+
+Fail closed: without `tls`, the target must be loopback (127.0.0.0/8, ::1, localhost
+or a unix: socket); any other host is refused when the handler is built, unless
+`insecure: true` says plaintext is meant. A TLS failure (untrusted certificate, a
+client certificate the server wanted) is `ToastyUnavailable` naming TLS: the events
+wait behind the circuit breaker until the setup is fixed, none is dead-lettered.
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 from typing import Annotated
 
 import grpc
 import msgspec
+import structlog
 
+from nexus.common.tls import is_loopback, read_pem
 from nexus.errors import ConfigError, DependencyError, NexusError
 from nexus.proto.toasty.v1 import toasty_pb2 as pb
 from nexus.proto.toasty.v1 import toasty_pb2_grpc as pb_grpc
 from nexus.protocol.events import Event
 from workers.mapping import Rules, Template, event_data, load_options
 
+log = structlog.get_logger("workers.toasty")
 URGENCIES = {"low": pb.LOW, "normal": pb.NORMAL, "critical": pb.CRITICAL}
 
 DEFAULT_MAPPING: dict[str, dict[str, str]] = {
@@ -58,12 +74,21 @@ class MappingEntry(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     tag: str = ""
 
 
+class ToastyTls(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    ca_file: str | None = None  # PEM bundle of the CAs to trust; None: the system's
+    cert_file: str | None = None  # client certificate (PEM), with key_file
+    key_file: str | None = None
+    server_name: str | None = None  # checked against the certificate instead of the target host
+
+
 class ToastyOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     target: Annotated[str, msgspec.Meta(min_length=1)] = "127.0.0.1:50051"
     timeout: Annotated[float, msgspec.Meta(gt=0)] = 5.0
     app: str = "nexus"
     urgency: str = "normal"
     mapping: dict[str, MappingEntry] | None = None
+    tls: ToastyTls | None = None
+    insecure: bool = False  # allow plaintext to a target that is not loopback
 
 
 class ToastyError(NexusError):
@@ -86,6 +111,63 @@ TRANSIENT = {
     grpc.StatusCode.ABORTED,
     grpc.StatusCode.CANCELLED,
 }
+
+
+def target_host(target: str) -> str | None:
+    """The host of a gRPC target (host:port, [v6]:port, dns:///host:port, ipv4:/ipv6:
+    forms), or None for a local socket (unix:, unix-abstract:)."""
+    t = target.strip()
+    if t.startswith(("unix:", "unix-abstract:")):
+        return None
+    for scheme in ("dns:", "ipv4:", "ipv6:"):
+        if t.startswith(scheme):
+            t = t[len(scheme) :]
+            break
+    if t.startswith("//"):  # dns://authority/host:port
+        t = t[2:].partition("/")[2]
+    t = t.split(",")[0]  # ipv4:a:p,b:p lists: the first decides (all must be alike)
+    if t.startswith("["):
+        return t[1 : t.find("]")] if "]" in t else t[1:]
+    return t.rsplit(":", 1)[0] if t.count(":") == 1 else t
+
+
+def channel_credentials(opts: ToastyOptions) -> grpc.ChannelCredentials | None:
+    """TLS credentials from `opts.tls`, or None for plaintext (loopback or `insecure`)."""
+    tls = opts.tls
+    if tls is None:
+        host = target_host(opts.target)
+        if host is not None and not is_loopback(host) and not opts.insecure:
+            raise ConfigError(
+                f"toasty options.target {opts.target}: not a loopback address, so TLS is required: "
+                "set options.tls (ca_file, cert_file, key_file), or insecure: true for plaintext"
+            )
+        return None
+    if bool(tls.cert_file) != bool(tls.key_file):
+        raise ConfigError("toasty options.tls: cert_file and key_file go together (the client certificate and its key)")
+    where = "toasty options.tls"
+    return grpc.ssl_channel_credentials(
+        root_certificates=read_pem(tls.ca_file, f"{where}.ca_file") if tls.ca_file else None,
+        private_key=read_pem(tls.key_file, f"{where}.key_file") if tls.key_file else None,
+        certificate_chain=read_pem(tls.cert_file, f"{where}.cert_file") if tls.cert_file else None,
+    )
+
+
+def describe_failure(exc: grpc.aio.AioRpcError, tls: ToastyTls | None) -> str:
+    """The gRPC status as one line. gRPC reports TLS failures as a plain UNAVAILABLE
+    with the reason deep in the details: say TLS up front."""
+    details = " ".join((exc.details() or "").split())
+    if tls is not None and re.search(r"handshake|ssl|tls|certificate|verification", details, re.I):
+        return f"{exc.code().name}: TLS handshake failed ({details})"
+    if tls is not None and "socket closed" in details.lower():
+        # TLS 1.3: the server checks the client certificate after the client thinks the
+        # handshake is done, then just closes the connection
+        hint = (
+            "it may not trust the client certificate (options.tls.cert_file)"
+            if tls.cert_file
+            else "if it requires a client certificate, set options.tls.cert_file and key_file"
+        )
+        return f"{exc.code().name}: the server closed the TLS connection; {hint} ({details})"
+    return f"{exc.code().name}: {details}"
 
 
 def urgency(name: str, where: str) -> int:
@@ -119,6 +201,14 @@ class Toasty:
             raise ConfigError("toasty options.mapping is empty: no event would ever be sent")
         default_urgency = urgency(opts.urgency, "toasty options.urgency")
         self.rules = Rules((glob, _Rule(glob, e, default_urgency)) for glob, e in raw.items())
+        self._credentials = channel_credentials(opts)
+        self._channel_options = list(CHANNEL_OPTIONS)
+        if opts.tls is not None and opts.tls.server_name:
+            self._channel_options.append(("grpc.ssl_target_name_override", opts.tls.server_name))
+        if self._credentials is None and opts.insecure:
+            host = target_host(opts.target)
+            if host is not None and not is_loopback(host):
+                log.warning("toasty_insecure", target=opts.target, reason="insecure: true, plaintext gRPC")
         self._channel: grpc.aio.Channel | None = None
         self._stub: pb_grpc.ToastyStub | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -148,9 +238,8 @@ class Toasty:
             reply = await self._get_stub().Notify(note, timeout=self.options.timeout)
         except grpc.aio.AioRpcError as exc:
             error = ToastyUnavailable if exc.code() in TRANSIENT else ToastyError
-            raise error(
-                f"toasty {self.options.target}: Notify failed: {exc.code().name}: {exc.details()}", exc.code()
-            ) from None
+            failure = describe_failure(exc, self.options.tls)
+            raise error(f"toasty {self.options.target}: Notify failed: {failure}", exc.code()) from None
         if reply.accepted:
             ctx.log.debug("toasty_sent", notification_id=reply.id)
         else:
@@ -170,7 +259,11 @@ class Toasty:
         # running loop, and again if the handler is driven from a new loop (tests).
         loop = asyncio.get_running_loop()
         if self._stub is None or self._loop is not loop:
-            self._channel = grpc.aio.insecure_channel(self.options.target, options=CHANNEL_OPTIONS)
+            target, options = self.options.target, self._channel_options
+            if self._credentials is None:
+                self._channel = grpc.aio.insecure_channel(target, options=options)
+            else:
+                self._channel = grpc.aio.secure_channel(target, self._credentials, options=options)
             self._stub = pb_grpc.ToastyStub(self._channel)
             self._loop = loop
         return self._stub

@@ -1,11 +1,14 @@
 """Console Toasty server: prints each notification it gets as one line on stdout.
 
     python -m nexus.tools.toasty [--listen 127.0.0.1:50051] [--json] [--fail-first N]
+                                 [--tls-cert FILE --tls-key FILE [--client-ca FILE]]
 
 It prints "toasty listening on HOST:PORT" once it accepts calls (with port 0: the real
 port), so scripts and tests can wait for that line. --fail-first N answers the first N
-Notify calls with UNAVAILABLE, to exercise retries. SIGTERM/SIGINT stop it cleanly.
-Embed it with `serve(listen, on_notification=...)`.
+Notify calls with UNAVAILABLE, to exercise retries. With --tls-cert/--tls-key it serves
+TLS only; --client-ca then also requires a client certificate signed by that CA
+(mutual TLS). SIGTERM/SIGINT stop it cleanly. Embed it with
+`serve(listen, on_notification=..., tls=ServerTls(...))`.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import sys
 import threading
 from collections.abc import Callable
 from concurrent import futures
+from dataclasses import dataclass
 
 import grpc
 
@@ -52,14 +56,40 @@ class ToastyServicer(pb_grpc.ToastyServicer):
         return pb.HealthReply(status=pb.HealthReply.SERVING)
 
 
+@dataclass(frozen=True)
+class ServerTls:
+    """PEM files: the server's certificate chain and key, and the CA that client
+    certificates must be signed by (None: no client certificate asked for)."""
+
+    cert_file: str
+    key_file: str
+    client_ca: str | None = None
+
+    def credentials(self) -> grpc.ServerCredentials:
+        def read(path: str) -> bytes:
+            with open(path, "rb") as f:
+                return f.read()
+
+        client_ca = read(self.client_ca) if self.client_ca else None
+        return grpc.ssl_server_credentials(
+            [(read(self.key_file), read(self.cert_file))],
+            root_certificates=client_ca,
+            require_client_auth=client_ca is not None,
+        )
+
+
 def serve(
-    listen: str, on_notification: Callable[[pb.Notification, str], None], fail_first: int = 0, max_workers: int = 4
+    listen: str,
+    on_notification: Callable[[pb.Notification, str], None],
+    fail_first: int = 0,
+    max_workers: int = 4,
+    tls: ServerTls | None = None,
 ) -> tuple[grpc.Server, int]:
-    """Start a Toasty server on `listen` (host:port); returns (server, bound port)."""
+    """Start a Toasty server on `listen` (host:port), TLS if `tls`; returns (server, bound port)."""
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers))
     pb_grpc.add_ToastyServicer_to_server(ToastyServicer(on_notification, fail_first), server)
     try:
-        port = server.add_insecure_port(listen)
+        port = server.add_secure_port(listen, tls.credentials()) if tls else server.add_insecure_port(listen)
     except RuntimeError as exc:  # newer grpcio raises instead of returning 0
         raise OSError(f"cannot listen on {listen}: {exc}") from None
     if port == 0:
@@ -103,7 +133,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--fail-first", type=int, default=0, metavar="N", help="answer the first N Notify calls with UNAVAILABLE"
     )
+    ap.add_argument("--tls-cert", metavar="FILE", help="serve TLS with this certificate chain (PEM)")
+    ap.add_argument("--tls-key", metavar="FILE", help="the private key of --tls-cert (PEM)")
+    ap.add_argument(
+        "--client-ca", metavar="FILE", help="require client certificates signed by this CA (PEM; needs --tls-cert)"
+    )
     args = ap.parse_args(argv)
+    if bool(args.tls_cert) != bool(args.tls_key) or (args.client_ca and not args.tls_cert):
+        ap.error("--tls-cert and --tls-key go together, and --client-ca needs them")
+    tls = ServerTls(args.tls_cert, args.tls_key, args.client_ca) if args.tls_cert else None
 
     out_lock = threading.Lock()
 
@@ -117,8 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     try:
-        server, port = serve(args.listen, show, fail_first=args.fail_first)
-    except OSError as exc:
+        server, port = serve(args.listen, show, fail_first=args.fail_first, tls=tls)
+    except OSError as exc:  # a missing cert file too (FileNotFoundError)
         print(f"toasty: {exc}", file=sys.stderr, flush=True)
         return ExitCode.FAILURE
     host = args.listen.rsplit(":", 1)[0]

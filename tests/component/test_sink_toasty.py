@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import queue
 import time
 from pathlib import Path
 
 import grpc
 import pytest
 import structlog
+from tlscerts import TestPKI
 from toasty_server import ToastyProcess
 
 from nexus.contracts import EmailReceived, ParrotEmailData, ParrotNotification
@@ -18,9 +20,10 @@ from nexus.proto.toasty.v1 import toasty_pb2 as pb
 from nexus.proto.toasty.v1 import toasty_pb2_grpc as pb_grpc
 from nexus.protocol.events import Event, new_id
 from nexus.testing import free_port, wait_for
-from nexus.tools.toasty import serve
+from nexus.tools.toasty import ServerTls, serve
+from nexus.tools.toasty import main as toasty_main
 from workers.mapping import TemplateError
-from workers.toasty import Toasty, ToastyError
+from workers.toasty import Toasty, ToastyError, ToastyUnavailable, target_host
 
 REPO = Path(__file__).resolve().parents[2]
 DEADLINE = 10.0
@@ -267,3 +270,142 @@ def test_embedded_server_calls_back():
         assert (got[0][0].event_id, got[0][1]) == (ev.id, "n1")
     finally:
         server.stop(None).wait(DEADLINE)
+
+
+# -- TLS (issue 12, point 6) -------------------------------------------------------------
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    return TestPKI(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture(scope="module")
+def other_pki(tmp_path_factory):
+    return TestPKI(tmp_path_factory.mktemp("other-pki"), name="Some Other CA")
+
+
+def tls_server(toasty_factory, pki, client_ca=None) -> ToastyProcess:
+    args = ["--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key)]
+    return toasty_factory(*args, *(["--client-ca", str(client_ca)] if client_ca else []))
+
+
+def test_tls_end_to_end(toasty_factory, pki):
+    server = tls_server(toasty_factory, pki)
+    ev = email_event()
+    run(Toasty({"target": server.target, "tls": {"ca_file": str(pki.ca)}}), ev)
+    assert server.next_notification()["event_id"] == ev.id
+    # the name checked can differ from the target's host (the cert names localhost too)
+    ev2 = email_event()
+    run(Toasty({"target": server.target, "tls": {"ca_file": str(pki.ca), "server_name": "localhost"}}), ev2)
+    assert server.next_notification()["event_id"] == ev2.id
+
+
+def test_tls_server_refuses_a_plaintext_client(toasty_factory, pki):
+    server = tls_server(toasty_factory, pki)
+    with pytest.raises(ToastyUnavailable):
+        run(Toasty({"target": server.target, "timeout": 2}), email_event())
+
+
+@pytest.mark.parametrize(
+    "tls, reason",
+    [
+        ("other_ca", "a certificate from another CA"),
+        ("wrong_name", "a server_name the certificate does not hold"),
+    ],
+)
+def test_tls_untrusted_server_is_refused_with_one_line(toasty_factory, pki, other_pki, tls, reason):
+    server = tls_server(toasty_factory, pki)
+    options = {"ca_file": str(other_pki.ca)} if tls == "other_ca" else {"ca_file": str(pki.ca), "server_name": "x.lan"}
+    with pytest.raises(ToastyUnavailable) as info:  # circuit breaker: events wait, none dead-lettered
+        run(Toasty({"target": server.target, "timeout": 3, "tls": options}), email_event())
+    message = str(info.value)
+    assert "\n" not in message and info.value.code == grpc.StatusCode.UNAVAILABLE, reason
+    assert f"toasty {server.target}: Notify failed: UNAVAILABLE: TLS handshake failed" in message, message
+    with pytest.raises(queue.Empty):
+        server.lines.get(timeout=0.2)  # nothing was delivered
+
+
+def test_tls_client_certificate_required_by_the_server(toasty_factory, pki):
+    server = tls_server(toasty_factory, pki, client_ca=pki.ca)
+    ev = email_event()
+    with_cert = {"ca_file": str(pki.ca), "cert_file": str(pki.client_cert), "key_file": str(pki.client_key)}
+    run(Toasty({"target": server.target, "tls": with_cert}), ev)
+    assert server.next_notification()["event_id"] == ev.id
+    with pytest.raises(ToastyUnavailable) as info:
+        run(Toasty({"target": server.target, "timeout": 3, "tls": {"ca_file": str(pki.ca)}}), email_event())
+    message = str(info.value)
+    assert "\n" not in message and "set options.tls.cert_file and key_file" in message, message
+
+
+def test_tls_client_certificate_from_another_ca_is_refused(toasty_factory, pki, other_pki):
+    server = tls_server(toasty_factory, pki, client_ca=pki.ca)
+    foreign = {"ca_file": str(pki.ca), "cert_file": str(other_pki.client_cert), "key_file": str(other_pki.client_key)}
+    with pytest.raises(ToastyUnavailable, match=r"closed the TLS connection; it may not trust the client certificate"):
+        run(Toasty({"target": server.target, "timeout": 3, "tls": foreign}), email_event())
+
+
+@pytest.mark.parametrize(
+    "target, host",
+    [
+        ("127.0.0.1:50051", "127.0.0.1"),
+        ("localhost:1", "localhost"),
+        ("[::1]:50051", "::1"),
+        ("ipv6:[::1]:50051", "::1"),
+        ("dns:///toasty.lan:50051", "toasty.lan"),
+        ("dns://8.8.8.8/toasty.lan:50051", "toasty.lan"),
+        ("ipv4:10.0.0.2:50051,10.0.0.3:50051", "10.0.0.2"),
+        ("toasty.lan", "toasty.lan"),
+        ("unix:/run/toasty.sock", None),
+    ],
+)
+def test_target_host(target, host):
+    assert target_host(target) == host
+
+
+@pytest.mark.parametrize("target", ["10.0.0.2:50051", "toasty.lan:50051", "dns:///desk.example.com:443", "[fe80::1]:1"])
+def test_plaintext_to_a_remote_target_is_refused_at_start(target):
+    with pytest.raises(ConfigError, match=r"not a loopback address, so TLS is required") as info:
+        Toasty({"target": target})
+    assert "\n" not in str(info.value)
+    Toasty({"target": target, "insecure": True})  # said explicitly: allowed (and warned)
+    Toasty({"target": target, "tls": {}})  # TLS with the system's CAs
+
+
+@pytest.mark.parametrize("target", ["127.0.0.1:50051", "127.3.4.5:1", "localhost:50051", "[::1]:1", "unix:/tmp/t"])
+def test_plaintext_to_loopback_stays_the_default(target):
+    assert Toasty({"target": target})._credentials is None
+
+
+def test_bad_tls_options_fail_at_start(tmp_path, pki):
+    with pytest.raises(ConfigError, match=r"options.tls.ca_file: cannot read .*missing.pem"):
+        Toasty({"target": "toasty.lan:1", "tls": {"ca_file": str(tmp_path / "missing.pem")}})
+    not_pem = tmp_path / "not.pem"
+    not_pem.write_text("hello")
+    with pytest.raises(ConfigError, match=r"options.tls.ca_file: .*not.pem is not a PEM file"):
+        Toasty({"target": "toasty.lan:1", "tls": {"ca_file": str(not_pem)}})
+    with pytest.raises(ConfigError, match="cert_file and key_file go together"):
+        Toasty({"target": "toasty.lan:1", "tls": {"cert_file": str(pki.client_cert)}})
+    with pytest.raises(ConfigError, match="ca_fiel"):
+        Toasty({"target": "toasty.lan:1", "tls": {"ca_fiel": str(pki.ca)}})
+
+
+def test_embedded_tls_server_with_client_ca(pki):
+    got: list[str] = []
+    tls = ServerTls(str(pki.server_cert), str(pki.server_key), client_ca=str(pki.ca))
+    server, port = serve("127.0.0.1:0", lambda note, nid: got.append(note.event_id), tls=tls)
+    try:
+        ev = email_event()
+        options = {"ca_file": str(pki.ca), "cert_file": str(pki.client_cert), "key_file": str(pki.client_key)}
+        run(Toasty({"target": f"localhost:{port}", "tls": options}), ev)
+        assert got == [ev.id]
+    finally:
+        server.stop(None).wait(DEADLINE)
+
+
+def test_console_server_tls_options_are_checked(tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        toasty_main(["--listen", "127.0.0.1:0", "--tls-cert", "c.pem"])
+    assert info.value.code == 2 and "--tls-cert and --tls-key go together" in capsys.readouterr().err
+    missing = str(tmp_path / "missing.pem")
+    assert toasty_main(["--listen", "127.0.0.1:0", "--tls-cert", missing, "--tls-key", missing]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("toasty: ") and "missing.pem" in err and err.count("\n") == 1
