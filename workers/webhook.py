@@ -9,7 +9,9 @@ Config::
         options:
           url: https://example.com/hooks/nexus     # required
           timeout: 5            # seconds per socket operation (connect, send, each read)
-          headers: {Authorization: "Bearer ..."}
+          headers:              # a value is a string, or {env: VAR, prefix: "..."}: read from
+            X-Source: nexus     # the environment when the handler is built (secrets stay
+            Authorization: {env: WEBHOOK_TOKEN, prefix: "Bearer "}   # out of the config file)
           retries: 3            # extra attempts on 5xx / connection errors (0.2 s, 0.4 s, ...)
 
 Body: {"id", "type", "source", "time", "key", "priority", "correlation_id", "v",
@@ -18,12 +20,16 @@ at least once: receivers dedupe on it). 2xx is success. 5xx and connection error
 retried here first; 4xx (and anything else) raises at once, since sending the same
 request again will not help soon. Either way a final failure raises `WebhookError` and
 the runtime's own retry (and dead-lettering) takes over.
+
+A header `{env: VAR}` whose variable is unset or empty is a config error naming the
+header and the variable (never a value); header values are never logged.
 """
 
 from __future__ import annotations
 
 import asyncio
 import http.client
+import os
 import threading
 import urllib.parse
 from typing import Annotated
@@ -39,10 +45,17 @@ MAX_KEPT_BODY = 64 * 1024  # read at most this much of a response (and keep the 
 STALE_ERRORS = (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError)
 
 
+class FromEnv(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A header value read from the environment: `prefix` + the value of `env`."""
+
+    env: Annotated[str, msgspec.Meta(min_length=1)]
+    prefix: str = ""
+
+
 class WebhookOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     url: str
     timeout: Annotated[float, msgspec.Meta(gt=0)] = 5.0
-    headers: dict[str, str] = {}
+    headers: dict[str, str | FromEnv] = {}
     retries: Annotated[int, msgspec.Meta(ge=0, le=10)] = 3
     backoff: Annotated[float, msgspec.Meta(ge=0)] = 0.2  # first delay; doubles each retry
 
@@ -71,6 +84,25 @@ class WebhookRejected(WebhookError, PermanentError):
     pass
 
 
+def header_values(headers: dict[str, str | FromEnv]) -> dict[str, str]:
+    """The configured headers with `{env: VAR}` values read from the environment."""
+    out = {}
+    for name, spec in headers.items():
+        where = f"webhook options.headers.{name}"
+        if isinstance(spec, FromEnv):
+            value = os.environ.get(spec.env)
+            if not value:
+                raise ConfigError(f"{where}: environment variable {spec.env} is not set or empty")
+            value, source = spec.prefix + value, f"environment variable {spec.env}"
+        else:
+            value, source = spec, "value"
+        # http.client would refuse these per request, quoting the value (a secret) in the error
+        if any(c in value for c in "\r\n\0"):
+            raise ConfigError(f"{where}: the {source} holds a line break or NUL, which a header cannot carry")
+        out[name] = value
+    return out
+
+
 class Webhook:
     """Handler class. HTTP runs in threads (stdlib http.client) with a keep-alive pool."""
 
@@ -97,7 +129,7 @@ class Webhook:
         self._headers = {
             "Content-Type": "application/json",
             "User-Agent": f"nexus-webhook/{__version__}",
-            **opts.headers,
+            **header_values(opts.headers),
         }
         self._idle: list[http.client.HTTPConnection] = []  # kept-alive connections
         self._lock = threading.Lock()  # the pool is used from threads

@@ -31,6 +31,7 @@ class Recorder(ThreadingHTTPServer):
         self.requests: list[dict] = []
         self.statuses: list[int] = []
         self.hang_up = 0  # close this many connections after replying, without saying so
+        self.required: dict[str, str] = {}  # headers a request must carry, else 401
         self.lock = threading.Lock()
 
     @property
@@ -49,6 +50,8 @@ class _Handler(BaseHTTPRequestHandler):
                 {"path": self.path, "headers": dict(self.headers), "body": body, "client": self.client_address}
             )
             status = server.statuses.pop(0) if server.statuses else 200
+            if any(self.headers.get(k) != v for k, v in server.required.items()):
+                status = 401
             if server.hang_up:
                 server.hang_up -= 1
                 self.close_connection = True
@@ -206,3 +209,66 @@ def test_connection_refused_raises_after_retries():
 def test_bad_options_fail_at_start(options, message):
     with pytest.raises(ConfigError, match=message):
         Webhook(options)
+
+
+# -- header values from the environment (issue 12, point 6) ------------------------------
+TOKEN = "tok-5f1c2e9a-never-logged"
+
+
+def test_header_value_from_the_environment(http_server, monkeypatch):
+    monkeypatch.setenv("NEXUS_TEST_WEBHOOK_TOKEN", TOKEN)
+    http_server.required = {"Authorization": f"Bearer {TOKEN}", "X-Api-Key": TOKEN, "X-Plain": "v"}
+    headers = {
+        "Authorization": {"env": "NEXUS_TEST_WEBHOOK_TOKEN", "prefix": "Bearer "},
+        "X-Api-Key": {"env": "NEXUS_TEST_WEBHOOK_TOKEN"},
+        "X-Plain": "v",
+    }
+    ev = email_event()
+    with capture_logs() as logs:
+        run(Webhook({"url": http_server.url, "headers": headers}), ev)
+    [req] = http_server.requests  # the server checked the headers: 200, not 401
+    assert req["headers"]["Authorization"] == f"Bearer {TOKEN}"
+    assert req["headers"]["X-Nexus-Event-Id"] == ev.id
+    assert TOKEN not in repr(logs)
+
+
+def test_a_wrong_token_is_refused_by_the_server(http_server, monkeypatch):
+    monkeypatch.setenv("NEXUS_TEST_WEBHOOK_TOKEN", "not-the-token")
+    http_server.required = {"Authorization": f"Bearer {TOKEN}"}
+    headers = {"Authorization": {"env": "NEXUS_TEST_WEBHOOK_TOKEN", "prefix": "Bearer "}}
+    with pytest.raises(WebhookError, match="HTTP 401") as info:
+        run(Webhook({"url": http_server.url, "headers": headers}), email_event())
+    assert "not-the-token" not in str(info.value)
+
+
+@pytest.mark.parametrize("value", [None, "", f"{TOKEN}\r\nX-Evil: 1"])
+def test_a_missing_or_bad_variable_is_one_config_line_without_the_value(monkeypatch, value):
+    if value is None:
+        monkeypatch.delenv("NEXUS_TEST_WEBHOOK_TOKEN", raising=False)
+    else:
+        monkeypatch.setenv("NEXUS_TEST_WEBHOOK_TOKEN", value)
+    headers = {"Authorization": {"env": "NEXUS_TEST_WEBHOOK_TOKEN", "prefix": "Bearer "}}
+    with pytest.raises(ConfigError) as info:
+        Webhook({"url": "https://example.com/hook", "headers": headers})
+    message = str(info.value)
+    assert message.startswith("webhook options.headers.Authorization: ")
+    assert "environment variable NEXUS_TEST_WEBHOOK_TOKEN" in message
+    assert "\n" not in message and TOKEN not in message
+    if value:
+        assert "line break" in message
+    else:
+        assert "is not set or empty" in message
+
+
+@pytest.mark.parametrize(
+    "header, message",
+    [
+        ({"env": ""}, "headers"),
+        ({"evn": "X"}, "evn"),
+        ({"prefix": "Bearer "}, "env"),
+        (7, "headers"),
+    ],
+)
+def test_bad_header_specs_fail_at_start(header, message):
+    with pytest.raises(ConfigError, match=message):
+        Webhook({"url": "https://example.com/hook", "headers": {"Authorization": header}})
