@@ -1,9 +1,15 @@
 """A throwaway Dovecot IMAP server for tests: real IDLE, UIDs and UIDVALIDITY.
 
-    server = Dovecot(users={"alice": "secret"}); server.start()
+    server = Dovecot(users={"alice": "secret"}, tls=True); server.start()
     server.append(b"Subject: hi\\r\\n\\r\\nbody\\r\\n")     # -> UID
     server.stop(); server.start()                          # same port, same mail
     server.close()                                         # stop + remove every file
+
+With tls=True it also serves TLS with a certificate from its own throwaway CA
+(`server.pki`, tests/tlscerts.py): STARTTLS on `port`, implicit TLS (IMAPS) on
+`ssl_port`; plaintext LOGIN stays allowed on `port` for the tests that do not use TLS.
+The hierarchy separator is "/" (as most servers show it); mailbox names on the wire
+are modified UTF-7 (RFC 3501 5.1.3).
 
 Everything lives in a private temp dir (config, passwd-file, maildirs, base_dir,
 state_dir, log); no systemd and nothing under /etc is read. Written for Dovecot 2.3
@@ -79,7 +85,7 @@ listen = 127.0.0.1
 base_dir = {root}/run
 state_dir = {root}/state
 log_path = {root}/dovecot.log
-ssl = no
+{ssl}
 disable_plaintext_auth = no
 auth_mechanisms = plain login
 auth_failure_delay = 1 secs
@@ -91,6 +97,10 @@ first_valid_gid = 0
 {mail_user}
 mail_location = maildir:{root}/mail/%u
 mail_max_userip_connections = 100
+namespace inbox {{
+  inbox = yes
+  separator = /
+}}
 passdb {{
   driver = passwd-file
   args = scheme=PLAIN username_format=%u {root}/passwd
@@ -105,24 +115,40 @@ service imap-login {{
     port = {port}
   }}
   inet_listener imaps {{
-    port = 0
+    address = 127.0.0.1
+    port = {ssl_port}
   }}
 }}
 """
 
 
+SSL_CONFIG = """\
+ssl = yes
+ssl_cert = <{cert}
+ssl_key = <{key}
+ssl_min_protocol = TLSv1.2"""
+
+
 class Dovecot:
-    def __init__(self, users: dict[str, str] | None = None, port: int | None = None):
+    def __init__(self, users: dict[str, str] | None = None, port: int | None = None, tls: bool = False):
         if BINARY is None:
             raise RuntimeError("dovecot is not installed")
         self.users = dict(users or {"alice": "secret"})
         self.port = port or free_port()
+        self.ssl_port = free_port() if tls else 0  # 0: no IMAPS listener
         self.host = "127.0.0.1"
         # Not pytest's tmp_path: its parents are 0700 and the unprivileged mail
         # processes must be able to traverse down to the maildirs.
         self.root = Path(tempfile.mkdtemp(prefix="nexus-dovecot-"))
         os.chmod(self.root, 0o755)
         self.proc: subprocess.Popen | None = None
+        self.pki = None
+        if tls:
+            try:
+                from tests.tlscerts import TestPKI
+            except ImportError:  # plain `pytest` puts tests/ itself on sys.path
+                from tlscerts import TestPKI
+            self.pki = TestPKI(self.root / "pki", name="Nexus Test Dovecot CA")
         self._write_config()
 
     def _write_config(self) -> None:
@@ -139,7 +165,12 @@ class Dovecot:
         self.config = self.root / "dovecot.conf"
         self.config.write_text(
             CONFIG.format(
-                root=self.root, port=self.port, mail_user=mail_user, **{k: v for k, v in acc.items() if "mail" not in k}
+                root=self.root,
+                port=self.port,
+                ssl_port=self.ssl_port,
+                ssl=SSL_CONFIG.format(cert=self.pki.server_cert, key=self.pki.server_key) if self.pki else "ssl = no",
+                mail_user=mail_user,
+                **{k: v for k, v in acc.items() if "mail" not in k},
             )
         )
 

@@ -11,8 +11,17 @@ emitted and years of history are not replayed as "received". With a stored posit
 it resumes after the last emitted UID: mail that arrived while Nexus was down is
 emitted, at least once (a crash between flush and persist re-emits one batch).
 
+TLS (`tls`): `ssl` (implicit TLS, port 993, the default), `starttls` (port 143, then
+STARTTLS before LOGIN; a server that does not offer it is refused, never used in
+clear) or `none`, which is allowed only for a loopback host unless `insecure: true`.
+The server's certificate is verified against `ca_file` (else the system's CAs) and
+`host`; a failure is `imap_tls_failed`, retried slowly like a refused login.
+
+Mailbox names are sent in modified UTF-7 (RFC 3501 5.1.3: "Eingang/Größe" is
+"Eingang/Gr&APYA3w-e" on the wire); config, payloads and state use the real name.
+
 Connection state: STATUS[(name, mailbox)] and the logs imap_connected,
-imap_disconnected, imap_auth_failed, imap_uidvalidity_changed.
+imap_disconnected, imap_auth_failed, imap_tls_failed, imap_uidvalidity_changed.
 """
 
 from __future__ import annotations
@@ -25,12 +34,15 @@ import ssl
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import aioimaplib
 import msgspec
 import structlog
+from imapclient import imap_utf7
 
+from nexus.common.tls import client_context, is_loopback
+from nexus.config import Config as PipelineConfig
 from nexus.config import Duration, Positive, SourceConfig
 from nexus.errors import ConfigError, EventError, PeerError, RejectedError
 from nexus.sources.base import Sink, Source
@@ -53,8 +65,11 @@ _NEW_MAIL = re.compile(rb"^\* \d+ (EXISTS|RECENT)\b", re.I)
 class ImapConfig(SourceConfig):
     host: str
     username: str
-    port: Positive = 993
-    ssl: bool = True
+    port: Positive | None = None  # default: 993 for tls: ssl, else 143
+    tls: Literal["ssl", "starttls", "none"] | None = None  # default: ssl
+    ca_file: str | None = None  # PEM CAs to trust (relative: to the config file); default: the system's
+    insecure: bool = False  # allow tls: none to a host that is not loopback
+    ssl: bool | None = None  # the older spelling: true = tls: ssl, false = tls: none
     password: str | None = None
     password_env: str | None = None
     mailboxes: list[str] = msgspec.field(default_factory=lambda: ["INBOX"])
@@ -62,6 +77,20 @@ class ImapConfig(SourceConfig):
     snippet_bytes: Annotated[int, msgspec.Meta(ge=0, le=8192)] = 512
     reconnect_max: Duration = Duration(60)
     key: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.ssl is not None and self.tls is not None:
+            raise ValueError("set tls only (ssl is its older spelling)")
+
+    @property
+    def tls_mode(self) -> str:
+        if self.tls is not None:
+            return self.tls
+        return "none" if self.ssl is False else "ssl"
+
+    @property
+    def server_port(self) -> int:
+        return self.port or (993 if self.tls_mode == "ssl" else 143)
 
 
 @dataclass
@@ -80,6 +109,10 @@ STATUS: dict[tuple[str, str], MailboxStatus] = {}  # (producer name, mailbox) ->
 
 class AuthFailed(Exception):
     pass
+
+
+class TlsFailed(Exception):
+    """The TLS handshake failed or STARTTLS is not available: retried slowly."""
 
 
 class ImapError(Exception):
@@ -128,18 +161,43 @@ def _password(name: str, spec: ImapConfig) -> str:
     return value
 
 
+def wire_name(mailbox: str) -> str:
+    """The mailbox name as sent to the server: modified UTF-7, quoted."""
+    return aioimaplib.quoted(imap_utf7.encode(mailbox).decode("ascii"))
+
+
 class ImapSource(Source[ImapConfig]):
     Config = ImapConfig
+
+    @classmethod
+    def check(cls, name: str, spec: ImapConfig, config: PipelineConfig) -> None:
+        where = f"producers.{name}"
+        if spec.tls_mode == "none":
+            if not spec.insecure and not is_loopback(spec.host):
+                key = "tls" if spec.tls else "ssl"
+                raise ConfigError(
+                    f"{where}.{key}: without TLS the password would cross the network in clear to {spec.host}: "
+                    "use tls: ssl or starttls (or insecure: true)"
+                )
+            if spec.ca_file:
+                raise ConfigError(f"{where}.ca_file: only used with tls: ssl or starttls")
 
     def run(self, sink: Sink, stop: threading.Event) -> None:
         name, spec = self.name, self.spec
         password = _password(name, spec)
+        self.check(name, spec, self.config)
+        tls = None
+        if spec.tls_mode != "none":
+            ca_file = self.config.resolve(spec.ca_file) if spec.ca_file else None
+            tls = client_context(ca_file, where=f"producers.{name}")
+        elif not is_loopback(spec.host):
+            log.warning("imap_insecure", producer=name, host=spec.host, reason="insecure: true, no TLS")
         state = ImapState(self.config.data_dir, name)
         # One worker: emit, flush and fsync leave the loop free (IDLE, stop) and stay ordered.
         executor = ThreadPoolExecutor(1, thread_name_prefix=f"imap-{name}")
         loop = asyncio.new_event_loop()
         try:
-            loop.run_until_complete(_main(name, spec, password, state, sink, stop, executor))
+            loop.run_until_complete(_main(name, spec, password, tls, state, sink, stop, executor))
         finally:
             executor.shutdown(wait=False, cancel_futures=True)
             loop.close()
@@ -159,6 +217,7 @@ async def _main(
     name: str,
     spec: ImapConfig,
     password: str,
+    tls: ssl.SSLContext | None,
     state: ImapState,
     sink: Any,
     stop: threading.Event,
@@ -166,7 +225,7 @@ async def _main(
 ) -> None:
     stopping = asyncio.get_running_loop().create_future()
     tasks = [
-        asyncio.create_task(_Mailbox(name, mb, spec, password, state, sink, executor, stopping).run())
+        asyncio.create_task(_Mailbox(name, mb, spec, password, tls, state, sink, executor, stopping).run())
         for mb in dict.fromkeys(spec.mailboxes)
     ]
     while not stop.is_set():
@@ -189,12 +248,13 @@ class _Mailbox:
         mailbox: str,
         spec: ImapConfig,
         password: str,
+        tls: ssl.SSLContext | None,
         state: ImapState,
         sink: Any,
         executor: ThreadPoolExecutor,
         stopping: asyncio.Future,
     ):
-        self.name, self.mailbox, self.spec, self.password = name, mailbox, spec, password
+        self.name, self.mailbox, self.spec, self.password, self.tls = name, mailbox, spec, password, tls
         self.state, self.sink, self.executor, self.stopping = state, sink, executor, stopping
         self.key = spec.key or f"{name}:{mailbox}"
         self.status = STATUS[(name, mailbox)] = MailboxStatus()
@@ -230,11 +290,17 @@ class _Mailbox:
                 self.log.error(
                     "imap_auth_failed",
                     host=spec.host,
-                    port=spec.port,
+                    port=spec.server_port,
                     user=spec.username,
                     error=str(exc),
                     retry_in=delay,
                 )
+            except TlsFailed as exc:
+                # A setup problem (CA, certificate, server config): slow retries, so a
+                # fixed server certificate is picked up without a restart.
+                delay = spec.reconnect_max
+                self._set("tls_failed", str(exc))
+                self.log.error("imap_tls_failed", host=spec.host, port=spec.server_port, error=str(exc), retry_in=delay)
             except Exception as exc:  # anything else: drop the connection, back off, retry
                 if self.healthy:
                     backoff = 0.5
@@ -245,7 +311,7 @@ class _Mailbox:
                 self.log.warning(
                     event,
                     host=spec.host,
-                    port=spec.port,
+                    port=spec.server_port,
                     error=error,
                     retry_in=delay,
                     exc_info=not isinstance(
@@ -291,20 +357,25 @@ class _Mailbox:
 
         self.client = c = _Client(
             host=spec.host,
-            port=spec.port,
+            port=spec.server_port,
             timeout=COMMAND_TIMEOUT,
             conn_lost_cb=on_lost,
-            ssl_context=ssl.create_default_context() if spec.ssl else None,
+            ssl_context=self.tls if spec.tls_mode == "ssl" else None,
         )
-        await self._call(c.wait_hello_from_server())
+        try:
+            await self._call(c.wait_hello_from_server())
+            if spec.tls_mode == "starttls":
+                await self._starttls(c)
+        except ssl.SSLError as exc:
+            raise TlsFailed(_tls_failure(spec, exc)) from None
         r = await self._call(c.login(aioimaplib.quoted(spec.username), self.password))
         if r.result != "OK":
             text = _text(r)
             if re.search(r"\[(UNAVAILABLE|INUSE|LIMIT)\]", text):  # RFC 5530: try again later
                 raise ImapError(f"login temporarily refused: {text}")
-            raise AuthFailed(f"IMAP login to {spec.host}:{spec.port} as {spec.username!r} was refused: {text}")
+            raise AuthFailed(f"IMAP login to {spec.host}:{spec.server_port} as {spec.username!r} was refused: {text}")
         await self._call(c.protocol.capability())  # post-login capabilities (IDLE)
-        r = await self._call(c.select(aioimaplib.quoted(self.mailbox)))
+        r = await self._call(c.select(wire_name(self.mailbox)))
         if r.result != "OK":
             raise ImapError(f"SELECT {self.mailbox!r} failed: {_text(r)}")
         uidvalidity = resp_code(r.lines, b"UIDVALIDITY")
@@ -316,7 +387,13 @@ class _Mailbox:
         self.status.connects += 1
         self.status.uidvalidity, self.status.last_uid = uidvalidity, last
         self.log.info(
-            "imap_connected", host=spec.host, port=spec.port, user=spec.username, uidvalidity=uidvalidity, last_uid=last
+            "imap_connected",
+            host=spec.host,
+            port=spec.server_port,
+            tls=spec.tls_mode,
+            user=spec.username,
+            uidvalidity=uidvalidity,
+            last_uid=last,
         )
         while True:
             c.protocol.new_mail.clear()
@@ -324,6 +401,26 @@ class _Mailbox:
             last = await self._catch_up(uidvalidity, last)
             if not c.protocol.new_mail.is_set():  # else mail came in during the fetch
                 await self._wait_for_mail()
+
+    async def _starttls(self, c: _Client) -> None:
+        """RFC 3501 6.2.1: STARTTLS, the TLS handshake on the same connection, then the
+        capabilities again (those sent in clear may have been tampered with)."""
+        spec = self.spec
+        if not c.has_capability("STARTTLS"):
+            raise TlsFailed(
+                f"{spec.host}:{spec.server_port} does not offer STARTTLS; not logging in without TLS "
+                "(use tls: ssl, the server's IMAPS port)"
+            )
+        proto = c.protocol
+        r = await self._call(proto.execute(aioimaplib.Command("STARTTLS", proto.new_tag(), loop=proto.loop)))
+        if r.result != "OK":
+            raise TlsFailed(f"STARTTLS refused by {spec.host}:{spec.server_port}: {_text(r)}")
+        loop = asyncio.get_running_loop()
+        assert self.tls is not None and proto.transport is not None
+        proto.transport = await self._call(
+            loop.start_tls(proto.transport, proto, self.tls, server_hostname=spec.host),
+        )
+        await self._call(proto.capability())
 
     async def _max_uid(self) -> int:
         r = await self._call(self.session.protocol.search("UID", "*", charset=None, by_uid=True))
@@ -441,6 +538,14 @@ class _Mailbox:
 def _describe(exc: BaseException) -> str:
     text = str(exc)
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _tls_failure(spec: ImapConfig, exc: ssl.SSLError) -> str:
+    where = f"TLS with {spec.host}:{spec.server_port} ({spec.tls_mode})"
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        trusted = f"ca_file {spec.ca_file}" if spec.ca_file else "the system's CAs"
+        return f"{where} refused: certificate not trusted: {exc.verify_message} (checked against {trusted})"
+    return f"{where} failed: {exc.reason or exc}"
 
 
 def _text(r: Any) -> str:

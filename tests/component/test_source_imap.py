@@ -87,8 +87,15 @@ def producer(tmp_path):
     started: list[Running] = []
 
     def start(server, *, name: str = "work", sink: CollectingSink | None = None, data_dir=None, **fields) -> Running:
-        fields = {"mailboxes": ["INBOX"], "password": "secret", "reconnect_max": Duration(2), **fields}
-        spec = ImapConfig(host=server.host, port=server.port, ssl=False, username="alice", **fields)
+        fields = {
+            "mailboxes": ["INBOX"],
+            "password": "secret",
+            "reconnect_max": Duration(2),
+            "port": server.port,
+            "tls": "none",
+            **fields,
+        }
+        spec = ImapConfig(host=server.host, username="alice", **fields)
         r = Running(name, spec, str(data_dir or tmp_path / "data"), sink or CollectingSink())
         started.append(r)
         return r
@@ -338,3 +345,127 @@ def test_append_to_emit_latency(server, producer):
         f"\nIMAP APPEND -> sink.emit over {len(latencies)} messages: "
         f"p50 {statistics.median(latencies) * 1000:.0f} ms, max {max(latencies) * 1000:.0f} ms"
     )
+
+
+# -- TLS and non-ASCII mailbox names (issue 12, point 6) --------------------------------
+@pytest.fixture
+def tls_server():
+    srv = dovecot.Dovecot(users={"alice": "secret"}, tls=True)
+    try:
+        srv.start()
+        yield srv
+    finally:
+        srv.close()
+
+
+@pytest.fixture(scope="module")
+def other_ca(tmp_path_factory):
+    try:
+        from tests.tlscerts import TestPKI
+    except ImportError:
+        from tlscerts import TestPKI
+    return TestPKI(tmp_path_factory.mktemp("other-ca"), name="Some Other CA").ca
+
+
+def logins(server) -> list[str]:
+    return [line for line in server.log_tail(1000).splitlines() if "Login: user=<alice>" in line]
+
+
+@pytest.mark.parametrize("mode", ["ssl", "starttls"])
+def test_tls_delivers_mail(tls_server, producer, mode):
+    port = tls_server.ssl_port if mode == "ssl" else tls_server.port
+    with structlog.testing.capture_logs() as logs:
+        p = producer(tls_server, tls=mode, port=port, ca_file=str(tls_server.pki.ca))
+        p.wait_idle()
+        # Dovecot's own word that the producer's login ran inside TLS (the only login so far)
+        [login] = logins(tls_server)
+        assert ", TLS, " in login, login
+        uid = tls_server.append(mail(f"over {mode}"))
+        [event] = p.wait_events(1)
+    assert (event["subject"], event["uid"]) == (f"over {mode}", uid)
+    [connected] = [e for e in logs if e["event"] == "imap_connected"]
+    assert (connected["tls"], connected["port"]) == (mode, port)
+    assert "secret" not in repr(logs)
+
+
+@pytest.mark.parametrize("mode", ["ssl", "starttls"])
+def test_a_certificate_from_another_ca_is_refused_before_login(tls_server, producer, other_ca, mode):
+    port = tls_server.ssl_port if mode == "ssl" else tls_server.port
+    with structlog.testing.capture_logs() as logs:
+        p = producer(tls_server, tls=mode, port=port, ca_file=str(other_ca), reconnect_max=Duration(60))
+        wait_for(lambda: p.status() is not None and p.status().state == "tls_failed", WAIT, message="TLS refusal")
+        p.stop()
+    [failed] = [e for e in logs if e["event"] == "imap_tls_failed"]  # once: retried slowly
+    error = failed["error"]
+    assert failed["log_level"] == "error" and "\n" not in error
+    assert f"TLS with 127.0.0.1:{port} ({mode}) refused: certificate not trusted" in error, error
+    assert f"checked against ca_file {other_ca}" in error
+    assert logins(tls_server) == []  # the password never left
+    assert "secret" not in repr(logs)
+
+
+def test_starttls_not_offered_is_refused_never_plaintext(server, producer):
+    # `server` has TLS off, so it does not offer STARTTLS
+    with structlog.testing.capture_logs() as logs:
+        p = producer(server, tls="starttls", reconnect_max=Duration(60))
+        wait_for(lambda: p.status() is not None and p.status().state == "tls_failed", WAIT, message="TLS refusal")
+        p.stop()
+    [failed] = [e for e in logs if e["event"] == "imap_tls_failed"]
+    assert "does not offer STARTTLS" in failed["error"]
+    assert logins(server) == []
+
+
+def test_tls_config_rules(tmp_path):
+    cfg = Config(data_dir=str(tmp_path))
+
+    def check(**fields):
+        ImapSource.check("work", msgspec.convert({"username": "me", **fields}, ImapConfig), cfg)
+
+    with pytest.raises(ConfigError, match=r"producers\.work\.tls: without TLS .* in clear to imap\.example\.com") as e:
+        check(host="imap.example.com", tls="none")
+    assert "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match=r"producers\.work\.ssl: without TLS"):  # the older spelling
+        check(host="10.1.2.3", ssl=False)
+    check(host="imap.example.com", tls="none", insecure=True)  # said explicitly
+    check(host="127.0.0.1", tls="none")
+    check(host="localhost", ssl=False)
+    check(host="imap.example.com", tls="starttls", ca_file="ca.pem")
+    with pytest.raises(ConfigError, match=r"producers\.work\.ca_file: only used with tls"):
+        check(host="127.0.0.1", tls="none", ca_file="ca.pem")
+    with pytest.raises(msgspec.ValidationError, match="set tls only"):
+        msgspec.convert({"host": "h", "username": "me", "ssl": True, "tls": "ssl"}, ImapConfig)
+    spec = msgspec.convert
+    assert spec({"host": "h", "username": "u"}, ImapConfig).server_port == 993
+    assert spec({"host": "h", "username": "u", "tls": "starttls"}, ImapConfig).server_port == 143
+    assert spec({"host": "h", "username": "u", "ssl": False}, ImapConfig).tls_mode == "none"
+    assert spec({"host": "h", "username": "u", "tls": "ssl", "port": 1993}, ImapConfig).server_port == 1993
+
+
+def test_a_missing_ca_file_is_a_config_error(tmp_path):
+    spec = ImapConfig(host="127.0.0.1", username="alice", password="x", ca_file="nope/ca.pem")
+    with pytest.raises(ConfigError, match=r"producers\.work\.ca_file: cannot load .*nope/ca\.pem"):
+        ImapSource("work", spec, Config(data_dir=str(tmp_path))).run(CollectingSink(), threading.Event())
+
+
+def test_mailbox_names_are_modified_utf7_on_the_wire():
+    # RFC 3501 5.1.3's own example, and the names below
+    assert imap.wire_name("~peter/mail/台北/日本語") == '"~peter/mail/&U,BTFw-/&ZeVnLIqe-"'
+    assert imap.wire_name("Eingang/Größe") == '"Eingang/Gr&APYA3w-e"'
+    assert imap.wire_name("Tom & Jerry") == '"Tom &- Jerry"'
+    assert imap.wire_name("INBOX") == '"INBOX"'
+
+
+def test_non_ascii_mailboxes_against_dovecot(tls_server, producer):
+    # made by their wire names, so the test does not trust the encoder it checks
+    wire = {"Eingang/Größe": "Eingang/Gr&APYA3w-e", "日本語": "&ZeVnLIqe-", "Tom & Jerry": "Tom &- Jerry"}
+    for name in wire.values():
+        tls_server.create_mailbox(name)
+    p = producer(tls_server, mailboxes=list(wire), tls="starttls", ca_file=str(tls_server.pki.ca))
+    for name in wire:
+        p.wait_idle(name)
+    for name, raw in wire.items():
+        tls_server.append(mail(f"to {name}"), mailbox=raw)
+    p.wait_events(3)
+    got = {payload["subject"]: (payload["mailbox"], key) for _, payload, key in p.sink.events}
+    assert got == {f"to {name}": (name, f"work:{name}") for name in wire}
+    assert set(wire) <= set(p.source.status()["mailboxes"])  # named as configured
