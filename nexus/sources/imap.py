@@ -415,6 +415,8 @@ class _Mailbox:
         r = await self._call(proto.execute(aioimaplib.Command("STARTTLS", proto.new_tag(), loop=proto.loop)))
         if r.result != "OK":
             raise TlsFailed(f"STARTTLS refused by {spec.host}:{spec.server_port}: {_text(r)}")
+        if proto.incomplete_line:  # bytes sent in clear after the OK must not pass as protected
+            raise TlsFailed(f"{spec.host}:{spec.server_port} sent data after its STARTTLS reply; not trusting it")
         loop = asyncio.get_running_loop()
         assert self.tls is not None and proto.transport is not None
         proto.transport = await self._call(

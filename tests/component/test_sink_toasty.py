@@ -10,6 +10,7 @@ from pathlib import Path
 import grpc
 import pytest
 import structlog
+from structlog.testing import capture_logs
 from tlscerts import TestPKI
 from toasty_server import ToastyProcess
 
@@ -366,7 +367,9 @@ def test_plaintext_to_a_remote_target_is_refused_at_start(target):
     with pytest.raises(ConfigError, match=r"not a loopback address, so TLS is required") as info:
         Toasty({"target": target})
     assert "\n" not in str(info.value)
-    Toasty({"target": target, "insecure": True})  # said explicitly: allowed (and warned)
+    with capture_logs() as logs:
+        Toasty({"target": target, "insecure": True})  # said explicitly: allowed, and warned
+    assert [e["log_level"] for e in logs if e["event"] == "toasty_insecure"] == ["warning"]
     Toasty({"target": target, "tls": {}})  # TLS with the system's CAs
 
 
