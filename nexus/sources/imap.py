@@ -31,6 +31,7 @@ import aioimaplib
 import msgspec
 import structlog
 
+from nexus.common import redact
 from nexus.config import Duration, Positive, SourceConfig
 from nexus.errors import ConfigError, EventError, PeerError, RejectedError
 from nexus.sources.base import Sink, Source
@@ -125,6 +126,7 @@ def _password(name: str, spec: ImapConfig) -> str:
     value = os.environ.get(spec.password_env)
     if not value:
         raise ConfigError(f"{where}: environment variable {spec.password_env} is not set or empty")
+    redact.register(value)  # from the environment: no log line or error may show it
     return value
 
 
