@@ -24,6 +24,8 @@ from typing import Any
 MASK = "***"
 _SECRET_NAME = re.compile(r"passw|passphrase|secret|token|authoriz|api_?key|cookie|credential|private_?key")
 _WHERE_NAME = re.compile(r"_(file|env|dir|path)$")
+# an Authorization value, "Bearer TOKEN": its credentials are a secret by themselves
+_SCHEME_CREDENTIALS = re.compile(r"\A(?:bearer|basic|token|digest|negotiate|bot|apikey|key)\s+(\S+)\s*\Z", re.I)
 MIN_LEN = 4  # shorter values are not scrubbed from text (a 1-3 character "secret" would garble every line)
 
 _known: set[str] = set()
@@ -39,10 +41,14 @@ def is_secret_name(name: object) -> bool:
 
 
 def register(value: object) -> None:
-    """Remember a secret this process holds, so no text ever shows it."""
+    """Remember a secret this process holds, so no text ever shows it (and the
+    credentials of an Authorization-style value alone: a server may echo just those)."""
     global _pattern
     if not isinstance(value, str) or len(value) < MIN_LEN:
         return
+    m = _SCHEME_CREDENTIALS.match(value)
+    if m is not None:
+        register(m.group(1))
     with _lock:
         if value in _known:
             return

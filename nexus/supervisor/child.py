@@ -34,6 +34,7 @@ def entry(
     code = ExitCode.OK
     try:
         cfg = config
+        redact.register_from(cfg)  # the secrets this process holds: no line may show them
         private.use_group(cfg.security.ipc_group)
         config_mod.add_module_paths(cfg)  # handlers and contracts: see config.module_paths
         logs.configure(cfg.log.level, cfg.log.format, process=name)

@@ -57,6 +57,8 @@ def test_mask_nested_and_scrub_registered():
     )
     assert shown == {"url": "http://x", "headers": {"Authorization": "***", "Accept": "json"}, "note": "pw ***!"}
     assert redact.scrub("a hunter2-registered b") == "a *** b"
+    redact.register("Bearer tok-alone-0008")  # the credentials alone are known too
+    assert redact.scrub("got tok-alone-0008") == "got ***"
     redact.register("abc")  # too short to scrub from text: ignored
     assert redact.scrub("abc") == "abc"
 
