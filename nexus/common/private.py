@@ -29,7 +29,7 @@ UMASK = 0o077
 DIR_MODE = 0o700
 FILE_MODE = 0o600
 GROUP_DIR_MODE = 0o710  # the data dir and run/ with security.ipc_group: search only
-USER_UMASK_ENV = "NEXUS_USER_UMASK"  # the umask the launcher was started with (members get it back)
+USER_UMASK_ENV = "NEXUS_USER_UMASK"  # the umask the launcher was started with (members, producers get it back)
 
 _socket_gid: int | None = None  # security.ipc_group's gid in this process (`use_group`)
 
@@ -43,8 +43,9 @@ def set_umask() -> int:
 
 
 def restore_user_umask() -> None:
-    """A member runs the user's handler: files it writes follow the user's umask, as
-    they would outside Nexus (a member creates nothing in the data dir)."""
+    """A member or a producer runs the user's code: files it writes follow the user's
+    umask, as they would outside Nexus (what they write in the data dir has an
+    explicit mode)."""
     try:
         os.umask(int(os.environ[USER_UMASK_ENV], 8))
     except (KeyError, ValueError):

@@ -25,9 +25,11 @@ def entry(
     os.setpgrp()
     from nexus.common import blackbox, logs, private, redact
 
-    # files: private (umask 077, as in the launcher); a member runs the user's handler,
-    # whose files follow the umask the user started the launcher with
-    if role == "worker":
+    # files: private (umask 077, as in the launcher); members and producers run the
+    # user's code (handlers, source plugins, the file source's watched folders), whose
+    # files follow the umask the user started the launcher with: every file of ours
+    # there is made with an explicit mode (nexus/common/private.py)
+    if role in ("worker", "producer"):
         private.restore_user_umask()
     else:
         private.set_umask()
