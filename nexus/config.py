@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal, TypeVar, dataclass_transform
 import msgspec
 import yaml
 
+from nexus.common import redact
 from nexus.common.modules import describe_import_error
 from nexus.errors import ConfigError
 
@@ -73,7 +74,16 @@ Positive = Annotated[int, msgspec.Meta(ge=1)]
 # (without it mypy reads a subclass as a non-frozen child of a frozen base)
 @dataclass_transform(frozen_default=True, field_specifiers=(msgspec.field,))
 class Strict(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
-    pass
+    # a config printed anywhere (a log line, a traceback, a debugger) never shows a
+    # secret: fields and dict keys named like one are masked (nexus/common/redact.py)
+    def __repr__(self) -> str:
+        return redact.struct_repr(self)
+
+    __str__ = __repr__
+
+    def __rich_repr__(self):
+        for name in self.__struct_fields__:
+            yield name, redact.mask(getattr(self, name), name)
 
 
 # -- sections ------------------------------------------------------------------
@@ -160,8 +170,16 @@ class SourceConfig(Strict, kw_only=True):
     kind: str = ""
 
 
+class SecurityConfig(Strict):
+    # a group whose members may use the ipc sockets (the CLI of other users): the data
+    # dir and its run/ folder become searchable (0710) and the sockets 0660 for it;
+    # every file stays the owner's alone (nexus/common/private.py)
+    ipc_group: str | None = None
+
+
 class Config(Strict):
     data_dir: str = "./var"
+    security: SecurityConfig = SecurityConfig()
     log: LogConfig = LogConfig()
     router: RouterConfig = RouterConfig()
     contracts: list[str] = msgspec.field(default_factory=lambda: ["nexus.contracts"])
@@ -298,6 +316,7 @@ def to_bytes(cfg: Config) -> bytes:
 def from_bytes(raw: bytes) -> Config:
     cfg = msgspec.msgpack.decode(raw, type=Config, dec_hook=_dec_hook)
     producers = _decode_producers(cfg.producers, cfg.source or "config", source_kinds())
+    redact.register_from(cfg)  # this process holds the config's secrets: never show them
     return msgspec.structs.replace(cfg, producers=producers)
 
 
@@ -386,6 +405,7 @@ def load(path: str | os.PathLike | None = None, env: str | None = None) -> Confi
         data = _merge(data, _read_yaml(overlay_path))
         files = f"{main} + {overlay_path.name}"
     data.pop("source", None)
+    redact.register_from(data)  # before anything can fail: no error line shows a secret in the file
     # dict-valued sections entry by entry first, so an error names the entry
     kinds = source_kinds()
     producers = data.get("producers")
@@ -416,6 +436,13 @@ def _convert_entry(section: str, name: str, value: Any, typ: type[T], files: str
 
 
 def _check(cfg: Config, files: str, kinds: dict[str, EntryPoint]) -> None:
+    if cfg.security.ipc_group is not None:
+        import grp
+
+        try:
+            grp.getgrnam(cfg.security.ipc_group)
+        except KeyError:
+            raise ConfigError(f"{files}: security.ipc_group: no group named {cfg.security.ipc_group!r}") from None
     for name, group in cfg.workers.items():
         if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", name):
             raise ConfigError(f"{files}: workers.{name}: group names use letters, digits, '-', '_'")

@@ -37,6 +37,7 @@ from typing import Annotated
 import msgspec
 
 from nexus import __version__
+from nexus.common import redact
 from nexus.errors import ConfigError, DependencyError, NexusError, PermanentError
 from nexus.protocol.events import Event
 from workers.mapping import load_options
@@ -94,6 +95,7 @@ def header_values(headers: dict[str, str | FromEnv]) -> dict[str, str]:
             if not value:
                 raise ConfigError(f"{where}: environment variable {spec.env} is not set or empty")
             value, source = spec.prefix + value, f"environment variable {spec.env}"
+            redact.register(value)  # read from the environment: no log line may show it
         else:
             value, source = spec, "value"
         # http.client would refuse these per request, quoting the value (a secret) in the error
@@ -111,19 +113,19 @@ class Webhook:
             raise ConfigError("webhook: options.url is required (the URL to POST events to)")
         self.options = opts = load_options(WebhookOptions, options, "webhook")
         parts = urllib.parse.urlsplit(opts.url)
+        # Error messages name the URL without its query and user info (they may hold a token).
+        self._shown = f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}"
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ConfigError(f"webhook options.url {opts.url!r} must be an http:// or https:// URL")
+            raise ConfigError(f"webhook options.url {self._shown!r} must be an http:// or https:// URL")
         try:
             self._port = parts.port
         except ValueError as exc:
-            raise ConfigError(f"webhook options.url {opts.url!r}: {exc}") from None
+            raise ConfigError(f"webhook options.url {self._shown!r}: {exc}") from None
         if parts.username is not None:
             raise ConfigError(
                 "webhook options.url must not carry credentials: put them in options.headers (e.g. Authorization)"
             )
         self._https = parts.scheme == "https"
-        # Error messages name the URL without its query (it may hold a token).
-        self._shown = f"{parts.scheme}://{parts.netloc}{parts.path}"
         self._host = parts.hostname
         self._path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         self._headers = {

@@ -531,7 +531,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except NexusError as exc:
-        print(f"nexus: {exc}", file=sys.stderr)
+        from nexus.common import redact
+
+        print(f"nexus: {redact.scrub(str(exc))}", file=sys.stderr)  # never a secret of the config
         return int(exc.exit_code)
     except KeyboardInterrupt:
         return int(ExitCode.INTERRUPTED)

@@ -28,6 +28,8 @@ import struct
 import time
 from dataclasses import dataclass
 
+from nexus.common import private
+
 MAGIC = 0x4E58424F58000001  # "NXBOX" v1
 HEADER_WORDS = 4
 DEFAULT_SLOTS = 64
@@ -51,7 +53,7 @@ def reason_path(data_dir: str, name: str) -> str:
 
 def leave_reason(data_dir: str, name: str, text: str) -> bool:
     try:
-        with open(reason_path(data_dir, name), "w") as f:
+        with os.fdopen(private.create(reason_path(data_dir, name)), "w") as f:
             f.write(text)
         return True
     except OSError:
@@ -110,8 +112,8 @@ class BlackBox:
     @classmethod
     def create(cls, path: str, slots: int = DEFAULT_SLOTS) -> BlackBox:
         """Make (or reset) the file, private to its owner, with every slot free."""
-        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        private.makedirs(os.path.dirname(path))
+        fd = private.create(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC)
         os.ftruncate(fd, _size(slots))
         box = cls(path, fd, slots)
         box._u64[0] = MAGIC

@@ -23,6 +23,8 @@ from typing import Generic, NamedTuple, TypeVar
 
 import structlog
 
+from nexus.common import private
+
 log = structlog.get_logger("nexus.statefile")
 
 MAGIC = b"NXSF\x01"
@@ -65,10 +67,10 @@ def decode(data: bytes) -> bytes:
 def write(path: str, body: bytes) -> None:
     """Replace the file at `path` atomically and durably, keeping the old one as .prev."""
     directory = os.path.dirname(path) or "."
-    os.makedirs(directory, exist_ok=True)
+    private.makedirs(directory)
     tmp = f"{path}.tmp"
     try:
-        with open(tmp, "wb") as f:
+        with os.fdopen(private.create(tmp), "wb") as f:  # 0600: the state is the owner's alone
             f.write(encode(body))
             f.flush()
             os.fsync(f.fileno())

@@ -15,6 +15,7 @@ import traceback
 
 import msgspec
 
+from nexus.common import redact
 from nexus.protocol.events import DECODE_ERRORS, WireEvent, encode
 from nexus.protocol.wire import (
     Ack,
@@ -90,8 +91,9 @@ class GroupClient:
                 partition=partition,
                 event=msgspec.Raw(encode(event)),
                 error_type=type(error).__name__,
-                error=str(error),
-                traceback="".join(traceback.format_exception(error)[-12:]),
+                # stored and shown by `nexus dlq`: no secret of ours in it (a server may echo one)
+                error=redact.scrub(str(error)),
+                traceback=redact.scrub("".join(traceback.format_exception(error)[-12:])),
                 attempts=attempts,
                 first_failed=first_failed or time.time(),
             )

@@ -12,6 +12,8 @@ from typing import Any, TypeVar
 
 import zmq
 
+from nexus.common import private
+
 MAX_MESSAGE_BYTES = 64 * 2**20  # one producer batch / one fetch reply, at most
 PUBLISH_HWM = 10_000  # deliveries (batches) queued per subscriber before ZMQ drops;
 # a member that falls behind catches up from the journal
@@ -26,7 +28,7 @@ def _prepare_ipc(endpoint: str) -> None:
         path = endpoint[len("ipc://") :]
         parent = os.path.dirname(path)
         if parent:
-            os.makedirs(parent, exist_ok=True)
+            private.makedirs(parent)  # 0700 (nexus/common/private.py)
 
 
 def _common(sock: zmq.Socket, linger_ms: int) -> None:
@@ -55,7 +57,10 @@ def bind(
     _prepare_ipc(endpoint)
     try:
         sock.bind(endpoint)
-    except zmq.ZMQError:
+        path = endpoint[len("ipc://") :] if endpoint.startswith("ipc://") else ""
+        if path and not path.startswith("@"):  # a file (not Linux's abstract namespace)
+            private.restrict_socket(path)  # only the owner (or security.ipc_group) may connect
+    except (zmq.ZMQError, OSError):
         sock.close(0)
         raise
     return sock

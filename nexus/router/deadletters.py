@@ -24,6 +24,8 @@ from typing import Any
 
 import structlog
 
+from nexus.common import private
+
 log = structlog.get_logger("nexus.dlq")
 
 SCHEMA = """
@@ -79,7 +81,10 @@ class DeadLetterStore:
         # `timeout`: how long a statement waits for a lock. Short: the router loop's own
         # connection (reads, operator purges) must never stall the loop for long.
         self.path = path
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        private.makedirs(os.path.dirname(path) or ".")
+        # made 0600 before SQLite opens it: SQLite gives the -wal and -shm files the
+        # database file's own mode
+        os.close(private.create(path, os.O_RDWR | os.O_CREAT))
         self.db = sqlite3.connect(path, isolation_level=None, timeout=timeout, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")  # rare writes; each one must survive

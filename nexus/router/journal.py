@@ -26,6 +26,7 @@ from typing import Any, overload
 import msgspec
 import structlog
 
+from nexus.common import private
 from nexus.router.segments import (
     CHUNK,
     HEADER,
@@ -131,7 +132,7 @@ class Journal:
     def open(self, on_record: Callable[[int, memoryview], None] | None = None) -> Recovery:
         """Scan and index every segment; `on_record(seq, body)` sees each good record
         (the router rebuilds its state in the same pass: the journal is read once)."""
-        os.makedirs(self.dir, exist_ok=True)
+        private.makedirs(self.dir)
         self.segments = list_segments(self.dir)
         for i, seg in enumerate(self.segments):
             nxt = self.segments[i + 1].first if i + 1 < len(self.segments) else 0

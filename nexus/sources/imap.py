@@ -41,6 +41,7 @@ import msgspec
 import structlog
 from imapclient import imap_utf7
 
+from nexus.common import redact
 from nexus.common.tls import client_context, is_loopback
 from nexus.config import Config as PipelineConfig
 from nexus.config import Duration, Positive, SourceConfig
@@ -158,6 +159,7 @@ def _password(name: str, spec: ImapConfig) -> str:
     value = os.environ.get(spec.password_env)
     if not value:
         raise ConfigError(f"{where}: environment variable {spec.password_env} is not set or empty")
+    redact.register(value)  # from the environment: no log line or error may show it
     return value
 
 

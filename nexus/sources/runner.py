@@ -15,6 +15,7 @@ from typing import Any
 import structlog
 
 from nexus import config as config_mod
+from nexus.common import private
 from nexus.config import Config
 from nexus.errors import ConfigError
 from nexus.producer.client import Producer
@@ -46,12 +47,12 @@ def _report_status(config: Config, source: Source, sink: ProducerSink, stop: thr
     """Every second, what `nexus status` shows for this producer (a small JSON file
     the launcher reads): counters plus whatever the source reports."""
     path = status_path(config, source.name)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    private.makedirs(os.path.dirname(path))
     while True:
         detail = {"emitted": sink.emitted, "last_emit": sink.last_emit}
         detail.update(source.status())
         tmp = f"{path}.tmp"
-        with open(tmp, "w") as f:
+        with os.fdopen(private.create(tmp), "w") as f:  # 0600, like every file in the data dir
             json.dump(detail, f)
         os.replace(tmp, path)
         if stop.wait(1.0):

@@ -23,11 +23,21 @@ def entry(
     # which then stops children in order instead of all at once; and whatever this
     # child forks stays in the group, so the launcher can end it after we exit.
     os.setpgrp()
-    from nexus.common import blackbox, logs
+    from nexus.common import blackbox, logs, private, redact
 
+    # files: private (umask 077, as in the launcher); members and producers run the
+    # user's code (handlers, source plugins, the file source's watched folders), whose
+    # files follow the umask the user started the launcher with: every file of ours
+    # there is made with an explicit mode (nexus/common/private.py)
+    if role in ("worker", "producer"):
+        private.restore_user_umask()
+    else:
+        private.set_umask()
     code = ExitCode.OK
     try:
         cfg = config
+        redact.register_from(cfg)  # the secrets this process holds: no line may show them
+        private.use_group(cfg.security.ipc_group)
         config_mod.add_module_paths(cfg)  # handlers and contracts: see config.module_paths
         logs.configure(cfg.log.level, cfg.log.format, process=name)
         _open_box(blackbox, blackbox.path_for(cfg.data_dir, name))
@@ -48,8 +58,9 @@ def entry(
     except NexusError as exc:
         code = exc.exit_code
         # a config error: the launcher logs the line once and shows it in `nexus status`
-        if code != ExitCode.CONFIG or not blackbox.leave_reason(config.data_dir, name, str(exc)):
-            print(f"nexus {role} {name}: {exc}", file=sys.stderr, flush=True)
+        text = redact.scrub(str(exc))
+        if code != ExitCode.CONFIG or not blackbox.leave_reason(config.data_dir, name, text):
+            print(f"nexus {role} {name}: {text}", file=sys.stderr, flush=True)
     except KeyboardInterrupt:
         code = ExitCode.OK
     # a graceful end: what a handler forked goes with us (SIGTERM, then SIGKILL)

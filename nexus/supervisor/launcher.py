@@ -31,7 +31,7 @@ import structlog
 import zmq
 
 from nexus import config as config_mod
-from nexus.common import blackbox, logs, process
+from nexus.common import blackbox, logs, private, process, redact
 from nexus.common.backoff import backoff_delay
 from nexus.common.datalock import LAUNCHER_LOCK, ROUTER_LOCK, DataDirLock, clean_stale_run
 from nexus.common.statefile import unlink_quietly
@@ -74,6 +74,8 @@ class Launcher:
         """Lock the data dir, clean up after a killed run, bind control (returned).
         Raises ConfigError (exit 3) with one line when the data dir or a port is taken."""
         cfg = self.cfg
+        # a data dir others can write is refused before anything is touched
+        private.check_data_dir(cfg.data_dir, cfg.security.ipc_group)
         self.lock = DataDirLock(cfg.data_dir, LAUNCHER_LOCK, "pipeline").acquire(self.token)
         previous = self.lock.previous.split()
         # the router lock too, while cleaning: no router may be running on this data dir
@@ -83,6 +85,7 @@ class Launcher:
                 [cfg.ingest, cfg.confirm, cfg.publish, cfg.coord, cfg.control_endpoint],
                 previous[1] if len(previous) > 1 else "",
             )
+            private.tighten(cfg.data_dir, cfg.security.ipc_group)  # what an older version left readable
         process.become_subreaper()
         os.environ[process.RUN_ENV] = self.token  # inherited by every child and its forks
         try:
@@ -541,12 +544,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-c", "--config", help="config file (default: $NEXUS_CONFIG or config/default.yaml)")
     parser.add_argument("--env", help="overlay config/<ENV>.yaml (default: $NEXUS_ENV)")
     args = parser.parse_args(argv)
+    private.set_umask()  # first: every file and folder this run makes is private (children inherit it)
     try:
         cfg = config_mod.load(args.config, args.env)
     except ConfigError as exc:
-        print(f"nexus: {exc}", file=sys.stderr)
+        print(f"nexus: {redact.scrub(str(exc))}", file=sys.stderr)
         return int(exc.exit_code)
     config_mod.add_module_paths(cfg)
+    private.use_group(cfg.security.ipc_group)
     logs.configure(cfg.log.level, cfg.log.format, process="launcher")
     launcher = Launcher(cfg, args.env)
     try:
@@ -554,7 +559,7 @@ def main(argv: list[str] | None = None) -> int:
     except NexusError as exc:
         # the data dir is another pipeline's, or a port is taken: one line, nothing touched
         launcher.release()
-        print(f"nexus: {exc}", file=sys.stderr)
+        print(f"nexus: {redact.scrub(str(exc))}", file=sys.stderr)
         return int(exc.exit_code)
     return launcher.run()
 
