@@ -1,4 +1,4 @@
-"""The `nexus` command: send, status, scale, worker, tail, journal."""
+"""The `nexus` command: send, status, scale, worker, tail, journal, dlq, reload, keys."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import msgspec
 import zmq
 
 from nexus import config as config_mod
+from nexus.cli import keys
 from nexus.errors import ConfigError, EventError, ExitCode, NexusError, PeerError
 from nexus.protocol import transport
 from nexus.protocol.client import REQUEST_TIMEOUT, ControlClient, CoordClient, require_listening
@@ -191,6 +192,14 @@ def cmd_status(args) -> int:
         if r.get("rate_limits"):
             limits = ", ".join(f"{k}={v['rate']:g}/s burst {v['burst']}" for k, v in r["rate_limits"].items())
             print(f"rate limits: {limits}")
+        security = r.get("security", {})
+        if security.get("curve"):
+            refused = ", ".join(f"{k}={v}" for k, v in sorted(security["refused"].items())) or "none"
+            forbidden = ", ".join(f"{k}={v}" for k, v in sorted(security["forbidden"].items())) or "none"
+            print(
+                f"security: curve on, {security['authorized_keys']} authorized key(s); "
+                f"refused handshakes: {refused}; forbidden requests: {forbidden}"
+            )
     for err in errors:
         print(f"warning: {err}", file=sys.stderr)
     return ExitCode.OK
@@ -530,6 +539,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("reload", parents=[common], help="re-read the config (rate limits apply at once)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_reload)
+
+    keys.add_parser(sub, common)
     return parser
 
 
