@@ -5,6 +5,7 @@
     python -m bench.pipeline --rate 10000 --no-baselines  # latency at a paced rate
     python -m bench.pipeline --rate 50000 --duration 300 --retain 30s --no-baselines   # RSS growth
     python -m bench.pipeline --json                        # machine-readable summary on stdout
+    python -m bench.pipeline --curve --mode confirm --no-baselines   # tcp with CURVE against tcp without
 
 For one run it reports events/s end to end (first send to last handler start),
 latency (producer send -> handler start) p50/p99/p999, CPU and peak RSS of the
@@ -37,7 +38,7 @@ import msgspec
 import yaml
 
 from nexus.producer.outbox import MAX_BATCH_EVENTS
-from nexus.testing import LaunchedPipeline
+from nexus.testing import LaunchedPipeline, free_port
 
 from . import baselines
 
@@ -65,14 +66,27 @@ def write_config(directory: Path, args) -> Path:
         }
         if args.max_in_flight:
             groups[name]["max_in_flight"] = args.max_in_flight
+    router = {
+        "ingest": "ipc://{data_dir}/run/ingest",
+        "confirm": "ipc://{data_dir}/run/confirm",
+        "journal": {"fsync": args.fsync, "fsync_interval_ms": args.fsync_interval_ms, "retain": args.retain},
+    }
+    security: dict = {}
+    variant = getattr(args, "variant", "ipc")
+    if variant != "ipc":  # every router endpoint on loopback TCP, as a remote host would use
+        router.update({name: f"tcp://127.0.0.1:{free_port()}" for name in ("ingest", "confirm", "publish", "coord")})
+    if variant == "tcp+curve":  # the router's key pair; the launched member and the producers use it too
+        import zmq.auth
+
+        keys = directory / "keys"
+        (keys / "authorized").mkdir(parents=True, exist_ok=True)
+        _, secret = zmq.auth.create_certificates(str(keys), "router")
+        security = {"curve": {"secret_key_file": secret, "authorized_keys_dir": str(keys / "authorized")}}
     cfg = {
         "data_dir": "./var",
         "log": {"level": args.log_level, "format": "console"},
-        "router": {
-            "ingest": "ipc://{data_dir}/run/ingest",
-            "confirm": "ipc://{data_dir}/run/confirm",
-            "journal": {"fsync": args.fsync, "fsync_interval_ms": args.fsync_interval_ms, "retain": args.retain},
-        },
+        "router": router,
+        "security": security,
         "contracts": ["nexus.contracts"],
         "contracts_untyped": ["bench.*"],
         "shutdown_timeout": "20s",
@@ -298,7 +312,11 @@ def run_nexus(args) -> dict:
         procs = pipeline.processes()
         pids = {p["name"]: p["pid"] for p in procs if p["pid"]}
         pids["launcher"] = pipeline.proc.pid
-        cfg_endpoint = f"ipc://{tmp}/var/run/confirm" if args.mode == "confirm" else f"ipc://{tmp}/var/run/ingest"
+        cfg_endpoint = pipeline.cfg.confirm if args.mode == "confirm" else pipeline.cfg.ingest
+        curve = pipeline.cfg.security.curve
+        if curve.secret_key_file:  # the producers (spawned: they read it at start) use the router's key pair
+            os.environ["NEXUS_CURVE_SECRET_KEY_FILE"] = curve.secret_key_file
+            os.environ["NEXUS_CURVE_SERVER_KEY"] = curve.secret_key_file
 
         per_producer = args.count or (
             math.ceil(args.rate * args.duration / args.producers) + 1 if args.rate else DEFAULT_MAX_PER_PRODUCER
@@ -694,6 +712,11 @@ def parse_args(argv=None):
         help="first measure spawn -> ready N times (start/stop only)",
     )
     ap.add_argument("--json", action="store_true", help="print a JSON summary instead of the table")
+    ap.add_argument(
+        "--curve",
+        action="store_true",
+        help="run over loopback TCP twice, without and with CURVE (security.curve), and compare",
+    )
     args = ap.parse_args(argv)
     if not args.sample_every:
         # every event when paced, but at most ~900,000 samples per run (the handler keeps 1M)
@@ -753,10 +776,31 @@ def main(argv=None) -> int:
 
 
 def _main(args) -> int:
+    if not args.curve:
+        return _one(args)
+    # the same run: tcp without CURVE, then with it; then both figures side by side
+    figures, code = {}, 0
+    for variant in ("tcp", "tcp+curve"):
+        args.variant = variant
+        print(f"== {variant} ==", flush=True)
+        code |= _one(args, figures.setdefault(variant, {}))
+    off, on = figures["tcp"], figures["tcp+curve"]
+    print(
+        f"CURVE on/off: events/s {on['events_per_s']:,.0f} / {off['events_per_s']:,.0f} "
+        f"({on['events_per_s'] / max(off['events_per_s'], 1):.2f}x); latency p99 ms {on['p99']} / {off['p99']}"
+    )
+    return code
+
+
+def _one(args, figures: dict | None = None) -> int:
     summary: dict = {"args": vars(args)}
     if args.ready_repeat:
         summary["ready"] = measure_ready(args)
-    runs = [run_nexus(args) for _ in range(args.repeat)]
+    try:
+        runs = [run_nexus(args) for _ in range(args.repeat)]
+    finally:
+        os.environ.pop("NEXUS_CURVE_SECRET_KEY_FILE", None)
+        os.environ.pop("NEXUS_CURVE_SERVER_KEY", None)
     # the run with the median events/s represents the set; best and median of each figure too
     order = sorted(range(len(runs)), key=lambda i: runs[i]["events_per_s"])
     nx = summary["nexus"] = runs[order[len(order) // 2]]
@@ -784,6 +828,8 @@ def _main(args) -> int:
             if summary[key]["events_per_s"]:
                 ratios[f"nexus/{key}"] = round(nx["events_per_s"] / summary[key]["events_per_s"], 2)
         summary["ratios"] = ratios
+    if figures is not None:
+        figures.update(events_per_s=nx["events_per_s"], p99=nx["latency_ms"].get("p99"))
     if args.json:
         print(json.dumps(summary, indent=2, default=str))
     else:

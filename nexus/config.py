@@ -161,6 +161,25 @@ class WorkerGroupConfig(Strict):
     max_events: Positive | None = None  # events handled by one member process, then recycle
 
 
+class CurveConfig(Strict):
+    """CURVE keys (z85 files from `nexus keys generate`); paths are relative to the config
+    file. Every key may also come from the environment (see nexus/protocol/curve.py)."""
+
+    secret_key_file: str = ""  # this process's own key pair (NAME.key_secret)
+    server_key: str = ""  # a client's: the router's public key (z85 text or its .key file)
+    authorized_keys_dir: str = ""  # the router host's: NAME.key + NAME.yaml of each client allowed
+
+
+class SecurityConfig(Strict):
+    curve: CurveConfig = CurveConfig()
+    # TCP binds beyond loopback without CURVE: refused unless this is true (warned at every start)
+    insecure: bool = False
+    # a group whose members may use the ipc sockets (the CLI of other users): the data
+    # dir and its run/ folder become searchable (0710) and the sockets 0660 for it;
+    # every file stays the owner's alone (nexus/common/private.py)
+    ipc_group: str | None = None
+
+
 class SourceConfig(Strict, kw_only=True):
     """The options of one `producers:` entry: the keys every kind has (`kind`), which each
     source kind's `Config` subclasses with its own. Strict like every section: a typo in a
@@ -170,21 +189,14 @@ class SourceConfig(Strict, kw_only=True):
     kind: str = ""
 
 
-class SecurityConfig(Strict):
-    # a group whose members may use the ipc sockets (the CLI of other users): the data
-    # dir and its run/ folder become searchable (0710) and the sockets 0660 for it;
-    # every file stays the owner's alone (nexus/common/private.py)
-    ipc_group: str | None = None
-
-
 class Config(Strict):
     data_dir: str = "./var"
-    security: SecurityConfig = SecurityConfig()
     log: LogConfig = LogConfig()
     router: RouterConfig = RouterConfig()
     contracts: list[str] = msgspec.field(default_factory=lambda: ["nexus.contracts"])
     contracts_untyped: list[str] = []  # glob patterns of types allowed without a contract
     control: str = "ipc://{data_dir}/run/control"
+    security: SecurityConfig = SecurityConfig()
     shutdown_timeout: Duration = Duration(30)
     restart_backoff: list[Duration] = msgspec.field(
         default_factory=lambda: [Duration(0.5), Duration(1), Duration(2), Duration(5)]
@@ -320,7 +332,7 @@ def from_bytes(raw: bytes) -> Config:
     return msgspec.structs.replace(cfg, producers=producers)
 
 
-RESTART_KEYS = ("workers", "contracts", "contracts_untyped", "producers")  # a reload cannot apply these
+RESTART_KEYS = ("workers", "contracts", "contracts_untyped", "producers", "security")  # a reload cannot apply these
 
 
 def needs_restart(old: Config, new: Config) -> list[str]:
@@ -468,3 +480,8 @@ def _check(cfg: Config, files: str, kinds: dict[str, EntryPoint]) -> None:
             raise ConfigError(f"{files}: {label}: {endpoint!r} is not a tcp://, ipc:// or inproc:// endpoint")
         if endpoint.startswith("ipc://") and len(endpoint) - 6 > 100:
             raise ConfigError(f"{files}: {label}: ipc path is longer than 100 characters; use a shorter data_dir")
+    curve = cfg.security.curve
+    if curve.authorized_keys_dir and not curve.secret_key_file:
+        raise ConfigError(
+            f"{files}: security.curve.secret_key_file: required with authorized_keys_dir (the router's own key pair)"
+        )

@@ -10,6 +10,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 from nexus.errors import PeerError
 from nexus.protocol.client import ControlClient, CoordClient
+from nexus.protocol.curve import client_keys
 from nexus.protocol.wire import ControlReply, ControlRequest
 
 if TYPE_CHECKING:
@@ -112,14 +113,16 @@ class LaunchedPipeline:
     def control(self, cmd: str, timeout: float = 3.0, **kw: Any) -> ControlReply | None:
         """The launcher's reply to `cmd` (status, scale, stop, reload); None when it does not answer."""
         try:
-            return ControlClient(self.cfg.control_endpoint, timeout).request(ControlRequest(cmd, **kw))
+            return ControlClient(self.cfg.control_endpoint, timeout, curve=client_keys(self.cfg)).request(
+                ControlRequest(cmd, **kw)
+            )
         except PeerError:
             return None
 
     def router_status(self, timeout: float = 3.0) -> dict | None:
         """The router's status; None when it does not answer."""
         try:
-            return CoordClient(self.cfg.coord, timeout).status()
+            return CoordClient(self.cfg.coord, timeout, curve=client_keys(self.cfg)).status()
         except PeerError:
             return None
 

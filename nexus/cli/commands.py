@@ -1,4 +1,4 @@
-"""The `nexus` command: send, status, scale, worker, tail, journal."""
+"""The `nexus` command: send, status, scale, worker, tail, journal, dlq, reload, keys."""
 
 from __future__ import annotations
 
@@ -15,9 +15,11 @@ import msgspec
 import zmq
 
 from nexus import config as config_mod
+from nexus.cli import keys
 from nexus.errors import ConfigError, EventError, ExitCode, NexusError, PeerError
 from nexus.protocol import transport
 from nexus.protocol.client import REQUEST_TIMEOUT, ControlClient, CoordClient, require_listening
+from nexus.protocol.curve import client_keys
 from nexus.protocol.events import Contracts, decode_wire_event, printable
 from nexus.protocol.wire import TAIL_TOPIC, ControlReply, delivery_decoder
 
@@ -33,11 +35,13 @@ def _load(args) -> config_mod.Config:
 # Both clients fail at once, with START_HINT, when nothing can be listening (no pipeline
 # runs), and after REQUEST_TIMEOUT when a peer is there but does not answer.
 def _router(cfg: config_mod.Config) -> CoordClient:
-    return CoordClient(cfg.coord, REQUEST_TIMEOUT, probe=True, not_running_hint=START_HINT)
+    return CoordClient(cfg.coord, REQUEST_TIMEOUT, probe=True, not_running_hint=START_HINT, curve=client_keys(cfg))
 
 
 def _launcher(cfg: config_mod.Config) -> ControlClient:
-    return ControlClient(cfg.control_endpoint, REQUEST_TIMEOUT, probe=True, not_running_hint=START_HINT)
+    return ControlClient(
+        cfg.control_endpoint, REQUEST_TIMEOUT, probe=True, not_running_hint=START_HINT, curve=client_keys(cfg)
+    )
 
 
 def _done(reply: ControlReply) -> ControlReply:
@@ -70,7 +74,11 @@ def cmd_send(args) -> int:
             raise EventError(f"--payload is not valid JSON{where}: {exc.msg} at column {exc.colno}") from None
     endpoint = cfg.ingest if args.fire else cfg.confirm
     with Producer(
-        endpoint, source=args.source, confirm=not args.fire, max_event_bytes=cfg.router.max_event_bytes
+        endpoint,
+        source=args.source,
+        confirm=not args.fire,
+        max_event_bytes=cfg.router.max_event_bytes,
+        curve=client_keys(cfg),
     ) as producer:
         ids = [producer.send(args.type, p, key=args.key, priority=args.priority, v=args.v) for p in payloads]
         try:
@@ -184,6 +192,14 @@ def cmd_status(args) -> int:
         if r.get("rate_limits"):
             limits = ", ".join(f"{k}={v['rate']:g}/s burst {v['burst']}" for k, v in r["rate_limits"].items())
             print(f"rate limits: {limits}")
+        security = r.get("security", {})
+        if security.get("curve"):
+            refused = ", ".join(f"{k}={v}" for k, v in sorted(security["refused"].items())) or "none"
+            forbidden = ", ".join(f"{k}={v}" for k, v in sorted(security["forbidden"].items())) or "none"
+            print(
+                f"security: curve on, {security['authorized_keys']} authorized key(s); "
+                f"refused handshakes: {refused}; forbidden requests: {forbidden}"
+            )
     for err in errors:
         print(f"warning: {err}", file=sys.stderr)
     return ExitCode.OK
@@ -215,7 +231,7 @@ def cmd_tail(args) -> int:
     import fnmatch
 
     cfg = _load(args)
-    sub = transport.subscriber(zmq.Context.instance(), cfg.publish)
+    sub = transport.subscriber(zmq.Context.instance(), cfg.publish, curve=client_keys(cfg))
     sub.setsockopt(zmq.SUBSCRIBE, TAIL_TOPIC)
     shown = 0
     deadline = time.monotonic() + args.seconds if args.seconds else None
@@ -523,6 +539,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("reload", parents=[common], help="re-read the config (rate limits apply at once)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_reload)
+
+    keys.add_parser(sub, common)
     return parser
 
 

@@ -14,6 +14,7 @@ import zmq
 
 from nexus.member.group import GroupClient
 from nexus.protocol import transport
+from nexus.protocol.curve import ClientKeys
 from nexus.protocol.wire import Coord
 
 
@@ -25,8 +26,10 @@ class HeartbeatThread:
         interval: float,
         on_message: Callable[[Coord], None],
         stats: Callable[[], dict] = dict,
+        curve: ClientKeys | None = None,
     ):
         self.endpoint = endpoint
+        self.curve = curve
         self.client = client
         self.interval = interval
         self.on_message = on_message
@@ -48,7 +51,9 @@ class HeartbeatThread:
 
     def _run(self) -> None:
         ctx: zmq.Context = zmq.Context.instance()
-        sock = transport.connect(ctx, zmq.DEALER, self.endpoint, linger_ms=0, identity=self.client.identity("hb"))
+        sock = transport.connect(
+            ctx, zmq.DEALER, self.endpoint, linger_ms=0, identity=self.client.identity("hb"), curve=self.curve
+        )
         try:
             while not self._stop.is_set():
                 sock.send(self.client.heartbeat(self.stats()))

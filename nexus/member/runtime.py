@@ -49,6 +49,7 @@ from nexus.member.stream import PartitionStream
 from nexus.member.watchdog import Liveness, Watchdog
 from nexus.producer.client import Producer
 from nexus.protocol import transport
+from nexus.protocol.curve import client_keys
 from nexus.protocol.events import Contracts
 from nexus.protocol.wire import Assign, Coord, DeadLetterStored, Error, Pulse, Records
 
@@ -58,6 +59,9 @@ RECYCLE_CHECK_EVERY = TICK  # seconds between max_rss / max_events checks from t
 DRAIN_MAX = 64  # deliveries read per wakeup of the SUB reader before the loop gets a turn
 
 log = structlog.get_logger("nexus.worker")
+
+
+LEAVE_TIMEOUT = 2.0  # seconds the final Leave may wait for a connection
 
 
 class Member:
@@ -77,6 +81,7 @@ class Member:
         self.config = config
         self.group = group
         self.name = name
+        self.curve = client_keys(config)  # CURVE to a tcp:// router (security.curve or environment)
         self.spec: WorkerGroupConfig = config.workers[group]
         spec = self.spec
         self.log = log.bind(group=group, member=name)
@@ -149,14 +154,17 @@ class Member:
     async def run(self) -> None:
         self.loop = asyncio.get_running_loop()
         self.ctx = zmq.asyncio.Context()
-        self.coord = transport.connect(self.ctx, zmq.DEALER, self.config.coord, identity=self.client.identity())
-        self.sub = cast(zmq.asyncio.Socket, transport.subscriber(self.ctx, self.config.publish))
+        self.coord = transport.connect(
+            self.ctx, zmq.DEALER, self.config.coord, identity=self.client.identity(), curve=self.curve
+        )
+        self.sub = cast(zmq.asyncio.Socket, transport.subscriber(self.ctx, self.config.publish, curve=self.curve))
         self.heartbeat = HeartbeatThread(
             self.config.coord,
             self.client,
             self.config.router.heartbeat_interval,
             self._on_pulse_threadsafe,
             stats=self.stats,
+            curve=self.curve,
         )
         self.watchdog = Watchdog(
             self.scheduler,
@@ -168,6 +176,7 @@ class Member:
             sync=not self.handler.is_async,
             box=self.box,
             log=self.log,
+            curve=self.curve,
         )
         self.watchdog.start()
         tasks = [
@@ -231,7 +240,11 @@ class Member:
         busy = self.partitions.busy()  # unacked, maybe half done
         if busy:
             self.log.warning("drain_deadline_passed", busy=busy)
-        await self._send(self.client.leave(acks, busy))
+        try:  # bounded: with no connection (a revoked key) the send would wait forever
+            async with asyncio.timeout(LEAVE_TIMEOUT):
+                await self._send(self.client.leave(acks, busy))
+        except TimeoutError:
+            self.log.warning("leave_not_sent", reason="no connection to the router")
 
     async def _send(self, data: bytes) -> None:
         await self.coord.send(data)
@@ -434,7 +447,10 @@ class Member:
     def _emit(self, type_: str, payload: Any, **kw: Any) -> str:
         if self.producer is None:
             self.producer = Producer(
-                self.config.confirm, source=f"worker:{self.group}", max_event_bytes=self.config.router.max_event_bytes
+                self.config.confirm,
+                source=f"worker:{self.group}",
+                max_event_bytes=self.config.router.max_event_bytes,
+                curve=self.curve,
             )
         return self.producer.send(type_, payload, **kw)
 

@@ -33,6 +33,7 @@ from nexus.member.partitions import Partitions
 from nexus.member.scheduler import Scheduler
 from nexus.member.stream import PartitionStream
 from nexus.protocol import transport
+from nexus.protocol.curve import ClientKeys
 
 INTERVAL = 0.2  # seconds between looks
 LOOP_STALE = 1.0  # a loop stamp older than this: the loop is not turning
@@ -61,12 +62,14 @@ class Watchdog:
         box: BlackBox | None,
         log: Any,
         interval: float = INTERVAL,
+        curve: ClientKeys | None = None,
     ):
         self.scheduler = scheduler  # its call_stream and calls: the sync call running now
         self.partitions = partitions  # the final acks
         self.client = client
         self.live = live
         self.endpoint = endpoint
+        self.curve = curve
         self.timeout, self.sync = handler_timeout, sync
         self.box = box
         self.log = log
@@ -134,7 +137,7 @@ class Watchdog:
         acks = self.partitions.final_acks()
         ctx = zmq.Context()
         try:
-            sock = transport.connect(ctx, zmq.DEALER, self.endpoint, linger_ms=1000)
+            sock = transport.connect(ctx, zmq.DEALER, self.endpoint, linger_ms=1000, curve=self.curve)
             if acks:
                 sock.send(self.client.ack(acks))
             if self.box is None or self.live.stop_requested_at:

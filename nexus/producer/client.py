@@ -16,7 +16,7 @@ import itertools
 import threading
 import time
 import uuid
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 import zmq
@@ -25,6 +25,7 @@ import zmq.asyncio
 from nexus.errors import EventError, NexusError, PeerError, RejectedError
 from nexus.producer.outbox import MAX_BATCH_EVENTS, Outbox
 from nexus.protocol import transport
+from nexus.protocol.curve import ClientKeys, client_keys
 from nexus.protocol.events import CONTROL_RE, TYPE_RE, Contracts, Event, new_id
 from nexus.protocol.wire import reply_decoder
 
@@ -174,9 +175,13 @@ class Producer:
         window: int = DEFAULT_WINDOW,
         ack_timeout: float = 3.0,
         max_event_bytes: int = 2**20,
+        curve: ClientKeys | None | Literal["env"] = "env",
     ):
         self.endpoint = endpoint
         self.confirm = confirm
+        # CURVE for a tcp:// endpoint: these keys, or by default those the environment
+        # names (NEXUS_CURVE_SECRET_KEY_FILE, NEXUS_CURVE_SERVER_KEY); None: plain
+        self._curve = client_keys() if curve == "env" else curve
         self._maker = _EventMaker(source, max_event_bytes)
         self._outbox = Outbox(uuid.uuid4().hex, confirm, window, ack_timeout)
         # send() takes only this plain lock (cheap); waiting for room or for flush uses
@@ -313,7 +318,9 @@ class Producer:
     # -- I/O thread --------------------------------------------------------------------
     def _io(self) -> None:
         kind = zmq.DEALER if self.confirm else zmq.PUSH
-        sock = transport.connect(self._ctx, kind, self.endpoint, linger_ms=0, hwm=_socket_hwm(self.confirm))
+        sock = transport.connect(
+            self._ctx, kind, self.endpoint, linger_ms=0, hwm=_socket_hwm(self.confirm), curve=self._curve
+        )
         poller = zmq.Poller()
         poller.register(self._wake_r, zmq.POLLIN)
         if self.confirm:
@@ -394,9 +401,13 @@ class AsyncProducer:
         window: int = DEFAULT_WINDOW,
         ack_timeout: float = 3.0,
         max_event_bytes: int = 2**20,
+        curve: ClientKeys | None | Literal["env"] = "env",
     ):
         self.endpoint = endpoint
         self.confirm = confirm
+        # CURVE for a tcp:// endpoint: these keys, or by default those the environment
+        # names (NEXUS_CURVE_SECRET_KEY_FILE, NEXUS_CURVE_SERVER_KEY); None: plain
+        self._curve = client_keys() if curve == "env" else curve
         self._maker = _EventMaker(source, max_event_bytes)
         self._outbox = Outbox(uuid.uuid4().hex, confirm, window, ack_timeout)
         self._ctx = zmq.asyncio.Context()  # our own: see Producer (close() terminates it)
@@ -410,7 +421,7 @@ class AsyncProducer:
         if self._sock is None:
             kind = zmq.DEALER if self.confirm else zmq.PUSH
             self._sock = sock = transport.connect(
-                self._ctx, kind, self.endpoint, linger_ms=0, hwm=_socket_hwm(self.confirm)
+                self._ctx, kind, self.endpoint, linger_ms=0, hwm=_socket_hwm(self.confirm), curve=self._curve
             )
             self._tasks.append(asyncio.ensure_future(self._sender(sock)))
             if self.confirm:

@@ -18,6 +18,7 @@ import zmq
 
 from nexus.errors import NexusError, PeerError
 from nexus.protocol import transport
+from nexus.protocol.curve import ClientKeys
 from nexus.protocol.wire import (
     ControlReply,
     ControlRequest,
@@ -56,8 +57,10 @@ class _Client:
         probe: bool = False,
         not_running_hint: str = "",
         ctx: zmq.Context | None = None,
+        curve: ClientKeys | None = None,
     ):
         self.endpoint = endpoint
+        self.curve = curve
         self.timeout = timeout
         self.probe = probe
         self.not_running_hint = not_running_hint
@@ -67,7 +70,7 @@ class _Client:
         if self.probe:
             require_listening(self.endpoint, self.who, self.not_running_hint)
         wait = self.timeout if timeout is None else timeout
-        raw = transport.request(self.ctx or zmq.Context.instance(), self.endpoint, payload, wait)
+        raw = transport.request(self.ctx or zmq.Context.instance(), self.endpoint, payload, wait, self.curve)
         if raw is None:
             raise PeerError(f"{self.who} at {self.endpoint} did not answer within {wait:g}s{self.silent_hint}")
         return raw

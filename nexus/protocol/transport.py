@@ -2,7 +2,9 @@
 
 Bound sockets cap message size (MAXMSGSIZE) so a hostile peer cannot make the
 router allocate gigabytes; every socket has linger and high-water marks set, and
-connecting sockets use ZMTP heartbeats to notice a dead peer.
+connecting sockets use ZMTP heartbeats to notice a dead peer. With keys (curve.py),
+a tcp:// socket gets CURVE options: server ones when bound, client ones when connected;
+ipc:// and inproc:// sockets stay NULL (file permissions guard them).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Any, TypeVar
 import zmq
 
 from nexus.common import private
+from nexus.protocol.curve import ClientKeys, ServerKeys, dial, serve
 
 MAX_MESSAGE_BYTES = 64 * 2**20  # one producer batch / one fetch reply, at most
 PUBLISH_HWM = 10_000  # deliveries (batches) queued per subscriber before ZMQ drops;
@@ -45,9 +48,13 @@ def bind(
     max_message: int = MAX_MESSAGE_BYTES,
     hwm: int = DEFAULT_HWM,
     linger_ms: int = LINGER_MS,
+    curve: ServerKeys | None = None,
 ) -> zmq.Socket:
-    """A socket the router or launcher owns. Raises zmq.ZMQError if the address is taken."""
+    """A socket the router or launcher owns. Raises zmq.ZMQError if the address is taken.
+    With `curve`, a tcp:// bind is a CURVE server (its context needs a ZAP handler)."""
     sock = ctx.socket(kind)
+    if curve is not None and endpoint.startswith("tcp://"):
+        serve(sock, curve)
     _common(sock, linger_ms)
     sock.setsockopt(zmq.MAXMSGSIZE, max_message)
     sock.setsockopt(zmq.RCVHWM, hwm)
@@ -75,10 +82,13 @@ def connect(
     identity: bytes | None = None,
     linger_ms: int = LINGER_MS,
     max_message: int = MAX_MESSAGE_BYTES,
+    curve: ClientKeys | None = None,
 ) -> S:
     """A socket a producer, member or CLI uses to reach a bound endpoint (an asyncio
-    socket from an asyncio context)."""
+    socket from an asyncio context); with `curve`, a tcp:// one is a CURVE client."""
     sock = ctx.socket(kind)
+    if curve is not None and endpoint.startswith("tcp://"):
+        dial(sock, curve)
     _common(sock, linger_ms)
     sock.setsockopt(zmq.MAXMSGSIZE, max_message)
     sock.setsockopt(zmq.RCVHWM, hwm)
@@ -91,18 +101,20 @@ def connect(
     return sock
 
 
-def publisher(ctx: zmq.Context, endpoint: str) -> zmq.Socket:
-    sock = bind(ctx, zmq.XPUB, endpoint, hwm=PUBLISH_HWM, linger_ms=0)
+def publisher(ctx: zmq.Context, endpoint: str, curve: ServerKeys | None = None) -> zmq.Socket:
+    sock = bind(ctx, zmq.XPUB, endpoint, hwm=PUBLISH_HWM, linger_ms=0, curve=curve)
     return sock
 
 
-def subscriber(ctx: zmq.Context, endpoint: str) -> zmq.Socket:
-    return connect(ctx, zmq.SUB, endpoint, hwm=PUBLISH_HWM, linger_ms=0)
+def subscriber(ctx: zmq.Context, endpoint: str, curve: ClientKeys | None = None) -> zmq.Socket:
+    return connect(ctx, zmq.SUB, endpoint, hwm=PUBLISH_HWM, linger_ms=0, curve=curve)
 
 
-def request(ctx: zmq.Context, endpoint: str, payload: bytes, timeout: float) -> bytes | None:
+def request(
+    ctx: zmq.Context, endpoint: str, payload: bytes, timeout: float, curve: ClientKeys | None = None
+) -> bytes | None:
     """One request/answer over a fresh DEALER; None when nobody answered in time."""
-    sock = connect(ctx, zmq.DEALER, endpoint, linger_ms=0)
+    sock = connect(ctx, zmq.DEALER, endpoint, linger_ms=0, curve=curve)
     try:
         sock.send(payload)
         if sock.poll(int(timeout * 1000), zmq.POLLIN):

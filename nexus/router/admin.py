@@ -21,6 +21,7 @@ from nexus import config as config_mod
 from nexus.config import Config, RateLimits
 from nexus.errors import ConfigError, describe_exit
 from nexus.protocol.events import decode_wire_event
+from nexus.protocol.gatekeeper import Gatekeeper
 from nexus.protocol.partitions import key_hash, partition_key
 from nexus.protocol.wire import (
     Coord,
@@ -63,6 +64,7 @@ class RouterSurface(Protocol):
     member_stats: dict[tuple[str, str], dict]
     tail_subscribers: int
     cursor_past_end: list[dict]
+    gatekeeper: Gatekeeper | None  # CURVE on: its keys and refusal counts
 
     def lag(self, group: Group) -> int | str: ...
 
@@ -130,6 +132,7 @@ def status(router: RouterSurface) -> dict:
             "rate_limits": intake.limiter.describe(),
             "recent_rejects": list(intake.reject_log)[-10:],
             "cursor_file_damaged": router.cursors.damage,  # None unless found damaged at start
+            "security": router.gatekeeper.status() if router.gatekeeper is not None else {"curve": False},
         },
         "groups": groups,
     }
@@ -155,6 +158,7 @@ def recovering_status(router: RouterSurface) -> dict:
             # the limits are configured before recovery starts; report them, not {}
             "rate_limits": router.intake.limiter.describe(),
             "recent_rejects": [],
+            "security": router.gatekeeper.status() if router.gatekeeper is not None else {"curve": False},
         },
         # no members yet (they join once recovery is done): readiness waits for them
         "groups": {

@@ -14,6 +14,7 @@ import msgspec
 
 from nexus.errors import EventError
 from nexus.protocol.events import CONTROL_RE, DECODE_ERRORS, TYPE_RE, Contracts, WireEvent, printable
+from nexus.protocol.gatekeeper import Grant
 from nexus.protocol.partitions import key_hash, partition_key
 from nexus.protocol.wire import Nack, ProducerBatch, batch_decoder
 from nexus.router.journal import encode_entries, entry_decoder
@@ -52,6 +53,8 @@ class Intake:
         self.max_event_bytes = max_event_bytes
         self.max_batch = max_batch
         self.high: collections.OrderedDict[str, int] = collections.OrderedDict()
+        # CURVE on: producer id -> the key that first used it (journaled as "KEY/ID")
+        self.owners: collections.OrderedDict[str, str] = collections.OrderedDict()
         self.recent_nacks: dict[str, collections.OrderedDict[int, Nack]] = {}
         self.rejected: collections.Counter[str] = collections.Counter()
         self.reject_log: collections.deque[dict] = collections.deque(maxlen=200)
@@ -70,6 +73,20 @@ class Intake:
             self.high.move_to_end(producer)
             if len(self.high) > MAX_PRODUCERS:
                 self.high.popitem(last=False)
+
+    def recovered(self, producer: str, pseq: int) -> None:
+        """A journal entry at start: its producer's dedup state, and the key owning the
+        producer id when it was sent over CURVE ("KEY/ID")."""
+        self.remember(producer, pseq)
+        key, sep, bare = producer.partition("/")
+        if sep:
+            self._own(bare, key)
+
+    def _own(self, producer: str, key: str) -> None:
+        self.owners[producer] = key
+        self.owners.move_to_end(producer)
+        if len(self.owners) > MAX_PRODUCERS:
+            self.owners.popitem(last=False)
 
     # -- intake ------------------------------------------------------------------
     def _reject(self, category: str, detail: str, source: str = "", event_id: str = "") -> None:
@@ -101,12 +118,23 @@ class Intake:
             return detail
         return batch
 
-    def take(self, frame: bytes, confirm: bool, now: float) -> Outcome:
+    def take(self, frame: bytes, confirm: bool, now: float, grant: Grant | None = None) -> Outcome:
+        """`grant`: the sender's key when CURVE is on; its events must match its
+        sources and types, and its producer id is its own."""
         decoded = self.decode_batch(frame)
         if isinstance(decoded, str):
             return Outcome(Accepted(), [], error=decoded)
         batch = decoded
         producer = batch.producer if confirm else ""
+        if grant is not None and producer:
+            owner = self.owners.get(producer)
+            if owner is None:
+                self._own(producer, grant.name)
+            elif owner != grant.name:
+                detail = f"forbidden: producer id {printable(producer)} belongs to another key"
+                self._reject("forbidden", detail)
+                return Outcome(Accepted(), [], error=detail)
+            producer = f"{grant.name}/{producer}"  # its dedup state and journal entries
         first = batch.seq
         skip = 0
         high = 0
@@ -170,6 +198,10 @@ class Intake:
                 if len(good_sources) >= KEY_CACHE:
                     good_sources.clear()
                 good_sources.add(source)
+            if grant is not None and not grant.may_send(source, type_):
+                detail = f"key {grant.name} may not send {type_} from source {source}"
+                self._nack(out, producer, first + i, "forbidden", detail, source, ev.id)
+                continue
             key = ev.key
             if key is not None and key not in khash_of and controls(key) is not None:
                 self._nack(out, producer, first + i, "malformed", _CONTROLS + "$.key`", source, ev.id)

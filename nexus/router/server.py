@@ -22,8 +22,9 @@ from nexus.common import blackbox
 from nexus.common.datalock import ROUTER_LOCK, DataDirLock
 from nexus.config import Config, RateLimits
 from nexus.errors import ConfigError
-from nexus.protocol import transport
+from nexus.protocol import curve, transport
 from nexus.protocol.events import DECODE_ERRORS, Contracts
+from nexus.protocol.gatekeeper import Gatekeeper, Grant, KeyRing
 from nexus.protocol.partitions import partition_of
 from nexus.protocol.wire import (
     TAIL_TOPIC,
@@ -74,6 +75,7 @@ MAINTENANCE_EVERY = 0.1
 INGEST_HWM = 100  # fire-mode batches (up to 1,000 events each) queued per producer
 # in the router; beyond it PUSH blocks the producer
 PROBE_EVERY = 1.0  # while storage is unavailable: try a write this often
+REBIND_WITHIN = 2.0  # seconds to get a CURVE socket's port back after closing it (revocation)
 FETCH_SCAN_BYTES = 64 * 2**20  # journal bytes one fetch examines at most (then the member asks again)
 
 
@@ -136,6 +138,13 @@ class Router:
         self._retention_checked: dict[str, list[int]] | None = None
         self._staged: list[Accepted] = []  # accepted in this loop turn, not yet journaled
         self.expect_rejoin = False  # restarted while members live: they rejoin (see Coordinator.expect_rejoin)
+        # CURVE (security.curve): tcp:// sockets are CURVE servers, and every message on
+        # them is checked against its key's grant (the `keyed` sockets)
+        curve.check_binds(config, {k: v for k, v in curve.server_endpoints(config).items() if k != "control"})
+        self.curve = curve.server_keys(config)
+        self.gatekeeper: Gatekeeper | None = None
+        self._keyed: set[zmq.Socket] = set()
+        self._poller = zmq.Poller()
 
     # -- start ---------------------------------------------------------------------
     def recover(self) -> None:
@@ -167,7 +176,7 @@ class Router:
                 if seq > tracked[route.group][p]:
                     streams[route.group][p].add_one(seq)
             if entry.producer:
-                intake.remember(entry.producer, entry.pseq)
+                intake.recovered(entry.producer, entry.pseq)
 
         recovery = self.journal.open(on_record)  # one pass over the journal
         start: dict[str, list[int]] = {}
@@ -263,31 +272,36 @@ class Router:
         # connection reads (status, dlq list) and runs operator purges with a short busy wait
         path = os.path.join(self.config.data_dir, "dlq.sqlite3")
         self.dlq = DeadLetterStore(path)
-        ctx = zmq.Context()
+        ctx = self.ctx = zmq.Context()
         flusher_started = False
         try:
+            if self.curve is not None:  # the ZAP handler before the first CURVE bind
+                keys = KeyRing(curve.authorized_keys_dir(self.config), self.curve.pair)
+                self.gatekeeper = Gatekeeper(ctx, keys).start()
             # coord first: status (the launcher's readiness probe) is answered while
             # recovery reads the journal, however large it is
-            self.coord = self._bind(lambda e: transport.bind(ctx, zmq.ROUTER, e), self.config.coord)
+            self.coord = self._open("coord")
             with _beating(blackbox.current()):  # a long recovery is not a hang
                 self.recover()
             admin.restore_skips(self)
         except BaseException:
+            self._stop_gatekeeper()
             ctx.destroy(linger=0)
             self.dlq.close()  # a failed start (bind, recovery) leaks no connection or fd
             self.journal.close()
             raise
         self.dlq_writer = DeadLetterWriter(path).start()
         try:
-            self.ingest = self._bind(lambda e: transport.bind(ctx, zmq.PULL, e, hwm=INGEST_HWM), self.config.ingest)
-            self.confirm = self._bind(lambda e: transport.bind(ctx, zmq.ROUTER, e), self.config.confirm)
-            self.publish = self._bind(lambda e: transport.publisher(ctx, e), self.config.publish)
+            self.ingest = self._open("ingest")
+            self.confirm = self._open("confirm")
+            self.publish = self._open("publish")
             log.info(
                 "router_ready",
                 ingest=self.config.ingest,
                 confirm=self.config.confirm,
                 publish=self.config.publish,
                 coord=self.config.coord,
+                curve=self.curve is not None,
             )
             self.flusher.start()
             flusher_started = True
@@ -298,23 +312,70 @@ class Router:
             if flusher_started:  # a bind error must not be hidden by stopping a thread never started
                 self.flusher.stop()
             self.dlq_writer.stop()
+            self._stop_gatekeeper()
             ctx.destroy(linger=0)
             self.journal.close()
             self._save_cursors()
             self.dlq.close()
             log.info("router_stopped", last_seq=self.journal.last_seq, accepted=self.intake.accepted_total)
 
-    @staticmethod
-    def _bind(make, endpoint: str) -> zmq.Socket:
-        try:
-            return make(endpoint)
-        except zmq.ZMQError as exc:
-            raise ConfigError(f"router cannot bind {endpoint}: {exc}") from None
+    def _open(self, name: str, retry_for: float = 0.0) -> zmq.Socket:
+        """Bind one of the router's sockets (ingest, confirm, publish, coord); a tcp:// one
+        is a CURVE server when keys are configured, its messages checked by key.
+        `retry_for`: seconds to retry a taken address (a socket just closed releases its
+        port from libzmq's I/O thread, a moment later)."""
+        endpoint = getattr(self.config, name)
+        keys = self.curve
+        keyed = keys is not None and endpoint.startswith("tcp://")
+        deadline = time.monotonic() + retry_for
+        while True:
+            try:
+                if name == "publish":
+                    sock = transport.publisher(self.ctx, endpoint, curve=keys)
+                    if keyed:  # subscriptions are checked (_on_subscription_keyed) before they apply
+                        sock.setsockopt(zmq.XPUB_MANUAL, 1)
+                elif name == "ingest":
+                    sock = transport.bind(self.ctx, zmq.PULL, endpoint, hwm=INGEST_HWM, curve=keys)
+                else:
+                    sock = transport.bind(self.ctx, zmq.ROUTER, endpoint, curve=keys)
+                break
+            except zmq.ZMQError as exc:
+                if exc.errno != errno.EADDRINUSE or time.monotonic() >= deadline:
+                    raise ConfigError(f"router cannot bind {endpoint}: {exc}") from None
+                time.sleep(0.01)
+        if keyed and self.gatekeeper is not None:
+            self._keyed.add(sock)
+            self.gatekeeper.watch(sock)
+        self._poller.register(sock, zmq.POLLIN)
+        return sock
+
+    def _reopen_keyed(self, revoked: set[str]) -> None:
+        """Keys were revoked or changed: close every CURVE socket and bind it again, which
+        ends every connection (libzmq has no per-peer disconnect, and an unbind leaves the
+        accepted connections open). Authorized peers reconnect and authenticate again
+        within RECONNECT_IVL; what was in flight comes back the usual way (producers
+        resend unacked batches, members fetch gaps)."""
+        assert self.gatekeeper is not None
+        for name in ("coord", "ingest", "confirm", "publish"):
+            old = getattr(self, name)
+            if old not in self._keyed:
+                continue
+            self._poller.unregister(old)
+            self._keyed.discard(old)
+            self.gatekeeper.forget(old)
+            old.close(0)
+            setattr(self, name, self._open(name, retry_for=REBIND_WITHIN))
+        self.tail_subscribers = 0  # (subscriptions come again with the reconnects)
+        log.warning("connections_closed", keys=sorted(revoked), reason="keys revoked or changed")
+
+    def _stop_gatekeeper(self) -> None:
+        if self.gatekeeper is not None:
+            for sock in list(self._keyed):
+                self.gatekeeper.forget(sock)
+            self.gatekeeper.stop()
 
     def _loop(self) -> None:
-        poller = zmq.Poller()
-        for sock in (self.ingest, self.confirm, self.coord, self.publish):
-            poller.register(sock, zmq.POLLIN)
+        poller = self._poller
         next_maintenance = time.monotonic()
         while not self.stop_event.is_set():
             ready = dict(poller.poll(50))
@@ -357,6 +418,8 @@ class Router:
                 self._send_replies()
 
     def _drain(self, sock: zmq.Socket, handler, limit: int) -> None:
+        if sock in self._keyed:  # CURVE: frames with their key (User-Id), to other handlers
+            return self._drain_keyed(sock, limit)
         for _ in range(limit):
             try:
                 frames = sock.recv_multipart(zmq.NOBLOCK, copy=True)
@@ -368,7 +431,31 @@ class Router:
                 log.exception("message_failed")
                 self.intake.rejected["internal"] += 1
 
+    def _drain_keyed(self, sock: zmq.Socket, limit: int) -> None:
+        handler = {
+            self.coord: self._on_coord_keyed,
+            self.ingest: self._on_ingest_keyed,
+            self.confirm: self._on_confirm_keyed,
+            self.publish: self._on_subscription_keyed,
+        }[sock]
+        gatekeeper = self.gatekeeper
+        assert gatekeeper is not None
+        for _ in range(limit):
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            try:
+                handler([f.bytes for f in frames], gatekeeper.grant(frames[-1]))
+            except Exception:  # the router never dies of one message
+                log.exception("message_failed")
+                self.intake.rejected["internal"] += 1
+
     def _maintenance(self, now: float) -> None:
+        if self.gatekeeper is not None:
+            revoked = self.gatekeeper.tick(now)
+            if revoked:
+                self._reopen_keyed(revoked)
         box = blackbox.current()
         if box is not None:
             box.beat(now)  # the launcher's hang detection reads it
@@ -422,7 +509,7 @@ class Router:
             return
         self._stage(self.intake.take(frames[0], False, time.monotonic()))
 
-    def _on_confirm(self, frames: list[bytes]) -> None:
+    def _on_confirm(self, frames: list[bytes], grant: Grant | None = None) -> None:
         identity = frames[0]
         if len(frames) != 2:
             self.intake.rejected["bad_batch"] += 1
@@ -430,8 +517,29 @@ class Router:
                 (identity, encoder.encode(ProducerReply(error="expected exactly one frame per message")))
             )
             return
-        outcome = self._stage(self.intake.take(frames[1], True, time.monotonic()))
+        outcome = self._stage(self.intake.take(frames[1], True, time.monotonic(), grant))
         self._pending_replies.append((identity, outcome))  # encoded when sent: see _refuse
+
+    # CURVE: `grant` is the sender's key, None when it was revoked since it connected
+    def _on_ingest_keyed(self, frames: list[bytes], grant: Grant | None) -> None:
+        if grant is None:
+            self._revoked("ingest")
+        elif len(frames) != 1:
+            self.intake.rejected["bad_batch"] += 1
+        else:
+            self._stage(self.intake.take(frames[0], False, time.monotonic(), grant))
+
+    def _on_confirm_keyed(self, frames: list[bytes], grant: Grant | None) -> None:
+        if grant is None:
+            self._revoked("confirm")
+            reply = ProducerReply(error=f"forbidden: {REVOKED}")
+            self._pending_replies.append((frames[0], encoder.encode(reply)))
+        else:
+            self._on_confirm(frames, grant)
+
+    def _revoked(self, what: str) -> None:
+        assert self.gatekeeper is not None
+        self.gatekeeper.forbidden[f"revoked_{what}"] += 1
 
     def _stage(self, outcome: Outcome) -> Outcome:
         """Hold accepted events for the commit at the end of this loop turn."""
@@ -535,6 +643,28 @@ class Router:
             self.tail_subscribers += 1 if msg[:1] == b"\x01" else -1
             self.tail_subscribers = max(self.tail_subscribers, 0)
 
+    def _on_subscription_keyed(self, frames: list[bytes], grant: Grant | None) -> None:
+        """XPUB_MANUAL: a subscription applies only when its key may read the topic: a
+        group's `group/partition` topics for its members, the tail for admin keys."""
+        msg = frames[0]
+        if len(frames) != 1 or msg[:1] not in (b"\x00", b"\x01"):
+            return
+        subscribe, name = msg[:1] == b"\x01", msg[1:]
+        group, slash, _ = name.partition(b"/")
+        if grant is None:
+            allowed = False
+        elif name == TAIL_TOPIC:
+            allowed = grant.admin
+        else:  # a whole group/ prefix: a shorter one would match other groups' topics
+            allowed = bool(slash) and grant.may_join(group.decode("utf-8", "replace"))
+        if not allowed:
+            if subscribe:
+                assert self.gatekeeper is not None
+                self.gatekeeper.forbidden["subscribe"] += 1
+            return
+        self.publish.setsockopt(zmq.SUBSCRIBE if subscribe else zmq.UNSUBSCRIBE, name)
+        self._on_subscription(frames)
+
     # -- what admin uses (nexus/router/admin.py types it as RouterSurface) ---------------
     def commit_replayed(self, accepted: Accepted, group: str) -> int:
         """Journal events again for `group` alone (a dead-letter replay) and publish them
@@ -557,7 +687,13 @@ class Router:
         except zmq.ZMQError:
             pass
 
-    def _on_coord(self, frames: list[bytes]) -> None:
+    def _on_coord_keyed(self, frames: list[bytes], grant: Grant | None) -> None:
+        if grant is None:
+            self._revoked("coord")
+            return self.send_coord(frames[0], Error(f"forbidden: {REVOKED}", "forbidden"))
+        self._on_coord(frames, grant)
+
+    def _on_coord(self, frames: list[bytes], grant: Grant | None = None) -> None:
         identity = frames[0]
         if len(frames) != 2:
             return self.send_coord(identity, Error("expected exactly one frame", "bad_message"))
@@ -566,6 +702,10 @@ class Router:
         except DECODE_ERRORS as exc:
             self.intake.rejected["bad_coord"] += 1
             return self.send_coord(identity, Error(f"unreadable coord message: {exc}", "bad_message"))
+        if grant is not None and (refusal := _refusal(grant, msg)) is not None:
+            assert self.gatekeeper is not None
+            self.gatekeeper.forbidden[refusal[0]] += 1
+            return self.send_coord(identity, Error(f"forbidden: {refusal[1]}", "forbidden"))
         now = time.monotonic()
         if isinstance(msg, ADMIN_REQUESTS):
             return self.send_coord(identity, Reply(admin.handle(self, msg)))
@@ -680,6 +820,23 @@ class Router:
         """Events of the group after its cursors: kept incrementally (nexus/router/backlog.py),
         so status never reads the journal in the loop."""
         return self.backlog.lag(group.name, group.cursors)
+
+
+REVOKED = "this key is no longer authorized"
+
+
+def _refusal(grant: Grant, msg: Coord) -> tuple[str, str] | None:
+    """Why `grant` may not send `msg` on coord, as (what was asked, reason); None: it may.
+    Status is any key's; the other admin requests and exit reports need an admin key;
+    group messages (join, fetch, heartbeat, ack, dead letter, ...) a key of that group."""
+    if isinstance(msg, StatusRequest) or grant.admin:
+        return None
+    if isinstance(msg, (*ADMIN_REQUESTS, MemberExited)):
+        return "admin", f"{type(msg).__name__} needs an admin key; {grant.name} is a {grant.role} key"
+    group = getattr(msg, "group", "")
+    if not grant.may_join(group):
+        return "group", f"key {grant.name} may not join group {group!r}"
+    return None
 
 
 def main(config: Config, env: str | None = None, members_alive: bool = False) -> None:

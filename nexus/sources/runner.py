@@ -19,6 +19,7 @@ from nexus.common import private
 from nexus.config import Config
 from nexus.errors import ConfigError
 from nexus.producer.client import Producer
+from nexus.protocol.curve import client_keys
 from nexus.sources.base import Source
 
 
@@ -72,7 +73,12 @@ def main(config: Config, name: str) -> None:
     stop = threading.Event()
     stop_on_signals(stop)
     log = structlog.get_logger("nexus.producer").bind(producer=name, kind=kind)
-    producer = Producer(config.confirm, source=f"{kind}:{name}", max_event_bytes=config.router.max_event_bytes)
+    producer = Producer(
+        config.confirm,
+        source=f"{kind}:{name}",
+        max_event_bytes=config.router.max_event_bytes,
+        curve=client_keys(config),
+    )
     sink = ProducerSink(producer)
     log.info("producer_started")
     reporter = threading.Thread(target=_report_status, args=(config, source, sink, stop), daemon=True)

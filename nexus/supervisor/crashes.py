@@ -22,6 +22,7 @@ import structlog
 
 from nexus.errors import ExitCode, NexusError, describe_exit
 from nexus.protocol.client import CoordClient
+from nexus.protocol.curve import client_keys
 from nexus.protocol.wire import MemberExited
 
 if TYPE_CHECKING:
@@ -100,7 +101,7 @@ class CrashBook:
         told = False
         if tell:
             try:
-                CoordClient(self.cfg.coord, NOTIFY_TIMEOUT).member_exited(msg)
+                CoordClient(self.cfg.coord, NOTIFY_TIMEOUT, curve=client_keys(self.cfg)).member_exited(msg)
                 told = True
             except NexusError:  # no answer, or refused
                 pass

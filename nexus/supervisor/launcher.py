@@ -36,8 +36,9 @@ from nexus.common.backoff import backoff_delay
 from nexus.common.datalock import LAUNCHER_LOCK, ROUTER_LOCK, DataDirLock, clean_stale_run
 from nexus.common.statefile import unlink_quietly
 from nexus.errors import ConfigError, ExitCode, NexusError, PeerError, describe_exit
-from nexus.protocol import transport
+from nexus.protocol import curve, transport
 from nexus.protocol.client import CoordClient
+from nexus.protocol.gatekeeper import Gatekeeper, KeyRing
 from nexus.protocol.wire import ControlReply, control_decoder
 from nexus.supervisor.child import entry
 from nexus.supervisor.children import KILL_GRACE, Child, ChildState, end_orphans
@@ -68,14 +69,21 @@ class Launcher:
         self.lock: DataDirLock | None = None
         self.crashbook = CrashBook(cfg)
         self.control: zmq.Socket | None = None
+        self.gatekeeper: Gatekeeper | None = None  # CURVE on a tcp:// control endpoint
+        self.curve: curve.ClientKeys | None = None  # the launcher's own requests to the router
 
     # -- before anything runs --------------------------------------------------------
     def prepare(self) -> zmq.Socket:
         """Lock the data dir, clean up after a killed run, bind control (returned).
         Raises ConfigError (exit 3) with one line when the data dir or a port is taken."""
         cfg = self.cfg
-        # a data dir others can write is refused before anything is touched
+        # refused before anything is touched, one line, exit 3: a data dir others can
+        # write, or a TCP bind other hosts can reach without CURVE (fail closed)
         private.check_data_dir(cfg.data_dir, cfg.security.ipc_group)
+        curve.check_binds(cfg, curve.server_endpoints(cfg))
+        keys = curve.server_keys(cfg)
+        # the launcher's requests use the children's keys: a bad file is one line here, not in each child
+        self.curve = curve.client_keys(cfg)
         self.lock = DataDirLock(cfg.data_dir, LAUNCHER_LOCK, "pipeline").acquire(self.token)
         previous = self.lock.previous.split()
         # the router lock too, while cleaning: no router may be running on this data dir
@@ -88,16 +96,26 @@ class Launcher:
             private.tighten(cfg.data_dir, cfg.security.ipc_group)  # what an older version left readable
         process.become_subreaper()
         os.environ[process.RUN_ENV] = self.token  # inherited by every child and its forks
+        ctx: zmq.Context = zmq.Context.instance()
+        if keys is not None and cfg.control_endpoint.startswith("tcp://"):
+            self.gatekeeper = Gatekeeper(ctx, KeyRing(curve.authorized_keys_dir(cfg), keys.pair)).start()
         try:
-            self.control = transport.bind(zmq.Context.instance(), zmq.ROUTER, cfg.control_endpoint, linger_ms=0)
+            self.control = transport.bind(ctx, zmq.ROUTER, cfg.control_endpoint, linger_ms=0, curve=keys)
         except zmq.ZMQError as exc:
             raise ConfigError(f"cannot bind control endpoint {cfg.control_endpoint}: {exc}") from None
+        if self.gatekeeper is not None:
+            self.gatekeeper.watch(self.control)
         return self.control
 
     def release(self) -> None:
         if self.control is not None:
+            if self.gatekeeper is not None:
+                self.gatekeeper.forget(self.control)
             self.control.close(0)
             self.control = None
+        if self.gatekeeper is not None:
+            self.gatekeeper.stop()
+            self.gatekeeper = None
         if self.lock is not None:
             self.lock.release()
             self.lock = None
@@ -358,6 +376,8 @@ class Launcher:
                             self._on_exit(child)
                 if control in events:
                     self._on_control(control)
+                if self.gatekeeper is not None and self.gatekeeper.tick(time.monotonic()):
+                    control = self._reopen_control(poller, control)
                 if self.reload_requested and not self.starting:
                     self.reload_requested = False
                     self.reload()  # SIGHUP: like `nexus reload`
@@ -412,7 +432,7 @@ class Launcher:
     def router_status(self, timeout: float) -> dict | None:
         """The router's status; None when it does not answer (or refuses)."""
         try:
-            return CoordClient(self.cfg.coord, timeout).status()
+            return CoordClient(self.cfg.coord, timeout, curve=self.curve).status()
         except NexusError:
             return None
 
@@ -430,7 +450,7 @@ class Launcher:
             self.cfg, router=msgspec.structs.replace(self.cfg.router, rate_limits=fresh.router.rate_limits)
         )
         try:
-            data = CoordClient(self.cfg.coord).reload(config_mod.to_bytes(cfg))
+            data = CoordClient(self.cfg.coord, curve=self.curve).reload(config_mod.to_bytes(cfg))
         except PeerError:
             return {"ok": False, "error": f"router at {self.cfg.coord} did not answer; nothing changed"}
         except NexusError as exc:  # refused (still reading its journal)
@@ -441,15 +461,45 @@ class Launcher:
         log.info("config_reloaded", needs_restart=changed)
         return {"ok": True, "rate_limits": data.get("rate_limits", {}), "needs_restart": changed}
 
+    def _reopen_control(self, poller: zmq.Poller, control: zmq.Socket) -> zmq.Socket:
+        """Keys were revoked: close control and bind it again, which ends every
+        connection (see Router._reopen_keyed); the CLI connects per request anyway."""
+        assert self.gatekeeper is not None
+        poller.unregister(control)
+        self.gatekeeper.forget(control)
+        control.close(0)
+        self.control = control = transport.bind(
+            zmq.Context.instance(),
+            zmq.ROUTER,
+            self.cfg.control_endpoint,
+            linger_ms=0,
+            curve=curve.server_keys(self.cfg),
+        )
+        self.gatekeeper.watch(control)
+        poller.register(control, zmq.POLLIN)
+        return control
+
     def _on_control(self, control: zmq.Socket) -> None:
+        keyed = self.gatekeeper is not None
         while control.poll(0):
-            frames = control.recv_multipart()
+            parts = control.recv_multipart(copy=False)  # (a frame has the key's User-Id)
+            frames = [f.bytes for f in parts]
             if len(frames) != 2:
                 continue
             reply: ControlReply
             try:
                 req = control_decoder.decode(frames[1])
-                if req.cmd == "status":
+                grant = self.gatekeeper.grant(parts[-1]) if self.gatekeeper is not None else None
+                if keyed and req.cmd != "status" and (grant is None or not grant.admin):
+                    assert self.gatekeeper is not None
+                    self.gatekeeper.forbidden["admin"] += 1
+                    who = (
+                        f"{grant.name} is a {grant.role} key"
+                        if grant is not None
+                        else "this key is no longer authorized"
+                    )
+                    reply = {"ok": False, "error": f"forbidden: {req.cmd} needs an admin key; {who}"}
+                elif req.cmd == "status":
                     reply = {
                         "ok": True,
                         "processes": self.describe(),
