@@ -83,6 +83,16 @@ def fsyncs(monkeypatch):
     return calls
 
 
+@pytest.fixture(autouse=True)
+def _redaction_registry_per_test(monkeypatch):
+    """Secrets registered in this process (config loads, env passwords) stay within
+    one test: a test's password "secret" must not mask the word in the next test."""
+    from nexus.common import redact
+
+    monkeypatch.setattr(redact, "_known", set())
+    monkeypatch.setattr(redact, "_pattern", None)
+
+
 @pytest.fixture
 def config_factory(tmp_path):
     return lambda **overrides: write_config(tmp_path, **overrides)
