@@ -4,18 +4,24 @@
     members    two `nexus worker a`
     worker     one `nexus worker b`
     producers  tests/support/sender.py (the Producer SDK, confirm mode)
-    attacker   the same sender, with no key
+    attacker   the same sender, with a key of its own that nobody authorized
+
+Every host has its own key pair (`nexus keys generate`); the router host authorizes
+the members' keys for their groups and the producers' key for its sources
+(`nexus keys authorize`), as the README's "Running across hosts securely" says.
 
 The hosts share one switch (tests/netns.py). Faults: the members' cable pulled for 10 s
 mid-stream; 50 ms delay and 1 % loss (tc netem) on the members' and producers' links
-for 20 s; an attacker sending without a key. Each test prints a FAULT-REPORT line and
-checks, event by event, that every ACKed event reached both groups and that every
-duplicate handling was flagged redelivered. Skipped where namespaces cannot be made.
+for 20 s; an attacker with an unknown key (refused and counted, nothing of it handled).
+Each test prints a FAULT-REPORT line and checks, event by event, that every ACKed
+event reached both groups and that every duplicate handling was flagged redelivered.
+Skipped where namespaces cannot be made.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -27,6 +33,7 @@ from conftest import recorder_group, write_config
 from netns import Lab, unavailable
 from recorder import read_handled
 
+from nexus.cli.commands import main as nexus_cli
 from nexus.errors import PeerError
 from nexus.protocol.client import ControlClient
 from nexus.testing import wait_for
@@ -42,14 +49,34 @@ def report(name: str, **counts) -> None:
     print(f"\nFAULT-REPORT {name}: " + " ".join(f"{k}={v}" for k, v in counts.items()), flush=True)
 
 
-def pipeline_config(directory: Path, router_ip: str, outs: dict[str, Path]) -> Path:
-    """The one config every host reads: the router binds its TCP endpoints on its host's
-    address, the others connect to them. The groups have no local processes: their
-    members are `nexus worker` on other hosts."""
-    # TODO(issue 12 point 2): set `security: {insecure: true}` here until the hosts get
-    # CURVE keys; the key does not exist yet, and a non-loopback bind is still allowed.
+def make_keys(root: Path) -> Path:
+    """Each host's key pair, and the router's list of who may do what, made with the
+    CLI as an operator would. The attacker's key is real but never authorized."""
+    keys, authorized = root / "keys", root / "keys" / "authorized"
+    for name in ("router", "members", "worker", "producers", "attacker"):
+        assert nexus_cli(["keys", "generate", name, "--dir", str(keys)]) == 0
+    grants = {"members": ["--role", "member", "--groups", "a"], "worker": ["--role", "member", "--groups", "b"]}
+    grants["producers"] = ["--role", "producer", "--sources", "*", "--types", "test.*"]
+    for name, grant in grants.items():
+        assert nexus_cli(["keys", "authorize", name, str(keys / f"{name}.key"), *grant, "--dir", str(authorized)]) == 0
+    return keys
+
+
+def pipeline_config(directory: Path, router_ip: str, outs: dict[str, Path], keys: Path, host: str = "router") -> Path:
+    """The config `host` reads: the router binds its TCP endpoints on its host's address
+    with CURVE (its own key, the authorized keys), the others connect with their own key
+    and the router's public key. The groups have no local processes: their members are
+    `nexus worker` on other hosts."""
+    if host == "router":
+        curve = {"secret_key_file": str(keys / "router.key_secret"), "authorized_keys_dir": str(keys / "authorized")}
+    else:
+        curve = {"secret_key_file": str(keys / f"{host}.key_secret"), "server_key": str(keys / "router.key")}
+    directory = directory / f"config-{host}"
+    directory.mkdir(exist_ok=True)
     return write_config(
         directory,
+        data_dir=str(directory.parent / "var"),  # one pipeline: the members' configs name the same one
+        security={"curve": curve},
         router={
             **{name: f"tcp://{router_ip}:{port}" for name, port in PORTS.items()},
             "heartbeat_interval": "1s",  # the defaults: a member silent 3 s is gone
@@ -65,7 +92,8 @@ class Cluster:
     def __init__(self, lab: Lab, root: Path):
         self.lab, self.root = lab, root
         self.outs = {"a": root / "a", "b": root / "b"}
-        self.path = pipeline_config(root, lab.address("router"), self.outs)
+        self.keys = make_keys(root)
+        self.path = pipeline_config(root, lab.address("router"), self.outs, self.keys)
         self.confirm = f"tcp://{lab.address('router')}:{PORTS['confirm']}"
         self.launcher = lab.popen(
             "router", [sys.executable, "-m", "nexus.launch", "-c", str(self.path)], root / "launch.log"
@@ -79,7 +107,8 @@ class Cluster:
         self.wait_members({"a": 2, "b": 1})
 
     def worker(self, host: str, group: str, name: str):
-        argv = [sys.executable, "-m", "nexus", "worker", group, "--name", name, "-c", str(self.path)]
+        path = pipeline_config(self.root, self.lab.address("router"), self.outs, self.keys, host)
+        argv = [sys.executable, "-m", "nexus", "worker", group, "--name", name, "-c", str(path)]
         return self.lab.popen(host, argv, self.root / f"{name}.log")
 
     def log(self, name: str) -> str:
@@ -125,7 +154,13 @@ class Cluster:
         acked = self.root / f"acked-{source}.txt"
         argv = [sys.executable, SENDER, self.confirm, "--total", str(total), "--acked", str(acked)]
         argv += ["--chunk", str(chunk), "--pace", str(pace), "--source", source, "--flush-timeout", str(flush_timeout)]
-        return self.lab.popen(host, argv, self.root / f"sender-{source}.log"), acked
+        # a program without a config takes its keys from the environment (SDK)
+        env = {
+            **os.environ,
+            "NEXUS_CURVE_SECRET_KEY_FILE": str(self.keys / f"{host}.key_secret"),
+            "NEXUS_CURVE_SERVER_KEY": str(self.keys / "router.key"),
+        }
+        return self.lab.popen(host, argv, self.root / f"sender-{source}.log", env=env), acked
 
     def handled(self, group: str) -> list:
         return read_handled(str(self.outs[group]))
@@ -245,12 +280,14 @@ def test_delay_and_loss_20s(cluster):
     check(cluster, acked, delivered, found)
 
 
-def test_attacker_without_a_key(cluster):
+def test_attacker_with_an_unknown_key(cluster):
     sender, acked_file = cluster.send("producers", total=1000, chunk=100, pace=0.1, source="legit")
     attacker, attack_file = cluster.send("attacker", total=200, chunk=50, pace=0.0, source="attacker", flush_timeout=5)
     assert sender.wait(60) == 0, cluster.log("sender-legit")
     attacker.wait(60)
     acked, accepted = acked_ids(acked_file), acked_ids(attack_file)
+    security = cluster.router_status().get("router", {}).get("security", {})
+    refused_unknown = security.get("refused", {}).get("unknown_key", 0)
     cluster.wait_delivered(set(acked) | set(accepted))  # what was let in is handled too (counted below)
     found, delivered = counts(cluster, acked)
     reached = {g: len(set(accepted) & delivered[g]) for g in cluster.outs}
@@ -262,19 +299,14 @@ def test_attacker_without_a_key(cluster):
         attacker_sent=200,
         attacker_acked=len(accepted),
         attacker_refused=200 - len(accepted),
+        router_refused_unknown_key=refused_unknown,
         attacker_handled_a=reached["a"],
         attacker_handled_b=reached["b"],
     )
     assert len(acked) == 1000
     check(cluster, acked, delivered, found)
-    if accepted:
-        # TODO(issue 12 point 2): with CURVE, a client without an authorized key is refused
-        # (nothing ACKed, nothing handled) and counted by the router; then assert that.
-        pytest.xfail(
-            f"pending issue 12 point 2 (CURVE): the attacker's {len(accepted)} of 200 events without a key "
-            "were accepted; they must be refused and counted"
-        )
-    assert not any(reached.values())
+    assert not accepted and not any(reached.values()), "the attacker's events got in"
+    assert refused_unknown >= 1, f"the attacker's handshakes were not counted: {security}"
 
 
 def test_lab_removes_a_crashed_runs_namespaces_and_its_own(tmp_path):
