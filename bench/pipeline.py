@@ -81,6 +81,7 @@ def write_config(directory: Path, args) -> Path:
         keys = directory / "keys"
         (keys / "authorized").mkdir(parents=True, exist_ok=True)
         _, secret = zmq.auth.create_certificates(str(keys), "router")
+        os.chmod(secret, 0o600)  # a secret file others can read is refused
         security = {"curve": {"secret_key_file": secret, "authorized_keys_dir": str(keys / "authorized")}}
     cfg = {
         "data_dir": "./var",

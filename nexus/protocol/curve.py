@@ -68,7 +68,14 @@ def _z85_key(text: bytes) -> bool:
 
 
 def load_pair(path: str, what: str) -> KeyPair:
-    """A key pair from a .key_secret file; ConfigError naming `what` and the file."""
+    """A key pair from a .key_secret file; ConfigError naming `what` and the file.
+    A secret file others can read is refused (fail closed): its key is no secret."""
+    try:
+        mode = os.stat(path).st_mode & 0o777
+    except OSError as exc:
+        raise ConfigError(f"{what}: cannot read key file {path}: {exc.strerror}") from None
+    if mode & 0o077:
+        raise ConfigError(f"{what}: {path} is readable by others (mode {mode:04o}): chmod 600 {path}")
     try:
         public, secret = zmq.auth.load_certificate(path)
     except (OSError, ValueError) as exc:

@@ -35,11 +35,13 @@ class Keys:
         self.authorized = root / "authorized"
         self.authorized.mkdir(parents=True)
         _, self.server_secret = zmq.auth.create_certificates(str(root), "router")
+        os.chmod(self.server_secret, 0o600)  # as `nexus keys generate` writes it
         self.server_public = load_pair(self.server_secret, "server").public
 
     def client(self, name: str, grant: dict | None = None, server: bytes | None = None) -> ClientKeys:
         """A new key pair NAME; authorized with `grant` when given."""
         public, secret = zmq.auth.create_certificates(str(self.root), name)
+        os.chmod(secret, 0o600)  # as `nexus keys generate` writes it
         if grant is not None:
             self.authorize(name, grant)
         return ClientKeys(load_pair(secret, name), server or self.server_public)
@@ -127,6 +129,7 @@ def test_unauthorized_clients_are_refused_and_counted(secured, keys, how, reason
         curve = None
     else:
         _, other_secret = zmq.auth.create_certificates(str(keys.root), "fake-router")
+        os.chmod(other_secret, 0o600)
         curve = keys.client("prod", PRODUCER, server=load_pair(other_secret, "fake").public)
     p = Producer(cfg.confirm, source="comp", curve=curve)
     try:
@@ -299,3 +302,13 @@ def test_a_bind_other_hosts_reach_needs_curve_or_insecure(tmp_path, config_facto
     path = config_factory(router={"ingest": f"tcp://0.0.0.0:{free_port()}"}, security={"insecure": True})
     Router(config.load(path))  # allowed, with a warning
     assert os.path.exists(path)
+
+
+def test_a_secret_key_file_others_can_read_is_refused(tmp_path):
+    _, secret = zmq.auth.create_certificates(str(tmp_path), "loose")
+    os.chmod(secret, 0o644)
+    with pytest.raises(ConfigError) as err:
+        load_pair(secret, "security.curve.secret_key_file")
+    assert f"{secret} is readable by others (mode 0644): chmod 600" in str(err.value)
+    os.chmod(secret, 0o600)
+    assert load_pair(secret, "security.curve.secret_key_file").public
