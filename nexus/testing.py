@@ -157,27 +157,33 @@ class LaunchedPipeline:
         return [p["pid"] for p in self.processes() if p["pid"]]
 
     def stop(self, timeout: float = 60.0) -> int:
-        import signal
-
         proc = self.proc
         if proc is None:
             return 0
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
+        code = terminate(proc, timeout)
         if self._out is not None:
             self._out.close()
-        return proc.returncode
+        return code
 
     def __enter__(self) -> LaunchedPipeline:
         return self.start()
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def terminate(proc: subprocess.Popen, timeout: float = 20.0) -> int:
+    """SIGTERM (a graceful stop), then SIGKILL after `timeout`; returns the exit code."""
+    import signal
+
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+    return proc.returncode
 
 
 def pid_alive(pid: int) -> bool:

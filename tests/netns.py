@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import IO
 
-from nexus.testing import pid_alive, wait_for
+from nexus.testing import pid_alive, terminate, wait_for
 
 PREFIX = "nxt"  # every namespace a Lab makes is "nxt<pid>-<host>"
 SUBNET = "10.77.0"
@@ -183,14 +183,7 @@ class Lab:
     @staticmethod
     def stop(proc: subprocess.Popen[bytes], timeout: float = 20) -> int:
         """SIGTERM, then SIGKILL after `timeout`; returns the exit code."""
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
-        return proc.returncode
+        return terminate(proc, timeout)
 
     # -- faults ------------------------------------------------------------------------
     def link_down(self, host: str) -> None:
