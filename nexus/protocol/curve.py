@@ -142,6 +142,9 @@ def client_keys(cfg: Config | None = None) -> ClientKeys | None:
 
 
 # -- sockets -------------------------------------------------------------------------
+HANDSHAKE_MS = 5000  # generous for a slow link (the handshake is 4 small messages)
+
+
 def serve(sock: zmq.Socket, keys: ServerKeys) -> None:
     """CURVE server options; ZAP with the domain enforced, so without a ZAP handler
     (nexus/protocol/gatekeeper.py) in the socket's context every client is refused."""
@@ -150,6 +153,9 @@ def serve(sock: zmq.Socket, keys: ServerKeys) -> None:
     sock.setsockopt(zmq.CURVE_PUBLICKEY, keys.pair.public)
     sock.setsockopt(zmq.ZAP_DOMAIN, ZAP_DOMAIN)
     sock.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)
+    # a connection that has not finished its handshake by then is dropped (libzmq's
+    # default is 30 s: idle connections from a peer without a key would pin fds)
+    sock.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_MS)
 
 
 def dial(sock: zmq.Socket, keys: ClientKeys) -> None:

@@ -15,8 +15,10 @@ the owner's loop thread, so the key set changes between two messages, never duri
 from __future__ import annotations
 
 import collections
+import errno
 import os
 import re
+import stat
 import time
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
@@ -31,6 +33,7 @@ from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils.monitor import parse_monitor_message
 
 from nexus.config import Strict
+from nexus.errors import ConfigError
 from nexus.protocol.curve import ZAP_DOMAIN, KeyPair, fingerprint
 
 log = structlog.get_logger("nexus.security")
@@ -120,20 +123,63 @@ def read_grant(folder: str, name: str) -> Grant:
     return Grant(name, public, spec.role, list(spec.sources), list(spec.types), list(spec.groups))
 
 
+# a read that fails for these reasons says nothing about the keys (out of file
+# descriptors, memory, an I/O hiccup): the key set stays as it was, never "all revoked"
+TRANSIENT = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EIO, errno.EAGAIN, errno.EINTR}
+
+
+class FolderUnreadable(Exception):
+    """The folder could not be read for a passing reason; try again later."""
+
+
+def check_folder(folder: str) -> None:
+    """The folder grants access (an admin key dropped in is admitted within a second):
+    refused unless it is ours and only we can write it. A missing folder is fine (no
+    keys yet); ConfigError, one line, otherwise."""
+    try:
+        st = os.stat(folder)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise ConfigError(f"security.curve.authorized_keys_dir: cannot read {folder}: {exc.strerror}") from None
+    if st.st_uid != os.geteuid() or st.st_mode & 0o022:
+        raise ConfigError(
+            f"security.curve.authorized_keys_dir: {folder} is writable by others (mode {st.st_mode & 0o777:04o}, "
+            f"owner uid {st.st_uid}): anyone who can write it can authorize a key (chmod 700 {folder})"
+        )
+
+
+def _own_file(folder: str, filename: str) -> None:
+    """A key or grant file must be a plain file of ours that only we can write."""
+    st = os.lstat(os.path.join(folder, filename))
+    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
+        raise ValueError(f"{filename}: not a plain file of this user that only it can write: ignored")
+
+
 def read_folder(folder: str) -> tuple[list[Grant], dict[str, str]]:
-    """Every usable key of `folder`, and why each other .key file is not usable."""
+    """Every usable key of `folder`, and why each other .key file is not usable.
+    Raises FolderUnreadable for a passing read error (see TRANSIENT)."""
     grants, problems = [], {}
     try:
         names = sorted(f[: -len(".key")] for f in os.listdir(folder) if f.endswith(".key"))
     except OSError as exc:
+        if exc.errno in TRANSIENT:
+            raise FolderUnreadable(f"cannot read {folder}: {exc.strerror}") from None
         return [], {"": f"cannot read {folder}: {exc.strerror}"}
     for name in names:
         if not NAME_RE.fullmatch(name) or name == LOCAL:
             problems[name] = f"{name!r} is not a usable key name (letters, digits, '.', '-', '_'; not {LOCAL!r})"
             continue
         try:
+            _own_file(folder, f"{name}.key")
+            if os.path.lexists(os.path.join(folder, f"{name}.yaml")):
+                _own_file(folder, f"{name}.yaml")
             grants.append(read_grant(folder, name))
-        except (OSError, ValueError) as exc:
+        except OSError as exc:
+            if exc.errno in TRANSIENT:
+                raise FolderUnreadable(f"cannot read {name}.key: {exc.strerror}") from None
+            problems[name] = str(exc)
+        except ValueError as exc:
             problems[name] = str(exc)
     return grants, problems
 
@@ -143,6 +189,7 @@ class KeyRing:
     is `local`, an admin (the processes of the router host use it)."""
 
     def __init__(self, folder: str, own: KeyPair):
+        check_folder(folder)
         self.folder = folder
         self.own = Grant(LOCAL, own.public, "admin")
         self.by_key: dict[bytes, Grant] = {}
@@ -169,8 +216,18 @@ class KeyRing:
         signature = self._look()
         if signature == self._signature:
             return set()
+        try:
+            if signature and signature[0][0] == "" and signature[0][1] in TRANSIENT:
+                raise FolderUnreadable(f"cannot read {self.folder}: {os.strerror(signature[0][1])}")
+            grants, problems = read_folder(self.folder)
+        except FolderUnreadable as exc:
+            # keep every key as it is and read again at the next scan (the signature is
+            # left as it was): a full fd table must not revoke every client at once
+            if self._problems.get("") != str(exc):
+                log.error("keys_folder_unreadable", folder=self.folder, reason=str(exc), kept=len(self.by_name))
+            self._problems = {**self._problems, "": str(exc)}
+            return set()
         self._signature = signature
-        grants, problems = read_folder(self.folder)
         by_name = {LOCAL: self.own, **{g.name: g for g in grants}}
         by_key: dict[bytes, Grant] = {}
         for g in by_name.values():

@@ -340,7 +340,8 @@ class Router:
                     sock = transport.bind(self.ctx, zmq.ROUTER, endpoint, curve=keys)
                 break
             except zmq.ZMQError as exc:
-                if exc.errno != errno.EADDRINUSE or time.monotonic() >= deadline:
+                # a port just released, or a moment without file descriptors: retried
+                if exc.errno not in (errno.EADDRINUSE, errno.EMFILE, errno.ENFILE) or time.monotonic() >= deadline:
                     raise ConfigError(f"router cannot bind {endpoint}: {exc}") from None
                 time.sleep(0.01)
         if keyed and self.gatekeeper is not None:
@@ -842,8 +843,10 @@ def _refusal(grant: Grant, msg: Coord) -> tuple[str, str] | None:
 def main(config: Config, env: str | None = None, members_alive: bool = False) -> None:
     import signal
 
+    from nexus.common import process
     from nexus.common.process import stop_on_signals
 
+    process.raise_fd_limit()  # connections, segments and sockets: the soft limit is often 1024
     with _beating(blackbox.current()):  # contract imports: starting is not hanging
         router = Router(config, env)
     router.expect_rejoin = members_alive

@@ -312,3 +312,81 @@ def test_a_secret_key_file_others_can_read_is_refused(tmp_path):
     assert f"{secret} is readable by others (mode 0644): chmod 600" in str(err.value)
     os.chmod(secret, 0o600)
     assert load_pair(secret, "security.curve.secret_key_file").public
+
+
+# -- review findings: fd exhaustion, the key folder's owner, handshake timeout ---------------
+def test_a_connection_that_never_handshakes_is_dropped(secured):
+    """A peer without a key that connects and says nothing holds a file descriptor only
+    for HANDSHAKE_MS, not libzmq's 30 s default."""
+    import socket
+    import time
+
+    from nexus.protocol.curve import HANDSHAKE_MS
+
+    cfg, _, _ = secured
+    host, port = cfg.confirm[len("tcp://") :].rsplit(":", 1)
+    idle = socket.create_connection((host, int(port)), timeout=5)
+    t0 = time.monotonic()
+    idle.settimeout(HANDSHAKE_MS / 1000 + 10)
+    try:
+        while idle.recv(4096):  # the server's greeting, then nothing; b"" when it closes
+            pass
+    except ConnectionResetError:
+        pass
+    finally:
+        idle.close()
+    assert time.monotonic() - t0 < HANDSHAKE_MS / 1000 + 5
+
+
+def test_a_passing_read_error_keeps_every_key(tmp_path, monkeypatch):
+    """Out of file descriptors while the folder is re-read: nothing is revoked, and the
+    next readable scan goes on as usual."""
+    import errno
+
+    from nexus.protocol import gatekeeper
+
+    keys = Keys(tmp_path / "keys")
+    keys.client("prod", PRODUCER)
+    ring = gatekeeper.KeyRing(str(keys.authorized), load_pair(keys.server_secret, "server"))
+    ring.scan()
+    assert "prod" in ring.by_name
+    keys.client("other", PRODUCER)  # the folder changed: the next scan reads it
+
+    def no_fds(path):
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(gatekeeper.os, "listdir", no_fds)
+    assert ring.scan() == set() and "prod" in ring.by_name  # kept, nothing revoked
+    monkeypatch.undo()
+    assert ring.scan() == set() and {"prod", "other"} <= set(ring.by_name)
+
+
+def test_a_key_folder_others_can_write_is_refused_and_foreign_files_ignored(tmp_path):
+    from nexus.protocol import gatekeeper
+
+    keys = Keys(tmp_path / "keys")
+    own = load_pair(keys.server_secret, "server")
+    os.chmod(keys.authorized, 0o777)
+    with pytest.raises(ConfigError, match=r"authorized_keys_dir: .* is writable by others \(mode 0777"):
+        gatekeeper.KeyRing(str(keys.authorized), own)
+    os.chmod(keys.authorized, 0o700)
+    keys.client("prod", PRODUCER)
+    keys.client("loose", PRODUCER)
+    os.chmod(keys.authorized / "loose.yaml", 0o666)  # anyone could grant it more
+    ring = gatekeeper.KeyRing(str(keys.authorized), own)
+    ring.scan()
+    assert "prod" in ring.by_name and "loose" not in ring.by_name
+
+
+def test_the_router_raises_its_open_file_limit():
+    import resource
+
+    from nexus.common.process import raise_fd_limit
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(256, hard), hard))
+        now = raise_fd_limit()
+        assert now == resource.getrlimit(resource.RLIMIT_NOFILE)[0] and now > 256
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
