@@ -9,6 +9,7 @@ is read again with its events left raw, and the fetcher decodes them one by one.
 from __future__ import annotations
 
 import os
+import secrets
 import socket
 import time
 import traceback
@@ -47,10 +48,14 @@ received_decoder = msgspec.msgpack.Decoder(Assign | ReceivedRecords | Error | De
 class GroupClient:
     def __init__(self, group: str, member: str):
         self.group, self.member = group, member
+        # unguessable, never shown: the router's ROUTER sockets hand an identity over to
+        # the newest connection that claims it, so one built from name and pid (both in
+        # `nexus status`) would let any key take a member's replies away
+        self._token = secrets.token_hex(16)
 
     def identity(self, role: str = "") -> bytes:
         """The coord socket identity of this process (`role`: a second socket, e.g. "hb")."""
-        return f"{self.group}/{self.member}/{os.getpid()}{'/' + role if role else ''}".encode()
+        return f"{self.group}/{self.member}/{self._token}{'/' + role if role else ''}".encode()
 
     def topic(self, partition: int) -> bytes:
         """The SUB topic of a partition's live deliveries."""

@@ -785,3 +785,17 @@ def test_a_delivery_read_while_full_is_not_queued_when_smaller_events_made_room(
         assert [(f.partition, f.after) for f in rig.fetches()] == [(0, 1)]
 
     run(main())
+
+
+def test_a_members_coord_identity_is_unguessable():
+    """The router hands an identity to the newest connection claiming it: one made of
+    group, name and pid (all shown in `nexus status`) could be taken over by any key."""
+    import os
+
+    from nexus.member.group import GroupClient
+
+    a, b = GroupClient("rec", "rec-0"), GroupClient("rec", "rec-0")
+    assert a.identity() == a.identity() and a.identity("hb") == a.identity() + b"/hb"
+    assert a.identity() != b.identity()
+    assert str(os.getpid()).encode() not in a.identity().split(b"/")
+    assert len(a.identity().split(b"/")[2]) >= 32
