@@ -390,3 +390,22 @@ def test_the_router_raises_its_open_file_limit():
         assert now == resource.getrlimit(resource.RLIMIT_NOFILE)[0] and now > 256
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_a_tail_that_goes_away_is_no_longer_counted(secured, keys):
+    """libzmq's unsubscriptions for a subscriber that disconnected carry no key: they
+    apply (else the router encodes tail deliveries for nobody, forever)."""
+    from nexus.protocol.wire import TAIL_TOPIC
+
+    cfg, router, _ = secured
+    admin = keys.client("ops", {"role": "admin"})
+    wait_for(lambda: "ops" in router.gatekeeper.keys.by_name, 10, message="the new key loaded")
+    ctx = zmq.Context()
+    try:
+        sub = transport.subscriber(ctx, cfg.publish, curve=admin)
+        sub.setsockopt(zmq.SUBSCRIBE, TAIL_TOPIC)
+        wait_for(lambda: router.tail_subscribers == 1, 10, message="the admin's tail counted")
+        sub.close(0)
+        wait_for(lambda: router.tail_subscribers == 0, 10, message="the closed tail no longer counted")
+    finally:
+        ctx.destroy(linger=0)
