@@ -64,6 +64,35 @@ log = structlog.get_logger("nexus.worker")
 LEAVE_TIMEOUT = 2.0  # seconds the final Leave may wait for a connection
 
 
+def dispatch_parts(
+    config: Config, group: str, handler: Handler, box: Any, log: Any
+) -> tuple[Partitions, Scheduler, Fetcher]:
+    """The socket-free path of an event through a member of `group`: its partitions, the
+    scheduler that runs the handler, the fetcher that fills them (unit tests build the
+    same parts, without sockets)."""
+    spec = config.workers[group]
+    partitions = Partitions()
+    scheduler = Scheduler(
+        partitions,
+        handler,
+        concurrency=spec.concurrency,
+        dedup_window=spec.dedup_window,
+        handler_timeout=spec.handler_timeout,
+        box=box,
+        log=log,
+    )
+    fetcher = Fetcher(
+        partitions,
+        scheduler,
+        group=group,
+        max_in_flight=spec.max_in_flight,
+        max_in_flight_bytes=spec.max_in_flight_bytes,
+        fetch_limit=config.router.fetch_limit,
+        log=log,
+    )
+    return partitions, scheduler, fetcher
+
+
 class Member:
     """Member `name` of worker group `group`. `handle`: run this function instead of the
     group's configured handler (tests and benchmarks)."""
@@ -101,24 +130,8 @@ class Member:
         )
         self.box = blackbox.current()  # None without a launcher: no box writes
         self.client = GroupClient(group, name)
-        self.partitions = Partitions()
-        self.scheduler = Scheduler(
-            self.partitions,
-            self.handler,
-            concurrency=spec.concurrency,
-            dedup_window=spec.dedup_window,
-            handler_timeout=spec.handler_timeout,
-            box=self.box,
-            log=self.log,
-        )
-        self.fetcher = Fetcher(
-            self.partitions,
-            self.scheduler,
-            group=group,
-            max_in_flight=spec.max_in_flight,
-            max_in_flight_bytes=spec.max_in_flight_bytes,
-            fetch_limit=config.router.fetch_limit,
-            log=self.log,
+        self.partitions, self.scheduler, self.fetcher = dispatch_parts(
+            config, group, self.handler, box=self.box, log=self.log
         )
         b = spec.breaker
         self.breaker = CircuitBreaker(b.failures, b.window, b.reset)

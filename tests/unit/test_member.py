@@ -25,13 +25,11 @@ from nexus import config
 from nexus.common.backoff import backoff_delay
 from nexus.errors import DependencyError, PermanentError
 from nexus.member.breaker import CircuitBreaker
-from nexus.member.fetcher import Fetcher
 from nexus.member.group import GroupClient
 from nexus.member.handlers import Handler
 from nexus.member.outcomes import DEAD_LETTER, DEAD_LETTER_RESEND, DONE, OutcomePolicy
-from nexus.member.partitions import Partitions
-from nexus.member.runtime import DRAIN_MAX, Member
-from nexus.member.scheduler import SLICE, TURN_MAX, Scheduler
+from nexus.member.runtime import DRAIN_MAX, Member, dispatch_parts
+from nexus.member.scheduler import SLICE, TURN_MAX
 from nexus.member.stream import GENERATIONS, PartitionStream, RecentIds
 from nexus.protocol.events import Contracts, Event, decode_wire_event, encode
 from nexus.protocol.wire import Assign, Delivery, Fetch, Records, coord_decoder, encoder, topic
@@ -162,25 +160,7 @@ class Parts(Feed):
             options=spec.options,
             log=self.log,
         )
-        self.partitions = Partitions()
-        self.scheduler = Scheduler(
-            self.partitions,
-            self.handler,
-            concurrency=spec.concurrency,
-            dedup_window=spec.dedup_window,
-            handler_timeout=spec.handler_timeout,
-            box=None,
-            log=self.log,
-        )
-        self.fetcher = Fetcher(
-            self.partitions,
-            self.scheduler,
-            group=GROUP,
-            max_in_flight=spec.max_in_flight,
-            max_in_flight_bytes=spec.max_in_flight_bytes,
-            fetch_limit=cfg.router.fetch_limit,
-            log=self.log,
-        )
+        self.partitions, self.scheduler, self.fetcher = dispatch_parts(cfg, GROUP, self.handler, box=None, log=self.log)
         self.outcomes = OutcomePolicy(spec.retry, CircuitBreaker(), GroupClient(GROUP, "m1"), self.log)
         self.streams = self.partitions.streams
         for p in range(PARTITIONS):
