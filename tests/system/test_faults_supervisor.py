@@ -400,6 +400,13 @@ def test_member_exit_is_told_to_the_router_and_recycle_is_not_a_crash(tmp_path, 
     assert sender.error is None and len(sender.acked) == 3_000
     rec = wait_all_handled(out_rec, sender.acked, 120)
     cyc_handled = wait_all_handled(out_cyc, sender.acked, 120)
+    # a recycle right after a start waits restart_backoff[0] ("backoff"): wait until both
+    # are running again (a crash loop would leave them "failed" and this would time out)
+    wait_for(
+        lambda: all(proc_of(p, n).get("state") == "running" for n in ("rec-1", "cyc-0")),
+        30,
+        message="rec-1 and cyc-0 running again",
+    )
     procs = {x["name"]: x for x in p.processes()}
     d_rec, d_cyc = duplicates(out_rec), duplicates(out_cyc)
     report(
