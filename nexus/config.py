@@ -180,6 +180,13 @@ class SecurityConfig(Strict):
     ipc_group: str | None = None
 
 
+class HttpConfig(Strict):
+    """The launcher's HTTP port: /metrics, /healthz, /readyz and the dashboard."""
+
+    listen: str = "127.0.0.1:9464"  # host:port; "" turns the port off
+    token: str = ""  # bearer token every request must carry; required off loopback
+
+
 class SourceConfig(Strict, kw_only=True):
     """The options of one `producers:` entry: the keys every kind has (`kind`), which each
     source kind's `Config` subclasses with its own. Strict like every section: a typo in a
@@ -197,6 +204,7 @@ class Config(Strict):
     contracts_untyped: list[str] = []  # glob patterns of types allowed without a contract
     control: str = "ipc://{data_dir}/run/control"
     security: SecurityConfig = SecurityConfig()
+    http: HttpConfig = HttpConfig()
     shutdown_timeout: Duration = Duration(30)
     restart_backoff: list[Duration] = msgspec.field(
         default_factory=lambda: [Duration(0.5), Duration(1), Duration(2), Duration(5)]

@@ -39,6 +39,7 @@ def write_config(directory: Path, **overrides) -> Path:
         },
         "contracts": ["nexus.contracts"],
         "contracts_untyped": ["test.*"],
+        "http": {"listen": ""},  # off: a test that wants the HTTP port sets a free one
         "shutdown_timeout": "20s",
         "restart_backoff": ["0.2s", "0.5s"],
         "producers": {},
