@@ -195,12 +195,39 @@ def replay(router: RouterSurface, msg: ReplayRequest) -> dict:
 # -- dead letters ---------------------------------------------------------------------
 def store_dead_letter(router: RouterSurface, msg: DeadLetter, identity: bytes) -> None:
     """Hand the dead letter to the writer thread; the member hears `DeadLetterStored`
-    once it is written (see `dead_letters_written`) and only then acks the event."""
+    once it is written (see `dead_letters_written`) and only then acks the event.
+
+    The row keeps the journal's copy of the event, never the member's: `nexus dlq replay`
+    journals it again, and a member key must not be able to journal events it made up
+    (bypassing contracts and the producers' grants). A seq the journal does not hold
+    (past its end, or already removed by retention) is not stored; the member is told
+    it was, so its partition moves on, and the operator sees the error line."""
+    records = router.journal.read(msg.seq - 1, 1) if msg.seq >= 1 else []
+    if not records or records[0][0] != msg.seq:
+        log.error(
+            "dead_letter_not_in_journal",
+            group=msg.group,
+            seq=msg.seq,
+            member=msg.member,
+            error=f"{msg.error_type}: {msg.error}",
+            reason="the journal has no such event (removed by retention, or never there); not stored",
+        )
+        router.send_coord(identity, DeadLetterStored(msg.group, msg.partition, msg.seq))
+        return
+    raw = bytes(entry_decoder.decode(records[0][1]).event)
     try:
-        ev = decode_wire_event(msg.event)
+        ev = decode_wire_event(raw)
     except (msgspec.MsgspecError, UnicodeDecodeError, RecursionError):
         log.error("dead_letter_unreadable", group=msg.group, seq=msg.seq)
         return
+    try:  # (the member re-encodes what it decoded: compare ids, not bytes)
+        claimed = decode_wire_event(msg.event).id
+    except (msgspec.MsgspecError, UnicodeDecodeError, RecursionError):
+        claimed = "unreadable"
+    if claimed != ev.id:
+        log.warning(
+            "dead_letter_event_differs", group=msg.group, seq=msg.seq, member=msg.member, claimed=claimed, kept=ev.id
+        )
     router.dlq_writer.submit(
         PendingDeadLetter(
             dict(
@@ -216,7 +243,7 @@ def store_dead_letter(router: RouterSurface, msg: DeadLetter, identity: bytes) -
                 traceback=msg.traceback,
                 attempts=msg.attempts,
                 first_failed=msg.first_failed,
-                event=bytes(msg.event),
+                event=raw,
             ),
             reply_to=identity,
         )

@@ -221,3 +221,39 @@ def test_a_dlq_replay_while_the_store_is_locked_reports_success_once_journaled(s
     wait_for(lambda: store.list(status="replayed"), 10, message="the row marked replayed")
     assert replay() == {"replayed": []}  # nothing left to replay: never twice
     store.close()
+
+
+def test_a_dead_letter_keeps_the_journal_copy_of_the_event_not_the_members(setup):
+    """A member (key) can send any bytes as a dead letter's event; `nexus dlq replay`
+    journals what is stored, so the router stores its journal's copy: a member cannot
+    journal an event it made up. A seq the journal does not hold is not stored."""
+    from nexus.member.group import GroupClient
+    from nexus.protocol import transport
+    from nexus.protocol.client import CoordClient
+    from nexus.protocol.events import WireEvent
+    from nexus.protocol.wire import DeadLetterStored
+
+    make, _out = setup
+    cfg, router = make(processes=0)
+    with Producer(cfg.confirm, source="honest") as p:
+        real_id = p.send("test.real", {"n": 1})
+        p.flush(10)
+    forged = WireEvent(
+        id="forged-1", type="test.forged", source="attacker", time=time.time(), payload=msgspec.msgpack.encode({})
+    )
+    client = GroupClient("rec", "mallory")
+    sock = transport.connect(zmq.Context.instance(), zmq.DEALER, cfg.coord, linger_ms=0)
+    try:
+        stored = []
+        for seq in (1, 999):  # in the journal (another event), and past its end
+            sock.send(client.dead_letter(0, seq, forged, RuntimeError("boom"), 1, time.time()))
+            assert sock.poll(5000), f"no answer to the dead letter for seq {seq}"
+            stored.append(coord_decoder.decode(sock.recv()))
+        assert all(isinstance(m, DeadLetterStored) for m in stored), stored
+    finally:
+        sock.close(0)
+    rows = CoordClient(cfg.coord, 5).dead_letters("list")["dead_letters"]
+    print(f"DLQ-FORGERY-REPORT sent 2 forged dead letters, stored {len(rows)}: {[(r['seq'], r['type']) for r in rows]}")
+    assert [(r["seq"], r["event_id"], r["type"], r["source"]) for r in rows] == [(1, real_id, "test.real", "honest")]
+    shown = CoordClient(cfg.coord, 5).dead_letters("show", ids=[rows[0]["id"]])["dead_letter"]
+    assert shown["event"]["id"] == real_id and shown["event"]["payload"] == {"n": 1}
