@@ -462,6 +462,7 @@ class Launcher:
             self.set_scale(d.group, d.desired, manual=False)
 
     def _running_members(self) -> dict[str, int]:
+        """Member processes running now, per group (the autoscale status's `members`)."""
         running = dict.fromkeys(self.scale, 0)
         for c in self.children.values():
             if c.role == "worker" and c.state == ChildState.RUNNING and not c.retired and c.group in running:
