@@ -137,6 +137,18 @@ class BreakerConfig(Strict):
     reset: Duration = Duration(30)  # open this long, then one probe event
 
 
+class AutoscaleConfig(Strict, kw_only=True):
+    """`workers.G.autoscale`: the launcher moves the group's member count within
+    [min, max] on its lag (nexus/supervisor/autoscaler.py has the policy)."""
+
+    min: Annotated[int, msgspec.Meta(ge=0, le=256)] = 1
+    max: Annotated[int, msgspec.Meta(ge=1, le=256)]
+    # events of lag per member the group should stay under (no universal value: required)
+    target_lag: Annotated[float, msgspec.Meta(gt=0)]
+    # no change within this of the last one; scale-down also needs low lag this long
+    cooldown: Duration = Duration(60)
+
+
 class WorkerGroupConfig(Strict):
     handler: str
     subscribe: list[str] = msgspec.field(default_factory=lambda: ["*"])
@@ -159,6 +171,13 @@ class WorkerGroupConfig(Strict):
     max_crashes: Positive = 3  # member crashes on one event before it is dead-lettered
     max_rss: ByteSize | None = None  # member RSS above this: drain and restart it (recycle)
     max_events: Positive | None = None  # events handled by one member process, then recycle
+    autoscale: AutoscaleConfig | None = None  # members follow the lag, within its bounds
+
+    def initial_processes(self) -> int:
+        """Members at start: `processes`, clamped into the autoscale bounds if any."""
+        if self.autoscale is None:
+            return self.processes
+        return min(max(self.processes, self.autoscale.min), self.autoscale.max)
 
 
 class CurveConfig(Strict):
@@ -470,6 +489,12 @@ def _check(cfg: Config, files: str, kinds: dict[str, EntryPoint]) -> None:
             raise ConfigError(f"{files}: workers.{name}.handler_timeout: must be positive")
         if ":" not in group.handler:
             raise ConfigError(f"{files}: workers.{name}.handler: expected 'module:function', got {group.handler!r}")
+        auto = group.autoscale
+        if auto is not None:
+            if auto.min > auto.max:
+                raise ConfigError(f"{files}: workers.{name}.autoscale: min {auto.min} is above max {auto.max}")
+            if auto.cooldown <= 0:
+                raise ConfigError(f"{files}: workers.{name}.autoscale.cooldown: must be positive")
     for name, spec in cfg.producers.items():
         if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", name):
             raise ConfigError(f"{files}: producers.{name}: names use letters, digits, '-', '_', '.'")

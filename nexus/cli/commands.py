@@ -113,6 +113,27 @@ def _detail(detail: dict | None) -> str:
     return " ".join(parts)[:160]
 
 
+def _fmt_seconds(seconds: float) -> str:
+    return f"{seconds:g}s" if seconds < 60 else _fmt_uptime(seconds)
+
+
+def _print_autoscale(groups: dict, desired: dict) -> None:
+    """The launcher's "autoscale" key: one line per autoscaled group."""
+    print(
+        f"{'AUTOSCALE':<16} {'MEMBERS':>7} {'DESIRED':>7} {'BOUNDS':>7} {'TARGET':>8} {'LAG/MEMBER':>10} "
+        f"{'COOLDOWN':>8} {'UP':>4} {'DOWN':>4}  LAST CHANGE"
+    )
+    for name, a in groups.items():
+        last = f"{_when(a['last_change'])} ({a['last_reason']})" if a.get("last_change") else "-"
+        bounds = f"{a['min']}..{a['max']}"
+        print(
+            f"{name:<16} {a['members']:>7} {desired.get(name, '-')!s:>7} {bounds:>7} "
+            f"{a['target_lag']:>8g} {a['lag_per_member']:>10g} {_fmt_seconds(a['cooldown']):>8} "
+            f"{a['decisions']['up']:>4} {a['decisions']['down']:>4}  {last}"
+        )
+    print()
+
+
 def cmd_status(args) -> int:
     cfg = _load(args)
     from concurrent.futures import ThreadPoolExecutor
@@ -163,6 +184,8 @@ def cmd_status(args) -> int:
                     f"{m.get('failed', '-')!s:>7} {m.get('dead_lettered', '-')!s:>5} {m.get('breaker', '-'):<9}"
                 )
         print()
+    if status.get("autoscale"):
+        _print_autoscale(status["autoscale"], status.get("scale", {}))
     if "router" in status:
         r = status["router"]
         reasons = ", ".join(f"{k}={v}" for k, v in sorted(r["rejected_by_reason"].items())) or "none"
@@ -209,7 +232,14 @@ def cmd_status(args) -> int:
 def cmd_scale(args) -> int:
     cfg = _load(args)
     reply = _done(_launcher(cfg).scale(args.group, args.n))
-    print(f"{reply['group']}: {reply['old']} -> {reply['new']} processes")
+    auto = reply.get("autoscale")
+    note = (
+        f" (autoscaled within [{auto['min']}, {auto['max']}]: the autoscaler goes on from "
+        f"{reply['new']} after its cooldown of {_fmt_seconds(auto['cooldown'])})"
+        if auto
+        else ""
+    )
+    print(f"{reply['group']}: {reply['old']} -> {reply['new']} processes{note}")
     return ExitCode.OK
 
 

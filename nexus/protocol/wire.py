@@ -236,7 +236,8 @@ CoordMessage = Union[  # noqa: UP007 - a long tagged union reads better one memb
 
 class ControlRequest(msgspec.Struct, frozen=True):
     """A request to the launcher. The reply is a plain map (`ControlReply`): "ok" (bool),
-    "error" (str) when not ok, and per command: status "processes", "ready", "launcher";
+    "error" (str) when not ok, and per command: status "processes", "ready", "scale"
+    (desired members per group), "autoscale" (per autoscaled group), "launcher";
     scale "group", "old", "new"; reload "rate_limits", "needs_restart"; stop nothing."""
 
     cmd: str  # status | scale | stop | reload

@@ -40,6 +40,7 @@ from nexus.protocol import curve, transport
 from nexus.protocol.client import CoordClient
 from nexus.protocol.gatekeeper import Gatekeeper, KeyRing
 from nexus.protocol.wire import ControlReply, control_decoder
+from nexus.supervisor.autoscaler import Autoscaler
 from nexus.supervisor.child import entry
 from nexus.supervisor.children import KILL_GRACE, Child, ChildState, end_orphans
 from nexus.supervisor.crashes import CrashBook
@@ -47,6 +48,7 @@ from nexus.supervisor.crashes import CrashBook
 log = structlog.get_logger("nexus.launch")
 ROLES_STOP_ORDER = ("producer", "worker", "router")
 READY_CHECK_EVERY = 0.5  # seconds between the readiness probes (a status request each) until ready
+AUTOSCALE_ASK_TIMEOUT = 0.25  # seconds: the autoscaler's status request (skipped tick when late)
 FAST_RECYCLE = 1.0  # seconds: a member recycling sooner than this after its spawn restarts after a backoff
 
 
@@ -64,7 +66,8 @@ class Launcher:
         self.ready_check_at = 0.0  # monotonic time of the next readiness probe
         self.starting = True  # until the router answers; then producers and workers start
         self.reload_requested = False
-        self.scale: dict[str, int] = {g: w.processes for g, w in cfg.workers.items()}
+        self.scale: dict[str, int] = {g: w.initial_processes() for g, w in cfg.workers.items()}
+        self.autoscaler = Autoscaler(cfg.workers)  # on a reload: self.autoscaler.configure(workers)
         self.token = f"{os.getpid()}-{time.time_ns()}"  # marks every process of this run
         self.lock: DataDirLock | None = None
         self.crashbook = CrashBook(cfg)
@@ -182,11 +185,13 @@ class Launcher:
             for i in range(n):
                 self._add(f"{group}-{i}", "worker", group)
 
-    def set_scale(self, group: str, n: int) -> dict:
+    def set_scale(self, group: str, n: int, manual: bool = True) -> dict:
         if group not in self.cfg.workers:
             return {"ok": False, "error": f"unknown group {group!r}"}
         if not 0 <= n <= 256:
             return {"ok": False, "error": "N must be between 0 and 256"}
+        if manual and (refused := self.autoscaler.manual(group, n, time.monotonic())):
+            return {"ok": False, "error": refused}  # (within the bounds: the cooldown restarts)
         old = self.scale[group]
         self.scale[group] = n
         self.failed_groups.pop(group, None)  # failed members start again: a new chance
@@ -194,10 +199,12 @@ class Launcher:
             return {"ok": True, "group": group, "old": old, "new": n}
         for i in range(n):
             child = self.children.get(f"{group}-{i}")
+            if child is not None and child.retired and _running(child) is not None:
+                continue  # still draining after a scale-down: started again once it has exited
             if child is None or child.retired or child.state in (ChildState.STOPPED, ChildState.FAILED):
                 self._add(f"{group}-{i}", "worker", group)
         for child in self.children.values():
-            if child.group == group and child.role == "worker" and int(child.name.rsplit("-", 1)[1]) >= n:
+            if child.group == group and child.role == "worker" and _index(child) >= n:
                 if not child.retired:
                     child.retired = True
                     self._terminate(child)
@@ -229,6 +236,8 @@ class Launcher:
             log.info("process_stopped", name=child.name, exit_code=code)
             if child.retired:
                 self._drop_box(child)
+                if not self.stopping and child.role == "worker" and _index(child) < self.scale.get(child.group, 0):
+                    self._add(child.name, "worker", child.group)  # scaled up again while it drained
             return
         if child.role == "router" and self.starting:
             cls = ConfigError if code == ExitCode.CONFIG else NexusError
@@ -393,6 +402,7 @@ class Launcher:
                         self._start_rest()
                 else:
                     self._log_ready()
+                    self._autoscale()
         except NexusError as exc:
             log.error("launch_failed", error=str(exc))
             self.exit_code = exc.exit_code if self.exit_code == ExitCode.OK else self.exit_code
@@ -428,6 +438,36 @@ class Launcher:
                 return
         self.ready_logged = True
         log.info("pipeline_ready", seconds=round(time.time() - self.started, 3), processes=len(self.children))
+
+    def _autoscale(self) -> None:
+        """A tick of the autoscaler (nexus/supervisor/autoscaler.py): at most once a
+        second and only with an autoscaled group, one short status request; no answer or
+        a recovering router skips the tick. Each decision is logged, then applied."""
+        now = time.monotonic()
+        if self.stopping or not self.autoscaler.due(now):
+            return
+        status = self.router_status(AUTOSCALE_ASK_TIMEOUT)
+        if status is None or status.get("router", {}).get("recovering"):
+            return
+        for d in self.autoscaler.observe(now, status.get("groups", {}), self.scale, self.failed_groups):
+            log.info(
+                "autoscale",
+                group=d.group,
+                **{"from": d.current},
+                to=d.desired,
+                lag=d.lag,
+                lag_per_member=d.lag_per_member,
+                reason=d.reason,
+            )
+            self.set_scale(d.group, d.desired, manual=False)
+
+    def _running_members(self) -> dict[str, int]:
+        """Member processes running now, per group (the autoscale status's `members`)."""
+        running = dict.fromkeys(self.scale, 0)
+        for c in self.children.values():
+            if c.role == "worker" and c.state == ChildState.RUNNING and not c.retired and c.group in running:
+                running[c.group] += 1
+        return running
 
     def router_status(self, timeout: float) -> dict | None:
         """The router's status; None when it does not answer (or refuses)."""
@@ -504,6 +544,8 @@ class Launcher:
                         "ok": True,
                         "processes": self.describe(),
                         "ready": self.ready_logged,
+                        "scale": dict(self.scale),
+                        "autoscale": self.autoscaler.status(time.monotonic(), time.time(), self._running_members()),
                         "launcher": {
                             "pid": os.getpid(),
                             "uptime": round(time.time() - self.started, 1),
@@ -512,6 +554,8 @@ class Launcher:
                     }
                 elif req.cmd == "scale":
                     reply = self.set_scale(req.group, req.n)
+                    if reply["ok"] and (auto := self.cfg.workers[req.group].autoscale) is not None:
+                        reply["autoscale"] = {"min": auto.min, "max": auto.max, "cooldown": float(auto.cooldown)}
                 elif req.cmd == "reload":
                     reply = self.reload()
                 elif req.cmd == "stop":
@@ -582,6 +626,11 @@ def _running(child: Child) -> BaseProcess | None:
     """The child's process while it is alive."""
     proc = child.process
     return proc if proc is not None and proc.is_alive() else None
+
+
+def _index(child: Child) -> int:
+    """A member's number in its group: GROUP-3 -> 3."""
+    return int(child.name.rsplit("-", 1)[1])
 
 
 def _exit_code(child: Child) -> int | None:

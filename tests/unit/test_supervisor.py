@@ -1,4 +1,5 @@
-"""Unit tests of the supervisor's pieces: data dir locks, stale-run cleanup, exit reasons."""
+"""Unit tests of the supervisor's pieces: data dir locks, stale-run cleanup, exit reasons,
+scaling while a member drains."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import subprocess
 
 import pytest
 
+from nexus import config
 from nexus.common import blackbox, process
 from nexus.common.datalock import DataDirLock, clean_stale_run
 from nexus.errors import ConfigError, describe_exit
@@ -75,3 +77,35 @@ def test_exit_reasons():
     assert describe_exit(8) == "exit code 8 (recycle)"
     assert describe_exit(17) == "exit code 17"
     assert describe_exit(None) == ""
+
+
+# -- scale: a group scaled up again while a member drains -------------------------------
+def test_member_draining_when_its_group_scales_up_again_restarts_once_it_exited(tmp_path, monkeypatch):
+    import drainer
+
+    from nexus.supervisor import launcher as launcher_mod
+    from nexus.supervisor.children import ChildState
+
+    monkeypatch.setattr(launcher_mod, "entry", drainer.entry)  # real processes, a stand-in program
+    cfg = config.Config(data_dir=str(tmp_path), workers={"g": config.WorkerGroupConfig(handler="m:f")})
+    launcher = launcher_mod.Launcher(cfg, None)
+    launcher.starting = False
+    try:
+        launcher.set_scale("g", 2)
+        second = launcher.children["g-1"]
+        draining = second.process
+        assert draining is not None
+        ready = tmp_path / f"g-1.{draining.pid}.ready"
+        wait_for(ready.exists, 10, message="the member to start")
+        launcher.set_scale("g", 1)  # SIGTERM: it drains for drainer.DRAIN
+        assert launcher.set_scale("g", 2)["ok"]  # up again at once
+        # not spawned over the draining one (same name, same box): it keeps its process
+        assert second.process is draining and second.retired and second.state == ChildState.STOPPING
+        wait_for(lambda: not draining.is_alive(), 10, message="the drained member to exit")
+        launcher._on_exit(second)
+        assert second.process is not draining and second.process is not None and second.process.is_alive()
+        assert second.state == ChildState.RUNNING and not second.retired and second.box is not None
+    finally:
+        launcher.stopping = True
+        launcher.shutdown()
+    assert all(c.state == ChildState.STOPPED for c in launcher.children.values())
