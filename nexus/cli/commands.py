@@ -450,17 +450,35 @@ def cmd_reload(args) -> int:
     try:
         # the launcher validates the file and hands the router (and every child it
         # restarts later) what it checked
-        result = _launcher(cfg).reload()
+        result = _launcher(cfg).reload(dry_run=args.dry_run)
     except PeerError:
+        if args.dry_run:
+            raise  # a router run alone applies the file as it is: there is no plan to show
         result = _router(cfg).reload()  # a router run without a launcher
     if "error" in result:
         raise ConfigError(result["error"])
     if args.json:
         _print_json(result)
-    else:
+        return ExitCode.OK
+    changes = result.get("changes")
+    if changes is None:  # the router's answer (no launcher): its groups and limits
+        groups = result.get("groups", {})
+        changes = [f"group {g}: {what}" for what in ("added", "removed", "rerouted") for g in groups.get(what, [])]
+    if args.dry_run:
+        print("dry run, nothing applied; would change:" if changes else "dry run: nothing would change")
+    elif changes:
+        print("applied:")
+    for line in changes:
+        print(f"  {line}")
+    if result.get("rate_limits") is not None:
         print(f"rate limits now: {json.dumps(result['rate_limits'])}")
-        if result["needs_restart"]:
-            print(f"changed, needs a restart to apply: {', '.join(result['needs_restart'])}")
+    if result.get("in_progress"):
+        rolling = result.get("rolling") or []
+        what = f"rolling restart of {', '.join(rolling)}" if rolling else "draining and restarts"
+        print(f"in progress: {what}; `nexus status` shows it until done")
+    if result["needs_restart"]:
+        verb = "would need" if args.dry_run else "changed, needs"
+        print(f"{verb} a restart to apply: {', '.join(result['needs_restart'])}")
     return ExitCode.OK
 
 
@@ -536,7 +554,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_dlq)
 
-    p = sub.add_parser("reload", parents=[common], help="re-read the config (rate limits apply at once)")
+    p = sub.add_parser("reload", parents=[common], help="re-read the config and apply what changed live")
+    p.add_argument("--dry-run", action="store_true", help="print what would change, apply nothing")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_reload)
 
