@@ -24,6 +24,7 @@ from nexus.protocol.events import Contracts, decode_wire_event, printable
 from nexus.protocol.wire import TAIL_TOPIC, ControlReply, delivery_decoder
 
 START_HINT = "; start the pipeline with `python -m nexus.launch -c FILE`"
+RELOAD_TIMEOUT = 40.0  # seconds: above the launcher's wait for the router (reloader.FIRST_PUSH_TIMEOUT)
 
 
 def _load(args) -> config_mod.Config:
@@ -146,6 +147,8 @@ def cmd_status(args) -> int:
                 f"{p['state']:<9} {p['restarts']:>8} {_fmt_uptime(p['uptime']):>8}  "
                 f"{p.get('last_exit') or '-':<22} {_detail(p.get('detail'))}"
             )
+        if "reload" in status:
+            print(_reload_line(status["reload"]))
         print()
     if "groups" in status:
         print(f"{'GROUP':<16} {'MEMBERS':>7} {'PARTITIONS':>10} {'UNASSIGNED':>10} {'LAG':>10} {'DEAD':>6}")
@@ -445,16 +448,34 @@ def cmd_dlq(args) -> int:
     return ExitCode.OK
 
 
+def _reload_line(r: dict) -> str:
+    """The last reload, for `nexus status`: when, how it went, and while it runs, where."""
+    from datetime import datetime
+
+    when = datetime.fromtimestamp(r["last"]).strftime("%H:%M:%S")
+    if r.get("in_progress"):
+        how = f"in progress: {r.get('progress', '')}"
+    elif r.get("ok"):
+        how = f"ok, {len(r.get('changes', []))} change(s)"
+    else:
+        how = "failed"
+    line = f"reload at {when}: {how}"
+    if r.get("error"):
+        line += f" ({r['error']})"
+    return printable(line)
+
+
 def cmd_reload(args) -> int:
     cfg = _load(args)
-    try:
+    if not args.dry_run and transport.unreachable(cfg.control_endpoint):
+        # no launcher: a router run alone re-reads the file itself (a launcher that is
+        # there but slow is waited for, never bypassed: it would apply the file twice)
+        result = _router(cfg).reload()
+    else:
         # the launcher validates the file and hands the router (and every child it
-        # restarts later) what it checked
-        result = _launcher(cfg).reload(dry_run=args.dry_run)
-    except PeerError:
-        if args.dry_run:
-            raise  # a router run alone applies the file as it is: there is no plan to show
-        result = _router(cfg).reload()  # a router run without a launcher
+        # restarts later) what it checked; it may wait for the router to read the
+        # journal for a group added with `start: earliest`
+        result = _launcher(cfg).reload(dry_run=args.dry_run, timeout=RELOAD_TIMEOUT)
     if "error" in result:
         raise ConfigError(result["error"])
     if args.json:
@@ -468,6 +489,8 @@ def cmd_reload(args) -> int:
         print("dry run, nothing applied; would change:" if changes else "dry run: nothing would change")
     elif changes:
         print("applied:")
+    elif not result["needs_restart"]:
+        print("nothing changed")
     for line in changes:
         print(f"  {line}")
     if result.get("rate_limits") is not None:

@@ -146,5 +146,5 @@ class ControlClient(_Client):
     def stop(self) -> ControlReply:
         return self.request(ControlRequest("stop"))
 
-    def reload(self, dry_run: bool = False) -> ControlReply:
-        return self.request(ControlRequest("reload", dry_run=dry_run))
+    def reload(self, dry_run: bool = False, timeout: float | None = None) -> ControlReply:
+        return self.request(ControlRequest("reload", dry_run=dry_run), timeout)

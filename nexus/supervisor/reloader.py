@@ -94,6 +94,10 @@ class Reloader:
             return self._refused("the pipeline is still starting; reload once it runs", dry_run)
         if self.busy and not dry_run:
             return self._refused(f"a reload is in progress ({self._progress()}); try again when it is done", False)
+        router = launcher.children.get("router")
+        if not dry_run and (router is None or router.state != ChildState.RUNNING):
+            state = router.state if router is not None else "missing"
+            return self._refused(f"the router is not running ({state}); nothing changed, try again", False)
         try:
             fresh = config_mod.load(launcher.cfg.source, launcher.env)
         except ConfigError as exc:

@@ -270,6 +270,9 @@ def test_reload_adds_and_removes_groups_producers_and_log_level(tmp_path, config
     done = wait_reload_done(p, since)
     applied_s = round(time.monotonic() - t0, 2)
     now = {x["name"]: x for x in p.processes()}
+    shown = subprocess.run(
+        [sys.executable, "-m", "nexus", "status", "-c", str(path)], capture_output=True, text=True, timeout=60
+    )
     p.wait_members("fresh", 2)
     groups = (p.router_status() or {}).get("groups", {})
     with Producer(cfg.confirm, source="after") as producer:
@@ -288,6 +291,7 @@ def test_reload_adds_and_removes_groups_producers_and_log_level(tmp_path, config
         keep_handled=len(early | late),
     )
     assert done["ok"], done
+    assert f"ok, {len(done['changes'])} change(s)" in shown.stdout, shown.stdout
     assert set(now) == {"router", "keep-0", "fresh-0", "fresh-1", "tick_b"}, now
     assert now["keep-0"]["pid"] == procs["keep-0"]  # an unchanged group is not touched
     assert set(groups) == {"keep", "fresh"}
