@@ -359,12 +359,39 @@ def from_bytes(raw: bytes) -> Config:
     return msgspec.structs.replace(cfg, producers=producers)
 
 
-RESTART_KEYS = ("workers", "contracts", "contracts_untyped", "producers", "security")  # a reload cannot apply these
+# What a reload applies to a running pipeline (see docs/operations.md, "Reload"): the
+# worker groups and producers (the launcher starts, stops and restarts their processes),
+# rate limits and the log level (every process), and the launcher's own supervision
+# settings, which it reads at each use. Everything else (endpoints, data_dir, journal,
+# security, http, contracts, ...) is bound into running processes: a restart applies it.
+LIVE_KEYS = ("workers", "producers", "restart_backoff", "crash_loop", "crash_window", "hang_timeout")
+
+
+def adopt_live(old: Config, new: Config) -> Config:
+    """`old` with what a reload applies live taken from `new`: the config a running
+    pipeline adopts (children started later get it; the rest waits for a restart)."""
+    live = {key: getattr(new, key) for key in LIVE_KEYS}
+    return msgspec.structs.replace(
+        old,
+        log=msgspec.structs.replace(old.log, level=new.log.level),
+        router=msgspec.structs.replace(old.router, rate_limits=new.router.rate_limits),
+        **live,
+    )
 
 
 def needs_restart(old: Config, new: Config) -> list[str]:
-    """The top-level keys changed between two configs that only a restart applies."""
-    return [k for k in RESTART_KEYS if getattr(new, k) != getattr(old, k)]
+    """The keys changed between two configs that only a restart applies, dotted
+    (`router.ingest`, `security.curve.secret_key_file`)."""
+    return _differences(adopt_live(old, new), new, "")
+
+
+def _differences(a: Any, b: Any, prefix: str) -> list[str]:
+    if isinstance(a, Strict) and type(a) is type(b):
+        out: list[str] = []
+        for name in a.__struct_fields__:
+            out += _differences(getattr(a, name), getattr(b, name), f"{prefix}{name}.")
+        return out
+    return [prefix.rstrip(".")] if a != b else []
 
 
 # -- loading -------------------------------------------------------------------

@@ -24,6 +24,7 @@ from nexus.protocol.events import Contracts, decode_wire_event, printable
 from nexus.protocol.wire import TAIL_TOPIC, ControlReply, delivery_decoder
 
 START_HINT = "; start the pipeline with `python -m nexus.launch -c FILE`"
+RELOAD_TIMEOUT = 40.0  # seconds: above the launcher's wait for the router (reloader.FIRST_PUSH_TIMEOUT)
 
 
 def _load(args) -> config_mod.Config:
@@ -167,6 +168,8 @@ def cmd_status(args) -> int:
                 f"{p['state']:<9} {p['restarts']:>8} {_fmt_uptime(p['uptime']):>8}  "
                 f"{p.get('last_exit') or '-':<22} {_detail(p.get('detail'))}"
             )
+        if "reload" in status:
+            print(_reload_line(status["reload"]))
         print()
     if "groups" in status:
         print(f"{'GROUP':<16} {'MEMBERS':>7} {'PARTITIONS':>10} {'UNASSIGNED':>10} {'LAG':>10} {'DEAD':>6}")
@@ -475,22 +478,60 @@ def cmd_dlq(args) -> int:
     return ExitCode.OK
 
 
+def _reload_line(r: dict) -> str:
+    """The last reload, for `nexus status`: when, how it went, and while it runs, where."""
+    from datetime import datetime
+
+    when = datetime.fromtimestamp(r["last"]).strftime("%H:%M:%S")
+    if r.get("in_progress"):
+        how = f"in progress: {r.get('progress', '')}"
+    elif r.get("ok"):
+        how = f"ok, {len(r.get('changes', []))} change(s)"
+    else:
+        how = "failed"
+    line = f"reload at {when}: {how}"
+    if r.get("error"):
+        line += f" ({r['error']})"
+    return printable(line)
+
+
 def cmd_reload(args) -> int:
     cfg = _load(args)
-    try:
+    if not args.dry_run and transport.unreachable(cfg.control_endpoint):
+        # no launcher: a router run alone re-reads the file itself (a launcher that is
+        # there but slow is waited for, never bypassed: it would apply the file twice)
+        result = _router(cfg).reload()
+    else:
         # the launcher validates the file and hands the router (and every child it
-        # restarts later) what it checked
-        result = _launcher(cfg).reload()
-    except PeerError:
-        result = _router(cfg).reload()  # a router run without a launcher
+        # restarts later) what it checked; it may wait for the router to read the
+        # journal for a group added with `start: earliest`
+        result = _launcher(cfg).reload(dry_run=args.dry_run, timeout=RELOAD_TIMEOUT)
     if "error" in result:
         raise ConfigError(result["error"])
     if args.json:
         _print_json(result)
-    else:
+        return ExitCode.OK
+    changes = result.get("changes")
+    if changes is None:  # the router's answer (no launcher): its groups and limits
+        groups = result.get("groups", {})
+        changes = [f"group {g}: {what}" for what in ("added", "removed", "rerouted") for g in groups.get(what, [])]
+    if args.dry_run:
+        print("dry run, nothing applied; would change:" if changes else "dry run: nothing would change")
+    elif changes:
+        print("applied:")
+    elif not result["needs_restart"]:
+        print("nothing changed")
+    for line in changes:
+        print(f"  {line}")
+    if result.get("rate_limits") is not None:
         print(f"rate limits now: {json.dumps(result['rate_limits'])}")
-        if result["needs_restart"]:
-            print(f"changed, needs a restart to apply: {', '.join(result['needs_restart'])}")
+    if result.get("in_progress"):
+        rolling = result.get("rolling") or []
+        what = f"rolling restart of {', '.join(rolling)}" if rolling else "draining and restarts"
+        print(f"in progress: {what}; `nexus status` shows it until done")
+    if result["needs_restart"]:
+        verb = "would need" if args.dry_run else "changed, needs"
+        print(f"{verb} a restart to apply: {', '.join(result['needs_restart'])}")
     return ExitCode.OK
 
 
@@ -566,7 +607,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_dlq)
 
-    p = sub.add_parser("reload", parents=[common], help="re-read the config (rate limits apply at once)")
+    p = sub.add_parser("reload", parents=[common], help="re-read the config and apply what changed live")
+    p.add_argument("--dry-run", action="store_true", help="print what would change, apply nothing")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_reload)
 

@@ -146,5 +146,5 @@ class ControlClient(_Client):
     def stop(self) -> ControlReply:
         return self.request(ControlRequest("stop"))
 
-    def reload(self) -> ControlReply:
-        return self.request(ControlRequest("reload"))
+    def reload(self, dry_run: bool = False, timeout: float | None = None) -> ControlReply:
+        return self.request(ControlRequest("reload", dry_run=dry_run), timeout)

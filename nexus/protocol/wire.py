@@ -237,12 +237,14 @@ CoordMessage = Union[  # noqa: UP007 - a long tagged union reads better one memb
 class ControlRequest(msgspec.Struct, frozen=True):
     """A request to the launcher. The reply is a plain map (`ControlReply`): "ok" (bool),
     "error" (str) when not ok, and per command: status "processes", "ready", "scale"
-    (desired members per group), "autoscale" (per autoscaled group), "launcher";
-    scale "group", "old", "new"; reload "rate_limits", "needs_restart"; stop nothing."""
+    (desired members per group), "autoscale" (per autoscaled group), "reload", "launcher";
+    scale "group", "old", "new"; reload "changes", "needs_restart", "rate_limits",
+    "in_progress", "rolling" (a dry run: "dry_run", "changes", "needs_restart"); stop nothing."""
 
     cmd: str  # status | scale | stop | reload
     group: str = ""
     n: int = 0
+    dry_run: bool = False  # reload: say what would change, apply nothing
 
 
 ControlReply = dict[str, Any]

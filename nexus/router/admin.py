@@ -3,7 +3,7 @@ member exits, reload), kept apart from the router's hot path.
 
 Admin reaches the router only through `RouterSurface`: the router's parts (read, or
 used through their public methods) and four methods of the router's own: lag,
-send_coord, commit_replayed and apply_rate_limits. It never imports the server (which
+send_coord, commit_replayed and apply_live. It never imports the server (which
 imports admin): the server's `Router` meets the protocol as it is.
 """
 
@@ -18,7 +18,8 @@ import msgspec
 import structlog
 
 from nexus import config as config_mod
-from nexus.config import Config, RateLimits
+from nexus.common import logs
+from nexus.config import Config
 from nexus.errors import ConfigError, describe_exit
 from nexus.protocol.events import decode_wire_event
 from nexus.protocol.gatekeeper import Gatekeeper
@@ -33,6 +34,7 @@ from nexus.protocol.wire import (
     ReplayRequest,
     StatusRequest,
 )
+from nexus.router import livegroups
 from nexus.router.coordinator import Coordinator, Group
 from nexus.router.cursors import CursorStore
 from nexus.router.deadletters import DeadLetterStore, DeadLetterWriter, PendingDeadLetter
@@ -72,7 +74,7 @@ class RouterSurface(Protocol):
 
     def commit_replayed(self, accepted: Accepted, group: str) -> int: ...
 
-    def apply_rate_limits(self, limits: RateLimits) -> None: ...
+    def apply_live(self, fresh: Config) -> dict: ...
 
 
 def handle(router: RouterSurface, msg: AdminRequest) -> dict:
@@ -431,7 +433,9 @@ def _replay_dead_letters(router: RouterSurface, msg: DlqRequest) -> dict:
 # -- reload ------------------------------------------------------------------------------
 def reload(router: RouterSurface, validated: bytes = b"") -> dict:
     """Apply a new config: the one the launcher validated and hands over, or (a router
-    run alone) the file re-read. Rate limits apply at once, the rest needs a restart."""
+    run alone) the file re-read. Groups (added, removed, subscriptions), rate limits and
+    the log level apply at once; a changed partition count refuses the whole reload;
+    the rest needs a restart."""
     try:
         fresh = config_mod.from_bytes(validated) if validated else config_mod.load(router.config.source, router.env)
     except msgspec.MsgspecError as exc:
@@ -440,7 +444,19 @@ def reload(router: RouterSurface, validated: bytes = b"") -> dict:
     except ConfigError as exc:
         log.error("reload_failed", error=str(exc))
         return {"error": str(exc)}
+    refusal = livegroups.refused(router.config.workers, fresh.workers)
+    if refusal:
+        log.error("reload_failed", error=refusal)
+        return {"error": refusal}
     changed = config_mod.needs_restart(router.config, fresh)
-    router.apply_rate_limits(fresh.router.rate_limits)
-    log.info("config_reloaded", rate_limits=router.intake.limiter.describe(), needs_restart=changed)
-    return {"rate_limits": router.intake.limiter.describe(), "needs_restart": changed}
+    if fresh.log.level != router.config.log.level:
+        logs.set_level(fresh.log.level)  # (launched: the launcher's level file says the same)
+    groups = router.apply_live(fresh)
+    log.info(
+        "config_reloaded", rate_limits=router.intake.limiter.describe(), needs_restart=changed, **_nonempty(groups)
+    )
+    return {"rate_limits": router.intake.limiter.describe(), "needs_restart": changed, "groups": groups}
+
+
+def _nonempty(d: dict) -> dict:
+    return {k: v for k, v in d.items() if v}

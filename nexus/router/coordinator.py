@@ -116,6 +116,13 @@ class Coordinator:
         self.groups[name] = group
         return group
 
+    def remove_group(self, name: str) -> list[bytes]:
+        """Forget a group (a reload removed it), cursors too; the identities of members
+        still joined, to be told."""
+        group = self.groups.pop(name, None)
+        self.heads.pop(name, None)
+        return [info.identity for info in group.members.values()] if group is not None else []
+
     def cursor_snapshot(self) -> dict[str, list[int]]:
         """Every group's cursors, copied: what the flusher saves."""
         return {name: list(g.cursors) for name, g in self.groups.items()}

@@ -20,8 +20,14 @@ class RouteTable:
     """Caches, per event type, the groups whose subscriptions match it."""
 
     def __init__(self, groups: dict[str, tuple[list[str], int]]):
-        self.groups = {name: (tuple(patterns), partitions) for name, (patterns, partitions) in groups.items()}
+        self.groups: dict[str, tuple[tuple[str, ...], int]] = {}
         self._cache: dict[str, tuple[Route, ...]] = {}
+        self.replace(groups)
+
+    def replace(self, groups: dict[str, tuple[list[str], int]]) -> None:
+        """New groups or subscriptions (a reload): in place, so holders of `routes` see them."""
+        self.groups = {name: (tuple(patterns), partitions) for name, (patterns, partitions) in groups.items()}
+        self._cache = {}
 
     def routes(self, type_: str) -> tuple[Route, ...]:
         found = self._cache.get(type_)

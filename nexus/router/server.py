@@ -18,9 +18,10 @@ import msgspec
 import structlog
 import zmq
 
+from nexus import config as config_mod
 from nexus.common import blackbox
 from nexus.common.datalock import ROUTER_LOCK, DataDirLock
-from nexus.config import Config, RateLimits
+from nexus.config import Config
 from nexus.errors import ConfigError
 from nexus.protocol import curve, transport
 from nexus.protocol.events import DECODE_ERRORS, Contracts
@@ -51,7 +52,7 @@ from nexus.protocol.wire import (
     encoder,
     topic,
 )
-from nexus.router import admin
+from nexus.router import admin, livegroups
 from nexus.router.backlog import Backlog
 from nexus.router.coordinator import Coordinator, Group
 from nexus.router.cursors import CursorStore
@@ -674,13 +675,15 @@ class Router:
         to its streams, after anything staged; the first seq. Raises StorageError."""
         return self._commit([accepted], only_group=group)
 
-    def apply_rate_limits(self, limits: RateLimits) -> None:
-        """A reload: these limits apply from the next batch on, and are the config's
-        from now on (status shows them; the next reload compares with them)."""
-        self.intake.limiter = RateLimiter(limits)
-        self.config = msgspec.structs.replace(
-            self.config, router=msgspec.structs.replace(self.config.router, rate_limits=limits)
-        )
+    def apply_live(self, fresh: Config) -> dict:
+        """A reload (partition counts checked): what applies live of `fresh` becomes the
+        router's config (groups, routing, rate limits, log level); the rest waits for a
+        restart. Returns the groups added, removed and re-routed."""
+        groups = livegroups.apply(self, self.config.workers, fresh.workers)
+        if fresh.router.rate_limits != self.config.router.rate_limits:
+            self.intake.limiter = RateLimiter(fresh.router.rate_limits)
+        self.config = config_mod.adopt_live(self.config, fresh)
+        return groups
 
     # -- coord ---------------------------------------------------------------------
     def send_coord(self, identity: bytes, msg: Coord) -> None:

@@ -11,7 +11,7 @@ import os
 import sys
 
 from nexus import config as config_mod
-from nexus.common.process import die_with_parent, stop_own_group
+from nexus.common.process import RUN_ENV, die_with_parent, stop_own_group
 from nexus.errors import ExitCode, NexusError
 
 
@@ -40,6 +40,8 @@ def entry(
         private.use_group(cfg.security.ipc_group)
         config_mod.add_module_paths(cfg)  # handlers and contracts: see config.module_paths
         logs.configure(cfg.log.level, cfg.log.format, process=name)
+        # a reload's new log level: re-read from the launcher's file on LEVEL_SIGNAL
+        logs.follow_level_file(cfg.data_dir, os.environ.get(RUN_ENV, ""))
         _open_box(blackbox, blackbox.path_for(cfg.data_dir, name))
         if role == "router":
             from nexus.router.server import main as run_router

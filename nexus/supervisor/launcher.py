@@ -35,7 +35,7 @@ from nexus.common import blackbox, logs, private, process, redact
 from nexus.common.backoff import backoff_delay
 from nexus.common.datalock import LAUNCHER_LOCK, ROUTER_LOCK, DataDirLock, clean_stale_run
 from nexus.common.statefile import unlink_quietly
-from nexus.errors import ConfigError, ExitCode, NexusError, PeerError, describe_exit
+from nexus.errors import ConfigError, ExitCode, NexusError, describe_exit
 from nexus.protocol import curve, transport
 from nexus.protocol.client import CoordClient
 from nexus.protocol.gatekeeper import Gatekeeper, KeyRing
@@ -44,6 +44,7 @@ from nexus.supervisor.autoscaler import Autoscaler
 from nexus.supervisor.child import entry
 from nexus.supervisor.children import KILL_GRACE, Child, ChildState, end_orphans
 from nexus.supervisor.crashes import CrashBook
+from nexus.supervisor.reloader import Reloader
 
 log = structlog.get_logger("nexus.launch")
 ROLES_STOP_ORDER = ("producer", "worker", "router")
@@ -74,6 +75,7 @@ class Launcher:
         self.control: zmq.Socket | None = None
         self.gatekeeper: Gatekeeper | None = None  # CURVE on a tcp:// control endpoint
         self.curve: curve.ClientKeys | None = None  # the launcher's own requests to the router
+        self.reloader = Reloader(self)  # `nexus reload`, SIGHUP: applied over the loop's ticks
 
     # -- before anything runs --------------------------------------------------------
     def prepare(self) -> zmq.Socket:
@@ -392,6 +394,7 @@ class Launcher:
                     self.reload()  # SIGHUP: like `nexus reload`
                 now = time.monotonic()
                 self._watch(now)
+                self.reloader.tick(now)  # a reload under way: drains, rolling restarts
                 for child in self.children.values():
                     if child.state == ChildState.BACKOFF and now >= child.restart_at and not self.stopping:
                         child.restarts += 1
@@ -476,30 +479,21 @@ class Launcher:
         except NexusError:
             return None
 
-    def reload(self) -> dict:
-        """Validate the file as it is now; what applies live (rate limits) goes to the
-        router and becomes part of the config every child restarts on. A bad file is
-        refused with one line and nothing changes."""
-        try:
-            fresh = config_mod.load(self.cfg.source, self.env)
-        except ConfigError as exc:
-            log.error("reload_failed", error=str(exc))
-            return {"ok": False, "error": str(exc)}
-        changed = config_mod.needs_restart(self.cfg, fresh)
-        cfg = msgspec.structs.replace(
-            self.cfg, router=msgspec.structs.replace(self.cfg.router, rate_limits=fresh.router.rate_limits)
-        )
-        try:
-            data = CoordClient(self.cfg.coord, curve=self.curve).reload(config_mod.to_bytes(cfg))
-        except PeerError:
-            return {"ok": False, "error": f"router at {self.cfg.coord} did not answer; nothing changed"}
-        except NexusError as exc:  # refused (still reading its journal)
-            return {"ok": False, "error": str(exc)}
-        if "error" in data:
-            return {"ok": False, "error": data["error"]}
-        self.cfg = cfg
-        log.info("config_reloaded", needs_restart=changed)
-        return {"ok": True, "rate_limits": data.get("rate_limits", {}), "needs_restart": changed}
+    def reload(self, dry_run: bool = False) -> dict:
+        """Validate the file as it is now and apply what changed live (see
+        nexus/supervisor/reloader.py); a bad file is refused with one line and nothing
+        changes. `dry_run`: only say what would change."""
+        return self.reloader.reload(dry_run)
+
+    # what the reloader uses besides the launcher's state (its `Launcher` protocol)
+    def spawn(self, child: Child) -> None:
+        self._spawn(child)
+
+    def terminate(self, child: Child) -> None:
+        self._terminate(child)
+
+    def add_child(self, name: str, role: str, group: str = "") -> Child:
+        return self._add(name, role, group)
 
     def _reopen_control(self, poller: zmq.Poller, control: zmq.Socket) -> zmq.Socket:
         """Keys were revoked: close control and bind it again, which ends every
@@ -552,12 +546,14 @@ class Launcher:
                             "config": self.cfg.source,
                         },
                     }
+                    if (reload := self.reloader.status()) is not None:
+                        reply["reload"] = reload
                 elif req.cmd == "scale":
                     reply = self.set_scale(req.group, req.n)
                     if reply["ok"] and (auto := self.cfg.workers[req.group].autoscale) is not None:
                         reply["autoscale"] = {"min": auto.min, "max": auto.max, "cooldown": float(auto.cooldown)}
                 elif req.cmd == "reload":
-                    reply = self.reload()
+                    reply = self.reload(req.dry_run)
                 elif req.cmd == "stop":
                     self.stopping = True
                     reply = {"ok": True}

@@ -106,13 +106,19 @@ def test_control_client_sends_control_requests_and_returns_the_reply_map(peer):
     assert client.scale("g", 3) == {"ok": True, "cmd": "scale", "group": "g", "n": 3}
     assert client.reload()["cmd"] == "reload"
     assert client.stop() == {"ok": False, "cmd": "stop", "group": "", "n": 0}  # refusals are the caller's
-    # the wire form is unchanged: a plain msgpack map of the three fields
-    assert msgspec.msgpack.decode(launcher.seen[1]) == {"cmd": "scale", "group": "g", "n": 3}
+    assert client.reload(dry_run=True)["cmd"] == "reload"
+    # the wire form: a plain msgpack map of the fields (dry_run came later: a launcher
+    # before it skips the unknown key, and a request without it decodes as False)
+    assert msgspec.msgpack.decode(launcher.seen[1]) == {"cmd": "scale", "group": "g", "n": 3, "dry_run": False}
+    assert control_decoder.decode(msgspec.msgpack.encode({"cmd": "reload", "group": "", "n": 0})) == ControlRequest(
+        "reload"
+    )
     assert [control_decoder.decode(raw) for raw in launcher.seen] == [
         ControlRequest("status"),
         ControlRequest("scale", "g", 3),
         ControlRequest("reload"),
         ControlRequest("stop"),
+        ControlRequest("reload", dry_run=True),
     ]
 
 

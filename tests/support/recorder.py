@@ -9,7 +9,9 @@ _failures: dict[str, int] = {}
 
 
 def _record(event, ctx, out: str) -> None:
-    line = f"{ctx.member} {event.id} {ctx.seq} {ctx.partition} {int(ctx.redelivered)} {ctx.attempt}\n"
+    line = f"{ctx.member} {event.id} {ctx.seq} {ctx.partition} {int(ctx.redelivered)} {ctx.attempt}"
+    tag = ctx.options.get("tag")
+    line += f" {tag}\n" if tag else "\n"  # the config the member runs (a reload changes it)
     fd = os.open(os.path.join(out, f"handled-{ctx.member}.log"), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         os.write(fd, line.encode())
@@ -18,8 +20,11 @@ def _record(event, ctx, out: str) -> None:
 
 
 def record(event, ctx) -> None:
-    """Append one line per handled event; options: out (dir), sleep (s), fail_first (n)."""
+    """Append one line per handled event; options: out (dir), sleep (s), fail_first (n),
+    tag (written on each line), debug (also log a debug line per event)."""
     opts = ctx.options
+    if opts.get("debug"):
+        ctx.log.debug("recorder_debug_line", event_id=event.id)
     fail_first = int(opts.get("fail_first", 0))
     if fail_first and _failures.get(event.id, 0) < fail_first:
         _failures[event.id] = _failures.get(event.id, 0) + 1
@@ -43,9 +48,19 @@ def read_handled(out: str) -> list[tuple[str, str, int, int, int, int]]:
         if name.startswith("handled-"):
             with open(os.path.join(out, name)) as f:
                 for line in f:
-                    parts = line.split()
+                    parts = line.split()[:6]  # (a 7th: the tag, see read_tags)
                     if len(parts) == 6:
                         rows.append((parts[0], parts[1], int(parts[2]), int(parts[3]), int(parts[4]), int(parts[5])))
+    return rows
+
+
+def read_tags(out: str) -> list[tuple[str, str, str]]:
+    """(member, event id, tag) of every line that has a tag."""
+    rows = []
+    for name in sorted(os.listdir(out)):
+        if name.startswith("handled-"):
+            with open(os.path.join(out, name)) as f:
+                rows += [(p[0], p[1], p[6]) for p in (line.split() for line in f) if len(p) == 7]
     return rows
 
 

@@ -399,7 +399,8 @@ def test_f17_black_boxes_are_unmapped_and_deleted_when_their_child_ends_for_good
         child.box = launcher._new_box(child)
         boxes.append(child.box.path)
         launcher.children[name] = child
-    # g-1 scaled away: its process ends
+    # g-1 scaled away (the group down to 1): its process ends
+    launcher.scale["g"] = 1
     g1 = launcher.children["g-1"]
     g1.process = multiprocessing.get_context("fork").Process(target=os._exit, args=(0,))
     g1.process.start()
