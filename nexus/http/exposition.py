@@ -82,7 +82,11 @@ def launcher_snapshot(status: dict) -> dict:
     desired: dict[str, int] = {}
     running: dict[str, int] = {}
     for proc in status.get("processes") or []:
-        labels = {"name": str(proc.get("name", "")), "role": str(proc.get("role", "")), "group": proc.get("group") or ""}
+        labels = {
+            "name": str(proc.get("name", "")),
+            "role": str(proc.get("role", "")),
+            "group": str(proc.get("group") or ""),
+        }
         up = proc.get("state") == "running"
         gauges[names.PROCESS_UP].append([labels, 1.0 if up else 0.0])
         counters[names.PROCESS_RESTARTS].append([labels, float(proc.get("restarts") or 0)])
