@@ -10,8 +10,10 @@ observation by one, never tear it). prometheus_client renders the merged snapsho
 the launcher's HTTP process (nexus/http/exposition.py).
 
 Label values a producer controls (an event's type and source) are capped: past `CAP`
-distinct values per label of a metric, new ones count under "other", so a producer
-cannot grow the router's memory or the scrape without bound.
+distinct values per label of a metric, new ones count under "other"; and past
+`SERIES_CAP` label tuples (200 types x 200 sources would still be 40,000), every capped
+label of a new tuple reads "other". So a producer cannot grow the router's memory or the
+scrape without bound.
 
 Values kept elsewhere (a journal's size, a stream's lag, counts a component keeps for
 `nexus status`) are read when a snapshot is taken, by the callbacks given to
@@ -25,6 +27,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 CAP = 200  # distinct values per capped label of a metric
+SERIES_CAP = 2000  # label tuples of a metric with capped labels; past it they all read OTHER
 OTHER = "other"
 
 Key = tuple[str, ...]
@@ -56,9 +59,12 @@ class Metric:
         if not self._capped:
             return key
         out = list(key)
+        full = len(self.values) >= SERIES_CAP
         for seen, i in zip(self._seen, self._capped, strict=True):
             value = out[i]
-            if value not in seen:
+            if full:
+                out[i] = OTHER
+            elif value not in seen:
                 if len(seen) >= CAP:
                     out[i] = OTHER
                 else:

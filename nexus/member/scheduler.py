@@ -105,9 +105,16 @@ class Scheduler:
         closed), else None once the turn is over (`st` is back on the heap if it has more)."""
         queue, heap, recent, clock = st.queue, self.heap, self.recent, time.perf_counter
         handle, prepare = self.handler.handle, self.handler.prepare
+        # metrics, inline: one clock read per call (the one the slice deadline needs anyway)
+        # ends a call and starts the next, so a call's time includes the few steps between
+        # two calls (dedup check, pop): well under its first bucket's bound
         d_cell, d_bounds = self.duration.cell(), self.duration.bounds
+        d_first = d_bounds[0]
         l_cell, l_bounds = self.latency.cell(), self.latency.bounds
-        wall = time.time() - clock()  # perf_counter -> unix time, for the event latency
+        l_edges = (0.0, *l_bounds, float("inf"))  # bucket i holds (l_edges[i], l_edges[i + 1]]
+        l_i, l_lo, l_hi = 0, 0.0, 0.0  # the last event's latency bucket: the next one's, mostly
+        now = clock()
+        wall = time.time() - now  # perf_counter -> unix time, for the event latency
         # the black box's slot 0 (sync calls run one at a time): the partition is written
         # once per run (no call is marked then: seq word 0), the seq word per call
         words = self.box.words if self.box is not None else None
@@ -120,6 +127,7 @@ class Scheduler:
                 seq, w = queue[0]
                 if w.id in recent:
                     self._drop_duplicate(seq, w)
+                    now = clock()
                 else:
                     st.busy = True
                     ctx: Context | None = None
@@ -128,20 +136,24 @@ class Scheduler:
                     self.call_stream = st  # the watchdog times this call
                     self.calls += 1
                     error: BaseException | None
-                    started = clock()
+                    started = now
                     try:
                         event, ctx = prepare(st, seq, w)
                         handle(event, ctx)
                         error = None
                     except Exception as exc:
                         error = exc
-                    took = clock() - started
+                    now = clock()
                     self.call_stream = None
-                    d_cell[bisect_left(d_bounds, took)] += 1
+                    took = now - started
+                    d_cell[0 if took <= d_first else bisect_left(d_bounds, took)] += 1  # (most: the first)
                     d_cell[-1] += took
                     late = started + wall - w.time
-                    late = late if late > 0.0 else 0.0  # (a producer's clock ahead of ours)
-                    l_cell[bisect_left(l_bounds, late)] += 1
+                    if not l_lo < late <= l_hi:  # (consecutive events mostly waited alike)
+                        late = late if late > 0.0 else 0.0  # (a producer's clock ahead of ours)
+                        l_i = bisect_left(l_bounds, late)
+                        l_lo, l_hi = l_edges[l_i], l_edges[l_i + 1]
+                    l_cell[l_i] += 1
                     l_cell[-1] += late
                     if words is not None:
                         words[SLOT0_SEQ] = 0
@@ -157,7 +169,7 @@ class Scheduler:
                     if not st.revoked:
                         self.ready(st)
                     return None
-                if clock() > deadline:
+                if now > deadline:
                     self.ready(st)
                     return None
                 if heap:

@@ -4,8 +4,10 @@ prometheus_client's own parser."""
 
 from __future__ import annotations
 
+import asyncio
 import math
 import re
+import time
 from pathlib import Path
 
 import msgspec
@@ -15,11 +17,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from nexus import config
 from nexus.common import metricnames as names
-from nexus.common.metrics import CAP, OTHER, Registry
+from nexus.common.metrics import CAP, OTHER, SERIES_CAP, Registry
 from nexus.config import RateLimits
 from nexus.http import exposition
 from nexus.protocol.events import Contracts, Event, encode, new_id
-from nexus.protocol.wire import ProducerBatch, encoder
+from nexus.protocol.wire import Assign, Delivery, ProducerBatch, Records, encoder, topic
 from nexus.router.intake import Intake
 from nexus.router.ratelimit import RateLimiter
 
@@ -84,6 +86,18 @@ def test_capped_labels_count_past_the_cap_under_other():
     assert values[("contract", "t.0")] == 2 and values[("rate", "t.0")] == 1
     assert values[("rate", OTHER)] == 1
     assert reg.snapshot()["counters"]["events_total"] == reg.snapshot()["counters"]["events_total"]
+
+
+def test_label_tuples_past_the_series_cap_read_other():
+    reg = Registry()
+    c = reg.counter("accepted_total", ("type", "source"), capped=("type", "source"))
+    for t in range(100):
+        for src in range(100):  # each value under CAP, but 10,000 tuples
+            c.inc((f"t.{t}", f"s{src}"))
+    values = dict(c.values)
+    assert len(values) == SERIES_CAP + 1
+    assert values[(OTHER, OTHER)] == 100 * 100 - SERIES_CAP
+    assert values[("t.0", "s0")] == 1  # an old tuple still counts as itself
 
 
 def test_wrong_label_count_and_double_registration_are_errors():
@@ -220,3 +234,62 @@ def test_operations_doc_lists_every_metric():
     section = text.split("## Metrics", 1)[1].split("\n## ", 1)[0]
     listed = set(re.findall(r"`(nexus_[a-z_]+)", section))
     assert listed >= set(names.CATALOGUE), sorted(set(names.CATALOGUE) - listed)
+
+
+class _Coord:
+    def send(self, data: bytes):
+        done = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        return done
+
+
+class _Sub:
+    def setsockopt(self, *args) -> None:
+        pass
+
+
+class _Heartbeat:
+    started = True
+
+
+def test_member_histograms_put_each_call_in_its_bucket(tmp_path):
+    """Sync dispatch observes inline (with a cached latency bucket): events that waited
+    ~20 s, ~0 s and "-100 s" (a producer clock ahead: counted as 0), interleaved."""
+    from nexus.member.runtime import Member
+
+    cfg = config.load(write_config(tmp_path, workers={"g": {"handler": "x:y", "subscribe": ["test.*"]}}))
+    member = Member(cfg, "g", "g-1", handle=lambda event, ctx: None)
+    loop = asyncio.new_event_loop()
+    member.loop = loop
+    member.coord, member.sub, member.heartbeat = _Coord(), _Sub(), _Heartbeat()  # type: ignore[assignment]
+    now = time.time()
+    ages = [20.0] * 5 + [0.0] * 5 + [-100.0] * 3 + [20.0] * 2 + [0.0]
+    raws = [
+        msgspec.Raw(encode(Event(type="test.a", source="s", payload={}, id=new_id(), time=now - age))) for age in ages
+    ]
+    frame = encoder.encode(Delivery(0, list(range(1, len(raws) + 1)), raws))
+
+    async def run():
+        member._on_assign(Assign(group="g", partitions=[0], grants={0: 0}))
+        member._on_records(Records(group="g", partition=0, after=0, upto=0, seqs=[], events=[]))
+        dispatcher = asyncio.ensure_future(member._dispatcher())
+        member._on_delivery([topic("g", 0), frame])
+        while member.partitions.queued:
+            await asyncio.sleep(0)
+        dispatcher.cancel()
+        await asyncio.gather(dispatcher, return_exceptions=True)
+
+    try:
+        loop.run_until_complete(run())
+    finally:
+        loop.close()
+    hist = dict(member.telemetry.snapshot()["histograms"])
+    [[_, latency]] = hist[names.EVENT_LATENCY]
+    per_bucket = dict(latency["buckets"])
+    assert latency["count"] == len(ages) == member.scheduler.handled
+    assert per_bucket[0.001] >= 3  # the clamped ones, at 0
+    assert per_bucket[10.0] == 6 + 3  # the recent ones and the clamped
+    assert per_bucket[30.0] - per_bucket[10.0] == 7  # the ones 20 s old
+    assert 7 * 20 <= latency["sum"] < 7 * 20 + 5  # the clamped ones add 0, not -100
+    [[_, duration]] = hist[names.HANDLER_DURATION]
+    assert duration["count"] == len(ages) and duration["buckets"][-1][1] == len(ages)
