@@ -6,6 +6,8 @@
     python -m bench.pipeline --rate 50000 --duration 300 --retain 30s --no-baselines   # RSS growth
     python -m bench.pipeline --json                        # machine-readable summary on stdout
     python -m bench.pipeline --curve --mode confirm --no-baselines   # tcp with CURVE against tcp without
+    python -m bench.pipeline --scrape-metrics --no-baselines   # with a metrics scrape every second
+    python -m bench.pipeline --scrape-metrics=both --repeat 3 --no-baselines   # runs without and with, alternating
 
 For one run it reports events/s end to end (first send to last handler start),
 latency (producer send -> handler start) p50/p99/p999, CPU and peak RSS of the
@@ -41,6 +43,7 @@ from nexus.producer.outbox import MAX_BATCH_EVENTS
 from nexus.testing import LaunchedPipeline, free_port
 
 from . import baselines
+from .scrape import Scraper
 
 REPO = str(Path(__file__).resolve().parent.parent)
 EVENT_TYPE = "bench.event"
@@ -302,6 +305,7 @@ def run_nexus(args) -> dict:
     mp = multiprocessing.get_context("spawn")
     prods: list = []
     profilers: list[subprocess.Popen] = []
+    scraper: Scraper | None = None
     summary: dict = {"config": str(config_path) if args.keep else None}
     try:
         t_spawn = time.monotonic()
@@ -360,6 +364,8 @@ def run_nexus(args) -> dict:
             else:
                 raise RuntimeError(msg.get("error") or f"unexpected producer message {msg}")
         sampler = Sampler(pids, args.sample_interval).start()
+        if args.scrape_metrics == "on":
+            scraper = Scraper(pipeline.cfg).start()
         if args.profile:
             profilers = start_profilers(args, {**pids, "producer0": prods[0].pid}, tmp)
         t_go = time.time()
@@ -402,6 +408,9 @@ def run_nexus(args) -> dict:
         t_done = time.time()
         drained = not any(e.startswith(("drain timeout", "handlers stalled")) for e in errors)
         sampler.stop()
+        if scraper is not None:
+            summary["scrape"] = scraper.stop()
+            scraper = None
         for prof in profilers:
             try:
                 prof.wait(max(5.0, args.profile_seconds + 10))
@@ -423,6 +432,8 @@ def run_nexus(args) -> dict:
             summary["profiles"] = sorted(str(p) for p in Path(args.profile).glob("*"))
         return summary
     finally:
+        if scraper is not None:
+            scraper.stop()
         for prof in profilers:
             if prof.poll() is None:
                 prof.terminate()
@@ -617,6 +628,12 @@ def print_table(args, summary: dict) -> None:
         )
     if nx.get("restarts"):
         p(f"  restarts       {nx['restarts']}")
+    sc = nx.get("scrape")
+    if sc:
+        p(
+            f"  metrics        {sc['scrapes']} scrapes (1/s): mean {sc['mean_ms']} ms, max {sc['max_ms']} ms, "
+            f"{sc['bytes']:,} bytes {'; errors: ' + '; '.join(sc['errors']) if sc['errors'] else ''}"
+        )
     for e in nx.get("errors", []):
         p(f"  ERROR          {e}")
     if summary.get("nexus_runs"):
@@ -700,6 +717,15 @@ def parse_args(argv=None):
     ap.add_argument("--profile-format", default="raw", choices=("raw", "flamegraph", "speedscope"))
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (config, journal, logs)")
     ap.add_argument(
+        "--scrape-metrics",
+        nargs="?",
+        const="on",
+        default="",
+        choices=("on", "both"),
+        help="scrape the pipeline's metrics every second during the run (request, merge, render); "
+        "=both: runs without and with scraping, alternating (--repeat rounds), then both figures",
+    )
+    ap.add_argument(
         "--repeat",
         type=int,
         default=1,
@@ -777,6 +803,8 @@ def main(argv=None) -> int:
 
 
 def _main(args) -> int:
+    if args.scrape_metrics == "both":
+        return _scrape_both(args)
     if not args.curve:
         return _one(args)
     # the same run: tcp without CURVE, then with it; then both figures side by side
@@ -789,6 +817,28 @@ def _main(args) -> int:
     print(
         f"CURVE on/off: events/s {on['events_per_s']:,.0f} / {off['events_per_s']:,.0f} "
         f"({on['events_per_s'] / max(off['events_per_s'], 1):.2f}x); latency p99 ms {on['p99']} / {off['p99']}"
+    )
+    return code
+
+
+def _scrape_both(args) -> int:
+    """Runs without and with a metrics scrape every second, alternating (so a change in the
+    host's load lands on both), then the medians side by side."""
+    rounds, args.repeat = args.repeat, 1
+    figures: dict[str, list[dict]] = {"off": [], "on": []}
+    code = 0
+    for i in range(rounds):
+        for variant in ("off", "on"):
+            args.scrape_metrics = "on" if variant == "on" else ""
+            print(f"== round {i + 1}: scraping {variant} ==", flush=True)
+            figures[variant].append(got := {})
+            code |= _one(args, got)
+    med = {v: sorted(f["events_per_s"] for f in runs)[len(runs) // 2] for v, runs in figures.items()}
+    print(
+        f"metrics scraped 1/s vs not: events/s median {med['on']:,.0f} / {med['off']:,.0f} "
+        f"({med['on'] / max(med['off'], 1):.3f}x); all on {[f['events_per_s'] for f in figures['on']]} "
+        f"off {[f['events_per_s'] for f in figures['off']]}; p99 ms on {[f['p99'] for f in figures['on']]} "
+        f"off {[f['p99'] for f in figures['off']]}"
     )
     return code
 

@@ -73,6 +73,7 @@ class Fetcher:
         self.event_bytes = 0.0  # average bytes per event lately: the byte budget's unit
         self.bad_deliveries = 0  # live deliveries that did not decode (fetched instead)
         self.bad_events = 0  # undecodable journal events skipped (never from a sound router)
+        self.gap_repairs = 0  # fetches for a stream behind what the router published
         self._wanted: list[FetchRequest] = []
 
     # -- entry points --------------------------------------------------------------------------
@@ -87,6 +88,7 @@ class Fetcher:
         for p, head in heads.items():
             st = streams.get(p)
             if st is not None and head > st.watermark and not st.fetching and not st.revoked:
+                self.gap_repairs += 1  # the live stream missed its tail
                 self._fetch(st)
         return self._take()
 
@@ -191,6 +193,7 @@ class Fetcher:
         if d.seqs[-1] <= st.watermark:
             return False
         if st.needs_fetch(d.prev):
+            self.gap_repairs += 1
             st.buffer(frame)
             self._fetch(st)
             return False

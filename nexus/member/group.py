@@ -68,8 +68,8 @@ class GroupClient:
             Join(group=self.group, member=self.member, host=socket.gethostname(), pid=os.getpid(), holding=holding)
         )
 
-    def heartbeat(self, stats: dict) -> bytes:
-        return encoder.encode(Heartbeat(group=self.group, member=self.member, stats=stats))
+    def heartbeat(self, stats: dict, metrics: dict | None = None) -> bytes:
+        return encoder.encode(Heartbeat(group=self.group, member=self.member, stats=stats, metrics=metrics or {}))
 
     def fetch(self, partition: int, after: int, limit: int) -> bytes:
         return encoder.encode(

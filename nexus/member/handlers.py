@@ -53,6 +53,7 @@ class Handler:
         self.options = options  # the group's `options` from config, as ctx.options
         self.log = log
         self.emit = emit
+        self.redeliveries = 0  # calls handed ctx.redelivered (a metric)
 
     def prepare(self, st: PartitionStream, seq: int, w: WireEvent) -> tuple[Event, Context]:
         """The Event and Context of a call on `st`'s event `seq`. A payload that does not
@@ -64,11 +65,14 @@ class Handler:
             # the same decode again, for the EventError with its reason (handled as a failure)
             payload = self.contracts.decode_payload(w.type, w.v, w.payload)
         event = Event(w.type, w.source, payload, w.id, w.time, w.key, w.priority, w.correlation_id, w.v)
+        redelivered = st.attempt > 1 or seq <= st.redelivered_upto
+        if redelivered:
+            self.redeliveries += 1
         ctx = Context(
             self.group,
             self.member,
             st.attempt,
-            st.attempt > 1 or seq <= st.redelivered_upto,
+            redelivered,
             seq,
             st.partition,
             self.options,

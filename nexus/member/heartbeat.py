@@ -27,6 +27,7 @@ class HeartbeatThread:
         on_message: Callable[[Coord], None],
         stats: Callable[[], dict] = dict,
         curve: ClientKeys | None = None,
+        metrics: Callable[[], dict] = dict,
     ):
         self.endpoint = endpoint
         self.curve = curve
@@ -34,6 +35,7 @@ class HeartbeatThread:
         self.interval = interval
         self.on_message = on_message
         self.stats = stats  # the member's counters, sent with each beat (for `nexus status`)
+        self.metrics = metrics  # its metrics snapshot, sent with each beat (for scrapes)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="nexus-heartbeat", daemon=True)
 
@@ -56,7 +58,7 @@ class HeartbeatThread:
         )
         try:
             while not self._stop.is_set():
-                sock.send(self.client.heartbeat(self.stats()))
+                sock.send(self.client.heartbeat(self.stats(), self.metrics()))
                 if sock.poll(int(self.interval * 1000)):
                     while sock.poll(0):
                         msg = self.client.read(sock.recv())

@@ -40,6 +40,7 @@ class OutcomePolicy:
         self.client = client
         self.log = log
         self.failed = 0  # failed calls, retried or not
+        self.retried = 0  # failed calls to be tried again
         self.dead_lettered = 0  # confirmed stored by the router
 
     @property
@@ -87,6 +88,7 @@ class OutcomePolicy:
         )
         st.attempt += 1
         st.waiting = True
+        self.retried += 1
         return Verdict("retry", delay)
 
     def _breaker_outcome(self, error: BaseException | None) -> None:

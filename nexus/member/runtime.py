@@ -46,6 +46,7 @@ from nexus.member.outcomes import OutcomePolicy
 from nexus.member.partitions import Partitions
 from nexus.member.scheduler import SLICE, Scheduler
 from nexus.member.stream import PartitionStream
+from nexus.member.telemetry import MemberTelemetry
 from nexus.member.watchdog import Liveness, Watchdog
 from nexus.producer.client import Producer
 from nexus.protocol import transport
@@ -137,6 +138,7 @@ class Member:
         self.breaker = CircuitBreaker(b.failures, b.window, b.reset)
         self.outcomes = OutcomePolicy(spec.retry, self.breaker, self.client, self.log)
         self.followups = FollowUps()
+        self.telemetry = MemberTelemetry(self.scheduler, self.outcomes, self.fetcher, self.handler, self.breaker)
         self.limits = RecycleLimits(spec.max_events, spec.max_rss, self.log)
         # misbehaving handlers (see docs/failure-modes-member.md)
         self.live = Liveness(stop_grace=max(config.shutdown_timeout - 2.0, config.shutdown_timeout * 0.5))
@@ -178,6 +180,7 @@ class Member:
             self._on_pulse_threadsafe,
             stats=self.stats,
             curve=self.curve,
+            metrics=self.telemetry.snapshot,
         )
         self.watchdog = Watchdog(
             self.scheduler,

@@ -20,9 +20,12 @@ from __future__ import annotations
 import asyncio
 import heapq
 import time
+from bisect import bisect_left
 from typing import Any
 
+from nexus.common import metricnames as names
 from nexus.common.blackbox import SLOT0_PARTITION, SLOT0_SEQ, BlackBox
+from nexus.common.metrics import HANDLER_BUCKETS, LATENCY_BUCKETS, Histogram
 from nexus.member.context import Context
 from nexus.member.handlers import Handler
 from nexus.member.partitions import Partitions
@@ -65,6 +68,10 @@ class Scheduler:
         # the sync call running now, and a count of them: the watchdog's clock
         self.call_stream: PartitionStream | None = None
         self.calls = 0
+        # metrics (the member's registry holds them): per call, observed inline (a bisect
+        # and two adds each) on the two clock reads of the call
+        self.duration = Histogram(names.HANDLER_DURATION, HANDLER_BUCKETS)
+        self.latency = Histogram(names.EVENT_LATENCY, LATENCY_BUCKETS)
 
     def ready(self, st: PartitionStream) -> None:
         """`st` may have a head to run: on the heap with it, if it is free to run."""
@@ -98,6 +105,16 @@ class Scheduler:
         closed), else None once the turn is over (`st` is back on the heap if it has more)."""
         queue, heap, recent, clock = st.queue, self.heap, self.recent, time.perf_counter
         handle, prepare = self.handler.handle, self.handler.prepare
+        # metrics, inline: one clock read per call (the one the slice deadline needs anyway)
+        # ends a call and starts the next, so a call's time includes the few steps between
+        # two calls (dedup check, pop): well under its first bucket's bound
+        d_cell, d_bounds = self.duration.cell(), self.duration.bounds
+        d_first = d_bounds[0]
+        l_cell, l_bounds = self.latency.cell(), self.latency.bounds
+        l_edges = (0.0, *l_bounds, float("inf"))  # bucket i holds (l_edges[i], l_edges[i + 1]]
+        l_i, l_lo, l_hi = 0, 0.0, 0.0  # the last event's latency bucket: the next one's, mostly
+        now = clock()
+        wall = time.time() - now  # perf_counter -> unix time, for the event latency
         # the black box's slot 0 (sync calls run one at a time): the partition is written
         # once per run (no call is marked then: seq word 0), the seq word per call
         words = self.box.words if self.box is not None else None
@@ -110,6 +127,7 @@ class Scheduler:
                 seq, w = queue[0]
                 if w.id in recent:
                     self._drop_duplicate(seq, w)
+                    now = clock()
                 else:
                     st.busy = True
                     ctx: Context | None = None
@@ -118,13 +136,25 @@ class Scheduler:
                     self.call_stream = st  # the watchdog times this call
                     self.calls += 1
                     error: BaseException | None
+                    started = now
                     try:
                         event, ctx = prepare(st, seq, w)
                         handle(event, ctx)
                         error = None
                     except Exception as exc:
                         error = exc
+                    now = clock()
                     self.call_stream = None
+                    took = now - started
+                    d_cell[0 if took <= d_first else bisect_left(d_bounds, took)] += 1  # (most: the first)
+                    d_cell[-1] += took
+                    late = started + wall - w.time
+                    if not l_lo < late <= l_hi:  # (consecutive events mostly waited alike)
+                        late = late if late > 0.0 else 0.0  # (a producer's clock ahead of ours)
+                        l_i = bisect_left(l_bounds, late)
+                        l_lo, l_hi = l_edges[l_i], l_edges[l_i + 1]
+                    l_cell[l_i] += 1
+                    l_cell[-1] += late
                     if words is not None:
                         words[SLOT0_SEQ] = 0
                     if error is not None or every_outcome or (ctx is not None and ctx.emitted):
@@ -139,7 +169,7 @@ class Scheduler:
                     if not st.revoked:
                         self.ready(st)
                     return None
-                if clock() > deadline:
+                if now > deadline:
                     self.ready(st)
                     return None
                 if heap:
@@ -176,6 +206,8 @@ class Scheduler:
         slot = box.begin(st.partition, seq) if box is not None else -1
         ctx: Context | None = None
         error: BaseException | None
+        self.latency.observe(max(time.time() - w.time, 0.0))
+        started = time.perf_counter()
         try:
             event, ctx = self.handler.prepare(st, seq, w)
             await self.handler.handle(event, ctx)
@@ -196,6 +228,7 @@ class Scheduler:
             st.task = None
             if box is not None:
                 box.end(slot)
+            self.duration.observe(time.perf_counter() - started)
         self.active -= 1
         if self.active == SOLO:
             self.active = 0  # a suspect's wait or its lone run is over

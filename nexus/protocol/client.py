@@ -1,5 +1,5 @@
 """Typed request clients: `CoordClient` for the router's requests on `coord` (status,
-journal replay, dead letters, reload, a member's exit) and `ControlClient` for the
+journal replay, dead letters, reload, metrics, a member's exit) and `ControlClient` for the
 launcher's on `control` (status, scale, stop, reload).
 
 Each request is encoded, sent over a fresh DEALER, and its answer decoded into its
@@ -26,6 +26,7 @@ from nexus.protocol.wire import (
     DlqRequest,
     Error,
     MemberExited,
+    MetricsRequest,
     ReloadRequest,
     ReplayRequest,
     StatusRequest,
@@ -99,6 +100,11 @@ class CoordClient(_Client):
 
     def status(self, timeout: float | None = None) -> dict[str, Any]:
         return self.request(StatusRequest(), timeout)
+
+    def metrics(self, timeout: float | None = None) -> dict[str, Any]:
+        """{"router": snapshot, "members": {"GROUP/MEMBER": snapshot}} (nexus/common/metrics.py);
+        members that left are not in it. Cheap for the router: fine once a second."""
+        return self.request(MetricsRequest(), timeout)
 
     def replay(self, group: str, from_seq: int = 0, from_time: float = 0.0) -> dict[str, Any]:
         """Rewind `group` to `from_seq` (or to the first event at `from_time`)."""

@@ -55,6 +55,7 @@ _REFUSALS: dict[int, str] = {
 _MONITORED = (
     zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
 )
+_CONNECTIONS = zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED  # counted (the producers-connected metric)
 
 
 class GrantFile(Strict):
@@ -269,6 +270,7 @@ class Gatekeeper:
         self.forbidden: collections.Counter[str] = collections.Counter()  # requests, by what was asked
         self._zap = _Zap(ctx, keys)
         self._monitors: dict[zmq.Socket, zmq.Socket] = {}
+        self.connections: dict[zmq.Socket, int] = {}  # per watched socket: peers connected now
         self._unknown: collections.deque[str] = collections.deque(maxlen=16)  # fingerprints (ZAP thread)
         self._next_scan = 0.0
         self._logged: dict[str, tuple[float, int]] = {}  # reason -> (last line, count then)
@@ -295,11 +297,13 @@ class Gatekeeper:
 
     def watch(self, sock: zmq.Socket) -> None:
         """Count the handshakes `sock` refuses (call after the bind)."""
-        self._monitors[sock] = sock.get_monitor_socket(_MONITORED)
+        self._monitors[sock] = sock.get_monitor_socket(_MONITORED | _CONNECTIONS)
+        self.connections[sock] = 0
 
     def forget(self, sock: zmq.Socket) -> None:
         """Before `sock` is closed."""
         mon = self._monitors.pop(sock, None)
+        self.connections.pop(sock, None)
         if mon is not None:
             sock.disable_monitor()
             mon.close(0)
@@ -315,12 +319,18 @@ class Gatekeeper:
     def tick(self, now: float) -> set[str]:
         """From the owner's loop: count refusals, log them (rate-limited), re-scan the
         folder when due. The names revoked since the last scan."""
-        for mon in self._monitors.values():
+        for sock, mon in self._monitors.items():
             for _ in range(1000):
                 try:
                     event = parse_monitor_message(mon.recv_multipart(zmq.NOBLOCK))
                 except zmq.Again:
                     break
+                if event["event"] == zmq.EVENT_ACCEPTED:
+                    self.connections[sock] += 1
+                    continue
+                if event["event"] == zmq.EVENT_DISCONNECTED:
+                    self.connections[sock] = max(self.connections[sock] - 1, 0)
+                    continue
                 if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
                     reason = "unknown_key"
                 elif event["event"] == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:

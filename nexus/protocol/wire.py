@@ -76,6 +76,7 @@ class Heartbeat(Coord, tag="hb", frozen=True):
     group: str
     member: str
     stats: dict[str, int | float | str] = {}  # member counters and breaker state, for status
+    metrics: dict[str, Any] = {}  # the member's metrics snapshot (nexus/common/metrics.py), for scrapes
 
 
 class Ack(Coord, tag="ack", frozen=True):
@@ -109,6 +110,11 @@ class Fetch(Coord, tag="fetch", frozen=True):
 
 class StatusRequest(Coord, tag="status", frozen=True):
     pass
+
+
+class MetricsRequest(Coord, tag="metrics", frozen=True):
+    """Admin -> router: the router's metrics snapshot and its members' latest ones,
+    answered with Reply({"router": snapshot, "members": {"GROUP/MEMBER": snapshot}})."""
 
 
 class DeadLetter(Coord, tag="dead_letter", frozen=True):
@@ -218,6 +224,7 @@ CoordMessage = Union[  # noqa: UP007 - a long tagged union reads better one memb
     Leave,
     Fetch,
     StatusRequest,
+    MetricsRequest,
     DeadLetter,
     DeadLetterStored,
     MemberExited,

@@ -1,5 +1,5 @@
-"""Router requests from the CLI and the launcher (status, journal replay, dead letters,
-member exits, reload), kept apart from the router's hot path.
+"""Router requests from the CLI and the launcher (status, metrics, journal replay, dead
+letters, member exits, reload), kept apart from the router's hot path.
 
 Admin reaches the router only through `RouterSurface`: the router's parts (read, or
 used through their public methods) and four methods of the router's own: lag,
@@ -30,6 +30,7 @@ from nexus.protocol.wire import (
     DeadLetterStored,
     DlqRequest,
     MemberExited,
+    MetricsRequest,
     ReloadRequest,
     ReplayRequest,
     StatusRequest,
@@ -42,10 +43,11 @@ from nexus.router.flusher import Flusher
 from nexus.router.intake import Accepted, Intake
 from nexus.router.journal import Journal, encode_entries, entry_decoder
 from nexus.router.storage import StorageState
+from nexus.router.telemetry import RouterTelemetry
 
 log = structlog.get_logger("nexus.router")
 
-AdminRequest = StatusRequest | ReplayRequest | DlqRequest | ReloadRequest
+AdminRequest = StatusRequest | ReplayRequest | DlqRequest | ReloadRequest | MetricsRequest
 
 
 class RouterSurface(Protocol):
@@ -64,6 +66,8 @@ class RouterSurface(Protocol):
     dlq: DeadLetterStore  # the loop's connection: reads and operator purges
     dlq_writer: DeadLetterWriter  # the thread that stores dead letters
     member_stats: dict[tuple[str, str], dict]
+    member_metrics: dict[tuple[str, str], dict]  # each member's last metrics snapshot (heartbeats)
+    telemetry: RouterTelemetry
     tail_subscribers: int
     cursor_past_end: list[dict]
     gatekeeper: Gatekeeper | None  # CURVE on: its keys and refusal counts
@@ -93,6 +97,8 @@ def _handle(router: RouterSurface, msg: AdminRequest) -> dict:
         return dlq(router, msg)
     if isinstance(msg, ReloadRequest):
         return reload(router, msg.config)
+    if isinstance(msg, MetricsRequest):
+        return metrics(router)
     return {"error": f"unsupported request {type(msg).__name__}"}
 
 
@@ -138,6 +144,19 @@ def status(router: RouterSurface) -> dict:
         },
         "groups": groups,
     }
+
+
+def metrics(router: RouterSurface) -> dict:
+    """The router's snapshot and each current member's last one (from its heartbeats):
+    a member that left (or was dropped) is forgotten here, so its series end."""
+    members = {}
+    current = {(name, m) for name, g in router.coordinator.groups.items() for m in g.members}
+    for key in list(router.member_metrics):
+        if key in current:
+            members[f"{key[0]}/{key[1]}"] = router.member_metrics[key]
+        else:
+            del router.member_metrics[key]
+    return {"router": router.telemetry.snapshot(), "members": members}
 
 
 def recovering_status(router: RouterSurface) -> dict:

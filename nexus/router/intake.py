@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 import msgspec
 
+from nexus.common import metricnames as names
+from nexus.common.metrics import Counter
 from nexus.errors import EventError
 from nexus.protocol.events import CONTROL_RE, DECODE_ERRORS, TYPE_RE, Contracts, WireEvent, printable
 from nexus.protocol.gatekeeper import Grant
@@ -35,6 +37,7 @@ class Accepted:
     khashes: list[int] = field(default_factory=list)
     events: list[msgspec.Raw] = field(default_factory=list)
     bodies: list[bytes] = field(default_factory=list)
+    counts: dict[tuple[str, str], int] = field(default_factory=dict)  # (type, source) -> events
 
 
 @dataclass
@@ -64,6 +67,9 @@ class Intake:
         self._plain_types: set[tuple[str, int]] = set()
         self._good_sources: set[str] = set()  # sources without control characters
         self.duplicates_total = 0
+        # metrics (the router's registry holds them): accepted is counted once journaled
+        self.accepted_by = Counter(names.ACCEPTED, ("type", "source"), capped=("type", "source"))
+        self.rejected_by = Counter(names.REJECTED, ("reason", "type", "source"), capped=("type", "source"))
 
     # -- dedup state -----------------------------------------------------------
     def remember(self, producer: str, pseq: int) -> None:
@@ -89,8 +95,9 @@ class Intake:
             self.owners.popitem(last=False)
 
     # -- intake ------------------------------------------------------------------
-    def _reject(self, category: str, detail: str, source: str = "", event_id: str = "") -> None:
+    def _reject(self, category: str, detail: str, source: str = "", event_id: str = "", type_: str = "") -> None:
         self.rejected[category] += 1
+        self.rejected_by.inc((category, type_, source))
         self.reject_log.append(
             {
                 "time": time.time(),
@@ -172,6 +179,11 @@ class Intake:
         controls = CONTROL_RE.search
         types, khashes, accepted = acc.types, acc.khashes, acc.events
         pseqs: list[int] = []
+        # accepted per (type, source) for the metrics, counted in runs: a batch is mostly
+        # one type from one source, so per event this is two string compares, no dict
+        counts = acc.counts
+        run_type = run_source = ""
+        run = 0
         for i in range(max(skip, 0), len(events)):
             raw = events[i]
             if len(raw) > max_bytes:
@@ -193,27 +205,29 @@ class Intake:
             source = ev.source
             if source not in good_sources:
                 if controls(source) is not None:
-                    self._nack(out, producer, first + i, "malformed", _CONTROLS + "$.source`")
+                    self._nack(out, producer, first + i, "malformed", _CONTROLS + "$.source`", type_=type_)
                     continue
                 if len(good_sources) >= KEY_CACHE:
                     good_sources.clear()
                 good_sources.add(source)
             if grant is not None and not grant.may_send(source, type_):
                 detail = f"key {grant.name} may not send {type_} from source {source}"
-                self._nack(out, producer, first + i, "forbidden", detail, source, ev.id)
+                self._nack(out, producer, first + i, "forbidden", detail, source, ev.id, type_=type_)
                 continue
             key = ev.key
             if key is not None and key not in khash_of and controls(key) is not None:
-                self._nack(out, producer, first + i, "malformed", _CONTROLS + "$.key`", source, ev.id)
+                self._nack(out, producer, first + i, "malformed", _CONTROLS + "$.key`", source, ev.id, type_=type_)
                 continue
             if ev.correlation_id is not None and controls(ev.correlation_id) is not None:
-                self._nack(out, producer, first + i, "malformed", _CONTROLS + "$.correlation_id`", source, ev.id)
+                self._nack(
+                    out, producer, first + i, "malformed", _CONTROLS + "$.correlation_id`", source, ev.id, type_=type_
+                )
                 continue
             if (type_, ev.v) not in plain:
                 try:
                     check_payload(type_, ev.v, ev.payload)
                 except EventError as exc:
-                    self._nack(out, producer, first + i, self._category(ev), str(exc), ev.source, ev.id)
+                    self._nack(out, producer, first + i, self._category(ev), str(exc), ev.source, ev.id, type_=type_)
                     continue
                 if self.contracts.struct_for(type_, ev.v) is None and len(plain) < 10_000:
                     plain.add((type_, ev.v))  # allowed untyped: the same answer every time
@@ -229,6 +243,7 @@ class Intake:
                         ev.source,
                         ev.id,
                         wait,
+                        type_=type_,
                     )
                     continue
             key = partition_key(key, source)
@@ -242,6 +257,13 @@ class Intake:
             khashes.append(khash)
             accepted.append(raw)
             pseqs.append(first + i)
+            if type_ != run_type or source != run_source:
+                if run:
+                    counts[(run_type, run_source)] = counts.get((run_type, run_source), 0) + run
+                run_type, run_source, run = type_, source, 0
+            run += 1
+        if run:
+            counts[(run_type, run_source)] = counts.get((run_type, run_source), 0) + run
         if accepted:
             acc.bodies = encode_entries(types, khashes, accepted, wall, producer=producer, pseqs=pseqs)
         if events:
@@ -252,6 +274,31 @@ class Intake:
             self.remember(producer, out.ack)
         self.accepted_total += len(acc.events)
         return out
+
+    def count_rejected(self, reason: str) -> None:
+        """A message refused before intake could read it (bad frames, an internal error)."""
+        self.rejected[reason] += 1
+        self.rejected_by.inc((reason, "", ""))
+
+    def journaled(self, accepted: list[Accepted]) -> None:
+        """These accepted events are in the journal now: count them (per batch)."""
+        inc = self.accepted_by.inc
+        for acc in accepted:
+            for key, n in acc.counts.items():
+                inc(key, n)
+
+    def storage_refused(self, accepted: list[Accepted], reason: str, detail: str) -> None:
+        """The journal refused these accepted events: rejected with `reason` after all."""
+        n = 0
+        for acc in accepted:
+            n += len(acc.bodies)
+            for (type_, source), k in acc.counts.items():
+                self.rejected_by.inc((reason, type_, source), k)
+        self.accepted_total -= n
+        self.rejected[reason] += n
+        self.reject_log.append(
+            {"time": time.time(), "reason": reason, "detail": detail[:300], "source": "", "id": "", "events": n}
+        )
 
     def _gap(self, producer: str, first: int, high: int, n: int) -> Outcome:
         """Seqs before `first` never arrived (a lost batch, or numbering the router never
@@ -279,8 +326,9 @@ class Intake:
         source: str = "",
         event_id: str = "",
         retry_after: float = 0.0,
+        type_: str = "",
     ) -> None:
-        self._reject(category, detail, source, event_id)
+        self._reject(category, detail, source, event_id, type_)
         nack = Nack(pseq, f"{category}: {detail}", retry_after)
         out.nacks.append(nack)
         if producer:

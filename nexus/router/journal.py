@@ -26,7 +26,9 @@ from typing import Any, overload
 import msgspec
 import structlog
 
+from nexus.common import metricnames as names
 from nexus.common import private
+from nexus.common.metrics import DISK_BUCKETS, FAST_BUCKETS, Histogram
 from nexus.router.segments import (
     CHUNK,
     HEADER,
@@ -127,6 +129,10 @@ class Journal:
         self._retired: collections.deque[int] = collections.deque()  # fds sync() fsyncs and closes
         self.recovery = Recovery()
         self._kept_tail = 0  # highest seq a damaged, uncut tail could hold
+        # metrics (the router's registry holds them); fsyncs are timed in any thread
+        self.append_seconds = Histogram(names.JOURNAL_APPEND, FAST_BUCKETS)
+        self.fsync_seconds = Histogram(names.JOURNAL_FSYNC, DISK_BUCKETS)
+        self.fsync_seconds.cell()  # its one series exists before the flusher thread observes
 
     # -- open and recover ----------------------------------------------------
     def open(self, on_record: Callable[[int, memoryview], None] | None = None) -> Recovery:
@@ -236,7 +242,7 @@ class Journal:
             if self._wfd is not None:
                 if self._dirty:
                     try:
-                        os.fsync(self._wfd)
+                        self._fsync(self._wfd)
                         self._dirty = False
                     except OSError as exc:
                         # the old segment is not durable: never hide it (review #9); it stays
@@ -272,6 +278,7 @@ class Journal:
         and StorageError is raised."""
         if not bodies:
             return self.last_seq + 1
+        started = time.perf_counter()
         seg = self.segments[-1]
         if self._undo_pending:
             self._undo(seg)
@@ -309,7 +316,7 @@ class Journal:
                 written += os.write(wfd, view[written:])
             if self.fsync_policy == "always":
                 with self._fd_lock:
-                    os.fsync(wfd)
+                    self._fsync(wfd)
         except OSError as exc:
             del seg.index_seqs[index_mark:], seg.index_offsets[index_mark:]
             self._undo(seg)
@@ -320,7 +327,14 @@ class Journal:
         self.last_seq = seq - 1
         if self.fsync_policy != "always":
             self._dirty = True
+        self.append_seconds.observe(time.perf_counter() - started)
         return first
+
+    def _fsync(self, fd: int) -> None:
+        """os.fsync, timed (nexus_journal_fsync_seconds)."""
+        started = time.perf_counter()
+        os.fsync(fd)
+        self.fsync_seconds.observe(time.perf_counter() - started)
 
     def _write_fd(self) -> int:
         """The last segment's write fd (open() made it; close() is the end of writing)."""
@@ -340,12 +354,12 @@ class Journal:
     def sync(self) -> None:
         with self._fd_lock:
             while self._retired:  # old segments handed over at rotation
-                os.fsync(self._retired[0])  # raises: kept and tried again
+                self._fsync(self._retired[0])  # raises: kept and tried again
                 os.close(self._retired.popleft())
             if self._dirty and self._wfd is not None:
                 self._dirty = False  # before the fsync: an append meanwhile sets it again
                 try:
-                    os.fsync(self._wfd)
+                    self._fsync(self._wfd)
                 except OSError:
                     self._dirty = True  # still not durable: the next sync tries again
                     raise

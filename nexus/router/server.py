@@ -40,6 +40,7 @@ from nexus.protocol.wire import (
     Join,
     Leave,
     MemberExited,
+    MetricsRequest,
     ProducerReply,
     Pulse,
     Records,
@@ -54,6 +55,7 @@ from nexus.protocol.wire import (
 )
 from nexus.router import admin, livegroups
 from nexus.router.backlog import Backlog
+from nexus.router.connections import Connections
 from nexus.router.coordinator import Coordinator, Group
 from nexus.router.cursors import CursorStore
 from nexus.router.deadletters import DeadLetterStore, DeadLetterWriter
@@ -65,9 +67,10 @@ from nexus.router.routing import RouteTable
 from nexus.router.storage import REASON as STORAGE_REASON
 from nexus.router.storage import RETRY_AFTER as STORAGE_RETRY_AFTER
 from nexus.router.storage import StorageState
+from nexus.router.telemetry import RouterTelemetry
 
 Stream = tuple[int, list[int], list[msgspec.Raw]]  # one partition's events of a commit: prev, seqs, events
-ADMIN_REQUESTS = (StatusRequest, ReplayRequest, DlqRequest, ReloadRequest)
+ADMIN_REQUESTS = (StatusRequest, ReplayRequest, DlqRequest, ReloadRequest, MetricsRequest)
 MEMBER_MESSAGES = (Heartbeat, Ack, Released, Leave)  # from a joined member (Join, Fetch: any)
 
 log = structlog.get_logger("nexus.router")
@@ -131,6 +134,17 @@ class Router:
         )
         self.tail_subscribers = 0
         self.member_stats: dict[tuple[str, str], dict] = {}
+        self.member_metrics: dict[tuple[str, str], dict] = {}  # each member's last snapshot
+        self.connections = Connections()  # producers connected (ingest, confirm)
+        self.telemetry = RouterTelemetry(
+            self.intake,
+            self.journal,
+            self.backlog,
+            self.coordinator,
+            self.storage,
+            dead_letters=lambda: self.dlq.counts(),
+            producers=self._producers_connected,
+        )
         self.reload_requested = False
         self.started = time.time()
         self.stop_event = threading.Event()
@@ -314,6 +328,7 @@ class Router:
                 self.flusher.stop()
             self.dlq_writer.stop()
             self._stop_gatekeeper()
+            self.connections.stop()
             ctx.destroy(linger=0)
             self.journal.close()
             self._save_cursors()
@@ -347,7 +362,9 @@ class Router:
                 time.sleep(0.01)
         if keyed and self.gatekeeper is not None:
             self._keyed.add(sock)
-            self.gatekeeper.watch(sock)
+            self.gatekeeper.watch(sock)  # (it counts the connections of CURVE sockets)
+        elif name in ("ingest", "confirm"):
+            self.connections.watch(sock)
         self._poller.register(sock, zmq.POLLIN)
         return sock
 
@@ -397,6 +414,7 @@ class Router:
                 self.reload_requested = False
                 admin.reload(self)
             if now >= next_maintenance:
+                self.telemetry.loop_lag.observe(now - next_maintenance)  # how late the tick runs
                 self._maintenance(now)
                 next_maintenance = now + MAINTENANCE_EVERY
         self._send_replies()
@@ -431,7 +449,7 @@ class Router:
                 handler(frames)
             except Exception:  # the router never dies of one message
                 log.exception("message_failed")
-                self.intake.rejected["internal"] += 1
+                self.intake.count_rejected("internal")
 
     def _drain_keyed(self, sock: zmq.Socket, limit: int) -> None:
         handler = {
@@ -451,13 +469,14 @@ class Router:
                 handler([f.bytes for f in frames], gatekeeper.grant(frames[-1]))
             except Exception:  # the router never dies of one message
                 log.exception("message_failed")
-                self.intake.rejected["internal"] += 1
+                self.intake.count_rejected("internal")
 
     def _maintenance(self, now: float) -> None:
         if self.gatekeeper is not None:
             revoked = self.gatekeeper.tick(now)
             if revoked:
                 self._reopen_keyed(revoked)
+        self.connections.tick()
         box = blackbox.current()
         if box is not None:
             box.beat(now)  # the launcher's hang detection reads it
@@ -507,14 +526,14 @@ class Router:
     # -- producers -------------------------------------------------------------------
     def _on_ingest(self, frames: list[bytes]) -> None:
         if len(frames) != 1:
-            self.intake.rejected["bad_batch"] += 1
+            self.intake.count_rejected("bad_batch")
             return
         self._stage(self.intake.take(frames[0], False, time.monotonic()))
 
     def _on_confirm(self, frames: list[bytes], grant: Grant | None = None) -> None:
         identity = frames[0]
         if len(frames) != 2:
-            self.intake.rejected["bad_batch"] += 1
+            self.intake.count_rejected("bad_batch")
             self._pending_replies.append(
                 (identity, encoder.encode(ProducerReply(error="expected exactly one frame per message")))
             )
@@ -527,7 +546,7 @@ class Router:
         if grant is None:
             self._revoked("ingest")
         elif len(frames) != 1:
-            self.intake.rejected["bad_batch"] += 1
+            self.intake.count_rejected("bad_batch")
         else:
             self._stage(self.intake.take(frames[0], False, time.monotonic(), grant))
 
@@ -567,12 +586,7 @@ class Router:
             if isinstance(reply, Outcome) and id(reply.accepted) in failed:
                 nacks = list(reply.nacks) + self.intake.refuse(reply.accepted, reason, STORAGE_RETRY_AFTER)
                 self._pending_replies[i] = (identity, ProducerReply(ack=reply.ack, nacks=nacks, error=reply.error))
-        n = sum(len(acc.bodies) for acc in staged)
-        self.intake.accepted_total -= n
-        self.intake.rejected[STORAGE_REASON] += n
-        self.intake.reject_log.append(
-            {"time": time.time(), "reason": STORAGE_REASON, "detail": reason[:300], "source": "", "id": "", "events": n}
-        )
+        self.intake.storage_refused(staged, STORAGE_REASON, reason)
 
     def _commit(self, accepted: list[Accepted], only_group: str = "") -> int:
         """Journal accepted events with one write, then publish them to the matching
@@ -593,6 +607,7 @@ class Router:
             self.storage.failed("journal", exc)
             raise
         self.storage.succeeded("journal")
+        self.intake.journaled(accepted)
         # group -> per partition, the stream of this commit: (prev, seqs, events) or None
         streams: dict[str, list[Stream | None]] = {}
         heads = self.heads
@@ -706,7 +721,7 @@ class Router:
         try:
             msg = coord_decoder.decode(frames[1])
         except DECODE_ERRORS as exc:
-            self.intake.rejected["bad_coord"] += 1
+            self.intake.count_rejected("bad_coord")
             return self.send_coord(identity, Error(f"unreadable coord message: {exc}", "bad_message"))
         if grant is not None and (refusal := _refusal(grant, msg)) is not None:
             assert self.gatekeeper is not None
@@ -722,6 +737,7 @@ class Router:
             for ident, out in self.coordinator.join(group, msg.member, identity, now, msg.host, msg.pid, msg.holding):
                 self.send_coord(ident, out)
         elif isinstance(msg, Fetch):
+            self.telemetry.fetches.inc((group.name,))
             self.send_coord(identity, self.fetch(group, msg))
         elif isinstance(msg, MemberExited):  # from the launcher: the member is gone
             self.send_coord(identity, Reply(admin.member_exited(self, group, msg, now)))
@@ -735,6 +751,8 @@ class Router:
         elif isinstance(msg, Heartbeat):
             if msg.stats:
                 self.member_stats[(group.name, msg.member)] = msg.stats
+            if msg.metrics:
+                self.member_metrics[(group.name, msg.member)] = msg.metrics
             info = group.members[msg.member]
             heads = self.heads[group.name]
             self.send_coord(identity, Pulse({p: heads[p] for p in info.view}))
@@ -746,6 +764,14 @@ class Router:
         elif isinstance(msg, Leave):
             for ident, out in self.coordinator.leave(group, msg.member, msg.acks, now, msg.busy):
                 self.send_coord(ident, out)
+
+    def _producers_connected(self) -> int:
+        """Connections on ingest and confirm (CURVE ones are counted by the gatekeeper)."""
+        n = self.connections.total()
+        if self.gatekeeper is not None:
+            keyed = self.gatekeeper.connections
+            n += sum(keyed.get(getattr(self, name), 0) for name in ("ingest", "confirm") if hasattr(self, name))
+        return n
 
     def _routes_for(self, type_: str, only_group: str):
         routes = self.routes.routes(type_)
