@@ -105,10 +105,11 @@ async def stream(request: web.Request) -> web.StreamResponse:
     resp = web.StreamResponse(
         headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store", "X-Accel-Buffering": "no"}
     )
-    await resp.prepare(request)
+    # watching before the headers go out: once the page sees the stream open, no event is missed
     watcher = feed.watch(request.query.get("tail", "*")[:200])
     seen = sampler.version
     try:
+        await resp.prepare(request)
         await resp.write(_event("history", {"points": sampler.series.history()}))
         if sampler.state:
             await resp.write(_event("state", sampler.state))
@@ -127,8 +128,8 @@ async def stream(request: web.Request) -> web.StreamResponse:
             if sampler.version != seen:
                 seen = sampler.version
                 await resp.write(_event("state", sampler.state))
-    except (ConnectionError, asyncio.CancelledError):
-        pass  # the page went away (or the server stops)
+    except ConnectionError:
+        pass  # the page went away
     finally:
         feed.unwatch(watcher)
     return resp

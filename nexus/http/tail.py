@@ -12,6 +12,7 @@ import asyncio
 import fnmatch
 import json
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -30,6 +31,7 @@ log = structlog.get_logger("nexus.http")
 
 KEEP = 200  # tail lines a watcher holds before the oldest are dropped
 PAYLOAD_CHARS = 2000  # a payload is shown up to this many characters of its JSON
+LINGER = 5.0  # seconds the subscription outlives the last page
 
 
 class Watcher:
@@ -74,47 +76,61 @@ def tail_line(seq: int, raw: bytes) -> dict[str, Any] | None:
 
 
 class TailFeed:
-    """The watchers and the SUB thread that feeds them (through the event loop)."""
+    """The watchers and the SUB thread that feeds them (through the event loop). The
+    thread lingers a few seconds after the last watcher left, so a page that reloads or
+    changes its filter keeps the subscription (no gap while it would propagate again)."""
 
     def __init__(self, cfg: Config, loop: asyncio.AbstractEventLoop):
         self.cfg = cfg
         self.loop = loop
         self.watchers: set[Watcher] = set()
+        self.lock = threading.Lock()  # the thread's decision to end vs. a new watcher
         self.thread: threading.Thread | None = None
-        self.stop_flag = threading.Event()
+        self.idle_since = 0.0  # monotonic time the last watcher left
+        self.closed = False
 
     def watch(self, pattern: str) -> Watcher:
         w = Watcher(pattern)
-        self.watchers.add(w)
-        # (a thread told to stop may still be winding down: the new watcher gets its own)
-        if self.thread is None or not self.thread.is_alive() or self.stop_flag.is_set():
-            self.stop_flag = threading.Event()
-            self.thread = threading.Thread(target=self._run, args=(self.stop_flag,), name="tail", daemon=True)
-            self.thread.start()
+        with self.lock:
+            self.watchers.add(w)
+            if self.thread is None and not self.closed:
+                self.thread = threading.Thread(target=self._run, name="tail", daemon=True)
+                self.thread.start()
         return w
 
     def unwatch(self, w: Watcher) -> None:
-        self.watchers.discard(w)
-        if not self.watchers:
-            self.stop_flag.set()
+        with self.lock:
+            self.watchers.discard(w)
+            if not self.watchers:
+                self.idle_since = time.monotonic()
 
     def close(self) -> None:
-        self.watchers.clear()
-        self.stop_flag.set()
-        if self.thread is not None:
-            self.thread.join(2)
+        with self.lock:
+            self.closed = True
+            self.watchers.clear()
+            thread = self.thread
+        if thread is not None:
+            thread.join(2)
 
     def _deliver(self, lines: list[dict[str, Any]]) -> None:
         for w in list(self.watchers):
             for line in lines:
                 w.offer(line)
 
-    def _run(self, stop: threading.Event) -> None:
+    def _done(self) -> bool:
+        """Called by the thread between polls: True (and forgotten) when it should end."""
+        with self.lock:
+            if self.closed or (not self.watchers and time.monotonic() - self.idle_since > LINGER):
+                self.thread = None
+                return True
+            return False
+
+    def _run(self) -> None:
         sub = transport.subscriber(zmq.Context.instance(), self.cfg.publish, curve=client_keys(self.cfg))
         sub.setsockopt(zmq.SUBSCRIBE, TAIL_TOPIC)
         deliver: Callable[[list[dict[str, Any]]], None] = self._deliver
         try:
-            while not stop.is_set():
+            while not self._done():
                 if not sub.poll(200):
                     continue
                 frames = sub.recv_multipart()
@@ -129,9 +145,11 @@ class TailFeed:
                     for seq, raw in zip(delivery.seqs, delivery.events, strict=False)
                     if (line := tail_line(seq, bytes(raw))) is not None
                 ]
-                if lines:
+                if lines and not self.loop.is_closed():
                     self.loop.call_soon_threadsafe(deliver, lines)
-        except Exception as exc:  # the page shows no tail; the next watcher starts a new thread
+        except Exception as exc:  # no tail on the pages; the next watcher starts a new thread
             log.error("tail_failed", error=str(exc))
+            with self.lock:
+                self.thread = None
         finally:
             sub.close(0)

@@ -64,6 +64,7 @@
     source.onopen = () => {
       $("conn").textContent = "live";
       document.body.dataset.stream = "open";
+      document.body.dataset.filter = filter; // the server watches with this filter from now on
     };
     source.onerror = () => {
       $("conn").textContent = "reconnecting…"; // EventSource retries by itself
