@@ -162,7 +162,9 @@
     const top = 14;
     const all = series.flatMap((s) => s.values).filter((v) => v !== null && v !== undefined);
     const max = Math.max(...all, 0) * 1.1 || 1;
-    const x = (t) => W - ((now - t) / WINDOW) * W;
+    // the span grows with the data from one minute to the full ten
+    const span = Math.min(WINDOW, Math.max(60, points.length ? now - points[0].t : 0));
+    const x = (t) => W - ((now - t) / span) * W;
     const y = (v) => H - 2 - (v / max) * (H - top - 4);
     const nodes = [];
     for (const s of series) {
@@ -191,7 +193,8 @@
       return t;
     };
     nodes.push(text(all.length ? "max " + label(max / 1.1) : "no data", 4, 11));
-    nodes.push(text("10 min ago", 4, H - 4), text("now", W - 4, H - 4, "end"));
+    nodes.push(text(span >= 120 ? `${Math.round(span / 60)} min ago` : `${Math.round(span)} s ago`, 4, H - 4));
+    nodes.push(text("now", W - 4, H - 4, "end"));
     svg.replaceChildren(...nodes);
   }
 
@@ -273,7 +276,8 @@
     const pre = $("dlq-show");
     try {
       const data = await api(`/api/deadletters/${id}`);
-      pre.textContent = JSON.stringify(data.dead_letter, null, 2);
+      const { traceback, ...rest } = data.dead_letter;
+      pre.textContent = JSON.stringify(rest, null, 2) + (traceback ? "\n\ntraceback:\n" + traceback : "");
     } catch (err) {
       pre.textContent = err.message;
     }
