@@ -42,8 +42,12 @@ def desired_members(launcher: dict[str, Any]) -> dict[str, int]:
 
 def readiness(launcher: Status, router: Status) -> tuple[bool, list[str]]:
     _, reasons = liveness(launcher, router)
-    if launcher is not None and not launcher.get("ready", False):
-        reasons.append("pipeline starting (not all members have joined yet)")
+    if launcher is not None:
+        failed = [p for p in launcher.get("processes", []) if p.get("state") == "failed"]
+        for p in failed:
+            reasons.append(f"process {p['name']} failed ({p.get('last_exit') or 'given up on'})")
+        if not launcher.get("ready", False) and not failed:
+            reasons.append("pipeline starting (not all members have joined yet)")
     if router is None:
         return False, reasons
     r = router.get("router", {})

@@ -94,7 +94,10 @@ def test_dashboard_in_chromium(tmp_path, browser):
         until(lambda: css('#processes tr[data-name="http"] .state-running'), "http process listed")
 
         # live tail: the page's subscription reached the router, then an event shows up, as text
-        wait_for(lambda: p.router_status()["router"]["tail_subscribers"] >= 1, 10, 0.05, "tail subscribed")
+        def subscribed() -> bool:
+            return (p.router_status() or {}).get("router", {}).get("tail_subscribers", 0) >= 1
+
+        wait_for(subscribed, 10, 0.05, "tail subscribed")
         alpha = producer.send("test.tail.alpha", {"note": XSS})
         producer.flush(10)
         until(lambda: css(f'#tail-list li[data-id="{alpha}"]'), "the sent event in the tail")
@@ -137,6 +140,7 @@ def test_dashboard_in_chromium(tmp_path, browser):
         row_id = css("#dlq tbody tr[data-id]")[0].get_attribute("data-id")
         css(f'#dlq tr[data-id="{row_id}"] button.show')[0].click()
         until(lambda: poison in css("#dlq-show")[0].text, "the dead letter shown")
+        screenshot(browser, tmp_path / "dashboard.png")  # the fullest view: charts, a dead letter, the tail
         first_seq = int(p.router_status()["router"]["seq"])
         fixed.touch()
         css(f'#dlq tr[data-id="{row_id}"] button.replay')[0].click()
@@ -147,10 +151,12 @@ def test_dashboard_in_chromium(tmp_path, browser):
         )
         assert len(handled) == 1 and handled[0][2] > first_seq  # journaled again, under a new seq
 
-        shot = tmp_path / "dashboard.png"
-        browser.save_screenshot(str(shot))
-        assert shot.stat().st_size > 10_000
-        print(f"\ndashboard screenshot: {shot}")
-        keep = os.environ.get("NEXUS_SCREENSHOT_DIR")
-        if keep:
-            shutil.copy(shot, keep)
+
+def screenshot(browser, shot) -> None:
+    """Saved in the test's directory (printed); also copied to $NEXUS_SCREENSHOT_DIR if set."""
+    browser.save_screenshot(str(shot))
+    assert shot.stat().st_size > 10_000
+    print(f"\ndashboard screenshot: {shot}")
+    keep = os.environ.get("NEXUS_SCREENSHOT_DIR")
+    if keep:
+        shutil.copy(shot, keep)

@@ -53,6 +53,14 @@ def test_each_reason_is_named():
     ok, reasons = health.readiness(launcher(scale={"g": 0, "idle": 2}), router())
     assert reasons == ["group idle: 4 of 4 partitions unassigned (0 of 2 members joined)"]
     assert health.verdict_line(health.verdict(None, router())).startswith("health: NOT LIVE, NOT READY: launcher")
+    # a member given up on: named (not "starting": it will not come by itself)
+    stuck = launcher(ready=False)
+    stuck["processes"][1] |= {"state": "failed", "last_exit": "config error: bad option"}
+    _, reasons = health.readiness(stuck, router(unassigned=4, members=0))
+    assert reasons == [
+        "process g-0 failed (config error: bad option)",
+        "group g: 4 of 4 partitions unassigned (0 of 1 members joined)",
+    ]
 
 
 def test_quantile_interpolates_like_prometheus():
