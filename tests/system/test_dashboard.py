@@ -5,6 +5,7 @@ file and falling once it opens, and a dead letter shown and replayed from the pa
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 
@@ -54,14 +55,25 @@ def browser(tmp_path):
 
 
 def test_dashboard_in_chromium(tmp_path, browser):
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
     def until(condition, message: str):
-        return WebDriverWait(browser, DEADLINE, 0.1).until(lambda _: condition(), message)
+        # the page redraws its tables every second: an element found may be replaced
+        # before it is read, then the condition is simply asked again
+        wait = WebDriverWait(browser, DEADLINE, 0.1, ignored_exceptions=(StaleElementReferenceException,))
+        return wait.until(lambda _: condition(), message)
 
     def css(selector: str):
         return browser.find_elements(By.CSS_SELECTOR, selector)
+
+    def click(selector: str) -> None:
+        def clicked() -> bool:
+            css(selector)[0].click()
+            return True
+
+        until(clicked, f"clicked {selector}")
 
     out, gate, fixed = tmp_path / "out", tmp_path / "gate", tmp_path / "fixed"
     port = free_port()
@@ -101,15 +113,16 @@ def test_dashboard_in_chromium(tmp_path, browser):
         alpha = producer.send("test.tail.alpha", {"note": XSS})
         producer.flush(10)
         until(lambda: css(f'#tail-list li[data-id="{alpha}"]'), "the sent event in the tail")
-        line = css(f'#tail-list li[data-id="{alpha}"] .payload')[0]
-        assert XSS in line.text  # shown as text ...
+        assert until(lambda: css(f'#tail-list li[data-id="{alpha}"] .payload')[0].text, "payload") == json.dumps(
+            {"note": XSS}
+        )  # shown as text ...
         assert not css("#tail-list img") and browser.title != "pwned"  # ... never as markup
 
         # filter by type: the server sends only matching events from now on
         field = css("#tail-filter")[0]
         field.clear()
         field.send_keys("test.tail.b*")
-        css("#tail-apply")[0].click()
+        click("#tail-apply")
         until(lambda: browser.execute_script("return document.body.dataset.filter") == "test.tail.b*", "filter on")
         until(lambda: browser.execute_script("return document.body.dataset.stream") == "open", "stream open")
         hidden = producer.send("test.tail.alpha", {"n": 2})
@@ -137,13 +150,13 @@ def test_dashboard_in_chromium(tmp_path, browser):
         poison = producer.send("test.fragile", {"poison": True})
         producer.flush(10)
         until(lambda: css("#dlq tbody tr[data-id]"), "the dead letter listed")
-        row_id = css("#dlq tbody tr[data-id]")[0].get_attribute("data-id")
-        css(f'#dlq tr[data-id="{row_id}"] button.show')[0].click()
+        row_id = until(lambda: css("#dlq tbody tr[data-id]")[0].get_attribute("data-id"), "its id")
+        click(f'#dlq tr[data-id="{row_id}"] button.show')
         until(lambda: poison in css("#dlq-show")[0].text, "the dead letter shown")
         screenshot(browser, tmp_path / "dashboard.png")  # the fullest view: charts, a dead letter, the tail
         first_seq = int(p.router_status()["router"]["seq"])
         fixed.touch()
-        css(f'#dlq tr[data-id="{row_id}"] button.replay')[0].click()
+        click(f'#dlq tr[data-id="{row_id}"] button.replay')
         until(lambda: "replayed 1 dead letter" in css("#dlq-result")[0].text, "replay confirmed")
         until(lambda: not css(f'#dlq tr[data-id="{row_id}"]'), "row gone from the list")
         handled = wait_for(
