@@ -1,9 +1,9 @@
 """`python -m nexus.launch`: start, watch and restart the whole process group.
 
 The supervisor loop only waits on child sentinels and the control socket; signal
-handlers set a flag. Stop order is the HTTP port (it only reports), then producers, then workers (they finish and ack
-in-flight events while the router is still there), then the router (flush, fsync,
-cursors). Children die with the launcher (PR_SET_PDEATHSIG), so none is orphaned;
+handlers set a flag. Stop order is the HTTP port (it only reports), then producers,
+then workers (they finish and ack in-flight events while the router is still there),
+then the router (flush, fsync, cursors). Children die with the launcher (PR_SET_PDEATHSIG), so none is orphaned;
 what a child forks lives in the child's process group and is killed when the child
 ends; what escapes the group (setsid) is re-parented to the launcher (a child
 subreaper) once its parent died, and ended then.
