@@ -77,7 +77,11 @@ class Guard:
                 return _refuse(403, "forbidden: cross-origin request")
             if request.headers.get("Sec-Fetch-Site", "same-origin") not in ("same-origin", "none"):
                 return _refuse(403, "forbidden: cross-site request")
-        return await handler(request)
+        response = await handler(request)
+        if not response.prepared:  # (a stream has sent its headers already)
+            response.headers.setdefault("X-Content-Type-Options", "nosniff")
+            response.headers.setdefault("Cache-Control", "no-store")
+        return response
 
     def set_session(self, response: web.StreamResponse) -> None:
         response.set_cookie(COOKIE, self.session, httponly=True, samesite="Strict", path="/")

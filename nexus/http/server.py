@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 
 import structlog
@@ -42,6 +43,7 @@ SECURITY_HEADERS = {
     "Referrer-Policy": "no-referrer",  # the first URL may carry ?token=
     "Cache-Control": "no-store",
 }
+PEER_THREADS = 16
 SHUTDOWN_GRACE = 2.0  # seconds open requests get at stop (pages reconnect to the next process)
 
 
@@ -128,6 +130,9 @@ def build_app(cfg: Config, host: str, port: int) -> web.Application:
 
 async def serve(cfg: Config, host: str, port: int) -> None:
     loop = asyncio.get_running_loop()
+    # the blocking requests to the launcher and the router: a probe, a scrape and a sample
+    # may each wait out a 1 s timeout at once while the router is stopped
+    loop.set_default_executor(ThreadPoolExecutor(PEER_THREADS, thread_name_prefix="peers"))
     app = build_app(cfg, host, port)
     app["feed"] = feed = TailFeed(cfg, loop)
     app["sampler"] = sampler = dashboard.Sampler(app["peers"], feed)
