@@ -64,6 +64,7 @@ def write_config(directory: Path, groups: int = 1, partitions: int = 16) -> Path
         },
         "contracts": ["nexus.contracts"],
         "contracts_untyped": ["bench.*"],
+        "http": {"listen": ""},  # no HTTP process: the figures as before (and no fixed port)
         "workers": {
             f"bench{g}": {
                 "handler": "bench.noop:Counter",

@@ -93,6 +93,7 @@ def write_config(directory: Path, args) -> Path:
         "security": security,
         "contracts": ["nexus.contracts"],
         "contracts_untyped": ["bench.*"],
+        "http": {"listen": ""},  # no HTTP process: the figures as before (and no fixed port)
         "shutdown_timeout": "20s",
         "producers": {},
         "workers": groups,

@@ -139,14 +139,20 @@ def cmd_status(args) -> int:
     cfg = _load(args)
     from concurrent.futures import ThreadPoolExecutor
 
+    from nexus.http import health
+
     status: dict[str, Any] = {}
     errors = []
+    answers: list[dict[str, Any] | None] = []  # the launcher's, the router's
     with ThreadPoolExecutor(2) as pool:  # both at once: a stalled pipeline costs one timeout, not two
         asks = [pool.submit(lambda: _done(_launcher(cfg).status())), pool.submit(_router(cfg).status)]
     for ask in asks:
         try:
-            status.update(ask.result())
+            answer = dict(ask.result())
+            answers.append(answer)
+            status.update(answer)
         except PeerError as exc:
+            answers.append(None)
             errors.append(str(exc))
     status.pop("ok", None)
     if not status:
@@ -154,6 +160,8 @@ def cmd_status(args) -> int:
         raise PeerError("; ".join(e.removesuffix(START_HINT) for e in errors) + hint)
     if errors:
         status["errors"] = errors
+    verdict = health.verdict(*answers)  # the same as /healthz and /readyz
+    status["health"] = verdict
     if args.json:
         _print_json(status)
         return ExitCode.OK
@@ -226,6 +234,7 @@ def cmd_status(args) -> int:
                 f"security: curve on, {security['authorized_keys']} authorized key(s); "
                 f"refused handshakes: {refused}; forbidden requests: {forbidden}"
             )
+    print(health.verdict_line(verdict))
     for err in errors:
         print(f"warning: {err}", file=sys.stderr)
     return ExitCode.OK

@@ -55,6 +55,10 @@ def entry(
             from nexus.member.runtime import main as run_member
 
             run_member(cfg, group, name)
+        elif role == "http":
+            from nexus.http.server import main as run_http
+
+            run_http(cfg, name)
         else:
             raise NexusError(f"unknown role {role}")
     except NexusError as exc:

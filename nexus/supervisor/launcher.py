@@ -1,9 +1,9 @@
 """`python -m nexus.launch`: start, watch and restart the whole process group.
 
 The supervisor loop only waits on child sentinels and the control socket; signal
-handlers set a flag. Stop order is producers, then workers (they finish and ack
-in-flight events while the router is still there), then the router (flush, fsync,
-cursors). Children die with the launcher (PR_SET_PDEATHSIG), so none is orphaned;
+handlers set a flag. Stop order is the HTTP port (it only reports), then producers,
+then workers (they finish and ack in-flight events while the router is still there),
+then the router (flush, fsync, cursors). Children die with the launcher (PR_SET_PDEATHSIG), so none is orphaned;
 what a child forks lives in the child's process group and is killed when the child
 ends; what escapes the group (setsid) is re-parented to the launcher (a child
 subreaper) once its parent died, and ended then.
@@ -36,6 +36,7 @@ from nexus.common.backoff import backoff_delay
 from nexus.common.datalock import LAUNCHER_LOCK, ROUTER_LOCK, DataDirLock, clean_stale_run
 from nexus.common.statefile import unlink_quietly
 from nexus.errors import ConfigError, ExitCode, NexusError, describe_exit
+from nexus.http import listen as http_listen
 from nexus.protocol import curve, transport
 from nexus.protocol.client import CoordClient
 from nexus.protocol.gatekeeper import Gatekeeper, KeyRing
@@ -47,7 +48,7 @@ from nexus.supervisor.crashes import CrashBook
 from nexus.supervisor.reloader import Reloader
 
 log = structlog.get_logger("nexus.launch")
-ROLES_STOP_ORDER = ("producer", "worker", "router")
+ROLES_STOP_ORDER = ("http", "producer", "worker", "router")
 READY_CHECK_EVERY = 0.5  # seconds between the readiness probes (a status request each) until ready
 AUTOSCALE_ASK_TIMEOUT = 0.25  # seconds: the autoscaler's status request (skipped tick when late)
 FAST_RECYCLE = 1.0  # seconds: a member recycling sooner than this after its spawn restarts after a backoff
@@ -86,6 +87,8 @@ class Launcher:
         # write, or a TCP bind other hosts can reach without CURVE (fail closed)
         private.check_data_dir(cfg.data_dir, cfg.security.ipc_group)
         curve.check_binds(cfg, curve.server_endpoints(cfg))
+        if cfg.http.listen:
+            http_listen.check(cfg.http)  # malformed, taken, or off loopback without a token
         keys = curve.server_keys(cfg)
         # the launcher's requests use the children's keys: a bad file is one line here, not in each child
         self.curve = curve.client_keys(cfg)
@@ -368,6 +371,8 @@ class Launcher:
         try:
             control = self.control if self.control is not None else self.prepare()
             self._add("router", "router")
+            if self.cfg.http.listen:
+                self._add("http", "http")  # up from the start: it reports the router's start too
             poller = zmq.Poller()
             poller.register(control, zmq.POLLIN)
             while not self.stopping:

@@ -89,3 +89,12 @@ def recycling(event, ctx) -> None:
 
         atexit.register(os._exit, 8)  # after the graceful stop, exit with RECYCLE
         os.kill(os.getpid(), signal.SIGTERM)
+
+
+def gated(event, ctx) -> None:
+    """Records each event once the file options.gate exists: until a test creates it the
+    group's lag grows with every event sent (gives up after options.wait s, default 60)."""
+    deadline = time.monotonic() + float(ctx.options.get("wait", 60))
+    while not os.path.exists(ctx.options["gate"]) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    _record(event, ctx, ctx.options["out"])

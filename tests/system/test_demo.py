@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
 
-from nexus.testing import LaunchedPipeline, wait_for
+from nexus.testing import LaunchedPipeline, free_port, wait_for
 
 pytestmark = pytest.mark.system
 DEFAULT = Path(__file__).resolve().parents[2] / "config" / "default.yaml"
@@ -21,6 +23,8 @@ def test_default_config_demo(tmp_path):
     cfg["router"]["confirm"] = "ipc://{data_dir}/run/confirm"
     cfg["producers"]["heartbeat"]["every"] = "1s"
     cfg["producers"]["inbox"]["paths"] = ["./inbox"]
+    port = free_port()
+    cfg["http"] = {"listen": f"127.0.0.1:{port}"}  # the default port (9464), on a free one
     path = tmp_path / "default.yaml"
     path.write_text(yaml.safe_dump(cfg))
     with LaunchedPipeline(path) as pipeline:
@@ -39,3 +43,17 @@ def test_default_config_demo(tmp_path):
         )
         lines = [line for line in pipeline.output().splitlines() if "file.created" in line]
         assert "hello.txt" in lines[0] and '"size":5' in lines[0]
+        # the HTTP port of the default config: ready, and the dashboard page
+        wait_for(lambda: _get(f"http://127.0.0.1:{port}/readyz")[0] == 200, 15, 0.1, "/readyz 200")
+        status, page = _get(f"http://127.0.0.1:{port}/")
+        assert status == 200 and "<title>Nexus</title>" in page
+
+
+def _get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+    except urllib.error.URLError as exc:  # not listening yet
+        return 0, str(exc.reason)

@@ -31,7 +31,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from nexus.testing import LaunchedPipeline, wait_for
+from nexus.testing import LaunchedPipeline, free_port, wait_for
 
 try:
     from tests import dovecot
@@ -49,7 +49,13 @@ IMAP_PASSWORD = "Imap-Pw-9c2e71b4d8"
 DOVECOT_FIRST = "not-the-configured-one"  # what Dovecot expects until it is given ours
 WEBHOOK_TOKEN = "Tok-5f0a93d2e6c1b8"
 QUERY_TOKEN = "Qtok-a1b2c3d4e5f607"
-SECRETS = {"imap password": IMAP_PASSWORD, "webhook bearer token": WEBHOOK_TOKEN, "url query token": QUERY_TOKEN}
+HTTP_TOKEN = "Http-tok-7e4c19a05b"
+SECRETS = {
+    "imap password": IMAP_PASSWORD,
+    "webhook bearer token": WEBHOOK_TOKEN,
+    "url query token": QUERY_TOKEN,
+    "http token": HTTP_TOKEN,
+}
 
 
 class RefusingTarget(http.server.ThreadingHTTPServer):
@@ -97,6 +103,18 @@ def cli(config: Path, *args: str) -> subprocess.CompletedProcess:
     )
 
 
+def http_get(url: str, token: str) -> str:
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.read().decode()
+
+
 @pytest.fixture
 def root():
     path = Path(tempfile.mkdtemp(prefix="nexus-secrets-"))
@@ -111,6 +129,7 @@ def test_no_secret_in_logs_status_or_errors(root):
     try:
         server.start()
         config = root / "nexus.yaml"
+        http_port = free_port()
         config.write_text(
             yaml.safe_dump(
                 {
@@ -119,6 +138,7 @@ def test_no_secret_in_logs_status_or_errors(root):
                     "router": {"ingest": "ipc://{data_dir}/run/ingest", "confirm": "ipc://{data_dir}/run/confirm"},
                     "contracts_untyped": ["test.*"],
                     "restart_backoff": ["0.2s"],
+                    "http": {"listen": f"127.0.0.1:{http_port}", "token": HTTP_TOKEN},
                     "producers": {
                         "mail": {
                             "kind": "imap",
@@ -200,6 +220,10 @@ def test_no_secret_in_logs_status_or_errors(root):
             run = cli(config, *args)
             assert run.returncode != 0, run
             outputs[f"error of {' '.join(args)}"] = run.stdout + run.stderr
+        # 6. the HTTP port: what it answers with and without the token
+        for path, token in (("/api/state", HTTP_TOKEN), ("/api/deadletters/1", HTTP_TOKEN), ("/healthz", "wrong")):
+            outputs[f"GET {path}"] = http_get(f"http://127.0.0.1:{http_port}{path}", token)
+        assert '"dead_letters"' in outputs["GET /api/state"] and "unauthorized" in outputs["GET /healthz"]
         broken = root / "broken.yaml"  # a config error in a file that holds the secrets
         broken.write_text(config.read_text().replace("reconnect_max", "reconect_max"))
         run = cli(broken, "status")

@@ -223,6 +223,7 @@ def rewrite(
     cfg["data_dir"] = "./var"
     cfg["router"]["ingest"] = "ipc://{data_dir}/run/ingest"
     cfg["router"]["confirm"] = "ipc://{data_dir}/run/confirm"
+    cfg["http"] = {"listen": ""}  # no fixed port (the HTTP port has its own tests)
     [imap_name] = [name for name, p in cfg["producers"].items() if p["kind"] == "imap"]
     cfg["producers"][imap_name].update(host=server.host, port=server.port)
     cfg["workers"]["toasty"]["options"]["target"] = toasty_target
