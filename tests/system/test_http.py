@@ -70,7 +70,9 @@ def test_health_metrics_and_security(tmp_path):
         families = {f.name: f for f in text_string_to_metric_families(text)}
         assert [s.value for s in families["nexus_ready"].samples] == [1.0]
         up = {s.labels["name"]: s.value for s in families["nexus_process_up"].samples}
-        assert up == {"router": 1.0, "http": 1.0, "rec-0": 1.0}
+        assert up == {"launcher": 1.0, "router": 1.0, "http": 1.0, "rec-0": 1.0}
+        # the router's and the member's series come through the same scrape
+        assert "nexus_journal_bytes" in families and "nexus_handler_duration_seconds" in families
 
         # actions: Host must name this server (DNS rebinding), JSON only, same origin (CSRF)
         action = f"{base}/api/deadletters/purge"
