@@ -379,9 +379,9 @@ def _replay_dead_letters(router: RouterSurface, msg: DlqRequest) -> dict:
         # twice in one run. (A row purged meanwhile by another process is left out.)
         listed = store.list(group=msg.group, type=msg.type, limit=msg.limit or None, after=msg.after)
         rows = [found for r in listed if (found := store.get(r["id"])) is not None]
-        page = {"next_after": listed[-1]["id"] if listed else msg.after}
-        if msg.limit:
-            page["remaining"] = store.count(group=msg.group, type=msg.type, after=page["next_after"])
+        if msg.limit:  # a page: where the next starts, and how many are left after it
+            last = listed[-1]["id"] if listed else msg.after
+            page = {"next_after": last, "remaining": store.count(group=msg.group, type=msg.type, after=last)}
     else:
         return {"error": "replay needs ids, --group G or --all"}
     by_group: dict[str, list[tuple[dict[str, Any], bytes]]] = {}
