@@ -489,20 +489,25 @@ def _replay_dead_letters(router: CoordClient, args) -> dict[str, Any]:
     id, so a replayed event that fails again is not replayed twice in this run)."""
     replayed: list[dict] = []
     after = 0
-    with progress.track(progress.wanted(args), "replay dead letters", None, "dead letters") as bar:
-        while True:
-            page = router.dead_letters(
-                "replay", None, args.group, args.type, args.all, after=after, limit=DLQ_REPLAY_PAGE
-            )
-            if "error" in page:
-                if replayed:  # say what is done before the reason it stopped
-                    print(f"replayed {len(replayed)} dead letter(s) before the error", file=sys.stderr)
-                return page
-            replayed += page["replayed"]
-            after = page["next_after"]
-            bar.update(len(replayed), len(replayed) + page["remaining"])
-            if not page["remaining"]:
-                return {"replayed": replayed}
+    try:
+        with progress.track(progress.wanted(args), "replay dead letters", None, "dead letters") as bar:
+            while True:
+                page = router.dead_letters(
+                    "replay", None, args.group, args.type, args.all, after=after, limit=DLQ_REPLAY_PAGE
+                )
+                if "error" in page:
+                    if replayed:  # say what is done before the reason it stopped
+                        print(f"replayed {len(replayed)} dead letter(s) before the error", file=sys.stderr)
+                    return page
+                replayed += page["replayed"]
+                after = page["next_after"]
+                bar.update(len(replayed), len(replayed) + page["remaining"])
+                if not page["remaining"]:
+                    return {"replayed": replayed}
+    except KeyboardInterrupt:
+        # the pages replayed stay replayed; the same command again replays the rest
+        print(f"interrupted after {len(replayed)} dead letter(s) replayed; run it again for the rest", file=sys.stderr)
+        raise
 
 
 def cmd_reload(args) -> int:
