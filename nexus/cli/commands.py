@@ -15,7 +15,7 @@ import msgspec
 import zmq
 
 from nexus import config as config_mod
-from nexus.cli import keys
+from nexus.cli import keys, progress
 from nexus.errors import ConfigError, EventError, ExitCode, NexusError, PeerError
 from nexus.protocol import transport
 from nexus.protocol.client import REQUEST_TIMEOUT, ControlClient, CoordClient, require_listening
@@ -347,7 +347,8 @@ def cmd_journal_verify(cfg: config_mod.Config, args) -> int:
         raise NexusError(f"no journal at {directory}")
     store = CursorStore(os.path.join(cfg.data_dir, "cursors.msgpack"))
     cursors = store.load(quarantine=False)  # before the scan; a live router owns the file
-    result = verify(directory)
+    with progress.track(progress.wanted(args), "verify", None, "bytes") as bar:
+        result = verify(directory, on_progress=lambda done, total: bar.update(done, total))
     result["cursors_damaged"] = store.damage
     result["cursor_past_end"] = [
         {"group": g, "cursor": max(c), "last_seq": result["last_seq"]}
@@ -421,13 +422,41 @@ def cmd_journal(args) -> int:
         except ValueError:
             raise NexusError(f"--from {value!r}: expected a seq number or an ISO time") from None
         from_seq = 0
-    result = _router(cfg).replay(args.group, from_seq, from_time)
+    router = _router(cfg)
+    result = router.replay(args.group, from_seq, from_time)
     if "error" in result:
         raise NexusError(result["error"])
     _print_json(result) if args.json else print(
-        f"group {args.group}: replaying from seq {result['from_seq']} ({result['events']} events)"
+        f"group {args.group}: replaying from seq {result['from_seq']} ({result['events']} events)", flush=True
     )
+    if progress.wanted(args) and isinstance(result["events"], int):
+        _follow_replay(router, args.group, result["events"])
     return ExitCode.OK
+
+
+FOLLOW_INTERVAL = 0.25  # seconds between two status requests while following a replay
+
+
+def _follow_replay(router: CoordClient, group: str, events: int) -> None:
+    """On a terminal: the group's lag (router status) down to 0, as events handled of
+    those replayed. Ctrl-C stops following only: the replay goes on in the router."""
+    total = max(events, 1)
+    try:
+        with progress.track(True, f"replay {group}", total, "events") as bar:
+            while True:
+                lag = router.status()["groups"].get(group, {}).get("lag")
+                if not isinstance(lag, int):
+                    lag = total  # the router is recovering: nothing handled yet that we can see
+                total = max(total, lag)  # new events arrived meanwhile: they are to handle too
+                bar.update(total - lag, total)
+                if lag == 0:
+                    return
+                time.sleep(FOLLOW_INTERVAL)
+    except KeyboardInterrupt:
+        print(
+            f"stopped following; the replay of group {group} goes on in the router (nexus status shows its lag)",
+            file=sys.stderr,
+        )
 
 
 # -- dead letters ---------------------------------------------------------------------------
@@ -442,7 +471,10 @@ def cmd_dlq(args) -> int:
         raise NexusError("dlq show needs exactly one ID")
     if args.action in ("replay", "purge") and not (ids or args.group or args.all):
         raise NexusError(f"dlq {args.action} needs IDs, --group G or --all")
-    result = _router(cfg).dead_letters(args.action, ids, args.group, args.type, args.all)
+    if args.action == "replay" and not ids:
+        result = _replay_dead_letters(_router(cfg), args)
+    else:
+        result = _router(cfg).dead_letters(args.action, ids, args.group, args.type, args.all)
     if "error" in result:
         raise NexusError(result["error"])
     if args.json:
@@ -458,7 +490,11 @@ def cmd_dlq(args) -> int:
                     f"{_when(r['last_failed']):<19}  {r['error_type']}: {r['error'][:80]}"
                 )
             )
-        print(f"{len(rows)} dead letter(s)")
+        total = result.get("total", len(rows))
+        if total > len(rows):
+            print(f"{len(rows)} of {total} dead letter(s) shown (the oldest; narrow with --group or --type)")
+        else:
+            print(f"{len(rows)} dead letter(s)")
     elif args.action == "show":
         r = result["dead_letter"]
         for key in (
@@ -502,6 +538,35 @@ def _reload_line(r: dict) -> str:
     if r.get("error"):
         line += f" ({r['error']})"
     return printable(line)
+
+
+DLQ_REPLAY_PAGE = 100  # dead letters per replay request: progress moves, the router loop never stalls long
+
+
+def _replay_dead_letters(router: CoordClient, args) -> dict[str, Any]:
+    """Every dead letter of --group G or --all, a page at a time (the router pages by row
+    id, so a replayed event that fails again is not replayed twice in this run)."""
+    replayed: list[dict] = []
+    after = 0
+    try:
+        with progress.track(progress.wanted(args), "replay dead letters", None, "dead letters") as bar:
+            while True:
+                page = router.dead_letters(
+                    "replay", None, args.group, args.type, args.all, after=after, limit=DLQ_REPLAY_PAGE
+                )
+                if "error" in page:
+                    if replayed:  # say what is done before the reason it stopped
+                        print(f"replayed {len(replayed)} dead letter(s) before the error", file=sys.stderr)
+                    return page
+                replayed += page["replayed"]
+                after = page["next_after"]
+                bar.update(len(replayed), len(replayed) + page["remaining"])
+                if not page["remaining"]:
+                    return {"replayed": replayed}
+    except KeyboardInterrupt:
+        # the pages replayed stay replayed; the same command again replays the rest
+        print(f"interrupted after {len(replayed)} dead letter(s) replayed; run it again for the rest", file=sys.stderr)
+        raise
 
 
 def cmd_reload(args) -> int:

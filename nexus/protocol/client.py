@@ -117,9 +117,14 @@ class CoordClient(_Client):
         group: str | None = None,
         type: str | None = None,
         all: bool = False,
+        after: int = 0,
+        limit: int = 0,
     ) -> dict[str, Any]:
-        """list | show | replay | purge."""
-        return self.request(DlqRequest(action=action, ids=ids or [], group=group, type=type, all=all))
+        """list | show | replay | purge. A replay by group or `all` with a `limit` does
+        one page: the rows with id > `after`, at most `limit` (see admin.dlq)."""
+        return self.request(
+            DlqRequest(action=action, ids=ids or [], group=group, type=type, all=all, after=after, limit=limit)
+        )
 
     def reload(self, config: bytes = b"", timeout: float | None = None) -> dict[str, Any]:
         """Apply `config` (config.to_bytes of a validated one), or re-read the file."""

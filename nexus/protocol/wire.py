@@ -164,6 +164,9 @@ class DlqRequest(Coord, tag="dlq", frozen=True):
     group: str | None = None
     type: str | None = None
     all: bool = False
+    # replay by group or --all in pages: rows with id > after, at most limit (0: all of them)
+    after: int = 0
+    limit: int = 0
 
 
 class ReloadRequest(Coord, tag="reload", frozen=True):

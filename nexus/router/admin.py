@@ -47,6 +47,8 @@ from nexus.router.telemetry import RouterTelemetry
 
 log = structlog.get_logger("nexus.router")
 
+LIST_LIMIT = 1000  # rows `dlq list` returns (its reply's "total" counts them all)
+
 AdminRequest = StatusRequest | ReplayRequest | DlqRequest | ReloadRequest | MetricsRequest
 
 
@@ -378,7 +380,10 @@ def _dlq(router: RouterSurface, msg: DlqRequest) -> dict:
     if msg.group is not None and msg.group not in router.coordinator.groups:
         return {"error": f"unknown group {msg.group!r}"}
     if msg.action == "list":
-        return {"dead_letters": store.list(group=msg.group, type=msg.type)}
+        rows = store.list(group=msg.group, type=msg.type, limit=LIST_LIMIT)
+        # the listing is capped; the count says how many there are in all
+        total = len(rows) if len(rows) < LIST_LIMIT else store.count(group=msg.group, type=msg.type)
+        return {"dead_letters": rows, "total": total}
     if msg.action == "show":
         found = store.get(msg.ids[0]) if msg.ids else None
         if found is None:
@@ -409,14 +414,22 @@ def _dlq(router: RouterSurface, msg: DlqRequest) -> dict:
 def _replay_dead_letters(router: RouterSurface, msg: DlqRequest) -> dict:
     """Journal the events again, for their group only; each succeeds or comes back."""
     store = router.dlq
+    page: dict[str, int] = {}
     if msg.ids:
         rows = [found for i in msg.ids if (found := store.get(i)) is not None]
         missing = sorted(set(msg.ids) - {r["id"] for r, _ in rows})
         if missing:
             return {"error": f"no dead letter with id {', '.join(map(str, missing))}"}
     elif msg.group or msg.all:
-        # (a row purged meanwhile by another process is left out)
-        rows = [found for r in store.list(group=msg.group, type=msg.type) if (found := store.get(r["id"])) is not None]
+        # every matching row (limit 0), or one page of them: the CLI pages with `after` so
+        # its progress moves and no single request stalls the loop. Paging by id, not by
+        # status: a replayed event that fails again keeps its row id, so it is not replayed
+        # twice in one run. (A row purged meanwhile by another process is left out.)
+        listed = store.list(group=msg.group, type=msg.type, limit=msg.limit or None, after=msg.after)
+        rows = [found for r in listed if (found := store.get(r["id"])) is not None]
+        if msg.limit:  # a page: where the next starts, and how many are left after it
+            last = listed[-1]["id"] if listed else msg.after
+            page = {"next_after": last, "remaining": store.count(group=msg.group, type=msg.type, after=last)}
     else:
         return {"error": "replay needs ids, --group G or --all"}
     by_group: dict[str, list[tuple[dict[str, Any], bytes]]] = {}
@@ -446,7 +459,7 @@ def _replay_dead_letters(router: RouterSurface, msg: DlqRequest) -> dict:
             for i, (row, _) in enumerate(items)
         ]
     log.warning("dead_letters_replayed", count=len(replayed))
-    return {"replayed": replayed}
+    return {"replayed": replayed, **page}
 
 
 # -- reload ------------------------------------------------------------------------------

@@ -139,18 +139,37 @@ class DeadLetterStore:
         return int(row[0])
 
     def list(
-        self, group: str | None = None, type: str | None = None, status: str | None = "dead", limit: int = 1000
+        self,
+        group: str | None = None,
+        type: str | None = None,
+        status: str | None = "dead",
+        limit: int | None = 1000,
+        after: int = 0,
     ) -> list[dict[str, Any]]:
-        where, args = [], []
+        """Rows with id > `after`, oldest first; at most `limit` (None: all of them)."""
+        where, args = self._where(group, type, status, after)
+        sql = f"SELECT {', '.join(COLUMNS)} FROM dead_letters{where} ORDER BY id"
+        if limit is not None:
+            sql += " LIMIT ?"
+            args.append(limit)
+        return [self._row(r) for r in self.db.execute(sql, args)]
+
+    def count(
+        self, group: str | None = None, type: str | None = None, status: str | None = "dead", after: int = 0
+    ) -> int:
+        """How many rows `list` would give without a limit."""
+        where, args = self._where(group, type, status, after)
+        return int(self.db.execute(f"SELECT COUNT(*) FROM dead_letters{where}", args).fetchone()[0])
+
+    @staticmethod
+    def _where(group: str | None, type: str | None, status: str | None, after: int) -> tuple[str, builtins.list]:
+        where = ["id > ?"]
+        args: builtins.list[Any] = [after]
         for column, value in (("grp", group), ("type", type), ("status", status)):
             if value is not None:
                 where.append(f"{column} = ?")
                 args.append(value)
-        sql = f"SELECT {', '.join(COLUMNS)} FROM dead_letters"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY id LIMIT ?"
-        return [self._row(r) for r in self.db.execute(sql, (*args, limit))]
+        return " WHERE " + " AND ".join(where), args
 
     def get(self, row_id: int) -> tuple[dict[str, Any], bytes] | None:
         r = self.db.execute(f"SELECT {', '.join(COLUMNS)}, event FROM dead_letters WHERE id = ?", (row_id,)).fetchone()

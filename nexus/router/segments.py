@@ -188,11 +188,32 @@ def scan(
         off = end
 
 
-def verify(directory: str, on_damage: Callable[[Damage], None] | None = None) -> dict:
+PROGRESS_STEP = 4 * CHUNK  # bytes read between two progress reports
+
+
+def _sizes(segments: list[Segment]) -> int:
+    total = 0
+    for seg in segments:
+        try:
+            total += os.stat(seg.path).st_size
+        except FileNotFoundError:
+            pass  # removed by retention meanwhile
+    return total
+
+
+def verify(
+    directory: str,
+    on_damage: Callable[[Damage], None] | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> dict:
     """Read every segment without changing anything (safe while a router writes):
     damaged ranges, records, and a torn tail of the last segment (which may be a
-    write in progress; recovery would cut it)."""
+    write in progress; recovery would cut it). `on_progress(bytes_read, total_bytes)`
+    is called every PROGRESS_STEP bytes and after each segment (the total is the
+    segments' size at the start, raised if a live router's last segment grows)."""
     segments = list_segments(directory)
+    total = _sizes(segments) if on_progress is not None else 0
+    done = 0  # bytes of the segments finished
     damaged: list[Damage] = []
     records = 0
     torn = None
@@ -206,10 +227,14 @@ def verify(directory: str, on_damage: Callable[[Damage], None] | None = None) ->
             size = os.fstat(fd).st_size
             prev = seg.first - 1
             nxt = segments[i + 1].first if i + 1 < len(segments) else 0
+            reported = 0
             for kind, off, a, b in scan(fd, size, prev):
                 if kind == "record":
                     records += 1
                     prev = last_seq = a
+                    if on_progress is not None and b - reported >= PROGRESS_STEP:
+                        reported = b
+                        on_progress(done + b, max(total, done + size))
                 elif i == len(segments) - 1 and torn_tail(fd, size, off, a):
                     torn = {"segment": os.path.basename(seg.path), "offset": off, "bytes": a - off}
                 else:
@@ -219,8 +244,14 @@ def verify(directory: str, on_damage: Callable[[Damage], None] | None = None) ->
                     damaged.append(d)
                     if on_damage is not None:
                         on_damage(d)
+            done += size
+            if on_progress is not None:
+                total = max(total, done)
+                on_progress(done, total)
         finally:
             os.close(fd)
+    if on_progress is not None:
+        on_progress(done, done)  # what was read (a segment retention removed meanwhile is not)
     if segments:
         last_seq = max(last_seq, segments[-1].first - 1)
     return {

@@ -10,7 +10,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 DOCS = sorted([REPO / "README.md", *(REPO / "docs").glob("*.md")])
-ROOTS = ("nexus", "tests", "docs", "examples", "config", "bench", "workers", "protos", "scripts")
+ROOTS = ("nexus", "tests", "docs", "examples", "config", "bench", "workers", "protos", "scripts", "deploy")
 FENCE = re.compile(r"^```.*?^```", re.MULTILINE | re.DOTALL)
 INLINE = re.compile(r"`([^`\n]+)`")
 # a repo path inside a backtick span: `nexus/router/`, `tests/unit/test_x.py`, the
