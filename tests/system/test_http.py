@@ -12,6 +12,7 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 from conftest import recorder_group, write_config
@@ -40,6 +41,12 @@ def http(url: str, token: str | None = TOKEN, method: str = "GET", body: bytes |
         return exc.code, dict(exc.headers), exc.read().decode()
     except urllib.error.URLError as exc:
         return 0, {}, str(exc.reason)
+
+
+def probe(config: Path, path: str) -> subprocess.CompletedProcess:
+    """`python -m nexus.tools.probe`, the container HEALTHCHECK and Kubernetes exec probe."""
+    cmd = [sys.executable, "-m", "nexus.tools.probe", "-c", str(config), path]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=30)
 
 
 def process(p: LaunchedPipeline, name: str) -> dict:
@@ -102,9 +109,14 @@ def test_health_metrics_and_security(tmp_path):
             assert status == 503 and json.loads(body) == {"ok": False, "reasons": ["router not answering"]}
             status, _, body = http(f"{base}/readyz")
             assert status == 503 and "router not answering" in json.loads(body)["reasons"]
+            # the containers' probe (deploy/), reading address and token from the config
+            down = probe(path, "/readyz")
+            assert down.returncode == 1 and "router not answering" in down.stdout + down.stderr
         finally:
             os.kill(router, signal.SIGCONT)
         wait_for(lambda: http(f"{base}/readyz")[0] == 200, 20, 0.1, "/readyz 200 again")
+        up_again = probe(path, "/readyz")
+        assert up_again.returncode == 0, up_again.stdout + up_again.stderr
 
         # a crashed http child is restarted like any other
         os.kill(child["pid"], signal.SIGKILL)

@@ -44,8 +44,8 @@ def test_every_nexus_module_and_attribute_the_readme_names_exists():
     for dotted in sorted(set(re.findall(r"`(?:python -m )?(nexus(?:\.\w+)+)", README))):
         parts = dotted.split(".")
         obj, n = importlib.import_module("nexus"), 1
-        while n < len(parts) and not hasattr(obj, parts[n]):  # the longest importable module
-            try:
+        while n < len(parts):  # the longest importable module (a package's attribute is
+            try:  # there only once its submodule was imported: import, don't ask hasattr)
                 obj = importlib.import_module(".".join(parts[: n + 1]))
             except ModuleNotFoundError:
                 break
