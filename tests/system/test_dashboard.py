@@ -144,6 +144,9 @@ def test_dashboard_in_chromium(tmp_path, browser):
         gate.touch()
         until(lambda: lag() == 0, "lag back to 0 on the page")
         assert peak >= 1 and css("#chart-rate polyline")
+        # the members' latency histograms reach the page: p50 and p99 drawn, a p99 figure shown
+        until(lambda: len(css("#chart-latency polyline")) >= 2, "the latency chart drawn")
+        until(lambda: css("#latency-now")[0].text.startswith("p99 "), "the latest p99 shown")
         wait_for(lambda: {r[1] for r in read_handled(str(out))} >= set(slow), 10, message="slow events handled")
 
         # a dead letter: listed, shown, fixed, replayed from the page, handled

@@ -229,11 +229,13 @@ def test_nothing_answering_renders_an_empty_page_and_bad_member_series_are_left_
     assert (("group", "g"), ("member", "g-2")) not in got["nexus_handler_duration_seconds_count"]
 
 
-def test_operations_doc_lists_every_metric():
-    text = (REPO / "docs" / "operations.md").read_text()
-    section = text.split("## Metrics", 1)[1].split("\n## ", 1)[0]
-    listed = set(re.findall(r"`(nexus_[a-z_]+)", section))
-    assert listed >= set(names.CATALOGUE), sorted(set(names.CATALOGUE) - listed)
+def test_operations_doc_and_readme_list_every_metric_and_no_other():
+    for doc, heading in (("docs/operations.md", "## Metrics"), ("README.md", "## Operating Nexus")):
+        text = (REPO / doc).read_text()
+        section = text.split(heading, 1)[1].split("\n## ", 1)[0]
+        listed = set(re.findall(r"`(nexus_[a-z_]+)", section))
+        assert listed >= set(names.CATALOGUE), (doc, sorted(set(names.CATALOGUE) - listed))
+        assert listed <= set(names.CATALOGUE), (doc, sorted(listed - set(names.CATALOGUE)))
 
 
 class _Coord:
