@@ -43,6 +43,7 @@ from nexus.producer.outbox import MAX_BATCH_EVENTS
 from nexus.testing import LaunchedPipeline, free_port
 
 from . import baselines
+from .scrape import TOKEN as SCRAPE_TOKEN
 from .scrape import Scraper
 
 REPO = str(Path(__file__).resolve().parent.parent)
@@ -93,7 +94,12 @@ def write_config(directory: Path, args) -> Path:
         "security": security,
         "contracts": ["nexus.contracts"],
         "contracts_untyped": ["bench.*"],
-        "http": {"listen": ""},  # no HTTP process: the figures as before (and no fixed port)
+        # no HTTP process unless scraped (then on a free port, scraped as Prometheus would)
+        "http": (
+            {"listen": f"127.0.0.1:{free_port()}", "token": SCRAPE_TOKEN}
+            if args.scrape_metrics == "on"
+            else {"listen": ""}
+        ),
         "shutdown_timeout": "20s",
         "producers": {},
         "workers": groups,
@@ -366,7 +372,7 @@ def run_nexus(args) -> dict:
                 raise RuntimeError(msg.get("error") or f"unexpected producer message {msg}")
         sampler = Sampler(pids, args.sample_interval).start()
         if args.scrape_metrics == "on":
-            scraper = Scraper(pipeline.cfg).start()
+            scraper = Scraper(pipeline.cfg.http.listen).start()
         if args.profile:
             profilers = start_profilers(args, {**pids, "producer0": prods[0].pid}, tmp)
         t_go = time.time()
@@ -723,7 +729,7 @@ def parse_args(argv=None):
         const="on",
         default="",
         choices=("on", "both"),
-        help="scrape the pipeline's metrics every second during the run (request, merge, render); "
+        help="run with the HTTP port and GET its /metrics every second, as Prometheus would; "
         "=both: runs without and with scraping, alternating (--repeat rounds), then both figures",
     )
     ap.add_argument(

@@ -1,26 +1,24 @@
-"""`--scrape-metrics`: scrape the pipeline's metrics once a second during a benchmark run,
-as Prometheus would through the launcher's HTTP port (the router's metrics request and
-the launcher's status, merged and rendered by nexus/http/exposition.py), so the cost of
-being scraped shows in the run's own figures."""
+"""`--scrape-metrics`: scrape the pipeline's `/metrics` once a second during a benchmark
+run, as Prometheus would: a real HTTP GET on the launcher's HTTP port (the run then has
+its `http` process, which the run without scraping does not), so the cost of the port
+and of being scraped shows in the run's own figures."""
 
 from __future__ import annotations
 
+import secrets
 import threading
 import time
+import urllib.error
+import urllib.request
 
-from nexus.errors import NexusError
-from nexus.http import exposition
-from nexus.protocol.client import ControlClient, CoordClient
-from nexus.protocol.curve import client_keys
+TOKEN = secrets.token_hex(16)  # the benchmark config's http.token
 
 
 class Scraper:
-    def __init__(self, cfg, every: float = 1.0):
-        keys = client_keys(cfg)
-        self.coord = CoordClient(cfg.coord, 5.0, curve=keys)
-        self.control = ControlClient(cfg.control_endpoint, 5.0, curve=keys)
+    def __init__(self, listen: str, every: float = 1.0):
+        self.url = f"http://{listen}/metrics"
         self.every = every
-        self.took: list[float] = []  # seconds per scrape (request, merge, render)
+        self.took: list[float] = []  # seconds per scrape (the whole HTTP request)
         self.bytes = 0
         self.errors: list[str] = []
         self._stop = threading.Event()
@@ -44,12 +42,14 @@ class Scraper:
 
     def _run(self) -> None:
         next_at = time.monotonic()
+        request = urllib.request.Request(self.url, headers={"Authorization": f"Bearer {TOKEN}"})
         while not self._stop.wait(max(0.0, next_at - time.monotonic())):
             next_at += self.every
             started = time.perf_counter()
             try:
-                text, _ = exposition.render(exposition.merge(self.coord.metrics(), self.control.status()))
-            except NexusError as exc:
+                with urllib.request.urlopen(request, timeout=5) as answer:
+                    text = answer.read()
+            except (OSError, urllib.error.URLError) as exc:
                 self.errors.append(str(exc))
                 continue
             self.took.append(time.perf_counter() - started)
