@@ -10,7 +10,7 @@ import stat
 import pytest
 
 from nexus.config import Config, HttpConfig
-from nexus.errors import ConfigError
+from nexus.errors import ConfigError, ExitCode
 from nexus.http import credential, health
 from nexus.http.guard import same_host
 from nexus.http.listen import check, parse_listen
@@ -196,3 +196,23 @@ def test_the_generated_token_is_private_and_kept(tmp_path):
     assert credential.ensure(cfg) not in (token, "cut short")
     explicit = Config(data_dir=str(tmp_path), http=HttpConfig(listen="127.0.0.1:9464", token="set-in-config"))
     assert credential.ensure(explicit) == credential.load(explicit) == "set-in-config"
+
+
+def test_dashboard_command_prints_the_link_or_one_line(tmp_path, capsys):
+    from nexus import config as config_mod
+    from nexus.cli.commands import main
+
+    path = tmp_path / "nexus.yaml"
+    path.write_text("data_dir: ./var\nhttp: {listen: '0.0.0.0:9464', token: ''}\n")
+    (tmp_path / "var").mkdir(mode=0o700)
+    assert main(["dashboard", "-c", str(path)]) == ExitCode.CONFIG  # no pipeline started here yet
+    assert capsys.readouterr().err.count("\n") == 1
+    token = credential.ensure(config_mod.load(str(path), None))
+    assert main(["dashboard", "-c", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert f"dashboard: http://127.0.0.1:9464/?token={token}" in out  # a wildcard listen: on loopback
+    assert 'targets: ["127.0.0.1:9464"]' in out and "credentials_file" in out
+    assert main(["dashboard", "--token", "-c", str(path)]) == 0 and capsys.readouterr().out == token + "\n"
+    path.write_text("data_dir: ./var\nhttp: {listen: ''}\n")
+    assert main(["dashboard", "-c", str(path)]) == ExitCode.CONFIG
+    assert "http.listen is off" in capsys.readouterr().err
