@@ -1,4 +1,4 @@
-"""The `nexus` command: send, status, scale, worker, tail, journal, dlq, reload, keys."""
+"""The `nexus` command: send, status, scale, worker, tail, journal, dlq, reload, dashboard, keys."""
 
 from __future__ import annotations
 
@@ -609,6 +609,47 @@ def cmd_reload(args) -> int:
     return ExitCode.OK
 
 
+# -- dashboard ------------------------------------------------------------------------------
+PROMETHEUS_SNIPPET = """\
+scrape_configs:
+  - job_name: nexus
+    authorization: {{credentials_file: {file}}}
+    static_configs: [{{targets: ["{target}"]}}]"""
+
+
+def cmd_dashboard(args) -> int:
+    """The dashboard's address with its token, and the Prometheus scrape config. Reading
+    the token takes what every other command takes: the config and the data dir."""
+    from urllib.parse import quote, urlsplit
+
+    from nexus.http import credential
+    from nexus.http.listen import local_url
+
+    cfg = config_mod.load(args.config, args.env)
+    if not cfg.http.listen:
+        raise ConfigError(f"{cfg.source}: http.listen is off: no dashboard (set it, e.g. 127.0.0.1:9464, and restart)")
+    token = credential.load(cfg)
+    url = local_url(cfg.http.listen)
+    if args.token:
+        print(token)
+        return int(ExitCode.OK)
+    link = f"{url}?token={quote(token, safe='')}"
+    if args.url:
+        print(link)
+        return int(ExitCode.OK)
+    generated = not cfg.http.token
+    print(f"dashboard: {link}")
+    print("  open it once: the page keeps a session cookie and drops the token from the address bar")
+    print()
+    print("Prometheus (prometheus.yml), with the token in a file its user can read:")
+    print("  nexus dashboard --token > /etc/prometheus/nexus.token   # then chown it to Prometheus' user, mode 0600")
+    if generated:
+        print(f"  (the token is {credential.path_of(cfg)}: made once, kept across restarts)")
+    print()
+    print(PROMETHEUS_SNIPPET.format(file="/etc/prometheus/nexus.token", target=urlsplit(url).netloc))
+    return int(ExitCode.OK)
+
+
 def _parse_time(text: str) -> float:
     from datetime import datetime
 
@@ -685,6 +726,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print what would change, apply nothing")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_reload)
+
+    p = sub.add_parser("dashboard", parents=[common], help="the dashboard's address with its token; Prometheus config")
+    p.add_argument("--url", action="store_true", help="print only the address (with the token)")
+    p.add_argument("--token", action="store_true", help="print only the token")
+    p.set_defaults(func=cmd_dashboard)
 
     keys.add_parser(sub, common)
     return parser

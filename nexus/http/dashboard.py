@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import time
 from typing import Any
 
@@ -21,13 +22,19 @@ from nexus.http.tail import TailFeed
 log = structlog.get_logger("nexus.http")
 
 SAMPLE_EVERY = 1.0  # seconds
+# The metrics snapshot (for the latency chart) is the router's most expensive answer
+# (every partition's series): asked every sample only while a page is open, else every
+# METRICS_IDLE_EVERY, so a page that opens still finds ten minutes of (coarser) latency.
+METRICS_IDLE_EVERY = 10.0  # seconds
+MAX_STREAMS = 32  # open pages (/api/stream); each holds a connection and a tail watcher
 KEEPALIVE = 15.0  # seconds of silence on a stream before a comment line (proxies close idle ones)
 MAX_IDS = 1000  # dead letters per action from the page
 
 
 class Sampler:
-    """Every second: the launcher's and the router's status and the metrics, to one
-    `state` the pages show and one chart point."""
+    """Every second: the launcher's and the router's status (cheap), and the metrics
+    while a page is open (else every METRICS_IDLE_EVERY), to one `state` the pages
+    show and one chart point."""
 
     def __init__(self, peers: Peers, feed: TailFeed):
         self.peers = peers
@@ -35,6 +42,7 @@ class Sampler:
         self.series = Series()
         self.state: dict[str, Any] = {}
         self.version = 0
+        self.metrics_at = -math.inf  # monotonic time metrics were last asked for
 
     async def run(self, stop: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()
@@ -51,12 +59,15 @@ class Sampler:
                 pass
 
     async def sample(self, loop: asyncio.AbstractEventLoop) -> None:
-        launcher, router, metrics = await asyncio.gather(
-            loop.run_in_executor(None, self.peers.launcher_status),
-            loop.run_in_executor(None, self.peers.router_status),
-            loop.run_in_executor(None, self.peers.router_metrics),
-        )
-        point = self.series.add(time.monotonic(), time.time(), router, metrics)
+        now = time.monotonic()
+        latency = bool(self.feed.watchers) or now - self.metrics_at >= METRICS_IDLE_EVERY - SAMPLE_EVERY / 2
+        asks = [self.peers.launcher_status, self.peers.router_status]
+        if latency:
+            self.metrics_at = now
+            asks.append(self.peers.router_metrics)
+        replies = await asyncio.gather(*(loop.run_in_executor(None, ask) for ask in asks))
+        launcher, router = replies[0], replies[1]
+        point = self.series.add(now, time.time(), router, replies[2] if latency else None, latency=latency)
         self.state = describe(launcher, router, point)
         self.version += 1
         for w in list(self.feed.watchers):
@@ -102,6 +113,8 @@ async def stream(request: web.Request) -> web.StreamResponse:
     sampler: Sampler = app["sampler"]
     feed: TailFeed = app["feed"]
     stopping: asyncio.Event = app["stopping"]
+    if len(feed.watchers) >= MAX_STREAMS:
+        return web.Response(status=503, text=f"too many open dashboard pages ({MAX_STREAMS}): close one\n")
     resp = web.StreamResponse(
         headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store", "X-Accel-Buffering": "no"}
     )

@@ -6,7 +6,10 @@ always agree.
 - live: the launcher and the router answer (a supervisor or a load balancer restarts
   the pipeline when this fails).
 - ready: live, the router has read its journal, its storage is writable, and every
-  group that wants members has every partition assigned (traffic can flow).
+  group the router knows has every partition assigned (traffic can flow), whoever runs
+  its members: this launcher, or `nexus worker` in other containers or hosts (a group
+  with `processes: 0` here). The one exception is a group the autoscaler scaled to zero
+  (`autoscale.min: 0`, nothing to do): its events wait in the journal by design.
 """
 
 from __future__ import annotations
@@ -40,6 +43,14 @@ def desired_members(launcher: dict[str, Any]) -> dict[str, int]:
     return wanted
 
 
+def scaled_to_zero(launcher: dict[str, Any], wanted: dict[str, int]) -> set[str]:
+    """Groups the autoscaler may and did take to zero members (min 0, desired 0)."""
+    autoscale = launcher.get("autoscale")
+    if not isinstance(autoscale, dict):
+        return set()
+    return {g for g, a in autoscale.items() if isinstance(a, dict) and a.get("min") == 0 and wanted.get(g, 0) == 0}
+
+
 def readiness(launcher: Status, router: Status) -> tuple[bool, list[str]]:
     _, reasons = liveness(launcher, router)
     if launcher is not None:
@@ -61,17 +72,16 @@ def readiness(launcher: Status, router: Status) -> tuple[bool, list[str]]:
         reasons.append("storage error")
     groups = router.get("groups", {})
     wanted = desired_members(launcher) if launcher is not None else {}
-    for name, n in sorted(wanted.items()):
-        if n <= 0:
-            continue
+    resting = scaled_to_zero(launcher, wanted) if launcher is not None else set()
+    for name in sorted(set(groups) | {g for g, n in wanted.items() if n > 0}):
         g = groups.get(name)
+        n = wanted.get(name, 0)
         if g is None:
             reasons.append(f"group {name}: unknown to the router")
-        elif g.get("unassigned", 0):
-            reasons.append(
-                f"group {name}: {g['unassigned']} of {g['partitions']} partitions unassigned "
-                f"({len(g.get('members', []))} of {n} members joined)"
-            )
+        elif g.get("unassigned", 0) and name not in resting:
+            joined = len(g.get("members", []))
+            who = f"{joined} of {n} members joined" if n > 0 else f"{joined} members joined, none run by this launcher"
+            reasons.append(f"group {name}: {g['unassigned']} of {g['partitions']} partitions unassigned ({who})")
     return not reasons, reasons
 
 

@@ -12,6 +12,7 @@ from nexus.config import HttpConfig
 from nexus.errors import ConfigError
 
 WILDCARDS = ("", "0.0.0.0", "::")
+LOOPBACK_OF = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}  # where this host reaches a wildcard
 
 
 def parse_listen(listen: str) -> tuple[str, int]:
@@ -37,6 +38,16 @@ def _check_v6(host: str, listen: str) -> None:
 
 def is_wildcard(host: str) -> bool:
     return host in WILDCARDS
+
+
+def local_url(listen: str, path: str = "/") -> str:
+    """http://HOST:PORT/PATH of the port as this host reaches it (a wildcard address on
+    loopback): the probe's and `nexus dashboard`'s address."""
+    host, port = parse_listen(listen)
+    host = LOOPBACK_OF.get(host, host)
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{port}/{path.lstrip('/')}"
 
 
 def check(http: HttpConfig) -> tuple[str, int]:

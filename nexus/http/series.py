@@ -66,8 +66,13 @@ class Series:
         self.latency = LatencyDelta()
         self.last: tuple[float, int] | None = None  # (monotonic time, router's accepted total)
 
-    def add(self, now: float, wall: float, router: dict[str, Any] | None, metrics: dict | None) -> dict[str, Any]:
-        point: dict[str, Any] = {"t": round(wall, 3), "rate": None, "p50": None, "p99": None, "lag": {}}
+    def add(
+        self, now: float, wall: float, router: dict[str, Any] | None, metrics: dict | None, latency: bool = True
+    ) -> dict[str, Any]:
+        """One point. Without `latency` (the metrics were not asked for this time) the
+        point has no p50/p99 keys at all: the chart joins the points around it, where
+        None (asked, no answer or no events) breaks the line."""
+        point: dict[str, Any] = {"t": round(wall, 3), "rate": None, "lag": {}}
         if router is not None:
             accepted = int(router.get("router", {}).get("accepted", 0))
             if self.last is not None and accepted >= self.last[1] and now > self.last[0]:
@@ -76,9 +81,9 @@ class Series:
             point["lag"] = {
                 name: g["lag"] for name, g in router.get("groups", {}).items() if isinstance(g.get("lag"), int)
             }
-        buckets = self.latency.step(metrics)
-        if buckets:
-            point["p50"], point["p99"] = quantile(0.5, buckets), quantile(0.99, buckets)
+        if latency:
+            buckets = self.latency.step(metrics)
+            point["p50"], point["p99"] = (quantile(0.5, buckets), quantile(0.99, buckets)) if buckets else (None, None)
         self.points.append(point)
         return point
 

@@ -3,8 +3,10 @@
 
 It holds no pipeline state of its own: every answer is built from requests to the
 launcher (control) and the router (coord) made as the request comes in (health,
-metrics) or by the dashboard's sampler once a second. Nothing here is on the event
-path, so a slow scrape or an open page cannot slow the pipeline beyond those requests.
+metrics: nexus/http/scrape.py) or by the dashboard's sampler once a second. Nothing
+here is on the event path, so a slow scrape or an open page cannot slow the pipeline
+beyond those requests. Every route but /healthz and /readyz wants the token
+(nexus/http/credential.py, nexus/http/guard.py).
 """
 
 from __future__ import annotations
@@ -20,10 +22,11 @@ from aiohttp import web
 from nexus.common import redact
 from nexus.config import Config
 from nexus.errors import ConfigError
-from nexus.http import dashboard, exposition, health
+from nexus.http import credential, dashboard, health
 from nexus.http.guard import Guard
 from nexus.http.listen import parse_listen
 from nexus.http.peers import Peers
+from nexus.http.scrape import SharedScrape
 from nexus.http.tail import TailFeed
 
 log = structlog.get_logger("nexus.http")
@@ -74,12 +77,7 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    peers: Peers = request.app["peers"]
-    loop = asyncio.get_running_loop()
-    reply, launcher = await asyncio.gather(
-        loop.run_in_executor(None, peers.router_metrics), loop.run_in_executor(None, peers.launcher_status)
-    )
-    body, content_type = exposition.render(exposition.merge(reply, launcher))
+    body, content_type = await request.app["scrape"].get()
     resp = web.Response(body=body)
     resp.headers["Content-Type"] = content_type  # with its version parameter, as Prometheus expects
     return resp
@@ -109,11 +107,12 @@ async def state(request: web.Request) -> web.Response:
     return web.json_response(request.app["sampler"].state)
 
 
-def build_app(cfg: Config, host: str, port: int) -> web.Application:
-    guard = Guard(host, port, cfg.http.token)
+def build_app(cfg: Config, host: str, port: int, token: str) -> web.Application:
+    guard = Guard(host, port, token)
     app = web.Application(middlewares=[guard.middleware], client_max_size=64 * 1024)
     peers = Peers(cfg)
     app["guard"], app["peers"], app["static"] = guard, peers, _load_static()
+    app["scrape"] = SharedScrape(peers)
     app["stopping"] = asyncio.Event()
     app.router.add_get("/", page)
     app.router.add_get("/static/{name}", static)
@@ -128,12 +127,12 @@ def build_app(cfg: Config, host: str, port: int) -> web.Application:
     return app
 
 
-async def serve(cfg: Config, host: str, port: int) -> None:
+async def serve(cfg: Config, host: str, port: int, token: str) -> None:
     loop = asyncio.get_running_loop()
     # the blocking requests to the launcher and the router: a probe, a scrape and a sample
     # may each wait out a 1 s timeout at once while the router is stopped
     loop.set_default_executor(ThreadPoolExecutor(PEER_THREADS, thread_name_prefix="peers"))
-    app = build_app(cfg, host, port)
+    app = build_app(cfg, host, port, token)
     app["feed"] = feed = TailFeed(cfg, loop)
     app["sampler"] = sampler = dashboard.Sampler(app["peers"], feed)
     stop: asyncio.Event = app["stopping"]
@@ -146,7 +145,7 @@ async def serve(cfg: Config, host: str, port: int) -> None:
             await web.TCPSite(runner, host or None, port).start()
         except OSError as exc:
             raise ConfigError(f"http.listen {cfg.http.listen!r}: cannot bind: {exc.strerror or exc}") from None
-        log.info("http_listening", address=cfg.http.listen, token=bool(cfg.http.token))
+        log.info("http_listening", address=cfg.http.listen, token="http.token" if cfg.http.token else "generated")
         await sampler.run(stop)
     finally:
         stop.set()
@@ -159,7 +158,7 @@ async def serve(cfg: Config, host: str, port: int) -> None:
 def main(cfg: Config, name: str) -> None:
     """The child's entry (nexus/supervisor/child.py)."""
     host, port = parse_listen(cfg.http.listen)
-    if cfg.http.token:
-        redact.register(cfg.http.token)  # (child.py registered the config's; once more is harmless)
-    asyncio.run(serve(cfg, host, port))
+    token = credential.load(cfg)  # the config's, or the one the launcher made in the data dir
+    redact.register(token)  # (child.py registered the config's; once more is harmless)
+    asyncio.run(serve(cfg, host, port, token))
     log.info("http_stopped", name=name)

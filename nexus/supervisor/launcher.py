@@ -36,6 +36,7 @@ from nexus.common.backoff import backoff_delay
 from nexus.common.datalock import LAUNCHER_LOCK, ROUTER_LOCK, DataDirLock, clean_stale_run
 from nexus.common.statefile import unlink_quietly
 from nexus.errors import ConfigError, ExitCode, NexusError, describe_exit
+from nexus.http import credential as http_credential
 from nexus.http import listen as http_listen
 from nexus.protocol import curve, transport
 from nexus.protocol.client import CoordClient
@@ -102,6 +103,8 @@ class Launcher:
                 previous[1] if len(previous) > 1 else "",
             )
             private.tighten(cfg.data_dir, cfg.security.ipc_group)  # what an older version left readable
+        if cfg.http.listen:
+            http_credential.prepare(cfg)  # the HTTP port's token (made once when http.token is unset)
         process.become_subreaper()
         os.environ[process.RUN_ENV] = self.token  # inherited by every child and its forks
         ctx: zmq.Context = zmq.Context.instance()

@@ -21,24 +21,22 @@ import urllib.request
 from nexus import config as config_mod
 from nexus.common import redact
 from nexus.errors import ConfigError, ExitCode
-
-WILDCARDS = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1", "[::]": "::1"}
+from nexus.http.listen import local_url
 
 
 def url_of(listen: str, path: str) -> str:
     """http://HOST:PORT/PATH for a `http.listen` value; wildcards become loopback."""
-    host, _, port = listen.rpartition(":")
-    host = WILDCARDS.get(host, host)
-    if ":" in host and not host.startswith("["):
-        host = f"[{host}]"
-    return f"http://{host}:{port}/{path.lstrip('/')}"
+    return local_url(listen, path)
 
 
 def probe(cfg: config_mod.Config, path: str, timeout: float) -> tuple[bool, str]:
     """(ok, one line): ok only for a 200 answer."""
     if not cfg.http.listen:
         return False, f"{cfg.source}: http.listen is off: nothing to probe"
-    url = url_of(cfg.http.listen, path)
+    try:
+        url = url_of(cfg.http.listen, path)
+    except ConfigError as exc:
+        return False, f"{cfg.source}: {exc}"
     request = urllib.request.Request(url)
     if cfg.http.token:
         request.add_header("Authorization", f"Bearer {cfg.http.token}")

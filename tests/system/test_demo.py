@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -43,9 +45,14 @@ def test_default_config_demo(tmp_path):
         )
         lines = [line for line in pipeline.output().splitlines() if "file.created" in line]
         assert "hello.txt" in lines[0] and '"size":5' in lines[0]
-        # the HTTP port of the default config: ready, and the dashboard page
+        # the HTTP port of the default config: ready, and the dashboard page at the link
+        # `nexus dashboard` prints (the token the launcher made: none without it)
         wait_for(lambda: _get(f"http://127.0.0.1:{port}/readyz")[0] == 200, 15, 0.1, "/readyz 200")
-        status, page = _get(f"http://127.0.0.1:{port}/")
+        assert _get(f"http://127.0.0.1:{port}/")[0] == 401
+        cli = [sys.executable, "-m", "nexus", "dashboard", "--url", "-c", str(path)]
+        link = subprocess.run(cli, capture_output=True, text=True, timeout=30)
+        assert link.returncode == 0 and link.stdout.startswith(f"http://127.0.0.1:{port}/?token="), link
+        status, page = _get(link.stdout.strip())
         assert status == 200 and "<title>Nexus</title>" in page
 
 

@@ -1,6 +1,7 @@
 """System tests of the HTTP port: the launcher's http child, /healthz, /readyz, /metrics,
-the token, the Host and CSRF checks, `nexus status`'s verdict, and the refusals of a
-bad `http.listen` at start. One launched pipeline serves every check that needs one."""
+the token (set, or generated in the data dir) and `nexus dashboard`, the Host and CSRF
+checks, `nexus status`'s verdict, the cap on open streams, shared scrapes, and the
+refusals of a bad `http.listen` at start."""
 
 from __future__ import annotations
 
@@ -8,10 +9,13 @@ import json
 import os
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from http.client import HTTPConnection, HTTPResponse
 from pathlib import Path
 
 import pytest
@@ -19,6 +23,7 @@ from conftest import recorder_group, write_config
 from prometheus_client.parser import text_string_to_metric_families
 
 from nexus.errors import ExitCode
+from nexus.http.dashboard import MAX_STREAMS
 from nexus.testing import LaunchedPipeline, free_port, wait_for
 
 pytestmark = pytest.mark.system
@@ -66,10 +71,12 @@ def test_health_metrics_and_security(tmp_path):
         status, _, body = http(f"{base}/healthz")
         assert (status, json.loads(body)) == (200, {"ok": True, "reasons": []})
 
-        # the token: every request, compared as a whole
-        assert http(f"{base}/healthz", token=None)[0] == 401
+        # the token: every request but the probes', compared as a whole
         assert http(f"{base}/metrics", token=TOKEN + "x")[0] == 401
-        assert http(f"{base}/", token=None)[0] == 401
+        for path_ in ("/", "/metrics", "/api/state", "/api/deadletters"):
+            assert http(f"{base}{path_}", token=None)[0] == 401, path_
+        for path_ in ("/healthz", "/readyz"):  # load balancers and Kubernetes httpGet send none
+            assert http(f"{base}{path_}", token=None)[:3:2] == (200, '{"ok": true, "reasons": []}'), path_
 
         # one scrape: Prometheus text that prometheus_client's parser reads
         status, headers, text = http(f"{base}/metrics")
@@ -91,6 +98,9 @@ def test_health_metrics_and_security(tmp_path):
         assert http(action, method="POST", body=b"ids=999", Content_Type="application/x-www-form-urlencoded")[0] == 415
         status, _, text = http(action, method="POST", body=body_, Origin=base, **json_type)
         assert (status, json.loads(text)) == (200, {"ok": True, "purged": 0})  # passed the checks, asked the router
+        # behind a TLS-terminating proxy the page's origin is https://: the same host and port pass
+        assert http(action, method="POST", body=body_, Origin=f"https://127.0.0.1:{port}", **json_type)[0] == 200
+        assert http(action, method="POST", body=body_, Origin=f"https://127.0.0.1:{port + 1}", **json_type)[0] == 403
         assert http(f"{base}/healthz", Host=f"rebound.example:{port}")[0] == 403  # reads too
 
         # `nexus status` prints the same verdict
@@ -127,6 +137,73 @@ def test_health_metrics_and_security(tmp_path):
     # stopped first: it is gone before any member stops
     assert out.index("http_stopped") < out.index("member_stopped")
     assert TOKEN not in out
+
+
+def stream(port: int, token: str) -> tuple[HTTPConnection, HTTPResponse]:
+    """An open dashboard stream (/api/stream), its headers read, its body left flowing."""
+    conn = HTTPConnection("127.0.0.1", port, timeout=10)
+    conn.request("GET", "/api/stream", headers={"Authorization": f"Bearer {token}"})
+    return conn, conn.getresponse()
+
+
+def test_generated_token_dashboard_command_and_limits(tmp_path):
+    """No http.token: the launcher makes one in the data dir (0600), every route but the
+    probes wants it, `nexus dashboard` prints the link, a restart keeps it. Also: open
+    streams are capped, concurrent scrapes share one answer."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    path = write_config(
+        tmp_path, http={"listen": f"127.0.0.1:{port}"}, workers={"rec": recorder_group(tmp_path / "out")}
+    )
+    cli = [sys.executable, "-m", "nexus", "dashboard", "-c", str(path)]
+    with LaunchedPipeline(path) as p:
+        file = Path(p.cfg.data_dir) / "http.token"
+        assert stat.S_IMODE(file.stat().st_mode) == 0o600
+        token = file.read_text().strip()
+        wait_for(lambda: http(f"{base}/readyz", token=None)[0] == 200, 20, 0.1, "/readyz 200 without a token")
+        assert [http(f"{base}{path_}", token=None)[0] for path_ in ("/", "/metrics", "/api/state")] == [401] * 3
+        assert http(f"{base}/metrics", token=token)[0] == 200
+
+        # `nexus dashboard`: the link (it opens the page and its session) and Prometheus' config
+        shown = subprocess.run(cli, capture_output=True, text=True, timeout=30)
+        assert shown.returncode == 0, shown.stderr
+        assert f"dashboard: {base}/?token={token}" in shown.stdout and "credentials_file" in shown.stdout
+        link = subprocess.run([*cli, "--url"], capture_output=True, text=True, timeout=30).stdout.strip()
+        status, headers, page = http(link, token=None)
+        assert status == 200 and "<title>Nexus</title>" in page and "nexus_session=" in headers["Set-Cookie"]
+
+        # the open streams are capped; one more is refused with one line until one closes
+        opened = [stream(port, token) for _ in range(MAX_STREAMS)]
+        try:
+            assert {resp.status for _, resp in opened} == {200}
+            conn, refused = stream(port, token)
+            assert refused.status == 503 and refused.read().decode().count("\n") == 1
+            conn.close()
+            opened.pop()[0].close()
+
+            def one_more() -> bool:
+                conn, resp = stream(port, token)
+                conn.close()
+                return resp.status == 200
+
+            wait_for(one_more, 20, 0.2, "a stream again once one closed")
+        finally:
+            for conn, _ in opened:
+                conn.close()
+
+        # scrapes at the same moment share one answer (byte for byte: uptimes move otherwise)
+        with ThreadPoolExecutor(4) as pool:
+            bodies = list(pool.map(lambda _: http(f"{base}/metrics", token=token)[2], range(4)))
+        assert len(set(bodies)) == 1 and "nexus_ready 1.0" in bodies[0]
+    out = p.output()
+    assert "nexus dashboard" in out and token not in out  # where the dashboard is, never the token
+
+    # a restart keeps the token: Prometheus' credentials_file and the link stay good
+    with LaunchedPipeline(path) as again:
+        assert file.read_text().strip() == token
+        wait_for(lambda: http(f"{base}/healthz", token=None)[0] == 200, 20, 0.1, "/healthz 200")
+        assert http(f"{base}/metrics", token=token)[0] == 200
+    assert token not in again.output()
 
 
 @pytest.mark.parametrize(

@@ -5,9 +5,11 @@ A pipeline runs events through every kind of state it keeps (journal, cursors, d
 letters, a file source and its status file, black boxes, locks, the ipc sockets);
 then every folder under the data dir must be 0700, every file 0600 and every socket
 0600. A probe forked from this process and switched to the unprivileged user `nobody`
-tries to read a journal segment, the dead-letter database and the cursors file, and
-to connect to the ingest/confirm/coord/control sockets and send an event: every attempt
-must fail with a permission error and the router's accepted count must not move. The
+tries to read a journal segment, the dead-letter database, the cursors file and the
+HTTP token the launcher made, to connect to the ingest/confirm/coord/control sockets
+and send an event, and to use the HTTP port on loopback (default config: no
+http.token set): every attempt must fail (a permission error, 401 from every route but
+/healthz and /readyz) and the router's accepted count must not move. The
 probe first proves it can read and send where the modes allow it (a 0644 file and a
 0777 socket next to the data dir), so a denial is the data dir's doing.
 
@@ -36,10 +38,38 @@ from conftest import write_config
 from recorder import read_handled
 
 from nexus import Producer
-from nexus.testing import LaunchedPipeline, wait_for
+from nexus.testing import LaunchedPipeline, free_port, wait_for
 
 WAIT = 30.0
 EVENTS, POISON = 20, 2
+HTTP_PATHS = (
+    "/healthz",
+    "/readyz",
+    "/",
+    "/metrics",
+    "/api/state",
+    "/api/stream",
+    "/api/deadletters",
+    "/api/deadletters/1",
+)
+
+
+def port_of(listen: str) -> int:
+    return int(listen.rpartition(":")[2])
+
+
+def http_status(url: str) -> int | str:
+    """The status of a GET (a refused connection is reported, not a status)."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            return resp.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except OSError as exc:
+        return f"{type(exc).__name__}: {exc}"
 
 
 @pytest.fixture
@@ -57,6 +87,8 @@ def _config(root: Path, **extra) -> Path:
     out.mkdir()
     return write_config(
         root,
+        # the HTTP port as by default: loopback, no http.token (the launcher makes one)
+        http={"listen": f"127.0.0.1:{free_port()}"},
         **extra,
         producers={
             "inbox": {"kind": "file", "paths": [str(root / "inbox")], "create_missing": True, "debounce": "50ms"}
@@ -141,6 +173,7 @@ def test_every_file_folder_and_socket_is_private_after_a_run(open_root, launched
         "run/status/inbox.json",
         "run/box/router.box",
         "run/box/rec-0.box",
+        "http.token",
     ):
         assert expected in files, f"{expected} not in the data dir: {sorted(files)}"
     assert any(f.startswith("journal/") and f.endswith(".seg") for f in files), sorted(files)
@@ -150,7 +183,9 @@ def test_every_file_folder_and_socket_is_private_after_a_run(open_root, launched
 
 
 # -- the unprivileged probe ---------------------------------------------------------------
-def _probe(uid: int, gid: int, files: dict, sockets: dict, confirm: str, ingest: str, canary: dict, conn) -> None:
+def _probe(
+    uid: int, gid: int, files: dict, sockets: dict, confirm: str, ingest: str, canary: dict, http_base: str, conn
+) -> None:
     """Runs in a forked child: become `nobody`, then try everything; report as JSON."""
     out: dict = {}
     try:
@@ -192,6 +227,7 @@ def _probe(uid: int, gid: int, files: dict, sockets: dict, confirm: str, ingest:
         push.close()
         out["read"] = {name: attempt(lambda p=path: read(p)) for name, path in files.items()}
         out["connect"] = {name: attempt(lambda p=path: connect(p)) for name, path in sockets.items()}
+        out["http"] = {path: http_status(http_base + path) for path in HTTP_PATHS}
         # and the real thing: a confirmed event (must never be ACKed) and a fired one
         from nexus.errors import NexusError
 
@@ -238,7 +274,12 @@ def test_another_user_can_read_nothing_and_send_nothing(open_root, launched, wit
     cfg = pipeline.cfg
     data = Path(cfg.data_dir)
     segment = sorted((data / "journal").glob("*.seg"))[0]
-    files = {"segment": str(segment), "dlq": str(data / "dlq.sqlite3"), "cursors": str(data / "cursors.msgpack")}
+    files = {
+        "segment": str(segment),
+        "dlq": str(data / "dlq.sqlite3"),
+        "cursors": str(data / "cursors.msgpack"),
+        "http token": str(data / "http.token"),
+    }
     sockets = {
         n: e[len("ipc://") :]
         for n, e in (
@@ -258,6 +299,8 @@ def test_another_user_can_read_nothing_and_send_nothing(open_root, launched, wit
     pull.setsockopt(zmq.LINGER, 0)
     pull.bind(f"ipc://{canary_sock}")
     canary_sock.chmod(0o777)
+    http_base = f"http://127.0.0.1:{port_of(cfg.http.listen)}"
+    wait_for(lambda: http_status(http_base + "/readyz") == 200, WAIT, message="the HTTP port ready")
     before = pipeline.router_status()["router"]["accepted"]
     receiver, sender = multiprocessing.Pipe(duplex=False)
     probe = multiprocessing.get_context("fork").Process(
@@ -270,6 +313,7 @@ def test_another_user_can_read_nothing_and_send_nothing(open_root, launched, wit
             cfg.confirm,
             cfg.ingest,
             {"file": str(canary_file), "endpoint": f"ipc://{canary_sock}"},
+            http_base,
             sender,
         ),
     )
@@ -291,6 +335,9 @@ def test_another_user_can_read_nothing_and_send_nothing(open_root, launched, wit
     assert report["uid"] == nobody.pw_uid
     assert report["canary_read"] == "ok" and report["canary_send"] == "ok", report
     assert report["read"] == {name: "denied" for name in files}, report
+    # the HTTP port (loopback, any local user reaches it): the probes answer, nothing else
+    # without the token only the pipeline's user can read (events in the tail, dead letters)
+    assert report["http"] == {path: 200 if path in ("/healthz", "/readyz") else 401 for path in HTTP_PATHS}, report
     if with_group:
         assert stat.S_IMODE(data.stat().st_mode) == 0o710 and data.stat().st_gid == nobody.pw_gid
         assert report["connect"] == {name: "ok" for name in sockets}, report

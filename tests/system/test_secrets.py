@@ -221,9 +221,9 @@ def test_no_secret_in_logs_status_or_errors(root):
             assert run.returncode != 0, run
             outputs[f"error of {' '.join(args)}"] = run.stdout + run.stderr
         # 6. the HTTP port: what it answers with and without the token
-        for path, token in (("/api/state", HTTP_TOKEN), ("/api/deadletters/1", HTTP_TOKEN), ("/healthz", "wrong")):
+        for path, token in (("/api/state", HTTP_TOKEN), ("/api/deadletters/1", HTTP_TOKEN), ("/metrics", "wrong")):
             outputs[f"GET {path}"] = http_get(f"http://127.0.0.1:{http_port}{path}", token)
-        assert '"dead_letters"' in outputs["GET /api/state"] and "unauthorized" in outputs["GET /healthz"]
+        assert '"dead_letters"' in outputs["GET /api/state"] and "unauthorized" in outputs["GET /metrics"]
         broken = root / "broken.yaml"  # a config error in a file that holds the secrets
         broken.write_text(config.read_text().replace("reconnect_max", "reconect_max"))
         run = cli(broken, "status")

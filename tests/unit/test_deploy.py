@@ -23,6 +23,7 @@ from metric_names import HISTOGRAMS, series_names
 
 from nexus import config as config_mod
 from nexus.cli.commands import build_parser as cli_parser
+from nexus.http.guard import OPEN_PATHS
 from nexus.tools.probe import build_parser as probe_parser
 
 REPO = Path(__file__).resolve().parents[2]
@@ -425,12 +426,15 @@ def test_kubernetes_router_statefulset_members_deployment_and_service(tmp_path):
     claim = sts["spec"]["volumeClaimTemplates"][0]["metadata"]["name"]
     data_mount = next(m for m in container["volumeMounts"] if m["name"] == claim)
     assert Path(cfg.data_dir).parent == Path(data_mount["mountPath"])
-    # probes: exec (the HTTP port wants the token; httpGet cannot read it from a Secret)
-    probes = {kind: container[kind]["exec"]["command"] for kind in ("livenessProbe", "readinessProbe", "startupProbe")}
-    for argv in probes.values():
-        assert check_command(argv) == "nexus.tools.probe"
-    assert probes["livenessProbe"][-1] == "/healthz" and probes["startupProbe"][-1] == "/healthz"
-    assert probes["readinessProbe"][-1] == "/readyz"
+    # probes: httpGet on the container's HTTP port (/healthz and /readyz want no token)
+    probes = {kind: container[kind]["httpGet"] for kind in ("livenessProbe", "readinessProbe", "startupProbe")}
+    http_port = next(p for p in container["ports"] if p["name"] == "http")["containerPort"]
+    for get in probes.values():
+        assert get["port"] == "http" and http_port == port(cfg.http.listen)
+        assert "httpHeaders" not in get  # none needed, and no token in a manifest
+    assert probes["livenessProbe"]["path"] == "/healthz" and probes["startupProbe"]["path"] == "/healthz"
+    assert probes["readinessProbe"]["path"] == "/readyz"
+    assert OPEN_PATHS == {"/healthz", "/readyz"}  # what the HTTP port answers without the token
     assert cfg.http.listen.startswith("0.0.0.0:") and cfg.http.token, "in a pod: every address, with a token"
     grace = pod["terminationGracePeriodSeconds"]
     assert grace > cfg.shutdown_timeout

@@ -1,19 +1,25 @@
 """The HTTP process's pure parts: the health verdict, the chart series (histogram
-quantiles over deltas), the listen address rules."""
+quantiles over deltas), the listen address rules, the CSRF origin rule and the
+generated token file."""
 
 from __future__ import annotations
 
 import math
+import stat
 
 import pytest
 
-from nexus.config import HttpConfig
-from nexus.errors import ConfigError
-from nexus.http import health
+from nexus.config import Config, HttpConfig
+from nexus.errors import ConfigError, ExitCode
+from nexus.http import credential, health
+from nexus.http.guard import same_host
 from nexus.http.listen import check, parse_listen
 from nexus.http.series import LATENCY, LatencyDelta, Series, quantile
 
 pytestmark = pytest.mark.unit
+
+
+IDLE_AUTOSCALE = {"idle": {"min": 0, "max": 2, "members": 0}}  # autoscaled to zero: not a reason
 
 
 def launcher(ready=True, **extra):
@@ -22,15 +28,16 @@ def launcher(ready=True, **extra):
         {"name": "g-0", "role": "worker", "group": "g", "state": "running"},
         {"name": "idle-0", "role": "worker", "group": "idle", "state": "stopped"},
     ]
-    return {"ok": True, "ready": ready, "processes": procs, **extra}
+    return {"ok": True, "ready": ready, "processes": procs, "autoscale": IDLE_AUTOSCALE, **extra}
 
 
-def router(unassigned=0, members=1, storage=None, recovering=False):
+def router(unassigned=0, members=1, storage=None, recovering=False, **groups):
     return {
         "router": {"storage": storage or {"state": "ok", "errors": 0}, **({"recovering": True} if recovering else {})},
         "groups": {
             "g": {"partitions": 4, "unassigned": unassigned, "members": [{}] * members},
-            "idle": {"partitions": 4, "unassigned": 4, "members": []},  # nobody wanted: not a reason
+            "idle": {"partitions": 4, "unassigned": 4, "members": []},
+            **groups,
         },
     }
 
@@ -60,6 +67,31 @@ def test_each_reason_is_named():
     assert reasons == [
         "process g-0 failed (config error: bad option)",
         "group g: 4 of 4 partitions unassigned (0 of 1 members joined)",
+    ]
+
+
+def test_every_group_with_unassigned_partitions_is_a_reason_but_one_autoscaled_to_zero():
+    # members in other containers or hosts (`processes: 0` here): not ready until they own every partition
+    remote = {"partitions": 16, "unassigned": 16, "members": []}
+    ok, reasons = health.readiness(launcher(scale={"g": 1, "work": 0, "idle": 0}), router(work=remote))
+    assert not ok and reasons == [
+        "group work: 16 of 16 partitions unassigned (0 members joined, none run by this launcher)"
+    ]
+    joined = {"partitions": 16, "unassigned": 0, "members": [{}, {}]}
+    assert health.readiness(launcher(scale={"g": 1, "work": 0, "idle": 0}), router(work=joined)) == (True, [])
+    # scaled to zero by hand (or processes: 0 without autoscale): events wait, not ready
+    ok, reasons = health.readiness(launcher(autoscale={}), router())
+    assert reasons == ["group idle: 4 of 4 partitions unassigned (0 members joined, none run by this launcher)"]
+    # an autoscaled group whose min is above zero, at zero for a moment: a reason too
+    ok, reasons = health.readiness(
+        launcher(autoscale={"idle": {"min": 1, "max": 2}}, scale={"g": 1, "idle": 0}), router()
+    )
+    assert not ok and reasons[0].startswith("group idle: 4 of 4 partitions unassigned")
+    # without the launcher's answer nothing is excused
+    _, reasons = health.readiness(None, router())
+    assert reasons == [
+        "launcher not answering",
+        "group idle: 4 of 4 partitions unassigned (0 members joined, none run by this launcher)",
     ]
 
 
@@ -123,3 +155,64 @@ def test_listen_malformed_is_one_line(listen):
 def test_listen_off_loopback_needs_a_token():
     with pytest.raises(ConfigError, match="set http.token"):
         check(HttpConfig(listen="0.0.0.0:9464"))
+
+
+def test_points_without_latency_have_no_latency_keys():
+    s = Series()
+    asked = s.add(1.0, 1000.0, None, None)
+    assert asked["p50"] is None and asked["p99"] is None  # asked, no answer: a gap in the chart
+    skipped = s.add(2.0, 1001.0, None, None, latency=False)
+    assert "p50" not in skipped and "p99" not in skipped  # not asked: the chart joins over it
+
+
+@pytest.mark.parametrize(
+    ("origin", "host", "same"),
+    [
+        ("http://127.0.0.1:9464", "127.0.0.1:9464", True),
+        ("https://dash.example", "dash.example", True),  # TLS ends at a proxy that passes Host on
+        ("https://dash.example", "dash.example:443", True),
+        ("https://dash.example:8443", "dash.example:8443", True),
+        ("http://[::1]:9464", "[::1]:9464", True),
+        ("http://evil.example", "127.0.0.1:9464", False),
+        ("https://127.0.0.1:9465", "127.0.0.1:9464", False),
+        ("http://[::1]:9464", "[::1]:9465", False),
+        ("null", "127.0.0.1:9464", False),
+        ("http://127.0.0.1:9464", "", False),
+    ],
+)
+def test_origin_must_name_the_host_in_either_scheme(origin, host, same):
+    assert same_host(origin, host) is same
+
+
+def test_the_generated_token_is_private_and_kept(tmp_path):
+    cfg = Config(data_dir=str(tmp_path), http=HttpConfig(listen="127.0.0.1:9464"))
+    with pytest.raises(ConfigError, match="no HTTP token in .*http.token yet"):
+        credential.load(cfg)
+    token = credential.ensure(cfg)
+    path = tmp_path / credential.FILE
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600 and len(token) >= 40
+    assert credential.ensure(cfg) == credential.load(cfg) == token  # kept: a restart uses it again
+    path.write_text("cut short")  # a write that never finished: made again
+    assert credential.ensure(cfg) not in (token, "cut short")
+    explicit = Config(data_dir=str(tmp_path), http=HttpConfig(listen="127.0.0.1:9464", token="set-in-config"))
+    assert credential.ensure(explicit) == credential.load(explicit) == "set-in-config"
+
+
+def test_dashboard_command_prints_the_link_or_one_line(tmp_path, capsys):
+    from nexus import config as config_mod
+    from nexus.cli.commands import main
+
+    path = tmp_path / "nexus.yaml"
+    path.write_text("data_dir: ./var\nhttp: {listen: '0.0.0.0:9464', token: ''}\n")
+    (tmp_path / "var").mkdir(mode=0o700)
+    assert main(["dashboard", "-c", str(path)]) == ExitCode.CONFIG  # no pipeline started here yet
+    assert capsys.readouterr().err.count("\n") == 1
+    token = credential.ensure(config_mod.load(str(path), None))
+    assert main(["dashboard", "-c", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert f"dashboard: http://127.0.0.1:9464/?token={token}" in out  # a wildcard listen: on loopback
+    assert 'targets: ["127.0.0.1:9464"]' in out and "credentials_file" in out
+    assert main(["dashboard", "--token", "-c", str(path)]) == 0 and capsys.readouterr().out == token + "\n"
+    path.write_text("data_dir: ./var\nhttp: {listen: ''}\n")
+    assert main(["dashboard", "-c", str(path)]) == ExitCode.CONFIG
+    assert "http.listen is off" in capsys.readouterr().err

@@ -153,7 +153,8 @@
     fill($("lag-keys"), groups.map((g, i) => el("span", g + " ", `key s${i % 6}`)));
     const latest = points[points.length - 1] || {};
     $("rate-now").textContent = latest.rate === null || latest.rate === undefined ? "" : `now ${latest.rate}/s`;
-    $("latency-now").textContent = latest.p99 === null || latest.p99 === undefined ? "" : `p99 ${ms(latest.p99)}`;
+    const sampled = points.findLast((p) => p.p99 !== undefined) || {};
+    $("latency-now").textContent = sampled.p99 === null || sampled.p99 === undefined ? "" : `p99 ${ms(sampled.p99)}`;
   }
 
   function chart(svg, now, series, label) {
@@ -179,8 +180,9 @@
         run = [];
       };
       s.values.forEach((v, i) => {
-        if (v === null || v === undefined) flush();
-        else run.push(`${x(points[i].t).toFixed(1)},${y(v).toFixed(1)}`);
+        if (v === null) flush();
+        else if (v !== undefined) run.push(`${x(points[i].t).toFixed(1)},${y(v).toFixed(1)}`);
+        // undefined: not sampled at that second (latency without an open page): joined over
       });
       flush();
     }
