@@ -24,7 +24,9 @@ from nexus.protocol.events import Contracts, decode_wire_event, printable
 from nexus.protocol.wire import TAIL_TOPIC, ControlReply, delivery_decoder
 
 START_HINT = "; start the pipeline with `python -m nexus.launch -c FILE`"
-RELOAD_TIMEOUT = 40.0  # seconds: above the launcher's wait for the router (reloader.FIRST_PUSH_TIMEOUT)
+# seconds: above the launcher's handler import check (importcheck.TIMEOUT) plus its wait
+# for the router (reloader.FIRST_PUSH_TIMEOUT)
+RELOAD_TIMEOUT = 60.0
 
 
 def _load(args) -> config_mod.Config:
