@@ -255,6 +255,19 @@ class Reloader:
             raise NexusError(answer["error"])
         return answer
 
+    def router_start_config(self) -> Config | None:
+        """The config to start a router with now (it restarted during a reload): the view
+        the router is meant to hold, which the new process then holds from its start;
+        None when no reload is under way (the launcher's own config)."""
+        if self.running is None:
+            return None
+        self.pushed = router_view(self.running, self.launcher.cfg, self._pending())
+        return self.pushed
+
+    def _pending(self) -> set[str]:
+        """The groups the router keeps at their running spec: draining, or restarting."""
+        return self.removing_groups | {name for name, r in self.rolls.items() if not r.done}
+
     # -- from the launcher's loop ----------------------------------------------------------
     def tick(self, now: float) -> None:
         launcher = self.launcher
@@ -288,7 +301,7 @@ class Reloader:
         for roll in rolls:
             roll.tick(launcher, now, self.router_status)
         self.router_status = None if not any(r.joining for r in rolls) else self.router_status
-        pending = self.removing_groups | {name for name, r in self.rolls.items() if not r.done}
+        pending = self._pending()
         view = router_view(self.running, launcher.cfg, pending)
         if view != self.pushed and now >= self.push_at:
             try:
