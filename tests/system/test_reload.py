@@ -243,7 +243,8 @@ def test_reload_adds_and_removes_groups_producers_and_log_level(tmp_path, config
     for line in (
         "dry run, nothing applied",
         "group fresh: added (2 processes)",
-        "group gone: removed",
+        "group gone: removed (its 1 member(s) drain and stop); its cursors are dropped; "
+        "re-adding it starts by its `start` policy",
         "producer tick_a: removed",
         "producer tick_b: added",
         "log level: info -> debug",
