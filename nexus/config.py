@@ -522,6 +522,13 @@ def _check(cfg: Config, files: str, kinds: dict[str, EntryPoint]) -> None:
                 raise ConfigError(f"{files}: workers.{name}.autoscale: min {auto.min} is above max {auto.max}")
             if auto.cooldown <= 0:
                 raise ConfigError(f"{files}: workers.{name}.autoscale.cooldown: must be positive")
+            if auto.max > group.partitions:
+                # a member beyond the partition count owns none: it idles, yet would count
+                # in the lag per member the autoscaler divides by
+                raise ConfigError(
+                    f"{files}: workers.{name}.autoscale.max ({auto.max}) exceeds workers.{name}.partitions "
+                    f"({group.partitions}): members beyond {group.partitions} would own no partition"
+                )
     for name, spec in cfg.producers.items():
         if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", name):
             raise ConfigError(f"{files}: producers.{name}: names use letters, digits, '-', '_', '.'")

@@ -22,9 +22,12 @@ from nexus.protocol.client import REQUEST_TIMEOUT, ControlClient, CoordClient, r
 from nexus.protocol.curve import client_keys
 from nexus.protocol.events import Contracts, decode_wire_event, printable
 from nexus.protocol.wire import TAIL_TOPIC, ControlReply, delivery_decoder
+from nexus.supervisor.reloadplan import DROPPED
 
 START_HINT = "; start the pipeline with `python -m nexus.launch -c FILE`"
-RELOAD_TIMEOUT = 40.0  # seconds: above the launcher's wait for the router (reloader.FIRST_PUSH_TIMEOUT)
+# seconds: above the launcher's handler import check (importcheck.TIMEOUT) plus its wait
+# for the router (reloader.FIRST_PUSH_TIMEOUT)
+RELOAD_TIMEOUT = 60.0
 
 
 def _load(args) -> config_mod.Config:
@@ -589,6 +592,7 @@ def cmd_reload(args) -> int:
     if changes is None:  # the router's answer (no launcher): its groups and limits
         groups = result.get("groups", {})
         changes = [f"group {g}: {what}" for what in ("added", "removed", "rerouted") for g in groups.get(what, [])]
+        changes = [f"{line}; {DROPPED}" if line.endswith(": removed") else line for line in changes]
     if args.dry_run:
         print("dry run, nothing applied; would change:" if changes else "dry run: nothing would change")
     elif changes:

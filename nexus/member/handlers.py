@@ -14,18 +14,26 @@ from nexus.member.stream import PartitionStream
 from nexus.protocol.events import DECODE_ERRORS, Contracts, Event, WireEvent
 
 
-def load_handler(spec: str, options: dict) -> tuple[Callable, Callable | None]:
-    """'module:attr' -> (handle, close). A class is instantiated with the options."""
+def find_handler(spec: str) -> Any:
+    """'module:attr' -> the function or class it names; ConfigError (one line) when the
+    module does not import or has no such callable. Also what a reload checks, in a
+    short-lived process, before members start on a changed handler (supervisor/importcheck.py)."""
     module_name, _, attr = spec.partition(":")
     module = import_user_module(module_name, f"handler {spec}")
     target: Any = getattr(module, attr, None)
     if target is None:
         raise ConfigError(f"handler {spec}: {module_name} has no attribute {attr!r}")
+    if not callable(target):
+        raise ConfigError(f"handler {spec}: {attr} is not callable")
+    return target
+
+
+def load_handler(spec: str, options: dict) -> tuple[Callable, Callable | None]:
+    """'module:attr' -> (handle, close). A class is instantiated with the options."""
+    target = find_handler(spec)
     if inspect.isclass(target):
         instance: Any = cast(Any, target)(options)  # (mypy: isclass narrows it to type[object])
         return instance.handle, getattr(instance, "close", None)
-    if not callable(target):
-        raise ConfigError(f"handler {spec}: {attr} is not callable")
     return target, None
 
 

@@ -146,6 +146,8 @@ class Router:
             producers=self._producers_connected,
         )
         self.reload_requested = False
+        # started by a launcher (its pid): the launcher owns reloads, SIGHUP here is ignored
+        self.launcher_pid = 0
         self.started = time.time()
         self.stop_event = threading.Event()
         self._pending_replies: list[tuple[bytes, bytes | Outcome | ProducerReply]] = []
@@ -412,7 +414,7 @@ class Router:
                 admin.dead_letters_written(self)
             if self.reload_requested:
                 self.reload_requested = False
-                admin.reload(self)
+                self._on_sighup()
             if now >= next_maintenance:
                 self.telemetry.loop_lag.observe(now - next_maintenance)  # how late the tick runs
                 self._maintenance(now)
@@ -690,6 +692,21 @@ class Router:
         to its streams, after anything staged; the first seq. Raises StorageError."""
         return self._commit([accepted], only_group=group)
 
+    def _on_sighup(self) -> None:
+        """SIGHUP: a router run alone re-reads its config file. Under a launcher it is
+        ignored: a reload there stages groups across every process (members first, the
+        router's routing last); this router re-reading the file alone would add and drop
+        groups behind the launcher's back (`pkill -HUP -f nexus` reaches every process)."""
+        if self.launcher_pid:
+            log.warning(
+                "sighup_ignored",
+                launcher_pid=self.launcher_pid,
+                reason=f"this router is run by the launcher (pid {self.launcher_pid}); "
+                "use `nexus reload` (or SIGHUP the launcher) to reload the config",
+            )
+            return
+        admin.reload(self)
+
     def apply_live(self, fresh: Config) -> dict:
         """A reload (partition counts checked): what applies live of `fresh` becomes the
         router's config (groups, routing, rate limits, log level); the rest waits for a
@@ -871,7 +888,7 @@ def _refusal(grant: Grant, msg: Coord) -> tuple[str, str] | None:
     return None
 
 
-def main(config: Config, env: str | None = None, members_alive: bool = False) -> None:
+def main(config: Config, env: str | None = None, members_alive: bool = False, launcher_pid: int = 0) -> None:
     import signal
 
     from nexus.common import process
@@ -881,6 +898,7 @@ def main(config: Config, env: str | None = None, members_alive: bool = False) ->
     with _beating(blackbox.current()):  # contract imports: starting is not hanging
         router = Router(config, env)
     router.expect_rejoin = members_alive
+    router.launcher_pid = launcher_pid
     stop_on_signals(router.stop_event)
     signal.signal(signal.SIGHUP, lambda *_: setattr(router, "reload_requested", True))
     router.run()

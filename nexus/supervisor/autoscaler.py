@@ -4,7 +4,8 @@ Pure policy, no processes or sockets: the launcher feeds it one router status pe
 (at most once a second) and applies what it returns through `set_scale`, so it is tested
 with plain numbers (tests/unit/test_autoscaler.py).
 
-The policy, per group (lag per member = group lag / members it runs):
+The policy, per group (lag per member = group lag / the members that own partitions,
+min(members, partitions): a member beyond the partition count idles and takes no lag):
 - up: lag per member above `target_lag` on SUSTAINED consecutive samples (one spike is
   not load) -> the count that brings it to the target, ceil(lag / target_lag), at least
   one more, capped at `max`. With no members at all (min 0), any lag wakes the group.
@@ -51,6 +52,7 @@ class Decision:
 @dataclass
 class _Group:
     cfg: AutoscaleConfig
+    partitions: int = 1 << 30  # the group's partition count (members beyond it own none)
     members: int = 0  # as last sampled
     lag: int = 0
     lag_per_member: float = 0.0
@@ -77,15 +79,14 @@ class Autoscaler:
         """Take the groups' autoscale settings (at start, and on a reload): a group that
         keeps autoscaling keeps its state (cooldown, counters) under its new bounds; one
         whose count is now out of bounds is moved into them on the next tick."""
-        fresh = {name: w.autoscale for name, w in workers.items() if w.autoscale is not None}
+        fresh = {name: w for name, w in workers.items() if w.autoscale is not None}
         for name in list(self.groups):
             if name not in fresh:
                 del self.groups[name]
-        for name, cfg in fresh.items():
-            if name in self.groups:
-                self.groups[name].cfg = cfg
-            else:
-                self.groups[name] = _Group(cfg)
+        for name, spec in fresh.items():
+            assert spec.autoscale is not None
+            st = self.groups.setdefault(name, _Group(spec.autoscale))
+            st.cfg, st.partitions = spec.autoscale, spec.partitions
 
     def due(self, now: float) -> bool:
         """Whether to sample now (some group autoscales and EVERY has passed); the next
@@ -114,7 +115,8 @@ class Autoscaler:
         """One sample of one group; a returned decision counts as applied."""
         st = self.groups[group]
         cfg = st.cfg
-        per = lag / current if current else float(lag)
+        owning = min(current, st.partitions)  # members past the partition count own none
+        per = lag / owning if owning else float(lag)
         st.members, st.lag, st.lag_per_member = current, lag, per
         if current < cfg.min:
             return self._change(group, st, now, cfg.min, f"below min {cfg.min}")

@@ -46,7 +46,7 @@ def entry(
         if role == "router":
             from nexus.router.server import main as run_router
 
-            run_router(cfg, env, members_alive)
+            run_router(cfg, env, members_alive, launcher_pid=parent_pid)
         elif role == "producer":
             from nexus.sources import main as run_source
 

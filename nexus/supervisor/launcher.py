@@ -140,11 +140,14 @@ class Launcher:
         # a router restarted under live members lets them rejoin with their partitions first
         members_alive = child.role == "router" and any(c.role == "worker" and c.alive() for c in self.children.values())
         blackbox.take_reason(self.cfg.data_dir, child.name)  # a stale one from an earlier run
+        cfg = self.cfg
+        if child.role == "router":  # during a reload: the staged view the router is meant to hold
+            cfg = self.reloader.router_start_config() or cfg
         child.process = proc = self.mp.Process(
             target=entry,
             name=child.name,
             daemon=False,
-            args=(child.role, self.cfg, self.env, child.name, child.group, os.getpid(), members_alive),
+            args=(child.role, cfg, self.env, child.name, child.group, os.getpid(), members_alive),
         )
         proc.start()
         child.state = ChildState.RUNNING

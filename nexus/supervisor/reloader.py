@@ -16,10 +16,12 @@ it; what only a restart can apply stays as it was and is reported.
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from typing import Protocol
 
+import msgspec
 import structlog
 
 from nexus import config as config_mod
@@ -29,6 +31,7 @@ from nexus.config import Config, WorkerGroupConfig
 from nexus.errors import ConfigError, NexusError, PeerError
 from nexus.protocol import curve
 from nexus.protocol.client import CoordClient
+from nexus.supervisor import importcheck
 from nexus.supervisor.autoscaler import Autoscaler
 from nexus.supervisor.children import Child, ChildState
 from nexus.supervisor.crashes import CrashBook
@@ -75,6 +78,7 @@ class Reloader:
         self.launcher = launcher
         self.running: Config | None = None  # the config when the reload under way started
         self.rolls: dict[str, RollingRestart] = {}
+        self.scaled: dict[str, tuple[int, int]] = {}  # a restarted group's member count: before, set by the reload
         self.removing_groups: set[str] = set()
         self.removing_producers: set[str] = set()
         self.restarting_producers: set[str] = set()
@@ -107,6 +111,11 @@ class Reloader:
         found = plan(launcher.cfg, fresh)
         if found.refused:
             return self._refused(found.refused, dry_run)
+        # members about to start on a new or changed group: their handler must import, or
+        # the reload is refused before any member is touched (a subprocess, up to 20 s)
+        starting = [g.group for g in found.groups if g.action in ("added", "restart")]
+        if error := importcheck.check(config_mod.adopt_live(launcher.cfg, fresh), starting):
+            return self._refused(f"{error}; nothing was applied", dry_run)
         if dry_run:
             return {"ok": True, "dry_run": True, "changes": found.changes(), "needs_restart": found.needs_restart}
         return self._start(found, fresh)
@@ -151,7 +160,13 @@ class Reloader:
             if change.action == "restart":
                 launcher.failed_groups.pop(name, None)  # its failed members get a new chance too
                 members = [f"{name}-{i}" for i in range(min(before, launcher.scale[name]))]
-                self.rolls[name] = RollingRestart(name, [m for m in members if m in launcher.children], now)
+                self.scaled[name] = (before, launcher.scale[name])
+                self.rolls[name] = RollingRestart(
+                    name,
+                    [m for m in members if m in launcher.children],
+                    now,
+                    restore=functools.partial(self._restore_group, name),
+                )
         # new bounds apply from the next sample; a group keeps its cooldown and counters
         launcher.autoscaler.configure(target.workers)
         for name, what in found.producers.items():
@@ -195,6 +210,22 @@ class Reloader:
                 launcher.terminate(child)
         self.removing_groups.add(name)
 
+    def _restore_group(self, name: str) -> None:
+        """A restarted group's replacement failed on the new config: the group's old spec
+        goes back into the launcher's config (members started from now on run it, and the
+        router's view keeps it) with its bounds and member count from before the reload."""
+        launcher = self.launcher
+        assert self.running is not None
+        old = self.running.workers[name]
+        launcher.cfg = msgspec.structs.replace(launcher.cfg, workers={**launcher.cfg.workers, name: old})
+        launcher.crashbook.cfg = launcher.cfg
+        launcher.autoscaler.configure(launcher.cfg.workers)
+        launcher.failed_groups.pop(name, None)  # its members given up on get the old config
+        before, set_to = self.scaled.get(name, (0, 0))
+        if launcher.scale.get(name) == set_to != before:  # the reload's scale, unless changed since
+            launcher.set_scale(name, before, manual=False)
+        log.warning("reload_group_restored", group=name, reason="a member failed on the new config")
+
     def _set_log_level(self, level: str) -> None:
         """Every process: this one now; each child through the level file and a signal
         (nexus/common/logs.py: LEVEL_SIGNAL); children started later get it in the config."""
@@ -223,6 +254,19 @@ class Reloader:
         if "error" in answer:
             raise NexusError(answer["error"])
         return answer
+
+    def router_start_config(self) -> Config | None:
+        """The config to start a router with now (it restarted during a reload): the view
+        the router is meant to hold, which the new process then holds from its start;
+        None when no reload is under way (the launcher's own config)."""
+        if self.running is None:
+            return None
+        self.pushed = router_view(self.running, self.launcher.cfg, self._pending())
+        return self.pushed
+
+    def _pending(self) -> set[str]:
+        """The groups the router keeps at their running spec: draining, or restarting."""
+        return self.removing_groups | {name for name, r in self.rolls.items() if not r.done}
 
     # -- from the launcher's loop ----------------------------------------------------------
     def tick(self, now: float) -> None:
@@ -257,7 +301,7 @@ class Reloader:
         for roll in rolls:
             roll.tick(launcher, now, self.router_status)
         self.router_status = None if not any(r.joining for r in rolls) else self.router_status
-        pending = self.removing_groups | {name for name, r in self.rolls.items() if not r.done}
+        pending = self._pending()
         view = router_view(self.running, launcher.cfg, pending)
         if view != self.pushed and now >= self.push_at:
             try:
@@ -283,11 +327,13 @@ class Reloader:
         log.info("reload_finished", ok=not errors, seconds=round(time.time() - self.last["last"], 2), errors=errors)
         self.running = None
         self.rolls = {}
+        self.scaled = {}
 
     # -- status ------------------------------------------------------------------------------
     def _progress(self) -> str:
         parts = [
-            f"rolling restart of {name}: {r.describe()['member']} {r.describe()['step']}/{len(r.members)}"
+            f"{'rollback' if r.rolling_back else 'rolling restart'} of {name}: "
+            f"{r.describe()['member']} {r.describe()['step']}/{len(r.members)}"
             for name, r in self.rolls.items()
             if not r.done
         ]

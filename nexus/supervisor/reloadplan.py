@@ -17,6 +17,8 @@ from nexus.config import Config, WorkerGroupConfig, adopt_live, needs_restart
 # `start` matters only to a group without cursors, `autoscale` is the launcher's.
 NO_RESTART_FIELDS = frozenset({"processes", "start", "autoscale"})
 LAUNCHER_KEYS = ("restart_backoff", "crash_loop", "crash_window", "hang_timeout")
+# said for every removed group (dry run too): the operator hazard is that it is for good
+DROPPED = "its cursors are dropped; re-adding it starts by its `start` policy, not where it left off"
 
 
 @dataclass
@@ -32,7 +34,7 @@ class GroupChange:
         if self.action == "added":
             return f"group {self.group}: added ({new} process{'es' if new != 1 else ''})"
         if self.action == "removed":
-            return f"group {self.group}: removed (its {old} member(s) drain and stop; its cursors are dropped)"
+            return f"group {self.group}: removed (its {old} member(s) drain and stop); {DROPPED}"
         scale = f"; processes {old} -> {new}" if old != new else ""
         if self.action == "restart":
             what = ", ".join(f for f in self.fields if f != "processes")

@@ -8,14 +8,18 @@ loop calls `tick` and keeps supervising meanwhile.
 
 What can happen during it: a member not yet restarted crashes or is scaled away: its
 restart (or nothing) already runs the new config, so it is passed over. A replacement
-that fails on the new config (a handler that does not import: exit 3; a crash loop) or
-does not join in time stops the restart there: the members not yet restarted keep
-running the old config, and the error is in `nexus status` and the log.
+that fails on the new config (a config error exit, say a handler whose class raises; a
+crash loop) or does not join in time stops the restart there and rolls the group back:
+`restore` (the reloader's) puts the group's old spec back in the launcher's config, so
+every member started from then on runs it, and the members already on the new config
+are restarted the same way, one at a time, on the old one. The error stays in `nexus
+status` and the log (`group_rolling_restart` phase `rolled_back`).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Protocol
 
 import structlog
@@ -40,7 +44,7 @@ class Members(Protocol):
 
 
 class RollingRestart:
-    def __init__(self, group: str, members: list[str], now: float):
+    def __init__(self, group: str, members: list[str], now: float, restore: Callable[[], None] | None = None):
         self.group = group
         self.members = members  # in restart order
         self.since = now  # monotonic: a member spawned after this runs the new config already
@@ -51,6 +55,10 @@ class RollingRestart:
         self.restarted: list[str] = []
         self.passed: list[str] = []  # already on the new config, scaled away, or gone
         self.error = ""
+        # on a failure: puts the group's old spec back (then members start on it); None: no rollback
+        self.restore = restore
+        self.rolling_back = False
+        self.reverted: list[str] = []  # members restarted back on the old config
         log.info("group_rolling_restart", group=group, phase="start", members=members)
 
     @property
@@ -72,6 +80,8 @@ class RollingRestart:
             "restarted": list(self.restarted),
             "passed": list(self.passed),
             "error": self.error,
+            "rolled_back": self.rolling_back,
+            "reverted": list(self.reverted),
         }
 
     def tick(self, launcher: Members, now: float, router_status: dict | None) -> None:
@@ -112,6 +122,16 @@ class RollingRestart:
             self._phase(DRAINING, now + launcher.cfg.shutdown_timeout + KILL_GRACE, name, "draining")
             return
         self.phase = DONE
+        if self.rolling_back:
+            log.error(
+                "group_rolling_restart",
+                group=self.group,
+                phase="rolled_back",
+                reverted=self.reverted,
+                error=self.error,
+                seconds=round(time.time() - self.started, 2),
+            )
+            return
         log.info(
             "group_rolling_restart",
             group=self.group,
@@ -133,17 +153,19 @@ class RollingRestart:
             self._advance(launcher, now)  # restarted by someone else (a scale up): new config
 
     def _joining(self, launcher: Members, child: Child, now: float, router_status: dict | None) -> None:
+        config = "old" if self.rolling_back else "new"
         if child.state == ChildState.FAILED:
-            return self._fail(f"{child.name} failed on the new config ({child.last_exit})")
+            return self._fail(launcher, now, f"{child.name} failed on the {config} config ({child.last_exit})")
         if child.state == ChildState.RUNNING and router_status is not None:
             members = router_status.get("groups", {}).get(self.group, {}).get("members", [])
             if any(m.get("name") == child.name and m.get("pid") == child.pid for m in members):
-                self.restarted.append(child.name)
+                (self.reverted if self.rolling_back else self.restarted).append(child.name)
                 log.info("group_rolling_restart", group=self.group, phase="step", member=child.name, state="joined")
                 return self._advance(launcher, now)
         if now >= self.deadline:
-            self._fail(f"{child.name} did not join the group within {self._join_timeout(launcher):g}s")
-        # (backoff: a crash of the replacement; it restarts on the new config, still waited for)
+            timeout = self._join_timeout(launcher)
+            self._fail(launcher, now, f"{child.name} did not join the group within {timeout:g}s on the {config} config")
+        # (backoff: a crash of the replacement; it restarts on the same config, still waited for)
 
     def _advance(self, launcher: Members, now: float) -> None:
         self.index += 1
@@ -161,13 +183,35 @@ class RollingRestart:
             step=f"{self.index + 1}/{len(self.members)}",
         )
 
-    def _fail(self, error: str) -> None:
-        left = self.members[self.index + 1 :]
-        self.error = f"{error}; rolling restart stopped" + (
-            f", {', '.join(left)} still run the old config" if left else ""
-        )
-        self.phase = DONE
-        log.error("group_rolling_restart", group=self.group, phase="failed", error=self.error)
+    def _fail(self, launcher: Members, now: float, error: str) -> None:
+        if self.rolling_back:  # the old config fails too: nothing left to go back to
+            self.error += f"; the rollback failed too: {error}"
+            self.phase = DONE
+            log.error("group_rolling_restart", group=self.group, phase="failed", error=self.error)
+            return
+        if self.restore is None:
+            left = self.members[self.index + 1 :]
+            self.error = f"{error}; rolling restart stopped" + (
+                f", {', '.join(left)} still run the old config" if left else ""
+            )
+            self.phase = DONE
+            log.error("group_rolling_restart", group=self.group, phase="failed", error=self.error)
+            return
+        self.error = f"{error}; rolled back to the old config"
+        log.error("group_rolling_restart", group=self.group, phase="failed", error=error, action="rolling back")
+        self.restore()  # from here on, a member of the group (re)starts on the old config
+        # the members on the new config: spawned since the restart began, before the restore;
+        # those not running (the failed one) first: they bring a member back without a drain
+        back = [
+            c.name
+            for c in sorted(
+                launcher.children.values(), key=lambda c: (c.state == ChildState.RUNNING, len(c.name), c.name)
+            )
+            if c.role == "worker" and c.group == self.group and not c.retired and self.since <= c.spawned < now
+        ]
+        self.rolling_back, self.members, self.index, self.since = True, back, 0, now
+        self.phase = WAITING
+        self._next(launcher, now)
 
     @staticmethod
     def _join_timeout(launcher: Members) -> float:

@@ -8,6 +8,7 @@ import os
 
 import msgspec
 import pytest
+import yaml
 from conftest import recorder_group
 from recorder import read_handled
 
@@ -57,3 +58,23 @@ def test_groups_added_and_removed_live(tmp_path, config_factory, components, lev
     assert status["groups"]["new"]["lag"] == 500 and status["groups"]["late"]["lag"] == 0
     assert status["groups"]["late"]["cursor_min"] == router.journal.last_seq
     assert router.config.workers == new.workers and router.config.log.level == "debug"
+
+
+def test_sighup_rereads_the_file_only_for_a_router_run_alone(tmp_path, config_factory, components, level_restored):
+    """(the flag is what the router's SIGHUP handler sets; the loop acts on it)"""
+    path = config_factory(workers={"a": recorder_group(tmp_path / "a")})
+    cfg = config.load(path)
+    router = components.router(cfg)
+    wait_for(lambda: os.path.exists(cfg.coord[len("ipc://") :]), 10, message="router bound")
+    raw = yaml.safe_load(path.read_text())
+    raw["workers"]["b"] = recorder_group(tmp_path / "b")
+    path.write_text(yaml.safe_dump(raw))
+    router.reload_requested = True  # alone: today's behaviour, the file is re-read
+    wait_for(lambda: set(router.coordinator.groups) == {"a", "b"}, 10, message="group b added on SIGHUP")
+    router.launcher_pid = os.getpid()  # as if a launcher ran it: ignored
+    raw["workers"].pop("a")
+    path.write_text(yaml.safe_dump(raw))
+    router.reload_requested = True
+    wait_for(lambda: not router.reload_requested, 10, message="the SIGHUP taken")
+    CoordClient(cfg.coord, 10.0).status()  # answered on a later loop turn: the SIGHUP's is over
+    assert set(router.coordinator.groups) == {"a", "b"} and set(router.config.workers) == {"a", "b"}

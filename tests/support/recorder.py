@@ -98,3 +98,19 @@ def gated(event, ctx) -> None:
     while not os.path.exists(ctx.options["gate"]) and time.monotonic() < deadline:
         time.sleep(0.02)
     _record(event, ctx, ctx.options["out"])
+
+
+class Configured:
+    """A class handler, made with the group's options: records; with options.refuse it
+    refuses to start (a ConfigError: the member exits 3), as a handler missing a setting
+    would. It imports fine, so only starting a member finds the problem."""
+
+    def __init__(self, options: dict):
+        if options.get("refuse"):
+            from nexus.errors import ConfigError
+
+            raise ConfigError(f"Configured: {options['refuse']}")
+        self.out = options["out"]
+
+    def handle(self, event, ctx) -> None:
+        _record(event, ctx, self.out)

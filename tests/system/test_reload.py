@@ -223,7 +223,7 @@ def test_reload_adds_and_removes_groups_producers_and_log_level(tmp_path, config
     # (c) a dry run prints the plan and applies nothing
     edit(path, new_config)
     dry = cli(path, "--dry-run")
-    dry_json = p.control("reload", dry_run=True)
+    dry_json = p.control("reload", dry_run=True, timeout=30)  # (it imports the new handlers first)
     # a partition count change refuses the whole reload, one line naming it
     edit(path, lambda raw: raw["workers"]["keep"].update(partitions=8))
     parts = cli(path)
@@ -243,7 +243,8 @@ def test_reload_adds_and_removes_groups_producers_and_log_level(tmp_path, config
     for line in (
         "dry run, nothing applied",
         "group fresh: added (2 processes)",
-        "group gone: removed",
+        "group gone: removed (its 1 member(s) drain and stop); its cursors are dropped; "
+        "re-adding it starts by its `start` policy",
         "producer tick_a: removed",
         "producer tick_b: added",
         "log level: info -> debug",
@@ -297,3 +298,104 @@ def test_reload_adds_and_removes_groups_producers_and_log_level(tmp_path, config
     assert set(groups) == {"keep", "fresh"}
     assert done["needs_restart"] == ["router.max_batch"]
     assert all("process=keep-0" in line for line in debug_lines)
+
+
+# -- (d) a handler that does not import: refused before any member is touched; and SIGHUP
+# sent to the router itself (`pkill -HUP -f nexus`) is ignored under a launcher -------------
+def test_bad_handler_is_refused_and_the_router_ignores_its_own_sighup(tmp_path, config_factory, launched):
+    out, extra = tmp_path / "rec", tmp_path / "extra"
+    path = config_factory(workers={"rec": recorder_group(out, processes=2)})
+    cfg = config.load(path)
+    p = launched(path)
+    before = {x["name"]: x["pid"] for x in p.processes()}
+
+    def bad(raw):
+        raw["workers"]["rec"]["handler"] = "recorder:no_such_function"
+        raw["workers"]["extra"] = recorder_group(extra)
+
+    edit(path, bad)
+    dry = cli(path, "--dry-run")
+    applied = cli(path)
+    status = p.control("status") or {}
+    after = {x["name"]: x["pid"] for x in p.processes()}
+    # the router, signalled directly, must not re-read the file (it would add `extra`)
+    router_pid, launcher_pid = before["router"], status["launcher"]["pid"]
+    os.kill(router_pid, signal.SIGHUP)
+    wait_for(lambda: "sighup_ignored" in p.output(), 30, 0.1, "the router's sighup_ignored line")
+    ignored = next(line for line in p.output().splitlines() if "sighup_ignored" in line)
+    groups = (p.router_status() or {}).get("groups", {})
+    with Producer(cfg.confirm, source="after") as producer:
+        sent = {producer.send("test.item", {"i": i}) for i in range(50)}
+        producer.flush(60)
+    wait_for(lambda: handled_all(out, sent), 60, 0.1, "events handled on the old handler")
+    delivered = counts(read_handled(str(out)), sent)
+    report(
+        "reload_bad_handler",
+        sent=len(sent),
+        delivered=delivered["delivered"],
+        lost=delivered["lost"],
+        dup_flagged=delivered["flagged"],
+        dup_unflagged=delivered["unflagged"],
+    )
+
+    why = "group rec: handler recorder:no_such_function: recorder has no attribute 'no_such_function'"
+    for result in (dry, applied):
+        assert result.returncode == 3 and result.stdout == "", result
+        assert result.stderr.strip().splitlines() == [result.stderr.strip()] and why in result.stderr
+    assert after == before and {x["state"] for x in p.processes()} == {"running"}
+    assert not status["reload"]["ok"] and why in status["reload"]["error"]
+    assert set(groups) == {"rec"} and {x["name"]: x["pid"] for x in p.processes()}["router"] == router_pid
+    assert f"launcher_pid={launcher_pid}" in ignored and "nexus reload" in ignored
+    assert delivered == {"delivered": 50, "lost": 0, "flagged": 0, "unflagged": 0}
+
+
+# -- (e) a replacement that fails on the new config anyway: the group rolls back ------------
+def test_a_replacement_failing_on_the_new_config_rolls_the_group_back(tmp_path, config_factory, launched):
+    out = tmp_path / "rec"
+    group = recorder_group(out, processes=2, options={"tag": "v1"})
+    path = config_factory(workers={"rec": {**group, "handler": "recorder:Configured"}})
+    cfg = config.load(path)
+    p = launched(path)
+    before = member_pids(p, "rec")
+    load = SteadyLoad(cfg.confirm)
+    load.start()
+    wait_for(lambda: len(load.acked) >= 300, 60, message="300 acked before the reload")
+    # the handler imports (the check passes); its class refuses the new options at start
+    edit(path, lambda raw: raw["workers"]["rec"]["options"].update(tag="v2", refuse="no credentials for v2"))
+    since = time.time()
+    applied = p.control("reload", timeout=35)
+    done = wait_reload_done(p, since)
+    after = member_pids(p, "rec")
+    # the members restart on the old config from now on: a crash of one comes back fine
+    os.kill(after["rec-1"], signal.SIGKILL)
+
+    def restarted() -> bool:
+        pids = member_pids(p, "rec")
+        return len(pids) == 2 and pids["rec-1"] != after["rec-1"]
+
+    wait_for(restarted, 30, message="rec-1 restarted on the old config")
+    p.wait_members("rec", 2)
+    acked = set(load.stop())
+    with Producer(cfg.confirm, source="after") as producer:
+        late = {producer.send("test.item", {"i": i}, key=f"k{i % 64}") for i in range(200)}
+        producer.flush(60)
+    wait_for(lambda: handled_all(out, acked | late), 120, 0.1, "every ACKed event handled")
+    result = counts(read_handled(str(out)), acked | late)
+    tags = {t for _, e, t in read_tags(str(out)) if e in late}
+    logged = [line for line in p.output().splitlines() if "group_rolling_restart" in line and "rolled_back" in line]
+    report(
+        "reload_rolled_back",
+        acked=len(acked | late),
+        delivered=result["delivered"],
+        lost=result["lost"],
+        dup_flagged=result["flagged"],
+        dup_unflagged=result["unflagged"],
+        reverted=",".join(done["rolling"]["rec"]["reverted"]),
+    )
+    assert applied is not None and applied["ok"], applied
+    assert not done["ok"] and done["rolling"]["rec"]["rolled_back"]
+    assert "rec-0 failed on the new config (config error: Configured: no credentials for v2)" in done["error"]
+    assert "rolled back to the old config" in done["error"] and "\n" not in done["error"]
+    assert done["rolling"]["rec"]["reverted"] == ["rec-0"] and after["rec-1"] == before["rec-1"]
+    assert len(logged) == 1
+    assert result["lost"] == 0 and result["unflagged"] == 0 and tags == {"v1"}

@@ -212,6 +212,10 @@ def test_autoscale_config_and_starting_count(tmp_path):
         ("{max: 3, target_lag: 5, cooldown: 0}", "workers.w.autoscale.cooldown: must be positive"),
         ("{target_lag: 5}", "workers.w.autoscale.max: required key is missing"),
         ("{max: 3, target: 5}", "workers.w.autoscale.target: unknown key"),
+        (
+            "{max: 17, target_lag: 5}",
+            "workers.w.autoscale.max (17) exceeds workers.w.partitions (16): members beyond 16 would own no partition",
+        ),
     ],
 )
 def test_bad_autoscale_is_one_line(tmp_path, auto, needle):
@@ -219,3 +223,12 @@ def test_bad_autoscale_is_one_line(tmp_path, auto, needle):
         load(tmp_path, auto)
     msg = str(err.value)
     assert needle in msg and "\n" not in msg and err.value.exit_code == 3
+
+
+def test_lag_per_member_counts_only_members_that_own_a_partition():
+    # config refuses max above partitions; a count above them can still be sampled once (a
+    # group scaled by hand, then made autoscaled by a reload): 2 members own the lag, 2 idle
+    auto = config.AutoscaleConfig(min=1, max=4, target_lag=100, cooldown=config.Duration(10))
+    a = Autoscaler({"g": config.WorkerGroupConfig(handler="m:f", partitions=2, autoscale=auto)})
+    assert a.decide("g", 0.0, 300, 4) is None
+    assert a.groups["g"].lag_per_member == 150.0  # 300 / min(4, 2), not 300 / 4

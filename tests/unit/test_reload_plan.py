@@ -44,7 +44,8 @@ def test_groups_added_removed_restarted_scaled_and_noted():
         ("c", "added", (0, 3)),
     ]
     assert found.changes() == [
-        "group b: removed (its 1 member(s) drain and stop; its cursors are dropped)",
+        "group b: removed (its 1 member(s) drain and stop); its cursors are dropped; "
+        "re-adding it starts by its `start` policy, not where it left off",
         "group c: added (3 processes)",
     ]
     options = plan(old, group(old, "a", options={"tag": "v2"}))

@@ -109,3 +109,49 @@ def test_member_draining_when_its_group_scales_up_again_restarts_once_it_exited(
         launcher.stopping = True
         launcher.shutdown()
     assert all(c.state == ChildState.STOPPED for c in launcher.children.values())
+
+
+# -- a router restarted during a reload gets the reloader's staged view ------------------------
+def test_a_router_started_during_a_reload_runs_the_view_the_reloader_staged(tmp_path, monkeypatch):
+    import json
+
+    import drainer
+    import msgspec
+
+    from nexus.supervisor import launcher as launcher_mod
+    from nexus.supervisor.rolling import RollingRestart
+
+    monkeypatch.setattr(launcher_mod, "entry", drainer.entry)  # real processes, a stand-in program
+    group = config.WorkerGroupConfig(handler="app:old")
+    old = config.Config(data_dir=str(tmp_path), workers={"keep": group, "gone": group, "rec": group})
+    new_rec = msgspec.structs.replace(group, handler="app:new")
+    launcher = launcher_mod.Launcher(old, None)
+    launcher.starting = False
+    # mid-reload: `gone` drains, `rec` rolls, `fresh` is added (what Reloader._start leaves)
+    reloader = launcher.reloader
+    reloader.running = old
+    launcher.cfg = msgspec.structs.replace(old, workers={"keep": group, "rec": new_rec, "fresh": group})
+    reloader.removing_groups = {"gone"}
+    reloader.rolls = {"rec": RollingRestart("rec", [], 0.0)}
+
+    def handed(child) -> dict:
+        proc = child.process
+        ready = tmp_path / f"router.{proc.pid}.ready"
+        wait_for(lambda: ready.exists() and ready.read_text(), 10, message="the router to start")
+        return json.loads(ready.read_text())
+
+    try:
+        router = launcher.add_child("router", "router")
+        during = handed(router)
+        launcher.terminate(router)
+        wait_for(lambda: not router.process.is_alive(), 10, message="the router to exit")
+        launcher._on_exit(router)
+        reloader.running, reloader.rolls, reloader.removing_groups = None, {}, set()  # the reload is over
+        launcher.spawn(router)
+        after = handed(router)
+    finally:
+        launcher.stopping = True
+        launcher.shutdown()
+    assert during == {"keep": "app:old", "gone": "app:old", "rec": "app:old", "fresh": "app:old"}
+    assert reloader.pushed is not None and set(reloader.pushed.workers) == set(during)  # not pushed again
+    assert after == {"keep": "app:old", "rec": "app:new", "fresh": "app:old"}
