@@ -20,7 +20,7 @@ from nexus.errors import ConfigError, EventError, ExitCode, NexusError, PeerErro
 from nexus.protocol import transport
 from nexus.protocol.client import REQUEST_TIMEOUT, ControlClient, CoordClient, require_listening
 from nexus.protocol.curve import client_keys
-from nexus.protocol.events import Contracts, decode_wire_event, printable
+from nexus.protocol.events import Contracts, decode_wire_event, printable, tail_record
 from nexus.protocol.wire import TAIL_TOPIC, ControlReply, delivery_decoder
 from nexus.supervisor.reloadplan import DROPPED
 
@@ -307,21 +307,7 @@ def cmd_tail(args) -> int:
                     continue
                 payload = msgspec.msgpack.decode(ev.payload)
                 if args.json:
-                    print(
-                        json.dumps(
-                            {
-                                "seq": seq,
-                                "id": ev.id,
-                                "type": ev.type,
-                                "source": ev.source,
-                                "key": ev.key,
-                                "time": ev.time,
-                                "payload": payload,
-                            },
-                            default=str,
-                        ),
-                        flush=True,
-                    )
+                    print(json.dumps(tail_record(seq, ev, payload), default=str), flush=True)
                 else:
                     # producer text (an old journal may hold control characters): escaped
                     print(

@@ -24,7 +24,7 @@ import zmq
 from nexus.config import Config
 from nexus.protocol import transport
 from nexus.protocol.curve import client_keys
-from nexus.protocol.events import decode_wire_event
+from nexus.protocol.events import decode_wire_event, tail_record
 from nexus.protocol.wire import TAIL_TOPIC, delivery_decoder
 
 log = structlog.get_logger("nexus.http")
@@ -64,15 +64,7 @@ def tail_line(seq: int, raw: bytes) -> dict[str, Any] | None:
         payload = json.dumps(msgspec.msgpack.decode(ev.payload), default=str, ensure_ascii=False)
     except (msgspec.MsgspecError, UnicodeDecodeError, RecursionError, ValueError):
         return None
-    return {
-        "seq": seq,
-        "id": ev.id,
-        "type": ev.type,
-        "source": ev.source,
-        "key": ev.key,
-        "time": ev.time,
-        "payload": payload[:PAYLOAD_CHARS],
-    }
+    return tail_record(seq, ev, payload[:PAYLOAD_CHARS])
 
 
 class TailFeed:

@@ -85,6 +85,19 @@ def decode_wire_event(data: bytes) -> WireEvent:
     return wire_decoder.decode(data)
 
 
+def tail_record(seq: int, ev: WireEvent, payload: Any) -> dict[str, Any]:
+    """A journaled event as `nexus tail --json` prints it and the dashboard's tail shows it."""
+    return {
+        "seq": seq,
+        "id": ev.id,
+        "type": ev.type,
+        "source": ev.source,
+        "key": ev.key,
+        "time": ev.time,
+        "payload": payload,
+    }
+
+
 # -- ids --------------------------------------------------------------------
 # UUIDv7 (RFC 9562): 48-bit unix ms | version 7 | rand_a (12 bits) | variant 0b10 | rand_b (62).
 # RFC 9562 section 6.2 method 1, "fixed bit-length dedicated counter": the low 16 bits of
