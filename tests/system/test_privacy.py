@@ -139,6 +139,8 @@ def _run_through_every_state(root: Path, pipeline: LaunchedPipeline) -> None:
         for i in range(POISON):
             p.send("test.poison", {"i": i, "poison": True})
         p.flush(WAIT)
+    # the source makes the folder, then sets its watches: a file written before is not seen
+    wait_for(lambda: "file_watch_started" in pipeline.output(), WAIT, message="the file source watching")
     (root / "inbox" / "note.txt").write_text("hello")
     wait_for(
         lambda: len(read_handled(str(root / "out"))) >= EVENTS + 1,
