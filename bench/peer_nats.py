@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 from .peer_common import PACE_NAP, EventMaker, Pacer, Tally, producer_result, run_pair
@@ -133,4 +134,7 @@ def run_nats(url: str, count: int, rate: float, seconds: float, size: int, timeo
             warmup,
         )
     finally:
-        asyncio.run(_setup(url, subject, create=False))
+        import nats
+
+        with contextlib.suppress(nats.errors.Error, OSError, asyncio.TimeoutError):  # never hides the run's error
+            asyncio.run(_setup(url, subject, create=False))
