@@ -400,7 +400,7 @@ class Producer:
         # touched it last checks ZMQ_EVENTS (the FD is edge triggered)
         poller.register(sock.getsockopt(zmq.FD), zmq.POLLIN)
         outbox, cond, io_lock, held = self._outbox, self._cond, self._io_lock, self._held
-        rate_start, rate_count, busy = 0.0, 0, False
+        rate_start, rate_count, busy, seen = 0.0, 0, False, 0
         try:
             while True:
                 # re-armed before taking: an event added after this point either is taken
@@ -410,7 +410,6 @@ class Producer:
                 with io_lock:
                     now = time.monotonic()
                     held.extend(outbox.resend_batches(now))
-                    before = outbox.sent_events
                     if closing:
                         # what the socket did not take yet (flush saw it taken): as before
                         # close, blocking, then the fire-mode socket lingers
@@ -438,7 +437,8 @@ class Producer:
                                 except msgspec.MsgspecError:
                                     outbox.errors.append(RejectedError("-", "unreadable reply from router"))
                             cond.notify_all()
-                taken = outbox.sent_events - before
+                # sent by anyone (callers send due batches too): the rate at which to nap
+                taken, seen = outbox.sent_events - seen, outbox.sent_events
                 rate_count += taken
                 if now - rate_start >= RATE_WINDOW:
                     busy = rate_count >= NAP_MIN_RATE * (now - rate_start)
