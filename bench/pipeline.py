@@ -202,55 +202,146 @@ def producer_main(
     window: int,
     go,
     results,
+    pacing: str = "sleep",
+    use_async: bool = False,
 ) -> None:
-    """One producer process: nexus.Producer, `count` events or `seconds`, paced when rate > 0."""
+    """One producer process: nexus.Producer (or AsyncProducer), `count` events or `seconds`,
+    paced when rate > 0. Pacing "sleep" naps 0.2 ms while ahead of the rate; "busy" spins
+    on the clock instead, as a caller computing between sends does (never releasing the
+    interpreter lock voluntarily)."""
+    result = {"idx": idx, "sent": 0, "t_first": 0.0, "t_last": 0.0, "error": ""}
+    try:
+        if use_async:
+            import asyncio
+
+            asyncio.run(
+                _produce_async(
+                    idx,
+                    producers,
+                    endpoint,
+                    confirm,
+                    count,
+                    seconds,
+                    rate,
+                    size,
+                    keys,
+                    window,
+                    go,
+                    results,
+                    pacing,
+                    result,
+                )
+            )
+        else:
+            _produce_sync(
+                idx, producers, endpoint, confirm, count, seconds, rate, size, keys, window, go, results, pacing, result
+            )
+    except BaseException as exc:  # reported, never raised past the process
+        result["error"] = f"producer {idx}: {type(exc).__name__}: {exc}"
+    results.put(result)
+
+
+def _pace(i: int, count: int, start: float, now: float, rate: float) -> int:
+    """The index to send up to now: all due events when paced, else the next 500."""
+    if rate > 0:
+        return min(count, int((now - start) * rate) + 1)
+    return min(count, i + 500)
+
+
+def _produce_sync(
+    idx, producers, endpoint, confirm, count, seconds, rate, size, keys, window, go, results, pacing, result
+) -> None:
     from nexus import Producer
 
-    result = {"idx": idx, "sent": 0, "t_first": 0.0, "t_last": 0.0, "error": ""}
+    p = Producer(endpoint, source=f"bench-{idx}", confirm=confirm, window=window)
+    batches = _count_batches(p)
+    pad = "x" * size
+    send = p.send
+    key_names = [f"k{k}" for k in range(keys)] if keys else None
+    busy = pacing == "busy"
+    results.put({"ready": idx})
+    if not go.wait(60):
+        raise TimeoutError("no go signal within 60 s")
     i = 0
+    t_first = time.time()
+    start = time.monotonic()
+    end = start + seconds
     try:
-        p = Producer(endpoint, source=f"bench-{idx}", confirm=confirm, window=window)
-        batches = _count_batches(p)
-        pad = "x" * size
-        send = p.send
-        key_names = [f"k{k}" for k in range(keys)] if keys else None
-        results.put({"ready": idx})
-        if not go.wait(60):
-            raise TimeoutError("no go signal within 60 s")
-        t_first = time.time()
-        start = time.monotonic()
-        end = start + seconds
         while i < count:
             now = time.monotonic()
             if now >= end:
                 break
-            if rate > 0:
-                due = min(count, int((now - start) * rate) + 1)
-                if i >= due:
+            stop = _pace(i, count, start, now, rate)
+            if i >= stop:
+                if not busy:
                     time.sleep(0.0002)
-                    continue
-                stop = due
-            else:
-                stop = min(count, i + 500)
+                continue
             while i < stop:
                 n = idx + i * producers
                 send(EVENT_TYPE, {"n": n, "pad": pad}, key=key_names[n % keys] if key_names else None)
                 i += 1
-        t_last = time.time()
-        result.update(t_first=t_first, t_last=t_last)
-        p.flush(120)
-        result["t_flushed"] = time.time()
-        p.close(10)
-        result.update(
-            cpu=time.process_time(),
-            resent=p.stats["resent"],
-            batches=batches[0],
-            avg_batch=round(i / batches[0], 1) if batches[0] else 0,
-        )
-    except BaseException as exc:  # reported, never raised past the process
-        result["error"] = f"producer {idx}: {type(exc).__name__}: {exc}"
-    result["sent"] = i
-    results.put(result)
+    finally:
+        result["sent"] = i
+    result.update(t_first=t_first, t_last=time.time())
+    p.flush(120)
+    result["t_flushed"] = time.time()
+    p.close(10)
+    result.update(
+        cpu=time.process_time(),
+        resent=getattr(p, "stats", {}).get("resent"),
+        batches=batches[0],
+        avg_batch=round(i / batches[0], 1) if batches[0] else 0,
+    )
+
+
+async def _produce_async(
+    idx, producers, endpoint, confirm, count, seconds, rate, size, keys, window, go, results, pacing, result
+) -> None:
+    import asyncio
+
+    from nexus import AsyncProducer
+
+    p = AsyncProducer(endpoint, source=f"bench-{idx}", confirm=confirm, window=window)
+    batches = _count_batches(p)
+    pad = "x" * size
+    send = p.send
+    key_names = [f"k{k}" for k in range(keys)] if keys else None
+    busy = pacing == "busy"
+    results.put({"ready": idx})
+    if not await asyncio.to_thread(go.wait, 60):
+        raise TimeoutError("no go signal within 60 s")
+    i = 0
+    t_first = time.time()
+    start = time.monotonic()
+    end = start + seconds
+    try:
+        while i < count:
+            now = time.monotonic()
+            if now >= end:
+                break
+            stop = _pace(i, count, start, now, rate)
+            if i >= stop:
+                if not busy:
+                    await asyncio.sleep(0.0002)
+                continue
+            while i < stop:
+                n = idx + i * producers
+                await send(EVENT_TYPE, {"n": n, "pad": pad}, key=key_names[n % keys] if key_names else None)
+                i += 1
+            if not rate:
+                await asyncio.sleep(0)  # unpaced: let the producer's tasks run between bursts
+    finally:
+        result["sent"] = i
+    result.update(t_first=t_first, t_last=time.time())
+    await p.flush(120)
+    result["t_flushed"] = time.time()
+    await p.close(10)
+    result.update(
+        cpu=time.process_time(),
+        resent=getattr(p, "stats", {}).get("resent"),
+        batches=batches[0],
+        avg_batch=round(i / batches[0], 1) if batches[0] else 0,
+    )
 
 
 def _count_batches(producer) -> list[int]:
@@ -352,6 +443,8 @@ def run_nexus(args) -> dict:
                     args.window,
                     go,
                     results,
+                    args.pacing,
+                    args.async_producer,
                 ),
             )
             for i in range(args.producers)
@@ -589,7 +682,8 @@ def print_table(args, summary: dict) -> None:
     p(
         f"\nNexus pipeline: mode={args.mode} fsync={args.fsync} producers={args.producers} groups={args.groups} "
         f"members={args.members} size={args.size}B keys={args.keys or 'source'} "
-        f"rate={'max' if not args.rate else f'{args.rate:g}/s'} duration={args.duration:g}s batch={MAX_BATCH_EVENTS}"
+        f"rate={'max' if not args.rate else f'{args.rate:g}/s ({args.pacing} pacing)'} "
+        f"producer={'async' if args.async_producer else 'sync'} duration={args.duration:g}s batch={MAX_BATCH_EVENTS}"
     )
     p(
         f"  ready          {nx.get('ready_s')} s  (spawn -> LaunchedPipeline.wait_ready; partitions assigned at "
@@ -686,6 +780,14 @@ def parse_args(argv=None):
         help=f"max events per producer (default: rate*duration, or {DEFAULT_MAX_PER_PRODUCER:,} unpaced)",
     )
     ap.add_argument("--rate", type=float, default=0.0, help="total events/s, paced (default 0: as fast as possible)")
+    ap.add_argument(
+        "--pacing",
+        choices=("sleep", "busy"),
+        default="sleep",
+        help="with --rate: the producer naps 0.2 ms while ahead (sleep, default) or spins on the clock "
+        "(busy: a caller thread that computes between sends and never sleeps)",
+    )
+    ap.add_argument("--async-producer", action="store_true", help="producers use AsyncProducer (asyncio)")
     ap.add_argument("--producers", type=int, default=1)
     ap.add_argument("--groups", type=int, default=1)
     ap.add_argument("--members", type=int, default=1, help="processes per group")

@@ -12,11 +12,12 @@ close() waits (within its timeout) until ZeroMQ handed every queued message to t
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import threading
 import time
 import uuid
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import msgspec
 import zmq
@@ -118,6 +119,8 @@ LINGER_MIN = 0.01  # seconds; see Producer._io
 # beyond it the I/O thread blocks, the window fills and send() blocks. Confirm mode is
 # bounded by its window of unacked events.
 FIRE_HWM = 100
+REPLY_CHECK_MS = 100  # confirm mode: the idle I/O thread checks for replies at least this often
+STUCK_CHECK_MS = 10  # a full socket: the I/O thread tries again at least this often
 
 
 def _not_confirmed(endpoint: str, outbox: Outbox, timeout: float) -> PeerError:
@@ -129,6 +132,12 @@ def _not_confirmed(endpoint: str, outbox: Outbox, timeout: float) -> PeerError:
     err = PeerError(msg)
     err.reason = outbox.retry_reason
     return err
+
+
+def _events(sock: zmq.Socket) -> int:
+    """ZMQ_EVENTS (no GIL release, unlike poll); on a zmq.asyncio socket `get` is the
+    override that re-arms the loop's edge-triggered watch."""
+    return cast(int, sock.get(zmq.EVENTS))
 
 
 def _socket_hwm(confirm: bool) -> int:
@@ -164,7 +173,17 @@ class _Closing:
 
 
 class Producer:
-    """Thread-safe producer; a background thread owns the socket and batches."""
+    """Thread-safe producer; a background thread batches, times resends and reads replies.
+
+    Who sends: whoever holds `_io_lock` owns the socket and the outbox's I/O side. Usually
+    that is the I/O thread; but a caller that never sleeps keeps the interpreter lock, and
+    the I/O thread then waits a switch interval (5 ms) for it at every turn, so events
+    left to it went out up to a second late. So send() sends the pending events itself
+    once they are due (outbox.due: the oldest waited DUE_S); the I/O thread still sends
+    an idle tail, resends and fire-mode backpressure. Why not sys.setswitchinterval: it is
+    the whole process's setting (the application's threads, not ours), and even at 0.1 ms
+    each hand-over of the lock would still cost the I/O thread one interval per turn.
+    """
 
     def __init__(
         self,
@@ -203,6 +222,12 @@ class Producer:
         self._closing: _Closing | None = None  # set by close(): the I/O thread ends
         self._closed = False
         self._failure: BaseException | None = None
+        # taken after _lock, never before it (the I/O thread takes _lock inside it)
+        self._io_lock = threading.Lock()
+        self._sock: zmq.Socket | None = None  # set and closed by the I/O thread, under _io_lock
+        # messages encoded and numbered but not yet sent, in order: whoever holds _io_lock
+        # sends these first (a caller's non-blocking send found the socket full)
+        self._held: collections.deque[bytes] = collections.deque()
         self._thread = threading.Thread(target=self._io, name="nexus-producer", daemon=True)
         self._thread.start()
 
@@ -227,7 +252,53 @@ class Producer:
             if not self._signaled or len(outbox.pending) == NAP_WAKE_AT:
                 self._signaled = True
                 self._wake_w.send(b"")
+        if outbox.due(time.monotonic()):
+            self._send_due()
         return event_id
+
+    def _send_due(self) -> None:
+        """From the caller's thread: send the pending events (see the class docstring).
+        Blocking on _io_lock is what lets a starved I/O thread finish: the wait releases
+        the interpreter lock (and nobody holds _io_lock across a blocking call). Never
+        blocks on the socket: what it cannot take now stays held, in order."""
+        with self._io_lock:
+            sock = self._sock
+            if sock is None or self._closing is not None or self._failure is not None:
+                return
+            try:
+                sent = self._send_ready(sock, time.monotonic())
+            except zmq.ZMQError:
+                sent = False  # held: the I/O thread meets the error again and fails as usual
+            # held (the socket is full): the I/O thread waits for room; a reply that came
+            # meanwhile: this call may have taken the socket's FD signal (edge triggered)
+            wake = bool(self._held) or (self.confirm and bool(_events(sock) & zmq.POLLIN))
+            if wake or (sent and not self.confirm and self._waiting):
+                with self._cond:
+                    if wake and not self._signaled and not self._closed:
+                        self._signaled = True
+                        self._wake_w.send(b"")
+                    self._cond.notify_all()  # fire mode: sent is settled; room for blocked senders
+
+    def _send_ready(self, sock: zmq.Socket, now: float) -> bool:
+        """Under _io_lock: send the held messages, then the pending events, while the socket
+        takes them without blocking; a batch is taken only once nothing is held, so at most
+        one (besides resends) waits for room. Returns whether anything was sent."""
+        held, outbox = self._held, self._outbox
+        sent = False
+        while True:
+            if not held:
+                batch = outbox.next_batch(now)
+                if batch is None:
+                    return sent
+                held.append(batch)
+            if not _events(sock) & zmq.POLLOUT:
+                return sent
+            try:
+                sock.send(held[0], zmq.NOBLOCK)
+            except zmq.Again:
+                return sent
+            held.popleft()
+            sent = True
 
     def _wait_for_room(self) -> None:
         """With the lock held: block until the window has room; raise if closed or failed."""
@@ -318,74 +389,91 @@ class Producer:
     # -- I/O thread --------------------------------------------------------------------
     def _io(self) -> None:
         kind = zmq.DEALER if self.confirm else zmq.PUSH
-        sock = transport.connect(
-            self._ctx, kind, self.endpoint, linger_ms=0, hwm=_socket_hwm(self.confirm), curve=self._curve
-        )
+        with self._io_lock:
+            sock = self._sock = transport.connect(
+                self._ctx, kind, self.endpoint, linger_ms=0, hwm=_socket_hwm(self.confirm), curve=self._curve
+            )
         poller = zmq.Poller()
         poller.register(self._wake_r, zmq.POLLIN)
-        if self.confirm:
-            poller.register(sock, zmq.POLLIN)
-        outbox, cond = self._outbox, self._cond
-        rate_start, rate_count, busy = 0.0, 0, False
+        # replies and room to send: wait on the socket's FD, not the socket, since callers use
+        # the socket too (under _io_lock) and a zmq socket is not thread-safe; whoever
+        # touched it last checks ZMQ_EVENTS (the FD is edge triggered)
+        poller.register(sock.getsockopt(zmq.FD), zmq.POLLIN)
+        outbox, cond, io_lock, held = self._outbox, self._cond, self._io_lock, self._held
+        rate_start, rate_count, busy, seen = 0.0, 0, False, 0
         try:
             while True:
                 # re-armed before taking: an event added after this point either is taken
                 # below or its sender sends a wake-up
                 self._signaled = False
                 closing = self._closing is not None
-                now = time.monotonic()
-                messages = outbox.resend_batches(now)
-                before = outbox.sent_events
-                while (batch := outbox.next_batch(now)) is not None:
-                    messages.append(batch)
-                for message in messages:
-                    sock.send(message)
-                if messages and not self.confirm and self._waiting:
-                    with cond:  # fire mode: sent is settled; room for blocked senders
-                        cond.notify_all()
-                if closing:
-                    return
-                taken = outbox.sent_events - before
+                with io_lock:
+                    now = time.monotonic()
+                    held.extend(outbox.resend_batches(now))
+                    if closing:
+                        # what the socket did not take yet (flush saw it taken): as before
+                        # close, blocking, then the fire-mode socket lingers
+                        while (batch := outbox.next_batch(now)) is not None:
+                            held.append(batch)
+                        while held:
+                            sock.send(held[0])
+                            held.popleft()
+                        return
+                    # never blocks with _io_lock held: a caller may be waiting for it
+                    sent = self._send_ready(sock, now)
+                    if sent and not self.confirm and self._waiting:
+                        with cond:  # fire mode: sent is settled; room for blocked senders
+                            cond.notify_all()
+                    replies = []
+                    while _events(sock) & zmq.POLLIN:  # also resets the FD's signal
+                        replies.append(sock.recv(zmq.NOBLOCK))
+                    stuck = bool(held)
+                    if replies:
+                        with cond:
+                            now = time.monotonic()
+                            for raw in replies:
+                                try:
+                                    outbox.on_reply(reply_decoder.decode(raw), now)
+                                except msgspec.MsgspecError:
+                                    outbox.errors.append(RejectedError("-", "unreadable reply from router"))
+                            cond.notify_all()
+                # sent by anyone (callers send due batches too): the rate at which to nap
+                taken, seen = outbox.sent_events - seen, outbox.sent_events
                 rate_count += taken
                 if now - rate_start >= RATE_WINDOW:
                     busy = rate_count >= NAP_MIN_RATE * (now - rate_start)
                     rate_start, rate_count = now, 0
-                if taken and busy:
+                if stuck:
+                    timeout = STUCK_CHECK_MS  # the FD signals room; this bounds a missed signal
+                elif taken and busy:
                     # sustained load: stay "signaled" so senders leave us alone for NAP_MS
                     # (unless NAP_WAKE_AT events pile up or the window is full)
                     self._signaled = True
                     timeout = NAP_MS
-                elif messages:
+                elif sent or replies:
                     timeout = 0  # look again at once: more may have come meanwhile
                 else:
+                    # at most REPLY_CHECK_MS in confirm mode: a safety net for the FD's edge
                     timeout = max(1, int(outbox.next_deadline(time.monotonic()) * 1000))
+                    if self.confirm:
+                        timeout = min(timeout, REPLY_CHECK_MS)
                 events = dict(poller.poll(timeout))
                 if self._wake_r in events:
-                    while self._wake_r.poll(0):
-                        self._wake_r.recv()
-                if sock in events:
-                    replies = []
-                    while sock.poll(0):
-                        replies.append(sock.recv())
-                    with cond:
-                        now = time.monotonic()
-                        for raw in replies:
-                            try:
-                                outbox.on_reply(reply_decoder.decode(raw), now)
-                            except msgspec.MsgspecError:
-                                outbox.errors.append(RejectedError("-", "unreadable reply from router"))
-                        cond.notify_all()
+                    while _events(self._wake_r) & zmq.POLLIN:
+                        self._wake_r.recv(zmq.NOBLOCK)
         except BaseException as exc:  # surfaced to the caller by send/flush
             with cond:
                 self._failure = exc
                 cond.notify_all()
         finally:
-            if self._closing is not None:
-                # fire mode: what ZeroMQ still queues goes out while close() terminates the
-                # context; confirm mode needs no linger: flush already saw every event ACKed
-                self._closing.close_socket(sock, fire=not self.confirm)
-            else:
-                sock.close(linger=0)  # failed: close() raises that failure
+            with io_lock:
+                self._sock = None
+                if self._closing is not None:
+                    # fire mode: what ZeroMQ still queues goes out while close() terminates the
+                    # context; confirm mode needs no linger: flush already saw every event ACKed
+                    self._closing.close_socket(sock, fire=not self.confirm)
+                else:
+                    sock.close(linger=0)  # failed: close() raises that failure
             self._wake_r.close(0)
 
 
@@ -416,6 +504,11 @@ class AsyncProducer:
         self._changed = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self._closed = False
+        # messages taken from the outbox but not yet sent, in order (the first goes first,
+        # whoever sends it); send() sends directly only while the sender task is not
+        # waiting for the socket with the first of them
+        self._held: collections.deque[bytes] = collections.deque()
+        self._sender_waiting = False
 
     def _start(self) -> None:
         if self._sock is None:
@@ -445,14 +538,43 @@ class AsyncProducer:
         while not self._outbox.has_room():
             self._changed.clear()
             await self._changed.wait()
-        self._outbox.add(event_id, data)
+        outbox = self._outbox
+        outbox.add(event_id, data)
         self._wake.set()
+        # a caller that does not yield to the loop (computing between sends; send() awaits
+        # nothing while the window has room) would keep the sender task from running: send
+        # due events from here, as Producer.send does
+        if not self._sender_waiting and (self._held or outbox.due(time.monotonic())):
+            self._send_due()
         return event_id
+
+    def _send_due(self) -> None:
+        sock, outbox, held = self._sock, self._outbox, self._held
+        if sock is None:
+            return
+        now = time.monotonic()
+        sent = False
+        while True:
+            if not held:
+                batch = outbox.next_batch(now)
+                if batch is None:
+                    break
+                held.append(batch)
+            if not _events(sock) & zmq.POLLOUT:
+                break  # full: held, for the sender task (or the next send) once there is room
+            done = cast(asyncio.Future, sock.send(held[0], flags=zmq.DONTWAIT))  # sent at once, or Again
+            if done.exception() is not None:
+                break
+            held.popleft()
+            sent = True
+        if sent and not self.confirm:
+            self._changed.set()
 
     async def flush(self, timeout: float = 10.0) -> None:
         self._start()
         deadline = time.monotonic() + timeout
-        while not self._outbox.idle():
+        # held: taken (fire mode: counted out) but not sent yet; close() cancels the sender
+        while not self._outbox.idle() or self._held:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise _not_confirmed(self.endpoint, self._outbox, timeout)
@@ -497,15 +619,21 @@ class AsyncProducer:
                 pass
 
     async def _sender(self, sock: zmq.asyncio.Socket) -> None:
-        outbox = self._outbox
+        outbox, held = self._outbox, self._held
         while True:
             now = time.monotonic()
-            messages = outbox.resend_batches(now)
+            held.extend(outbox.resend_batches(now))
             while (batch := outbox.next_batch(now)) is not None:
-                messages.append(batch)
-            for message in messages:
-                await sock.send(message)
-            if messages and not self.confirm:
+                held.append(batch)
+            sent = bool(held)
+            while held:
+                self._sender_waiting = True  # held[0] is ours until sent: send() holds back
+                try:
+                    await sock.send(held[0])
+                finally:
+                    self._sender_waiting = False
+                held.popleft()
+            if sent and not self.confirm:
                 self._changed.set()
             self._wake.clear()
             if outbox.pending:

@@ -4,10 +4,11 @@ unacked events, producer sequence numbers, resends and NACKs.
 Shared by the sync `Producer` (socket in a background thread) and the asyncio
 `AsyncProducer`, so both behave exactly alike.
 
-Threads (sync `Producer`): callers only `add` (serialized by the producer's lock) and read
-`in_flight`/`has_room`/`idle`; everything else runs on the I/O thread. `pending` is a deque
+Threads (sync `Producer`): callers `add` (serialized by the producer's lock) and read
+`in_flight`/`has_room`/`idle`/`due`; everything else runs under the producer's I/O lock,
+held by the I/O thread or by a caller sending a due batch itself. `pending` is a deque
 (append and popleft are atomic in CPython) and the in-flight count is `added - settled`,
-two counters with one writer each, so the I/O thread takes events and counts them out
+two counters with one writer each, so the I/O side takes events and counts them out
 without the caller's lock. A stale `settled` only makes the window look fuller: the window
 is never exceeded.
 """
@@ -24,6 +25,16 @@ from nexus.errors import RejectedError
 from nexus.protocol.wire import ProducerBatch, ProducerReply, encoder
 
 MAX_BATCH_EVENTS = 1000
+# A caller sends the pending events itself (instead of leaving them to the I/O thread,
+# which a caller that never sleeps starves: see Producer) once they are due: the oldest
+# waited DUE_S (the I/O thread's nap), or, while they come at DUE_RATE or more (the rate
+# at which the I/O thread naps too), DUE_MAX_S so that batches stay large under load
+# (what fits in the socket's queue and the router's cost per message depend on it), or
+# DUE_EVENTS piled up.
+DUE_S = 0.001
+DUE_MAX_S = 0.004
+DUE_RATE = 30_000.0
+DUE_EVENTS = MAX_BATCH_EVENTS // 2
 MAX_BATCH_BYTES = 4 * 2**20
 GAP = "sequence_gap:"  # NACK category of a batch the router refused as out of sequence
 
@@ -53,11 +64,25 @@ class Outbox:
         self.sent_events = 0
         self.added = 0  # events ever added: written by callers only
         self.settled = 0  # events that left: sent (fire), acked or failed (confirm); I/O side only
+        # monotonic time the oldest pending event was added (written by callers when pending
+        # was empty; a race with the I/O side only makes a batch look due early)
+        self.oldest_at = 0.0
 
     # -- caller side ------------------------------------------------------------
     def add(self, event_id: str, data: bytes) -> None:
         self.added += 1  # counted before it is visible: never counted out first
+        if not self.pending:
+            self.oldest_at = time.monotonic()
         self.pending.append((event_id, data))
+
+    def due(self, now: float) -> bool:
+        """Pending events waited long enough (or piled up): the caller should send them."""
+        pending = len(self.pending)
+        if pending >= DUE_EVENTS:
+            return True
+        age = now - self.oldest_at
+        # pending / age: the rate since the oldest pending event came
+        return pending > 0 and age >= DUE_S and (pending < DUE_RATE * age or age >= DUE_MAX_S)
 
     def in_flight(self) -> int:
         """Pending, unacked and waiting for a rate-limit retry."""

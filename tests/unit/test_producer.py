@@ -11,6 +11,7 @@ import textwrap
 import threading
 import time
 
+import msgspec
 import pytest
 import zmq
 
@@ -292,3 +293,107 @@ def test_batches_grow_under_load(tmp_path, zctx):
     reader.join(40)
     assert sum(messages) == 20_000
     assert sum(messages) / len(messages) >= 16, f"{len(messages)} messages for 20,000 events"
+
+
+# -- a caller that never sleeps ------------------------------------------------------------
+def spin(seconds: float) -> None:
+    """Compute instead of sleeping: never releases the interpreter lock voluntarily."""
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
+def test_a_caller_that_never_sleeps_sends_its_due_events_itself(tmp_path, zctx, monkeypatch):
+    """The I/O thread of a producer whose caller spins gets the interpreter lock late (a
+    switch interval per turn). Here it never takes an event at all (the extreme case):
+    the caller's own send() still delivers them, in order, and they are ACKed while it
+    keeps spinning."""
+    endpoint = f"ipc://{tmp_path}/confirm"
+    router = bind(zctx, zmq.ROUTER, endpoint)
+    starved = threading.Event()
+    starved.set()
+    original = producer_module.Outbox.next_batch
+
+    def next_batch(self, now):
+        if starved.is_set() and threading.current_thread().name == "nexus-producer":
+            return None  # the I/O thread never gets to the pending events
+        return original(self, now)
+
+    monkeypatch.setattr(producer_module.Outbox, "next_batch", next_batch)
+    p = Producer(endpoint, source="busy", confirm=True, ack_timeout=600)
+    stop = threading.Event()
+    sends = [0]
+
+    def caller() -> None:
+        while not stop.is_set() and sends[0] < 1_000_000:
+            p.send("test.busy", {"i": sends[0]})
+            sends[0] += 1
+            spin(0.0002)
+
+    received: list[int] = []
+
+    def serve() -> bool:
+        """The router's side: take what came, check the order, ACK it."""
+        while router.poll(0):
+            peer, raw = router.recv_multipart()
+            batch = batch_decoder.decode(raw)
+            assert batch.seq == len(received) + 1  # nothing skipped, nothing resent
+            received.extend(msgspec.msgpack.decode(bytes(e))["payload"]["i"] for e in batch.events)
+            router.send_multipart([peer, encoder.encode(ProducerReply(ack=len(received)))])
+        return p._outbox.settled >= 300
+
+    worker = threading.Thread(target=caller)
+    worker.start()
+    try:
+        wait_for(serve, timeout=60, message="300 events ACKed while the caller spins")
+        assert worker.is_alive()  # still spinning: it never had to stop for them to go out
+    finally:
+        stop.set()
+        worker.join(30)
+        starved.clear()
+    p.send("test.busy", {"i": sends[0]})  # the I/O thread sends the idle tail
+    sends[0] += 1
+    closer = threading.Thread(target=p.close, args=(30,))
+    closer.start()
+    wait_for(lambda: serve() and len(received) == sends[0], timeout=30, message="the tail")
+    closer.join(30)
+    assert received == list(range(sends[0]))
+
+
+def test_an_async_caller_that_never_yields_sends_its_due_events_itself(tmp_path, zctx):
+    """AsyncProducer.send awaits nothing while the window has room, so a caller that
+    computes between sends never lets the sender task run: send() sends due events."""
+    endpoint = f"ipc://{tmp_path}/ingest"
+    pull = bind(zctx, zmq.PULL, endpoint)
+    received: list[bytes] = []
+    done = threading.Event()
+
+    def read() -> None:
+        while not done.is_set():
+            if pull.poll(20):
+                received.extend(bytes(e) for e in batch_decoder.decode(pull.recv()).events)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+
+    async def main() -> int:
+        p = AsyncProducer(endpoint, source="busy", confirm=False, window=20_000)
+        sends = 0
+        # bounded in sends, not time: the events must arrive while the caller keeps going,
+        # long before a full window (20,000) would make send() wait and let the sender run
+        while len(received) < 300 and sends < 5_000:
+            await p.send("test.busy", {"i": sends})
+            sends += 1
+            spin(0.0002)
+        arrived = len(received)
+        await p.close(10)
+        return arrived, sends
+
+    try:
+        arrived, sends = asyncio.run(main())
+        assert arrived >= 300, f"{arrived} of {sends} events arrived while the caller never yielded"
+        wait_for(lambda: len(received) == sends, timeout=30, message="every event")
+    finally:
+        done.set()
+        reader.join(10)
+    assert [msgspec.msgpack.decode(e)["payload"]["i"] for e in received] == list(range(sends))
