@@ -360,11 +360,11 @@ def from_bytes(raw: bytes) -> Config:
 
 
 # What a reload applies to a running pipeline (see docs/operations.md, "Reload"): the
-# worker groups and producers (the launcher starts, stops and restarts their processes),
-# rate limits and the log level (every process), and the launcher's own supervision
-# settings, which it reads at each use. Everything else (endpoints, data_dir, journal,
-# security, http, contracts, ...) is bound into running processes: a restart applies it.
-LIVE_KEYS = ("workers", "producers", "restart_backoff", "crash_loop", "crash_window", "hang_timeout")
+# worker groups, producers and the HTTP port (the launcher starts, stops and restarts
+# their processes), rate limits and the log level (every process), and the launcher's own
+# supervision settings, which it reads at each use. Everything else (endpoints, data_dir,
+# journal, security, contracts, ...) is bound into running processes: a restart applies it.
+LIVE_KEYS = ("workers", "producers", "http", "restart_backoff", "crash_loop", "crash_window", "hang_timeout")
 
 
 def adopt_live(old: Config, new: Config) -> Config:

@@ -50,16 +50,18 @@ def local_url(listen: str, path: str = "/") -> str:
     return f"http://{host}:{port}/{path.lstrip('/')}"
 
 
-def check(http: HttpConfig) -> tuple[str, int]:
+def check(http: HttpConfig, bind: bool = True) -> tuple[str, int]:
     """Parse, refuse an unprotected port other hosts can reach (fail closed), and probe
-    the bind; returns (host, port)."""
+    the bind (`bind=False`: a reload keeping the address our own HTTP process holds);
+    returns (host, port)."""
     host, port = parse_listen(http.listen)
     if not is_loopback(host) and not http.token:
         raise ConfigError(
             f"http.listen {http.listen!r} is reachable from other hosts: set http.token "
             "(every request must then carry it), or listen on 127.0.0.1"
         )
-    probe(host, port, http.listen)
+    if bind:
+        probe(host, port, http.listen)
     return host, port
 
 

@@ -29,6 +29,8 @@ from nexus.common import logs
 from nexus.common.statefile import unlink_quietly
 from nexus.config import Config, WorkerGroupConfig
 from nexus.errors import ConfigError, NexusError, PeerError
+from nexus.http import credential as http_credential
+from nexus.http import listen as http_listen
 from nexus.protocol import curve
 from nexus.protocol.client import CoordClient
 from nexus.supervisor import importcheck
@@ -80,8 +82,8 @@ class Reloader:
         self.rolls: dict[str, RollingRestart] = {}
         self.scaled: dict[str, tuple[int, int]] = {}  # a restarted group's member count: before, set by the reload
         self.removing_groups: set[str] = set()
-        self.removing_producers: set[str] = set()
-        self.restarting_producers: set[str] = set()
+        self.removing_children: set[str] = set()  # producers (and the http process) stopping for good
+        self.restarting_children: set[str] = set()  # ... and stopping to start again on the new config
         self.pushed: Config | None = None  # the view the router holds
         self.push_at = 0.0
         self.status_at = 0.0
@@ -116,9 +118,26 @@ class Reloader:
         starting = [g.group for g in found.groups if g.action in ("added", "restart")]
         if error := importcheck.check(config_mod.adopt_live(launcher.cfg, fresh), starting):
             return self._refused(f"{error}; nothing was applied", dry_run)
+        if found.http is not None and (error := _http_refused(launcher.cfg, fresh)):
+            return self._refused(f"{error}; nothing was applied", dry_run)
         if dry_run:
             return {"ok": True, "dry_run": True, "changes": found.changes(), "needs_restart": found.needs_restart}
         return self._start(found, fresh)
+
+    def _restart_http(self, target: Config) -> None:
+        """The HTTP port changed: its process ends and starts again on the new address and
+        token (it only reports: nothing of the pipeline waits on it); turned on or off,
+        it is started or stopped."""
+        launcher = self.launcher
+        if target.http.listen:
+            http_credential.prepare(target)  # the token file, when the config sets none
+        child = launcher.children.get("http")
+        if child is not None and child.alive():
+            child.retired = not target.http.listen
+            launcher.terminate(child)
+            (self.removing_children if child.retired else self.restarting_children).add("http")
+        elif target.http.listen:
+            launcher.add_child("http", "http")
 
     def _refused(self, error: str, dry_run: bool) -> dict:
         if not dry_run:
@@ -169,6 +188,8 @@ class Reloader:
                 )
         # new bounds apply from the next sample; a group keeps its cooldown and counters
         launcher.autoscaler.configure(target.workers)
+        if found.http is not None:
+            self._restart_http(target)
         for name, what in found.producers.items():
             child = launcher.children.get(name)
             if what == "added":
@@ -176,10 +197,10 @@ class Reloader:
             elif child is not None and what == "removed":
                 child.retired = True
                 launcher.terminate(child)
-                self.removing_producers.add(name)
+                self.removing_children.add(name)
             elif child is not None and what == "restart":
                 launcher.terminate(child)
-                self.restarting_producers.add(name)
+                self.restarting_children.add(name)
         changes = found.changes()
         self.last = {
             "last": time.time(),
@@ -282,18 +303,18 @@ class Reloader:
                 launcher.scale.pop(name, None)
                 launcher.failed_groups.pop(name, None)
                 self.removing_groups.discard(name)
-        for name in list(self.removing_producers):
+        for name in list(self.removing_children):
             producer = children.get(name)
             if producer is None or not producer.alive():
                 if producer is not None:
                     _forget(children, producer)
-                self.removing_producers.discard(name)
-        for name in list(self.restarting_producers):
+                self.removing_children.discard(name)
+        for name in list(self.restarting_children):
             producer = children.get(name)
             if producer is None or producer.state != ChildState.STOPPING:
                 if producer is not None and producer.state == ChildState.STOPPED:
                     launcher.spawn(producer)
-                self.restarting_producers.discard(name)
+                self.restarting_children.discard(name)
         rolls = [r for r in self.rolls.values() if not r.done]
         if any(r.joining for r in rolls) and now >= self.status_at:
             self.status_at = now + STATUS_EVERY
@@ -310,7 +331,7 @@ class Reloader:
             except NexusError as exc:  # restarting, say: asked again shortly
                 self.push_at = now + PUSH_RETRY
                 log.warning("reload_router_view_pending", error=str(exc))
-        if not (pending or self.removing_producers or self.restarting_producers) and view == self.pushed:
+        if not (pending or self.removing_children or self.restarting_children) and view == self.pushed:
             self._finish()
 
     def _finish(self) -> None:
@@ -338,7 +359,7 @@ class Reloader:
             if not r.done
         ]
         parts += [f"group {name} draining" for name in sorted(self.removing_groups)]
-        parts += [f"producer {name} stopping" for name in sorted(self.removing_producers | self.restarting_producers)]
+        parts += [f"{name} stopping" for name in sorted(self.removing_children | self.restarting_children)]
         return "; ".join(parts) or "finishing"
 
     def status(self) -> dict | None:
@@ -372,3 +393,15 @@ def _wanted(spec: WorkerGroupConfig, processes: tuple[int, int], current: int) -
         return min(max(current, spec.autoscale.min), spec.autoscale.max)
     old, new = processes
     return new if old != new else current
+
+
+def _http_refused(running: Config, fresh: Config) -> str:
+    """A new HTTP address must be well formed, protected off loopback and free (the
+    address the running HTTP process holds is not probed); "" when it may apply."""
+    if not fresh.http.listen:
+        return ""
+    try:
+        http_listen.check(fresh.http, bind=fresh.http.listen != running.http.listen)
+    except ConfigError as exc:
+        return str(exc)
+    return ""

@@ -52,12 +52,20 @@ class ReloadPlan:
     rate_limits: bool = False
     log_level: tuple[str, str] | None = None  # old, new
     launcher: list[str] = field(default_factory=list)  # supervision keys the launcher applies live
+    http: str | None = None  # the HTTP port changed: its new address ("" = off)
     needs_restart: list[str] = field(default_factory=list)
     refused: str = ""  # one line: why nothing of this reload can apply
 
     @property
     def empty(self) -> bool:
-        return not (self.groups or self.producers or self.rate_limits or self.log_level or self.launcher)
+        return not (
+            self.groups
+            or self.producers
+            or self.rate_limits
+            or self.log_level
+            or self.launcher
+            or self.http is not None
+        )
 
     def group(self, action: str) -> list[GroupChange]:
         return [g for g in self.groups if g.action == action]
@@ -71,6 +79,8 @@ class ReloadPlan:
         if self.log_level is not None:
             lines.append(f"log level: {self.log_level[0]} -> {self.log_level[1]}")
         lines += [f"{key}: applied" for key in self.launcher]
+        if self.http is not None:
+            lines.append(f"http: the HTTP process restarts {'on ' + self.http if self.http else 'off'}")
         return lines
 
 
@@ -103,6 +113,8 @@ def plan(old: Config, new: Config) -> ReloadPlan:
     if old.log.level != new.log.level:
         out.log_level = (old.log.level, new.log.level)
     out.launcher = [key for key in LAUNCHER_KEYS if getattr(old, key) != getattr(new, key)]
+    if old.http != new.http:
+        out.http = new.http.listen
     return out
 
 

@@ -203,7 +203,29 @@ def test_generated_token_dashboard_command_and_limits(tmp_path):
         assert file.read_text().strip() == token
         wait_for(lambda: http(f"{base}/healthz", token=None)[0] == 200, 20, 0.1, "/healthz 200")
         assert http(f"{base}/metrics", token=token)[0] == 200
-    assert token not in again.output()
+
+        # `nexus reload` applies a new address and token: the HTTP process restarts on them
+        reload = [sys.executable, "-m", "nexus", "reload", "-c", str(path)]
+        moved_port, new_token = free_port(), "reloaded-token-" + "r" * 32
+        moved = f"http://127.0.0.1:{moved_port}"
+        workers = {"rec": recorder_group(tmp_path / "out")}
+        write_config(tmp_path, http={"listen": f"127.0.0.1:{moved_port}", "token": new_token}, workers=workers)
+        done = subprocess.run(reload, capture_output=True, text=True, timeout=90)
+        assert done.returncode == 0 and f"http: the HTTP process restarts on 127.0.0.1:{moved_port}" in done.stdout
+        wait_for(lambda: http(f"{moved}/metrics", token=new_token)[0] == 200, 20, 0.1, "/metrics on the new port")
+        assert http(f"{moved}/metrics", token=token)[0] == 401  # the old token is no longer good
+        assert http(f"{base}/healthz", token=None)[0] == 0  # nothing listens on the old port any more
+        # a new address that is taken is refused with one line; the port keeps running
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen(1)
+            busy = f"127.0.0.1:{taken.getsockname()[1]}"
+            write_config(tmp_path, http={"listen": busy, "token": new_token}, workers=workers)
+            refused = subprocess.run(reload, capture_output=True, text=True, timeout=90)
+        assert refused.returncode == ExitCode.CONFIG and refused.stderr.count("\n") == 1, refused.stderr
+        assert "cannot bind" in refused.stderr and "nothing was applied" in refused.stderr
+        assert http(f"{moved}/metrics", token=new_token)[0] == 200
+    assert token not in again.output() and new_token not in again.output()
 
 
 @pytest.mark.parametrize(

@@ -120,3 +120,15 @@ def test_router_view_keeps_pending_groups_at_their_old_spec():
     assert view.workers == old.workers
     assert router_view(old, new, {"b"}).workers == {"a": new.workers["a"], "b": old.workers["b"]}
     assert router_view(old, new, set()).workers == new.workers
+
+
+def test_the_http_port_applies_live_by_restarting_its_process():
+    from nexus.config import HttpConfig
+
+    old = cfg(http=HttpConfig(listen="127.0.0.1:9464"))
+    moved = plan(old, cfg(http=HttpConfig(listen="127.0.0.1:9465", token="t" * 40)))
+    assert moved.http == "127.0.0.1:9465" and not moved.empty and "http" not in moved.needs_restart
+    assert moved.changes() == ["http: the HTTP process restarts on 127.0.0.1:9465"]
+    off = plan(old, cfg(http=HttpConfig(listen="")))
+    assert off.http == "" and off.changes() == ["http: the HTTP process restarts off"]
+    assert plan(old, old).http is None
