@@ -54,6 +54,21 @@ def read_handled(out: str) -> list[tuple[str, str, int, int, int, int]]:
     return rows
 
 
+def tally(rows) -> tuple[set[str], int, int]:
+    """(ids handled, flagged, unflagged) over read_handled rows: of an id handled n
+    times, n-1 handlings must carry ctx.redelivered; those beyond the flags are unflagged."""
+    by_id: dict[str, list[int]] = {}
+    for _member, event_id, _seq, _p, redelivered, _attempt in rows:
+        by_id.setdefault(event_id, []).append(redelivered)
+    flagged = unflagged = 0
+    for flags in by_id.values():
+        extra = len(flags) - 1
+        if extra > 0:
+            ok = min(extra, sum(flags))
+            flagged, unflagged = flagged + ok, unflagged + extra - ok
+    return set(by_id), flagged, unflagged
+
+
 def read_tags(out: str) -> list[tuple[str, str, str]]:
     """(member, event id, tag) of every line that has a tag."""
     rows = []

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import recorder_group
-from recorder import read_handled
+from recorder import read_handled, tally
 
 from nexus import Producer, config
 from nexus.protocol.events import decode_wire_event
@@ -70,17 +70,8 @@ def handled_counter(out: Path) -> Counter:
 def duplicates(out: Path) -> dict:
     """Handlings beyond the first per event id; flagged when the extra handlings carry
     ctx.redelivered (an event handled n times needs n-1 flagged handlings)."""
-    by_id: dict[str, list[int]] = {}
-    for _member, event_id, _seq, _p, redelivered, _attempt in read_handled(str(out)):
-        by_id.setdefault(event_id, []).append(redelivered)
-    flagged = unflagged = 0
-    for flags in by_id.values():
-        extra = len(flags) - 1
-        if extra > 0:
-            ok = min(extra, sum(flags))
-            flagged += ok
-            unflagged += extra - ok
-    return {"delivered": len(by_id), "dup_flagged": flagged, "dup_unflagged": unflagged}
+    handled, flagged, unflagged = tally(read_handled(str(out)))
+    return {"delivered": len(handled), "dup_flagged": flagged, "dup_unflagged": unflagged}
 
 
 def wait_all_handled(out: Path, ids: list[str], timeout: float = 120) -> Counter:

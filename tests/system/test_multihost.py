@@ -31,7 +31,7 @@ import netns
 import pytest
 from conftest import recorder_group, write_config
 from netns import Lab, unavailable
-from recorder import read_handled
+from recorder import read_handled, tally
 
 from nexus.cli.commands import main as nexus_cli
 from nexus.errors import PeerError
@@ -189,18 +189,10 @@ def counts(cluster: Cluster, acked: list[str]) -> tuple[dict, dict[str, set[str]
     out: dict = {}
     delivered: dict[str, set[str]] = {}
     for group in cluster.outs:
-        by_id: dict[str, list[int]] = {}
-        for _member, event_id, _seq, _p, redelivered, _attempt in cluster.handled(group):
-            by_id.setdefault(event_id, []).append(redelivered)
-        flagged = unflagged = 0
-        for flags in by_id.values():
-            extra = len(flags) - 1  # handlings beyond the first need the redelivered flag
-            if extra > 0:
-                ok = min(extra, sum(flags))
-                flagged, unflagged = flagged + ok, unflagged + extra - ok
-        delivered[group] = set(by_id)
-        out[f"delivered_{group}"] = len(set(acked) & set(by_id))
-        out[f"lost_{group}"] = len(set(acked) - set(by_id))
+        handled, flagged, unflagged = tally(cluster.handled(group))
+        delivered[group] = handled
+        out[f"delivered_{group}"] = len(set(acked) & handled)
+        out[f"lost_{group}"] = len(set(acked) - handled)
         out[f"dup_flagged_{group}"] = flagged
         out[f"dup_unflagged_{group}"] = unflagged
     return out, delivered

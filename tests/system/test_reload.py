@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import recorder_group
-from recorder import read_handled, read_tags
+from recorder import read_handled, read_tags, tally
 from test_faults import report
 
 from nexus import Producer, config
@@ -89,18 +89,8 @@ class SteadyLoad(threading.Thread):
 
 def counts(rows, ids: set[str]) -> dict:
     """Delivered, lost and duplicates (flagged: the extra handlings carry ctx.redelivered)."""
-    by_id: dict[str, list[int]] = {}
-    for _member, event_id, _seq, _p, redelivered, _attempt in rows:
-        if event_id in ids:
-            by_id.setdefault(event_id, []).append(redelivered)
-    flagged = unflagged = 0
-    for flags in by_id.values():
-        extra = len(flags) - 1
-        if extra > 0:
-            ok = min(extra, sum(flags))
-            flagged += ok
-            unflagged += extra - ok
-    return {"delivered": len(by_id), "lost": len(ids - set(by_id)), "flagged": flagged, "unflagged": unflagged}
+    handled, flagged, unflagged = tally(r for r in rows if r[1] in ids)
+    return {"delivered": len(handled), "lost": len(ids - handled), "flagged": flagged, "unflagged": unflagged}
 
 
 def handled_all(out: Path, ids: set[str]) -> bool:
