@@ -206,6 +206,25 @@ class HttpConfig(Strict):
     token: str = ""  # bearer token every request must carry; required off loopback
 
 
+class GatewayTlsConfig(Strict):
+    cert: str = ""  # PEM certificate chain (relative to the config file); both or neither
+    key: str = ""  # its PEM private key
+
+
+class GatewayConfig(Strict):
+    """The HTTP/WebSocket gateway (nexus/gateway/): producers and consumers that speak
+    HTTP. Off unless `listen` is set; a confirmed producer to the router."""
+
+    listen: str = ""  # host:port; "" (default) turns the gateway off
+    tls: GatewayTlsConfig = GatewayTlsConfig()
+    tokens_file: str = ""  # bearer tokens (`nexus tokens`); "": {data_dir}/gateway-tokens.yaml
+    max_body: Annotated[int, msgspec.Meta(ge=1024)] = 1_048_576  # bytes of one request or message
+    max_batch: Annotated[int, msgspec.Meta(ge=1)] = 1000  # events in one request
+
+    def tokens_path(self, cfg: Config) -> str:
+        return cfg.resolve(self.tokens_file) if self.tokens_file else os.path.join(cfg.data_dir, "gateway-tokens.yaml")
+
+
 class SourceConfig(Strict, kw_only=True):
     """The options of one `producers:` entry: the keys every kind has (`kind`), which each
     source kind's `Config` subclasses with its own. Strict like every section: a typo in a
@@ -224,6 +243,7 @@ class Config(Strict):
     control: str = "ipc://{data_dir}/run/control"
     security: SecurityConfig = SecurityConfig()
     http: HttpConfig = HttpConfig()
+    gateway: GatewayConfig = GatewayConfig()
     shutdown_timeout: Duration = Duration(30)
     restart_backoff: list[Duration] = msgspec.field(
         default_factory=lambda: [Duration(0.5), Duration(1), Duration(2), Duration(5)]
