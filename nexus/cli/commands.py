@@ -1,4 +1,4 @@
-"""The `nexus` command: send, status, scale, worker, tail, journal, dlq, reload, dashboard, keys."""
+"""The `nexus` command: send, status, scale, worker, tail, journal, dlq, reload, dashboard, keys, tokens."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import msgspec
 import zmq
 
 from nexus import config as config_mod
-from nexus.cli import keys, progress
+from nexus.cli import keys, progress, tokens
 from nexus.errors import ConfigError, EventError, ExitCode, NexusError, PeerError
 from nexus.protocol import transport
 from nexus.protocol.client import REQUEST_TIMEOUT, ControlClient, CoordClient, require_listening
@@ -723,6 +723,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_dashboard)
 
     keys.add_parser(sub, common)
+    tokens.add_parser(sub, common)
     return parser
 
 
