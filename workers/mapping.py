@@ -102,6 +102,15 @@ class Template:
         return "".join(out)
 
 
+def value_at(data: dict[str, Any], path: tuple[str, ...]) -> Any:
+    """The value at a dotted path of `event_data(...)` as it is (not rendered to text);
+    TemplateError when it does not exist, as for a template field."""
+    value = _resolve(data, path)
+    if value is _MISSING:
+        raise TemplateError(f"{'.'.join(path)} not found{_known_keys(data, path)}")
+    return value
+
+
 def _resolve(data: Any, path: Iterable[str]) -> Any:
     cur = data
     for seg in path:
