@@ -195,6 +195,7 @@ class TokenStore:
     def __init__(self, path: str):
         self.path = path
         self._by_hash: dict[str, TokenGrant] = {}
+        self._hashes: dict[str, str] = {}  # name -> its stored hash
         self._signature: tuple | None = None  # (mtime_ns, size, inode, mode, uid) of what was read
         self._next_check = 0.0
         self._problem = ""  # the last one logged (one line per distinct problem)
@@ -216,13 +217,15 @@ class TokenStore:
         if scheme.lower() != "bearer" or not token or len(token) > _MAX_TOKEN:
             return None
         digest = hash_token(token)
-        found = None
-        # every stored hash is compared, in constant time each, with no early exit: the
-        # time taken says nothing about which token (or how much of one) matched
-        for stored, grant in self._by_hash.items():
-            if hmac.compare_digest(stored, digest):
-                found = grant
-        return found
+        # looked up by its hash: the lookup's time depends only on the SHA-256 of what was
+        # sent, and learning about digests gives no way to a token that has one (a
+        # preimage), so it tells an attacker nothing; the one candidate is then compared
+        # in constant time. About 0.7 us whatever the number of tokens; a compare_digest
+        # loop over all of them took 8-15 us with 100 (bench/test_micro_tokens.py)
+        grant = self._by_hash.get(digest)
+        if grant is None or not hmac.compare_digest(self._hashes[grant.name], digest):
+            return None
+        return grant
 
     @property
     def names(self) -> list[str]:
@@ -268,6 +271,7 @@ class TokenStore:
 
     def _load(self, entries: dict[str, TokenEntry], problem: str) -> None:
         self._by_hash = {e.hash: e.grant(name) for name, e in entries.items()}
+        self._hashes = {name: e.hash for name, e in entries.items()}
         self.reloads += 1
         self._report(problem)
         log.info("gateway_tokens_loaded", file=self.path, tokens=sorted(entries))
