@@ -74,13 +74,26 @@ class ReadGrant(Protocol):
 Authenticate = Callable[[web.Request], ReadGrant | None]
 
 
+class Connection:
+    """One open subscription, for status and metrics: where it is and what it got."""
+
+    def __init__(self, name: str, globs: list[str]):
+        self.name = name  # the token's name
+        self.globs = globs
+        self.after = 0  # the journal position it has been sent up to
+        self.sent = 0  # events sent to it
+
+    def describe(self) -> dict[str, Any]:
+        return {"token": self.name, "types": self.globs, "after": self.after, "sent": self.sent}
+
+
 class Subscriptions:
     """The route's shared state: the tail wake-up, the open connections, the counts."""
 
     def __init__(self, cfg: Config, authenticate: Authenticate):
         self.cfg = cfg
         self.authenticate = authenticate
-        self.open = 0
+        self.connections: set[Connection] = set()
         self.refused: Counter[int] = Counter()  # HTTP status -> count (401, 403, 400, 503)
         self.sent = 0  # events sent to subscribers
         self.wake: TailWake | None = None
@@ -107,16 +120,17 @@ class Subscriptions:
         ws = web.WebSocketResponse(heartbeat=HEARTBEAT, max_msg_size=4096)
         if not ws.can_prepare(request).ok:
             return self._refuse(400, f"{PATH} is a WebSocket endpoint (send Upgrade: websocket)")
-        if self.open >= MAX_SUBSCRIBERS:
+        if len(self.connections) >= MAX_SUBSCRIBERS:
             return self._refuse(503, f"too many subscribers (at most {MAX_SUBSCRIBERS}); try again later")
         if self.wake is None:
             self.wake = TailWake(self.cfg, asyncio.get_running_loop())
-        self.open += 1
+        conn = Connection(grant.name, globs)
+        self.connections.add(conn)
         self.wake.attach()
         reader = JournalReader(self.cfg)
         try:
             await ws.prepare(request)
-            pump = asyncio.create_task(self._pump(ws, reader, grant, globs, start))
+            pump = asyncio.create_task(self._pump(ws, reader, grant, conn, start))
             try:
                 async for msg in ws:  # the client sends nothing we need; this sees its close
                     if msg.type == WSMsgType.ERROR:
@@ -128,13 +142,13 @@ class Subscriptions:
         finally:
             reader.close()
             self.wake.detach()
-            self.open -= 1
+            self.connections.discard(conn)
         return ws
 
     async def _pump(
-        self, ws: web.WebSocketResponse, reader: JournalReader, grant: ReadGrant, globs: list[str], start: int | None
+        self, ws: web.WebSocketResponse, reader: JournalReader, grant: ReadGrant, conn: Connection, start: int | None
     ) -> None:
-        wake = self.wake
+        wake, globs = self.wake, conn.globs
         assert wake is not None
         try:
             head = await self._read(ws, reader, 0, [], 0)
@@ -143,7 +157,7 @@ class Subscriptions:
             if after < head.first - 1:
                 hello["gap"] = _gap(after, head.first)
             await ws.send_str(_text(hello))
-            after = max(after, head.first - 1)
+            after = conn.after = max(after, head.first - 1)
             while not ws.closed:
                 got = await self._read(ws, reader, after, globs, BATCH)
                 if got.first - 1 > after:  # retention removed what this client had not read
@@ -154,7 +168,8 @@ class Subscriptions:
                         continue
                     await ws.send_str(_text(message))  # waits while the client's socket is full
                     self.sent += 1
-                after = got.upto
+                    conn.sent += 1
+                after = conn.after = got.upto
                 if after >= got.last:  # caught up: wait for the next journaled event
                     await wake.wait_past(after)
         except ConnectionResetError:
