@@ -19,6 +19,9 @@ a bad token. The connection then gets:
 3. a `{"gap": ...}` message if retention removes events the client had not read yet
    (a client far behind), and `{"error": ...}` before a close the server decides.
 
+A browser, which cannot set headers on a WebSocket, offers its token as a subprotocol:
+`new WebSocket(url, ["nexus.v1", "bearer." + token])` (the server selects "nexus.v1").
+
 No `from`: the stream starts after the journal's last seq (from now). Answers before the
 upgrade: 401 (no or bad token), 403 (the token may not subscribe, or a glob asks for types
 beyond its `subscribe` globs), 400 (a bad parameter, not a WebSocket request), 503 (too
@@ -57,6 +60,8 @@ MAX_GLOBS = 16
 MAX_GLOB_CHARS = 200
 RETRY = 1.0  # seconds before reading again after the router did not answer
 HEARTBEAT = 20.0  # WebSocket ping interval (a dead client is noticed)
+PROTOCOL = "nexus.v1"  # the WebSocket subprotocol the server selects
+TOKEN_PROTOCOL = "bearer."  # a browser's token: offered as the subprotocol "bearer.<token>"
 
 
 class ReadGrant(Protocol):
@@ -107,7 +112,7 @@ class Subscriptions:
         return web.json_response({"error": error}, status=status)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        grant = self.authenticate(request)
+        grant = self.authenticate(_protocol_token(request))
         if grant is None:
             return self._refuse(401, "a valid bearer token is required (Authorization: Bearer <token>)")
         try:
@@ -117,7 +122,7 @@ class Subscriptions:
         refusal = forbidden(grant, globs)
         if refusal:
             return self._refuse(403, refusal)
-        ws = web.WebSocketResponse(heartbeat=HEARTBEAT, max_msg_size=4096)
+        ws = web.WebSocketResponse(heartbeat=HEARTBEAT, max_msg_size=4096, protocols=(PROTOCOL,))
         if not ws.can_prepare(request).ok:
             return self._refuse(400, f"{PATH} is a WebSocket endpoint (send Upgrade: websocket)")
         if len(self.connections) >= MAX_SUBSCRIBERS:
@@ -204,6 +209,19 @@ def add_routes(app: web.Application, cfg: Config, authenticate: Authenticate) ->
     app.router.add_get(PATH, subs.handle)
     app.on_cleanup.append(subs.close)
     return subs
+
+
+def _protocol_token(request: web.Request) -> web.Request:
+    """A browser's WebSocket cannot send an Authorization header: it offers the token as a
+    subprotocol (`new WebSocket(url, ["nexus.v1", "bearer." + token])`), which keeps it out
+    of URLs and access logs. Seen as the header, when there is none."""
+    if "Authorization" in request.headers:
+        return request
+    offered = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",")]
+    token = next((p[len(TOKEN_PROTOCOL) :] for p in offered if p.startswith(TOKEN_PROTOCOL)), "")
+    if not token:
+        return request
+    return request.clone(headers={**request.headers, "Authorization": f"Bearer {token}"})
 
 
 def parse_query(query) -> tuple[list[str], int | None]:

@@ -161,10 +161,16 @@ def test_refusals(pipeline):
             assert code == 400 and body["error"].startswith("types:")
             async with http.get(f"{url}?types=test.a", headers=auth("reader")) as resp:  # no upgrade
                 assert resp.status == 400 and "WebSocket" in (await resp.json())["error"]
+            # a browser's token, offered as a subprotocol (it cannot set headers)
+            protocols = ("nexus.v1", f"bearer.{token_of('reader')}")
+            async with http.ws_connect(f"{url}?types=test.a", protocols=protocols) as ws:
+                assert ws.protocol == "nexus.v1" and "from" in await recv(ws)
+            async with http.get(f"{url}?types=test.a", headers={"Sec-WebSocket-Protocol": "bearer.nope"}) as resp:
+                assert resp.status == 401
             # a narrower glob than the token's is fine
             async with http.ws_connect(f"{url}?types=test.ab", headers=auth("narrow")) as ws:
                 assert "from" in await recv(ws)
-            assert subs.refused == {401: 2, 403: 3, 400: 3}
+            assert subs.refused == {401: 3, 403: 3, 400: 3}
 
     asyncio.run(main())
 
