@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -129,6 +131,25 @@ def test_catch_up_live_glob_and_resume(pipeline):
             print(f"subscribe: sent test.a {len(a_ids)}, received {len(ids)}, lost {len(lost)}, duplicates {dupes}")
             assert ids == a_ids and not lost and dupes == 0  # event by event, in order
             assert seqs == sorted(seqs) and {m["type"] for m in received} == {"test.a"}
+
+            # the example script prints the same stream, one JSON line per event
+            script = Path(__file__).parents[2] / "examples" / "http" / "live-tail.py"
+            args = ["--url", url, "--types", "test.a", "--from", "0", "--count", str(len(a_ids))]
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                str(script),
+                *args,
+                env={**os.environ, "NEXUS_TOKEN": token_of("reader")},
+                stdout=asyncio.subprocess.PIPE,
+            )
+            try:
+                out, _ = await asyncio.wait_for(proc.communicate(), 60)
+            finally:
+                if proc.returncode is None:
+                    proc.kill()
+                    await proc.wait()
+            assert proc.returncode == 0
+            assert [json.loads(line)["id"] for line in out.decode().splitlines()] == a_ids
 
     asyncio.run(main())
 
