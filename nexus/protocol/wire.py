@@ -208,6 +208,36 @@ class Records(Coord, tag="records", frozen=True):
     complete: bool = True  # False: more to fetch after `upto`
 
 
+class Read(Coord, tag="read", frozen=True):
+    """Admin -> router: journal events with seq > `after` whose type matches one of
+    `types` (fnmatch globs; empty: every type), in journal order, for live consumers
+    (the gateway's /v1/subscribe). Bounded like a member's fetch: at most `limit` events
+    (and the router's fetch_limit) and `max_bytes` of them (0: the router's fetch_bytes;
+    always at least one event), and a bounded scan. `limit` 0 reads nothing: the answer
+    only tells the journal's positions. Events re-journaled for one group only (a
+    dead-letter replay) are left out: a consumer has seen them. Needs an admin key when
+    CURVE is on. Answered with `Journaled` (or `Error`)."""
+
+    after: int
+    limit: int = 1000
+    types: list[str] = []
+    max_bytes: int = 0
+
+
+class Journaled(Coord, tag="journaled", frozen=True):
+    """Router -> the sender of `Read`. `seqs`/`events` (wire `Event` maps) are the matching
+    events after `after`; every matching event <= `upto` is in this reply or was before
+    it, so the next `Read` asks after `upto`. `first` is the journal's first retained seq
+    (events below it are gone: `after` < first - 1 means a gap), `last` its last seq."""
+
+    after: int
+    upto: int
+    first: int
+    last: int
+    seqs: list[int] = []
+    events: list[msgspec.Raw] = []
+
+
 class Reply(Coord, tag="reply", frozen=True):
     """Generic answer to CLI requests: `data` is a plain mapping."""
 
@@ -237,6 +267,8 @@ CoordMessage = Union[  # noqa: UP007 - a long tagged union reads better one memb
     Assign,
     Pulse,
     Records,
+    Read,
+    Journaled,
     Reply,
     Error,
 ]
@@ -265,5 +297,6 @@ reply_decoder = msgspec.msgpack.Decoder(ProducerReply)
 delivery_decoder = msgspec.msgpack.Decoder(Delivery)
 coord_decoder = msgspec.msgpack.Decoder(CoordMessage)
 coord_reply_decoder = msgspec.msgpack.Decoder(Reply | Error)  # an answer to a request
+journaled_decoder = msgspec.msgpack.Decoder(Journaled | Error)  # the answer to a Read
 control_decoder = msgspec.msgpack.Decoder(ControlRequest)
 control_reply_decoder = msgspec.msgpack.Decoder(ControlReply)

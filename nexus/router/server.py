@@ -43,6 +43,7 @@ from nexus.protocol.wire import (
     MetricsRequest,
     ProducerReply,
     Pulse,
+    Read,
     Records,
     Released,
     ReloadRequest,
@@ -53,7 +54,7 @@ from nexus.protocol.wire import (
     encoder,
     topic,
 )
-from nexus.router import admin, livegroups
+from nexus.router import admin, journalread, livegroups
 from nexus.router.backlog import Backlog
 from nexus.router.connections import Connections
 from nexus.router.coordinator import Coordinator, Group
@@ -236,7 +237,7 @@ class Router:
                 continue
             if isinstance(msg, StatusRequest):
                 self.send_coord(frames[0], Reply(admin.recovering_status(self)))
-            elif isinstance(msg, ADMIN_REQUESTS):
+            elif isinstance(msg, (*ADMIN_REQUESTS, Read)):
                 self.send_coord(frames[0], Error("the router is still reading its journal; try again", "recovering"))
 
     def _start_cursors(self, saved: dict[str, list[int]]) -> dict[str, list[int] | None]:
@@ -747,6 +748,12 @@ class Router:
         now = time.monotonic()
         if isinstance(msg, ADMIN_REQUESTS):
             return self.send_coord(identity, Reply(admin.handle(self, msg)))
+        if isinstance(msg, Read):  # a live consumer (the gateway's /v1/subscribe)
+            rc = self.config.router
+            try:
+                return self.send_coord(identity, journalread.read(self.journal, msg, rc.fetch_limit, rc.fetch_bytes))
+            except OSError as exc:  # a failing disk: the consumer asks again
+                return self.send_coord(identity, Error(f"storage unavailable: {exc}", "storage_unavailable"))
         group = self.coordinator.groups.get(getattr(msg, "group", ""))
         if group is None:
             return self.send_coord(identity, Error(f"unknown group {getattr(msg, 'group', '')!r}", "unknown_group"))
@@ -880,7 +887,7 @@ def _refusal(grant: Grant, msg: Coord) -> tuple[str, str] | None:
     group messages (join, fetch, heartbeat, ack, dead letter, ...) a key of that group."""
     if isinstance(msg, StatusRequest) or grant.admin:
         return None
-    if isinstance(msg, (*ADMIN_REQUESTS, MemberExited)):
+    if isinstance(msg, (*ADMIN_REQUESTS, MemberExited, Read)):
         return "admin", f"{type(msg).__name__} needs an admin key; {grant.name} is a {grant.role} key"
     group = getattr(msg, "group", "")
     if not grant.may_join(group):

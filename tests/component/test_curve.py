@@ -20,7 +20,17 @@ from nexus.errors import ConfigError
 from nexus.protocol import transport
 from nexus.protocol.client import CoordClient
 from nexus.protocol.curve import ClientKeys, load_pair
-from nexus.protocol.wire import Error, Join, ProducerBatch, ProducerReply, coord_reply_decoder, encoder
+from nexus.protocol.wire import (
+    Error,
+    Join,
+    Journaled,
+    ProducerBatch,
+    ProducerReply,
+    Read,
+    coord_reply_decoder,
+    encoder,
+    journaled_decoder,
+)
 from nexus.testing import free_port, wait_for
 
 PRODUCER = {"role": "producer", "sources": ["comp*"], "types": ["test.*"]}
@@ -267,6 +277,25 @@ def test_admin_requests_need_an_admin_key(secured, keys):
             ask()
     assert router.gatekeeper.forbidden["admin"] == 3
     assert "error" not in CoordClient(cfg.coord, curve=admin).dead_letters("list")
+
+
+def test_reading_the_journal_needs_an_admin_key(secured, keys):
+    """The gateway's /v1/subscribe reads with `Read`: any event type, so admin only."""
+    cfg, router, _ = secured
+    worker = keys.client("worker", MEMBER)
+    admin = keys.client("ops", {"role": "admin"})
+    wait_for(lambda: "ops" in router.gatekeeper.keys.by_name, 5)
+    denied = _coord(cfg, worker, Read(after=0))
+    assert isinstance(denied, Error) and denied.code == "forbidden" and "needs an admin key" in denied.reason
+    assert router.gatekeeper.forbidden["admin"] == 1
+    sock = transport.connect(zmq.Context.instance(), zmq.DEALER, cfg.coord, curve=admin, linger_ms=0)
+    try:
+        sock.send(encoder.encode(Read(after=0, types=["test.*"])))
+        assert sock.poll(5000), "no answer on coord"
+        answer = journaled_decoder.decode(sock.recv())
+    finally:
+        sock.close(0)
+    assert isinstance(answer, Journaled) and answer.upto == answer.last
 
 
 def test_a_producer_id_belongs_to_the_key_that_first_used_it(secured, keys):
