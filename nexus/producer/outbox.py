@@ -27,16 +27,18 @@ from nexus.protocol.wire import ProducerBatch, ProducerReply, encoder
 MAX_BATCH_EVENTS = 1000
 # A caller sends the pending events itself (instead of leaving them to the I/O thread,
 # which a caller that never sleeps starves: see Producer) once they are due: the oldest
-# waited DUE_S (the I/O thread's nap), or, while they come at DUE_RATE or more (the rate
-# at which the I/O thread naps too), DUE_MAX_S so that batches stay large under load
+# waited DUE_S, or, while they come at DUE_RATE or more (the rate at which the I/O
+# thread naps too), DUE_MAX_S so that batches stay large under load
 # (what fits in the socket's queue and the router's cost per message depend on it), or
 # DUE_EVENTS piled up.
 # An event that comes after a quiet spell (nothing was taken for IDLE_GAP_S and nothing else
 # is pending) is due at once: at a low rate every event leaves from the caller's send
 # without waiting for (or waking) the I/O thread, one thread hand-over less on its way.
 # Under load pending events pile up within microseconds, so batching is unchanged.
+# DUE_S is short for the same reason: below DUE_RATE a batch is small anyway, and a caller
+# that never sleeps but is preempted (a busy host) comes back with a burst of events.
 IDLE_GAP_S = 0.00005
-DUE_S = 0.001
+DUE_S = 0.00025
 DUE_MAX_S = 0.004
 DUE_RATE = 30_000.0
 DUE_EVENTS = MAX_BATCH_EVENTS // 2
