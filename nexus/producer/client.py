@@ -519,6 +519,12 @@ class AsyncProducer:
         # waiting for the socket with the first of them
         self._held: collections.deque[bytes] = collections.deque()
         self._sender_waiting = False
+        # send() sends through a plain shadow of the socket: the zmq.asyncio socket's own
+        # send and EVENTS read schedule a loop callback each time while the receiver waits,
+        # and a caller that never yields piled up two per event. The loop's watch of the
+        # socket is re-checked once, at the next loop turn, instead (_recheck).
+        self._plain: zmq.Socket | None = None
+        self._recheck_due = False
 
     def _start(self) -> None:
         if self._sock is None:
@@ -526,6 +532,7 @@ class AsyncProducer:
             self._sock = sock = transport.connect(
                 self._ctx, kind, self.endpoint, linger_ms=0, hwm=_socket_hwm(self.confirm), curve=self._curve
             )
+            self._plain = zmq.Socket.shadow(sock.underlying)
             self._tasks.append(asyncio.ensure_future(self._sender(sock)))
             if self.confirm:
                 self._tasks.append(asyncio.ensure_future(self._receiver(sock)))
@@ -561,8 +568,8 @@ class AsyncProducer:
         return event_id
 
     def _send_due(self) -> None:
-        sock, outbox, held = self._sock, self._outbox, self._held
-        if sock is None:
+        plain, outbox, held = self._plain, self._outbox, self._held
+        if plain is None:
             return
         now = time.monotonic()
         sent = False
@@ -572,15 +579,27 @@ class AsyncProducer:
                 if batch is None:
                     break
                 held.append(batch)
-            if not _events(sock) & zmq.POLLOUT:
+            if not _events(plain) & zmq.POLLOUT:
                 break  # full: held, for the sender task (or the next send) once there is room
-            done = cast(asyncio.Future, sock.send(held[0], flags=zmq.DONTWAIT))  # sent at once, or Again
-            if done.exception() is not None:
+            try:
+                plain.send(held[0], zmq.NOBLOCK)
+            except zmq.Again:
                 break
             held.popleft()
             sent = True
+        if not self._recheck_due:
+            # the plain socket may have taken the FD's edge the loop waits on (a reply)
+            self._recheck_due = True
+            asyncio.get_running_loop().call_soon(self._recheck)
         if sent and not self.confirm:
             self._changed.set()
+
+    def _recheck(self) -> None:
+        """At the loop's next turn (nothing awaiting the socket could run before it): the
+        zmq.asyncio socket's EVENTS read wakes what awaits an event that is ready."""
+        self._recheck_due = False
+        if self._sock is not None and not self._closed:
+            _events(self._sock)
 
     async def flush(self, timeout: float = 10.0) -> None:
         self._start()

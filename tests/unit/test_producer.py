@@ -473,3 +473,56 @@ def test_an_async_event_after_a_quiet_spell_leaves_without_a_loop_turn(tmp_path,
     finally:
         done.set()
         reader.join(10)
+
+
+def test_an_async_caller_that_never_yields_leaves_no_pile_of_loop_callbacks(tmp_path, zctx):
+    """zmq.asyncio's send and EVENTS read schedule a loop callback while the receiver
+    waits; send() must not pile one up per event for the turn the caller finally yields
+    (the pile delayed that turn by milliseconds)."""
+    endpoint = f"ipc://{tmp_path}/confirm"
+    router = bind(zctx, zmq.ROUTER, endpoint)
+    done = threading.Event()
+
+    def serve() -> None:
+        while not done.is_set():
+            if router.poll(20):
+                peer, raw = router.recv_multipart()
+                batch = batch_decoder.decode(raw)
+                router.send_multipart([peer, encoder.encode(ProducerReply(ack=batch.seq + len(batch.events) - 1))])
+
+    server = threading.Thread(target=serve)
+    server.start()
+
+    async def main() -> tuple[int, int]:
+        p = AsyncProducer(endpoint, source="pile", confirm=True)
+        await p.send("test.pile", {"i": -1})
+        await p.flush(10)
+        loop = asyncio.get_running_loop()
+        scheduled = [0]
+        call_later, call_soon = loop.call_later, loop.call_soon
+
+        def count_later(*args, **kwargs):
+            scheduled[0] += 1
+            return call_later(*args, **kwargs)
+
+        def count_soon(*args, **kwargs):
+            scheduled[0] += 1
+            return call_soon(*args, **kwargs)
+
+        loop.call_later, loop.call_soon = count_later, count_soon  # type: ignore[method-assign]
+        sends = 2000
+        for i in range(sends):
+            await p.send("test.pile", {"i": i})  # the window has room: never yields
+            spin(0.0001)  # replies come meanwhile
+        piled = scheduled[0]
+        loop.call_later, loop.call_soon = call_later, call_soon  # type: ignore[method-assign]
+        await p.flush(10)
+        await p.close(10)
+        return piled, sends
+
+    try:
+        piled, sends = asyncio.run(main())
+    finally:
+        done.set()
+        server.join(10)
+    assert piled < sends / 20, f"{piled} loop callbacks scheduled for {sends} sends"
