@@ -40,12 +40,11 @@ def record_takes(producer, counter: list[int]) -> dict[str, array.array]:
     rec = {"t": array.array("d"), "upto": array.array("q"), "caller": array.array("b")}
 
     def next_batch(now):
-        before = outbox.sent_events
         batch = original(now)
         if batch is not None:
             counter[0] += 1
             rec["t"].append(time.time())
-            rec["upto"].append(before + (outbox.sent_events - before))
+            rec["upto"].append(outbox.sent_events)  # events taken so far, this batch included
             rec["caller"].append(1 if _by_caller(caller) else 0)
         return batch
 
