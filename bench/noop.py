@@ -6,6 +6,7 @@
     group:         group name, used in file names
     sample_every:  record the latency of one event in this many (default 1)
     max_samples:   cap on latency samples kept (default 1,000,000)
+    trace:         also keep `n` of each latency sample (bench/trace.py matches hops by it)
 
 Per event it sets bit `payload["n"]` in a bitmap (a set bit already set counts
 as a duplicate) and, for sampled events, records handler start minus `event.time`
@@ -51,6 +52,7 @@ class Counter:
         self.seen = bytearray(1 << 17)  # bitmap over payload["n"], grows on demand
         self.latency = array.array("d")
         self.sent_at = array.array("d")  # event.time of each latency sample
+        self.trace_n = array.array("q") if options.get("trace") else None  # n of each sample
         self._countdown = self.sample_every
         self._stop = threading.Event()
         self._progress_path = os.path.join(self.out, f"progress-{self.group}-{self.pid}.json")
@@ -86,6 +88,8 @@ class Counter:
             if len(self.latency) < self.max_samples:
                 self.latency.append(now - event.time)
                 self.sent_at.append(event.time)
+                if self.trace_n is not None:
+                    self.trace_n.append(n)
 
     def _progress(self) -> None:
         written = -1
@@ -121,4 +125,6 @@ class Counter:
             "latency": self.latency.tobytes(),
             "sent_at": self.sent_at.tobytes(),
         }
+        if self.trace_n is not None:
+            result["trace_n"] = self.trace_n.tobytes()
         _write_atomic(os.path.join(self.out, f"result-{self.group}-{self.pid}.msgpack"), msgspec.msgpack.encode(result))

@@ -43,6 +43,7 @@ from nexus.producer.outbox import MAX_BATCH_EVENTS
 from nexus.testing import LaunchedPipeline, free_port
 
 from . import baselines
+from . import trace as bench_trace
 from .scrape import TOKEN as SCRAPE_TOKEN
 from .scrape import Scraper
 
@@ -66,7 +67,12 @@ def write_config(directory: Path, args) -> Path:
             "partitions": args.partitions,
             "start": "earliest",
             "retry": {"attempts": 1, "backoff": ["0.1s"]},
-            "options": {"out": str(out), "group": name, "sample_every": args.sample_every},
+            "options": {
+                "out": str(out),
+                "group": name,
+                "sample_every": args.sample_every,
+                "trace": bool(getattr(args, "trace", False)),
+            },
         }
         if args.max_in_flight:
             groups[name]["max_in_flight"] = args.max_in_flight
@@ -204,6 +210,7 @@ def producer_main(
     results,
     pacing: str = "sleep",
     use_async: bool = False,
+    trace: bool = False,
 ) -> None:
     """One producer process: nexus.Producer (or AsyncProducer), `count` events or `seconds`,
     paced when rate > 0. Pacing "sleep" naps 0.2 ms while ahead of the rate; "busy" spins
@@ -230,11 +237,26 @@ def producer_main(
                     results,
                     pacing,
                     result,
+                    trace,
                 )
             )
         else:
             _produce_sync(
-                idx, producers, endpoint, confirm, count, seconds, rate, size, keys, window, go, results, pacing, result
+                idx,
+                producers,
+                endpoint,
+                confirm,
+                count,
+                seconds,
+                rate,
+                size,
+                keys,
+                window,
+                go,
+                results,
+                pacing,
+                result,
+                trace,
             )
     except BaseException as exc:  # reported, never raised past the process
         result["error"] = f"producer {idx}: {type(exc).__name__}: {exc}"
@@ -249,12 +271,15 @@ def _pace(i: int, count: int, start: float, now: float, rate: float) -> int:
 
 
 def _produce_sync(
-    idx, producers, endpoint, confirm, count, seconds, rate, size, keys, window, go, results, pacing, result
+    idx, producers, endpoint, confirm, count, seconds, rate, size, keys, window, go, results, pacing, result, trace
 ) -> None:
     from nexus import Producer
 
     p = Producer(endpoint, source=f"bench-{idx}", confirm=confirm, window=window)
-    batches = _count_batches(p)
+    batches = [0]
+    takes = bench_trace.record_takes(p, batches) if trace else None
+    if not trace:
+        batches = _count_batches(p)
     pad = "x" * size
     send = p.send
     key_names = [f"k{k}" for k in range(keys)] if keys else None
@@ -292,17 +317,22 @@ def _produce_sync(
         batches=batches[0],
         avg_batch=round(i / batches[0], 1) if batches[0] else 0,
     )
+    if takes is not None:
+        result.update(bench_trace.takes_to_result(takes))
 
 
 async def _produce_async(
-    idx, producers, endpoint, confirm, count, seconds, rate, size, keys, window, go, results, pacing, result
+    idx, producers, endpoint, confirm, count, seconds, rate, size, keys, window, go, results, pacing, result, trace
 ) -> None:
     import asyncio
 
     from nexus import AsyncProducer
 
     p = AsyncProducer(endpoint, source=f"bench-{idx}", confirm=confirm, window=window)
-    batches = _count_batches(p)
+    batches = [0]
+    takes = bench_trace.record_takes(p, batches) if trace else None
+    if not trace:
+        batches = _count_batches(p)
     pad = "x" * size
     send = p.send
     key_names = [f"k{k}" for k in range(keys)] if keys else None
@@ -342,6 +372,8 @@ async def _produce_async(
         batches=batches[0],
         avg_batch=round(i / batches[0], 1) if batches[0] else 0,
     )
+    if takes is not None:
+        result.update(bench_trace.takes_to_result(takes))
 
 
 def _count_batches(producer) -> list[int]:
@@ -404,6 +436,7 @@ def run_nexus(args) -> dict:
     prods: list = []
     profilers: list[subprocess.Popen] = []
     scraper: Scraper | None = None
+    tap: bench_trace.Tap | None = None
     summary: dict = {"config": str(config_path) if args.keep else None}
     try:
         t_spawn = time.monotonic()
@@ -445,6 +478,7 @@ def run_nexus(args) -> dict:
                     results,
                     args.pacing,
                     args.async_producer,
+                    args.trace,
                 ),
             )
             for i in range(args.producers)
@@ -468,6 +502,8 @@ def run_nexus(args) -> dict:
             scraper = Scraper(pipeline.cfg.http.listen).start()
         if args.profile:
             profilers = start_profilers(args, {**pids, "producer0": prods[0].pid}, tmp)
+        if args.trace:
+            tap = bench_trace.Tap(pipeline.cfg.publish).start()
         t_go = time.time()
         go.set()
 
@@ -524,6 +560,12 @@ def run_nexus(args) -> dict:
         summary["launcher_exit"] = code
         member_results = read_results(out)
         summary.update(analyze(args, sent, prod_results, member_results, sampler, t_go, t_done, status, restarts, pids))
+        if tap is not None:
+            t_first = min((r["t_first"] for r in prod_results if r.get("t_first")), default=t_go)
+            summary["trace"] = bench_trace.analyze(
+                prod_results, member_results, tap.stop(), args.producers, t_first + args.warmup
+            )
+            tap = None
         summary["errors"] = errors + summary.get("errors", [])
         # without a full drain, "lost" counts events not handled by the end of the run:
         # they are in the journal, not gone
@@ -534,6 +576,8 @@ def run_nexus(args) -> dict:
     finally:
         if scraper is not None:
             scraper.stop()
+        if tap is not None:
+            tap.stop()
         for prof in profilers:
             if prof.poll() is None:
                 prof.terminate()
@@ -727,6 +771,8 @@ def print_table(args, summary: dict) -> None:
             f"  producer {pr['idx']}: sent {pr['sent']:,} in {pr.get('batches')} messages (avg {pr.get('avg_batch')} "
             f"events) cpu {pr.get('cpu') and round(pr['cpu'], 2)} s resent {pr.get('resent')} {pr.get('error') or ''}"
         )
+    if "trace" in nx:
+        bench_trace.print_trace(nx["trace"])
     if nx.get("restarts"):
         p(f"  restarts       {nx['restarts']}")
     sc = nx.get("scrape")
@@ -846,6 +892,12 @@ def parse_args(argv=None):
         default=0,
         metavar="N",
         help="first measure spawn -> ready N times (start/stop only)",
+    )
+    ap.add_argument(
+        "--trace",
+        action="store_true",
+        help="per-hop times of every sampled event (producer, router, member; bench/trace.py) "
+        "and what the slowest 1%% waited on",
     )
     ap.add_argument("--json", action="store_true", help="print a JSON summary instead of the table")
     ap.add_argument(

@@ -249,10 +249,13 @@ class Producer:
             if self._closing is not None or self._failure is not None or not outbox.has_room():
                 self._wait_for_room()
             outbox.add(event_id, data)
-            if not self._signaled or len(outbox.pending) == NAP_WAKE_AT:
+            # due now (an event after a quiet spell, or a batch a busy caller kept from the
+            # I/O thread): sent below, so the I/O thread is not woken for it
+            due = outbox.due(time.monotonic())
+            if not due and (not self._signaled or len(outbox.pending) == NAP_WAKE_AT):
                 self._signaled = True
                 self._wake_w.send(b"")
-        if outbox.due(time.monotonic()):
+        if due:
             self._send_due()
         return event_id
 
@@ -264,6 +267,7 @@ class Producer:
         with self._io_lock:
             sock = self._sock
             if sock is None or self._closing is not None or self._failure is not None:
+                self._wake()  # not connected yet, closing or failed: the I/O thread's case
                 return
             try:
                 sent = self._send_ready(sock, time.monotonic())
@@ -271,13 +275,19 @@ class Producer:
                 sent = False  # held: the I/O thread meets the error again and fails as usual
             # held (the socket is full): the I/O thread waits for room; a reply that came
             # meanwhile: this call may have taken the socket's FD signal (edge triggered)
-            wake = bool(self._held) or (self.confirm and bool(_events(sock) & zmq.POLLIN))
+            wake = bool(self._held) or bool(self._outbox.pending) or (self.confirm and bool(_events(sock) & zmq.POLLIN))
             if wake or (sent and not self.confirm and self._waiting):
                 with self._cond:
                     if wake and not self._signaled and not self._closed:
                         self._signaled = True
                         self._wake_w.send(b"")
                     self._cond.notify_all()  # fire mode: sent is settled; room for blocked senders
+
+    def _wake(self) -> None:
+        with self._lock:
+            if not self._signaled and not self._closed:
+                self._signaled = True
+                self._wake_w.send(b"")
 
     def _send_ready(self, sock: zmq.Socket, now: float) -> bool:
         """Under _io_lock: send the held messages, then the pending events, while the socket
@@ -509,6 +519,12 @@ class AsyncProducer:
         # waiting for the socket with the first of them
         self._held: collections.deque[bytes] = collections.deque()
         self._sender_waiting = False
+        # send() sends through a plain shadow of the socket: the zmq.asyncio socket's own
+        # send and EVENTS read schedule a loop callback each time while the receiver waits,
+        # and a caller that never yields piled up two per event. The loop's watch of the
+        # socket is re-checked once, at the next loop turn, instead (_recheck).
+        self._plain: zmq.Socket | None = None
+        self._recheck_due = False
 
     def _start(self) -> None:
         if self._sock is None:
@@ -516,6 +532,7 @@ class AsyncProducer:
             self._sock = sock = transport.connect(
                 self._ctx, kind, self.endpoint, linger_ms=0, hwm=_socket_hwm(self.confirm), curve=self._curve
             )
+            self._plain = zmq.Socket.shadow(sock.underlying)
             self._tasks.append(asyncio.ensure_future(self._sender(sock)))
             if self.confirm:
                 self._tasks.append(asyncio.ensure_future(self._receiver(sock)))
@@ -540,17 +557,19 @@ class AsyncProducer:
             await self._changed.wait()
         outbox = self._outbox
         outbox.add(event_id, data)
-        self._wake.set()
         # a caller that does not yield to the loop (computing between sends; send() awaits
         # nothing while the window has room) would keep the sender task from running: send
-        # due events from here, as Producer.send does
+        # due events from here, as Producer.send does; an event after a quiet spell is due
+        # at once (outbox.IDLE_GAP_S), without a turn of the loop for the sender task
         if not self._sender_waiting and (self._held or outbox.due(time.monotonic())):
             self._send_due()
+        if outbox.pending or self._held:
+            self._wake.set()
         return event_id
 
     def _send_due(self) -> None:
-        sock, outbox, held = self._sock, self._outbox, self._held
-        if sock is None:
+        plain, outbox, held = self._plain, self._outbox, self._held
+        if plain is None:
             return
         now = time.monotonic()
         sent = False
@@ -560,15 +579,27 @@ class AsyncProducer:
                 if batch is None:
                     break
                 held.append(batch)
-            if not _events(sock) & zmq.POLLOUT:
+            if not _events(plain) & zmq.POLLOUT:
                 break  # full: held, for the sender task (or the next send) once there is room
-            done = cast(asyncio.Future, sock.send(held[0], flags=zmq.DONTWAIT))  # sent at once, or Again
-            if done.exception() is not None:
+            try:
+                plain.send(held[0], zmq.NOBLOCK)
+            except zmq.Again:
                 break
             held.popleft()
             sent = True
+        if not self._recheck_due:
+            # the plain socket may have taken the FD's edge the loop waits on (a reply)
+            self._recheck_due = True
+            asyncio.get_running_loop().call_soon(self._recheck)
         if sent and not self.confirm:
             self._changed.set()
+
+    def _recheck(self) -> None:
+        """At the loop's next turn (nothing awaiting the socket could run before it): the
+        zmq.asyncio socket's EVENTS read wakes what awaits an event that is ready."""
+        self._recheck_due = False
+        if self._sock is not None and not self._closed:
+            _events(self._sock)
 
     async def flush(self, timeout: float = 10.0) -> None:
         self._start()

@@ -27,11 +27,18 @@ from nexus.protocol.wire import ProducerBatch, ProducerReply, encoder
 MAX_BATCH_EVENTS = 1000
 # A caller sends the pending events itself (instead of leaving them to the I/O thread,
 # which a caller that never sleeps starves: see Producer) once they are due: the oldest
-# waited DUE_S (the I/O thread's nap), or, while they come at DUE_RATE or more (the rate
-# at which the I/O thread naps too), DUE_MAX_S so that batches stay large under load
+# waited DUE_S, or, while they come at DUE_RATE or more (the rate at which the I/O
+# thread naps too), DUE_MAX_S so that batches stay large under load
 # (what fits in the socket's queue and the router's cost per message depend on it), or
 # DUE_EVENTS piled up.
-DUE_S = 0.001
+# An event that comes after a quiet spell (nothing was taken for IDLE_GAP_S and nothing else
+# is pending) is due at once: at a low rate every event leaves from the caller's send
+# without waiting for (or waking) the I/O thread, one thread hand-over less on its way.
+# Under load pending events pile up within microseconds, so batching is unchanged.
+# DUE_S is short for the same reason: below DUE_RATE a batch is small anyway, and a caller
+# that never sleeps but is preempted (a busy host) comes back with a burst of events.
+IDLE_GAP_S = 0.00005
+DUE_S = 0.00025
 DUE_MAX_S = 0.004
 DUE_RATE = 30_000.0
 DUE_EVENTS = MAX_BATCH_EVENTS // 2
@@ -67,6 +74,7 @@ class Outbox:
         # monotonic time the oldest pending event was added (written by callers when pending
         # was empty; a race with the I/O side only makes a batch look due early)
         self.oldest_at = 0.0
+        self.taken_at = 0.0  # monotonic time events were last taken for sending; I/O side only
 
     # -- caller side ------------------------------------------------------------
     def add(self, event_id: str, data: bytes) -> None:
@@ -80,6 +88,8 @@ class Outbox:
         pending = len(self.pending)
         if pending >= DUE_EVENTS:
             return True
+        if pending == 1 and now - self.taken_at >= IDLE_GAP_S:
+            return True  # alone after a quiet spell: at once (IDLE_GAP_S)
         age = now - self.oldest_at
         # pending / age: the rate since the oldest pending event came
         return pending > 0 and age >= DUE_S and (pending < DUE_RATE * age or age >= DUE_MAX_S)
@@ -118,6 +128,7 @@ class Outbox:
                 self.unacked.append(Unacked(self.next_pseq, event_id, data, now))
                 self.next_pseq += 1
         self.sent_events += len(events)
+        self.taken_at = now
         if self.confirm:
             return encoder.encode(ProducerBatch(events, self.producer_id, first, self.unacked[0].pseq))
         self.settled += len(events)  # fire mode: handed to the socket is done

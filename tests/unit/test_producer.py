@@ -397,3 +397,132 @@ def test_an_async_caller_that_never_yields_sends_its_due_events_itself(tmp_path,
         done.set()
         reader.join(10)
     assert [msgspec.msgpack.decode(e)["payload"]["i"] for e in received] == list(range(sends))
+
+
+# -- an event after a quiet spell ----------------------------------------------------------------
+def test_an_event_after_a_quiet_spell_is_due_at_once_and_a_burst_still_batches():
+    from nexus.producer.outbox import IDLE_GAP_S, Outbox
+
+    box = Outbox("p", confirm=False, window=100, ack_timeout=3.0)
+    box.add("a", b"x")
+    now = time.monotonic()
+    assert box.due(now)  # nothing was ever taken: at once
+    assert box.next_batch(now) is not None
+    box.add("b", b"x")
+    box.add("c", b"x")
+    assert not box.due(now)  # a burst right after a take waits to batch (DUE_S)
+    box.next_batch(now)
+    box.add("d", b"x")
+    assert not box.due(now + IDLE_GAP_S / 2)  # the next event of a fast stream batches too
+    assert box.due(now + IDLE_GAP_S)  # alone after the gap: at once
+
+
+def test_an_event_after_a_quiet_spell_leaves_from_the_callers_send(tmp_path, zctx, monkeypatch):
+    """No wait for the I/O thread (here it never takes an event): send() sends it itself."""
+    endpoint = f"ipc://{tmp_path}/ingest"
+    pull = bind(zctx, zmq.PULL, endpoint)
+    original = producer_module.Outbox.next_batch
+
+    def next_batch(self, now):
+        if threading.current_thread().name == "nexus-producer":
+            return None
+        return original(self, now)
+
+    monkeypatch.setattr(producer_module.Outbox, "next_batch", next_batch)
+    p = Producer(endpoint, source="quiet", confirm=False)
+    try:
+        wait_for(lambda: p._sock is not None, 10, message="the producer's socket")
+        for i in range(3):
+            p.send("test.quiet", {"i": i})
+            assert len(receive_events(pull, 1, timeout=10)) == 1
+            time.sleep(0.001)  # a quiet spell
+    finally:
+        monkeypatch.setattr(producer_module.Outbox, "next_batch", original)
+        p.close(5)
+
+
+def test_an_async_event_after_a_quiet_spell_leaves_without_a_loop_turn(tmp_path, zctx):
+    endpoint = f"ipc://{tmp_path}/ingest"
+    pull = bind(zctx, zmq.PULL, endpoint)
+    received: list[bytes] = []
+    done = threading.Event()
+
+    def read() -> None:
+        while not done.is_set():
+            if pull.poll(20):
+                received.extend(bytes(e) for e in batch_decoder.decode(pull.recv()).events)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+
+    async def main() -> bool:
+        p = AsyncProducer(endpoint, source="quiet", confirm=False)
+        await p.send("test.quiet", {"i": 0})  # the first send connects; the sender task starts
+        await asyncio.sleep(0.01)
+        await p.send("test.quiet", {"i": 1})
+        # no await from here on: the sender task cannot run, so only send() itself sent it
+        deadline = time.monotonic() + 10
+        while len(received) < 2 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        arrived = len(received) == 2
+        await p.close(5)
+        return arrived
+
+    try:
+        assert asyncio.run(main()), "the event waited for the sender task"
+    finally:
+        done.set()
+        reader.join(10)
+
+
+def test_an_async_caller_that_never_yields_leaves_no_pile_of_loop_callbacks(tmp_path, zctx):
+    """zmq.asyncio's send and EVENTS read schedule a loop callback while the receiver
+    waits; send() must not pile one up per event for the turn the caller finally yields
+    (the pile delayed that turn by milliseconds)."""
+    endpoint = f"ipc://{tmp_path}/confirm"
+    router = bind(zctx, zmq.ROUTER, endpoint)
+    done = threading.Event()
+
+    def serve() -> None:
+        while not done.is_set():
+            if router.poll(20):
+                peer, raw = router.recv_multipart()
+                batch = batch_decoder.decode(raw)
+                router.send_multipart([peer, encoder.encode(ProducerReply(ack=batch.seq + len(batch.events) - 1))])
+
+    server = threading.Thread(target=serve)
+    server.start()
+
+    async def main() -> tuple[int, int]:
+        p = AsyncProducer(endpoint, source="pile", confirm=True)
+        await p.send("test.pile", {"i": -1})
+        await p.flush(10)
+        loop = asyncio.get_running_loop()
+        scheduled = [0]
+        call_later, call_soon = loop.call_later, loop.call_soon
+
+        def count_later(*args, **kwargs):
+            scheduled[0] += 1
+            return call_later(*args, **kwargs)
+
+        def count_soon(*args, **kwargs):
+            scheduled[0] += 1
+            return call_soon(*args, **kwargs)
+
+        loop.call_later, loop.call_soon = count_later, count_soon  # type: ignore[method-assign]
+        sends = 2000
+        for i in range(sends):
+            await p.send("test.pile", {"i": i})  # the window has room: never yields
+            spin(0.0001)  # replies come meanwhile
+        piled = scheduled[0]
+        loop.call_later, loop.call_soon = call_later, call_soon  # type: ignore[method-assign]
+        await p.flush(10)
+        await p.close(10)
+        return piled, sends
+
+    try:
+        piled, sends = asyncio.run(main())
+    finally:
+        done.set()
+        server.join(10)
+    assert piled < sends / 20, f"{piled} loop callbacks scheduled for {sends} sends"
