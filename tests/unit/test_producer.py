@@ -5,6 +5,7 @@ adaptive batching never holds back an event sent to an idle producer."""
 from __future__ import annotations
 
 import asyncio
+import select
 import subprocess
 import sys
 import textwrap
@@ -55,8 +56,8 @@ SENDER = textwrap.dedent("""
     import asyncio, sys
     sys.path.insert(0, {repo!r})
     from nexus import AsyncProducer, Producer
-    endpoint, count, mode = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-    pad = "x" * 1000
+    endpoint, count, mode, size = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+    pad = "x" * size
     if mode == "sync":
         p = Producer(endpoint, source="late", confirm=False)
         for i in range(count):
@@ -83,11 +84,16 @@ def test_fire_close_delivers_the_queue_to_a_router_that_reads_late(tmp_path, zct
     close(). close() must wait until ZeroMQ handed every queued message over."""
     endpoint = f"ipc://{tmp_path}/ingest"
     pull = bind(zctx, zmq.PULL, endpoint, rcvhwm=1)  # takes almost nothing until we read
-    count = 20_000  # ~20 MB: far more than socket buffers
+    # ~18 MB, far more than socket buffers, in few large events: they fit ZeroMQ's queue of
+    # 100 messages however the producer batches them (a preempted caller sends small batches)
+    count, size = 90, 200_000
     proc = subprocess.Popen(
-        [sys.executable, "-c", SENDER.format(repo=REPO), endpoint, str(count), mode], stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", SENDER.format(repo=REPO), endpoint, str(count), mode, str(size)],
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
+        assert select.select([proc.stdout], [], [], 60)[0], "the producer never handed its events over"
         assert proc.stdout.readline().strip() == "handed"  # every event is in ZeroMQ's queue
         # the router is busy: it reads nothing until the producer exited, or for 1 s at most
         # (without the fix the process exits at once and the queue dies with it)
