@@ -1,4 +1,5 @@
-"""Nexus against what a user would pick instead, in one run: Redis Streams and NATS JetStream.
+"""Nexus against what a user would pick instead, in one run: Redis Streams and NATS JetStream,
+and the two ceilings of bench.pipeline (the raw pyzmq chain, the multiprocessing.Queue chain).
 
     python -m bench.peers                       # 2 rounds, all four systems
     python -m bench.peers --rounds 1 --count 20000 --duration 3 --systems redis,nats
@@ -12,7 +13,10 @@ send time). Lost and duplicate events are counted for every run.
 
 * Nexus fire and Nexus confirm: `bench.pipeline.run_nexus` (journal fsync every 50 ms);
 * Redis Streams: bench/peer_redis.py on a private redis-server with AOF, fsync every second;
-* NATS JetStream: bench/peer_nats.py on a private nats-server, file storage, fsync every second.
+* NATS JetStream: bench/peer_nats.py on a private nats-server, file storage, fsync every second;
+* the raw pyzmq chain and the multiprocessing.Queue chain (bench/baselines.py: producer ->
+  middle process -> consumer, no validation, journal, routing or acks): events/s only, the
+  ceiling of the design and what a hand-made Python pipeline gets.
 
 Each round runs every system, unpaced then paced (every other round in reverse order), so
 a change in the host's load lands on all of them; the table shows the range over rounds
@@ -28,15 +32,18 @@ import json
 import os
 import sys
 
-from . import peer_servers, pipeline
+from . import baselines, peer_servers, pipeline
 
 SYSTEMS = {
     "nexus-fire": "Nexus fire",
     "nexus-confirm": "Nexus confirm",
     "redis": "Redis Streams",
     "nats": "NATS JetStream",
+    "raw-zmq": "raw pyzmq chain",
+    "mpqueue": "multiprocessing.Queue chain",
 }
-PEERS = ("redis", "nats")
+PEERS = ("redis", "nats", "raw-zmq", "mpqueue")
+BASELINES = {"raw-zmq": baselines.run_raw_zmq, "mpqueue": baselines.run_mpqueue}
 NEXUS = ("nexus-fire", "nexus-confirm")
 LATENCY = (("p50", "p50"), ("p99", "p99"), ("p999", "p99.9"))
 
@@ -50,6 +57,9 @@ def run_system(system: str, args) -> dict[str, dict]:
         unpaced = pipeline.parse_args([*common, "--count", str(args.count), "--duration", str(args.timeout)])
         paced = pipeline.parse_args([*common, "--rate", str(args.rate), "--duration", str(args.duration)])
         return {"unpaced": pipeline.run_nexus(unpaced), "paced": pipeline.run_nexus(paced)}
+    if system in BASELINES:  # unpaced only: they carry no send times
+        got = BASELINES[system](args.count, 1, args.size, args.timeout, args.timeout)
+        return {"unpaced": {**got, "errors": [got["error"]] if got.get("error") else []}}
     if system == "redis":
         from .peer_redis import run_redis as run
 
@@ -68,7 +78,7 @@ def run_system(system: str, args) -> dict[str, dict]:
 
 def figures(runs: dict[str, dict]) -> dict:
     """The table's figures of one system in one round."""
-    lat = runs["paced"].get("latency_ms") or {}
+    lat = runs.get("paced", {}).get("latency_ms") or {}
     return {
         "events_per_s": runs["unpaced"].get("events_per_s", 0),
         **{key: lat.get(key) for key, _ in LATENCY},
