@@ -43,6 +43,7 @@ def test_gateway_sigkill_while_clients_retry(tmp_path):
         wait_up(base)
         first = pid_of(p, "gateway")
         acked: set[str] = set()
+        duplicates: list[str] = []  # answered from the ledger: journaled before the kill
         killed = asyncio.Event()
 
         async def client(start: int, stop: int) -> None:
@@ -53,7 +54,9 @@ def test_gateway_sigkill_while_clients_retry(tmp_path):
                         try:
                             async with s.post(f"{base}/v1/events", json=batch, timeout=aiohttp.ClientTimeout(15)) as r:
                                 if r.status == 200:
-                                    acked.update(x["id"] for x in (await r.json())["results"])
+                                    results = (await r.json())["results"]
+                                    acked.update(x["id"] for x in results)
+                                    duplicates.extend(x["id"] for x in results if x.get("duplicate"))
                                     break
                         except (aiohttp.ClientError, TimeoutError):
                             pass
@@ -72,6 +75,13 @@ def test_gateway_sigkill_while_clients_retry(tmp_path):
         assert len(acked) == n
         wait_for(lambda: acked <= tally(read_handled(str(out)))[0], 60, 0.1, "every ACKed event handled")
         report("gateway SIGKILL", n, acked, out)
+        journaled = p.router_status()["router"]["seq"]  # (members drop a reused id: ask the journal)
+        resent = "gateway_resending" in p.output()
+        print(
+            f"gateway SIGKILL: journaled {journaled} for {n} distinct ids; retried ids answered duplicate: "
+            f"{len(duplicates)}; unsettled events resent by the new gateway at start: {resent}"
+        )
+        assert journaled == n, "an id journaled twice (or one missing)"
         _, _, unflagged = tally(read_handled(str(out)))
         handled = [r[1] for r in read_handled(str(out))]
         assert len(handled) == len(set(handled)), "an id journaled twice"
@@ -111,3 +121,6 @@ def test_router_sigkill_under_stream_load(tmp_path):
         assert acked == {f"r-{j}" for j in range(n)}
         wait_for(lambda: acked <= tally(read_handled(str(out)))[0], 60, 0.1, "every ACKed event handled")
         report("router SIGKILL under /v1/stream", n, acked, out)
+        journaled = p.router_status()["router"]["seq"]
+        print(f"router SIGKILL: journaled {journaled} for {n} distinct ids")
+        assert journaled == n, "an id journaled twice (or one missing)"
