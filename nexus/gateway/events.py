@@ -102,10 +102,13 @@ def _one(raw: msgspec.Raw, event_dec: Any, id_dec: Any) -> Parsed:
         return Parsed(None, f"malformed: {exc}", given or new_id())
 
 
-def wire(ev: InEvent) -> tuple[str, bytes]:
-    """(event id, the wire Event's msgpack bytes); raises TypeError for a payload the
-    wire cannot carry (cannot happen for JSON or msgpack input)."""
+def wire(ev: InEvent) -> tuple[str, bytes, str]:
+    """(event id, the wire Event's msgpack bytes, "") or (event id, b"", why not): a JSON
+    integer past 64 bits has no msgpack form."""
     event_id = ev.id or new_id()
     when = ev.time if ev.time is not None else time.time()
     event = Event(ev.type, ev.source, ev.payload, event_id, when, ev.key, ev.priority, ev.correlation_id, ev.v)
-    return event_id, _encode(event)
+    try:
+        return event_id, _encode(event), ""
+    except (OverflowError, TypeError, msgspec.EncodeError) as exc:
+        return event_id, b"", f"malformed: {exc}"

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import math
 
+import aiohttp
 import msgspec
 from aiohttp import web
 
@@ -50,6 +51,10 @@ class Ingest:
         msgpack = events.is_msgpack(request.content_type)
         if not msgpack and request.content_type != events.JSON:
             return refuse(415, "send Content-Type: application/json or application/msgpack")
+        encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+        if encoding not in ("identity", ""):
+            # (a compressed body would be inflated past max_body before the check could count it)
+            return refuse(415, f"Content-Encoding {encoding[:40]!r} is not accepted: send the body uncompressed")
         body = await self._read(request)
         if isinstance(body, web.Response):
             return body
@@ -77,11 +82,14 @@ class Ingest:
         if request.content_length is not None and request.content_length > self.max_body:
             return too_big
         chunks, size = [], 0
-        async for chunk in request.content.iter_chunked(64 * 1024):
-            size += len(chunk)
-            if size > self.max_body:
-                return too_big
-            chunks.append(chunk)
+        try:
+            async for chunk in request.content.iter_chunked(64 * 1024):
+                size += len(chunk)
+                if size > self.max_body:
+                    return too_big
+                chunks.append(chunk)
+        except (aiohttp.ClientPayloadError, web.HTTPException, ValueError) as exc:
+            return refuse(400, f"unreadable body: {' '.join(str(exc).split())[:200]}")
         return b"".join(chunks)
 
     async def _send(self, parsed: list[events.Parsed]) -> web.Response:
@@ -97,8 +105,8 @@ class Ingest:
             if p.event is None:
                 slots.append((p.id, Result(p.id, "rejected", p.error)))
                 continue
-            event_id, data = events.wire(p.event)
-            slots.append((event_id, upstream.submit(event_id, data)))
+            event_id, data, error = events.wire(p.event)
+            slots.append((event_id, Result(event_id, "rejected", error) if error else upstream.submit(event_id, data)))
         futures = {s for _, s in slots if isinstance(s, asyncio.Future)}
         if futures:
             await asyncio.wait(futures, timeout=SETTLE_TIMEOUT)

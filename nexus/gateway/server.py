@@ -110,7 +110,9 @@ async def serve(cfg: Config, host: str, port: int) -> None:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_GRACE)
+    # auto_decompress off: a compressed body is refused with one line (ingest.py) instead of
+    # aiohttp's plain-text error, and cannot be inflated past max_body before it is counted
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_GRACE, auto_decompress=False)
     await runner.setup()
     try:
         try:

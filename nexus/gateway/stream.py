@@ -97,8 +97,10 @@ class Stream:
             if p.event is None:
                 out.append((p.id, Result(p.id, "rejected", p.error)))
                 continue
-            event_id, data = events.wire(p.event)
-            if why := self.access.forbidden(grant, p.event.source, p.event.type):
+            event_id, data, error = events.wire(p.event)
+            if error:
+                out.append((event_id, Result(event_id, "rejected", error)))
+            elif why := self.access.forbidden(grant, p.event.source, p.event.type):
                 self.access.metrics.auth.labels("403").inc()
                 out.append((event_id, Result(event_id, "rejected", why)))
             elif wait := self.access.rate(grant, 1):
