@@ -254,3 +254,23 @@ def test_responses_match_the_openapi_document(gw):
     assert seen == {200, 207, 400, 401, 403, 413, 415}
     with urllib.request.urlopen(f"{base}/healthz", timeout=5) as resp:
         check("/healthz", "get", resp.status, json.loads(resp.read()))
+
+
+def test_reload_turns_the_gateway_on_and_moves_it(tmp_path):
+    path, base = gateway_config(tmp_path)
+    text = path.read_text()
+    listen = base.removeprefix("http://")
+    path.write_text(text.replace(listen, "''"))  # start with the gateway off
+    with LaunchedPipeline(path) as p:
+        assert "gateway" not in {proc["name"] for proc in p.processes()}
+        path.write_text(text)
+        reply = p.control("reload", timeout=30)
+        assert reply is not None and reply["ok"], reply
+        assert f"gateway: the gateway restarts on {listen}" in reply["changes"]
+        wait_up(base)
+        assert curl(f"{base}/v1/events", json.dumps(event()))[0] == 200
+        # a bad address is refused whole, one line; the running gateway stays
+        path.write_text(text.replace(listen, "0.0.0.0:1"))
+        refused = p.control("reload", timeout=30)
+        assert refused is not None and not refused["ok"] and "set gateway.tls.cert" in refused["error"]
+        assert curl(f"{base}/v1/events", json.dumps(event()))[0] == 200
