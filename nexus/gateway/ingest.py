@@ -78,19 +78,21 @@ class Ingest:
 
     async def _read(self, request: web.Request) -> bytes | web.Response:
         """The body, refused (413) as soon as it is longer than max_body."""
-        too_big = refuse(413, f"body over {self.max_body} bytes (gateway.max_body)")
         if request.content_length is not None and request.content_length > self.max_body:
-            return too_big
+            return self._too_big()
         chunks, size = [], 0
         try:
             async for chunk in request.content.iter_chunked(64 * 1024):
                 size += len(chunk)
                 if size > self.max_body:
-                    return too_big
+                    return self._too_big()
                 chunks.append(chunk)
         except (aiohttp.ClientPayloadError, web.HTTPException, ValueError) as exc:
             return refuse(400, f"unreadable body: {' '.join(str(exc).split())[:200]}")
         return b"".join(chunks)
+
+    def _too_big(self) -> web.Response:
+        return refuse(413, f"body over {self.max_body} bytes (gateway.max_body)")
 
     async def _send(self, parsed: list[events.Parsed]) -> web.Response:
         upstream = self.upstream

@@ -134,6 +134,10 @@ class Upstream:
             now = time.monotonic()
             if ledger.unsettled and now - self.sent_at >= ACK_TIMEOUT:
                 await self._resend(now)
+            if self.pending:
+                # one turn of the loop first: the other requests read in this turn submit
+                # theirs too, and go in the same batch (one send and one ledger write)
+                await asyncio.sleep(0)
             while self.pending:
                 batch: list[Unsettled] = []
                 size = 0
