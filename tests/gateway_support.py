@@ -9,10 +9,13 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import yaml
 from conftest import recorder_group, write_config
 
 from nexus.gateway.tokens import TokenEntry, hash_token, write
 from nexus.testing import free_port, wait_for
+
+API = yaml.safe_load((Path(__file__).parent.parent / "docs" / "http-api.yaml").read_text())
 
 FULL = "nxg_test-full-token-0123456789abcdef"
 NARROW = "nxg_test-narrow-token-0123456789abcd"
@@ -69,3 +72,14 @@ def healthy(base: str) -> bool:
 def wait_up(base: str, timeout: float = 30.0) -> None:
     """Until the gateway answers /healthz 200 (it starts once the router answers)."""
     wait_for(lambda: healthy(base), timeout, 0.05, f"gateway at {base} up")
+
+
+def check_api(path: str, method: str, code: int, body) -> None:
+    """Raise unless `body` matches what docs/http-api.yaml documents for that route and code."""
+    from openapi_schema_validator import OAS31Validator
+
+    answer = API["paths"][path][method]["responses"][str(code)]
+    if "$ref" in answer:
+        answer = API["components"]["responses"][answer["$ref"].rsplit("/", 1)[1]]
+    schema = answer["content"]["application/json"]["schema"]
+    OAS31Validator({**API, **schema}).validate(body)  # (in the document: its $refs resolve)

@@ -12,7 +12,7 @@ import signal
 
 import aiohttp
 import pytest
-from gateway_support import FULL, event, gateway_config, wait_up
+from gateway_support import FULL, check_api, event, gateway_config, wait_up
 from recorder import read_handled, tally
 
 from nexus.testing import LaunchedPipeline, wait_for
@@ -124,3 +124,36 @@ def test_router_sigkill_under_stream_load(tmp_path):
         journaled = p.router_status()["router"]["seq"]
         print(f"router SIGKILL: journaled {journaled} for {n} distinct ids")
         assert journaled == n, "an id journaled twice (or one missing)"
+
+
+def test_a_stopped_router_is_a_503_with_pending_results_and_the_retry_is_not_journaled_twice(tmp_path):
+    """The router frozen (SIGSTOP) past the gateway's SETTLE_TIMEOUT: the request gets a
+    503 naming the ids still pending; once the router runs again they settle, and the
+    client's retry of the same ids is answered `duplicate` (journaled once)."""
+    path, base = gateway_config(tmp_path)
+    out = tmp_path / "out"
+    with LaunchedPipeline(path) as p:
+        wait_up(base)
+        router = pid_of(p, "router")
+        batch = [event(id=f"frozen-{i}") for i in range(20)]
+
+        async def post() -> tuple[int, dict]:
+            async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {FULL}"}) as s:
+                async with s.post(f"{base}/v1/events", json=batch, timeout=aiohttp.ClientTimeout(60)) as r:
+                    return r.status, await r.json()
+
+        os.kill(router, signal.SIGSTOP)
+        try:
+            code, body = asyncio.run(post())
+        finally:
+            os.kill(router, signal.SIGCONT)
+        assert code == 503 and body["error"].startswith("router unavailable")
+        check_api("/v1/events", "post", code, body)  # as docs/http-api.yaml documents it
+        assert [r["status"] for r in body["results"]] == ["pending"] * 20
+        assert [r["id"] for r in body["results"]] == [e["id"] for e in batch]
+        want = {e["id"] for e in batch}
+        wait_for(lambda: want <= tally(read_handled(str(out)))[0], 60, 0.1, "the pending events handled")
+        code, body = asyncio.run(post())
+        assert code == 200 and all(r["duplicate"] for r in body["results"])
+        assert p.router_status()["router"]["seq"] == 20
+        report("router frozen past the request's wait", 20, want, out)
