@@ -13,6 +13,11 @@ file) and records, before a batch goes to the router, each event's seq, id and b
   same producer id, seqs and bytes: the router drops those it journaled already
   (duplicates, ACKed) and journals the rest; a client's retry waits for that answer.
 
+Known limit: the router remembers NACKs in memory only (docs/PROTOCOL.md section 8). An
+event the router NACKed just before both it and the gateway died, the NACK lost with the
+gateway, is resent at start and then ACKed as a duplicate seq: answered `accepted` though
+it was never journaled. It needs both processes killed within one reply's time.
+
 Records are appended with one write() per batch or reply (no fsync: a killed process
 loses nothing the kernel has; the router's own journal is fsynced on an interval, so a
 host crash can lose the end of both alike). At start the file is read, a torn tail is
