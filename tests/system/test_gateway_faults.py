@@ -157,3 +157,69 @@ def test_a_stopped_router_is_a_503_with_pending_results_and_the_retry_is_not_jou
         assert code == 200 and all(r["duplicate"] for r in body["results"])
         assert p.router_status()["router"]["seq"] == 20
         report("router frozen past the request's wait", 20, want, out)
+
+
+def test_gateway_sigkill_mid_stream(tmp_path):
+    """A /v1/stream producer whose gateway is SIGKILLed: it reconnects (to the restarted
+    gateway) and sends again every event it has no ack for, same ids. Every event ends
+    ACKed, and the journal holds each id once."""
+    path, base = gateway_config(tmp_path)
+    out = tmp_path / "out"
+    n = 4000
+    with LaunchedPipeline(path) as p:
+        wait_up(base)
+        first = pid_of(p, "gateway")
+        acked: set[str] = set()
+        connections = 0
+        sent_again: list[int] = []  # per reconnect: events sent again (no ack before the kill)
+        duplicates: list[str] = []  # acks saying "journaled before": sent to the killed gateway
+
+        async def session(todo: list[str], s: aiohttp.ClientSession) -> None:
+            nonlocal connections
+            ws_url = base.replace("http", "ws") + "/v1/stream"
+            async with s.ws_connect(ws_url, headers={"Authorization": f"Bearer {FULL}"}) as ws:
+                connections += 1
+                if connections > 1:
+                    sent_again.append(len(todo))
+
+                async def read() -> None:
+                    for _ in todo:
+                        msg = await ws.receive(timeout=30)
+                        if msg.type != aiohttp.WSMsgType.TEXT:
+                            return  # closed: the gateway is gone
+                        ack = msg.json()
+                        assert ack["status"] == "accepted", ack
+                        acked.add(ack["id"])
+                        if ack.get("duplicate"):
+                            duplicates.append(ack["id"])
+
+                reader = asyncio.ensure_future(read())
+                try:
+                    for i in range(0, len(todo), 50):
+                        await ws.send_str(json.dumps([event(id=x) for x in todo[i : i + 50]]))
+                        if i <= n // 3 < i + 50 and connections == 1:  # events sent, not acked yet
+                            os.kill(first, signal.SIGKILL)
+                except (aiohttp.ClientError, ConnectionError):
+                    pass
+                await reader
+
+        async def run() -> None:
+            ids = [f"s-{j}" for j in range(n)]
+            async with aiohttp.ClientSession() as s:
+                while todo := [x for x in ids if x not in acked]:
+                    try:
+                        await session(todo, s)
+                    except (aiohttp.ClientError, ConnectionError, TimeoutError):
+                        await asyncio.sleep(0.1)  # (a reconnect's pause: the gateway restarts)
+
+        asyncio.run(asyncio.wait_for(run(), 180))
+        assert connections >= 2, "the gateway was not killed mid-stream"
+        assert acked == {f"s-{j}" for j in range(n)}
+        wait_for(lambda: acked <= tally(read_handled(str(out)))[0], 60, 0.1, "every ACKed event handled")
+        report(f"gateway SIGKILL mid-stream ({connections} connections)", n, acked, out)
+        journaled = p.router_status()["router"]["seq"]
+        print(
+            f"gateway SIGKILL mid-stream: journaled {journaled} for {n} distinct ids; sent again {sent_again}, "
+            f"answered duplicate {len(duplicates)}"
+        )
+        assert journaled == n
