@@ -208,8 +208,10 @@ class Upstream:
             nack = nacks.get(u.pseq)
             if nack is None:
                 self._answer(Result(u.event_id, "accepted"))
-            else:
+            elif nack.retry_after > 0:
                 self._answer(Result(u.event_id, "rejected", nack.reason, retry_after=nack.retry_after))
+            else:  # (not retry_after=0.0: omit_defaults leaves out only the default itself)
+                self._answer(Result(u.event_id, "rejected", nack.reason))
 
     def _renumber(self, ack: int) -> None:
         """The router does not know the seqs between `ack` and our oldest (NACKed before

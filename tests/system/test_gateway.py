@@ -55,6 +55,7 @@ def test_accept_reject_paths_with_curl(gw):
     assert statuses == want
     assert body["results"][0]["id"] == "ok-1" and body["results"][2]["id"] == "unk-1"
     assert body["results"][3]["id"] == "mal-1"
+    assert "retry_after" not in body["results"][1]  # only a retryable refusal carries one
     # whole-request refusals: one line each, nothing sent
     assert curl(url, json.dumps(event()), token=None) == (401, {"error": curl(url, "{}", token="x")[1]["error"]})
     code, body = curl(url, json.dumps(event("test.other", source="parrot")), token=NARROW)
