@@ -31,7 +31,8 @@ def gateway_config(tmp: Path, **overrides) -> tuple[Path, str]:
         {
             "full": TokenEntry(hash=hash_token(FULL), sources=["*"], types=["*"]),
             "narrow": TokenEntry(hash=hash_token(NARROW), sources=["parrot"], types=["test.narrow.*"]),
-            "slow": TokenEntry(hash=hash_token(SLOW), sources=["*"], types=["*"], rate=5.0),
+            # one event per 100 s: its bucket holds one, so a second request is always 429
+            "slow": TokenEntry(hash=hash_token(SLOW), sources=["*"], types=["*"], rate=0.01),
         },
     )
     gateway = {"listen": f"127.0.0.1:{port}", "tokens_file": str(tokens), **overrides.pop("gateway", {})}
