@@ -35,7 +35,8 @@ log = structlog.get_logger("nexus.gateway")
 MAX_BATCH_EVENTS = 1000
 MAX_BATCH_BYTES = 4 * 2**20
 ACK_TIMEOUT = 3.0  # seconds before the unacked events are sent again
-WINDOW = 20_000  # events sent and not settled; submitters wait for room beyond it
+WINDOW = 20_000  # events sent and not settled; submitters wait for room beyond it ...
+WINDOW_BYTES = 64 * 2**20  # ... or beyond this many bytes of them (the gateway's memory)
 GAP = "sequence_gap:"
 
 
@@ -58,6 +59,7 @@ class Upstream:
         self.sock: zmq.asyncio.Socket | None = None
         self.pending: collections.deque[tuple[str, bytes]] = collections.deque()
         self.inflight: dict[str, asyncio.Future[Result]] = {}  # event id -> its answer
+        self.inflight_bytes = sum(len(u.data) for u in ledger.unsettled.values())
         self.sent_at = 0.0  # monotonic time the oldest unacked batch went out
         self.last_reply = time.monotonic()
         self.wake = asyncio.Event()
@@ -100,7 +102,7 @@ class Upstream:
         return len(self.pending) + len(self.ledger.unsettled)
 
     def has_room(self) -> bool:
-        return self.unsettled() < WINDOW
+        return self.unsettled() < WINDOW and self.inflight_bytes < WINDOW_BYTES
 
     async def wait_room(self) -> None:
         while not self.has_room():
@@ -118,6 +120,7 @@ class Upstream:
             fut.set_result(Result(event_id, "accepted", duplicate=True))
             return fut
         self.inflight[event_id] = fut
+        self.inflight_bytes += len(data)
         self.pending.append((event_id, data))
         self.wake.set()
         return fut
@@ -194,6 +197,7 @@ class Upstream:
             failed = list(ledger.unsettled.values())
             ledger.dropped([u.pseq for u in failed])
             for u in failed:
+                self.inflight_bytes -= len(u.data)
                 self._answer(Result(u.event_id, "rejected", reply.error))
             return
         oldest = next(iter(ledger.unsettled), None)
@@ -205,6 +209,7 @@ class Upstream:
         if done:
             self.sent_at = time.monotonic()  # the next oldest waits from now
         for u in done:
+            self.inflight_bytes -= len(u.data)
             nack = nacks.get(u.pseq)
             if nack is None:
                 self._answer(Result(u.event_id, "accepted"))
