@@ -384,7 +384,16 @@ def from_bytes(raw: bytes) -> Config:
 # their processes), rate limits and the log level (every process), and the launcher's own
 # supervision settings, which it reads at each use. Everything else (endpoints, data_dir,
 # journal, security, contracts, ...) is bound into running processes: a restart applies it.
-LIVE_KEYS = ("workers", "producers", "http", "restart_backoff", "crash_loop", "crash_window", "hang_timeout")
+LIVE_KEYS = (
+    "workers",
+    "producers",
+    "http",
+    "gateway",
+    "restart_backoff",
+    "crash_loop",
+    "crash_window",
+    "hang_timeout",
+)
 
 
 def adopt_live(old: Config, new: Config) -> Config:

@@ -51,6 +51,12 @@ MEMBERS_DESIRED = "nexus_group_members_desired"
 MEMBERS = "nexus_group_members"
 READY = "nexus_ready"
 AUTOSCALE_DECISIONS = "nexus_autoscale_decisions_total"
+# -- gateway (its own /metrics: nexus/gateway/access.py) ------------------------------------
+GW_REQUESTS = "nexus_gateway_requests_total"
+GW_EVENTS = "nexus_gateway_events_total"
+GW_AUTH_REFUSED = "nexus_gateway_auth_refused_total"
+GW_UNSETTLED = "nexus_gateway_unsettled_events"
+GW_STREAMS = "nexus_gateway_streams"
 
 GM = ("group", "member")
 
@@ -95,4 +101,13 @@ CATALOGUE: dict[str, Spec] = {
     MEMBERS: Spec("gauge", ("group",), "Members of the group running now."),
     READY: Spec("gauge", (), "1 when the launcher reports the pipeline ready."),
     AUTOSCALE_DECISIONS: Spec("counter", ("group", "direction"), "Autoscaler decisions, direction up or down."),
+    GW_REQUESTS: Spec("counter", ("route", "code"), "Gateway requests (a stream: its upgrade) by route and code."),
+    GW_EVENTS: Spec(
+        "counter",
+        ("outcome",),
+        "Gateway events by outcome: accepted, rejected, duplicate (accepted before), pending (no verdict yet).",
+    ),
+    GW_AUTH_REFUSED: Spec("counter", ("code",), "Gateway requests refused: 401 no or bad token, 403 forbidden."),
+    GW_UNSETTLED: Spec("gauge", (), "Events the gateway sent the router and has no verdict for yet."),
+    GW_STREAMS: Spec("gauge", (), "Open /v1/stream connections."),
 }

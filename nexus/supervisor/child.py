@@ -59,6 +59,10 @@ def entry(
             from nexus.http.server import main as run_http
 
             run_http(cfg, name)
+        elif role == "gateway":
+            from nexus.gateway.server import main as run_gateway
+
+            run_gateway(cfg, name)
         else:
             raise NexusError(f"unknown role {role}")
     except NexusError as exc:

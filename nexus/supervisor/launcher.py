@@ -36,6 +36,7 @@ from nexus.common.backoff import backoff_delay
 from nexus.common.datalock import LAUNCHER_LOCK, ROUTER_LOCK, DataDirLock, clean_stale_run
 from nexus.common.statefile import unlink_quietly
 from nexus.errors import ConfigError, ExitCode, NexusError, describe_exit
+from nexus.gateway import listen as gateway_listen
 from nexus.http import credential as http_credential
 from nexus.http import listen as http_listen
 from nexus.protocol import curve, transport
@@ -49,7 +50,9 @@ from nexus.supervisor.crashes import CrashBook
 from nexus.supervisor.reloader import Reloader
 
 log = structlog.get_logger("nexus.launch")
-ROLES_STOP_ORDER = ("http", "producer", "worker", "router")
+# the gateway with the producers: it stops taking requests and settles what is in flight
+# while the router still answers
+ROLES_STOP_ORDER = ("http", "gateway", "producer", "worker", "router")
 READY_CHECK_EVERY = 0.5  # seconds between the readiness probes (a status request each) until ready
 AUTOSCALE_ASK_TIMEOUT = 0.25  # seconds: the autoscaler's status request (skipped tick when late)
 FAST_RECYCLE = 1.0  # seconds: a member recycling sooner than this after its spawn restarts after a backoff
@@ -90,6 +93,8 @@ class Launcher:
         curve.check_binds(cfg, curve.server_endpoints(cfg))
         if cfg.http.listen:
             http_listen.check(cfg.http)  # malformed, taken, or off loopback without a token
+        if cfg.gateway.listen:
+            gateway_listen.check(cfg)  # malformed, taken, bad TLS files, or off loopback without TLS
         keys = curve.server_keys(cfg)
         # the launcher's requests use the children's keys: a bad file is one line here, not in each child
         self.curve = curve.client_keys(cfg)
@@ -190,6 +195,8 @@ class Launcher:
         recover a journal of any size; it beats meanwhile, and only its exit or a
         silence of hang_timeout fails the start (no fixed deadline)."""
         self.starting = False
+        if self.cfg.gateway.listen:
+            self._add("gateway", "gateway")  # a producer: up once the router answers
         for name in self.cfg.producers:
             self._add(name, "producer")
         for group, n in self.scale.items():

@@ -29,6 +29,7 @@ from nexus.common import logs
 from nexus.common.statefile import unlink_quietly
 from nexus.config import Config, WorkerGroupConfig
 from nexus.errors import ConfigError, NexusError, PeerError
+from nexus.gateway import listen as gateway_listen
 from nexus.http import credential as http_credential
 from nexus.http import listen as http_listen
 from nexus.protocol import curve
@@ -120,6 +121,8 @@ class Reloader:
             return self._refused(f"{error}; nothing was applied", dry_run)
         if found.http is not None and (error := _http_refused(launcher.cfg, fresh)):
             return self._refused(f"{error}; nothing was applied", dry_run)
+        if found.gateway is not None and (error := _gateway_refused(launcher.cfg, fresh)):
+            return self._refused(f"{error}; nothing was applied", dry_run)
         if dry_run:
             return {"ok": True, "dry_run": True, "changes": found.changes(), "needs_restart": found.needs_restart}
         return self._start(found, fresh)
@@ -138,6 +141,19 @@ class Reloader:
             (self.removing_children if child.retired else self.restarting_children).add("http")
         elif target.http.listen:
             launcher.add_child("http", "http")
+
+    def _restart_gateway(self, target: Config) -> None:
+        """The gateway's section changed (address, TLS, tokens file, limits): its process
+        ends (settling what is in flight; the rest waits in its ledger) and starts again
+        on the new one; turned on or off, it is started or stopped."""
+        launcher = self.launcher
+        child = launcher.children.get("gateway")
+        if child is not None and child.alive():
+            child.retired = not target.gateway.listen
+            launcher.terminate(child)
+            (self.removing_children if child.retired else self.restarting_children).add("gateway")
+        elif target.gateway.listen:
+            launcher.add_child("gateway", "gateway")
 
     def _refused(self, error: str, dry_run: bool) -> dict:
         if not dry_run:
@@ -190,6 +206,8 @@ class Reloader:
         launcher.autoscaler.configure(target.workers)
         if found.http is not None:
             self._restart_http(target)
+        if found.gateway is not None:
+            self._restart_gateway(target)
         for name, what in found.producers.items():
             child = launcher.children.get(name)
             if what == "added":
@@ -402,6 +420,17 @@ def _http_refused(running: Config, fresh: Config) -> str:
         return ""
     try:
         http_listen.check(fresh.http, bind=fresh.http.listen != running.http.listen)
+    except ConfigError as exc:
+        return str(exc)
+    return ""
+
+
+def _gateway_refused(running: Config, fresh: Config) -> str:
+    """As _http_refused, for the gateway (its TLS files are loaded too)."""
+    if not fresh.gateway.listen:
+        return ""
+    try:
+        gateway_listen.check(fresh, bind=fresh.gateway.listen != running.gateway.listen)
     except ConfigError as exc:
         return str(exc)
     return ""

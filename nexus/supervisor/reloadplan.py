@@ -53,6 +53,7 @@ class ReloadPlan:
     log_level: tuple[str, str] | None = None  # old, new
     launcher: list[str] = field(default_factory=list)  # supervision keys the launcher applies live
     http: str | None = None  # the HTTP port changed: its new address ("" = off)
+    gateway: str | None = None  # the gateway's section changed: its address ("" = off)
     needs_restart: list[str] = field(default_factory=list)
     refused: str = ""  # one line: why nothing of this reload can apply
 
@@ -65,6 +66,7 @@ class ReloadPlan:
             or self.log_level
             or self.launcher
             or self.http is not None
+            or self.gateway is not None
         )
 
     def group(self, action: str) -> list[GroupChange]:
@@ -81,6 +83,8 @@ class ReloadPlan:
         lines += [f"{key}: applied" for key in self.launcher]
         if self.http is not None:
             lines.append(f"http: the HTTP process restarts {'on ' + self.http if self.http else 'off'}")
+        if self.gateway is not None:
+            lines.append(f"gateway: the gateway restarts {'on ' + self.gateway if self.gateway else 'off'}")
         return lines
 
 
@@ -115,6 +119,8 @@ def plan(old: Config, new: Config) -> ReloadPlan:
     out.launcher = [key for key in LAUNCHER_KEYS if getattr(old, key) != getattr(new, key)]
     if old.http != new.http:
         out.http = new.http.listen
+    if old.gateway != new.gateway:
+        out.gateway = new.gateway.listen
     return out
 
 

@@ -132,3 +132,16 @@ def test_the_http_port_applies_live_by_restarting_its_process():
     off = plan(old, cfg(http=HttpConfig(listen="")))
     assert off.http == "" and off.changes() == ["http: the HTTP process restarts off"]
     assert plan(old, old).http is None
+
+
+def test_the_gateway_applies_live_by_restarting_its_process():
+    from nexus.config import GatewayConfig, GatewayTlsConfig
+
+    old = cfg(gateway=GatewayConfig(listen="127.0.0.1:8080"))
+    moved = plan(old, cfg(gateway=GatewayConfig(listen="127.0.0.1:8081")))
+    assert moved.gateway == "127.0.0.1:8081" and not moved.empty and not moved.needs_restart
+    assert moved.changes() == ["gateway: the gateway restarts on 127.0.0.1:8081"]
+    tls = plan(old, cfg(gateway=GatewayConfig(listen="127.0.0.1:8080", tls=GatewayTlsConfig("c.pem", "k.pem"))))
+    assert tls.gateway == "127.0.0.1:8080" and not tls.needs_restart
+    assert plan(old, cfg()).changes() == ["gateway: the gateway restarts off"]
+    assert plan(old, old).gateway is None
