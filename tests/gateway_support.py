@@ -20,6 +20,7 @@ API = yaml.safe_load((Path(__file__).parent.parent / "docs" / "http-api.yaml").r
 FULL = "nxg_test-full-token-0123456789abcdef"
 NARROW = "nxg_test-narrow-token-0123456789abcd"
 SLOW = "nxg_test-slow-token-0123456789abcdef"
+READER = "nxg_test-reader-token-0123456789abcd"
 
 
 def gateway_config(tmp: Path, **overrides) -> tuple[Path, str]:
@@ -33,6 +34,7 @@ def gateway_config(tmp: Path, **overrides) -> tuple[Path, str]:
             "narrow": TokenEntry(hash=hash_token(NARROW), sources=["parrot"], types=["test.narrow.*"]),
             # one event per 100 s: its bucket holds one, so a second request is always 429
             "slow": TokenEntry(hash=hash_token(SLOW), sources=["*"], types=["*"], rate=0.01),
+            "reader": TokenEntry(hash=hash_token(READER), subscribe=["test.*"]),  # reads only
         },
     )
     gateway = {"listen": f"127.0.0.1:{port}", "tokens_file": str(tokens), **overrides.pop("gateway", {})}
@@ -73,6 +75,14 @@ def healthy(base: str) -> bool:
 def wait_up(base: str, timeout: float = 30.0) -> None:
     """Until the gateway answers /healthz 200 (it starts once the router answers)."""
     wait_for(lambda: healthy(base), timeout, 0.05, f"gateway at {base} up")
+
+
+def check_schema(name: str, message) -> None:
+    """Raise unless a WebSocket message matches the document's schema `name` (OpenAPI has
+    no WebSocket messages: they are documented as components)."""
+    from openapi_schema_validator import OAS31Validator
+
+    OAS31Validator({**API, "$ref": f"#/components/schemas/{name}"}).validate(message)
 
 
 def check_api(path: str, method: str, code: int, body) -> None:

@@ -18,7 +18,19 @@ import aiohttp
 import msgspec
 import pytest
 from conftest import write_config
-from gateway_support import API, FULL, NARROW, SLOW, check_api, curl, event, gateway_config, wait_up
+from gateway_support import (
+    API,
+    FULL,
+    NARROW,
+    READER,
+    SLOW,
+    check_api,
+    check_schema,
+    curl,
+    event,
+    gateway_config,
+    wait_up,
+)
 from recorder import read_handled, tally
 
 from nexus.errors import ExitCode
@@ -248,6 +260,41 @@ def test_responses_match_the_openapi_document(gw):
     assert seen == {200, 207, 400, 401, 403, 413, 415}
     with urllib.request.urlopen(f"{base}/healthz", timeout=5) as resp:
         check_api("/healthz", "get", resp.status, json.loads(resp.read()))
+
+
+def test_websocket_messages_match_the_openapi_document(gw):
+    """The messages of /v1/stream (Result per event) and /v1/subscribe (SubscribeStart, then
+    SubscribeEvent per journaled event) of the running gateway validate against the schemas
+    docs/http-api.yaml gives them; and the subscriber gets the events the stream sent."""
+    _, base, _ = gw
+    ws_base = base.replace("http", "ws")
+    ids = [f"ws-doc-{i}" for i in range(3)]
+
+    async def run() -> tuple[list[dict], list[dict]]:
+        timeout = aiohttp.ClientTimeout(total=30)
+        async with aiohttp.ClientSession(timeout=timeout) as s:
+            reader_auth = {"Authorization": f"Bearer {READER}"}
+            async with s.ws_connect(f"{ws_base}/v1/subscribe?types=test.gw", headers=reader_auth) as sub:
+                start = await sub.receive_json(timeout=10)  # from now: before the events go out
+                async with s.ws_connect(f"{ws_base}/v1/stream", headers={"Authorization": f"Bearer {FULL}"}) as ws:
+                    for i in ids:
+                        await ws.send_json(event(id=i))
+                    acks = [await ws.receive_json(timeout=10) for _ in ids]
+                    await ws.send_json({"type": "nope.unknown", "source": "x", "payload": {}, "id": "ws-doc-bad"})
+                    acks.append(await ws.receive_json(timeout=10))
+                got = [start]
+                while not set(ids) <= {m.get("id") for m in got}:
+                    got.append(await sub.receive_json(timeout=10))
+                return acks, got
+
+    acks, messages = asyncio.run(run())
+    for ack in acks:
+        check_schema("Result", ack)
+    assert [a["status"] for a in acks] == ["accepted"] * 3 + ["rejected"]
+    check_schema("SubscribeStart", messages[0])
+    for m in messages[1:]:
+        check_schema("SubscribeEvent", m)
+    assert [m["id"] for m in messages[1:]] == ids  # in journal order, each once
 
 
 def test_reload_turns_the_gateway_on_and_moves_it(tmp_path):
