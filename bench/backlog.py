@@ -37,7 +37,7 @@ from nexus.testing import LaunchedPipeline
 
 from . import baselines
 from .noop import Counter
-from .pipeline import REPO, producer_main, proc_sample, read_progress, read_results, write_config
+from .pipeline import REPO, proc_sample, producer_main, read_progress, read_results, write_config
 
 
 class Slow(Counter):

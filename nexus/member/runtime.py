@@ -38,7 +38,7 @@ from nexus.member.breaker import CircuitBreaker
 from nexus.member.context import Context
 from nexus.member.fetcher import Fetcher, FetchRequest
 from nexus.member.followups import FollowUps
-from nexus.member.group import GroupClient
+from nexus.member.group import GroupClient, RecordsHead
 from nexus.member.handlers import Handler, load_handler
 from nexus.member.heartbeat import HeartbeatThread
 from nexus.member.limits import RecycleLimits, peak_rss_bytes, rss_bytes
@@ -282,6 +282,8 @@ class Member:
                 self.log.error("bad_coord_message")
             elif isinstance(msg, Assign):
                 self._on_assign(msg)
+            elif isinstance(msg, RecordsHead):
+                self._on_records(msg, len(raw), raw)  # (its events are read from raw later)
             elif isinstance(msg, Records):
                 self._on_records(msg, len(raw))
             elif isinstance(msg, Error):
@@ -355,8 +357,8 @@ class Member:
             else:
                 await asyncio.sleep(0)  # let the handlers run; the rest is still queued
 
-    def _on_records(self, msg: Records, nbytes: int | None = None) -> None:
-        self._post_fetches(self.fetcher.on_records(msg, nbytes))
+    def _on_records(self, msg: Records | RecordsHead, nbytes: int | None = None, raw: bytes | None = None) -> None:
+        self._post_fetches(self.fetcher.on_records(msg, nbytes, raw))
 
     def _on_delivery(self, frames: list[bytes]) -> None:
         wanted = self.fetcher.on_delivery(frames)
