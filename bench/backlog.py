@@ -49,13 +49,34 @@ class Slow(Counter):
         self.delay = float(options.get("delay_ms", 1.0)) / 1000
         self.slow_for = float(options.get("slow_for", 60.0))
         self.slow_until = 0.0
+        self.trace_at = float(options.get("trace_at", 0))  # --trace-memory: seconds from the first event
 
     def handle(self, event, ctx) -> None:
         if not self.slow_until:
             self.slow_until = time.monotonic() + self.slow_for
+            self.trace_at = self.trace_at and time.monotonic() + self.trace_at
+        if self.trace_at and time.monotonic() >= self.trace_at:
+            self.trace_at = 0.0
+            self._trace_memory()
         if self.delay and time.monotonic() < self.slow_until:
             time.sleep(self.delay)
         super().handle(event, ctx)
+
+    def _trace_memory(self) -> None:
+        """Where the member's Python memory is (PYTHONTRACEMALLOC is set for the run): the
+        traced total against RSS, and the biggest allocation sites."""
+        import tracemalloc
+
+        from nexus.member.limits import rss_bytes
+
+        if not tracemalloc.is_tracing():
+            return
+        snap = tracemalloc.take_snapshot()
+        traced = tracemalloc.get_traced_memory()[0]
+        lines = [f"traced {traced / 2**20:.1f} MB of RSS {rss_bytes() / 2**20:.1f} MB"]
+        lines += [str(stat) for stat in snap.statistics("lineno")[:15]]
+        with open(os.path.join(self.out, f"trace-{self.pid}.txt"), "w") as f:
+            f.write("\n".join(lines) + "\n")
 
 
 def configure(tmp: Path, args) -> Path:
@@ -64,7 +85,7 @@ def configure(tmp: Path, args) -> Path:
     cfg = yaml.safe_load(path.read_text())
     group = cfg["workers"]["bench0"]
     group["handler"] = "bench.backlog:Slow"
-    group["options"].update(delay_ms=args.delay_ms, slow_for=args.slow_for)
+    group["options"].update(delay_ms=args.delay_ms, slow_for=args.slow_for, trace_at=args.trace_memory)
     if args.max_in_flight_bytes:
         group["max_in_flight_bytes"] = args.max_in_flight_bytes
     path.write_text(yaml.safe_dump(cfg))
@@ -83,6 +104,8 @@ def run(args) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="nexus-backlog-"))
     out = tmp / "out"
     env = {"PYTHONPATH": os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p)}
+    if args.trace_memory:
+        env["PYTHONTRACEMALLOC"] = "1"
     pipeline = LaunchedPipeline(str(configure(tmp, args)), env=env)
     mp = multiprocessing.get_context("spawn")
     prods: list = []
@@ -202,6 +225,7 @@ def run(args) -> dict:
         rss = [r["router_rss_mb"] for r in series if r.get("router_rss_mb") is not None]
         summary["router_rss_mb"] = {"peak": max(rss, default=None), "end": rss[-1] if rss else None}
         summary["loadavg"] = os.getloadavg()
+        summary["memory_trace"] = [f.read_text() for f in out.glob("trace-*.txt")]
         return summary
     finally:
         for p in prods:
@@ -233,6 +257,13 @@ def parse_args(argv=None):
     ap.add_argument("--max-in-flight-bytes", default="", help="per member, e.g. 16MiB (default: config default)")
     ap.add_argument("--retain", default="7d", help="journal retention")
     ap.add_argument("--interval", type=float, default=1.0, help="sampling period (s)")
+    ap.add_argument(
+        "--trace-memory",
+        type=float,
+        default=0,
+        metavar="S",
+        help="tracemalloc in the processes; the member's biggest allocation sites S seconds into the run",
+    )
     ap.add_argument("--catch-up", action="store_true", help="then wait until every event was handled; count loss")
     ap.add_argument("--catch-up-timeout", type=float, default=300.0)
     ap.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"))

@@ -12,7 +12,10 @@ one by one (`_decode_each`).
 
 The in-flight budget: `max_in_flight` events queued, and `max_in_flight_bytes` at the
 average event size seen lately. A stream with no room left falls behind (`behind`): its
-events wait in the journal, fetched again once there is room (`refill`). A stream with a
+events wait in the journal, fetched again once there is room (`refill`). It is also
+`muted` (unsubscribed) meanwhile: its live deliveries would only be dropped, and queued
+for it in ZeroMQ's pipes on the way they cost memory in the router and here; it is
+subscribed again once a fetch reply reaches the journal's end with room left. A stream with a
 gap before a live delivery fetches the gap and buffers live deliveries meanwhile.
 
 Every entry point returns the fetches it decided on, for the runtime to send.
@@ -83,6 +86,7 @@ class Fetcher:
         self.bad_deliveries = 0  # live deliveries that did not decode (fetched instead)
         self.bad_events = 0  # undecodable journal events skipped (never from a sound router)
         self.gap_repairs = 0  # fetches for a stream behind what the router published
+        self.sub_changes: list[tuple[int, bool]] = []  # (partition, subscribe) for the SUB socket
         self._wanted: list[FetchRequest] = []
 
     # -- entry points --------------------------------------------------------------------------
@@ -130,6 +134,12 @@ class Fetcher:
                     nbytes = sum(len(e.payload) if type(e) is WireEvent else len(e) for e in events)
                 self._observe(nbytes, len(events))
             self._enqueue(st, msg.seqs, events, msg.upto)
+        if st.muted and msg.complete:
+            if self.room() > 0:
+                st.muted = False  # caught up: live again (a gap since this reply is fetched)
+                self.sub_changes.append((st.partition, True))
+            else:
+                st.behind = True  # no room for live deliveries yet: fetch again (refill)
         if not msg.complete or st.overflow:
             st.overflow = False
             st.buffered.clear()
@@ -186,11 +196,18 @@ class Fetcher:
     def _fetch(self, st: PartitionStream) -> None:
         room = self.room()
         if room <= 0:
-            st.behind = True
+            self._fall_behind(st)
             return
         st.fetching, st.behind = True, False
         st.fetch_after = st.watermark
         self._wanted.append(FetchRequest(st.partition, st.watermark, min(room, self.fetch_limit)))
+
+    def _fall_behind(self, st: PartitionStream) -> None:
+        """No room: `st` waits in the journal (refill), unsubscribed from its live deliveries."""
+        st.behind = True
+        if not st.muted:
+            st.muted = True
+            self.sub_changes.append((st.partition, False))
 
     def _take(self) -> Sequence[FetchRequest]:
         wanted = self._wanted
@@ -228,7 +245,7 @@ class Fetcher:
         if full or self.room() <= 0:
             # full (when it came, though smaller events seen since may have made room):
             # fall behind; catch up from the journal later
-            st.behind = True
+            self._fall_behind(st)
             return False
         # Room left: take the whole delivery, even if it overshoots max_in_flight (by less
         # than one delivery, i.e. one router batch): dropping it would only make us fetch

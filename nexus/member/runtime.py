@@ -272,6 +272,14 @@ class Member:
     def _post_fetches(self, requests: Sequence[FetchRequest]) -> None:
         for r in requests:
             self._post(self.client.fetch(r.partition, r.after, r.limit))
+        if self.fetcher.sub_changes:
+            self._apply_sub_changes()
+
+    def _apply_sub_changes(self) -> None:
+        """Streams muted while behind, or live again (Fetcher.sub_changes)."""
+        changes, self.fetcher.sub_changes = self.fetcher.sub_changes, []
+        for p, on in changes:  # (none come after _drain closed the socket: every stream is revoked)
+            self.sub.setsockopt(zmq.SUBSCRIBE if on else zmq.UNSUBSCRIBE, self.client.topic(p))
 
     # -- coord -------------------------------------------------------------------
     async def _coord_reader(self) -> None:
@@ -362,7 +370,7 @@ class Member:
 
     def _on_delivery(self, frames: list[bytes]) -> None:
         wanted = self.fetcher.on_delivery(frames)
-        if wanted:
+        if wanted or self.fetcher.sub_changes:
             self._post_fetches(wanted)
 
     # -- dispatch ----------------------------------------------------------------

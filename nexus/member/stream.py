@@ -84,6 +84,7 @@ class PartitionStream:
         "buffered",
         "overflow",
         "behind",
+        "muted",
         "revoked",
         "redelivered_upto",
         "first_failed",
@@ -108,6 +109,7 @@ class PartitionStream:
         self.buffered: list[Any] = []
         self.overflow = False
         self.behind = False  # live events dropped for lack of room: fetch later
+        self.muted = False  # unsubscribed from its live deliveries while behind (Fetcher)
         self.revoked = False
         self.redelivered_upto = redelivered_upto
         self.first_failed = 0.0  # when the head event first failed

@@ -225,8 +225,11 @@ class FakeCoord:
 
 
 class FakeSub:
-    def setsockopt(self, *args) -> None:
-        pass
+    def __init__(self) -> None:
+        self.changes: list[tuple[int, bytes]] = []  # (SUBSCRIBE or UNSUBSCRIBE, topic)
+
+    def setsockopt(self, option: int, value: bytes) -> None:
+        self.changes.append((option, value))
 
 
 class FakeHeartbeat:
@@ -830,6 +833,60 @@ def test_the_sub_reader_loses_nothing_when_many_deliveries_are_queued(tmp_path):
         ctx.term()
         assert rig.m.scheduler.handled == total and rig.m.coord.fetches() == []
         assert sorted(h[0] for h in rig.handled) == list(range(total))
+
+    run(main())
+
+
+def test_a_stream_behind_is_unsubscribed_until_a_fetch_reaches_the_journal_end(tmp_path):
+    """While a stream is behind (full), its live deliveries would only be dropped: the
+    member unsubscribes from them (nothing queues for it in ZeroMQ's pipes, in the router or
+    here) and subscribes again once it caught up from the journal; nothing is lost."""
+
+    async def main():
+        rig = await make_rig(tmp_path, max_in_flight=4)
+        sub = rig.m.sub
+        sub.changes.clear()
+        raws = [event(n) for n in range(12)]
+        rig.deliver(0, raws[:4])
+        rig.deliver(0, raws[4:6])  # full: dropped, behind, muted
+        assert rig.streams[0].behind and rig.streams[0].muted
+        assert sub.changes == [(zmq.UNSUBSCRIBE, topic(GROUP, 0))]
+        rig.deliver(0, raws[6:8])  # (in the pipe before the unsubscribe took effect)
+        assert len(sub.changes) == 1  # muted once
+        rig.seq = 12  # the journal's end
+
+        def answer() -> None:  # the router's fetch replies, bounded by their limit
+            for f in rig.fetches():
+                st = rig.streams[0]
+                if f.partition != 0 or not st.fetching or f.after != st.fetch_after:
+                    continue
+                seqs = list(range(f.after + 1, min(12, f.after + f.limit) + 1))
+                upto = seqs[-1] if seqs else 12
+                rig.on_records(
+                    Records(
+                        group=GROUP,
+                        partition=0,
+                        after=f.after,
+                        upto=upto,
+                        seqs=seqs,
+                        events=[msgspec.Raw(raws[s - 1]) for s in seqs],
+                        complete=upto >= 12,
+                    )
+                )
+                assert st.muted or upto == 12  # live again only at the journal's end
+
+        task = asyncio.ensure_future(rig.m._dispatcher())
+        try:
+            for _ in range(50):
+                await rig.settle()
+                answer()
+                if len(rig.handled) == 12 and not rig.streams[0].muted:
+                    break
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        assert [h[0] for h in rig.handled] == list(range(12))
+        assert not rig.streams[0].muted and sub.changes[-1] == (zmq.SUBSCRIBE, topic(GROUP, 0))
 
     run(main())
 
