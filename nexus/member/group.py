@@ -1,9 +1,11 @@
 """The coord messages of a group member (no socket): what it sends to the router, encoded,
 and what it reads from it, decoded.
 
-Fetch replies are decoded with their events in one msgspec call (the envelopes typed, the
-payloads kept raw until a handler needs them); a reply whose events do not all decode so
-is read again with its events left raw, and the fetcher decodes them one by one.
+A fetch reply is read without its events first (`RecordsHead`): the fetcher decodes them
+(`records_decoder`, in one msgspec call: the envelopes typed, the payloads kept raw until a
+handler needs them) when they reach the head of the stream's queue, and keeps the reply's
+bytes until then. A reply whose events do not all decode so is read again with its events
+left raw, and the fetcher decodes them one by one.
 """
 
 from __future__ import annotations
@@ -42,7 +44,19 @@ class ReceivedRecords(Records, tag="records"):  # type: ignore[misc]  # (mypy: f
     events: list[WireEvent]  # type: ignore[assignment]  # the same field, decoded
 
 
-received_decoder = msgspec.msgpack.Decoder(Assign | ReceivedRecords | Error | DeadLetterStored)
+class RecordsHead(Coord, tag="records", frozen=True, forbid_unknown_fields=False):
+    """A fetch reply without its events (msgspec skips them): they stay in the bytes."""
+
+    group: str
+    partition: int
+    after: int
+    upto: int
+    seqs: list[int]
+    complete: bool = True
+
+
+records_decoder = msgspec.msgpack.Decoder(ReceivedRecords)
+received_decoder = msgspec.msgpack.Decoder(Assign | RecordsHead | Error | DeadLetterStored)
 
 
 class GroupClient:
@@ -113,8 +127,8 @@ class GroupClient:
     # -- read ----------------------------------------------------------------------
     @staticmethod
     def read(raw: bytes) -> Coord | None:
-        """A message from the router (Assign, Records, Error, DeadLetterStored; Pulse on the
-        heartbeat's socket), or None when it is unreadable."""
+        """A message from the router (Assign, RecordsHead, Error, DeadLetterStored; Pulse on
+        the heartbeat's socket), or None when it is unreadable."""
         try:
             return received_decoder.decode(raw)
         except DECODE_ERRORS:

@@ -7,7 +7,9 @@ keeps the head, so nothing past a call still running is acked by anyone.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from nexus.member.stream import PartitionStream
 from nexus.protocol.wire import Assign
@@ -93,6 +95,16 @@ class Partitions:
         n = st.take(seqs, events, upto)
         self.queued += n
         return n
+
+    def hold(self, st: PartitionStream, seqs: list[int], frame: Any, decode: Callable, upto: int) -> int:
+        """Queue events newer than `st`'s watermark undecoded (see PartitionStream.hold)."""
+        n = st.hold(seqs, frame, decode, upto)
+        self.queued += n
+        return n
+
+    def unhold(self, st: PartitionStream) -> None:
+        """`st`'s queue ran empty: decode its next held delivery into it."""
+        self.queued -= st.unhold()
 
     def popped(self, n: int) -> None:
         """`n` events left the queues (handled, dead-lettered or dropped as duplicates)."""

@@ -38,7 +38,7 @@ from nexus.member.breaker import CircuitBreaker
 from nexus.member.context import Context
 from nexus.member.fetcher import Fetcher, FetchRequest
 from nexus.member.followups import FollowUps
-from nexus.member.group import GroupClient
+from nexus.member.group import GroupClient, RecordsHead
 from nexus.member.handlers import Handler, load_handler
 from nexus.member.heartbeat import HeartbeatThread
 from nexus.member.limits import RecycleLimits, peak_rss_bytes, rss_bytes
@@ -272,6 +272,14 @@ class Member:
     def _post_fetches(self, requests: Sequence[FetchRequest]) -> None:
         for r in requests:
             self._post(self.client.fetch(r.partition, r.after, r.limit))
+        if self.fetcher.sub_changes:
+            self._apply_sub_changes()
+
+    def _apply_sub_changes(self) -> None:
+        """Streams muted while behind, or live again (Fetcher.sub_changes)."""
+        changes, self.fetcher.sub_changes = self.fetcher.sub_changes, []
+        for p, on in changes:  # (none come after _drain closed the socket: every stream is revoked)
+            self.sub.setsockopt(zmq.SUBSCRIBE if on else zmq.UNSUBSCRIBE, self.client.topic(p))
 
     # -- coord -------------------------------------------------------------------
     async def _coord_reader(self) -> None:
@@ -282,6 +290,8 @@ class Member:
                 self.log.error("bad_coord_message")
             elif isinstance(msg, Assign):
                 self._on_assign(msg)
+            elif isinstance(msg, RecordsHead):
+                self._on_records(msg, len(raw), raw)  # (its events are read from raw later)
             elif isinstance(msg, Records):
                 self._on_records(msg, len(raw))
             elif isinstance(msg, Error):
@@ -355,12 +365,12 @@ class Member:
             else:
                 await asyncio.sleep(0)  # let the handlers run; the rest is still queued
 
-    def _on_records(self, msg: Records, nbytes: int | None = None) -> None:
-        self._post_fetches(self.fetcher.on_records(msg, nbytes))
+    def _on_records(self, msg: Records | RecordsHead, nbytes: int | None = None, raw: bytes | None = None) -> None:
+        self._post_fetches(self.fetcher.on_records(msg, nbytes, raw))
 
     def _on_delivery(self, frames: list[bytes]) -> None:
         wanted = self.fetcher.on_delivery(frames)
-        if wanted:
+        if wanted or self.fetcher.sub_changes:
             self._post_fetches(wanted)
 
     # -- dispatch ----------------------------------------------------------------

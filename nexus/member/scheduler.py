@@ -165,6 +165,8 @@ class Scheduler:
                 queue.popleft()
                 st.attempt = 1
                 popped += 1
+                if not queue and st.held:
+                    self.partitions.unhold(st)
                 if not queue or st.revoked:
                     if not st.revoked:
                         self.ready(st)
@@ -282,6 +284,8 @@ class Scheduler:
         st.queue.popleft()
         st.attempt = 1
         self.partitions.popped(1)
+        if not st.queue and st.held:
+            self.partitions.unhold(st)
         if not st.revoked:
             self.ready(st)
 

@@ -4,16 +4,34 @@
 (queued or handled). Live deliveries carry `prev`; when prev > watermark something
 was missed on PUB/SUB and the member fetches the range from the journal, buffering
 live deliveries meanwhile (the Clone pattern). The journal is the truth.
+
+The queue holds decoded events only from the head's delivery: a delivery or fetch reply
+that arrives while the queue is not empty is `held` whole, as the bytes it came in, and
+decoded once it reaches the head (`unhold`). A backlog costs its wire size in memory
+(about 130 bytes for a small event, against about 600 decoded), and the decode CPU is
+the same, spent later. Invariant: `held` is empty whenever `queue` is.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-from typing import Any
+from bisect import bisect_left, bisect_right
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 BUFFER_LIMIT = 256  # live deliveries kept while a fetch is outstanding
 GENERATIONS = 4  # RecentIds forgets a quarter of its window at a time
+
+
+class Held(NamedTuple):
+    """A delivery or fetch reply queued whole, not yet decoded."""
+
+    first: int  # the first seq to queue from it (the ones before were seen already)
+    n: int  # events it adds to the queue (counted in Partitions.queued)
+    frame: Any  # what `decode` reads: the bytes as received
+    # -> (seqs, WireEvents), or None when it does not decode (the stream rewinds: see unhold)
+    decode: Callable[[Any], tuple[list[int], list[Any]] | None]
 
 
 class RecentIds(set):
@@ -57,6 +75,7 @@ class PartitionStream:
         "partition",
         "watermark",
         "queue",
+        "held",
         "busy",
         "waiting",
         "attempt",
@@ -65,6 +84,7 @@ class PartitionStream:
         "buffered",
         "overflow",
         "behind",
+        "muted",
         "revoked",
         "redelivered_upto",
         "first_failed",
@@ -80,6 +100,7 @@ class PartitionStream:
         self.partition = partition
         self.watermark = cursor
         self.queue: collections.deque[tuple[int, Any]] = collections.deque()  # (seq, WireEvent)
+        self.held: collections.deque[Held] = collections.deque()  # after the queue, undecoded
         self.busy = False  # head event is being handled
         self.waiting = False  # head event waits for its retry backoff
         self.attempt = 1
@@ -88,6 +109,7 @@ class PartitionStream:
         self.buffered: list[Any] = []
         self.overflow = False
         self.behind = False  # live events dropped for lack of room: fetch later
+        self.muted = False  # unsubscribed from its live deliveries while behind (Fetcher)
         self.revoked = False
         self.redelivered_upto = redelivered_upto
         self.first_failed = 0.0  # when the head event first failed
@@ -109,7 +131,8 @@ class PartitionStream:
         so they are fetched again. Returns how many were dropped."""
         handled = self.handled_upto()  # before the queue is gone
         keep = [self.queue[0]] if self.busy and self.queue else []
-        dropped = len(self.queue) - len(keep)
+        dropped = len(self.queue) - len(keep) + sum(h.n for h in self.held)
+        self.held.clear()
         self.queue.clear()
         self.queue.extend(keep)
         self.watermark = keep[0][0] if keep else handled
@@ -150,6 +173,63 @@ class PartitionStream:
             self.watermark = upto
         return n
 
+    def hold(self, seqs: list[int], frame: Any, decode: Callable, upto: int) -> int:
+        """Queue a delivery's events newer than the watermark without decoding them (the
+        queue is not empty: they wait behind it); returns how many were queued."""
+        w = self.watermark
+        n = 0
+        if seqs and seqs[-1] > w:
+            i = bisect_right(seqs, w)
+            n = len(seqs) - i
+            if self.skip:
+                skip = self.skip
+                n -= sum(1 for s in seqs[i:] if s in skip)
+            if n:
+                self.held.append(Held(seqs[i], n, frame, decode))
+        if upto > w:
+            self.watermark = upto
+        return n
+
+    def unhold(self) -> int:
+        """The queue ran empty: decode held deliveries into it until it has an event.
+        Returns the count of events that left the queue undecoded (for Partitions.queued).
+
+        A held delivery that does not decode (its head did, when it came) is dropped with
+        every one after it, and the stream goes back to before it and fetches from the
+        journal (`behind`); an outstanding fetch reply is ignored then (`fetch_after`)."""
+        lost = 0
+        queue = self.queue
+        while not queue and self.held:
+            h = self.held.popleft()
+            got = h.decode(h.frame)
+            if got is None:
+                lost += h.n + sum(x.n for x in self.held)
+                self.held.clear()
+                self.buffered.clear()
+                self.watermark = h.first - 1
+                self.fetching, self.fetch_after, self.overflow, self.behind = False, -1, False, True
+                break
+            seqs, events = got
+            if self.skip:
+                seqs, events = self._without_skipped(self.skip, seqs, events)
+            i = bisect_left(seqs, h.first)
+            queue.extend(zip(seqs[i:], events[i:], strict=False))
+            lost += h.n - (min(len(seqs), len(events)) - i)
+        return lost
+
+    def _unhold_all(self) -> int:
+        """Decode every held delivery into the queue; returns unhold's count."""
+        lost = 0
+        queued, self.queue = self.queue, collections.deque()
+        try:
+            while self.held:
+                lost += self.unhold()
+                queued.extend(self.queue)
+                self.queue.clear()
+        finally:
+            self.queue = queued
+        return lost
+
     @staticmethod
     def _without_skipped(skip: set[int], seqs: list[int], events: list[Any]) -> tuple[list[int], list[Any]]:
         """Pass over dead-lettered poison seqs: they count as seen (the watermark moves past
@@ -165,6 +245,7 @@ class PartitionStream:
         if self.skip is None:
             self.skip = set()
         self.skip.update(seqs)
+        lost = self._unhold_all()  # (rare: a dead-lettered poison) to look at their seqs
         keep_head = 1 if self.busy and self.queue else 0
         head = [self.queue.popleft()] if keep_head else []
         before = len(self.queue)
@@ -173,7 +254,7 @@ class PartitionStream:
             self.attempt, self.first_failed = 1, 0.0  # the head waiting for a retry left
         self.queue.clear()
         self.queue.extend(head + rest)
-        return before - len(rest)
+        return before - len(rest) + lost
 
     def forget_skips_upto(self, seq: int) -> None:
         if self.skip:

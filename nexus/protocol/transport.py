@@ -18,8 +18,10 @@ from nexus.common import private
 from nexus.protocol.curve import ClientKeys, ServerKeys, dial, serve
 
 MAX_MESSAGE_BYTES = 64 * 2**20  # one producer batch / one fetch reply, at most
-PUBLISH_HWM = 10_000  # deliveries (batches) queued per subscriber before ZMQ drops;
-# a member that falls behind catches up from the journal
+PUBLISH_HWM = 1_000  # deliveries (batches) queued per subscriber before ZMQ drops, in the
+# router and again in the member: their memory (10,000 let a slow member's pipes hold
+# ~100 MB on each side, docs/performance.md); a member that falls behind catches up from
+# the journal
 LINGER_MS = 1000  # time to flush on close, then give up
 DEFAULT_HWM = 100_000  # messages queued per peer before send blocks or drops
 

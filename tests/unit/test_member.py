@@ -142,6 +142,13 @@ class Feed:
             )
 
 
+def as_received(records: Records) -> tuple:
+    """A fetch reply as the runtime's coord reader hands it on: read from its bytes by the
+    member's client (its events left in them), its size, the bytes."""
+    raw = encoder.encode(records)
+    return GroupClient.read(raw), len(raw), raw
+
+
 # -- the parts, without a Member ----------------------------------------------------------
 class Parts(Feed):
     """The member's socket-free parts as the runtime wires them, holding every partition
@@ -171,7 +178,7 @@ class Parts(Feed):
         self.requests.extend(self.fetcher.on_delivery(frames))
 
     def on_records(self, records: Records) -> None:
-        self.requests.extend(self.fetcher.on_records(records))
+        self.requests.extend(self.fetcher.on_records(*as_received(records)))
 
     def fetches(self) -> list:
         return self.requests
@@ -218,8 +225,11 @@ class FakeCoord:
 
 
 class FakeSub:
-    def setsockopt(self, *args) -> None:
-        pass
+    def __init__(self) -> None:
+        self.changes: list[tuple[int, bytes]] = []  # (SUBSCRIBE or UNSUBSCRIBE, topic)
+
+    def setsockopt(self, option: int, value: bytes) -> None:
+        self.changes.append((option, value))
 
 
 class FakeHeartbeat:
@@ -239,7 +249,7 @@ class Rig(Feed):
         self.m._on_delivery(frames)
 
     def on_records(self, records: Records) -> None:
-        self.m._on_records(records)
+        self.m._on_records(*as_received(records))
 
     def fetches(self) -> list:
         return self.m.coord.fetches()
@@ -623,6 +633,85 @@ def test_live_deliveries_buffered_during_a_fetch_are_applied_after_it(tmp_path):
     run(main())
 
 
+def test_deliveries_behind_queued_events_are_held_undecoded_and_handled_in_order(tmp_path):
+    """A backlog costs its wire size: deliveries and fetch replies that arrive behind queued
+    events are kept as the bytes they came in, decoded when they reach the head."""
+
+    async def main():
+        rig = make_parts(tmp_path)
+        rig.deliver(0, [event(n) for n in range(3)])  # the head's delivery: decoded
+        rig.deliver(0, [event(n) for n in range(3, 5)])  # behind it: held
+        rig.deliver(1, [event(n) for n in range(5, 7)])  # another partition's head: decoded
+        rig.deliver(0, [event(7)])
+        st = rig.streams[0]
+        assert len(st.queue) == 3 and [(h.first, h.n) for h in st.held] == [(4, 2), (8, 1)]
+        assert all(type(h.frame) is bytes for h in st.held) and rig.partitions.queued == 8
+        # a fetch reply behind the queue is held too (the stream missed seqs 9, 10)
+        st.fetching, st.fetch_after = True, st.watermark
+        rig.seq = 10
+        rig.on_records(
+            Records(
+                group=GROUP,
+                partition=0,
+                after=8,
+                upto=10,
+                seqs=[9, 10],
+                events=[msgspec.Raw(event(8)), msgspec.Raw(event(9))],
+            )
+        )
+        assert [(h.first, h.n) for h in st.held][-1] == (9, 2) and type(st.held[-1].frame) is bytes
+        assert rig.partitions.queued == 10 and st.watermark == 10
+        await rig.run()
+        handled = [h[0] for h in rig.handled]
+        assert [n for n in handled if n not in (5, 6)] == [0, 1, 2, 3, 4, 7, 8, 9]
+        assert sorted(handled) == list(range(10))
+        assert rig.partitions.queued == 0 and not st.held and st.handled_upto() == 10
+
+    run(main())
+
+
+def test_a_held_delivery_that_does_not_decode_is_fetched_from_the_journal(tmp_path):
+    """Its head (prev, seqs) read when it came, its events do not: the stream goes back to
+    before it, drops what was held after it and fetches that part from the journal."""
+
+    async def main():
+        rig = make_parts(tmp_path)
+        raws = [event(n) for n in range(4)]
+        rig.deliver(0, raws[:1])  # seq 1: queued
+        bad = encoder.encode(Delivery(1, [2], [raws[1]]))  # bytes, not Raw: a bin, not a map
+        rig.deliver(0, raws[1:2], raw_frame=bad)  # seq 2: held (its head reads)
+        rig.deliver(0, raws[2:])  # seqs 3, 4: held
+        st = rig.streams[0]
+        assert len(st.held) == 2 and rig.partitions.queued == 4 and rig.fetches() == []
+        await rig.run()  # handles seq 1; seq 2 does not decode: back to 1, behind, refetched
+        assert [h[0] for h in rig.handled] == [0] and rig.fetcher.bad_deliveries == 1
+        assert rig.partitions.queued == 0 and not st.held and st.watermark == 1
+        assert [(f.partition, f.after) for f in rig.fetches()] == [(0, 1)]
+        rig.answer_fetches({0: list(zip(range(1, 5), raws, strict=False))})
+        await rig.run()
+        assert [h[0] for h in rig.handled] == [0, 1, 2, 3] and rig.partitions.queued == 0
+
+    run(main())
+
+
+def test_a_poison_seq_passed_over_in_a_held_delivery(tmp_path):
+    """Assign.skip reaches events still held undecoded: they leave the queue count too."""
+
+    async def main():
+        rig = make_parts(tmp_path)
+        rig.deliver(0, [event(0)])
+        rig.deliver(0, [event(1), event(2)])  # seqs 2, 3: held
+        rig.deliver(0, [event(3)])  # seq 4: held
+        assert rig.partitions.queued == 4
+        rig.partitions.assign(Assign(group=GROUP, partitions=list(range(PARTITIONS)), skip={0: [3]}))
+        assert rig.partitions.queued == 3
+        await rig.run()
+        assert [h[0] for h in rig.handled] == [0, 1, 3] and rig.partitions.queued == 0
+        assert rig.streams[0].handled_upto() == 4
+
+    run(main())
+
+
 def test_a_delivery_that_does_not_decode_is_fetched_from_the_journal(tmp_path):
     """E.g. an event published as msgpack bin instead of a map: the journal's copy is used."""
 
@@ -744,6 +833,60 @@ def test_the_sub_reader_loses_nothing_when_many_deliveries_are_queued(tmp_path):
         ctx.term()
         assert rig.m.scheduler.handled == total and rig.m.coord.fetches() == []
         assert sorted(h[0] for h in rig.handled) == list(range(total))
+
+    run(main())
+
+
+def test_a_stream_behind_is_unsubscribed_until_a_fetch_reaches_the_journal_end(tmp_path):
+    """While a stream is behind (full), its live deliveries would only be dropped: the
+    member unsubscribes from them (nothing queues for it in ZeroMQ's pipes, in the router or
+    here) and subscribes again once it caught up from the journal; nothing is lost."""
+
+    async def main():
+        rig = await make_rig(tmp_path, max_in_flight=4)
+        sub = rig.m.sub
+        sub.changes.clear()
+        raws = [event(n) for n in range(12)]
+        rig.deliver(0, raws[:4])
+        rig.deliver(0, raws[4:6])  # full: dropped, behind, muted
+        assert rig.streams[0].behind and rig.streams[0].muted
+        assert sub.changes == [(zmq.UNSUBSCRIBE, topic(GROUP, 0))]
+        rig.deliver(0, raws[6:8])  # (in the pipe before the unsubscribe took effect)
+        assert len(sub.changes) == 1  # muted once
+        rig.seq = 12  # the journal's end
+
+        def answer() -> None:  # the router's fetch replies, bounded by their limit
+            for f in rig.fetches():
+                st = rig.streams[0]
+                if f.partition != 0 or not st.fetching or f.after != st.fetch_after:
+                    continue
+                seqs = list(range(f.after + 1, min(12, f.after + f.limit) + 1))
+                upto = seqs[-1] if seqs else 12
+                rig.on_records(
+                    Records(
+                        group=GROUP,
+                        partition=0,
+                        after=f.after,
+                        upto=upto,
+                        seqs=seqs,
+                        events=[msgspec.Raw(raws[s - 1]) for s in seqs],
+                        complete=upto >= 12,
+                    )
+                )
+                assert st.muted or upto == 12  # live again only at the journal's end
+
+        task = asyncio.ensure_future(rig.m._dispatcher())
+        try:
+            for _ in range(50):
+                await rig.settle()
+                answer()
+                if len(rig.handled) == 12 and not rig.streams[0].muted:
+                    break
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        assert [h[0] for h in rig.handled] == list(range(12))
+        assert not rig.streams[0].muted and sub.changes[-1] == (zmq.SUBSCRIBE, topic(GROUP, 0))
 
     run(main())
 
