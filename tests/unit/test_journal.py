@@ -18,7 +18,10 @@ def body(i: int, size: int = 10) -> bytes:
 
 
 def open_journal(path, **kw) -> Journal:
-    j = Journal(str(path), **{"fsync": "never", **kw})
+    """record_events=1 (unless given): one record per event, the layout these tests
+    place their damage in by offset (and all a router wrote before batch records);
+    batch records: tests/unit/test_journal_batch.py."""
+    j = Journal(str(path), **{"fsync": "never", "record_events": 1, **kw})
     j.open()
     return j
 
@@ -593,10 +596,13 @@ def test_reopen_close_does_not_leak_fds(tmp_path):
         st.tuples(st.integers(min_value=0, max_value=80), st.integers(min_value=0, max_value=30)), max_size=8
     ),
     reopen=st.booleans(),
+    layouts=st.tuples(st.sampled_from([1, 2, 3, 512]), st.sampled_from([1, 2, 512])),
 )
-def test_property_append_read_round_trip(batches, segment_bytes, reads, reopen):
+def test_property_append_read_round_trip(batches, segment_bytes, reads, reopen, layouts):
+    """`layouts`: events per record before and after the reopen (one-event records, as
+    written before batch records, and batches: both read back, also mixed in a segment)."""
     with tempfile.TemporaryDirectory() as d:
-        j = open_journal(d, segment_bytes=segment_bytes)
+        j = open_journal(d, segment_bytes=segment_bytes, record_events=layouts[0])
         records = []
         for batch in batches:
             first = j.append(batch)
@@ -604,8 +610,11 @@ def test_property_append_read_round_trip(batches, segment_bytes, reads, reopen):
             records.extend(batch)
         if reopen:
             j.close()
-            j = open_journal(d, segment_bytes=segment_bytes)
+            j = open_journal(d, segment_bytes=segment_bytes, record_events=layouts[1])
             assert j.recovery.truncated_bytes == 0
+            for batch in batches[:3]:  # appended in the other layout, after the first
+                assert j.append(batch) == len(records) + 1
+                records.extend(batch)
         expected = list(enumerate(records, start=1))
         assert j.last_seq == len(records)
         assert list(j.iter_all(chunk=5)) == expected
