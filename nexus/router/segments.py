@@ -294,7 +294,7 @@ def verify(
     return {
         "dir": directory,
         "segments": len(segments),
-        "records": records,
+        "records": records,  # events (a batch record counts its events)
         "last_seq": last_seq,
         "damaged": [d.describe() for d in damaged],
         "torn_tail": torn,
