@@ -93,12 +93,11 @@ def encode_entries(
     """The journal record bodies of accepted events, in order: the one place an `Entry`
     is made (intake for producers' batches, admin for dead-letter replays). `pseqs` are
     the producer seqs (0 when not given); `group` limits a re-delivery to that group."""
-    encode = entry_encoder.encode
     seqs = repeat(0) if pseqs is None else pseqs
-    return [
-        encode(Entry(type_, khash, producer, pseq, event, accepted_at, group))
-        for type_, khash, pseq, event in zip(types, khashes, seqs, events)  # noqa: B905 - seqs may be endless
-    ]
+    # a tuple encodes exactly as the array_like Entry does, and map/zip keep the per-event
+    # step in C (about half the cost of an Entry and a comprehension step per event)
+    rows = zip(types, khashes, repeat(producer), seqs, events, repeat(accepted_at), repeat(group), strict=False)
+    return list(map(entry_encoder.encode, rows))
 
 
 @dataclass
