@@ -525,7 +525,7 @@ class Journal:
                     if loose:
                         good = checked = crc32(mv[rel + 4 : rel + HEADER_SIZE + length]) == crc
                         loose = not good
-                last = seq
+                last = seq if good else 0  # (no header read yet: seq may be unbound)
                 lens: tuple[int, ...] | None = None
                 if good and batch:
                     # a batch's count is trusted like a header (unchecked) until it is served

@@ -254,3 +254,17 @@ def test_property_any_torn_tail_of_batches_recovers_a_prefix(batches, cut):
         assert j2.append([b"tail", b"tail2"]) == n + 1
         assert j2.read(n, 5) == [(n + 1, b"tail"), (n + 2, b"tail2")]
         j2.close()
+
+
+def test_a_read_that_starts_at_a_few_stray_bytes_reports_them_as_damage(tmp_path):
+    """A segment (not the last) ending in fewer bytes than a header, read from its
+    start: the stray bytes are a damaged range, the next segment is still served."""
+    d = tmp_path / "j"
+    os.makedirs(d)
+    with open(d / f"{1:020d}{SUFFIX}", "wb") as f:
+        f.write(b"\x01\x02\x03")
+    with open(d / f"{5:020d}{SUFFIX}", "wb") as f:
+        f.write(_batch(5, [b"five", b"six"]))
+    j = open_journal(d)
+    assert j.read(0, 10) == [(5, b"five"), (6, b"six")]
+    j.close()
