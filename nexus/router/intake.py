@@ -9,6 +9,7 @@ from __future__ import annotations
 import collections
 import time
 from dataclasses import dataclass, field
+from typing import cast
 
 import msgspec
 
@@ -26,6 +27,19 @@ MAX_PRODUCERS = 100_000  # producer ids remembered for dedup (LRU)
 RECENT_NACKS = 1_000  # per producer: NACKs repeated when a batch is resent
 KEY_CACHE = 100_000  # partition keys whose hash is remembered (cleared when full)
 _CONTROLS = "malformed event: control characters are not allowed - at `"
+
+
+class _DecodedBatch(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A ProducerBatch with its events decoded too: the bulk path decodes a batch's
+    events in one call (msgspec in C) instead of one Python call per event."""
+
+    events: list[WireEvent]
+    producer: str = ""
+    seq: int = 0
+    floor: int = 0
+
+
+_decode_all = msgspec.msgpack.Decoder(_DecodedBatch).decode
 
 
 @dataclass
@@ -184,7 +198,12 @@ class Intake:
         counts = acc.counts
         run_type = run_source = ""
         run = 0
-        for i in range(max(skip, 0), len(events)):
+        bulk = self._bulk(frame, events) if skip <= 0 and grant is None and limiter is None and events else None
+        if bulk is not None:  # every event passed: the columns at once
+            acc.types, acc.khashes, acc.counts = bulk
+            types, khashes = acc.types, acc.khashes
+            accepted.extend(events)
+        for i in range(max(skip, 0), len(events) if bulk is None else 0):
             raw = events[i]
             if len(raw) > max_bytes:
                 self._nack(
@@ -265,7 +284,8 @@ class Intake:
         if run:
             counts[(run_type, run_source)] = counts.get((run_type, run_source), 0) + run
         if accepted:
-            acc.bodies = encode_entries(types, khashes, accepted, wall, producer=producer, pseqs=pseqs)
+            seqs = pseqs if bulk is None else range(first, first + len(events))
+            acc.bodies = encode_entries(types, khashes, accepted, wall, producer=producer, pseqs=seqs)
         if events:
             out.ack = first + len(events) - 1
         else:  # an empty batch settles and moves nothing
@@ -274,6 +294,74 @@ class Intake:
             self.remember(producer, out.ack)
         self.accepted_total += len(acc.events)
         return out
+
+    def _bulk(
+        self, frame: bytes, events: list[msgspec.Raw]
+    ) -> tuple[list[str], list[int], dict[tuple[str, str], int]] | None:
+        """The common batch (no key to check against its grant, no rate limit, nothing
+        resent) in bulk: every event decoded in one call and every check of the per-event
+        path applied to the distinct sources, keys, correlation ids and (type, v) pairs.
+        (types, partition key hashes, counts per (type, source)) when all pass; None when
+        any fails: then the per-event path decides and NACKs exactly the bad events."""
+        if max(map(len, events)) > self.max_event_bytes:
+            return None
+        try:
+            evs = _decode_all(frame).events
+        except DECODE_ERRORS:
+            return None
+        types = [ev.type for ev in evs]
+        sources = [ev.source for ev in evs]
+        keys = [ev.key for ev in evs]
+        controls = CONTROL_RE.search
+        good_sources, khash_of = self._good_sources, self._khash_cache
+        for source in set(sources) - good_sources:
+            if controls(source) is not None:
+                return None
+            if len(good_sources) >= KEY_CACHE:
+                good_sources.clear()
+            good_sources.add(source)
+        distinct_keys = cast("set[str]", set(keys) - {None})
+        if any(key not in khash_of and controls(key) is not None for key in distinct_keys):
+            return None
+        if any(cid is not None and controls(cid) is not None for cid in {ev.correlation_id for ev in evs}):
+            return None
+        plain = self._plain_types
+        n = len(types)
+        one_type = types.count(types[0]) == n  # a batch is mostly one type from one source
+        versions = [ev.v for ev in evs]
+        if one_type and versions.count(versions[0]) == n:
+            kinds = {(types[0], versions[0])} - plain
+        else:
+            kinds = set(zip(types, versions, strict=True)) - plain
+        if kinds:
+            check_payload = self.contracts.check_payload
+            try:
+                for ev in evs:
+                    if (ev.type, ev.v) in kinds:
+                        check_payload(ev.type, ev.v, ev.payload)
+            except EventError:
+                return None
+            for type_, v in kinds:
+                if self.contracts.struct_for(type_, v) is None and len(plain) < 10_000:
+                    plain.add((type_, v))  # allowed untyped: the same answer every time
+        pkeys = sources if not distinct_keys else [partition_key(k, s) for k, s in zip(keys, sources, strict=True)]
+        distinct = set(pkeys)
+        missing = distinct.difference(khash_of)
+        if missing:
+            if len(khash_of) + len(missing) > KEY_CACHE:
+                khash_of.clear()
+                missing = distinct
+            for key in missing:
+                khash_of[key] = key_hash(key)
+        if len(distinct) == 1:
+            khashes = [khash_of[pkeys[0]]] * len(pkeys)
+        else:
+            khashes = [khash_of[k] for k in pkeys]
+        if one_type and sources.count(sources[0]) == n:
+            counts = {(types[0], sources[0]): n}
+        else:
+            counts = dict(collections.Counter(zip(types, sources, strict=True)))
+        return types, khashes, counts
 
     def count_rejected(self, reason: str) -> None:
         """A message refused before intake could read it (bad frames, an internal error)."""

@@ -1,7 +1,9 @@
 """The journal: an append-only log of accepted events in segment files.
 
 Record layout (little endian): crc32 u32 | body length u32 | seq u64 | body.
-The CRC covers length, seq and body. On open each segment is scanned: a torn
+The CRC covers length, seq and body. A record holds one event, or a batch of up to
+RECORD_EVENTS events with consecutive seqs (one header and CRC per batch: see
+nexus/router/segments.py). On open each segment is scanned: a torn
 tail of the LAST segment (no good record after it) is truncated; a damaged range
 anywhere else is skipped, never deleted (the next good record is found by
 scanning forward for a header whose CRC checks with a plausible seq), reported
@@ -30,13 +32,17 @@ from nexus.common import metricnames as names
 from nexus.common import private
 from nexus.common.metrics import DISK_BUCKETS, FAST_BUCKETS, Histogram
 from nexus.router.segments import (
+    BATCH,
     CHUNK,
+    COUNT,
     HEADER,
     MAX_RECORD,
+    MIN_EVENT,
     SUFFIX,
     Damage,
     Scanner,
     Segment,
+    batch_lengths,
     list_segments,
     scan,
     torn_tail,
@@ -45,7 +51,9 @@ from nexus.router.segments import (
 LENSEQ = struct.Struct("<IQ")
 HEADER_SIZE = HEADER.size
 SMALL_BODY = 4096  # read(want=...) hands bodies up to this size over as bytes
-INDEX_EVERY = 512  # one sparse index point per this many records
+INDEX_EVERY = 512  # one sparse index point per this many events (at a record's start)
+RECORD_EVENTS = 512  # events per batch record at most (a damaged byte loses that many)
+RECORD_BYTES = CHUNK  # bytes of entries per batch record at most: one read chunk holds it
 READ_BYTES = 8 * 2**20  # default byte bound of one read() batch
 
 log = structlog.get_logger("nexus.journal")
@@ -85,12 +93,11 @@ def encode_entries(
     """The journal record bodies of accepted events, in order: the one place an `Entry`
     is made (intake for producers' batches, admin for dead-letter replays). `pseqs` are
     the producer seqs (0 when not given); `group` limits a re-delivery to that group."""
-    encode = entry_encoder.encode
     seqs = repeat(0) if pseqs is None else pseqs
-    return [
-        encode(Entry(type_, khash, producer, pseq, event, accepted_at, group))
-        for type_, khash, pseq, event in zip(types, khashes, seqs, events)  # noqa: B905 - seqs may be endless
-    ]
+    # a tuple encodes exactly as the array_like Entry does, and map/zip keep the per-event
+    # step in C (about half the cost of an Entry and a comprehension step per event)
+    rows = zip(types, khashes, repeat(producer), seqs, events, repeat(accepted_at), repeat(group), strict=False)
+    return list(map(entry_encoder.encode, rows))
 
 
 @dataclass
@@ -111,12 +118,14 @@ class Journal:
         fsync_interval: float = 0.05,
         segment_bytes: int = 64 * 2**20,
         retain: float = 7 * 86400,
+        record_events: int = RECORD_EVENTS,
     ):
         self.dir = directory
         self.fsync_policy = fsync
         self.fsync_interval = fsync_interval
         self.segment_bytes = segment_bytes
         self.retain = retain
+        self.record_events = record_events  # 1: one record per event (the layout before batches)
         self.segments: list[Segment] = []
         self.last_seq = 0
         self.damage: list[Damage] = []  # every damaged range found (on open or while reading)
@@ -124,7 +133,7 @@ class Journal:
         self._dirty = False
         self._undo_pending = False
         self.read_upto = 0  # see read()
-        self._since_index = 0
+        self._until_index = 0  # events to append before the next index point
         self._fd_lock = threading.Lock()  # sync() may run in another thread (nexus/router/flusher.py)
         self._retired: collections.deque[int] = collections.deque()  # fds sync() fsyncs and closes
         self.recovery = Recovery()
@@ -169,15 +178,16 @@ class Journal:
         fd = os.open(seg.path, os.O_RDONLY)
         try:
             size = os.fstat(fd).st_size
-            n = 0
-            for kind, off, a, b in scan(fd, size, seg.first - 1, on_record):
+            until = 0
+            for kind, off, a, b, c in scan(fd, size, seg.first - 1, on_record):
                 if kind == "record":
-                    if n % INDEX_EVERY == 0:
+                    if until <= 0:
                         seg.index_seqs.append(a)
                         seg.index_offsets.append(off)
-                    n += 1
-                    self.recovery.records += 1
-                    seg.last = a
+                        until = INDEX_EVERY
+                    until -= c - a + 1
+                    self.recovery.records += c - a + 1
+                    seg.last = c
                 elif last and torn_tail(fd, size, off, a):
                     size = off  # a torn tail: nothing good after it
                     self.recovery.truncated_bytes += a - off
@@ -194,11 +204,11 @@ class Journal:
                     if last and a >= size:
                         # kept, not cut (a record in it checks): new seqs start past any seq
                         # it could hold, so none is given twice (review #5)
-                        self._kept_tail = first + (size - off) // HEADER_SIZE
-                    n = 0  # index the first good record after it
+                        self._kept_tail = first + (size - off) // MIN_EVENT
+                    until = 0  # index the first good record after it
         finally:
             os.close(fd)
-        self._since_index = n % INDEX_EVERY
+        self._until_index = until
         seg.size = size
 
     def _damaged(self, seg: Segment, start: int, end: int, first_seq: int, last_seq: int) -> None:
@@ -236,7 +246,7 @@ class Journal:
             self._wfd = fd
             self._dirty = False
             self.segments.append(Segment(path, first))
-            self._since_index = 0
+            self._until_index = 0
             return
         with self._fd_lock:  # uncontended: no flusher syncs on other policies
             if self._wfd is not None:
@@ -255,7 +265,7 @@ class Journal:
                 os.close(self._wfd)
             self._wfd = fd
         self.segments.append(Segment(path, first))
-        self._since_index = 0
+        self._until_index = 0
 
     def skip_to(self, seq: int) -> None:
         """Make the next seq `seq + 1` (cursors stand past the journal's end: events with
@@ -273,7 +283,8 @@ class Journal:
 
     # -- write -----------------------------------------------------------------
     def append(self, bodies: list[bytes]) -> int:
-        """Append records, one per body; returns the seq of the first. One write().
+        """Append one event per body (batch records of up to `record_events`); returns the
+        seq of the first. One write().
         On a storage error nothing of the batch stays (a partial write is cut back)
         and StorageError is raised."""
         if not bodies:
@@ -288,25 +299,8 @@ class Journal:
             self._new_segment(self.last_seq + 1)
             seg = self.segments[-1]
         first = self.last_seq + 1
-        seq = first
-        parts = []
-        offset = seg.size
-        pack_lenseq = LENSEQ.pack
-        crc32 = zlib.crc32
-        since = self._since_index
-        index_mark = len(seg.index_seqs)
-        for body in bodies:
-            lenseq = pack_lenseq(len(body), seq)
-            crc = crc32(body, crc32(lenseq))
-            parts.append(crc.to_bytes(4, "little"))
-            parts.append(lenseq)
-            parts.append(body)
-            if since % INDEX_EVERY == 0:
-                seg.index_seqs.append(seq)
-                seg.index_offsets.append(offset)
-            since += 1
-            offset += HEADER.size + len(body)
-            seq += 1
+        index_mark, until_mark = len(seg.index_seqs), self._until_index
+        parts, offset, seq = self._records(bodies, seg, first)
         buf = b"".join(parts)
         wfd = self._write_fd()
         try:
@@ -319,9 +313,9 @@ class Journal:
                     self._fsync(wfd)
         except OSError as exc:
             del seg.index_seqs[index_mark:], seg.index_offsets[index_mark:]
+            self._until_index = until_mark
             self._undo(seg)
             raise StorageError(exc.errno or errno.EIO, f"journal write failed: {exc.strerror or exc}") from None
-        self._since_index = since
         seg.size = offset
         seg.last = seq - 1
         self.last_seq = seq - 1
@@ -329,6 +323,51 @@ class Journal:
             self._dirty = True
         self.append_seconds.observe(time.perf_counter() - started)
         return first
+
+    def _records(self, bodies: list[bytes], seg: Segment, first: int) -> tuple[list[bytes], int, int]:
+        """The records of `bodies` (seqs from `first`) as parts of one write, with their
+        sparse index points added to `seg`: (parts, segment size after, next seq). Runs of
+        events become batch records: the per-event cost is a length in a packed array."""
+        parts: list[bytes] = []
+        offset, seq = seg.size, first
+        pack_lenseq, crc32 = LENSEQ.pack, zlib.crc32
+        until = self._until_index
+        n, i = len(bodies), 0
+        per = max(1, self.record_events)
+        while i < n:
+            j = min(n, i + per)
+            lens = list(map(len, bodies[i:j]))
+            entries = sum(lens)
+            if entries > RECORD_BYTES and j - i > 1:
+                total = 0
+                for k, size in enumerate(lens):  # the run up to RECORD_BYTES (at least one)
+                    total += size
+                    if total > RECORD_BYTES and k:
+                        j, lens, entries = i + k, lens[:k], total - size
+                        break
+            if until <= 0:
+                seg.index_seqs.append(seq)
+                seg.index_offsets.append(offset)
+                until = INDEX_EVERY
+            if j - i == 1:  # one event: a plain record
+                body = bodies[i]
+                lenseq = pack_lenseq(len(body), seq)
+                parts += (crc32(body, crc32(lenseq)).to_bytes(4, "little"), lenseq, body)
+                length = len(body)
+            else:
+                count = j - i
+                head = struct.pack(f"<{count + 1}I", count, *lens)
+                payload = b"".join(bodies[i:j])
+                length = len(head) + entries
+                lenseq = pack_lenseq(BATCH | length, seq)
+                crc = crc32(payload, crc32(head, crc32(lenseq)))
+                parts += (crc.to_bytes(4, "little"), lenseq, head, payload)
+            until -= j - i
+            offset += HEADER_SIZE + length
+            seq += j - i
+            i = j
+        self._until_index = until
+        return parts, offset, seq
 
     def _fsync(self, fd: int) -> None:
         """os.fsync, timed (nexus_journal_fsync_seconds)."""
@@ -451,6 +490,7 @@ class Journal:
             # except the first one after a damaged range (then its CRC is checked first). A
             # record passed over unchecked (seq <= after, or not wanted) is checked if the
             # header after it is bad: a flipped bit in it must not make later records look bad.
+            # A batch record is CRC-checked whenever any of its events is examined.
             loose = False
             unchecked = -1  # offset of the last record passed over unchecked
             unchecked_prev = 0
@@ -470,22 +510,75 @@ class Journal:
                 if rel < 0 or rel + HEADER_SIZE > len(buf):
                     buf = os.pread(fd, CHUNK, off)
                     mv, bstart, rel = memoryview(buf), off, 0
-                good = False
+                good = batch = False
                 if rel + HEADER_SIZE <= len(buf):
                     crc, length, seq = unpack(buf, rel)
+                    if length & BATCH:
+                        length, batch = length & ~BATCH, True
                     end = off + HEADER_SIZE + length
                     good = length <= MAX_RECORD and end <= size and (seq == prev + 1 or (loose and seq > prev))
-                if good and loose:
-                    if rel + HEADER_SIZE + length > len(buf):
+                checked = False
+                if good and (loose or batch):
+                    if rel + HEADER_SIZE + length > len(buf):  # the whole record in the window
                         buf = os.pread(fd, max(CHUNK, HEADER_SIZE + length), off)
                         mv, bstart, rel = memoryview(buf), off, 0
-                    good = crc32(mv[rel + 4 : rel + HEADER_SIZE + length]) == crc
-                    loose = not good
+                    if loose:
+                        good = checked = crc32(mv[rel + 4 : rel + HEADER_SIZE + length]) == crc
+                        loose = not good
+                last = seq if good else 0  # (no header read yet: seq may be unbound)
+                lens: tuple[int, ...] | None = None
+                if good and batch:
+                    # a batch's count is trusted like a header (unchecked) until it is served
+                    lens = batch_lengths(buf, rel + HEADER_SIZE, length)
+                    good = lens is not None
+                    if lens is not None:
+                        last = seq + len(lens) - 1
                 if good:
-                    if seq <= after:
+                    if last <= after:
                         unchecked, unchecked_prev = off, prev
-                        prev, off = seq, end
+                        prev, off = last, end
                         continue
+                    if lens is not None:
+                        if not checked and crc32(mv[rel + 4 : rel + HEADER_SIZE + length]) != crc:
+                            good = False
+                        else:
+                            at = rel + HEADER_SIZE + COUNT.size * (len(lens) + 1)
+                            eseq = seq
+                            for n in lens:
+                                if eseq > after:
+                                    if (
+                                        len(out) >= max_records
+                                        or (out and total >= max_bytes)
+                                        or scanned >= scan_records
+                                        or scanned_bytes >= scan_bytes
+                                    ):
+                                        full = True
+                                        break
+                                    if want is not None:
+                                        scanned += 1
+                                        scanned_bytes += n + MIN_EVENT
+                                        try:
+                                            keep = want(buf[at : at + n] if n <= SMALL_BODY else mv[at : at + n])
+                                        except Exception:  # unreadable (its CRC checked): served as is
+                                            keep = True
+                                        if not keep:
+                                            at, eseq, self.read_upto = at + n, eseq + 1, eseq
+                                            continue
+                                    else:
+                                        keep = True
+                                    if out and total + n > max_bytes:
+                                        full = True
+                                        break
+                                    out.append((eseq, buf[at : at + n] if keep is True else keep))
+                                    total += n
+                                    self.read_upto = eseq
+                                at += n
+                                eseq += 1
+                            if full:
+                                break
+                            prev, off, unchecked = last, end, -1
+                            continue
+                if good:
                     if rel + HEADER_SIZE + length > len(buf):
                         buf = os.pread(fd, max(CHUNK, HEADER_SIZE + length), off)
                         mv, bstart, rel = memoryview(buf), off, 0
@@ -509,7 +602,7 @@ class Journal:
                             continue
                     else:
                         keep = True
-                    if crc32(mv[rel + 4 : body_at + length]) == crc:
+                    if checked or crc32(mv[rel + 4 : body_at + length]) == crc:
                         if out and total + length > max_bytes:
                             full = True
                             break

@@ -2,7 +2,11 @@
 resync past a damaged range, and `verify` (safe while a router writes).
 
 Record layout (little endian): crc32 u32 | body length u32 | seq u64 | body; the CRC
-covers length, seq and body.
+covers length, seq and body. A record holds one event (the body is the event's journal
+entry), or, with BATCH set in the length field, a run of events with seqs seq, seq + 1,
+...: body = count u32 | count x (entry length u32) | the entries one after another. One
+header and one CRC per batch instead of per event (the router's append cost); a journal
+of one-event records (all a router wrote before batch records) reads the same.
 """
 
 from __future__ import annotations
@@ -15,7 +19,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 HEADER = struct.Struct("<IIQ")  # crc, length, seq
+COUNT = struct.Struct("<I")
+BATCH = 0x8000_0000  # in the length field: a batch record (MAX_RECORD never reaches it)
 MAX_RECORD = 256 * 2**20
+MIN_EVENT = 4  # bytes an event takes at least (its length in a batch record): bounds the
+# seqs a damaged range can hold
 SUFFIX = ".seg"
 CHUNK = 1 << 20  # bytes read at a time when scanning
 NONZERO = re.compile(rb"[^\x00]")
@@ -63,6 +71,23 @@ class Segment:
             self.fd = None
 
 
+def batch_lengths(buf, at: int, length: int) -> tuple[int, ...] | None:
+    """The entry lengths of a batch record whose body (`length` bytes) starts at `at`,
+    or None when they do not fill the body exactly (never written so: a bad record)."""
+    if length < COUNT.size:
+        return None
+    (count,) = COUNT.unpack_from(buf, at)
+    if count == 0 or COUNT.size * (count + 1) > length:
+        return None
+    lens = struct.unpack_from(f"<{count}I", buf, at + COUNT.size)
+    return lens if sum(lens) == length - COUNT.size * (count + 1) else None
+
+
+def split_length(field: int) -> tuple[int, bool]:
+    """(body length, is a batch record) of a header's length field."""
+    return (field & ~BATCH, True) if field & BATCH else (field, False)
+
+
 class Scanner:
     """Checks records of one segment file through a bounded buffer (pread)."""
 
@@ -79,19 +104,37 @@ class Scanner:
             self.start = off
         return self.buf, off - self.start
 
-    def check(self, off: int, prev_seq: int, hi: int = 0, crc: bool = True) -> tuple[int, int] | None:
-        """(seq, end) if a good record starts at `off` with prev_seq < seq (<= hi).
-        crc=False checks only the header (the caller checks the CRC if it keeps the body)."""
+    def check(self, off: int, prev_seq: int, hi: int = 0) -> tuple[int, int, int] | None:
+        """(seq, end, last seq) if a good record starts at `off` with prev_seq < seq (<= hi)."""
         if off + HEADER.size > self.size:
             return None
         buf, rel = self.view(off, HEADER.size)
-        want_crc, length, seq = HEADER.unpack_from(buf, rel)
+        want_crc, field, seq = HEADER.unpack_from(buf, rel)
+        length, batch = split_length(field)
         end = off + HEADER.size + length
         if length > MAX_RECORD or end > self.size or seq <= prev_seq or (hi and seq > hi):
             return None
-        if crc and not self.crc_ok(off, end, want_crc):
+        if not self.crc_ok(off, end, want_crc):
             return None
-        return seq, end
+        if not batch:
+            return seq, end, seq
+        buf, rel = self.view(off, end - off)
+        lens = batch_lengths(buf, rel + HEADER.size, length)
+        return None if lens is None else (seq, end, seq + len(lens) - 1)
+
+    def events(self, off: int, end: int) -> Iterator[memoryview]:
+        """The event bodies of the good record at [off, end) (one, or a batch's)."""
+        buf, rel = self.view(off, end - off)
+        length, batch = split_length(HEADER.unpack_from(buf, rel)[1])
+        at = rel + HEADER.size
+        if not batch:
+            yield buf[at : at + length]
+            return
+        lens = batch_lengths(buf, at, length) or ()
+        at += COUNT.size * (len(lens) + 1)
+        for n in lens:
+            yield buf[at : at + n]
+            at += n
 
     def crc_ok(self, off: int, end: int, want: int | None = None) -> bool:
         buf, rel = self.view(off, end - off)
@@ -99,19 +142,11 @@ class Scanner:
             want = HEADER.unpack_from(buf, rel)[0]
         return zlib.crc32(buf[rel + 4 : rel + end - off]) == want
 
-    def body_view(self, off: int, end: int) -> memoryview:
-        buf, rel = self.view(off, end - off)
-        return buf[rel + HEADER.size : rel + end - off]
-
-    def body(self, off: int, end: int) -> bytes:
-        buf, rel = self.view(off, end - off)
-        return bytes(buf[rel + HEADER.size : rel + end - off])
-
     def resync(self, bad: int, prev_seq: int, bounded: bool = True) -> tuple[int, int]:
         """After a bad record at `bad`: (offset, seq) of the next good record, or
-        (size, 0). A candidate's seq must fit the bytes skipped: each lost record
-        takes at least HEADER.size bytes, so seq <= prev_seq + 1 + skipped // 16; and
-        the record after it must check too (seq + 1), unless it ends the file: a record
+        (size, 0). A candidate's seq must fit the bytes skipped: each lost event takes
+        at least MIN_EVENT bytes, so seq <= prev_seq + 1 + skipped // MIN_EVENT; and the
+        record after it must check too (its last seq + 1), unless it ends the file: a record
         embedded byte for byte in an event's payload is not taken for a real one.
         bounded=False: the first record whose CRC checks, whatever its seq or successor."""
         p = bad + 1
@@ -122,14 +157,15 @@ class Scanner:
             q = rel
             jumped = False
             while q <= last:
-                _crc, length, seq = unpack(buf, q)
+                _crc, field, seq = unpack(buf, q)
+                length = field & ~BATCH
                 pos = self.start + q
                 if seq == 0:
                     # zero-filled damage: no header fits before the next nonzero byte
                     m = NONZERO.search(buf, q + 8)
                     q = max(q + 1, (m.start() if m else len(buf)) - 15)
                     continue
-                hi = prev_seq + 1 + (pos - bad) // HEADER.size if bounded else 0
+                hi = prev_seq + 1 + (pos - bad) // MIN_EVENT if bounded else 0
                 if (
                     (not bounded or prev_seq < seq <= hi)
                     and length <= MAX_RECORD
@@ -137,7 +173,7 @@ class Scanner:
                 ):
                     got = self.check(pos, prev_seq if bounded else 0, hi)
                     if got is not None and (
-                        not bounded or got[1] == self.size or self.check(got[1], seq, seq + 1) is not None
+                        not bounded or got[1] == self.size or self.check(got[1], got[2], got[2] + 1) is not None
                     ):
                         return pos, seq
                     p, jumped = pos + 1, True  # check() may have moved the buffer
@@ -168,23 +204,24 @@ def list_segments(directory: str) -> list[Segment]:
 
 def scan(
     fd: int, size: int, prev_seq: int, on_record: Callable[[int, memoryview], None] | None = None
-) -> Iterator[tuple[str, int, int, int]]:
-    """Walk a segment: ("record", offset, seq, end) per good record (its body handed to
-    `on_record` first) and ("damaged", offset, end, next_seq) per unreadable range
-    (end == size, next_seq 0: to the end)."""
+) -> Iterator[tuple[str, int, int, int, int]]:
+    """Walk a segment: ("record", offset, seq, end, last seq) per good record (each of its
+    events handed to `on_record(seq, body)` first) and ("damaged", offset, end, next_seq, 0)
+    per unreadable range (end == size, next_seq 0: to the end)."""
     sc = Scanner(fd, size)
     off = 0
     while off < size:
         got = sc.check(off, prev_seq)
         if got is not None:
-            seq, end = got
+            seq, end, last = got
             if on_record is not None:
-                on_record(seq, sc.body_view(off, end))
-            yield "record", off, seq, end
-            prev_seq, off = seq, end
+                for n, body in enumerate(sc.events(off, end)):
+                    on_record(seq + n, body)
+            yield "record", off, seq, end, last
+            prev_seq, off = last, end
             continue
         end, nseq = sc.resync(off, prev_seq)
-        yield "damaged", off, end, nseq
+        yield "damaged", off, end, nseq, 0
         off = end
 
 
@@ -228,10 +265,10 @@ def verify(
             prev = seg.first - 1
             nxt = segments[i + 1].first if i + 1 < len(segments) else 0
             reported = 0
-            for kind, off, a, b in scan(fd, size, prev):
+            for kind, off, a, b, c in scan(fd, size, prev):
                 if kind == "record":
-                    records += 1
-                    prev = last_seq = a
+                    records += c - a + 1  # events
+                    prev = last_seq = c
                     if on_progress is not None and b - reported >= PROGRESS_STEP:
                         reported = b
                         on_progress(done + b, max(total, done + size))
@@ -257,7 +294,7 @@ def verify(
     return {
         "dir": directory,
         "segments": len(segments),
-        "records": records,
+        "records": records,  # events (a batch record counts its events)
         "last_seq": last_seq,
         "damaged": [d.describe() for d in damaged],
         "torn_tail": torn,

@@ -624,15 +624,37 @@ class Router:
         seq = first
         last_type: str | None = None
         targets: list[tuple[str, int, list[Stream | None]]] = []  # per route of the type
+
+        def targets_of(type_: str) -> list[tuple[str, int, list[Stream | None]]]:
+            found = []
+            for route in routes(type_):
+                slots = streams.get(route.group)
+                if slots is None:
+                    slots = streams[route.group] = [None] * route.partitions
+                found.append((route.group, route.partitions, slots))
+            return found
+
         for acc in accepted:
-            for type_, khash, raw in zip(acc.types, acc.khashes, acc.events, strict=False):
+            types, khashes = acc.types, acc.khashes
+            n = len(types)
+            if n > 1 and types.count(types[0]) == n and khashes.count(khashes[0]) == n:
+                # one type and one partition key (a producer's usual batch): one slice
+                # per target stream instead of a step per event
+                type_, khash = types[0], khashes[0]
                 if type_ != last_type:
-                    last_type, targets = type_, []
-                    for route in routes(type_):
-                        slots = streams.get(route.group)
-                        if slots is None:
-                            slots = streams[route.group] = [None] * route.partitions
-                        targets.append((route.group, route.partitions, slots))
+                    last_type, targets = type_, targets_of(type_)
+                for group, partitions, slots in targets:
+                    p = partition_of(khash, partitions)
+                    stream = slots[p]
+                    if stream is None:
+                        stream = slots[p] = (heads[group][p], [], [])
+                    stream[1].extend(range(seq, seq + n))
+                    stream[2].extend(acc.events)
+                seq += n
+                continue
+            for type_, khash, raw in zip(types, khashes, acc.events, strict=False):
+                if type_ != last_type:
+                    last_type, targets = type_, targets_of(type_)
                 for group, partitions, slots in targets:
                     p = partition_of(khash, partitions)
                     stream = slots[p]

@@ -24,6 +24,7 @@ from recorder import read_handled, tally
 from nexus import Producer, config
 from nexus.protocol.events import decode_wire_event
 from nexus.router.journal import Journal, entry_decoder
+from nexus.router.segments import scan
 from nexus.testing import wait_for
 
 pytestmark = pytest.mark.system
@@ -307,14 +308,27 @@ def test_corrupt_tail_is_truncated_and_the_rest_served(tmp_path, config_factory,
     p.stop()
     segment = sorted((Path(cfg.data_dir) / "journal").glob("*.seg"))[-1]
     size = segment.stat().st_size
+    # the last record holds the events of the router's last write (a batch record): all
+    # of them are lost with it, every event before it is served (seq n is ids[n - 1])
+    with open(segment, "rb") as f:
+        first = int(segment.name.removesuffix(".seg"))
+        records = [r for r in scan(f.fileno(), size, first - 1) if r[0] == "record"]
+    torn_first, torn_last = records[-1][2], records[-1][4]
+    assert torn_last == 1000 and 1 < torn_first
     os.truncate(segment, size - 7)  # the last record is now torn
     raw = yaml.safe_load(path.read_text())
     raw["workers"] = {"rec": recorder_group(out, processes=1)}
     path.write_text(yaml.safe_dump(raw))
     p2 = launched(path)
-    handled = wait_all_handled(out, ids[:-1])
+    handled = wait_all_handled(out, ids[: torn_first - 1])
     assert "journal_tail_truncated" in p2.output()
     status = p2.router_status()
-    report("corrupt_tail", written=1000, served=len(handled), last_seq=status["router"]["seq"])
-    assert status["router"]["seq"] == 999
-    assert ids[-1] not in handled
+    report(
+        "corrupt_tail",
+        written=1000,
+        torn=torn_last - torn_first + 1,
+        served=len(handled),
+        last_seq=status["router"]["seq"],
+    )
+    assert status["router"]["seq"] == torn_first - 1
+    assert not set(ids[torn_first - 1 :]) & set(handled)

@@ -18,7 +18,10 @@ def body(i: int, size: int = 10) -> bytes:
 
 
 def open_journal(path, **kw) -> Journal:
-    j = Journal(str(path), **{"fsync": "never", **kw})
+    """record_events=1 (unless given): one record per event, the layout these tests
+    place their damage in by offset (and all a router wrote before batch records);
+    batch records: tests/unit/test_journal_batch.py."""
+    j = Journal(str(path), **{"fsync": "never", "record_events": 1, **kw})
     j.open()
     return j
 
@@ -543,6 +546,22 @@ def test_entry_round_trip():
     assert short.time == 0.0
 
 
+def test_encode_entries_writes_exactly_what_an_entry_encodes_to():
+    """encode_entries encodes rows as tuples (cheaper): byte for byte an Entry's encoding."""
+    from nexus.router.journal import encode_entries
+
+    raws = [msgspec.Raw(msgspec.msgpack.encode({"n": i})) for i in range(3)]
+    got = encode_entries(["a.b", "a.c", "a.b"], [1, 2**31, 3], raws, 17.5, producer="k/p", pseqs=[5, 6, 2**40])
+    want = [
+        entry_encoder.encode(Entry(t, k, "k/p", s, r, 17.5, ""))
+        for t, k, s, r in zip(["a.b", "a.c", "a.b"], [1, 2**31, 3], [5, 6, 2**40], raws, strict=True)
+    ]
+    assert got == want
+    assert encode_entries(["a.b"], [1], raws[:1], 1.0, group="g") == [
+        entry_encoder.encode(Entry("a.b", 1, "", 0, raws[0], 1.0, "g"))
+    ]
+
+
 def test_seq_at_time(tmp_path):
     j = open_journal(tmp_path / "j")
     raw = msgspec.Raw(msgspec.msgpack.encode({}))
@@ -593,10 +612,13 @@ def test_reopen_close_does_not_leak_fds(tmp_path):
         st.tuples(st.integers(min_value=0, max_value=80), st.integers(min_value=0, max_value=30)), max_size=8
     ),
     reopen=st.booleans(),
+    layouts=st.tuples(st.sampled_from([1, 2, 3, 512]), st.sampled_from([1, 2, 512])),
 )
-def test_property_append_read_round_trip(batches, segment_bytes, reads, reopen):
+def test_property_append_read_round_trip(batches, segment_bytes, reads, reopen, layouts):
+    """`layouts`: events per record before and after the reopen (one-event records, as
+    written before batch records, and batches: both read back, also mixed in a segment)."""
     with tempfile.TemporaryDirectory() as d:
-        j = open_journal(d, segment_bytes=segment_bytes)
+        j = open_journal(d, segment_bytes=segment_bytes, record_events=layouts[0])
         records = []
         for batch in batches:
             first = j.append(batch)
@@ -604,8 +626,11 @@ def test_property_append_read_round_trip(batches, segment_bytes, reads, reopen):
             records.extend(batch)
         if reopen:
             j.close()
-            j = open_journal(d, segment_bytes=segment_bytes)
+            j = open_journal(d, segment_bytes=segment_bytes, record_events=layouts[1])
             assert j.recovery.truncated_bytes == 0
+            for batch in batches[:3]:  # appended in the other layout, after the first
+                assert j.append(batch) == len(records) + 1
+                records.extend(batch)
         expected = list(enumerate(records, start=1))
         assert j.last_seq == len(records)
         assert list(j.iter_all(chunk=5)) == expected
