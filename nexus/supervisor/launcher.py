@@ -112,6 +112,8 @@ class Launcher:
             http_credential.prepare(cfg)  # the HTTP port's token (made once when http.token is unset)
         process.become_subreaper()
         os.environ[process.RUN_ENV] = self.token  # inherited by every child and its forks
+        for name, value in process.MALLOC_ENV.items():  # read by each child's libc at its start
+            os.environ.setdefault(name, value)
         ctx: zmq.Context = zmq.Context.instance()
         if keys is not None and cfg.control_endpoint.startswith("tcp://"):
             self.gatekeeper = Gatekeeper(ctx, KeyRing(curve.authorized_keys_dir(cfg), keys.pair)).start()
