@@ -310,7 +310,7 @@ def _produce_sync(
     result.update(t_first=t_first, t_last=time.time())
     p.flush(120)
     result["t_flushed"] = time.time()
-    p.close(10)
+    p.close(60)  # a router far behind on a loaded host takes a while; a timeout is reported as an error
     result.update(
         cpu=time.process_time(),
         resent=getattr(p, "stats", {}).get("resent"),
@@ -365,7 +365,7 @@ async def _produce_async(
     result.update(t_first=t_first, t_last=time.time())
     await p.flush(120)
     result["t_flushed"] = time.time()
-    await p.close(10)
+    await p.close(60)
     result.update(
         cpu=time.process_time(),
         resent=getattr(p, "stats", {}).get("resent"),
