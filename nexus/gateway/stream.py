@@ -15,6 +15,8 @@ in the order it sent them.
 - The token is checked at the upgrade (401: no upgrade); a source or type it may not
   send, or its rate, rejects that event (`forbidden: ...`, `rate_limited: ...` with
   retry_after) and the stream goes on.
+- The token is re-checked while the stream is open (regrant.py): revoked, the stream is
+  closed with 1008 and a one-line reason; a narrowed grant applies to the next event.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from aiohttp import WSMsgType, web
 from nexus.config import GatewayConfig
 from nexus.gateway import events
 from nexus.gateway.access import Access
+from nexus.gateway.regrant import LiveGrant
 from nexus.gateway.upstream import Result, Upstream
 
 MAX_UNACKED = 2000  # events of one connection waiting for their ack before reading stops
@@ -53,6 +56,9 @@ class Stream:
             return grant
         ws = web.WebSocketResponse(max_msg_size=self.max_message, heartbeat=HEARTBEAT)
         await ws.prepare(request)
+        header = request.headers.get("Authorization")
+        live = LiveGrant(grant, lambda: self.access.store.authenticate(header))
+        watch = asyncio.ensure_future(live.watch(ws, ROUTE))
         metrics.requests.labels(ROUTE, "101").inc()
         metrics.streams.inc()
         self.open.add(ws)
@@ -65,7 +71,7 @@ class Stream:
                     continue
                 binary = msg.type == WSMsgType.BINARY
                 body = msg.data if binary else msg.data.encode()
-                for event_id, slot in self._events(body, binary, grant):
+                for event_id, slot in self._events(body, binary, live.grant):
                     unacked.n += 1
                     acks.put_nowait((binary, event_id, slot))
                 # back-pressure: no further read while too many wait for the router
@@ -81,7 +87,8 @@ class Stream:
             # flight still settles, and the client's retry of those ids is answered
             # from the ledger (duplicate) or waits for the same verdict
             writer.cancel()
-            await asyncio.gather(writer, return_exceptions=True)
+            watch.cancel()
+            await asyncio.gather(writer, watch, return_exceptions=True)
             self.open.discard(ws)
             metrics.streams.dec()
             await ws.close()

@@ -120,7 +120,11 @@ def parse(data: bytes) -> dict[str, TokenEntry]:
     try:
         raw = yaml.safe_load(data)
     except yaml.YAMLError as exc:
-        raise ValueError(f"not YAML: {' '.join(str(exc).split())}") from None
+        # the problem and where, not str(exc): that quotes the file's lines, hashes included
+        problem = getattr(exc, "problem", None) or type(exc).__name__
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ValueError(f"not YAML: {problem}{where}") from None
     if raw is None:
         return {}  # an empty file: no tokens
     try:
@@ -274,7 +278,9 @@ class TokenStore:
         self._hashes = {name: e.hash for name, e in entries.items()}
         self.reloads += 1
         self._report(problem)
-        log.info("gateway_tokens_loaded", file=self.path, tokens=sorted(entries))
+        # `names`, not `tokens`: a key named like a secret is masked whole (common/redact.py),
+        # and names are not secrets (the tokens and their hashes are, and are never logged)
+        log.info("gateway_tokens_loaded", file=self.path, names=sorted(entries))
 
     def _report(self, problem: str) -> None:
         if problem and problem != self._problem:
