@@ -25,7 +25,7 @@ import asyncio
 import math
 
 import msgspec
-from aiohttp import WSMsgType, web
+from aiohttp import WSCloseCode, WSMsgType, web
 
 from nexus.config import GatewayConfig
 from nexus.gateway import events
@@ -41,6 +41,16 @@ _json = msgspec.json.Encoder().encode
 _msgpack = msgspec.msgpack.Encoder().encode
 
 
+class _Socket(web.WebSocketResponse):
+    """aiohttp closes a connection whose frame is over max_msg_size with 1009 and no
+    reason: this says why, in one line."""
+
+    async def close(self, *, code: int = WSCloseCode.OK, message: bytes = b"", drain: bool = True) -> bool:
+        if code == WSCloseCode.MESSAGE_TOO_BIG and not message:
+            message = f"a message over gateway.max_body ({self._max_msg_size} bytes): send smaller ones".encode()
+        return await super().close(code=code, message=message, drain=drain)
+
+
 class Stream:
     def __init__(self, gw: GatewayConfig, access: Access, upstream: Upstream):
         self.max_message = gw.max_body
@@ -54,7 +64,7 @@ class Stream:
         if isinstance(grant, web.Response):
             metrics.requests.labels(ROUTE, str(grant.status)).inc()
             return grant
-        ws = web.WebSocketResponse(max_msg_size=self.max_message, heartbeat=HEARTBEAT)
+        ws = _Socket(max_msg_size=self.max_message, heartbeat=HEARTBEAT)
         await ws.prepare(request)
         header = request.headers.get("Authorization")
         live = LiveGrant(grant, lambda: self.access.store.authenticate(header))
