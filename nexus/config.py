@@ -530,6 +530,29 @@ def _convert_entry(section: str, name: str, value: Any, typ: type[T], files: str
         raise ConfigError(f"{files}: {section}.{name}{'.' if not rest.startswith(':') else ''}{rest}") from None
 
 
+# the launcher's processes that are not configured by name (nexus/supervisor/launcher.py
+# `_add`; "launcher" is its own name in logs and status): the launcher keys its children
+# by name, so a producer called "gateway" would replace the gateway's process
+FIXED_PROCESSES = ("router", "http", "gateway", "launcher")
+
+
+def _check_process_names(cfg: Config, files: str) -> None:
+    """Producers are processes named as configured, worker groups' members `{group}-{i}`."""
+    for kind, names in (("producers", cfg.producers), ("workers", cfg.workers)):
+        for name in names:
+            if name in FIXED_PROCESSES:
+                raise ConfigError(
+                    f"{files}: {kind}.{name}: the name is reserved for the pipeline's own process "
+                    f"({', '.join(FIXED_PROCESSES)}); choose another"
+                )
+    for name in cfg.producers:
+        group, _, index = name.rpartition("-")
+        if index.isdigit() and group in cfg.workers:
+            raise ConfigError(
+                f"{files}: producers.{name}: a member of workers.{group} has that process name; choose another"
+            )
+
+
 def _check(cfg: Config, files: str, kinds: dict[str, EntryPoint]) -> None:
     if cfg.security.ipc_group is not None:
         import grp
@@ -558,9 +581,11 @@ def _check(cfg: Config, files: str, kinds: dict[str, EntryPoint]) -> None:
                     f"{files}: workers.{name}.autoscale.max ({auto.max}) exceeds workers.{name}.partitions "
                     f"({group.partitions}): members beyond {group.partitions} would own no partition"
                 )
-    for name, spec in cfg.producers.items():
+    for name in cfg.producers:
         if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", name):
             raise ConfigError(f"{files}: producers.{name}: names use letters, digits, '-', '_', '.'")
+    _check_process_names(cfg, files)
+    for name, spec in cfg.producers.items():
         try:  # the kind's own checks (a cron expression, a timezone): fail at load, not later
             source_class(spec.kind, kinds).check(name, spec, cfg)
         except ConfigError as exc:

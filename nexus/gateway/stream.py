@@ -15,6 +15,8 @@ in the order it sent them.
 - The token is checked at the upgrade (401: no upgrade); a source or type it may not
   send, or its rate, rejects that event (`forbidden: ...`, `rate_limited: ...` with
   retry_after) and the stream goes on.
+- The token is re-checked while the stream is open (regrant.py): revoked, the stream is
+  closed with 1008 and a one-line reason; a narrowed grant applies to the next event.
 """
 
 from __future__ import annotations
@@ -23,11 +25,12 @@ import asyncio
 import math
 
 import msgspec
-from aiohttp import WSMsgType, web
+from aiohttp import WSCloseCode, WSMsgType, web
 
 from nexus.config import GatewayConfig
 from nexus.gateway import events
 from nexus.gateway.access import Access
+from nexus.gateway.regrant import LiveGrant
 from nexus.gateway.upstream import Result, Upstream
 
 MAX_UNACKED = 2000  # events of one connection waiting for their ack before reading stops
@@ -36,6 +39,16 @@ ROUTE = "stream"
 
 _json = msgspec.json.Encoder().encode
 _msgpack = msgspec.msgpack.Encoder().encode
+
+
+class _Socket(web.WebSocketResponse):
+    """aiohttp closes a connection whose frame is over max_msg_size with 1009 and no
+    reason: this says why, in one line."""
+
+    async def close(self, *, code: int = WSCloseCode.OK, message: bytes = b"", drain: bool = True) -> bool:
+        if code == WSCloseCode.MESSAGE_TOO_BIG and not message:
+            message = f"a message over gateway.max_body ({self._max_msg_size} bytes): send smaller ones".encode()
+        return await super().close(code=code, message=message, drain=drain)
 
 
 class Stream:
@@ -51,8 +64,11 @@ class Stream:
         if isinstance(grant, web.Response):
             metrics.requests.labels(ROUTE, str(grant.status)).inc()
             return grant
-        ws = web.WebSocketResponse(max_msg_size=self.max_message, heartbeat=HEARTBEAT)
+        ws = _Socket(max_msg_size=self.max_message, heartbeat=HEARTBEAT)
         await ws.prepare(request)
+        header = request.headers.get("Authorization")
+        live = LiveGrant(grant, lambda: self.access.store.authenticate(header))
+        watch = asyncio.ensure_future(live.watch(ws, ROUTE))
         metrics.requests.labels(ROUTE, "101").inc()
         metrics.streams.inc()
         self.open.add(ws)
@@ -65,7 +81,7 @@ class Stream:
                     continue
                 binary = msg.type == WSMsgType.BINARY
                 body = msg.data if binary else msg.data.encode()
-                for event_id, slot in self._events(body, binary, grant):
+                for event_id, slot in self._events(body, binary, live.grant):
                     unacked.n += 1
                     acks.put_nowait((binary, event_id, slot))
                 # back-pressure: no further read while too many wait for the router
@@ -81,7 +97,8 @@ class Stream:
             # flight still settles, and the client's retry of those ids is answered
             # from the ledger (duplicate) or waits for the same verdict
             writer.cancel()
-            await asyncio.gather(writer, return_exceptions=True)
+            watch.cancel()
+            await asyncio.gather(writer, watch, return_exceptions=True)
             self.open.discard(ws)
             metrics.streams.dec()
             await ws.close()

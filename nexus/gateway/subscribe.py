@@ -19,6 +19,10 @@ a bad token. The connection then gets:
 3. a `{"gap": ...}` message if retention removes events the client had not read yet
    (a client far behind), and `{"error": ...}` before a close the server decides.
 
+The token is re-checked while the connection is open (regrant.py): revoked, or no longer
+allowed to subscribe, the connection is closed with 1008 and a one-line reason; narrowed
+`subscribe` globs apply from the next event on.
+
 A browser, which cannot set headers on a WebSocket, offers its token as a subprotocol:
 `new WebSocket(url, ["nexus.v1", "bearer." + token])` (the server selects "nexus.v1").
 
@@ -48,6 +52,7 @@ from aiohttp import WSMsgType, web
 from nexus.config import Config
 from nexus.errors import NexusError
 from nexus.gateway.journalfeed import JournalReader, TailWake
+from nexus.gateway.regrant import LiveGrant
 from nexus.protocol.events import DECODE_ERRORS, decode_wire_event
 
 log = structlog.get_logger("nexus.gateway")
@@ -112,7 +117,8 @@ class Subscriptions:
         return web.json_response({"error": error}, status=status)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        grant = self.authenticate(_protocol_token(request))
+        credentials = _protocol_token(request)  # re-checked while the connection is open
+        grant = self.authenticate(credentials)
         if grant is None:
             return self._refuse(401, "a valid bearer token is required (Authorization: Bearer <token>)")
         try:
@@ -135,15 +141,17 @@ class Subscriptions:
         reader = JournalReader(self.cfg)
         try:
             await ws.prepare(request)
-            pump = asyncio.create_task(self._pump(ws, reader, grant, conn, start))
+            live = LiveGrant(grant, lambda: self.authenticate(credentials), _may_not_subscribe)
+            pump = asyncio.create_task(self._pump(ws, reader, live, conn, start))
+            watch = asyncio.create_task(live.watch(ws, "subscribe"))
             try:
                 async for msg in ws:  # the client sends nothing we need; this sees its close
                     if msg.type == WSMsgType.ERROR:
                         break
             finally:
                 pump.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await pump
+                watch.cancel()
+                await asyncio.gather(pump, watch, return_exceptions=True)
         finally:
             reader.close()
             self.wake.detach()
@@ -151,7 +159,12 @@ class Subscriptions:
         return ws
 
     async def _pump(
-        self, ws: web.WebSocketResponse, reader: JournalReader, grant: ReadGrant, conn: Connection, start: int | None
+        self,
+        ws: web.WebSocketResponse,
+        reader: JournalReader,
+        live: LiveGrant[ReadGrant],
+        conn: Connection,
+        start: int | None,
     ) -> None:
         wake, globs = self.wake, conn.globs
         assert wake is not None
@@ -169,7 +182,7 @@ class Subscriptions:
                     await ws.send_str(_text({"gap": _gap(after, got.first)}))
                 for seq, raw in zip(got.seqs, got.events, strict=False):
                     message = event_message(seq, bytes(raw))
-                    if message is None or not grant.may_read(message["type"]):
+                    if message is None or not live.grant.may_read(message["type"]):
                         continue
                     await ws.send_str(_text(message))  # waits while the client's socket is full
                     self.sent += 1
@@ -241,6 +254,12 @@ def parse_query(query) -> tuple[list[str], int | None]:
     if not start.isdigit() or len(start) > 19:
         raise ValueError("from: a journal seq (a whole number >= 0), the last seq the client received")
     return globs, int(start)
+
+
+def _may_not_subscribe(grant: ReadGrant) -> str:
+    """Why an open subscription ends when its token's grant changed ("" when it goes on:
+    narrowed globs filter the next events instead)."""
+    return "" if grant.subscribe else f"token {grant.name} may no longer subscribe"
 
 
 def forbidden(grant: ReadGrant, globs: list[str]) -> str:

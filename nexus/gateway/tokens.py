@@ -16,8 +16,9 @@ The authorization model is that of the CURVE keys (nexus/protocol/gatekeeper.py)
 is allowed when its source matches one of `sources` AND its type one of `types`.
 
 `TokenStore` re-reads the file while the gateway runs (create and revoke take effect
-within a second, no restart): `authenticate` stats it at most once a second and re-parses
-it only when its (mtime_ns, size, inode) changed. A file that does not parse keeps the
+within a second, no restart): `authenticate` stats it at most once a second, and at once
+for a token it does not know (a token just created works at once), and re-parses it only
+when its (mtime_ns, size, inode) changed. A file that does not parse keeps the
 tokens read before (an editor's half-saved file must not lock every client out) and logs
 one line; a missing file means no tokens (every request gets 401: fail closed).
 """
@@ -120,7 +121,11 @@ def parse(data: bytes) -> dict[str, TokenEntry]:
     try:
         raw = yaml.safe_load(data)
     except yaml.YAMLError as exc:
-        raise ValueError(f"not YAML: {' '.join(str(exc).split())}") from None
+        # the problem and where, not str(exc): that quotes the file's lines, hashes included
+        problem = getattr(exc, "problem", None) or type(exc).__name__
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ValueError(f"not YAML: {problem}{where}") from None
     if raw is None:
         return {}  # an empty file: no tokens
     try:
@@ -207,7 +212,8 @@ class TokenStore:
         """The grant of the `Authorization: Bearer <token>` header; None when it is
         missing, malformed or not a token of the file."""
         now = time.monotonic()
-        if now >= self._next_check:
+        checked = now >= self._next_check
+        if checked:
             self._next_check = now + RECHECK_EVERY
             self._check()
         if not authorization:
@@ -223,9 +229,20 @@ class TokenStore:
         # in constant time. About 0.7 us whatever the number of tokens; a compare_digest
         # loop over all of them took 8-15 us with 100 (bench/test_micro_tokens.py)
         grant = self._by_hash.get(digest)
+        if grant is None and not checked and self._recheck_on_miss():
+            grant = self._by_hash.get(digest)
         if grant is None or not hmac.compare_digest(self._hashes[grant.name], digest):
             return None
         return grant
+
+    def _recheck_on_miss(self) -> bool:
+        """An unknown token: look at the file now, not up to a second later, so a token used
+        right after `nexus tokens create` works (a script that creates then sends). The cost
+        is one stat (about a microsecond) per refused token; the file is re-parsed only when
+        it changed. True when it was re-read."""
+        reloads = self.reloads
+        self._check()
+        return self.reloads != reloads
 
     @property
     def names(self) -> list[str]:
@@ -274,7 +291,9 @@ class TokenStore:
         self._hashes = {name: e.hash for name, e in entries.items()}
         self.reloads += 1
         self._report(problem)
-        log.info("gateway_tokens_loaded", file=self.path, tokens=sorted(entries))
+        # `names`, not `tokens`: a key named like a secret is masked whole (common/redact.py),
+        # and names are not secrets (the tokens and their hashes are, and are never logged)
+        log.info("gateway_tokens_loaded", file=self.path, names=sorted(entries))
 
     def _report(self, problem: str) -> None:
         if problem and problem != self._problem:

@@ -367,6 +367,28 @@ def test_bad_group_name(tmp_path):
     assert "workers.bad name" in load_error(path)
 
 
+@pytest.mark.parametrize("name", ["gateway", "http", "router", "launcher"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "producers: {{{name}: {{kind: schedule, every: 1s}}}}\n",
+        "workers: {{{name}: {{handler: 'a:b'}}}}\n",
+    ],
+)
+def test_a_fixed_process_name_is_refused(tmp_path, name, text):
+    # the launcher keys its children by name: a producer named "gateway" would replace the
+    # gateway's process; a group named "router" makes `nexus status` and the logs ambiguous
+    msg = load_error(write(tmp_path, text.format(name=name)))
+    kind = "producers" if text.startswith("producers") else "workers"
+    assert f"{kind}.{name}" in msg and "reserved" in msg and "\n" not in msg
+
+
+def test_a_producer_named_like_a_worker_process_is_refused(tmp_path):
+    text = "workers: {rec: {handler: 'a:b'}}\nproducers: {rec-0: {kind: schedule, every: 1s}}\n"
+    msg = load_error(write(tmp_path, text))
+    assert "producers.rec-0" in msg and "workers.rec" in msg and "\n" not in msg
+
+
 def test_endpoint_data_dir_substitution(tmp_path):
     path = write(
         tmp_path,

@@ -91,9 +91,26 @@ def test_missing_file_means_no_tokens_then_a_created_one_works(tmp_path, clock):
     store = TokenStore(path)
     assert store.authenticate("Bearer nxg_x") is None and store.status()["tokens"] == 0
     token = _add(path, "late", sources=["*"], types=["*"])
-    assert store.authenticate(f"Bearer {token}") is None  # not stat'ed again yet
-    clock.now += tokens_mod.RECHECK_EVERY
+    # (the clock has not moved: a token it does not know makes it look at the file at
+    # once, so a script's `nexus tokens create` then curl works)
     assert store.authenticate(f"Bearer {token}").name == "late"
+
+
+def test_unknown_tokens_stat_the_file_but_reparse_it_only_when_changed(tmp_path, clock, monkeypatch):
+    path = str(tmp_path / "tokens.yaml")
+    token = _add(path, "a", sources=["*"], types=["*"])
+    store = TokenStore(path)
+    stats = []
+    real_stat = os.stat
+    monkeypatch.setattr(tokens_mod.os, "stat", lambda p, *a, **k: stats.append(p) or real_stat(p, *a, **k))
+    reloads = store.reloads
+    for _ in range(100):
+        assert store.authenticate(f"Bearer {new_token()}") is None
+    assert len(stats) == 100 and store.reloads == reloads  # a stat each, never a re-parse
+    assert store.authenticate(f"Bearer {token}") is not None and len(stats) == 100  # a known one: none
+    for bad in (None, "", "Basic x", "Bearer " + "a" * 10_000):
+        assert store.authenticate(bad) is None
+    assert len(stats) == 100  # not even a stat for what cannot be a token
 
 
 def test_stat_at_most_once_a_second(tmp_path, clock, monkeypatch):
