@@ -74,7 +74,7 @@ class Ingest:
             if math.isinf(wait):
                 return refuse(413, f"more events in one request than token {grant.name!r} may send per second")
             return refuse(429, f"rate limited: token {grant.name!r}", **{"Retry-After": str(math.ceil(wait))})
-        return await self._send(parsed)
+        return await self._send(parsed, grant.name)
 
     async def _read(self, request: web.Request) -> bytes | web.Response:
         """The body, refused (413) as soon as it is longer than max_body."""
@@ -94,7 +94,7 @@ class Ingest:
     def _too_big(self) -> web.Response:
         return refuse(413, f"body over {self.max_body} bytes (gateway.max_body)")
 
-    async def _send(self, parsed: list[events.Parsed]) -> web.Response:
+    async def _send(self, parsed: list[events.Parsed], token: str) -> web.Response:
         upstream = self.upstream
         if not upstream.has_room():
             try:
@@ -108,7 +108,9 @@ class Ingest:
                 slots.append((p.id, Result(p.id, "rejected", p.error)))
                 continue
             event_id, data, error = events.wire(p.event)
-            slots.append((event_id, Result(event_id, "rejected", error) if error else upstream.submit(event_id, data)))
+            slots.append(
+                (event_id, Result(event_id, "rejected", error) if error else upstream.submit(event_id, data, token))
+            )
         futures = {s for _, s in slots if isinstance(s, asyncio.Future)}
         if futures:
             await asyncio.wait(futures, timeout=SETTLE_TIMEOUT)

@@ -124,7 +124,7 @@ class Stream:
                 why, retry = f"rate_limited: token {grant.name!r}", 1.0 if math.isinf(wait) else wait
                 out.append((event_id, Result(event_id, "rejected", why, retry_after=retry)))
             else:
-                out.append((event_id, self.upstream.submit(event_id, data)))
+                out.append((event_id, self.upstream.submit(event_id, data, grant.name)))
         return out
 
     async def _write(self, ws: web.WebSocketResponse, acks: asyncio.Queue, unacked: _Counter) -> None:

@@ -40,6 +40,13 @@ WINDOW_BYTES = 64 * 2**20  # ... or beyond this many bytes of them (the gateway'
 GAP = "sequence_gap:"
 
 
+SCOPE = "\x1f"  # between a token's name and an event id in the ledger's keys (in neither)
+
+
+def scoped(token: str, event_id: str) -> str:
+    return f"{token}{SCOPE}{event_id}"
+
+
 class Result(msgspec.Struct, frozen=True, omit_defaults=True):
     """One event's answer, as the HTTP reply and the stream's ack carry it."""
 
@@ -109,19 +116,24 @@ class Upstream:
             self.room.clear()
             await self.room.wait()
 
-    def submit(self, event_id: str, data: bytes) -> asyncio.Future[Result]:
-        """The future of the event's answer (see the module docstring for duplicates)."""
-        fut = self.inflight.get(event_id)
+    def submit(self, event_id: str, data: bytes, token: str) -> asyncio.Future[Result]:
+        """The future of the event's answer (see the module docstring for duplicates).
+
+        An id is an idempotency key within the token that sent it: another token's event
+        with the same id is its own event (a client that learned or guessed a partner's
+        ids must not make the gateway answer `duplicate` for events it never journaled)."""
+        key = scoped(token, event_id)
+        fut = self.inflight.get(key)
         if fut is not None:
             return fut
         fut = asyncio.get_running_loop().create_future()
-        if event_id in self.ledger.accepted:
+        if key in self.ledger.accepted:
             self.counts["duplicate"] += 1
             fut.set_result(Result(event_id, "accepted", duplicate=True))
             return fut
-        self.inflight[event_id] = fut
+        self.inflight[key] = fut
         self.inflight_bytes += len(data)
-        self.pending.append((event_id, data))
+        self.pending.append((key, data))
         self.wake.set()
         return fut
 
@@ -235,7 +247,8 @@ class Upstream:
         log.info("gateway_renumbered", events=len(renumbered), from_seq=ack + 1)
 
     def _answer(self, result: Result) -> None:
+        """`result.id` is the scoped key (token, id); the client gets its own id back."""
         self.counts[result.status] += 1
         fut = self.inflight.pop(result.id, None)
         if fut is not None and not fut.done():
-            fut.set_result(result)
+            fut.set_result(msgspec.structs.replace(result, id=result.id.partition(SCOPE)[2]))

@@ -262,6 +262,23 @@ def test_responses_match_the_openapi_document(gw):
         check_api("/healthz", "get", resp.status, json.loads(resp.read()))
 
 
+def test_an_id_is_an_idempotency_key_within_its_token_only(gw):
+    """A retry with the same token is a duplicate; another token's event with the same id is
+    its own event and journaled (one token must not suppress another's events by sending
+    their ids first)."""
+    p, base, _ = gw
+    url = f"{base}/v1/events"
+    before = p.router_status()["router"]["seq"]
+    shared = event("test.narrow.shared", source="parrot", id="shared-id-1")
+    code, body = curl(url, json.dumps(shared), FULL)
+    assert code == 200 and body["results"][0] == {"id": "shared-id-1", "status": "accepted"}
+    code, body = curl(url, json.dumps(shared), FULL)  # the same token again: a duplicate
+    assert code == 200 and body["results"][0] == {"id": "shared-id-1", "status": "accepted", "duplicate": True}
+    code, body = curl(url, json.dumps(shared), NARROW)  # another token: its own event
+    assert code == 200 and body["results"][0] == {"id": "shared-id-1", "status": "accepted"}
+    assert p.router_status()["router"]["seq"] == before + 2
+
+
 def test_websocket_messages_match_the_openapi_document(gw):
     """The messages of /v1/stream (Result per event) and /v1/subscribe (SubscribeStart, then
     SubscribeEvent per journaled event) of the running gateway validate against the schemas
