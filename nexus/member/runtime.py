@@ -149,6 +149,7 @@ class Member:
         self.joined = asyncio.Event()
         self._rejoin_needed = asyncio.Event()
         self._settle_due = asyncio.Event()
+        self._sub_fd: int | None = None  # the SUB socket's FD while the loop reads it
         self._sub_due = False  # a SUB read is scheduled with call_soon (_sub_recheck)
         self._slice_over = False  # the dispatcher task ran out of its slice and goes on next turn
 
@@ -237,7 +238,6 @@ class Member:
                 if inspect.isawaitable(result):
                     await result
             self.coord.close(linger=500)
-            self.sub.close(0)
             self.ctx.term()
             self.log.info("member_stopped", handled=self.scheduler.handled, failed=self.outcomes.failed)
 
@@ -367,13 +367,16 @@ class Member:
         """Read the SUB socket from a loop callback on its FD: a delivery reaches a sync
         handler in the loop turn it arrives in, not after a future, the reader task and the
         dispatcher task each took a turn."""
-        self.loop.add_reader(self.sub.FD, self._on_sub_ready)
+        self._sub_fd = self.sub.FD
+        self.loop.add_reader(self._sub_fd, self._on_sub_ready)
         self._sub_recheck()  # (messages may have arrived before the reader was added)
 
     def _stop_intake(self) -> None:
-        if not self.sub.closed:
-            self.loop.remove_reader(self.sub.FD)
-            self.sub.close(0)
+        """Take nothing more from the SUB socket (before it closes: its FD goes with it)."""
+        if self._sub_fd is not None:
+            self.loop.remove_reader(self._sub_fd)
+            self._sub_fd = None
+        self.sub.close(0)
 
     def _sub_recheck(self) -> None:
         """Read the SUB socket at the loop's next turn. ZMQ_FD is edge triggered and any call
@@ -389,9 +392,9 @@ class Member:
         (the rest on the next turn, after the loop's other callbacks: acks, fetch replies,
         async handlers, timers); then, with a sync handler, run the ready events now."""
         self._sub_due = False
+        if self._sub_fd is None:
+            return  # not reading (yet, or any more)
         sub = self.sub
-        if sub.closed:
-            return
         sched = self.scheduler
         inline = self.sync and not self._slice_over  # (else the dispatcher task goes on next turn)
         sched.quiet, sched.noted = inline, False

@@ -226,14 +226,8 @@ class FakeCoord:
 
 
 class FakeSub:
-    closed = False
-
     def __init__(self) -> None:
         self.changes: list[tuple[int, bytes]] = []  # (SUBSCRIBE or UNSUBSCRIBE, topic)
-
-    def getsockopt(self, option: int) -> int:
-        assert option == zmq.EVENTS
-        return 0  # nothing queued: deliveries come from the test (Rig.deliver)
 
     def setsockopt(self, option: int, value: bytes) -> None:
         self.changes.append((option, value))
