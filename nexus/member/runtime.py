@@ -1,9 +1,11 @@
 """The member runtime: join a group, run the handler on assigned partitions, ack.
 
 One asyncio loop owns the coord DEALER and the SUB socket and runs the member's tasks
-(readers, dispatcher, acker, joiner, ticker, settler). The work is done by parts without
-sockets, which the runtime wires together: it hands them what arrives, sends what they
-return, and runs their timers.
+(coord reader, dispatcher, acker, joiner, ticker, settler). The SUB socket is read by a
+loop callback on its FD, which with a sync handler also runs the events it made ready: a
+live delivery reaches the handler in the loop turn it arrives in. The work is done by
+parts without sockets, which the runtime wires together: it hands them what arrives,
+sends what they return, and runs their timers.
 
     partitions  Partitions     the assigned streams, the queued count, acks, releases
     fetcher     Fetcher        live deliveries and fetch replies in; what to fetch next
