@@ -60,6 +60,10 @@ class Scheduler:
         self.log = log
         self.heap: list[tuple[int, int, int]] = []  # (priority, seq, partition) of ready heads
         self.work = asyncio.Event()  # set when something may start: the runtime's dispatcher wakes
+        # while `quiet`, ready() notes (`noted`) instead of setting `work`: the runtime's SUB
+        # callback runs what its deliveries made ready itself, without waking the dispatcher
+        self.quiet = False
+        self.noted = False
         self.active = 0  # async calls in flight (+ SOLO)
         self.recent = RecentIds(dedup_window)  # ids handled lately: drop repeats
         self.handled = 0
@@ -78,7 +82,10 @@ class Scheduler:
         if st.queue and not st.busy and not st.waiting and not st.revoked:
             seq, ev = st.queue[0]
             heapq.heappush(self.heap, (ev.priority, seq, st.partition))
-            self.work.set()
+            if self.quiet:
+                self.noted = True
+            else:
+                self.work.set()
 
     def next(self) -> PartitionStream | None:
         """The stream whose head runs next (off the heap), or None: nothing is ready, or

@@ -33,6 +33,7 @@ from nexus.member.scheduler import SLICE, TURN_MAX
 from nexus.member.stream import GENERATIONS, PartitionStream, RecentIds
 from nexus.protocol.events import Contracts, Event, decode_wire_event, encode
 from nexus.protocol.wire import Assign, Delivery, Fetch, Records, coord_decoder, encoder, topic
+from nexus.testing import wait_for
 
 GROUP = "g"
 PARTITIONS = 4
@@ -796,43 +797,121 @@ def test_an_unknown_type_or_bad_payload_fails_like_a_handler_error(tmp_path):
     run(main())
 
 
-def test_the_sub_reader_loses_nothing_when_many_deliveries_are_queued(tmp_path):
-    """More than DRAIN_MAX deliveries waiting: read in rounds, in order, none dropped."""
+def inproc_pub_sub(name: str) -> tuple[zmq.Context, zmq.Socket, zmq.Socket]:
+    """A real PUB and a plain SUB (as the member's) subscribed to everything, connected."""
+    ctx = zmq.Context()
+    pub = ctx.socket(zmq.PUB)
+    pub.setsockopt(zmq.SNDHWM, 0)
+    pub.bind(f"inproc://{name}")
+    sub = ctx.socket(zmq.SUB)
+    sub.setsockopt(zmq.RCVHWM, 0)
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    sub.connect(f"inproc://{name}")
+    # (inproc connects at once, but the subscription reaches the PUB when it next sends or
+    # polls: wait until a probe gets through)
+    wait_for(lambda: pub.send(b"probe") is None and sub.poll(10, zmq.POLLIN) and sub.recv() == b"probe", timeout=5)
+    return ctx, pub, sub
+
+
+@pytest.mark.parametrize("handler_async", [False, True])
+def test_the_sub_reader_loses_nothing_when_many_deliveries_are_queued(tmp_path, handler_async):
+    """More than DRAIN_MAX deliveries waiting before the reader starts, and no new arrival
+    after them (ZMQ_FD is edge triggered: nothing signals again): read in rounds, in order,
+    none dropped (sync handlers run from the reader callback, async ones from the
+    dispatcher task)."""
 
     async def main():
-        rig = await make_rig(tmp_path)
-        ctx = zmq.asyncio.Context()
-        pub = ctx.socket(zmq.PUB)
-        pub.bind("inproc://unit-member")
-        sub = ctx.socket(zmq.SUB)
-        sub.setsockopt(zmq.RCVHWM, 0)
-        sub.setsockopt(zmq.SUBSCRIBE, b"")
-        sub.connect("inproc://unit-member")
-        await asyncio.sleep(0.1)
+        rig = await make_rig(tmp_path, handler_async=handler_async)
+        ctx, pub, sub = inproc_pub_sub(f"unit-member-{handler_async}")
         rig.m.sub = sub
         total = 0
         for k in range(DRAIN_MAX * 3 + 5):
             p = k % PARTITIONS
             seqs = list(range(rig.seq + 1, rig.seq + 4))
-            await pub.send_multipart(
+            pub.send_multipart(
                 [
                     topic(GROUP, p),
                     encoder.encode(Delivery(rig.prev[p], seqs, [msgspec.Raw(event(total + i)) for i in range(3)])),
                 ]
             )
             rig.seq, rig.prev[p], total = seqs[-1], seqs[-1], total + 3
-        tasks = [asyncio.ensure_future(rig.m._sub_reader()), asyncio.ensure_future(rig.m._dispatcher())]
+        task = asyncio.ensure_future(rig.m._dispatcher())
+        rig.m._start_intake()
         deadline = time.monotonic() + 10
         while rig.m.scheduler.handled < total and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        sub.close(0)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        rig.m._stop_intake()
         pub.close(0)
         ctx.term()
         assert rig.m.scheduler.handled == total and rig.m.coord.fetches() == []
         assert sorted(h[0] for h in rig.handled) == list(range(total))
+
+    run(main())
+
+
+def test_a_delivery_reaches_a_sync_handler_in_the_loop_turn_it_arrives_in(tmp_path):
+    """A live delivery runs its sync handler from the SUB socket's reader callback: one loop
+    turn after it was sent, not three (the recv future, the reader task, the dispatcher
+    task), and the dispatcher task does not wake for it. Loop turns are counted by a
+    callback that schedules itself again each turn."""
+
+    async def main():
+        rig = await make_rig(tmp_path)
+        ctx, pub, sub = inproc_pub_sub("unit-member-turns")
+        rig.m.sub = sub
+        loop = asyncio.get_running_loop()
+        turns = 0
+
+        def count() -> None:
+            nonlocal turns
+            turns += 1
+            counter[0] = loop.call_soon(count)
+
+        counter = [loop.call_soon(count)]
+        at_handler: list[int] = []
+        rig.m.handler.handle = lambda ev, ctx: at_handler.append(turns)
+        passes = 0
+        dispatch = rig.m._dispatch
+
+        def counted_dispatch() -> bool:
+            nonlocal passes
+            passes += 1
+            return dispatch()
+
+        rig.m._dispatch = counted_dispatch  # type: ignore[method-assign]
+        task = asyncio.ensure_future(rig.m._dispatcher())
+        rig.m._start_intake()
+        try:
+            lags = []
+            for n in range(5):
+                await asyncio.sleep(0.01)  # (idle: the reader has read everything, the edge is armed)
+                passes_before = passes
+                p = n % PARTITIONS
+                seq = rig.seq + 1
+                pub.send_multipart(
+                    [topic(GROUP, p), encoder.encode(Delivery(rig.prev[p], [seq], [msgspec.Raw(event(n))]))]
+                )
+                rig.seq = rig.prev[p] = seq
+                sent_at = turns
+                deadline = time.monotonic() + 5
+                while len(at_handler) <= n and time.monotonic() < deadline:
+                    await asyncio.sleep(0)
+                assert len(at_handler) > n, "the delivery was not handled"
+                lags.append(at_handler[n] - sent_at)
+                for _ in range(5):
+                    await asyncio.sleep(0)  # (a dispatcher task woken for it would run now)
+                assert passes - passes_before == 1, "the dispatcher task ran a pass for the delivery too"
+            assert lags == [1] * 5
+        finally:
+            counter[0].cancel()
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            rig.m._stop_intake()
+            pub.close(0)
+            ctx.term()
+        assert rig.m.scheduler.handled == 5
 
     run(main())
 
