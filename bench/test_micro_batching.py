@@ -78,7 +78,7 @@ def member(bench_config):
 
 def test_member_dispatch_batch(benchmark, member):
     """Member: one live Delivery of BATCH events through the fetcher (decoded with its
-    events) and the scheduler's sync turns (the body of Member._dispatcher without the event
+    events) and the scheduler's sync turns (the body of Member._dispatch without the event
     loop), into the no-op Counter handler. Every round uses fresh event ids, so the member's
     dedup window does not drop them."""
     from nexus.protocol.events import encode
