@@ -17,6 +17,7 @@ import itertools
 import threading
 import time
 import uuid
+from collections.abc import Iterable
 from typing import Any, Literal, cast
 
 import msgspec
@@ -28,7 +29,7 @@ from nexus.producer.outbox import MAX_BATCH_EVENTS, Outbox
 from nexus.protocol import transport
 from nexus.protocol.curve import ClientKeys, client_keys
 from nexus.protocol.events import CONTROL_RE, TYPE_RE, Contracts, Event, new_id
-from nexus.protocol.wire import reply_decoder
+from nexus.protocol.wire import batch_decoder, reply_decoder
 
 DEFAULT_WINDOW = 20_000
 _wake_ids = itertools.count()
@@ -156,6 +157,12 @@ class _Closing:
         self.deadline = time.monotonic() + timeout
         self.linger = 0.0
         self.closed_at = 0.0  # monotonic; set when a fire-mode socket was closed lingering
+        # events never handed to ZeroMQ: the last message(s) still waited for room in the
+        # socket's queue (the router backed up) when close's time ran out
+        self.dropped = 0
+
+    def count_dropped(self, held: Iterable[bytes], pending: int) -> None:
+        self.dropped = pending + sum(len(batch_decoder.decode(m).events) for m in held)
 
     def close_socket(self, sock: zmq.Socket, fire: bool) -> None:
         if fire:
@@ -164,7 +171,13 @@ class _Closing:
         sock.close(linger=int(self.linger * 1000))
 
     def check_delivered(self) -> None:
-        """After the context's term(): raise PeerError if the linger ran out."""
+        """After the context's term(): raise PeerError if the linger ran out or messages
+        never reached ZeroMQ."""
+        if self.dropped:
+            raise PeerError(
+                f"fire mode: {self.dropped} events not yet handed to ZeroMQ when close's "
+                f"{self.timeout:g}s ran out were dropped (the router at {self.endpoint} is down or backed up)"
+            )
         if self.closed_at and time.monotonic() - self.closed_at >= self.linger - 0.001:
             raise PeerError(
                 f"fire mode: events still queued for the router at {self.endpoint} when "
@@ -365,13 +378,19 @@ class Producer:
             with self._lock:
                 self._closing = closing
                 self._wake_w.send(b"")
-            self._thread.join(timeout=5)
+            # the I/O thread hands the last message(s) over, blocking while the router is
+            # backed up: wait for it as long as close may take (a 5 s cap here ended it
+            # with ETERM and the message it held was dropped without a word)
+            self._thread.join(timeout=max(closing.deadline - time.monotonic(), 0.0) + 1.0)
             with self._lock:
                 self._closed = True
                 self._wake_w.close(0)
             # blocks until the sockets are closed (a still blocked I/O thread gets ETERM and
             # closes its socket) and the fire-mode socket delivered its queue or lingered out
             self._ctx.term()
+            self._thread.join(timeout=5)  # after ETERM: what it held is final now
+            if not self.confirm:
+                closing.count_dropped(self._held, len(self._outbox.pending))
         closing.check_delivered()
 
     @property
@@ -625,7 +644,7 @@ class AsyncProducer:
         closing = _Closing(self.endpoint, timeout)
         try:
             if self._sock is not None:
-                await self.flush(timeout)
+                await self.flush(timeout)  # fire mode: until the sender handed every message over
         finally:
             self._closed = True
             for task in self._tasks:
@@ -635,6 +654,8 @@ class AsyncProducer:
                 closing.close_socket(self._sock, fire=not self.confirm)
             # in a thread: term() blocks until the queue is delivered or the linger ran out
             await asyncio.to_thread(self._ctx.term)
+            if not self.confirm:
+                closing.count_dropped(self._held, len(self._outbox.pending))
         closing.check_delivered()
 
     async def __aenter__(self) -> AsyncProducer:

@@ -141,6 +141,69 @@ def test_async_fire_close_raises_when_the_router_never_takes_the_queue(tmp_path)
     asyncio.run(asyncio.wait_for(main(), 30))
 
 
+LATE_READ_S = 6.5  # past the 5 s close() used to give the I/O thread
+
+
+def _stuck(sock: zmq.Socket, held) -> bool:
+    """A message is held and the socket found no room for it within 0.3 s: every queue
+    on the way (both pipes, the kernel's buffers) is full, so it stays stuck until the
+    reader reads. (Called under the producer's I/O lock: the socket is ours meanwhile.)"""
+    return bool(held) and not sock.poll(300, zmq.POLLOUT)
+
+
+def _late_reader(pull: zmq.Socket, got: list[bytes], stop: threading.Event) -> threading.Thread:
+    """A backed-up router: reads nothing for LATE_READ_S, then everything (each receive
+    with a timeout, until told to stop)."""
+
+    def run() -> None:
+        if stop.wait(LATE_READ_S):
+            return
+        while not stop.is_set():
+            got.extend(receive_events(pull, 10**9, timeout=0.2))
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
+
+
+def test_fire_close_waits_for_the_message_it_still_holds(tmp_path, zctx, monkeypatch):
+    """The benchmark's lost tail (8, 142, 1,921 events in loaded runs): at close the
+    producer still held a message the backed-up socket had no room for (flush had seen
+    every event taken into a message). close() gave the I/O thread 5 s, then ended it with
+    ETERM: that message was dropped and close() said nothing. Now close waits for it
+    within its timeout, and raises naming the count if it cannot. (AsyncProducer's flush
+    already waits until its sender handed every message over.)"""
+    monkeypatch.setattr(producer_module, "FIRE_HWM", 1)  # the socket fills after a message or two
+    endpoint = f"ipc://{tmp_path}/late"
+    pull = bind(zctx, zmq.PULL, endpoint, rcvhwm=1)
+    pad = "x" * 400_000
+    got: list[bytes] = []
+    stop = threading.Event()
+
+    def sync_case() -> tuple[int, threading.Thread]:
+        p = Producer(endpoint, source="late", confirm=False)
+        sent = 0
+        while sent < 100:
+            p.send("test.late", {"i": sent, "pad": pad})
+            sent += 1
+            wait_for(p._outbox.idle, 10, 0.001, "the event taken into a message")
+            with p._io_lock:
+                if p._sock is not None and _stuck(p._sock, p._held):
+                    break
+        assert p._held, "never reached a held message"
+        reader = _late_reader(pull, got, stop)
+        p.close(timeout=30)
+        return sent, reader
+
+    try:
+        sent, reader = sync_case()
+        wait_for(lambda: len(got) >= sent, 30, 0.05, "every event at the reader")
+    finally:
+        stop.set()
+    reader.join(10)
+    assert len(got) == sent  # every event, the held one too; none twice
+
+
 def test_fire_close_with_a_reading_router_is_quiet_and_quick(tmp_path, zctx):
     endpoint = f"ipc://{tmp_path}/ingest"
     pull = bind(zctx, zmq.PULL, endpoint)
