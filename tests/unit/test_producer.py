@@ -429,43 +429,57 @@ def test_a_caller_that_never_sleeps_sends_its_due_events_itself(tmp_path, zctx, 
     assert received == list(range(sends[0]))
 
 
-def test_an_async_caller_that_never_yields_sends_its_due_events_itself(tmp_path, zctx):
+# A router of its own process: a reader thread in the test's process would itself wait
+# for the interpreter lock the spinning caller holds (one message per switch interval)
+READER = textwrap.dedent("""
+    import sys
+    import zmq
+    sys.path.insert(0, {repo!r})
+    from nexus.protocol.wire import batch_decoder
+    endpoint, count = sys.argv[1], int(sys.argv[2])
+    pull = zmq.Context().socket(zmq.PULL)
+    pull.bind(endpoint)
+    print("bound", flush=True)
+    seen = []
+    while len(seen) < count and pull.poll(30_000):
+        seen += [bytes(e) for e in batch_decoder.decode(pull.recv()).events]
+    sys.stdout.buffer.write(b"".join(len(e).to_bytes(4, "big") + e for e in seen))
+""")
+
+
+def test_an_async_caller_that_never_yields_sends_its_due_events_itself(tmp_path):
     """AsyncProducer.send awaits nothing while the window has room, so a caller that
     computes between sends never lets the sender task run: send() sends due events."""
     endpoint = f"ipc://{tmp_path}/ingest"
-    pull = bind(zctx, zmq.PULL, endpoint)
-    received: list[bytes] = []
-    done = threading.Event()
-
-    def read() -> None:
-        while not done.is_set():
-            if pull.poll(20):
-                received.extend(bytes(e) for e in batch_decoder.decode(pull.recv()).events)
-
-    reader = threading.Thread(target=read)
-    reader.start()
-
-    async def main() -> int:
-        p = AsyncProducer(endpoint, source="busy", confirm=False, window=20_000)
-        sends = 0
-        # bounded in sends, not time: the events must arrive while the caller keeps going,
-        # long before a full window (20,000) would make send() wait and let the sender run
-        while len(received) < 300 and sends < 5_000:
-            await p.send("test.busy", {"i": sends})
-            sends += 1
-            spin(0.0002)
-        arrived = len(received)
-        await p.close(10)
-        return arrived, sends
-
+    sends = 5_000  # well below a full window (20,000), which would make send() wait
+    reader = subprocess.Popen(
+        [sys.executable, "-c", READER.format(repo=REPO), endpoint, str(sends)], stdout=subprocess.PIPE
+    )
     try:
-        arrived, sends = asyncio.run(main())
-        assert arrived >= 300, f"{arrived} of {sends} events arrived while the caller never yielded"
-        wait_for(lambda: len(received) == sends, timeout=30, message="every event")
+        assert select.select([reader.stdout], [], [], 30)[0] and reader.stdout.readline() == b"bound\n"
+
+        async def main() -> int:
+            p = AsyncProducer(endpoint, source="busy", confirm=False, window=20_000)
+            for i in range(sends):
+                await p.send("test.busy", {"i": i})
+                spin(0.0002)
+            handed = p._outbox.sent_events - len(p._held)  # before the caller first yields
+            await p.close(10)
+            return handed
+
+        handed = asyncio.run(main())
+        # the sender task never ran: without send() sending, nothing would have left
+        assert handed >= sends * 0.9, f"{handed} of {sends} events left while the caller never yielded"
+        out, _ = reader.communicate(timeout=60)
     finally:
-        done.set()
-        reader.join(10)
-    assert [msgspec.msgpack.decode(e)["payload"]["i"] for e in received] == list(range(sends))
+        reader.kill()
+        reader.wait(10)
+    events, i = [], 0
+    while i < len(out):
+        n = int.from_bytes(out[i : i + 4], "big")
+        events.append(out[i + 4 : i + 4 + n])
+        i += 4 + n
+    assert [msgspec.msgpack.decode(e)["payload"]["i"] for e in events] == list(range(sends))
 
 
 # -- an event after a quiet spell ----------------------------------------------------------------
