@@ -217,47 +217,14 @@ def producer_main(
     on the clock instead, as a caller computing between sends does (never releasing the
     interpreter lock voluntarily)."""
     result = {"idx": idx, "sent": 0, "t_first": 0.0, "t_last": 0.0, "error": ""}
+    run = (idx, producers, endpoint, confirm, count, seconds, rate, size, keys, window, go, results, pacing)
     try:
         if use_async:
             import asyncio
 
-            asyncio.run(
-                _produce_async(
-                    idx,
-                    producers,
-                    endpoint,
-                    confirm,
-                    count,
-                    seconds,
-                    rate,
-                    size,
-                    keys,
-                    window,
-                    go,
-                    results,
-                    pacing,
-                    result,
-                    trace,
-                )
-            )
+            asyncio.run(_produce_async(*run, result, trace))
         else:
-            _produce_sync(
-                idx,
-                producers,
-                endpoint,
-                confirm,
-                count,
-                seconds,
-                rate,
-                size,
-                keys,
-                window,
-                go,
-                results,
-                pacing,
-                result,
-                trace,
-            )
+            _produce_sync(*run, result, trace)
     except BaseException as exc:  # reported, never raised past the process
         result["error"] = f"producer {idx}: {type(exc).__name__}: {exc}"
     results.put(result)
