@@ -25,7 +25,6 @@ import math
 import multiprocessing
 import os
 import queue
-import shutil
 import sys
 import tempfile
 import time
@@ -37,7 +36,7 @@ from nexus.testing import LaunchedPipeline
 
 from . import baselines
 from .noop import Counter
-from .pipeline import REPO, proc_sample, producer_main, read_progress, read_results, write_config
+from .pipeline import child_env, proc_sample, producer_main, read_progress, read_results, stop_run, write_config
 
 
 class Slow(Counter):
@@ -103,7 +102,7 @@ def member_stats(status: dict | None) -> tuple[dict, object]:
 def run(args) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="nexus-backlog-"))
     out = tmp / "out"
-    env = {"PYTHONPATH": os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p)}
+    env = child_env()
     if args.trace_memory:
         env["PYTHONTRACEMALLOC"] = "1"
     pipeline = LaunchedPipeline(str(configure(tmp, args)), env=env)
@@ -228,18 +227,7 @@ def run(args) -> dict:
         summary["memory_trace"] = [f.read_text() for f in out.glob("trace-*.txt")]
         return summary
     finally:
-        for p in prods:
-            p.join(2)
-            if p.is_alive():
-                p.kill()
-                p.join(5)
-        try:
-            pipeline.stop(60)
-        finally:
-            if args.keep:
-                print(f"kept {tmp}", file=sys.stderr)
-            else:
-                shutil.rmtree(tmp, ignore_errors=True)
+        stop_run(prods, pipeline, tmp, args.keep)
 
 
 def parse_args(argv=None):

@@ -217,47 +217,14 @@ def producer_main(
     on the clock instead, as a caller computing between sends does (never releasing the
     interpreter lock voluntarily)."""
     result = {"idx": idx, "sent": 0, "t_first": 0.0, "t_last": 0.0, "error": ""}
+    run = (idx, producers, endpoint, confirm, count, seconds, rate, size, keys, window, go, results, pacing)
     try:
         if use_async:
             import asyncio
 
-            asyncio.run(
-                _produce_async(
-                    idx,
-                    producers,
-                    endpoint,
-                    confirm,
-                    count,
-                    seconds,
-                    rate,
-                    size,
-                    keys,
-                    window,
-                    go,
-                    results,
-                    pacing,
-                    result,
-                    trace,
-                )
-            )
+            asyncio.run(_produce_async(*run, result, trace))
         else:
-            _produce_sync(
-                idx,
-                producers,
-                endpoint,
-                confirm,
-                count,
-                seconds,
-                rate,
-                size,
-                keys,
-                window,
-                go,
-                results,
-                pacing,
-                result,
-                trace,
-            )
+            _produce_sync(*run, result, trace)
     except BaseException as exc:  # reported, never raised past the process
         result["error"] = f"producer {idx}: {type(exc).__name__}: {exc}"
     results.put(result)
@@ -426,11 +393,33 @@ def percentiles(values: list[float], qs=(50, 90, 99, 99.9)) -> dict[str, float]:
 
 
 # -- the Nexus run ---------------------------------------------------------------------------
+def child_env() -> dict[str, str]:
+    """The pipeline's environment additions: this checkout first on PYTHONPATH."""
+    return {"PYTHONPATH": os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p)}
+
+
+def stop_run(prods: list, pipeline: LaunchedPipeline, tmp: Path, keep: bool) -> None:
+    """A run's end, whatever happened: the producer processes (killed if they hang), the
+    pipeline, then its folder removed (or kept and named, `--keep`)."""
+    for p in prods:
+        p.join(2)
+        if p.is_alive():
+            p.kill()
+            p.join(5)
+    try:
+        pipeline.stop(60)
+    finally:
+        if keep:
+            print(f"kept {tmp}", file=sys.stderr)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 def run_nexus(args) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="nexus-bench-"))
     out = tmp / "out"
     config_path = write_config(tmp, args)
-    env = {"PYTHONPATH": os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p)}
+    env = child_env()
     pipeline = LaunchedPipeline(str(config_path), env=env)
     mp = multiprocessing.get_context("spawn")
     prods: list = []
@@ -582,18 +571,7 @@ def run_nexus(args) -> dict:
             if prof.poll() is None:
                 prof.terminate()
                 prof.wait(10)
-        for p in prods:
-            p.join(2)
-            if p.is_alive():
-                p.kill()
-                p.join(5)
-        try:
-            pipeline.stop(60)
-        finally:
-            if args.keep:
-                print(f"kept {tmp}", file=sys.stderr)
-            else:
-                shutil.rmtree(tmp, ignore_errors=True)
+        stop_run(prods, pipeline, tmp, args.keep)
 
 
 def start_profilers(args, pids: dict[str, int], tmp: Path) -> list[subprocess.Popen]:
@@ -920,7 +898,7 @@ def measure_ready(args) -> dict:
     times, assigned = [], []
     for _ in range(args.ready_repeat):
         tmp = Path(tempfile.mkdtemp(prefix="nexus-bench-ready-"))
-        env = {"PYTHONPATH": os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p)}
+        env = child_env()
         pipeline = LaunchedPipeline(str(write_config(tmp, args)), env=env)
         try:
             t0 = time.monotonic()

@@ -136,13 +136,8 @@ class TailWake:
             return
         sub.setsockopt(zmq.SUBSCRIBE, TAIL_TOPIC)
         try:
-            while not self._done():
-                if not sub.poll(200):
-                    continue
-                frames = sub.recv_multipart()
-                if len(frames) != 2 or frames[0] != TAIL_TOPIC:
-                    continue
-                seq = _last_seq(frames[1])
+            for payload in transport.topic_payloads(sub, TAIL_TOPIC, self._done):
+                seq = _last_seq(payload)
                 if seq and not self.loop.is_closed():
                     self.loop.call_soon_threadsafe(self._bump, seq)
         except Exception as exc:  # subscribers poll; the next attach starts a new thread

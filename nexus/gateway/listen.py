@@ -8,48 +8,17 @@ needs TLS (`gateway.tls.cert` and `.key`); plain HTTP is for loopback only.
 
 from __future__ import annotations
 
-import ipaddress
-import socket
 import ssl
 
+from nexus.common import listen as rules
 from nexus.common.tls import is_loopback
 from nexus.config import Config
 from nexus.errors import ConfigError
 
-# (the rules of nexus/http/listen.py, which this layer may not import: same wording)
-LOOPBACK_OF = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}  # where this host reaches a wildcard
-
 
 def parse(cfg: Config) -> tuple[str, int]:
     """`host:port` or `[v6]:port` -> (host, port)."""
-    listen = cfg.gateway.listen
-    host, sep, port = listen.strip().rpartition(":")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-        try:
-            ipaddress.IPv6Address(host)
-        except ValueError:
-            raise ConfigError(f"gateway.listen {listen!r}: {host!r} is not an IPv6 address") from None
-    elif ":" in host:
-        raise ConfigError(f"gateway.listen {listen!r}: write an IPv6 address in brackets, e.g. [::1]:8080")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError(f"gateway.listen {listen!r}: expected host:port with a port from 1 to 65535")
-    return host, int(port)
-
-
-def probe(host: str, port: int, listen: str) -> None:
-    """Bind and close at once: a taken port or an address this host lacks fails here."""
-    try:
-        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except socket.gaierror as exc:
-        raise ConfigError(f"gateway.listen {listen!r}: cannot resolve {host!r}: {exc.strerror}") from None
-    family, kind, proto, _, address = infos[0]
-    with socket.socket(family, kind, proto) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(address)
-        except OSError as exc:
-            raise ConfigError(f"gateway.listen {listen!r}: cannot bind: {exc.strerror or exc}") from None
+    return rules.parse(cfg.gateway.listen, "gateway.listen", 8080)
 
 
 def ssl_context(cfg: Config) -> ssl.SSLContext | None:
@@ -81,14 +50,11 @@ def check(cfg: Config, bind: bool = True) -> tuple[str, int]:
             "and gateway.tls.key (tokens travel in every request), or listen on 127.0.0.1"
         )
     if bind:
-        probe(host, port, cfg.gateway.listen)
+        rules.probe(host, port, cfg.gateway.listen, "gateway.listen")
     return host, port
 
 
 def base_url(cfg: Config) -> str:
     """http(s)://HOST:PORT of the gateway as this host reaches it."""
     host, port = parse(cfg)
-    host = LOOPBACK_OF.get(host, host)
-    if ":" in host:
-        host = f"[{host}]"
-    return f"{'https' if cfg.gateway.tls.cert else 'http'}://{host}:{port}"
+    return f"{'https' if cfg.gateway.tls.cert else 'http'}://{rules.url_host(host)}:{port}"

@@ -122,14 +122,9 @@ class TailFeed:
         sub.setsockopt(zmq.SUBSCRIBE, TAIL_TOPIC)
         deliver: Callable[[list[dict[str, Any]]], None] = self._deliver
         try:
-            while not self._done():
-                if not sub.poll(200):
-                    continue
-                frames = sub.recv_multipart()
-                if len(frames) != 2 or frames[0] != TAIL_TOPIC:
-                    continue
+            for payload in transport.topic_payloads(sub, TAIL_TOPIC, self._done):
                 try:
-                    delivery = delivery_decoder.decode(frames[1])
+                    delivery = delivery_decoder.decode(payload)
                 except msgspec.MsgspecError:
                     continue
                 lines = [

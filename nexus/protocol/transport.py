@@ -10,6 +10,7 @@ ipc:// and inproc:// sockets stay NULL (file permissions guard them).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import zmq
@@ -110,6 +111,19 @@ def publisher(ctx: zmq.Context, endpoint: str, curve: ServerKeys | None = None) 
 
 def subscriber(ctx: zmq.Context, endpoint: str, curve: ClientKeys | None = None) -> zmq.Socket:
     return connect(ctx, zmq.SUB, endpoint, hwm=PUBLISH_HWM, linger_ms=0, curve=curve)
+
+
+def topic_payloads(sub: zmq.Socket, topic: bytes, done: Callable[[], bool], poll_ms: int = 200) -> Iterator[bytes]:
+    """The payload frame of every `[topic, payload]` message on a subscribed SUB socket
+    (anything else skipped), until `done()`: it is asked between polls, so a stop is seen
+    within `poll_ms` even when nothing arrives (the tail readers' threads)."""
+    while not done():
+        if not sub.poll(poll_ms):
+            continue
+        frames = sub.recv_multipart()
+        if len(frames) != 2 or frames[0] != topic:
+            continue
+        yield frames[1]
 
 
 def request(

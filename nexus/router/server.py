@@ -85,6 +85,13 @@ REBIND_WITHIN = 2.0  # seconds to get a CURVE socket's port back after closing i
 FETCH_SCAN_BYTES = 64 * 2**20  # journal bytes one fetch examines at most (then the member asks again)
 
 
+def _open_stream(slots: list[Stream | None], p: int, group_heads: list[int]) -> Stream:
+    """Partition p's stream of a commit, started (after the partition's head) by the first
+    event routed to it; later ones find it in `slots` without a call."""
+    stream = slots[p] = (group_heads[p], [], [])
+    return stream
+
+
 @contextlib.contextmanager
 def _beating(box, every: float = 0.2):
     """Beat the black box from a thread while the block runs (journal recovery)."""
@@ -645,9 +652,7 @@ class Router:
                     last_type, targets = type_, targets_of(type_)
                 for group, partitions, slots in targets:
                     p = partition_of(khash, partitions)
-                    stream = slots[p]
-                    if stream is None:
-                        stream = slots[p] = (heads[group][p], [], [])
+                    stream = slots[p] or _open_stream(slots, p, heads[group])
                     stream[1].extend(range(seq, seq + n))
                     stream[2].extend(acc.events)
                 seq += n
@@ -657,9 +662,7 @@ class Router:
                     last_type, targets = type_, targets_of(type_)
                 for group, partitions, slots in targets:
                     p = partition_of(khash, partitions)
-                    stream = slots[p]
-                    if stream is None:
-                        stream = slots[p] = (heads[group][p], [], [])
+                    stream = slots[p] or _open_stream(slots, p, heads[group])
                     stream[1].append(seq)
                     stream[2].append(raw)
                 seq += 1
@@ -668,10 +671,10 @@ class Router:
         groups = self.coordinator.groups
         for group, slots in streams.items():
             owner, group_heads, group_backlog = groups[group].owner, heads[group], backlog[group]
-            for p, stream in enumerate(slots):
-                if stream is None:
+            for p, part in enumerate(slots):
+                if part is None:
                     continue
-                prev, seqs, events = stream
+                prev, seqs, events = part
                 group_heads[p] = seqs[-1]
                 group_backlog[p].add(seqs)
                 # no live copy for a partition nobody owns yet (after a router restart a member
