@@ -129,31 +129,27 @@ class Reloader:
 
     def _restart_http(self, target: Config) -> None:
         """The HTTP port changed: its process ends and starts again on the new address and
-        token (it only reports: nothing of the pipeline waits on it); turned on or off,
-        it is started or stopped."""
-        launcher = self.launcher
+        token (it only reports: nothing of the pipeline waits on it)."""
         if target.http.listen:
             http_credential.prepare(target)  # the token file, when the config sets none
-        child = launcher.children.get("http")
-        if child is not None and child.alive():
-            child.retired = not target.http.listen
-            launcher.terminate(child)
-            (self.removing_children if child.retired else self.restarting_children).add("http")
-        elif target.http.listen:
-            launcher.add_child("http", "http")
+        self._restart_service("http", bool(target.http.listen))
 
     def _restart_gateway(self, target: Config) -> None:
         """The gateway's section changed (address, TLS, tokens file, limits): its process
-        ends (settling what is in flight; the rest waits in its ledger) and starts again
-        on the new one; turned on or off, it is started or stopped."""
+        ends (settling what is in flight; the rest waits in its ledger) and starts again."""
+        self._restart_service("gateway", bool(target.gateway.listen))
+
+    def _restart_service(self, name: str, on: bool) -> None:
+        """One of the single service processes (its child name is its role): restarted on
+        the new config, or started or stopped when it was turned on or off."""
         launcher = self.launcher
-        child = launcher.children.get("gateway")
+        child = launcher.children.get(name)
         if child is not None and child.alive():
-            child.retired = not target.gateway.listen
+            child.retired = not on
             launcher.terminate(child)
-            (self.removing_children if child.retired else self.restarting_children).add("gateway")
-        elif target.gateway.listen:
-            launcher.add_child("gateway", "gateway")
+            (self.removing_children if child.retired else self.restarting_children).add(name)
+        elif on:
+            launcher.add_child(name, name)
 
     def _refused(self, error: str, dry_run: bool) -> dict:
         if not dry_run:
