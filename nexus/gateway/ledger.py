@@ -27,6 +27,8 @@ seq, the window of accepted ids and the unsettled events.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import struct
 import uuid
@@ -133,15 +135,23 @@ class Ledger:
         self._size = len(blob)
 
     def _append(self, rec: list) -> None:
+        """One record, whole or not at all: a short or failed write (a full disk) is cut
+        off again, so the records after it still read, and OSError is raised."""
         blob = _frame(rec)
-        os.write(self._fd, blob)
+        try:
+            if os.write(self._fd, blob) != len(blob):
+                raise OSError(errno.ENOSPC, "short write to the gateway ledger")
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, self._size)
+            raise
         self._size += len(blob)
 
     def sent(self, events: list[Unsettled]) -> None:
-        """Before the batch goes to the router."""
+        """Before the batch goes to the router; OSError: nothing recorded, not to be sent."""
+        self._append(["s", [(u.pseq, u.event_id, u.data) for u in events]])
         for u in events:
             self.unsettled[u.pseq] = u
-        self._append(["s", [(u.pseq, u.event_id, u.data) for u in events]])
 
     def settled(self, ack: int, not_journaled: list[int]) -> list[Unsettled]:
         """After a reply: every seq <= ack is settled; returns those events, in order."""

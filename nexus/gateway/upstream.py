@@ -161,9 +161,18 @@ class Upstream:
                     batch.append(Unsettled(ledger.next_pseq, event_id, data))
                     ledger.next_pseq += 1
                     size += len(data)
-                if not ledger.unsettled:
-                    self.sent_at = time.monotonic()
-                ledger.sent(batch)  # before the router can have it: see ledger.py
+                try:
+                    ledger.sent(batch)  # before the router can have it: see ledger.py
+                except OSError as exc:  # a full disk: refused retryably, the gateway goes on
+                    ledger.next_pseq = batch[0].pseq
+                    log.error("gateway_ledger_unwritable", error=str(exc), events=len(batch))
+                    for u in batch:
+                        self.inflight_bytes -= len(u.data)
+                        why = f"storage_unavailable: the gateway's ledger could not be written ({exc.strerror or exc})"
+                        self._answer(Result(u.event_id, "rejected", why, retry_after=1.0))
+                    continue
+                if len(ledger.unsettled) == len(batch):
+                    self.sent_at = time.monotonic()  # nothing was waiting: the oldest waits from now
                 floor = next(iter(ledger.unsettled))
                 await sock.send(self._encode(batch, floor))
             self.wake.clear()

@@ -66,3 +66,42 @@ def test_the_window_forgets_the_oldest_ids(tmp_path, monkeypatch):
     b = Ledger(folder)
     assert list(b.accepted) == ["e3", "e4", "e5"]
     b.close()
+
+
+FULL_DISK = """
+import os, resource, signal, sys
+sys.path.insert(0, {repo!r})
+from nexus.gateway.ledger import Ledger, Unsettled
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # past the limit a write fails (EFBIG), as on a full disk
+ledger = Ledger(sys.argv[1])
+size = os.path.getsize(ledger.path)
+resource.setrlimit(resource.RLIMIT_FSIZE, (size + 2000, resource.RLIM_INFINITY))
+ledger.sent([Unsettled(1, "t\\x1fsmall", b"x" * 100)])
+try:
+    ledger.sent([Unsettled(2, "t\\x1fbig", b"y" * 10_000)])  # partly written, then refused
+except OSError as exc:
+    print("refused", exc.errno, sorted(ledger.unsettled), os.path.getsize(ledger.path) <= size + 2000)
+ledger.sent([Unsettled(2, "t\\x1fnext", b"z" * 100)])  # the disk has room again for a small one
+"""
+
+
+def test_a_full_disk_refuses_the_batch_and_keeps_the_ledger_readable(tmp_path):
+    """A write that fails part-way (a full disk; here the file size limit, the same EFBIG /
+    ENOSPC from the kernel) records nothing: the partial bytes are cut off again, the batch
+    is not unsettled (the gateway refuses it retryably), and the records after it read."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = str(Path(__file__).resolve().parents[2])
+    folder = str(tmp_path / "gw")
+    out = subprocess.run(
+        [sys.executable, "-c", FULL_DISK.format(repo=repo), folder], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    word, code, unsettled, within = out.stdout.split()
+    # a short write (ENOSPC, said by _append) or the kernel's EFBIG; only the small one stays
+    assert (word, int(code), unsettled, within) in {("refused", 28, "[1]", "True"), ("refused", 27, "[1]", "True")}
+    again = Ledger(folder)  # what a restarted gateway reads
+    assert [(u.pseq, u.event_id) for u in again.unsettled.values()] == [(1, "t\x1fsmall"), (2, "t\x1fnext")]
+    again.close()
