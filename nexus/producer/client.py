@@ -21,6 +21,7 @@ from collections.abc import Iterable
 from typing import Any, Literal, cast
 
 import msgspec
+import structlog
 import zmq
 import zmq.asyncio
 
@@ -30,6 +31,8 @@ from nexus.protocol import transport
 from nexus.protocol.curve import ClientKeys, client_keys
 from nexus.protocol.events import CONTROL_RE, TYPE_RE, Contracts, Event, new_id
 from nexus.protocol.wire import batch_decoder, reply_decoder
+
+log = structlog.get_logger("nexus.producer")
 
 DEFAULT_WINDOW = 20_000
 _wake_ids = itertools.count()
@@ -267,7 +270,7 @@ class Producer:
             due = outbox.due(time.monotonic())
             if not due and (not self._signaled or len(outbox.pending) == NAP_WAKE_AT):
                 self._signaled = True
-                self._wake_w.send(b"")
+                self._poke()
         if due:
             self._send_due()
         return event_id
@@ -293,14 +296,23 @@ class Producer:
                 with self._cond:
                     if wake and not self._signaled and not self._closed:
                         self._signaled = True
-                        self._wake_w.send(b"")
+                        self._poke()
                     self._cond.notify_all()  # fire mode: sent is settled; room for blocked senders
+
+    def _poke(self) -> None:
+        """Wake the I/O thread; never blocks. A full wake pipe already holds a wake-up, and
+        one whose reader is gone (the I/O thread ended) has nobody to wake: a blocking
+        send there hung close() for good after an I/O failure."""
+        try:
+            self._wake_w.send(b"", zmq.NOBLOCK)
+        except zmq.Again:
+            pass
 
     def _wake(self) -> None:
         with self._lock:
             if not self._signaled and not self._closed:
                 self._signaled = True
-                self._wake_w.send(b"")
+                self._poke()
 
     def _send_ready(self, sock: zmq.Socket, now: float) -> bool:
         """Under _io_lock: send the held messages, then the pending events, while the socket
@@ -326,7 +338,7 @@ class Producer:
     def _wait_for_room(self) -> None:
         """With the lock held: block until the window has room; raise if closed or failed."""
         self._check_open()
-        self._wake_w.send(b"")  # the I/O thread may be napping: the window is full
+        self._poke()  # the I/O thread may be napping: the window is full
         self._waiting += 1
         try:
             while not self._outbox.has_room():
@@ -352,7 +364,7 @@ class Producer:
         deadline = time.monotonic() + timeout
         with self._cond:
             if not self._outbox.idle() and not self._closed:
-                self._wake_w.send(b"")  # the I/O thread may be napping
+                self._poke()  # the I/O thread may be napping
             self._waiting += 1
             try:
                 while not self._outbox.idle():
@@ -377,7 +389,7 @@ class Producer:
         finally:
             with self._lock:
                 self._closing = closing
-                self._wake_w.send(b"")
+                self._poke()
             # the I/O thread hands the last message(s) over, blocking while the router is
             # backed up: wait for it as long as close may take (a 5 s cap here ended it
             # with ETERM and the message it held was dropped without a word)
@@ -491,6 +503,7 @@ class Producer:
                     while _events(self._wake_r) & zmq.POLLIN:
                         self._wake_r.recv(zmq.NOBLOCK)
         except BaseException as exc:  # surfaced to the caller by send/flush
+            log.error("producer_io_failed", endpoint=self.endpoint, error=repr(exc), exc_info=True)
             with cond:
                 self._failure = exc
                 cond.notify_all()

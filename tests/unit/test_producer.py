@@ -293,6 +293,37 @@ def test_a_blocked_sender_is_released_when_the_producer_closes(tmp_path, zctx):
     router.close(0)
 
 
+class _LateWake:
+    """The producer's wake socket, but a wake-up sent while closing comes only after the
+    I/O thread ended (the interleaving that hung close() in CI once)."""
+
+    def __init__(self, producer: Producer):
+        self.producer, self.sock = producer, producer._wake_w
+
+    def send(self, data: bytes, flags: int = 0) -> None:
+        if self.producer._closing is not None:
+            self.producer._thread.join(10)
+            assert not self.producer._thread.is_alive()
+            # the reader's end is gone once the writer processed that (asynchronously)
+            wait_for(lambda: not self.sock.get(zmq.EVENTS) & zmq.POLLOUT, 5, 0.01, "the wake pipe closed")
+        self.sock.send(data, flags)
+
+    def close(self, linger: int | None = None) -> None:
+        self.sock.close(linger)
+
+
+def test_close_returns_when_the_io_thread_ended_before_its_wake_up(tmp_path, zctx):
+    endpoint = f"ipc://{tmp_path}/confirm"
+    router = bind(zctx, zmq.ROUTER, endpoint)
+    p = Producer(endpoint, source="late-wake", confirm=True)
+    p._wake_w = _LateWake(p)
+    closer = threading.Thread(target=p.close, kwargs={"timeout": 1.0}, daemon=True)
+    closer.start()
+    closer.join(15)
+    assert not closer.is_alive(), "close() blocked on a wake-up nobody reads"
+    router.close(0)
+
+
 # -- adaptive batching ------------------------------------------------------------------
 @pytest.fixture
 def long_nap(monkeypatch):
