@@ -146,3 +146,25 @@ def nats_cluster(tmp_path):
 
     with NatsCluster(str(tmp_path / "nats"), 3) as cluster:
         yield cluster
+
+
+# -- engine parametrization: shared end-to-end tests run on both engines -----------------------
+ENGINES = ("embedded", "nats")
+
+
+@pytest.fixture(params=ENGINES)
+def engine(request) -> dict:
+    """Config overrides that put a shared end-to-end test on one engine: none for the
+    embedded one; for nats, `engine: nats` and a one-node nats-server of the test's own
+    (started here, so it is stopped after the pipeline a test launches later)."""
+    if request.param == "embedded":
+        return {}
+    node = request.getfixturevalue("nats_node")
+    return {"engine": "nats", "nats": {"servers": node.urls}}
+
+
+@pytest.fixture
+def engine_config(tmp_path, engine):
+    """config_factory on the test's engine (request it before `launched`: the pipeline
+    stops before its nats-server does)."""
+    return lambda **overrides: write_config(tmp_path, **{**engine, **overrides})

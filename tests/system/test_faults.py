@@ -278,9 +278,9 @@ def test_slow_group_does_not_hold_back_another(tmp_path, config_factory, launche
     assert set(slow) == set(sender.acked)
 
 
-def test_graceful_restart_under_load(tmp_path, config_factory, launched):
+def test_graceful_restart_under_load(tmp_path, engine_config, launched):
     out = tmp_path / "rec"
-    path = config_factory(workers={"rec": recorder_group(out, processes=2)})
+    path = engine_config(workers={"rec": recorder_group(out, processes=2)})
     cfg = config.load(path)
     p = launched(path)
     sender = Sender(cfg.confirm, 8_000, chunk=100, pace=0.005)

@@ -161,9 +161,9 @@ def test_stuck_sync_handler_restarts_its_member_and_the_rest_flows(tmp_path, con
     assert all(x["state"] != "failed" for x in p.processes())
 
 
-def test_stuck_async_handler_is_cancelled_and_retried_then_dead_lettered(tmp_path, config_factory, launched):
+def test_stuck_async_handler_is_cancelled_and_retried_then_dead_lettered(tmp_path, engine_config, launched):
     out = tmp_path / "rec"
-    path = config_factory(
+    path = engine_config(
         workers={
             "rec": group(
                 out,

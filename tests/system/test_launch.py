@@ -27,18 +27,28 @@ def nexus_cli(*args, input: str | None = None, timeout: float = 30) -> subproces
     )
 
 
-@pytest.fixture
-def pipeline(config_factory, launched):
+def _starter(factory, launched):
     def start(wait_ready=True, **overrides):
-        path = config_factory(**overrides)
+        path = factory(**overrides)
         return launched(path, wait_ready=wait_ready), config.load(path)
 
     return start
 
 
-def test_send_status_and_events_handled(pipeline, tmp_path):
+@pytest.fixture
+def pipeline(config_factory, launched):
+    return _starter(config_factory, launched)
+
+
+@pytest.fixture
+def engine_pipeline(engine_config, launched):
+    """`pipeline` on each engine (tests/conftest.py `engine`): the same test, both engines."""
+    return _starter(engine_config, launched)
+
+
+def test_send_status_and_events_handled(engine_pipeline, tmp_path):
     out = tmp_path / "out"
-    p, cfg = pipeline(workers={"rec": recorder_group(out, processes=2)})
+    p, cfg = engine_pipeline(workers={"rec": recorder_group(out, processes=2)})
     result = nexus_cli("send", "test.ping", "--payload", '{"n": 1}', "-c", p.config_path)
     assert result.returncode == 0, result.stderr
     event_id = result.stdout.strip()
@@ -70,9 +80,9 @@ def test_send_status_and_events_handled(pipeline, tmp_path):
     assert "rec-0" in table.stdout and "accepted=501" in table.stdout
 
 
-def test_scale_up_and_down_mid_stream_handles_every_event_exactly_once(pipeline, tmp_path):
+def test_scale_up_and_down_mid_stream_handles_every_event_exactly_once(engine_pipeline, tmp_path):
     out = tmp_path / "out"
-    p, cfg = pipeline(workers={"rec": recorder_group(out, processes=1)})
+    p, cfg = engine_pipeline(workers={"rec": recorder_group(out, processes=1)})
     ids: list[str] = []
     phases = [threading.Event(), threading.Event(), threading.Event()]
     failure: list[BaseException] = []
@@ -134,9 +144,9 @@ def test_scale_up_and_down_mid_stream_handles_every_event_exactly_once(pipeline,
         assert seen == sorted(seen)
 
 
-def test_killed_worker_is_restarted(pipeline, tmp_path):
+def test_killed_worker_is_restarted(engine_pipeline, tmp_path):
     out = tmp_path / "out"
-    p, cfg = pipeline(workers={"rec": recorder_group(out, processes=1)})
+    p, cfg = engine_pipeline(workers={"rec": recorder_group(out, processes=1)})
     before = {x["name"]: x for x in p.processes()}["rec-0"]
     os.kill(before["pid"], signal.SIGKILL)
 
