@@ -158,9 +158,30 @@ def engine(request) -> dict:
     embedded one; for nats, `engine: nats` and a one-node nats-server of the test's own
     (started here, so it is stopped after the pipeline a test launches later)."""
     if request.param == "embedded":
-        return {}
+        yield {}
+        return
     node = request.getfixturevalue("nats_node")
-    return {"engine": "nats", "nats": {"servers": node.urls}}
+    yield {"engine": "nats", "nats": {"servers": node.urls}}
+    # the pipeline has stopped, the node still runs: the events went through it (a
+    # launcher that ignored `engine` would pass the test on the embedded engine)
+    assert _stream_messages(node.urls, "NEXUS") > 0, "no events in the nats-server's stream: not run on engine nats"
+
+
+def _stream_messages(urls: list[str], stream: str) -> int:
+    import asyncio
+
+    import nats
+
+    async def count() -> int:
+        nc = await nats.connect(servers=urls, connect_timeout=2, allow_reconnect=False)
+        try:
+            return (await nc.jetstream().stream_info(stream)).state.messages
+        except nats.js.errors.NotFoundError:
+            return 0
+        finally:
+            await nc.close()
+
+    return asyncio.run(count())
 
 
 @pytest.fixture
