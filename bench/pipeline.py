@@ -8,6 +8,7 @@
     python -m bench.pipeline --curve --mode confirm --no-baselines   # tcp with CURVE against tcp without
     python -m bench.pipeline --scrape-metrics --no-baselines   # with a metrics scrape every second
     python -m bench.pipeline --scrape-metrics=both --repeat 3 --no-baselines   # runs without and with, alternating
+    python -m bench.pipeline --engine nats                 # embedded vs NATS 1 node vs 3 nodes (bench/engines.py)
 
 For one run it reports events/s end to end (first send to last handler start),
 latency (producer send -> handler start) p50/p99/p999, CPU and peak RSS of the
@@ -109,6 +110,8 @@ def write_config(directory: Path, args) -> Path:
         "shutdown_timeout": "20s",
         "producers": {},
         "workers": groups,
+        # engine: nats and its `nats` section when bench/engines.py runs on a cluster
+        **getattr(args, "engine_overrides", {}),
     }
     path = directory / "nexus.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -437,6 +440,7 @@ def run_nexus(args) -> dict:
         procs = pipeline.processes()
         pids = {p["name"]: p["pid"] for p in procs if p["pid"]}
         pids["launcher"] = pipeline.proc.pid
+        pids.update(getattr(args, "extra_pids", {}))  # the nats-server nodes (bench/engines.py)
         cfg_endpoint = pipeline.cfg.confirm if args.mode == "confirm" else pipeline.cfg.ingest
         curve = pipeline.cfg.security.curve
         if curve.secret_key_file:  # the producers (spawned: they read it at start) use the router's key pair
@@ -879,6 +883,13 @@ def parse_args(argv=None):
     )
     ap.add_argument("--json", action="store_true", help="print a JSON summary instead of the table")
     ap.add_argument(
+        "--engine",
+        choices=("embedded", "nats"),
+        default="embedded",
+        help="nats: the embedded engine, then Nexus on a 1-node and a 3-node (replicas 3) NATS cluster it starts "
+        "itself: fire and confirm events/s, latency at --rate (default 10,000/s), a stream leader kill (3 nodes)",
+    )
+    ap.add_argument(
         "--curve",
         action="store_true",
         help="run over loopback TCP twice, without and with CURVE (security.curve), and compare",
@@ -942,6 +953,10 @@ def main(argv=None) -> int:
 
 
 def _main(args) -> int:
+    if args.engine == "nats":
+        from . import engines
+
+        return engines.compare(args)
     if args.scrape_metrics == "both":
         return _scrape_both(args)
     if not args.curve:
