@@ -37,6 +37,10 @@ DEAD_LETTERS = "nexus_dead_letters"
 PRODUCERS = "nexus_producers_connected"
 LOOP_LAG = "nexus_router_loop_lag_seconds"
 STORAGE_OK = "nexus_storage_ok"
+# -- engine nats (the ingest process's admin, from the cluster) ---------------------------
+NATS_LEADER = "nexus_nats_stream_leader"
+NATS_REPLICAS_CURRENT = "nexus_nats_replicas_current"
+NATS_CONSUMER_LAG = "nexus_nats_consumer_lag_events"
 # -- members ----------------------------------------------------------------------------
 HANDLER_DURATION = "nexus_handler_duration_seconds"
 OUTCOMES = "nexus_handler_outcomes_total"
@@ -85,6 +89,15 @@ CATALOGUE: dict[str, Spec] = {
     PRODUCERS: Spec("gauge", (), "Connections on the router's ingest and confirm sockets."),
     LOOP_LAG: Spec("histogram", (), "Seconds the router loop's periodic tick ran late."),
     STORAGE_OK: Spec("gauge", (), "1 while the journal and cursors are writable, 0 on a storage error."),
+    NATS_LEADER: Spec("gauge", (), "Engine nats: 1 while the events stream has a leader, 0 without (no writes)."),
+    NATS_REPLICAS_CURRENT: Spec(
+        "gauge", (), "Engine nats: copies of the events stream that are current (the leader counts as one)."
+    ),
+    NATS_CONSUMER_LAG: Spec(
+        "gauge",
+        ("group", "partition"),
+        "Engine nats: events of the partition not acked yet (its consumer's pending and unacked).",
+    ),
     HANDLER_DURATION: Spec("histogram", GM, "Seconds per handler call."),
     OUTCOMES: Spec(
         "counter",
