@@ -332,14 +332,17 @@ def test_two_launchers_share_a_group(tmp_path, nats_cluster, launched):
     pids = {h: {x["pid"] for x in pipes[h].processes() if x["role"] == "worker"} for h in pipes}
 
     def settled(hosts: tuple[str, ...]):
-        """Every partition owned by a live member of a launcher in `hosts`, each of their
-        members owning some: {host: partitions}."""
+        """{host: partitions} once every partition is owned by a member of a launcher in
+        `hosts` and each of their members owns some (records of members that died with
+        their launcher may linger in the bucket: they own nothing)."""
         owners, members = ownership(nats_cluster, "shared")
         wanted = {pid for h in hosts for pid in pids[h]}
-        if set(members.values()) != wanted or not all(owners.get(p) in members for p in range(16)):
+        live = {m: pid for m, pid in members.items() if pid in wanted}
+        if set(live.values()) != wanted or not all(owners.get(p) in live for p in range(16)):
             return None
-        split = Counter(next(h for h in hosts if members[owners[p]] in pids[h]) for p in range(16))
-        return dict(split) if len(set(owners.values())) == len(wanted) else None
+        if len(set(owners.values())) != len(live):
+            return None
+        return dict(Counter(next(h for h in hosts if live[owners[p]] in pids[h]) for p in range(16)))
 
     split = wait_for(lambda: settled(("h1", "h2")), 60, 0.2, "4 members over two launchers owning all partitions")
     # phase 1: a producer on each host, each to its own launcher
