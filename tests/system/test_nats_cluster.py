@@ -267,7 +267,7 @@ def test_member_kill_storm(tmp_path, nats_cluster, launched):
     path = cluster_config(tmp_path, nats_cluster, workers=workers)
     cfg = config.load(path)
     p = launched(path)
-    senders = [TimedSender(cfg.confirm, 5_000, f"s{n}", pace=0.05) for n in range(2)]
+    senders = [TimedSender(cfg.confirm, 5_000, f"s{n}", chunk=100, pace=0.1) for n in range(2)]  # ~6 s
     for s in senders:
         s.start()
     rng = random.Random(1234)
