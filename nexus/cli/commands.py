@@ -108,9 +108,12 @@ def _fmt_uptime(seconds: float) -> str:
 
 
 def _detail(detail: dict | None) -> str:
-    """One line for a producer: events emitted, and mailbox states for IMAP."""
+    """One line for a producer: events emitted, and mailbox states for IMAP (the embedded
+    nats-server: where it listens)."""
     if not detail:
         return ""
+    if "listen" in detail:
+        return f"listen={detail['listen']}"
     parts = [f"emitted={detail.get('emitted', 0)}"]
     for mailbox, mb in detail.get("mailboxes", {}).items():
         parts.append(f"{mailbox}: {mb['state']}" + (f" ({mb['error']})" if mb.get("error") else ""))
