@@ -108,9 +108,12 @@ def _fmt_uptime(seconds: float) -> str:
 
 
 def _detail(detail: dict | None) -> str:
-    """One line for a producer: events emitted, and mailbox states for IMAP."""
+    """One line for a producer: events emitted, and mailbox states for IMAP (the embedded
+    nats-server: where it listens)."""
     if not detail:
         return ""
+    if "listen" in detail:
+        return f"listen={detail['listen']}"
     parts = [f"emitted={detail.get('emitted', 0)}"]
     for mailbox, mb in detail.get("mailboxes", {}).items():
         parts.append(f"{mailbox}: {mb['state']}" + (f" ({mb['error']})" if mb.get("error") else ""))
@@ -200,7 +203,11 @@ def cmd_status(args) -> int:
         print()
     if status.get("autoscale"):
         _print_autoscale(status["autoscale"], status.get("scale", {}))
-    if "router" in status:
+    if isinstance(status.get("engine"), dict):
+        from nexus.cli import natsviews
+
+        natsviews.print_status(status)
+    elif "router" in status:
         r = status["router"]
         reasons = ", ".join(f"{k}={v}" for k, v in sorted(r["rejected_by_reason"].items())) or "none"
         print(
@@ -260,9 +267,10 @@ def cmd_scale(args) -> int:
 
 def cmd_worker(args) -> int:
     from nexus.common import logs
-    from nexus.member.runtime import main as worker_main
+    from nexus.supervisor.child import member_main
 
     cfg = _load(args)
+    worker_main = member_main(cfg)
     if args.group not in cfg.workers:
         raise ConfigError(f"unknown worker group {args.group!r} (configured: {', '.join(cfg.workers) or 'none'})")
     name = args.name or f"{args.group}-{os.uname().nodename}-{os.getpid()}"
@@ -272,10 +280,28 @@ def cmd_worker(args) -> int:
 
 
 # -- tail -------------------------------------------------------------------------------
-def cmd_tail(args) -> int:
+def _show_event(seq: int, raw: bytes, args) -> bool:
+    """Print one event if its type matches --pattern; False when it does not."""
     import fnmatch
 
+    ev = decode_wire_event(raw)
+    if not fnmatch.fnmatchcase(ev.type, args.pattern):
+        return False
+    payload = msgspec.msgpack.decode(ev.payload)
+    if args.json:
+        print(json.dumps(tail_record(seq, ev, payload), default=str), flush=True)
+    else:
+        # producer text (an old journal may hold control characters): escaped
+        print(printable(f"#{seq} {ev.type} from {ev.source} {json.dumps(payload, default=str)[:200]}"), flush=True)
+    return True
+
+
+def cmd_tail(args) -> int:
     cfg = _load(args)
+    if cfg.engine == "nats":  # no router to publish a tail: read the events stream itself
+        from nexus.cli import natsviews
+
+        return natsviews.tail(cfg, args, _show_event)
     sub = transport.subscriber(zmq.Context.instance(), cfg.publish, curve=client_keys(cfg))
     sub.setsockopt(zmq.SUBSCRIBE, TAIL_TOPIC)
     shown = 0
@@ -302,18 +328,8 @@ def cmd_tail(args) -> int:
                 continue
             delivery = delivery_decoder.decode(frames[1])
             for seq, raw in zip(delivery.seqs, delivery.events, strict=False):
-                ev = decode_wire_event(raw)
-                if not fnmatch.fnmatchcase(ev.type, args.pattern):
+                if not _show_event(seq, raw, args):
                     continue
-                payload = msgspec.msgpack.decode(ev.payload)
-                if args.json:
-                    print(json.dumps(tail_record(seq, ev, payload), default=str), flush=True)
-                else:
-                    # producer text (an old journal may hold control characters): escaped
-                    print(
-                        printable(f"#{seq} {ev.type} from {ev.source} {json.dumps(payload, default=str)[:200]}"),
-                        flush=True,
-                    )
                 shown += 1
                 if args.count and shown >= args.count:
                     break
@@ -376,7 +392,14 @@ def cmd_journal_verify(cfg: config_mod.Config, args) -> int:
 def cmd_journal(args) -> int:
     cfg = _load(args)
     if args.action == "verify":
+        if cfg.engine == "nats":
+            print("journal verify: not applicable under engine nats: JetStream checks its own store")
+            return ExitCode.OK
         return cmd_journal_verify(cfg, args)
+    if args.action == "info" and cfg.engine == "nats":
+        from nexus.cli import natsviews
+
+        return natsviews.journal_info(_router(cfg).status(), args.json)
     if args.action == "info":
         status = _router(cfg).status()
         info = {

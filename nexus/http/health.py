@@ -10,6 +10,9 @@ always agree.
   its members: this launcher, or `nexus worker` in other containers or hosts (a group
   with `processes: 0` here). The one exception is a group the autoscaler scaled to zero
   (`autoscale.min: 0`, nothing to do): its events wait in the journal by design.
+  Under `engine: nats` the ingest process answers for the router, with an `engine`
+  section: not ready while the cluster does not answer it or the stream has no leader
+  (no event can be stored); unowned partitions count as unassigned ones.
 """
 
 from __future__ import annotations
@@ -70,6 +73,7 @@ def readiness(launcher: Status, router: Status) -> tuple[bool, list[str]]:
         reasons.append(f"{what} ({part}: {error})")
     if storage.get("state", "ok") != "ok" and not storage.get("failing"):
         reasons.append("storage error")
+    reasons += engine_reasons(router.get("engine"))
     groups = router.get("groups", {})
     wanted = desired_members(launcher) if launcher is not None else {}
     resting = scaled_to_zero(launcher, wanted) if launcher is not None else set()
@@ -83,6 +87,18 @@ def readiness(launcher: Status, router: Status) -> tuple[bool, list[str]]:
             who = f"{joined} of {n} members joined" if n > 0 else f"{joined} members joined, none run by this launcher"
             reasons.append(f"group {name}: {g['unassigned']} of {g['partitions']} partitions unassigned ({who})")
     return not reasons, reasons
+
+
+def engine_reasons(engine: Any) -> list[str]:
+    """Engine nats: the cluster as the ingest process sees it (nothing for embedded)."""
+    if not isinstance(engine, dict):
+        return []
+    stream = engine.get("stream", "?")
+    if not engine.get("reachable", False):
+        return [f"nats cluster unreachable ({engine.get('error') or 'no answer'})"]
+    if not engine.get("leader"):
+        return [f"nats stream {stream} has no leader (no quorum: events cannot be stored)"]
+    return []
 
 
 def verdict(launcher: Status, router: Status) -> dict[str, Any]:

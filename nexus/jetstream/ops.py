@@ -161,13 +161,13 @@ async def partition_lag(
     begin = begin or (start.start_seq if start is not None else 0)
     if not begin:
         return "unknown"  # no member has started the group yet
-    return await count_from(js, names, names.partition_subjects(group, p, partitions), begin)
+    return await count_from(js, names.stream, names.partition_subjects(group, p, partitions), begin)
 
 
-async def count_from(js: JetStreamContext, names: Names, subjects: list[str], seq: int) -> int:
-    """Events at or after `seq` in `subjects` (an ephemeral consumer's pending count)."""
+async def count_from(js: JetStreamContext, stream: str, subjects: list[str], seq: int) -> int:
+    """Messages at or after `seq` in `subjects` (an ephemeral consumer's pending count)."""
     info = await js.add_consumer(
-        names.stream,
+        stream,
         api.ConsumerConfig(
             filter_subjects=subjects,
             deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
@@ -178,7 +178,7 @@ async def count_from(js: JetStreamContext, names: Names, subjects: list[str], se
             num_replicas=1,
         ),
     )
-    await _delete_consumer(js, names.stream, info.name)
+    await _delete_consumer(js, stream, info.name)
     return info.num_pending or 0
 
 
@@ -259,22 +259,40 @@ def dead_letter_row(msg: api.RawStreamMsg) -> dict[str, Any]:
     return row
 
 
+def dlq_filter(names: Names, group: str | None) -> str:
+    return names.dlq_subject(group) if group else names.dlq_subjects()[0]
+
+
 async def dead_letter_msgs(
-    js: JetStreamContext, names: Names, group: str | None, after: int = 0, limit: int = 0
+    js: JetStreamContext, names: Names, group: str | None, after: int = 0, limit: int = 0, upto: int = 0
 ) -> list[api.RawStreamMsg]:
-    """Dead letters with id > `after` (of `group`, or all), oldest first, at most `limit`."""
-    subject = names.dlq_subject(group) if group else names.dlq_subjects()[0]
+    """Dead letters with id in (`after`, `upto`] (0: to the end) of `group` (None: all),
+    oldest first, at most `limit` (0: all)."""
+    subject = dlq_filter(names, group)
     state = (await js.stream_info(names.dlq_stream)).state
+    end = min(upto, state.last_seq) if upto else state.last_seq
     out: list[api.RawStreamMsg] = []
     seq = max(after + 1, state.first_seq)
-    while seq <= state.last_seq and (not limit or len(out) < limit):
+    while seq <= end and (not limit or len(out) < limit):
         try:
             msg = await js.get_msg(names.dlq_stream, seq=seq, subject=subject, next=True, direct=True)
         except NotFoundError:
             break
+        if (msg.seq or seq) > end:
+            break
         out.append(msg)
         seq = (msg.seq or seq) + 1
     return out
+
+
+async def dead_letters_between(js: JetStreamContext, names: Names, group: str | None, after: int, upto: int) -> int:
+    """How many dead letters of `group` (None: all) have an id in (`after`, `upto`]."""
+    if upto <= after:
+        return 0
+    subjects = [dlq_filter(names, group)]
+    return await count_from(js, names.dlq_stream, subjects, after + 1) - await count_from(
+        js, names.dlq_stream, subjects, upto + 1
+    )
 
 
 async def dead_letter_msg(js: JetStreamContext, names: Names, dlq_id: int) -> api.RawStreamMsg | None:

@@ -75,6 +75,7 @@ class Admin:
         self.asked_at = 0.0
         self.refresher: asyncio.Task | None = None
         self.refreshing = asyncio.Lock()
+        self.dlq_runs: dict[tuple, int] = {}  # a paged dead-letter replay -> the last id it covers
 
     async def answer(self, msg: Coord) -> Coord:
         try:
@@ -297,12 +298,18 @@ class Admin:
                 return {"error": f"no dead letter with id {', '.join(missing)}"}
             chosen = [dl for _, dl in found if dl is not None]
         elif msg.group or msg.all:
-            listed = await ops.dead_letter_msgs(js, names, msg.group, msg.after, msg.limit)
+            # a run (the CLI's pages) covers the dead letters there when it began: one that
+            # fails again is stored anew, past that end, and waits for the next run
+            run = (msg.group, msg.type, msg.all)
+            if not msg.after or run not in self.dlq_runs:
+                self.dlq_runs[run] = (await js.stream_info(names.dlq_stream)).state.last_seq
+            end = self.dlq_runs[run]
+            listed = await ops.dead_letter_msgs(js, names, msg.group, msg.after, msg.limit, upto=end)
             chosen = [dl for dl in listed if msg.type is None or ops.dead_letter_row(dl)["type"] == msg.type]
             if msg.limit:  # a page: where the next starts, and how many are left after it
-                last = (listed[-1].seq or msg.after) if listed else msg.after
-                rest = await ops.dead_letter_msgs(js, names, msg.group, last)
-                page = {"next_after": last, "remaining": len(rest)}
+                last = (listed[-1].seq or msg.after) if listed else end
+                remaining = await ops.dead_letters_between(js, names, msg.group, last, end)
+                page = {"next_after": last, "remaining": remaining}
         else:
             return {"error": "replay needs ids, --group G or --all"}
         replayed = []

@@ -43,7 +43,11 @@ def entry(
         # a reload's new log level: re-read from the launcher's file on LEVEL_SIGNAL
         logs.follow_level_file(cfg.data_dir, os.environ.get(RUN_ENV, ""))
         _open_box(blackbox, blackbox.path_for(cfg.data_dir, name))
-        if role == "router":
+        if role == "router" and cfg.engine == "nats":  # the engine's ingest takes the router's place
+            from nexus.jsingest.process import main as run_ingest
+
+            run_ingest(cfg, env, members_alive, launcher_pid=parent_pid)
+        elif role == "router":
             from nexus.router.server import main as run_router
 
             run_router(cfg, env, members_alive, launcher_pid=parent_pid)
@@ -52,8 +56,7 @@ def entry(
 
             run_source(cfg, name)
         elif role == "worker":
-            from nexus.member.runtime import main as run_member
-
+            run_member = member_main(cfg)
             run_member(cfg, group, name)
         elif role == "http":
             from nexus.http.server import main as run_http
@@ -76,6 +79,17 @@ def entry(
     # a graceful end: what a handler forked goes with us (SIGTERM, then SIGKILL)
     stop_own_group(grace=2.0)
     sys.exit(int(code))
+
+
+def member_main(cfg):
+    """The member runtime of the config's engine (`nexus worker` runs it too)."""
+    if cfg.engine == "nats":
+        from nexus.jsmember.runtime import main as run_nats_member
+
+        return run_nats_member
+    from nexus.member.runtime import main as run_member
+
+    return run_member
 
 
 def _open_box(blackbox, path: str) -> None:

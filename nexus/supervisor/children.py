@@ -86,12 +86,13 @@ class Child:
         return True
 
 
-def end_orphans(children: Iterable[Child]) -> None:
-    """Our direct children that are neither our processes nor the multiprocessing helper
-    (which stays in our process group) are descendants' orphans (the launcher is a
-    subreaper): end them, unless their group's child still lives."""
+def end_orphans(children: Iterable[Child], keep: Iterable[int] = ()) -> None:
+    """Our direct children that are neither our processes (`children`, and `keep`: the
+    embedded nats-server) nor the multiprocessing helper (which stays in our process
+    group) are descendants' orphans (the launcher is a subreaper): end them, unless their
+    group's child still lives."""
     children = list(children)
-    ours = {c.pid for c in children if c.process is not None}
+    ours = {c.pid for c in children if c.process is not None} | set(keep)
     live_groups = {c.pid for c in children if c.alive()}
     my_group = os.getpgrp()
     orphans = []

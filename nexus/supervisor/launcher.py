@@ -47,6 +47,7 @@ from nexus.supervisor.autoscaler import Autoscaler
 from nexus.supervisor.child import entry
 from nexus.supervisor.children import KILL_GRACE, Child, ChildState, end_orphans
 from nexus.supervisor.crashes import CrashBook
+from nexus.supervisor.natsserver import EmbeddedServer
 from nexus.supervisor.reloader import Reloader
 
 log = structlog.get_logger("nexus.launch")
@@ -81,6 +82,8 @@ class Launcher:
         self.gatekeeper: Gatekeeper | None = None  # CURVE on a tcp:// control endpoint
         self.curve: curve.ClientKeys | None = None  # the launcher's own requests to the router
         self.reloader = Reloader(self)  # `nexus reload`, SIGHUP: applied over the loop's ticks
+        # engine nats with embedded_server: a nats-server of our own, up before the router
+        self.nats = EmbeddedServer(cfg) if cfg.engine == "nats" and cfg.nats.embedded_server else None
 
     # -- before anything runs --------------------------------------------------------
     def prepare(self) -> zmq.Socket:
@@ -99,6 +102,8 @@ class Launcher:
         # the launcher's requests use the children's keys: a bad file is one line here, not in each child
         self.curve = curve.client_keys(cfg)
         self.lock = DataDirLock(cfg.data_dir, LAUNCHER_LOCK, "pipeline").acquire(self.token)
+        if self.nats is not None:
+            self.nats.check()  # the binary, the port: one line before anything starts
         previous = self.lock.previous.split()
         # the router lock too, while cleaning: no router may be running on this data dir
         with DataDirLock(cfg.data_dir, ROUTER_LOCK, "router"):
@@ -240,7 +245,11 @@ class Launcher:
 
     def _reaped(self, child: Child) -> None:
         if child.end_group():
-            end_orphans(self.children.values())
+            end_orphans(self.children.values(), keep=self._own_servers())
+
+    def _own_servers(self) -> set[int]:
+        """Direct children that are no orphans though no `Child`: the embedded nats-server."""
+        return {self.nats.pid} if self.nats is not None and self.nats.pid else set()
 
     def _on_exit(self, child: Child) -> None:
         code = _exit_code(child)
@@ -385,6 +394,9 @@ class Launcher:
         signal.signal(signal.SIGHUP, lambda *_: setattr(self, "reload_requested", True))
         try:
             control = self.control if self.control is not None else self.prepare()
+            if self.nats is not None:
+                self.nats.start()
+                self.nats.wait_listening()
             self._add("router", "router")
             if self.cfg.http.listen:
                 self._add("http", "http")  # up from the start: it reports the router's start too
@@ -413,6 +425,8 @@ class Launcher:
                     self.reload_requested = False
                     self.reload()  # SIGHUP: like `nexus reload`
                 now = time.monotonic()
+                if self.nats is not None:
+                    self.nats.tick(now)
                 self._watch(now)
                 self.reloader.tick(now)  # a reload under way: drains, rolling restarts
                 for child in self.children.values():
@@ -585,7 +599,8 @@ class Launcher:
 
     def describe(self) -> list[dict]:
         now = time.time()
-        return [
+        own = [self.nats.describe()] if self.nats is not None else []
+        return own + [
             {
                 "name": c.name,
                 "role": c.role,
@@ -632,9 +647,11 @@ class Launcher:
                 self._reaped(child)
                 if child.state != ChildState.FAILED:
                     child.state = ChildState.STOPPED
-        end_orphans(self.children.values())
+        end_orphans(self.children.values(), keep=self._own_servers())
         for child in self.children.values():
             self._drop_box(child)
+        if self.nats is not None:
+            self.nats.stop()  # last: every child that used it has stopped
         log.info("shutdown_complete", exit_code=int(self.exit_code))
 
 

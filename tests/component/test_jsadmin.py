@@ -278,9 +278,14 @@ def test_dlq_list_show_replay_purge(nats_node, tmp_path):
             # by group, in pages of one
             page = await s.ask(DlqRequest(action="replay", group="g", limit=1))
             assert [r["id"] for r in page["replayed"]] == [2] and page["remaining"] == 1
+            # the event fails again meanwhile: stored anew, past the run's end, not replayed by it
+            await _dead_letter(s, "g", page["replayed"][0]["seq"], raws[1])
+            page = await s.ask(DlqRequest(action="replay", group="g", after=page["next_after"], limit=1))
+            assert [r["id"] for r in page["replayed"]] == [3] and page["remaining"] == 0
+            assert [r["id"] for r in (await s.ask(DlqRequest(action="list")))["dead_letters"]] == [4, 5]
             # purge h's, then the rest
             assert (await s.ask(DlqRequest(action="purge", group="h")))["purged"] == 1
-            assert (await s.ask(DlqRequest(action="purge", ids=[3])))["purged"] == 1
+            assert (await s.ask(DlqRequest(action="purge", ids=[5])))["purged"] == 1
             assert (await s.ask(DlqRequest(action="list")))["dead_letters"] == []
             assert (await s.admin.answer(DlqRequest(action="list", group="nope"))).data["error"]
 
@@ -366,5 +371,52 @@ def test_status_says_unreachable_when_the_server_is_gone(nats_node, tmp_path):
             print("unreachable:", st["engine"])
             assert st["engine"]["reachable"] is False and st["engine"]["error"]
             assert st["groups"]["g"]["unassigned"] == PARTITIONS
+
+    run(go())
+
+
+def test_engine_facts_on_three_nodes_leader_kill(nats_cluster, tmp_path):
+    """R3: status names the leader and two current followers; after the leader's SIGKILL a
+    new leader takes over and the dead node shows as not current; metrics follow."""
+    from nexus.common import metricnames as mn
+
+    cfg = _config(tmp_path, nats_cluster.urls[0])
+    cfg = msgspec.structs.replace(cfg, nats=msgspec.structs.replace(cfg.nats, servers=nats_cluster.urls, replicas=3))
+
+    async def facts(s: Side) -> dict:
+        await s.admin.refresh()
+        return (await s.ask(StatusRequest()))["engine"]
+
+    async def until(s: Side, check, what: str) -> dict:
+        deadline = time.monotonic() + 30
+        while True:
+            e = await facts(s)
+            if check(e):
+                return e
+            assert time.monotonic() < deadline, f"{what}: {e}"
+            await asyncio.sleep(0.1)
+
+    async def go():
+        async with Side(cfg) as s:
+            await s.publish(_event(), 0)
+            e = await until(s, lambda e: e["leader"] and [r["current"] for r in e["replicas"]] == [True, True], "R3")
+            print("before:", e)
+            assert e["replicas_configured"] == 3 and e["cluster"] == "nexus"
+            old = e["leader"]
+            gauges = (await s.ask(MetricsRequest()))["router"]["gauges"]
+            assert gauges[mn.NATS_REPLICAS_CURRENT] == [[{}, 3]] and gauges[mn.NATS_LEADER] == [[{}, 1]]
+            nats_cluster.by_name(old).kill()
+            e = await until(
+                s,
+                lambda e: (
+                    e.get("reachable")
+                    and e["leader"] not in (None, old)
+                    and any(r["name"] == old and not r["current"] for r in e["replicas"])
+                ),
+                "a new leader, the old one not current",
+            )
+            print("after:", e)
+            gauges = (await s.ask(MetricsRequest()))["router"]["gauges"]
+            assert gauges[mn.NATS_REPLICAS_CURRENT] == [[{}, 2]] and gauges[mn.NATS_LEADER] == [[{}, 1]]
 
     run(go())

@@ -95,6 +95,19 @@ def test_every_group_with_unassigned_partitions_is_a_reason_but_one_autoscaled_t
     ]
 
 
+def test_engine_nats_cluster_unreachable_or_leaderless_is_not_ready():
+    engine = {"stream": "NEXUS", "reachable": True, "leader": "n1", "replicas": []}
+    assert health.readiness(launcher(), router() | {"engine": engine}) == (True, [])
+    gone = {"stream": "NEXUS", "reachable": False, "error": "TimeoutError"}
+    ok, reasons = health.readiness(launcher(), router() | {"engine": gone})
+    assert not ok and reasons == ["nats cluster unreachable (TimeoutError)"]
+    ok, reasons = health.readiness(launcher(), router(unassigned=3) | {"engine": engine | {"leader": None}})
+    assert not ok and reasons == [
+        "nats stream NEXUS has no leader (no quorum: events cannot be stored)",
+        "group g: 3 of 4 partitions unassigned (1 of 1 members joined)",
+    ]
+
+
 def test_quantile_interpolates_like_prometheus():
     buckets = [(0.1, 50.0), (0.5, 90.0), (1.0, 100.0), (math.inf, 100.0)]
     assert quantile(0.5, buckets) == pytest.approx(0.1)
