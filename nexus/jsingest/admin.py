@@ -87,7 +87,7 @@ class Admin:
                 rc = self.cfg.router
                 limit = max(0, min(msg.limit, rc.fetch_limit))
                 return await ops.read_events(
-                    self.js, self.names, msg.after, limit, list(msg.types), msg.max_bytes or rc.fetch_bytes
+                    self.nc, self.js, self.names, msg.after, limit, list(msg.types), msg.max_bytes or rc.fetch_bytes
                 )
             if isinstance(msg, DlqRequest):
                 return Reply(await self.dlq(msg))
@@ -272,7 +272,7 @@ class Admin:
             return {"error": f"unknown group {msg.group!r}"}
         js, names = self.js, self.names
         if msg.action == "list":
-            found = await ops.dead_letter_msgs(js, names, msg.group)
+            found = await ops.dead_letter_msgs(self.nc, js, names, msg.group)
             rows = [r for r in map(ops.dead_letter_row, found) if msg.type is None or r["type"] == msg.type]
             return {"dead_letters": rows[:LIST_LIMIT], "total": len(rows)}
         if msg.action == "show":
@@ -304,7 +304,7 @@ class Admin:
             if not msg.after or run not in self.dlq_runs:
                 self.dlq_runs[run] = (await js.stream_info(names.dlq_stream)).state.last_seq
             end = self.dlq_runs[run]
-            listed = await ops.dead_letter_msgs(js, names, msg.group, msg.after, msg.limit, upto=end)
+            listed = await ops.dead_letter_msgs(self.nc, js, names, msg.group, msg.after, msg.limit, upto=end)
             chosen = [dl for dl in listed if msg.type is None or ops.dead_letter_row(dl)["type"] == msg.type]
             if msg.limit:  # a page: where the next starts, and how many are left after it
                 last = (listed[-1].seq or msg.after) if listed else end

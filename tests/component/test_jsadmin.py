@@ -233,6 +233,16 @@ def test_read_events_after_a_seq_by_type_glob(nats_node, tmp_path):
             assert got.seqs == [seqs[2]] and got.upto == seqs[2]
             got = await s.ask(Read(after=7, limit=10))
             assert got.seqs == [] and got.upto == 7
+            # more than one batched get; a byte bound still gives at least one event
+            for i in range(600):
+                await s.publish(_event("test.c", n=i), i % SHARDS)
+            got = await s.ask(Read(after=7, limit=1000, types=["test.c"]))
+            assert got.seqs == list(range(8, 608)) and got.upto == 607
+            got = await s.ask(Read(after=7, limit=1000, max_bytes=1))
+            assert got.seqs == [8] and got.upto == 8
+            size = len(got.events[0])
+            got = await s.ask(Read(after=7, limit=1000, max_bytes=10 * size))
+            assert got.seqs == list(range(8, 18)) and got.upto == 17
 
     run(go())
 
@@ -261,6 +271,7 @@ def test_dlq_list_show_replay_purge(nats_node, tmp_path):
             listed = await s.ask(DlqRequest(action="list", group="g"))
             assert [r["id"] for r in listed["dead_letters"]] == [1, 2, 3] and listed["total"] == 3
             assert (await s.ask(DlqRequest(action="list")))["total"] == 4
+            assert abs(listed["dead_letters"][0]["last_failed"] - time.time()) < 60
             row = (await s.ask(DlqRequest(action="show", ids=[2])))["dead_letter"]
             assert row["error_type"] == "ValueError" and row["error"] == "bad" and row["attempts"] == 3
             assert row["event"]["payload"] == {"n": 1} and row["event"]["key"] == "k1"
