@@ -110,7 +110,7 @@ class Admin:
         if self.refresher is None or self.refresher.done():
             self.refresher = asyncio.create_task(self._refresh_while_asked())
         if self.cached is None or time.monotonic() - self.cached_at > STALE:
-            await self.refresh()
+            await self.refresh(older_than=STALE)
         assert self.cached is not None
         return {**self.cached, "router": {**self.cached["router"], **self._ingest()}}
 
@@ -122,8 +122,12 @@ class Admin:
             except Exception as exc:  # (refresh catches the cluster's own failures)
                 log.warning("status_refresh_failed", error=repr(exc))
 
-    async def refresh(self) -> None:
+    async def refresh(self, older_than: float = 0.0) -> None:
+        """Read the cluster into the cached status (one at a time; with `older_than`, not
+        again when the one just waited for is younger than that)."""
         async with self.refreshing:
+            if older_than and self.cached is not None and time.monotonic() - self.cached_at <= older_than:
+                return
             try:
                 status = await asyncio.wait_for(self._read_cluster(), CLUSTER_TIMEOUT)
             except (*ops.UNREACHABLE, NotFoundError) as exc:
@@ -263,7 +267,9 @@ class Admin:
         for name in self.cfg.workers:
             for m in ops.decode_members(entries, name):
                 if self._live(name, m) and m.metrics:
-                    members[f"{name}/{m.name}"] = m.metrics
+                    # a process name is unique on its host only: two hosts' get the member id
+                    whose = f"{name}/{m.name}"
+                    members[f"{name}/{m.member}" if whose in members else whose] = m.metrics
         return {"router": snap, "members": members}
 
     # -- dead letters -----------------------------------------------------------------------
@@ -352,7 +358,7 @@ class Admin:
         from_seq = min(max(from_seq, 1), state.last_seq + 1)
         for p in range(spec.partitions):
             await ops.reset_partition(self.js, self.names, msg.group, p, from_seq)
-        self.cached = None  # the next status reads the reset
+        self.cached_at = 0.0  # the next status reads the cluster afresh
         log.warning("journal_replay", group=msg.group, from_seq=from_seq, last_seq=state.last_seq)
         return {
             "group": msg.group,
@@ -375,7 +381,7 @@ class Admin:
             for seq in seqs:
                 if await self._store_poison(msg, p, seq, how, timeout):
                     dead.append(seq)
-        self.cached = None
+        self.cached_at = 0.0  # the next status reads the cluster afresh
         log.info("member_exited", group=msg.group, member=msg.member, removed=removed, dead_lettered=dead)
         return {"ok": True, "removed": removed, "dead_lettered": dead}
 
@@ -426,7 +432,7 @@ class Admin:
             ],
         }
         self.cfg = config_mod.adopt_live(self.cfg, fresh)
-        self.cached = None
+        self.cached_at = 0.0  # the next status reads the cluster afresh
         log.info("config_reloaded", needs_restart=changed, **{k: v for k, v in groups.items() if v})
         return {"rate_limits": {}, "needs_restart": changed, "groups": groups}
 
