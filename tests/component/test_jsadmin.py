@@ -349,6 +349,12 @@ def test_metrics_engine_gauges_and_members(nats_node, tmp_path):
             assert [{"group": "g", "partition": "1"}, 1] in gauges[mn.NATS_CONSUMER_LAG]
             assert [{"group": "g"}, 1] in gauges[mn.GROUP_LAG]
             assert list(out["members"]) == ["g/g-0"]
+            # the HTTP port renders it with the catalogue's help text
+            from nexus.http import exposition
+
+            text = exposition.render(exposition.merge(out, None))[0].decode()
+            assert "# HELP nexus_nats_stream_leader Engine nats: 1 while" in text
+            assert 'nexus_nats_consumer_lag_events{group="g",partition="1"} 1.0' in text
 
     run(go())
 
