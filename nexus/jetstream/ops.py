@@ -411,6 +411,32 @@ async def reset_partition(js: JetStreamContext, names: Names, group: str, p: int
     raise RuntimeError(f"partition {p} of group {group} kept changing; replay again")
 
 
+async def add_skips(js: JetStreamContext, names: Names, group: str, p: int, seqs: list[int]) -> None:
+    """Have partition p's owners pass over `seqs` (dead-lettered poison): added to its
+    owner record's `skip` (compare-and-set), the current owner sees its record change."""
+    from nexus.jetstream.records import SKIP_KEPT, owner_decoder
+
+    kv = await js.key_value(names.bucket)
+    key = Names.owner_key(group, p)
+    for _ in range(CAS_TRIES):
+        try:
+            entry = await kv.get(key)
+            old = owner_decoder.decode(entry.value or b"") if entry.value else OwnerRecord()
+            rev = entry.revision
+        except NotFoundError:
+            old, rev = OwnerRecord(), None
+        skip = sorted(set(old.skip) | set(seqs))[-SKIP_KEPT:]
+        if skip == old.skip:
+            return
+        value = encoder.encode(msgspec.structs.replace(old, skip=skip))
+        try:
+            await (kv.create(key, value) if rev is None else kv.update(key, value, last=rev))
+            return
+        except KeyWrongLastSequenceError:
+            continue
+    raise RuntimeError(f"partition {p} of group {group} kept changing; poison not marked")
+
+
 # -- members -----------------------------------------------------------------------------------
 async def delete_member(js: JetStreamContext, names: Names, group: str, name: str, pid: int, host: str) -> list[str]:
     """Delete the KV records of `group`'s member called `name` on `host` (with `pid`

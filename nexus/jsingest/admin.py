@@ -370,7 +370,8 @@ class Admin:
     # -- member exits ------------------------------------------------------------------------
     async def member_exited(self, msg: MemberExited) -> dict[str, Any]:
         """The launcher saw a local member die: its record goes now (the others take its
-        partitions at once), and the poison it names is stored as dead letters."""
+        partitions at once); the poison it names is stored as dead letters and marked in
+        its partition's owner record for the owners to pass over (OwnerRecord.skip)."""
         if msg.group not in self.cfg.workers:
             return {"error": f"unknown group {msg.group!r}"}
         removed = await ops.delete_member(self.js, self.names, msg.group, msg.member, msg.pid, self.host)
@@ -378,9 +379,10 @@ class Admin:
         how = describe_exit(msg.exit_code)
         timeout = msg.reason == "handler_timeout"
         for p, seqs in msg.poison.items():
-            for seq in seqs:
-                if await self._store_poison(msg, p, seq, how, timeout):
-                    dead.append(seq)
+            stored = [seq for seq in seqs if await self._store_poison(msg, p, seq, how, timeout)]
+            # stored or not in the stream at all: no owner may run it again
+            await ops.add_skips(self.js, self.names, msg.group, p, list(seqs))
+            dead += stored
         self.cached_at = 0.0  # the next status reads the cluster afresh
         log.info("member_exited", group=msg.group, member=msg.member, removed=removed, dead_lettered=dead)
         return {"ok": True, "removed": removed, "dead_lettered": dead}

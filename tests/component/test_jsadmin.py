@@ -210,6 +210,14 @@ def test_poison_named_by_member_exited_is_dead_lettered(nats_node, tmp_path):
             assert [(r["group"], r["seq"], r["partition"], r["error_type"]) for r in rows] == [
                 ("g", seq, 3, "ProcessCrashed")
             ]
+            # the partition's owners pass over it; a second exit on it stores it once
+            rec = owner_decoder.decode((await s.kv.get(Names.owner_key("g", 3))).value)
+            assert rec.skip == [seq]
+            await s.own("g", 3, PARTITIONS, "m", 1)
+            await s.ask(MemberExited(group="g", member="g-0", exit_code=-9, poison={3: [seq, 999]}))
+            rec = owner_decoder.decode((await s.kv.get(Names.owner_key("g", 3))).value)
+            assert rec.skip == [seq, 999] and rec.member == "m" and rec.consumer == Names.consumer("g", 3, 1)
+            assert (await s.ask(DlqRequest(action="list")))["total"] == 1
 
     run(go())
 
