@@ -138,9 +138,12 @@ class Admin:
 
     async def _read_cluster(self) -> dict[str, Any]:
         facts = await ops.stream_facts(self.js, self.names)
-        entries, dead = await asyncio.gather(
-            ops.kv_entries(self.js, self.names), ops.dead_letter_counts(self.js, self.names)
+        entries, dead, rejected = await asyncio.gather(
+            ops.kv_entries(self.js, self.names),
+            ops.dead_letter_counts(self.js, self.names),
+            self.js.stream_info(self.names.rejected_stream),
         )
+        facts["rejected_kept"] = rejected.state.messages  # in {stream}_REJECTED, with their reasons
         groups = {}
         for name, spec in self.cfg.workers.items():
             groups[name] = await self._group(name, spec.partitions, entries, dead.get(name, 0))

@@ -159,6 +159,7 @@ def test_status_lag_members_owners_and_engine(nats_node, tmp_path):
             assert st["groups"]["h"]["lag"] == "unknown"  # no group start yet
             e = st["engine"]
             assert e["reachable"] and e["leader"] and e["messages"] == 5 and e["last_seq"] == 5
+            assert e["rejected_kept"] == 0
             assert st["router"]["accepted"] == 7 and st["router"]["rejected"] == 2
             assert st["router"]["rejected_by_reason"] == {"contract": 2}
             assert st["router"]["journal"]["last_seq"] == 5
