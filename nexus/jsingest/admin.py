@@ -29,7 +29,7 @@ import msgspec
 import structlog
 from nats.aio.client import Client
 from nats.js import JetStreamContext
-from nats.js.errors import NotFoundError
+from nats.js.errors import APIError, NotFoundError
 
 from nexus import config as config_mod
 from nexus.common import metricnames as mn
@@ -62,6 +62,7 @@ REFRESH_EVERY = 0.5  # seconds between status refreshes while someone asks
 ASKED_WITHIN = 10.0  # seconds: no status request for this long stops the refresher
 STALE = 2.0  # seconds: a cached status older than this is read afresh before answering
 CLUSTER_TIMEOUT = 3.0  # seconds one refresh of the cluster may take
+LAG_TIMEOUT = 1.0  # seconds one partition's lag may take (then "unknown")
 
 
 class Admin:
@@ -156,9 +157,7 @@ class Admin:
         owners = [ops.decode_owner(entries, name, p) for p in range(partitions)]
         start = ops.decode_group(entries, name)
         owned = [o.member if o is not None and o.member in live else None for o in owners]
-        lags = await asyncio.gather(
-            *(ops.partition_lag(self.js, self.names, name, p, partitions, owners[p], start) for p in range(partitions))
-        )
+        lags = await asyncio.gather(*(self._lag(name, p, partitions, owners[p], start) for p in range(partitions)))
         total: int | str = sum(x for x in lags if isinstance(x, int))
         if any(not isinstance(x, int) for x in lags):
             total = "unknown"
@@ -172,6 +171,17 @@ class Admin:
             "cursor_min": start.start_seq - 1 if start is not None else 0,
             "dead_letters": dead,
         }
+
+    async def _lag(self, group: str, p: int, partitions: int, owner, start) -> int | str:
+        """One partition's lag; "unknown" while its consumer does not answer (its leader
+        moving to another node): the rest of the status still does."""
+        try:
+            return await asyncio.wait_for(
+                ops.partition_lag(self.js, self.names, group, p, partitions, owner, start), LAG_TIMEOUT
+            )
+        except (*ops.UNREACHABLE, APIError) as exc:
+            log.debug("lag_unknown", group=group, partition=p, error=repr(exc))
+            return "unknown"
 
     def _live(self, group: str, m: MemberRecord) -> bool:
         key = Names.member_key(group, m.member)
