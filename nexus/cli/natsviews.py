@@ -38,6 +38,7 @@ def print_status(status: dict[str, Any]) -> None:
     print(
         f"ingest: accepted={r.get('accepted', 0)} rejected={r.get('rejected', 0)} ({reasons}) "
         f"duplicates={r.get('duplicates', 0)}"
+        + (f" rejected_kept={status['engine']['rejected_kept']}" if "rejected_kept" in status["engine"] else "")
     )
     print(engine_line(status["engine"]))
 

@@ -1,5 +1,6 @@
-"""The dashboard's live tail: events from the router's tail topic (like `nexus tail`),
-fanned out to the connected pages, each with its own type filter.
+"""The dashboard's live tail: events from the router's tail topic (like `nexus tail`;
+under engine nats, from the events stream), fanned out to the connected pages, each
+with its own type filter.
 
 The router encodes the tail only while someone subscribes to it, so the SUB socket
 exists only while a page watches: a thread opens it with the first watcher and closes
@@ -32,6 +33,7 @@ log = structlog.get_logger("nexus.http")
 KEEP = 200  # tail lines a watcher holds before the oldest are dropped
 PAYLOAD_CHARS = 2000  # a payload is shown up to this many characters of its JSON
 LINGER = 5.0  # seconds the subscription outlives the last page
+NATS_CONNECT_WAIT = 2.0  # engine nats: seconds one connection attempt may take before _done() is asked again
 
 
 class Watcher:
@@ -118,6 +120,8 @@ class TailFeed:
             return False
 
     def _run(self) -> None:
+        if self.cfg.engine == "nats":  # no router publishes a tail: read the events stream
+            return self._run_nats()
         sub = transport.subscriber(zmq.Context.instance(), self.cfg.publish, curve=client_keys(self.cfg))
         sub.setsockopt(zmq.SUBSCRIBE, TAIL_TOPIC)
         deliver: Callable[[list[dict[str, Any]]], None] = self._deliver
@@ -140,3 +144,44 @@ class TailFeed:
                 self.thread = None
         finally:
             sub.close(0)
+
+    def _run_nats(self) -> None:
+        try:
+            asyncio.run(self._read_stream())
+        except Exception as exc:  # no tail on the pages; the next watcher starts a new thread
+            log.error("tail_failed", error=str(exc))
+            with self.lock:
+                self.thread = None
+
+    async def _read_stream(self) -> None:
+        """Engine nats: new events of every shard (not a group's replays), through an
+        ordered consumer, until `_done()` (asked between waits, as between polls)."""
+        from nats.errors import TimeoutError as NatsTimeout
+        from nats.js import api
+
+        from nexus.jetstream import connect
+        from nexus.jetstream.names import Names
+
+        names = Names.of(self.cfg)
+        nc = None
+        while nc is None:  # a cluster that does not answer: retried while pages watch
+            if self._done():
+                return
+            try:
+                nc = await asyncio.wait_for(connect.connect(self.cfg, "nexus-dashboard-tail"), NATS_CONNECT_WAIT)
+            except (TimeoutError, OSError) as exc:
+                log.info("tail_waiting_for_cluster", error=repr(exc))
+        try:
+            sub = await nc.jetstream().subscribe(
+                f"{names.prefix}.ev.*", ordered_consumer=True, deliver_policy=api.DeliverPolicy.NEW, stream=names.stream
+            )
+            while not self._done():
+                try:
+                    msg = await sub.next_msg(timeout=0.2)
+                except (NatsTimeout, TimeoutError):
+                    continue
+                line = tail_line(msg.metadata.sequence.stream, msg.data)
+                if line is not None and not self.loop.is_closed():
+                    self.loop.call_soon_threadsafe(self._deliver, [line])
+        finally:
+            await nc.close()

@@ -11,10 +11,12 @@ from __future__ import annotations
 import asyncio
 import datetime
 import fnmatch
+import json
 import time
 from typing import Any
 
 import msgspec
+from nats.aio.client import Client
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js import JetStreamContext, api
 from nats.js.errors import KeyWrongLastSequenceError, NotFoundError
@@ -25,7 +27,9 @@ from nexus.jetstream.records import GroupRecord, MemberRecord, OwnerRecord, enco
 from nexus.protocol.events import decode_wire_event
 from nexus.protocol.wire import Journaled
 
-READ_BUDGET = 0.3  # seconds one Read or dead-letter listing may spend on direct gets
+READ_BUDGET = 0.3  # seconds one Read may spend on direct gets
+BATCH = 256  # messages one batched direct get asks for
+BATCH_WAIT = 5.0  # seconds a batched direct get's next message may take
 LAG_PROBE_INACTIVE = 5.0  # seconds: a lag probe's ephemeral consumer outlives a dead caller by this
 CAS_TRIES = 5  # a member rewriting an owner record meanwhile: read it again, this many times
 
@@ -182,9 +186,50 @@ async def count_from(js: JetStreamContext, stream: str, subjects: list[str], seq
     return info.num_pending or 0
 
 
+# -- batched direct gets -----------------------------------------------------------------------
+def _stamp(text: str) -> datetime.datetime | None:
+    """Nats-Time-Stamp (RFC 3339 with nanoseconds) as a datetime (microseconds)."""
+    head, _, frac = text.rstrip("Z").partition(".")
+    try:
+        return datetime.datetime.fromisoformat(f"{head}.{(frac + '000000')[:6]}+00:00")
+    except ValueError:
+        return None
+
+
+async def direct_batch(
+    nc: Client, stream: str, seq: int, subject: str, batch: int = BATCH, max_bytes: int = 0
+) -> list[api.RawStreamMsg]:
+    """Up to `batch` messages of `subject` from `seq` on, in one direct get (any replica
+    answers: reads do not load the leader); fewer at the end of the stream."""
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe(inbox)
+    req: dict[str, Any] = {"seq": max(1, seq), "batch": batch, "next_by_subj": subject}
+    if max_bytes:
+        req["max_bytes"] = max_bytes
+    out: list[api.RawStreamMsg] = []
+    try:
+        await nc.publish(f"$JS.API.DIRECT.GET.{stream}", json.dumps(req).encode(), reply=inbox)
+        while True:
+            msg = await sub.next_msg(timeout=BATCH_WAIT)
+            headers = msg.headers or {}
+            if "Status" in headers:  # 204 end of batch, 404 nothing from seq on
+                return out
+            out.append(
+                api.RawStreamMsg(
+                    subject=headers.get("Nats-Subject"),
+                    seq=int(headers.get("Nats-Sequence", 0)),
+                    data=msg.data,
+                    headers=headers,
+                    time=_stamp(headers.get("Nats-Time-Stamp", "")),
+                )
+            )
+    finally:
+        await sub.unsubscribe()
+
+
 # -- events by position (gateway /v1/subscribe, `nexus tail`) ---------------------------------
 async def read_events(
-    js: JetStreamContext, names: Names, after: int, limit: int, types: list[str], max_bytes: int
+    nc: Client, js: JetStreamContext, names: Names, after: int, limit: int, types: list[str], max_bytes: int
 ) -> Journaled:
     """Events of the shared subjects (not a group's replays) after `after` whose type
     matches a glob of `types` (none: all), bounded by `limit`, `max_bytes` (at least one
@@ -199,28 +244,30 @@ async def read_events(
     size, upto, seq = 0, after, max(after + 1, first)
     deadline = time.monotonic() + READ_BUDGET
     shared = f"{names.prefix}.ev.*"
-    while len(seqs) < limit and seq <= last and time.monotonic() < deadline:
-        try:
-            msg = await js.get_msg(names.stream, seq=seq, subject=shared, next=True, direct=True)
-        except NotFoundError:
+    full = False
+    while not full and seq <= last and time.monotonic() < deadline:
+        batch = await direct_batch(nc, names.stream, seq, shared, BATCH, max_bytes)
+        if not batch:
             upto = last  # nothing more of the shared subjects
             break
-        found = msg.seq or seq
-        if found > last:
-            break
-        data = msg.data or b""
-        if max_bytes and seqs and size + len(data) > max_bytes:
-            break
-        upto, seq = found, found + 1
-        try:
-            ev = decode_wire_event(data)
-        except (msgspec.MsgspecError, UnicodeDecodeError, RecursionError):
-            continue  # not an event (the ingest stores only valid ones): passed over
-        if types and not any(fnmatch.fnmatchcase(ev.type, g) for g in types):
-            continue
-        seqs.append(found)
-        events.append(msgspec.Raw(data))
-        size += len(data)
+        for msg in batch:
+            found, data = msg.seq or seq, msg.data or b""
+            if found > last or (max_bytes and seqs and size + len(data) > max_bytes):
+                full = True
+                break
+            upto, seq = found, found + 1
+            try:
+                ev = decode_wire_event(data)
+            except (msgspec.MsgspecError, UnicodeDecodeError, RecursionError):
+                continue  # not an event (the ingest stores only valid ones): passed over
+            if types and not any(fnmatch.fnmatchcase(ev.type, g) for g in types):
+                continue
+            seqs.append(found)
+            events.append(msgspec.Raw(data))
+            size += len(data)
+            if len(seqs) >= limit:
+                full = True
+                break
     return Journaled(after=after, upto=max(upto, after), first=first, last=last, seqs=seqs, events=events)
 
 
@@ -264,7 +311,13 @@ def dlq_filter(names: Names, group: str | None) -> str:
 
 
 async def dead_letter_msgs(
-    js: JetStreamContext, names: Names, group: str | None, after: int = 0, limit: int = 0, upto: int = 0
+    nc: Client,
+    js: JetStreamContext,
+    names: Names,
+    group: str | None,
+    after: int = 0,
+    limit: int = 0,
+    upto: int = 0,
 ) -> list[api.RawStreamMsg]:
     """Dead letters with id in (`after`, `upto`] (0: to the end) of `group` (None: all),
     oldest first, at most `limit` (0: all)."""
@@ -274,14 +327,11 @@ async def dead_letter_msgs(
     out: list[api.RawStreamMsg] = []
     seq = max(after + 1, state.first_seq)
     while seq <= end and (not limit or len(out) < limit):
-        try:
-            msg = await js.get_msg(names.dlq_stream, seq=seq, subject=subject, next=True, direct=True)
-        except NotFoundError:
+        batch = await direct_batch(nc, names.dlq_stream, seq, subject, min(BATCH, limit - len(out)) if limit else BATCH)
+        out += [m for m in batch if (m.seq or 0) <= end][: (limit - len(out)) if limit else None]
+        if not batch or (batch[-1].seq or 0) >= end:
             break
-        if (msg.seq or seq) > end:
-            break
-        out.append(msg)
-        seq = (msg.seq or seq) + 1
+        seq = (batch[-1].seq or seq) + 1
     return out
 
 
@@ -359,6 +409,32 @@ async def reset_partition(js: JetStreamContext, names: Names, group: str, p: int
             await _delete_consumer(js, names.stream, old.consumer)
         return
     raise RuntimeError(f"partition {p} of group {group} kept changing; replay again")
+
+
+async def add_skips(js: JetStreamContext, names: Names, group: str, p: int, seqs: list[int]) -> None:
+    """Have partition p's owners pass over `seqs` (dead-lettered poison): added to its
+    owner record's `skip` (compare-and-set), the current owner sees its record change."""
+    from nexus.jetstream.records import SKIP_KEPT, owner_decoder
+
+    kv = await js.key_value(names.bucket)
+    key = Names.owner_key(group, p)
+    for _ in range(CAS_TRIES):
+        try:
+            entry = await kv.get(key)
+            old = owner_decoder.decode(entry.value or b"") if entry.value else OwnerRecord()
+            rev = entry.revision
+        except NotFoundError:
+            old, rev = OwnerRecord(), None
+        skip = sorted(set(old.skip) | set(seqs))[-SKIP_KEPT:]
+        if skip == old.skip:
+            return
+        value = encoder.encode(msgspec.structs.replace(old, skip=skip))
+        try:
+            await (kv.create(key, value) if rev is None else kv.update(key, value, last=rev))
+            return
+        except KeyWrongLastSequenceError:
+            continue
+    raise RuntimeError(f"partition {p} of group {group} kept changing; poison not marked")
 
 
 # -- members -----------------------------------------------------------------------------------

@@ -44,6 +44,13 @@ class OwnerRecord(msgspec.Struct, kw_only=True):
     # old consumer acked (0 = no reset pending)
     reset_to: int = 0
     released: bool = False  # the last owner finished and acked what it handled, then let go
+    # seqs of this partition that killed members max_crashes times (or timed out too often),
+    # dead-lettered by the ingest's admin on the launcher's word (MemberExited.poison):
+    # an owner passes over them (acks past without handling); the newest SKIP_KEPT are kept
+    skip: list[int] = []
+
+
+SKIP_KEPT = 100
 
 
 class GroupRecord(msgspec.Struct, kw_only=True):

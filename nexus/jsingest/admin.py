@@ -29,7 +29,7 @@ import msgspec
 import structlog
 from nats.aio.client import Client
 from nats.js import JetStreamContext
-from nats.js.errors import NotFoundError
+from nats.js.errors import APIError, NotFoundError
 
 from nexus import config as config_mod
 from nexus.common import metricnames as mn
@@ -62,6 +62,7 @@ REFRESH_EVERY = 0.5  # seconds between status refreshes while someone asks
 ASKED_WITHIN = 10.0  # seconds: no status request for this long stops the refresher
 STALE = 2.0  # seconds: a cached status older than this is read afresh before answering
 CLUSTER_TIMEOUT = 3.0  # seconds one refresh of the cluster may take
+LAG_TIMEOUT = 1.0  # seconds one partition's lag may take (then "unknown")
 
 
 class Admin:
@@ -87,7 +88,7 @@ class Admin:
                 rc = self.cfg.router
                 limit = max(0, min(msg.limit, rc.fetch_limit))
                 return await ops.read_events(
-                    self.js, self.names, msg.after, limit, list(msg.types), msg.max_bytes or rc.fetch_bytes
+                    self.nc, self.js, self.names, msg.after, limit, list(msg.types), msg.max_bytes or rc.fetch_bytes
                 )
             if isinstance(msg, DlqRequest):
                 return Reply(await self.dlq(msg))
@@ -110,7 +111,7 @@ class Admin:
         if self.refresher is None or self.refresher.done():
             self.refresher = asyncio.create_task(self._refresh_while_asked())
         if self.cached is None or time.monotonic() - self.cached_at > STALE:
-            await self.refresh()
+            await self.refresh(older_than=STALE)
         assert self.cached is not None
         return {**self.cached, "router": {**self.cached["router"], **self._ingest()}}
 
@@ -122,8 +123,12 @@ class Admin:
             except Exception as exc:  # (refresh catches the cluster's own failures)
                 log.warning("status_refresh_failed", error=repr(exc))
 
-    async def refresh(self) -> None:
+    async def refresh(self, older_than: float = 0.0) -> None:
+        """Read the cluster into the cached status (one at a time; with `older_than`, not
+        again when the one just waited for is younger than that)."""
         async with self.refreshing:
+            if older_than and self.cached is not None and time.monotonic() - self.cached_at <= older_than:
+                return
             try:
                 status = await asyncio.wait_for(self._read_cluster(), CLUSTER_TIMEOUT)
             except (*ops.UNREACHABLE, NotFoundError) as exc:
@@ -134,9 +139,12 @@ class Admin:
 
     async def _read_cluster(self) -> dict[str, Any]:
         facts = await ops.stream_facts(self.js, self.names)
-        entries, dead = await asyncio.gather(
-            ops.kv_entries(self.js, self.names), ops.dead_letter_counts(self.js, self.names)
+        entries, dead, rejected = await asyncio.gather(
+            ops.kv_entries(self.js, self.names),
+            ops.dead_letter_counts(self.js, self.names),
+            self.js.stream_info(self.names.rejected_stream),
         )
+        facts["rejected_kept"] = rejected.state.messages  # in {stream}_REJECTED, with their reasons
         groups = {}
         for name, spec in self.cfg.workers.items():
             groups[name] = await self._group(name, spec.partitions, entries, dead.get(name, 0))
@@ -149,9 +157,7 @@ class Admin:
         owners = [ops.decode_owner(entries, name, p) for p in range(partitions)]
         start = ops.decode_group(entries, name)
         owned = [o.member if o is not None and o.member in live else None for o in owners]
-        lags = await asyncio.gather(
-            *(ops.partition_lag(self.js, self.names, name, p, partitions, owners[p], start) for p in range(partitions))
-        )
+        lags = await asyncio.gather(*(self._lag(name, p, partitions, owners[p], start) for p in range(partitions)))
         total: int | str = sum(x for x in lags if isinstance(x, int))
         if any(not isinstance(x, int) for x in lags):
             total = "unknown"
@@ -165,6 +171,17 @@ class Admin:
             "cursor_min": start.start_seq - 1 if start is not None else 0,
             "dead_letters": dead,
         }
+
+    async def _lag(self, group: str, p: int, partitions: int, owner, start) -> int | str:
+        """One partition's lag; "unknown" while its consumer does not answer (its leader
+        moving to another node): the rest of the status still does."""
+        try:
+            return await asyncio.wait_for(
+                ops.partition_lag(self.js, self.names, group, p, partitions, owner, start), LAG_TIMEOUT
+            )
+        except (*ops.UNREACHABLE, APIError) as exc:
+            log.debug("lag_unknown", group=group, partition=p, error=repr(exc))
+            return "unknown"
 
     def _live(self, group: str, m: MemberRecord) -> bool:
         key = Names.member_key(group, m.member)
@@ -263,7 +280,9 @@ class Admin:
         for name in self.cfg.workers:
             for m in ops.decode_members(entries, name):
                 if self._live(name, m) and m.metrics:
-                    members[f"{name}/{m.name}"] = m.metrics
+                    # a process name is unique on its host only: two hosts' get the member id
+                    whose = f"{name}/{m.name}"
+                    members[f"{name}/{m.member}" if whose in members else whose] = m.metrics
         return {"router": snap, "members": members}
 
     # -- dead letters -----------------------------------------------------------------------
@@ -272,7 +291,7 @@ class Admin:
             return {"error": f"unknown group {msg.group!r}"}
         js, names = self.js, self.names
         if msg.action == "list":
-            found = await ops.dead_letter_msgs(js, names, msg.group)
+            found = await ops.dead_letter_msgs(self.nc, js, names, msg.group)
             rows = [r for r in map(ops.dead_letter_row, found) if msg.type is None or r["type"] == msg.type]
             return {"dead_letters": rows[:LIST_LIMIT], "total": len(rows)}
         if msg.action == "show":
@@ -304,7 +323,7 @@ class Admin:
             if not msg.after or run not in self.dlq_runs:
                 self.dlq_runs[run] = (await js.stream_info(names.dlq_stream)).state.last_seq
             end = self.dlq_runs[run]
-            listed = await ops.dead_letter_msgs(js, names, msg.group, msg.after, msg.limit, upto=end)
+            listed = await ops.dead_letter_msgs(self.nc, js, names, msg.group, msg.after, msg.limit, upto=end)
             chosen = [dl for dl in listed if msg.type is None or ops.dead_letter_row(dl)["type"] == msg.type]
             if msg.limit:  # a page: where the next starts, and how many are left after it
                 last = (listed[-1].seq or msg.after) if listed else end
@@ -352,7 +371,7 @@ class Admin:
         from_seq = min(max(from_seq, 1), state.last_seq + 1)
         for p in range(spec.partitions):
             await ops.reset_partition(self.js, self.names, msg.group, p, from_seq)
-        self.cached = None  # the next status reads the reset
+        self.cached_at = 0.0  # the next status reads the cluster afresh
         log.warning("journal_replay", group=msg.group, from_seq=from_seq, last_seq=state.last_seq)
         return {
             "group": msg.group,
@@ -364,7 +383,8 @@ class Admin:
     # -- member exits ------------------------------------------------------------------------
     async def member_exited(self, msg: MemberExited) -> dict[str, Any]:
         """The launcher saw a local member die: its record goes now (the others take its
-        partitions at once), and the poison it names is stored as dead letters."""
+        partitions at once); the poison it names is stored as dead letters and marked in
+        its partition's owner record for the owners to pass over (OwnerRecord.skip)."""
         if msg.group not in self.cfg.workers:
             return {"error": f"unknown group {msg.group!r}"}
         removed = await ops.delete_member(self.js, self.names, msg.group, msg.member, msg.pid, self.host)
@@ -372,10 +392,11 @@ class Admin:
         how = describe_exit(msg.exit_code)
         timeout = msg.reason == "handler_timeout"
         for p, seqs in msg.poison.items():
-            for seq in seqs:
-                if await self._store_poison(msg, p, seq, how, timeout):
-                    dead.append(seq)
-        self.cached = None
+            stored = [seq for seq in seqs if await self._store_poison(msg, p, seq, how, timeout)]
+            # stored or not in the stream at all: no owner may run it again
+            await ops.add_skips(self.js, self.names, msg.group, p, list(seqs))
+            dead += stored
+        self.cached_at = 0.0  # the next status reads the cluster afresh
         log.info("member_exited", group=msg.group, member=msg.member, removed=removed, dead_lettered=dead)
         return {"ok": True, "removed": removed, "dead_lettered": dead}
 
@@ -426,7 +447,7 @@ class Admin:
             ],
         }
         self.cfg = config_mod.adopt_live(self.cfg, fresh)
-        self.cached = None
+        self.cached_at = 0.0  # the next status reads the cluster afresh
         log.info("config_reloaded", needs_restart=changed, **{k: v for k, v in groups.items() if v})
         return {"rate_limits": {}, "needs_restart": changed, "groups": groups}
 

@@ -10,6 +10,7 @@ launcher dies (JetStream then closes its store cleanly)."""
 from __future__ import annotations
 
 import functools
+import ipaddress
 import os
 import signal
 import socket
@@ -50,6 +51,7 @@ def _port_taken(host: str, port: int) -> bool:
 class EmbeddedServer:
     def __init__(self, cfg: Config):
         host, port = address(cfg)
+        self.url = cfg.nats.servers[0]
         self.node = NatsNode(NAME, port, os.path.join(cfg.data_dir, "nats"), host=host)
         self.backoff = cfg.restart_backoff
         self.restarts = 0
@@ -64,7 +66,20 @@ class EmbeddedServer:
         return self.node.proc.pid if self.node.proc is not None else None
 
     def check(self) -> None:
-        """Before anything starts: one line (exit 3) for a missing binary or a taken port."""
+        """Before anything starts: one line (exit 3) for a URL it cannot serve, a missing
+        binary or a taken port."""
+        if self.url.startswith("tls://"):
+            raise ConfigError(f"nats.embedded_server: serves plain nats:// only (nats.servers[0] is {self.url})")
+        try:
+            loopback = ipaddress.ip_address(socket.gethostbyname(self.node.host)).is_loopback
+        except OSError as exc:
+            raise ConfigError(f"nats.embedded_server: cannot resolve {self.node.host} ({exc})") from None
+        if not loopback:
+            # it has no TLS and no users: reachable from other hosts, anyone could read and write
+            raise ConfigError(
+                f"nats.embedded_server: listens on loopback only (nats.servers[0] is {self.url}); "
+                "run a cluster of your own for other hosts"
+            )
         binary()
         if _port_taken(self.node.host, self.node.port):
             raise ConfigError(

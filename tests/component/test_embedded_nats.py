@@ -73,3 +73,19 @@ def test_a_taken_port_is_one_line_and_the_launcher_exits_3(tmp_path):
         f"nexus: nats.embedded_server: 127.0.0.1:{port} (nats.servers[0]) is taken; stop what listens there or "
         "name a free port"
     ]
+
+
+@pytest.mark.parametrize(
+    "url,message",
+    [
+        ("tls://127.0.0.1:4222", "nats.embedded_server: serves plain nats:// only (nats.servers[0] is tls://"),
+        ("nats://0.0.0.0:4222", "nats.embedded_server: listens on loopback only (nats.servers[0] is nats://0.0.0.0"),
+    ],
+)
+def test_a_url_it_cannot_serve_safely_is_one_line(tmp_path, url, message):
+    from conftest import write_config
+
+    path = write_config(tmp_path / "cfg", engine="nats", nats={"servers": [url], "embedded_server": True})
+    with pytest.raises(ConfigError) as info:
+        EmbeddedServer(config_mod.load(str(path))).check()
+    assert str(info.value).startswith(message)

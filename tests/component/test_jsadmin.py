@@ -159,6 +159,7 @@ def test_status_lag_members_owners_and_engine(nats_node, tmp_path):
             assert st["groups"]["h"]["lag"] == "unknown"  # no group start yet
             e = st["engine"]
             assert e["reachable"] and e["leader"] and e["messages"] == 5 and e["last_seq"] == 5
+            assert e["rejected_kept"] == 0
             assert st["router"]["accepted"] == 7 and st["router"]["rejected"] == 2
             assert st["router"]["rejected_by_reason"] == {"contract": 2}
             assert st["router"]["journal"]["last_seq"] == 5
@@ -210,6 +211,14 @@ def test_poison_named_by_member_exited_is_dead_lettered(nats_node, tmp_path):
             assert [(r["group"], r["seq"], r["partition"], r["error_type"]) for r in rows] == [
                 ("g", seq, 3, "ProcessCrashed")
             ]
+            # the partition's owners pass over it; a second exit on it stores it once
+            rec = owner_decoder.decode((await s.kv.get(Names.owner_key("g", 3))).value)
+            assert rec.skip == [seq]
+            await s.own("g", 3, PARTITIONS, "m", 1)
+            await s.ask(MemberExited(group="g", member="g-0", exit_code=-9, poison={3: [seq, 999]}))
+            rec = owner_decoder.decode((await s.kv.get(Names.owner_key("g", 3))).value)
+            assert rec.skip == [seq, 999] and rec.member == "m" and rec.consumer == Names.consumer("g", 3, 1)
+            assert (await s.ask(DlqRequest(action="list")))["total"] == 1
 
     run(go())
 
@@ -233,6 +242,16 @@ def test_read_events_after_a_seq_by_type_glob(nats_node, tmp_path):
             assert got.seqs == [seqs[2]] and got.upto == seqs[2]
             got = await s.ask(Read(after=7, limit=10))
             assert got.seqs == [] and got.upto == 7
+            # more than one batched get; a byte bound still gives at least one event
+            for i in range(600):
+                await s.publish(_event("test.c", n=i), i % SHARDS)
+            got = await s.ask(Read(after=7, limit=1000, types=["test.c"]))
+            assert got.seqs == list(range(8, 608)) and got.upto == 607
+            got = await s.ask(Read(after=7, limit=1000, max_bytes=1))
+            assert got.seqs == [8] and got.upto == 8
+            size = len(got.events[0])
+            got = await s.ask(Read(after=7, limit=1000, max_bytes=10 * size))
+            assert got.seqs == list(range(8, 18)) and got.upto == 17
 
     run(go())
 
@@ -261,6 +280,7 @@ def test_dlq_list_show_replay_purge(nats_node, tmp_path):
             listed = await s.ask(DlqRequest(action="list", group="g"))
             assert [r["id"] for r in listed["dead_letters"]] == [1, 2, 3] and listed["total"] == 3
             assert (await s.ask(DlqRequest(action="list")))["total"] == 4
+            assert abs(listed["dead_letters"][0]["last_failed"] - time.time()) < 60
             row = (await s.ask(DlqRequest(action="show", ids=[2])))["dead_letter"]
             assert row["error_type"] == "ValueError" and row["error"] == "bad" and row["attempts"] == 3
             assert row["event"]["payload"] == {"n": 1} and row["event"]["key"] == "k1"
@@ -338,6 +358,12 @@ def test_metrics_engine_gauges_and_members(nats_node, tmp_path):
             assert [{"group": "g", "partition": "1"}, 1] in gauges[mn.NATS_CONSUMER_LAG]
             assert [{"group": "g"}, 1] in gauges[mn.GROUP_LAG]
             assert list(out["members"]) == ["g/g-0"]
+            # the HTTP port renders it with the catalogue's help text
+            from nexus.http import exposition
+
+            text = exposition.render(exposition.merge(out, None))[0].decode()
+            assert "# HELP nexus_nats_stream_leader Engine nats: 1 while" in text
+            assert 'nexus_nats_consumer_lag_events{group="g",partition="1"} 1.0' in text
 
     run(go())
 

@@ -96,3 +96,48 @@ def test_tail_without_a_cluster_waits_and_says_so(tmp_path):
     assert proc.returncode == 0 and proc.stdout == ""
     assert proc.stderr.startswith("nexus tail: waiting for the cluster at nats://127.0.0.1:")
     assert len(proc.stderr.strip().splitlines()) == 1  # once, no traceback
+
+
+def test_dashboard_tail_reads_the_stream(nats_node, tmp_path):
+    from nexus.http.tail import TailFeed
+
+    _, cfg = _config(tmp_path, nats_node.urls[0])
+
+    async def until(check, what: str, timeout: float = 20) -> None:
+        deadline = time.monotonic() + timeout
+        while not await check():
+            assert time.monotonic() < deadline, what
+            await asyncio.sleep(0.05)
+
+    async def go():
+        nc = await connect.connect(cfg, "test")
+        js = nc.jetstream()
+        names = await setup.ensure(js, cfg, timeout=20)
+        feed = TailFeed(cfg, asyncio.get_running_loop())
+        watcher = feed.watch("test.a")
+        try:
+
+            async def consumer_up():
+                return (await js.stream_info("CLI")).state.consumer_count >= 1
+
+            await until(consumer_up, "the tail's consumer")
+            for i, type_ in enumerate(["test.a", "test.b", "test.a"]):
+                await js.publish(names.event_subject(i % 4), _event(type_, i))
+            lines: list[dict] = []
+
+            async def two_lines():
+                lines.extend(watcher.take())
+                return len(lines) >= 2
+
+            await until(two_lines, "two tail lines")
+            print("dashboard tail:", lines)
+            assert [(x["seq"], x["type"], json.loads(x["payload"])) for x in lines] == [
+                (1, "test.a", {"n": 0}),
+                (3, "test.a", {"n": 2}),
+            ]
+        finally:
+            feed.close()
+            await nc.close()
+        assert feed.thread is None or not feed.thread.is_alive()
+
+    asyncio.run(asyncio.wait_for(go(), 60))

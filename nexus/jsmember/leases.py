@@ -1,0 +1,135 @@
+"""A member's I/O on the group bucket: its heartbeat record, the group's start, the owner
+records (read, compare-and-set), and a watch that keeps the roster and owners current.
+
+Liveness is judged by the reader's own monotonic clock: a member whose record did not
+change for `dead_after` seconds since we last saw it change is dead (no clocks compared
+across hosts)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import msgspec
+from nats.js import JetStreamContext
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
+
+from nexus.jetstream import records
+from nexus.jetstream.names import Names
+from nexus.jetstream.records import GroupRecord, MemberRecord, OwnerRecord
+
+
+class Roster:
+    """Members seen in the bucket and when (our clock) their record last changed."""
+
+    def __init__(self, dead_after: float):
+        self.dead_after = dead_after
+        self.changed: dict[str, float] = {}
+        self.version = 0  # bumped when a member appears or leaves (a rebalance is due)
+
+    def seen(self, member: str, now: float) -> None:
+        if member not in self.changed:
+            self.version += 1
+        self.changed[member] = now
+
+    def gone(self, member: str) -> None:
+        if self.changed.pop(member, None) is not None:
+            self.version += 1
+
+    def alive(self, now: float) -> set[str]:
+        return {m for m, t in self.changed.items() if now - t <= self.dead_after}
+
+
+class Leases:
+    def __init__(self, js: JetStreamContext, kv: KeyValue, names: Names, group: str, member: str, roster: Roster):
+        self.js, self.kv, self.names = js, kv, names
+        self.group, self.member = group, member
+        self.roster = roster
+        self.owners: dict[int, tuple[int, OwnerRecord]] = {}  # partition -> (revision, record), watched
+        self.owner_changed = asyncio.Event()  # an owner record changed (a loss may be due)
+        self._watchers: list[Any] = []
+
+    # -- the group ---------------------------------------------------------------------------
+    async def group_start(self, start: str) -> int:
+        """The group's first seq: created once by the first member (losing the race: read it)."""
+        key = Names.group_key(self.group)
+        try:
+            entry = await self.kv.get(key)
+            assert entry.value is not None
+            return records.group_decoder.decode(entry.value).start_seq
+        except KeyNotFoundError:
+            pass
+        state = (await self.js.stream_info(self.names.stream)).state
+        seq = max(state.first_seq, 1) if start == "earliest" else state.last_seq + 1
+        try:
+            await self.kv.create(key, records.encoder.encode(GroupRecord(start_seq=seq, created=time.time())))
+            return seq
+        except KeyWrongLastSequenceError:
+            entry = await self.kv.get(key)
+            assert entry.value is not None
+            return records.group_decoder.decode(entry.value).start_seq
+
+    # -- our heartbeat -------------------------------------------------------------------------
+    async def beat(self, record: MemberRecord) -> None:
+        await self.kv.put(Names.member_key(self.group, self.member), records.encoder.encode(record))
+
+    async def leave(self) -> None:
+        await self.kv.delete(Names.member_key(self.group, self.member))
+
+    # -- owner records ---------------------------------------------------------------------------
+    async def owner(self, partition: int) -> tuple[int, OwnerRecord | None]:
+        """(revision, record) of `partition`'s owner record; (0, None) when there is none."""
+        try:
+            entry = await self.kv.get(Names.owner_key(self.group, partition))
+        except KeyNotFoundError:
+            return 0, None
+        assert entry.value is not None and entry.revision is not None
+        return entry.revision, records.owner_decoder.decode(entry.value)
+
+    async def swap(self, partition: int, record: OwnerRecord, last: int) -> int | None:
+        """Compare-and-set: the new revision, or None when the record changed meanwhile."""
+        key, value = Names.owner_key(self.group, partition), records.encoder.encode(record)
+        try:
+            if last == 0:
+                return await self.kv.create(key, value)
+            return await self.kv.update(key, value, last=last)
+        except KeyWrongLastSequenceError:
+            return None
+
+    # -- the watch -------------------------------------------------------------------------------
+    async def watch(self) -> None:
+        """Follow the group's member and owner records (the initial values first)."""
+        for pattern, on in ((f"m.{self.group}.*", self._on_member), (f"o.{self.group}.*", self._on_owner)):
+            watcher = await self.kv.watch(pattern)
+            self._watchers.append(watcher)
+            asyncio.ensure_future(self._follow(watcher, on))
+
+    async def _follow(self, watcher: Any, on: Any) -> None:
+        async for entry in watcher:
+            if entry is not None:
+                on(entry)
+
+    def _on_member(self, entry: Any) -> None:
+        member = entry.key.split(".", 2)[2]
+        if entry.operation in (KV_DEL, KV_PURGE):
+            self.roster.gone(member)
+        else:
+            self.roster.seen(member, time.monotonic())
+
+    def _on_owner(self, entry: Any) -> None:
+        try:
+            partition = int(entry.key.rsplit(".", 1)[1])
+            record = records.owner_decoder.decode(entry.value) if entry.value else OwnerRecord()
+        except (ValueError, msgspec.DecodeError, msgspec.ValidationError):
+            return
+        self.owners[partition] = (entry.revision, record)
+        self.owner_changed.set()
+
+    async def stop(self) -> None:
+        for watcher in self._watchers:
+            try:
+                await watcher.stop()
+            except Exception:  # (the connection may be gone already)
+                pass

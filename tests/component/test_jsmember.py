@@ -1,0 +1,411 @@
+"""The NATS engine's member (nexus/jsmember/) against real nats-server nodes: members run as
+subprocesses, events are published straight to the events subjects with nats-py (the test
+is the other side of the protocol), a recorder handler writes what it handled."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import msgspec
+import pytest
+from conftest import recorder_group, write_config
+from nats.js.errors import KeyNotFoundError
+from recorder import read_handled, tally
+
+from nexus.config import load
+from nexus.jetstream import names as h
+from nexus.jetstream.connect import connect
+from nexus.jetstream.names import Names
+from nexus.jetstream.records import OwnerRecord
+from nexus.jetstream.setup import ensure
+from nexus.protocol.events import Event, encode, new_id
+from nexus.testing import wait_for
+
+GROUP = "g"
+PARTITIONS = 4
+RUN_MEMBER = (
+    "import sys; from nexus.config import load; from nexus.jsmember.runtime import main; "
+    "main(load(sys.argv[1]), sys.argv[2], sys.argv[3])"
+)
+
+
+def nats_config(tmp_path: Path, urls: list[str], out: Path, replicas: int = 1, **group) -> Path:
+    return write_config(
+        tmp_path,
+        engine="nats",
+        nats={"servers": urls, "stream": "T", "shards": 8, "replicas": replicas},
+        router={"heartbeat_interval": "0.3s", "heartbeat_misses": 4},
+        shutdown_timeout="10s",
+        workers={GROUP: recorder_group(out, partitions=PARTITIONS, **group)},
+    )
+
+
+class Members:
+    """Member subprocesses; every one is stopped at teardown (SIGCONT first: a stopped
+    process cannot act on SIGTERM)."""
+
+    def __init__(self, path: Path, logs: Path):
+        self.path, self.logs = path, logs
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def start(self, name: str) -> subprocess.Popen:
+        log = open(self.logs / f"{name}.log", "ab")  # noqa: SIM115 (the child keeps it)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", RUN_MEMBER, str(self.path), GROUP, name], stdout=log, stderr=subprocess.STDOUT
+        )
+        log.close()
+        self.procs[name] = proc
+        return proc
+
+    def member_id(self, name: str) -> str:
+        return f"{name}-{os.uname().nodename}-{self.procs[name].pid}".replace(".", "_")
+
+    def stop(self, name: str, timeout: float = 20.0) -> int:
+        proc = self.procs[name]
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGCONT)
+            proc.terminate()
+            try:
+                return proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+                raise
+        return proc.returncode
+
+    def log(self, name: str) -> str:
+        return (self.logs / f"{name}.log").read_text(errors="replace")
+
+    def close(self) -> None:
+        for name, proc in self.procs.items():
+            if proc.poll() is None:
+                try:
+                    self.stop(name)
+                except subprocess.TimeoutExpired:
+                    pass
+
+
+@pytest.fixture
+def members_of(tmp_path):
+    made: list[Members] = []
+
+    def make(path: Path) -> Members:
+        logs = tmp_path / "logs"
+        logs.mkdir(exist_ok=True)
+        made.append(Members(path, logs))
+        return made[-1]
+
+    yield make
+    for m in made:
+        m.close()
+
+
+# -- the other side of the protocol: a raw NATS publisher and reader ---------------------------
+def run(coro):
+    return asyncio.run(coro)
+
+
+def event(i: int, keys: int = 16, type_: str = "test.ping", payload=None) -> Event:
+    return Event(type_, "t", payload if payload is not None else {"n": i}, new_id(), time.time(), key=f"k{i % keys}")
+
+
+async def _publish(path: Path, events: list[Event], raw: list[tuple[str, bytes]] = ()) -> list[int]:
+    cfg = load(path)
+    nc = await connect(cfg, "test-publisher")
+    try:
+        js = nc.jetstream()
+        names = await ensure(js, cfg, timeout=20)
+        seqs = []
+        for ev in events:
+            subject = names.event_subject(names.shard_of(ev.key, ev.source))
+            ack = await js.publish(subject, encode(ev), headers={h.MSG_ID: ev.id})
+            seqs.append(ack.seq)
+        for subject, data in raw:
+            seqs.append((await js.publish(subject, data)).seq)
+        return seqs
+    finally:
+        await nc.close()
+
+
+def publish(path: Path, events: list[Event], raw: list[tuple[str, bytes]] = ()) -> list[int]:
+    return run(_publish(path, events, raw))
+
+
+async def _stored(path: Path, stream: str) -> list[tuple[dict, bytes]]:
+    """Every message in `stream`: (headers, data)."""
+    cfg = load(path)
+    nc = await connect(cfg, "test-reader")
+    try:
+        js = nc.jetstream()
+        last = (await js.stream_info(stream)).state.last_seq
+        out = []
+        for seq in range(1, last + 1):
+            msg = await js.get_msg(stream, seq)
+            out.append((dict(msg.headers or {}), msg.data or b""))
+        return out
+    finally:
+        await nc.close()
+
+
+def stored(path: Path, stream: str) -> list[tuple[dict, bytes]]:
+    return run(_stored(path, stream))
+
+
+async def _owners(path: Path) -> dict[int, str]:
+    """partition -> owning member, from the group bucket ("" = free)."""
+    cfg = load(path)
+    nc = await connect(cfg, "test-owners")
+    try:
+        js = nc.jetstream()
+        kv = await js.key_value((await ensure(js, cfg, timeout=20)).bucket)
+        out = {}
+        for p in range(PARTITIONS):
+            try:
+                entry = await kv.get(Names.owner_key(GROUP, p))
+            except KeyNotFoundError:
+                continue
+            out[p] = msgspec.msgpack.decode(entry.value, type=OwnerRecord).member
+        return out
+    finally:
+        await nc.close()
+
+
+def owners(path: Path) -> dict[int, str]:
+    return run(_owners(path))
+
+
+def wait_balanced(path: Path, members: list[str], timeout: float = 30.0) -> dict[int, str]:
+    """Until the partitions are spread evenly over exactly `members` (member ids)."""
+
+    def balanced():
+        now = owners(path)
+        counts = [sum(1 for m in now.values() if m == member) for member in members]
+        full = len(now) == PARTITIONS and set(now.values()) == set(members)
+        return now if full and max(counts) - min(counts) <= 1 else None
+
+    return wait_for(balanced, timeout, 0.1, f"partitions balanced over {members}")
+
+
+# -- checks -------------------------------------------------------------------------------------
+def handled_ids(out: Path) -> set[str]:
+    return {row[1] for row in read_handled(str(out))}
+
+
+def wait_handled(out: Path, ids: set[str], timeout: float = 30.0) -> None:
+    wait_for(lambda: ids <= handled_ids(out), timeout, 0.05, f"{len(ids)} events handled")
+
+
+def check_order_per_key(out: Path, events: list[Event]) -> None:
+    """Within each member, a key's events were handled in stream order (a redelivered
+    event may come again after later ones: only the first handlings are compared)."""
+    key_of = {ev.id: ev.key for ev in events}
+    seen: dict[tuple[str, str | None], int] = {}
+    firsts: set[tuple[str, str]] = set()
+    for member, event_id, seq, _p, _redelivered, _attempt in read_handled(str(out)):
+        if (member, event_id) in firsts:
+            continue
+        firsts.add((member, event_id))
+        k = (member, key_of.get(event_id))
+        assert seq > seen.get(k, 0), f"{member}: key {k[1]} handled seq {seq} after {seen[k]}"
+        seen[k] = seq
+
+
+def report(label: str, sent: int, out: Path, ids: set[str]) -> tuple[int, int]:
+    rows = read_handled(str(out))
+    got, flagged, unflagged = tally(rows)
+    per_member: dict[str, int] = {}
+    for row in rows:
+        per_member[row[0].split("-")[0]] = per_member.get(row[0].split("-")[0], 0) + 1
+    lost = len(ids - got)
+    print(
+        f"{label}: sent {sent} handled {len(rows)} distinct {len(got & ids)} lost {lost} "
+        f"duplicates flagged {flagged} unflagged {unflagged} per member {per_member}"
+    )
+    assert lost == 0, f"lost: {sorted(ids - got)[:5]}"
+    return flagged, unflagged
+
+
+# -- tests ----------------------------------------------------------------------------------------
+def test_two_members_share_the_partitions(tmp_path, nats_node, members_of):
+    out = tmp_path / "out"
+    path = nats_config(tmp_path, nats_node.urls, out)
+    members = members_of(path)
+    members.start("w0")
+    members.start("w1")
+    wait_balanced(path, [members.member_id("w0"), members.member_id("w1")])
+    events = [event(i) for i in range(300)]
+    publish(path, events)
+    ids = {ev.id for ev in events}
+    wait_handled(out, ids)
+    flagged, unflagged = report("two members", len(events), out, ids)
+    rows = read_handled(str(out))
+    assert len(rows) == len(events), "every event handled exactly once"
+    by_member = {row[0] for row in rows}
+    assert len(by_member) == 2, f"both members handled events: {by_member}"
+    partitions_of = {m: {row[3] for row in rows if row[0] == m} for m in by_member}
+    a, b = partitions_of.values()
+    assert not a & b and len(a | b) == PARTITIONS, partitions_of
+    check_order_per_key(out, events)
+    assert members.stop("w0") == 0 and members.stop("w1") == 0
+
+
+def test_a_member_joins_and_one_leaves(tmp_path, nats_node, members_of):
+    """Rebalancing over clean hand-overs (release: finish the head, ack, free the record;
+    take: start after the ack floor) loses nothing and handles nothing twice."""
+    out = tmp_path / "out"
+    path = nats_config(tmp_path, nats_node.urls, out, options={"sleep": 0.002})
+    members = members_of(path)
+    members.start("w0")
+    members.start("w1")
+    ids_of = lambda *names: [members.member_id(n) for n in names]
+    wait_balanced(path, ids_of("w0", "w1"))
+    events = [event(i) for i in range(200)]
+    publish(path, events)
+    members.start("w2")  # joins while the first batch is being handled
+    wait_balanced(path, ids_of("w0", "w1", "w2"))
+    more = [event(i) for i in range(200, 400)]
+    publish(path, more)
+    assert members.stop("w0") == 0  # leaves while the second batch is being handled
+    wait_balanced(path, ids_of("w1", "w2"))
+    last = [event(i) for i in range(400, 500)]
+    publish(path, last)
+    events += more + last
+    ids = {ev.id for ev in events}
+    wait_handled(out, ids)
+    flagged, unflagged = report("join and leave", len(events), out, ids)
+    rows = read_handled(str(out))
+    assert len(rows) == len(events) and flagged == unflagged == 0, "clean hand-overs: each event handled once"
+    assert {row[0].split("-")[0] for row in rows} == {"w0", "w1", "w2"}
+    check_order_per_key(out, events)
+
+
+def test_sigkill_mid_stream_redelivers_flagged(tmp_path, nats_cluster, members_of):
+    """On a 3-node cluster (R3 streams and bucket): a member killed mid-stream is declared
+    dead after heartbeat_interval x misses; its partitions go to the survivor, which
+    handles what was not acked again, flagged ctx.redelivered."""
+    out = tmp_path / "out"
+    path = nats_config(tmp_path, nats_cluster.urls, out, replicas=3, options={"sleep": 0.004})
+    members = members_of(path)
+    members.start("w0")
+    members.start("w1")
+    w0, w1 = members.member_id("w0"), members.member_id("w1")
+    wait_balanced(path, [w0, w1], timeout=60)
+    events = [event(i) for i in range(400)]
+    publish(path, events)
+    ids = {ev.id for ev in events}
+    wait_for(lambda: sum(1 for r in read_handled(str(out)) if r[0] == w0) >= 40, 30, 0.02, "w0 handling")
+    members.procs["w0"].kill()
+    members.procs["w0"].wait(10)
+    wait_handled(out, ids, timeout=60)
+    flagged, unflagged = report("sigkill", len(events), out, ids)
+    assert unflagged == 0, "every duplicate carries ctx.redelivered"
+    assert set(owners(path).values()) == {w1}
+    check_order_per_key(out, events)
+
+
+def test_retries_then_dead_letter_in_the_dlq_stream(tmp_path, nats_node, members_of):
+    out = tmp_path / "out"
+    fixed = tmp_path / "never-created"
+    path = nats_config(tmp_path, nats_node.urls, out, handler="recorder:poisonable", options={"fixed": str(fixed)})
+    members = members_of(path)
+    members.start("w0")
+    wait_balanced(path, [members.member_id("w0")])
+    events = [event(i, keys=4) for i in range(10)]
+    poison = event(10, keys=4, payload={"poison": True})
+    after = [event(i, keys=4) for i in range(11, 20)]  # the same keys: they wait behind it
+    seqs = publish(path, events + [poison] + after)
+    ids = {ev.id for ev in events + after}
+    wait_handled(out, ids)
+    dlq = wait_for(lambda: stored(path, "T_DLQ"), 20, 0.1, "the dead letter stored")
+    report("dead letter", 20, out, ids)
+    print(f"dead letters stored: {len(dlq)}")
+    assert poison.id not in handled_ids(out)
+    assert len(dlq) == 1
+    headers, data = dlq[0]
+    assert data == encode(poison)
+    assert headers[h.H_GROUP] == GROUP
+    assert headers[h.H_SEQ] == str(seqs[10])
+    assert headers[h.H_ATTEMPTS] == "3"
+    assert headers[h.H_ERROR].startswith("ValueError: cannot digest event")
+    assert headers[h.MSG_ID] == f"{GROUP}:{seqs[10]}"
+    names = Names("T", 8)
+    shard = names.shard_of(poison.key, poison.source)
+    assert headers[h.H_PARTITION] == str(shard % PARTITIONS)
+    assert members.stop("w0") == 0
+    # it was acked past: the released record starts after every event
+    assert owners(path) == dict.fromkeys(range(PARTITIONS), "")
+
+
+def test_invalid_events_go_to_the_rejected_stream(tmp_path, nats_node, members_of):
+    out = tmp_path / "out"
+    path = nats_config(tmp_path, nats_node.urls, out, subscribe=["test.*", "schedule.tick"])
+    members = members_of(path)
+    members.start("w0")
+    wait_balanced(path, [members.member_id("w0")])
+    good = [event(i) for i in range(5)]
+    tick = Event("schedule.tick", "t", {"name": "a", "scheduled": 1.0, "fired": 2.0}, new_id(), time.time())
+    bad_payload = Event("schedule.tick", "t", {"name": 5}, new_id(), time.time())  # breaks the contract
+    other = event(99, type_="other.thing")  # not subscribed: passed over
+    names = Names("T", 8)
+    garbage = (names.event_subject(3), b"\xc1 not msgpack")
+    seqs = publish(path, [*good, tick, bad_payload, other], raw=[garbage])
+    ids = {ev.id for ev in [*good, tick]}
+    rejected = wait_for(lambda: len(got := stored(path, "T_REJECTED")) >= 2 and got, 20, 0.1, "2 rejected")
+    wait_handled(out, ids)
+    report("rejected", len(seqs), out, ids)
+    print(f"rejected stored: {len(rejected)}")
+    assert handled_ids(out) == ids, "neither the bad payload, the garbage nor the unsubscribed type reached the handler"
+    by_seq = {hd[h.H_SEQ]: (hd, data) for hd, data in rejected}
+    assert set(by_seq) == {str(seqs[6]), str(seqs[8])}
+    hd, data = by_seq[str(seqs[6])]
+    assert data == encode(bad_payload) and "schedule.tick" in hd[h.H_REASON]
+    assert hd[h.H_SOURCE] == f"group:{GROUP}"
+    hd, data = by_seq[str(seqs[8])]
+    assert data == garbage[1] and hd[h.H_REASON].startswith("not a Nexus event")
+    assert members.stop("w0") == 0
+
+
+def test_a_resumed_member_does_not_handle_what_another_now_owns(tmp_path, nats_node, members_of):
+    """SIGSTOP past the dead-member timeout: the other member takes over; after SIGCONT the
+    stopped one's own heartbeat is stale, so it drops its partitions (its queued events
+    too) instead of handling them; its late acks would reach a deleted consumer anyway."""
+    out = tmp_path / "out"
+    path = nats_config(tmp_path, nats_node.urls, out, options={"sleep": 0.01})
+    members = members_of(path)
+    members.start("w0")
+    members.start("w1")
+    w0, w1 = members.member_id("w0"), members.member_id("w1")
+    wait_balanced(path, [w0, w1])
+    events = [event(i) for i in range(300)]
+    publish(path, events)
+    wait_for(lambda: sum(1 for r in read_handled(str(out)) if r[0] == w0) >= 20, 30, 0.02, "w0 handling")
+    members.procs["w0"].send_signal(signal.SIGSTOP)
+    wait_for(lambda: set(owners(path).values()) == {w1}, 30, 0.1, "w1 owns every partition")
+    during = [event(i) for i in range(300, 400)]
+    publish(path, during)
+    ids = {ev.id for ev in events + during}
+    wait_handled(out, ids, timeout=60)  # all by now: w0 is stopped
+    before = len([r for r in read_handled(str(out)) if r[0] == w0])
+    members.procs["w0"].send_signal(signal.SIGCONT)
+    wait_balanced(path, [w0, w1])  # it comes back as a fresh member
+    last = [event(i) for i in range(400, 450)]
+    publish(path, last)
+    ids |= {ev.id for ev in last}
+    wait_handled(out, ids)
+    flagged, unflagged = report("sigstop", len(ids), out, ids)
+    rows = read_handled(str(out))
+    w0_after = {r[1] for r in [r for r in rows if r[0] == w0][before:]}
+    by_w1 = {r[1] for r in rows if r[0] == w1}
+    overlap = w0_after & by_w1
+    print(f"w0 handled {len(w0_after)} after SIGCONT, {len(overlap)} of them also handled by w1")
+    # at most the call that was running when it stopped (it finishes on SIGCONT)
+    assert len(overlap) <= 1, sorted(overlap)
+    assert unflagged <= len(overlap)
+    assert "fenced" in members.log("w0")
+    assert not w0_after & {ev.id for ev in during}
