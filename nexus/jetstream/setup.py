@@ -72,6 +72,13 @@ async def _ensure_stream(js: JetStreamContext, config: api.StreamConfig) -> None
 
 # what a cluster says while it forms (no JetStream meta leader yet) or fails over
 NOT_READY = (NatsTimeout, NoRespondersError, ServiceUnavailableError, asyncio.TimeoutError)
+# and while its meta leader has not met enough peers for the replicas yet (also what a
+# cluster smaller than `replicas` says for ever: the log line names it)
+NO_PEERS_YET = 10005  # "no suitable peers for placement"
+
+
+def _not_ready(exc: Exception) -> bool:
+    return isinstance(exc, NOT_READY) or (isinstance(exc, BadRequestError) and exc.err_code == NO_PEERS_YET)
 
 
 async def ensure(js: JetStreamContext, cfg: Config, timeout: float | None = None, log=None) -> Names:
@@ -81,8 +88,8 @@ async def ensure(js: JetStreamContext, cfg: Config, timeout: float | None = None
     while True:
         try:
             return await _ensure(js, cfg)
-        except NOT_READY as exc:
-            if deadline is not None and time.monotonic() > deadline:
+        except Exception as exc:
+            if not _not_ready(exc) or (deadline is not None and time.monotonic() > deadline):
                 raise
             if log is not None:
                 log.info("jetstream_not_ready", error=repr(exc))
