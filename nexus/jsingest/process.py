@@ -17,6 +17,7 @@ Any NATS client may produce too: see `nats_intake` below.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 from typing import Any, cast
 
@@ -87,6 +88,7 @@ class IngestProcess:
         self.store: Store | None = None
         self.admin: Admin | None = None
         self.ready = False
+        self.stopped = False  # run() returned: the data dir lock is free again
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
         self._stop_early = False
@@ -100,7 +102,8 @@ class IngestProcess:
         if loop is None or stop is None:
             self._stop_early = True
             return
-        loop.call_soon_threadsafe(stop.set)
+        with contextlib.suppress(RuntimeError):  # the loop ended already
+            loop.call_soon_threadsafe(stop.set)
 
     def intake_stats(self) -> dict[str, Any]:
         stats: dict[str, Any] = self.store.stats() if self.store is not None else {"engine": "nats"}
@@ -115,6 +118,7 @@ class IngestProcess:
             asyncio.run(self._main(signals))
         finally:
             lock.release()
+            self.stopped = True
 
     # -- the loop --------------------------------------------------------------------------
     async def _main(self, signals: bool) -> None:
@@ -169,6 +173,7 @@ class IngestProcess:
                 curve=self.curve is not None,
             )
             await self._stop.wait()
+            self.ready = False
             # stop taking, finish what was taken: publishes, then the ACKs that wait for them
             for task in readers:
                 task.cancel()
