@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import signal
 from typing import Any, cast
 
@@ -71,6 +72,9 @@ MAX_PENDING = 4096  # publishes in flight before the readers pause
 BEAT_EVERY = 0.2
 DRAIN_FOR = 5.0  # seconds at exit for publishes in flight (at most shutdown_timeout)
 CONNECT_RETRY = 0.5
+# room for headers within the server's max_payload (a msg id, or a rejected event's
+# reason and source, which are cut at 1,000 and 128 characters)
+HEADER_ROOM = 2048
 
 
 class IngestProcess:
@@ -93,6 +97,7 @@ class IngestProcess:
         self._stop: asyncio.Event | None = None
         self._stop_early = False
         self._replies: set[asyncio.Task] = set()  # replies waiting for PubAcks, admin answers
+        self._last_reply: dict[bytes, asyncio.Task] = {}  # confirm connection -> its latest reply
         self._keyed_socks: set[zmq.asyncio.Socket] = set()  # CURVE servers: messages carry their key
 
     # -- control from other threads (tests) and signals ---------------------------------------
@@ -150,12 +155,13 @@ class IngestProcess:
             nc = await self._connect()
             if nc is None:
                 return
+            self._fit_payload(nc.max_payload)
             js = nc.jetstream(publish_async_max_pending=self.max_pending * 2)
             names = await self._until_stopped(setup.ensure(js, self.config, log=log))
             if names is None:
                 return
             publisher = Publisher(js, self.max_pending, log)
-            self.store = Store(self.intake, publisher, names, self.config.router.max_event_bytes)
+            self.store = Store(self.intake, publisher, names)
             self.admin = Admin(self.config, nc, js, names, self.intake_stats)
             self.ingest = self._bind(actx, zmq.PULL, self.config.ingest, hwm=INGEST_HWM)
             self.confirm = self._bind(actx, zmq.ROUTER, self.config.confirm)
@@ -194,6 +200,19 @@ class IngestProcess:
             if self.gatekeeper is not None:
                 self.gatekeeper.stop()
             ctx.term()
+
+    def _fit_payload(self, max_payload: int) -> None:
+        """An event the server cannot take (max_payload) would be retried for ever and
+        hold every publish behind it: such events are refused as too_large instead."""
+        fits = max_payload - HEADER_ROOM
+        if self.intake.max_event_bytes > fits:
+            log.info(
+                "max_event_bytes_lowered",
+                configured=self.intake.max_event_bytes,
+                effective=fits,
+                reason=f"the NATS server's max_payload is {max_payload} bytes (headers need {HEADER_ROOM})",
+            )
+            self.intake.max_event_bytes = fits
 
     async def _until_stopped(self, work):
         """`work`'s result, or None when a stop comes first."""
@@ -289,14 +308,27 @@ class IngestProcess:
             return None
 
     def _spawn_reply(self, identity: bytes, outcome, waits) -> None:
+        """Answer once stored, and after the previous answer to the same connection: a
+        later ACK overtaking an earlier reply would settle that reply's NACKed events
+        as accepted in the SDK (it pops everything up to the ACK)."""
+        previous = self._last_reply.get(identity)
+
         async def reply() -> None:
+            if previous is not None and not previous.done():
+                await asyncio.wait([previous])
             answer = await Store.reply_when_stored(outcome, waits)
             if answer is not None:
                 await self._send(self.confirm, identity, answer)
 
         task = asyncio.ensure_future(reply())
+        self._last_reply[identity] = task
         self._replies.add(task)
-        task.add_done_callback(self._replies.discard)
+        task.add_done_callback(functools.partial(self._replied, identity))
+
+    def _replied(self, identity: bytes, task: asyncio.Task) -> None:
+        self._replies.discard(task)
+        if self._last_reply.get(identity) is task:
+            del self._last_reply[identity]
 
     async def _send(self, sock: zmq.asyncio.Socket, identity: bytes, msg: Any) -> None:
         """Never waits: a gone or backed-up peer asks again."""

@@ -42,9 +42,8 @@ _check_msgpack = msgspec.msgpack.Decoder(msgspec.Raw).decode  # one whole msgpac
 
 
 class Store:
-    def __init__(self, intake: Intake, publisher: Publisher, names: Names, max_event_bytes: int):
+    def __init__(self, intake: Intake, publisher: Publisher, names: Names):
         self.intake, self.publisher, self.names = intake, publisher, names
-        self.max_event_bytes = max_event_bytes
         self.inflight: dict[str, set[asyncio.Task]] = {}  # confirm producer -> its publishes pending
         self.kept: collections.Counter[str] = collections.Counter()  # rejected stored, by category
         self.requests = 0  # events from the NATS request intake
@@ -57,7 +56,7 @@ class Store:
         and the publishes of its accepted events."""
         outcome = self.intake.take(frame, confirm, time.monotonic(), grant)
         tasks = self._publish(outcome.accepted)
-        for r in rejects.rejected(frame, outcome, self.max_event_bytes, source):
+        for r in rejects.rejected(frame, outcome, self.intake.max_event_bytes, source):
             self.kept[rejects.category(r.reason)] += 1
             self.publisher.submit(self.names.rejected_subject, r.payload, r.headers())
         return outcome, tasks
@@ -116,7 +115,7 @@ class Store:
             reason = f"malformed: unreadable event: {exc}"
             self.intake.count_rejected("malformed")
             self.kept["malformed"] += 1
-            kept = rejects.Rejected(reason, "nats", bytes(data[: self.max_event_bytes]))
+            kept = rejects.Rejected(reason, "nats", bytes(data[: self.intake.max_event_bytes]))
             self.publisher.submit(self.names.rejected_subject, kept.payload, kept.headers())
             return {"ok": False, "seq": 0, "error": reason}
         frame = encoder.encode(ProducerBatch(events=[msgspec.Raw(data)]))
