@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import functools
 import signal
+import time
 from typing import Any, cast
 
 import msgspec
@@ -242,9 +243,17 @@ class IngestProcess:
         return None
 
     async def _beat(self) -> None:
+        """The launcher's hang detection reads the beats; the gatekeeper re-reads the
+        authorized keys when due (a revoked key's messages are refused from then on:
+        its grant is gone)."""
         box = blackbox.current()
-        while box is not None:
-            box.beat()
+        while True:
+            if box is not None:
+                box.beat()
+            if self.gatekeeper is not None:
+                revoked = self.gatekeeper.tick(time.monotonic())
+                if revoked:
+                    log.warning("keys_revoked", keys=sorted(revoked))
             await asyncio.sleep(BEAT_EVERY)
 
     def _bind(

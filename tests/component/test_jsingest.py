@@ -446,3 +446,57 @@ def test_process_exits_0_on_sigterm_and_holds_the_router_lock(nats_node, config_
     assert proc.returncode == 0, text[-2000:]
     assert "ingest_stopped" in text
     check_once(sent, read_events(nats_node.urls), "subprocess")
+
+
+def test_curve_keys_and_grants_apply_as_at_the_router(nats_node, config_factory, tmp_path):
+    """tcp:// endpoints with CURVE: an authorized producer's events are stored; an event
+    from a source its grant does not name is NACKed forbidden and kept."""
+    import shutil
+
+    import yaml
+
+    from nexus.protocol.curve import ClientKeys, load_pair
+    from nexus.testing import free_port
+
+    root = tmp_path / "keys"
+    authorized = root / "authorized"
+    authorized.mkdir(parents=True)
+    _, server_secret = zmq.auth.create_certificates(str(root), "router")
+    os.chmod(server_secret, 0o600)
+    _, secret = zmq.auth.create_certificates(str(root), "prod")
+    os.chmod(secret, 0o600)
+    (authorized / "prod.yaml").write_text(
+        yaml.safe_dump({"role": "producer", "sources": ["comp*"], "types": ["test.*"]})
+    )
+    shutil.copy(root / "prod.key", authorized / "prod.key")
+    prod = ClientKeys(load_pair(secret, "prod"), load_pair(server_secret, "server").public)
+    tcp = [f"tcp://127.0.0.1:{free_port()}" for _ in range(4)]
+    path = config_factory(
+        engine="nats",
+        nats={"servers": nats_node.urls, "stream": STREAM, "shards": SHARDS},
+        router={"ingest": tcp[0], "confirm": tcp[1], "publish": tcp[2], "coord": tcp[3]},
+        security={"curve": {"secret_key_file": server_secret, "authorized_keys_dir": str(authorized)}},
+    )
+    proc = IngestProcess(config.load(path))
+    thread = threading.Thread(target=proc.run, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: proc.ready, 30, message="ingest ready")
+        with Producer(proc.config.confirm, source="comp", curve=prod) as p:
+            sent = [p.send("test.item", {"i": i}) for i in range(200)]
+            p.flush(20)
+        with Producer(proc.config.ingest, source="comp-fire", confirm=False, curve=prod) as p:
+            sent += [p.send("test.fire", {"i": i}) for i in range(100)]
+            p.flush(10)
+        with Producer(proc.config.confirm, source="elsewhere", curve=prod) as p:
+            p.send("test.item", {"i": 0})
+            settled, errors = p.settle(20)
+        assert settled and len(errors) == 1 and "forbidden" in str(errors[0]), errors
+        wait_for(lambda: stream_count(nats_node.urls) == 300, 20, message="300 stored")
+        check_once(sent, read_events(nats_node.urls), "curve")
+        wait_for(lambda: stream_count(nats_node.urls, f"{STREAM}_REJECTED") == 1, 10, message="forbidden kept")
+        assert proc.intake_stats()["security"] == {"curve": True}
+    finally:
+        proc.stop()
+        thread.join(30)
+    assert not thread.is_alive()
