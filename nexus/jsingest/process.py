@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import functools
 import signal
+import threading
 import time
 from typing import Any, cast
 
@@ -117,17 +118,19 @@ class IngestProcess:
         stats["security"] = {"curve": self.curve is not None}
         return stats
 
-    def run(self, signals: bool = False) -> None:
+    def run(self, signals: bool = False, signalled: threading.Event | None = None) -> None:
+        """`signals`: SIGTERM/SIGINT stop it (main thread only); `signalled`: set by the
+        signal handler that ran before the loop had its own."""
         # one router per data dir, whatever its engine
         lock = DataDirLock(self.config.data_dir, ROUTER_LOCK, "router").acquire()
         try:
-            asyncio.run(self._main(signals))
+            asyncio.run(self._main(signals, signalled))
         finally:
             lock.release()
             self.stopped = True
 
     # -- the loop --------------------------------------------------------------------------
-    async def _main(self, signals: bool) -> None:
+    async def _main(self, signals: bool, signalled: threading.Event | None) -> None:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
         if self._stop_early:
@@ -139,6 +142,8 @@ class IngestProcess:
             self._loop.add_signal_handler(
                 signal.SIGHUP, lambda: log.warning("sighup_ignored", reason="use nexus reload")
             )
+        if signalled is not None and signalled.is_set():
+            self._stop.set()
         beat = asyncio.ensure_future(self._beat())
         ctx = zmq.Context()
         actx = zmq.asyncio.Context.shadow(ctx.underlying)
@@ -179,7 +184,7 @@ class IngestProcess:
                 stream=names.stream,
                 curve=self.curve is not None,
             )
-            await self._stop.wait()
+            await self._until_stopped(self._first_failure([*readers, *tasks]))
             self.ready = False
             # stop taking, finish what was taken: publishes, then the ACKs that wait for them
             for task in readers:
@@ -214,6 +219,16 @@ class IngestProcess:
                 reason=f"the NATS server's max_payload is {max_payload} bytes (headers need {HEADER_ROOM})",
             )
             self.intake.max_event_bytes = fits
+
+    @staticmethod
+    async def _first_failure(tasks: list[asyncio.Task]) -> None:
+        """Raise what ended a reader (each catches a message's errors: this is a socket or
+        a bug), so the process exits and the launcher starts it again instead of it
+        running on deaf."""
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            task.result()
+        raise RuntimeError("a reader ended")
 
     async def _until_stopped(self, work):
         """`work`'s result, or None when a stop comes first."""
@@ -442,6 +457,8 @@ def main(config: Config, env: str | None = None, members_alive: bool = False, la
 
     del members_alive, launcher_pid
     process.raise_fd_limit()
+    signalled = threading.Event()  # a SIGTERM while starting: stop as soon as the loop runs
+    process.stop_on_signals(signalled)
     with _beating(blackbox.current()):  # contract imports: starting is not hanging
         ingest = IngestProcess(config, env)
-    ingest.run(signals=True)
+    ingest.run(signals=True, signalled=signalled)
