@@ -22,6 +22,7 @@ import msgspec
 from nexus.jetstream.names import MSG_ID, Names
 from nexus.jsingest import rejects
 from nexus.jsingest.publisher import Publisher
+from nexus.jsingest.telemetry import IngestTelemetry
 from nexus.protocol.events import DECODE_ERRORS
 from nexus.protocol.gatekeeper import Grant
 from nexus.protocol.wire import ProducerBatch, ProducerReply, encoder
@@ -44,6 +45,7 @@ _check_msgpack = msgspec.msgpack.Decoder(msgspec.Raw).decode  # one whole msgpac
 class Store:
     def __init__(self, intake: Intake, publisher: Publisher, names: Names):
         self.intake, self.publisher, self.names = intake, publisher, names
+        self.telemetry = IngestTelemetry(intake, publisher)
         self.inflight: dict[str, set[asyncio.Task]] = {}  # confirm producer -> its publishes pending
         self.kept: collections.Counter[str] = collections.Counter()  # rejected stored, by category
         self.requests = 0  # events from the NATS request intake
@@ -56,6 +58,8 @@ class Store:
         and the publishes of its accepted events."""
         outcome = self.intake.take(frame, confirm, time.monotonic(), grant)
         tasks = self._publish(outcome.accepted)
+        if tasks:
+            self._count_when_stored(outcome.accepted, tasks)
         for r in rejects.rejected(frame, outcome, self.intake.max_event_bytes, source):
             self.kept[rejects.category(r.reason)] += 1
             self.publisher.submit(self.names.rejected_subject, r.payload, r.headers())
@@ -93,6 +97,18 @@ class Store:
             if any(t.cancelled() or t.exception() is not None for t in waits):
                 return None
         return ProducerReply(ack=outcome.ack, nacks=outcome.nacks, error=outcome.error)
+
+    def _count_when_stored(self, acc: Accepted, tasks: list[asyncio.Task]) -> None:
+        """The accepted metric counts a batch's events once all are stored."""
+        left = [len(tasks)]
+
+        def stored(task: asyncio.Task) -> None:
+            left[0] -= 1
+            if left[0] == 0 and not task.cancelled():
+                self.intake.journaled([acc])
+
+        for task in tasks:
+            task.add_done_callback(stored)
 
     def _publish(self, acc: Accepted) -> list[asyncio.Task]:
         names, submit = self.names, self.publisher.submit
@@ -145,4 +161,5 @@ class Store:
             "rate_limited": intake.rejected.get("rate_limited", 0),
             "nats_requests": self.requests,
             "rate_limits": intake.limiter.describe(),
+            "metrics": self.telemetry.snapshot(),  # the router's metric names
         }

@@ -134,6 +134,8 @@ def test_confirmed_events_are_stored_once_each(nats_node, ingest):
     stats = proc.intake_stats()
     assert stats["accepted"] == stats["stored"] == 2000
     assert stats["pending"] == 0 and stats["producers"] == 1
+    accepted = stats["metrics"]["counters"]["nexus_events_accepted_total"]  # counted once stored
+    assert sum(value for _labels, value in accepted) == 2000
 
 
 def test_a_resent_event_id_is_stored_once(nats_node, ingest):
