@@ -28,6 +28,8 @@ from nexus.protocol.gatekeeper import Grant
 from nexus.protocol.wire import ProducerBatch, ProducerReply, encoder
 from nexus.router.intake import Accepted, Intake, Outcome
 
+RECENT_REJECTS = 10  # rejections (time, reason, detail, source, id) in the stats, as the router shows
+
 
 class _Id(msgspec.Struct):
     id: str = ""
@@ -161,5 +163,6 @@ class Store:
             "rate_limited": intake.rejected.get("rate_limited", 0),
             "nats_requests": self.requests,
             "rate_limits": intake.limiter.describe(),
+            "recent_rejects": list(intake.reject_log)[-RECENT_REJECTS:],
             "metrics": self.telemetry.snapshot(),  # the router's metric names
         }

@@ -200,6 +200,7 @@ def test_invalid_events_are_nacked_kept_and_counted(nats_node, ingest):
     stats = proc.intake_stats()
     assert stats["rejected"] == {"contract": 1, "unknown_type": 1, "too_large": 1, "malformed": 1}
     assert stats["rejected_kept"] == stats["rejected"]
+    assert [r["reason"] for r in stats["recent_rejects"]] == ["contract", "unknown_type", "too_large", "malformed"]
 
 
 def test_fire_mode(nats_node, ingest):
