@@ -1,9 +1,11 @@
 """The member runtime under `engine: nats`: own partitions through the group bucket, read
 them through JetStream consumers, run the handler, ack.
 
-One asyncio loop runs the member's tasks: heartbeat, the bucket watch, the balancer (takes
-and lets go of partitions), a fetch loop per owned partition, the dispatcher, the acker,
-the ticker and the settler. The event path is the embedded member's, without sockets:
+One asyncio loop runs the member's tasks: the bucket watch, the balancer (takes and lets
+go of partitions), a fetch loop per owned partition, the dispatcher, the acker, the ticker
+and the settler. The heartbeat record is written from its own thread (heartbeat.py), the
+watchdog thread bounds synchronous calls (nexus/member/watchdog.py). The event path is the
+embedded member's, without sockets:
 
     partitions  Partitions     the owned streams, fed (stream seq, WireEvent); acks due
     scheduler   Scheduler      which event runs next (priority, order, concurrency); the calls
@@ -45,6 +47,7 @@ from nexus.jetstream.connect import connect
 from nexus.jetstream.names import Names
 from nexus.jetstream.records import MemberRecord
 from nexus.jsmember import deadletters, ownership, reader
+from nexus.jsmember.heartbeat import HeartbeatThread
 from nexus.jsmember.intake import Intake, Rejected
 from nexus.jsmember.leases import Leases, Roster
 from nexus.jsmember.reader import Owned
@@ -126,8 +129,6 @@ class JsMember:
         self.stop_event = asyncio.Event()
         self._settle_due = asyncio.Event()
         self._rebalance = asyncio.Event()
-        self.beat_ok = 0.0  # monotonic start of our last heartbeat write that succeeded
-        self.beats = 0
         self.started = time.time()
         self.rejected = 0
         self.passed = 0  # events of types the group does not subscribe to
@@ -162,7 +163,10 @@ class JsMember:
             kv = await self.js.key_value(self.names.bucket)
             self.leases = Leases(self.js, kv, self.names, self.group, self.member, self.roster)
             self.group_start = await self.leases.group_start(self.spec.start)
-            await self._beat()
+            self.heart = HeartbeatThread(self.config, self.group, self.member, self._record, self.interval, self.log)
+            self.heart.start()
+            if not await asyncio.to_thread(self.heart.first.wait, 30.0):
+                self.log.warning("heartbeat_not_written", waited_s=30)  # (fenced: it takes nothing meanwhile)
             await self.leases.watch()
             self.watchdog = JsWatchdog(
                 self.scheduler,
@@ -177,9 +181,9 @@ class JsMember:
             )
             self.watchdog.start()
             gc.freeze()
+            self.balancer = asyncio.ensure_future(self._balancer())
+            self.tasks.append(self.balancer)
             for c in (
-                self._heartbeat(),
-                self._balancer(),
                 self._dispatcher(),
                 self._acker(),
                 self._ticker(),
@@ -195,6 +199,8 @@ class JsMember:
     async def _close(self) -> None:
         if hasattr(self, "watchdog"):
             self.watchdog.stop()
+        if hasattr(self, "heart"):
+            await asyncio.to_thread(self.heart.stop, False)  # (after a drain: stopped already)
         for t in self.tasks:
             t.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
@@ -217,45 +223,29 @@ class JsMember:
     async def _drain(self) -> None:
         """Graceful stop: let go of every partition (finish the head, ack, mark released),
         then delete our member record."""
-        self.tasks[1].cancel()  # the balancer: take nothing new (the heartbeat goes on: our lease)
+        self.balancer.cancel()  # take nothing new (the heartbeat goes on meanwhile: our lease)
         await asyncio.gather(*(self._release(own) for own in list(self.owned.values())), return_exceptions=True)
-        try:
-            async with asyncio.timeout(2.0):
-                await self.leases.leave()
-        except (NatsError, TimeoutError) as exc:
-            self.log.warning("leave_not_written", error=repr(exc))
+        await asyncio.to_thread(self.heart.stop, True)
 
     # -- heartbeat and fencing ---------------------------------------------------------------
-    async def _beat(self) -> None:
-        started = time.monotonic()
-        self.beats += 1
-        record = MemberRecord(
+    def _record(self, beat: int) -> MemberRecord:
+        """Our heartbeat record (built on the heartbeat thread: reads counts the loop writes)."""
+        return MemberRecord(
             group=self.group,
             member=self.member,
             name=self.name,
             host=socket.gethostname(),
             pid=os.getpid(),
             started=self.started,
-            beat=self.beats,
+            beat=beat,
             time=time.time(),
-            partitions=sorted(self.owned),
+            partitions=sorted(list(self.owned)),
             stats=self.stats(),
             metrics=self.telemetry.snapshot(),
         )
-        async with asyncio.timeout(self.interval * 2):
-            await self.leases.beat(record)
-        self.beat_ok = started
-
-    async def _heartbeat(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval)
-            try:
-                await self._beat()
-            except (NatsError, TimeoutError) as exc:
-                self.log.warning("heartbeat_failed", error=repr(exc))
 
     def fenced(self) -> bool:
-        return time.monotonic() - self.beat_ok > self.dead_after * FENCE_SHARE
+        return time.monotonic() - self.heart.ok_at > self.dead_after * FENCE_SHARE
 
     def _fence(self) -> None:
         if self.owned:
@@ -290,8 +280,7 @@ class JsMember:
         if self.fenced():
             self._fence()
             return
-        now = time.monotonic()
-        alive = self.roster.alive(now) | {self.member}
+        alive = await self.leases.alive() | {self.member}
         live_owner = {p: rec.member for p, (_, rec) in owners.items() if rec.member in alive}
         live_owner.update(dict.fromkeys(self.owned, self.member))
         for p in [p for p, m in live_owner.items() if m == self.member and p not in self.owned]:

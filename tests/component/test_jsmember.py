@@ -259,7 +259,7 @@ def test_a_member_joins_and_one_leaves(tmp_path, nats_node, members_of):
     """Rebalancing over clean hand-overs (release: finish the head, ack, free the record;
     take: start after the ack floor) loses nothing and handles nothing twice."""
     out = tmp_path / "out"
-    path = nats_config(tmp_path, nats_node.urls, out, options={"sleep": 0.002})
+    path = nats_config(tmp_path, nats_node.urls, out, options={"sleep": 0.01})
     members = members_of(path)
     members.start("w0")
     members.start("w1")
@@ -269,6 +269,7 @@ def test_a_member_joins_and_one_leaves(tmp_path, nats_node, members_of):
     publish(path, events)
     members.start("w2")  # joins while the first batch is being handled
     wait_balanced(path, ids_of("w0", "w1", "w2"))
+    print(f"handled when w2 had its partitions: {len(handled_ids(out))} of 200")
     more = [event(i) for i in range(200, 400)]
     publish(path, more)
     assert members.stop("w0") == 0  # leaves while the second batch is being handled
@@ -409,3 +410,44 @@ def test_a_resumed_member_does_not_handle_what_another_now_owns(tmp_path, nats_n
     assert unflagged <= len(overlap)
     assert "fenced" in members.log("w0")
     assert not w0_after & {ev.id for ev in during}
+
+
+def test_a_long_sync_call_keeps_the_lease(tmp_path, nats_node, members_of):
+    """The heartbeat beats from its own thread: a sync call longer than the dead-member
+    timeout (1.2 s here) does not fence the member or hand its partitions over."""
+    out = tmp_path / "out"
+    path = nats_config(tmp_path, nats_node.urls, out, options={"sleep": 1.5})
+    members = members_of(path)
+    members.start("w0")
+    members.start("w1")
+    w0, w1 = members.member_id("w0"), members.member_id("w1")
+    before = wait_balanced(path, [w0, w1])
+    events = [event(i, keys=1) for i in range(2)]  # one key: one partition, both on one member
+    publish(path, events)
+    ids = {ev.id for ev in events}
+    wait_handled(out, ids)
+    report("long call", 2, out, ids)
+    assert len(read_handled(str(out))) == 2
+    assert owners(path) == before, "no partition changed hands"
+    assert "fenced" not in members.log("w0") + members.log("w1")
+
+
+def test_max_events_recycles_after_a_drain(tmp_path, nats_node, members_of):
+    """max_events: the member drains (acks, releases its partitions) and exits 8 (RECYCLE)."""
+    out = tmp_path / "out"
+    path = nats_config(tmp_path, nats_node.urls, out, max_events=20)
+    members = members_of(path)
+    proc = members.start("w0")
+    wait_balanced(path, [members.member_id("w0")])
+    events = [event(i) for i in range(30)]
+    publish(path, events)
+    assert proc.wait(20) == 8
+    handled = handled_ids(out)
+    print(f"recycle: sent 30 handled {len(handled)} before exit")
+    assert 20 <= len(handled) < 30
+    assert owners(path) == dict.fromkeys(range(PARTITIONS), ""), "released on the way out"
+    members.start("w1")  # goes on after what was acked: nothing twice (10 left: under max_events)
+    ids = {ev.id for ev in events}
+    wait_handled(out, ids)
+    flagged, unflagged = report("recycle", 30, out, ids)
+    assert len(read_handled(str(out))) == 30
