@@ -30,19 +30,25 @@ class Roster:
         self.dead_after = dead_after
         self.changed: dict[str, float] = {}  # member -> when we saw its record change
         self.revision: dict[str, int] = {}  # member -> the revision we saw last
+        self.dead: set[str] = set()  # suspects read again unchanged (not read again until they beat)
 
     def seen(self, member: str, now: float, revision: int = 0) -> None:
         if revision <= self.revision.get(member, -1):
             return  # not a change
         self.changed[member] = now
         self.revision[member] = revision
+        self.dead.discard(member)
+
+    def confirmed_dead(self, member: str) -> None:
+        self.dead.add(member)
 
     def gone(self, member: str) -> None:
         self.changed.pop(member, None)
         self.revision.pop(member, None)
+        self.dead.discard(member)
 
     def suspects(self, now: float) -> list[str]:
-        return [m for m, t in self.changed.items() if now - t > self.dead_after]
+        return [m for m, t in self.changed.items() if now - t > self.dead_after and m not in self.dead]
 
     def alive(self, now: float) -> set[str]:
         return {m for m, t in self.changed.items() if now - t <= self.dead_after}
@@ -86,7 +92,10 @@ class Leases:
             except KeyNotFoundError:
                 self.roster.gone(member)
                 continue
-            self.roster.seen(member, time.monotonic(), entry.revision or 0)
+            if (entry.revision or 0) > self.roster.revision.get(member, -1):
+                self.roster.seen(member, time.monotonic(), entry.revision or 0)
+            else:
+                self.roster.confirmed_dead(member)
         return self.roster.alive(time.monotonic())
 
     # -- owner records ---------------------------------------------------------------------------

@@ -69,6 +69,7 @@ from nexus.protocol.events import Contracts
 ACK_EVERY = 0.05
 TICK = 0.1
 FENCE_SHARE = 0.75  # of the dead-member timeout: past it without a beat of ours, stop handling
+FIRST_BEAT_WAIT = 30.0  # seconds to wait for our first heartbeat write before going on (fenced)
 RELEASE_WAIT = 10.0  # seconds a release waits for the head's call before giving up on acking it
 
 log = structlog.get_logger("nexus.worker")
@@ -156,45 +157,56 @@ class JsMember:
     # -- lifecycle ---------------------------------------------------------------------------
     async def run(self) -> None:
         self.loop = asyncio.get_running_loop()
+        self.watchdog = JsWatchdog(
+            self.scheduler,
+            self.partitions,
+            self.client,
+            self.live,
+            endpoint=self.config.coord,
+            handler_timeout=self.spec.handler_timeout,
+            sync=self.sync,
+            box=self.box,
+            log=self.log,
+        )
+        self.watchdog.start()  # (it beats the black box from now on, while we wait for the cluster)
         self.nc: Client = await connect(self.config, f"nexus-worker-{self.member}")
         self.js: JetStreamContext = self.nc.jetstream()
         try:
-            await setup.ensure(self.js, self.config, log=self.log)
-            kv = await self.js.key_value(self.names.bucket)
-            self.leases = Leases(self.js, kv, self.names, self.group, self.member, self.roster)
-            self.group_start = await self.leases.group_start(self.spec.start)
-            self.heart = HeartbeatThread(self.config, self.group, self.member, self._record, self.interval, self.log)
-            self.heart.start()
-            if not await asyncio.to_thread(self.heart.first.wait, 30.0):
-                self.log.warning("heartbeat_not_written", waited_s=30)  # (fenced: it takes nothing meanwhile)
-            await self.leases.watch()
-            self.watchdog = JsWatchdog(
-                self.scheduler,
-                self.partitions,
-                self.client,
-                self.live,
-                endpoint=self.config.coord,
-                handler_timeout=self.spec.handler_timeout,
-                sync=self.sync,
-                box=self.box,
-                log=self.log,
-            )
-            self.watchdog.start()
+            # a stop while the cluster cannot answer yet (forming, unreachable) ends the wait
+            joining = asyncio.ensure_future(self._join())
+            stopping = asyncio.ensure_future(self.stop_event.wait())
+            await asyncio.wait({joining, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            stopping.cancel()
+            if not joining.done():
+                joining.cancel()
+                await asyncio.gather(joining, return_exceptions=True)
+                return
+            joining.result()  # (its error, if any)
             gc.freeze()
             self.balancer = asyncio.ensure_future(self._balancer())
             self.tasks.append(self.balancer)
-            for c in (
-                self._dispatcher(),
-                self._acker(),
-                self._ticker(),
-                self._settler(),
-            ):
+            for c in (self._dispatcher(), self._acker(), self._ticker(), self._settler()):
                 self.tasks.append(asyncio.ensure_future(c))
             self.log.info("member_started", group_start=self.group_start)
             await self.stop_event.wait()
             await self._drain()
         finally:
             await self._close()
+
+    async def _join(self) -> None:
+        """The streams and bucket, the group's start, our first beat, the bucket's watch."""
+        await setup.ensure(self.js, self.config, log=self.log)
+        kv = await self.js.key_value(self.names.bucket)
+        self.leases = Leases(self.js, kv, self.names, self.group, self.member, self.roster)
+        self.group_start = await self.leases.group_start(self.spec.start)
+        self.heart = HeartbeatThread(self.config, self.group, self.member, self._record, self.interval, self.log)
+        self.heart.start()
+        deadline = time.monotonic() + FIRST_BEAT_WAIT
+        while not self.heart.first.is_set() and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        if not self.heart.first.is_set():
+            self.log.warning("heartbeat_not_written", waited_s=FIRST_BEAT_WAIT)  # (fenced: takes nothing)
+        await self.leases.watch()
 
     async def _close(self) -> None:
         if hasattr(self, "watchdog"):
@@ -374,10 +386,13 @@ class JsMember:
         if st.busy:  # (a stuck call: the watchdog ends us; leave it to the next owner, flagged)
             self._lose(own, "release: head still running")
             return
+        if self.fenced():  # (our lease may be gone: no ack, no "released" claim)
+            self._lose(own, "release: own heartbeat stale")
+            return
         upto = st.handled_upto()
         try:
             msg = own.take_acks(upto)
-            if msg is not None and not self.fenced():
+            if msg is not None:
                 await msg.ack_sync(timeout=5.0)
             revision = await self.leases.swap(own.partition, ownership.released(own.record, upto), own.revision)
         except (NatsError, TimeoutError) as exc:

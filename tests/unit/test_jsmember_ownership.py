@@ -71,6 +71,8 @@ def test_roster_by_our_own_clock():
     assert r.alive(102.5) == {"b"} and r.suspects(102.5) == ["a"]
     r.seen("a", 102.5, revision=1)  # read again, unchanged: still suspect
     assert r.suspects(102.5) == ["a"]
+    r.confirmed_dead("a")  # (not read again until it beats)
+    assert r.suspects(103.0) == [] and r.alive(103.0) == {"b"}
     r.seen("a", 102.5, revision=3)  # it did beat: we were the ones not looking
     assert r.alive(102.5) == {"a", "b"}
     r.gone("b")
