@@ -325,6 +325,8 @@ class JsMember:
         psub = await reader.open_consumer(self.js, stream, config)
         if rec is not None and rec.consumer and rec.consumer != new.consumer:
             await reader.delete_consumer(self.js, stream, rec.consumer)
+        if rec is not None and rec.reset_to:
+            self.scheduler.forget_handled()  # a replay: what was handled comes again, to be handled again
         st = PartitionStream(p, new.start_seq - 1, new.redeliver_upto)
         own = Owned(p, revision, new, st, psub)
         self.partitions.acked.pop(p, None)

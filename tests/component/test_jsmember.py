@@ -176,6 +176,19 @@ async def _owners(path: Path) -> dict[int, str]:
         await nc.close()
 
 
+async def _consumers(path: Path) -> set[str]:
+    cfg = load(path)
+    nc = await connect(cfg, "test-consumers")
+    try:
+        return {c.name for c in await nc.jetstream().consumers_info("T")}
+    finally:
+        await nc.close()
+
+
+def consumers(path: Path) -> set[str]:
+    return run(_consumers(path))
+
+
 def owners(path: Path) -> dict[int, str]:
     return run(_owners(path))
 
@@ -232,9 +245,10 @@ def report(label: str, sent: int, out: Path, ids: set[str]) -> tuple[int, int]:
 
 
 # -- tests ----------------------------------------------------------------------------------------
-def test_two_members_share_the_partitions(tmp_path, nats_node, members_of):
+@pytest.mark.parametrize("handler", ["recorder:record", "recorder:record_async"])
+def test_two_members_share_the_partitions(tmp_path, nats_node, members_of, handler):
     out = tmp_path / "out"
-    path = nats_config(tmp_path, nats_node.urls, out)
+    path = nats_config(tmp_path, nats_node.urls, out, handler=handler)
     members = members_of(path)
     members.start("w0")
     members.start("w1")
@@ -243,7 +257,7 @@ def test_two_members_share_the_partitions(tmp_path, nats_node, members_of):
     publish(path, events)
     ids = {ev.id for ev in events}
     wait_handled(out, ids)
-    flagged, unflagged = report("two members", len(events), out, ids)
+    flagged, unflagged = report(f"two members ({handler})", len(events), out, ids)
     rows = read_handled(str(out))
     assert len(rows) == len(events), "every event handled exactly once"
     by_member = {row[0] for row in rows}
@@ -308,6 +322,9 @@ def test_sigkill_mid_stream_redelivers_flagged(tmp_path, nats_cluster, members_o
     assert unflagged == 0, "every duplicate carries ctx.redelivered"
     assert set(owners(path).values()) == {w1}
     check_order_per_key(out, events)
+    # one consumer per partition: the taker's new generation; the dead owner's were deleted
+    generations = {c.rsplit("-g", 1)[0]: c for c in consumers(path)}
+    assert len(consumers(path)) == PARTITIONS == len(generations), consumers(path)
 
 
 def test_retries_then_dead_letter_in_the_dlq_stream(tmp_path, nats_node, members_of):
