@@ -276,6 +276,8 @@ class JsMember:
                 await self._balance()
             except (NatsError, TimeoutError) as exc:
                 self.log.warning("rebalance_failed", error=repr(exc))
+            except Exception as exc:  # (a bug must not end rebalancing for good: log it, go on)
+                self.log.error("rebalance_failed", error=repr(exc), exc_info=True)
             try:
                 async with asyncio.timeout(self.interval / 2):
                     await self.leases.owner_changed.wait()
@@ -408,6 +410,16 @@ class JsMember:
 
     # -- intake ------------------------------------------------------------------------------
     async def _read(self, own: Owned) -> None:
+        """The partition's fetch loop; should it fail, the partition is dropped unacked
+        (the balancer takes it again, from the ack floor) rather than left unread."""
+        try:
+            await self._fetch_loop(own)
+        except Exception as exc:
+            self.log.error("reader_failed", partition=own.partition, error=repr(exc), exc_info=True)
+            if not own.lost.is_set() and not own.releasing:
+                self._lose(own, "reader failed")
+
+    async def _fetch_loop(self, own: Owned) -> None:
         st = own.stream
         failures = 0
         while not own.lost.is_set() and not own.releasing:

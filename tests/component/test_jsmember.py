@@ -468,3 +468,25 @@ def test_max_events_recycles_after_a_drain(tmp_path, nats_node, members_of):
     wait_handled(out, ids)
     flagged, unflagged = report("recycle", 30, out, ids)
     assert len(read_handled(str(out))) == 30
+
+
+def test_a_stuck_sync_call_ends_the_member_and_the_event_comes_again_flagged(tmp_path, nats_node, members_of):
+    """handler_timeout: the watchdog ends the member (exit 7, nothing released); the next
+    member takes its partitions once its lease ran out and hands the event over flagged."""
+    out = tmp_path / "out"
+    stuck = nats_config(tmp_path / "a", nats_node.urls, out, handler_timeout="1s", options={"sleep": 30})
+    healthy = nats_config(tmp_path / "b", nats_node.urls, out)
+    first = members_of(stuck)
+    proc = first.start("w0")
+    w0 = first.member_id("w0")
+    wait_balanced(stuck, [w0])
+    ev = event(1)
+    publish(stuck, [ev])
+    assert proc.wait(20) == 7
+    assert set(owners(stuck).values()) == {w0}, "a stuck member releases nothing"
+    second = members_of(healthy)
+    second.start("w1")
+    wait_handled(out, {ev.id})
+    rows = read_handled(str(out))
+    print(f"stuck call: handled {len(rows)} by {[r[0] for r in rows]} redelivered {[r[4] for r in rows]}")
+    assert [(r[1], r[4]) for r in rows] == [(ev.id, 1)], "handled once more, flagged ctx.redelivered"
