@@ -39,6 +39,12 @@ class Roster:
         self.revision[member] = revision
         self.dead.discard(member)
 
+    def renewed(self, member: str, now: float, revision: int) -> None:
+        """Read directly at a newer revision than a suspect had: alive now (whether or not
+        the watch recorded that revision meanwhile)."""
+        self.seen(member, now, revision)
+        self.changed[member] = now
+
     def confirmed_dead(self, member: str) -> None:
         self.dead.add(member)
 
@@ -87,13 +93,14 @@ class Leases:
     async def alive(self) -> set[str]:
         """The live members: the roster's, after reading each suspect's record again."""
         for member in self.roster.suspects(time.monotonic()):
+            before = self.roster.revision.get(member, -1)  # (the watch may record newer ones meanwhile)
             try:
                 entry = await self.kv.get(Names.member_key(self.group, member))
             except KeyNotFoundError:
                 self.roster.gone(member)
                 continue
-            if (entry.revision or 0) > self.roster.revision.get(member, -1):
-                self.roster.seen(member, time.monotonic(), entry.revision or 0)
+            if (entry.revision or 0) > before:
+                self.roster.renewed(member, time.monotonic(), entry.revision or 0)
             else:
                 self.roster.confirmed_dead(member)
         return self.roster.alive(time.monotonic())
