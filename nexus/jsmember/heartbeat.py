@@ -3,7 +3,11 @@ loop and NATS connection, so a long synchronous handler call does not make the g
 think the member died (the watchdog bounds that call instead), while a stopped or frozen
 process stops beating and its lease runs out.
 
-`ok_at` (monotonic, when the last successful write began) is what the runtime fences on."""
+What the runtime fences on: `ok_at` (monotonic, when the last successful write began), and
+`lapses`, counting the writes that came more than `lapse_after` after the one before: the
+group may have called us dead in between (a SIGSTOP, a frozen VM, a partition from the
+cluster) and taken our partitions, whatever the next beat says. A lapse is counted before
+`ok_at` moves, so a reader that sees a fresh `ok_at` sees the lapse too."""
 
 from __future__ import annotations
 
@@ -32,6 +36,7 @@ class HeartbeatThread:
         member: str,
         record: Callable[[int], MemberRecord],
         interval: float,
+        lapse_after: float,
         log: Any,
     ):
         self.config, self.key = config, Names.member_key(group, member)
@@ -40,7 +45,9 @@ class HeartbeatThread:
         self.record = record  # beat number -> the record to write (called on this thread)
         self.interval = interval
         self.log = log
+        self.lapse_after = lapse_after
         self.ok_at = 0.0
+        self.lapses = 0
         self.first = threading.Event()  # the first beat was written
         self.beats = 0
         self._leave = False
@@ -77,6 +84,9 @@ class HeartbeatThread:
                 try:
                     async with asyncio.timeout(self.interval * 2):
                         await kv.put(self.key, records.encoder.encode(self.record(self.beats)))
+                    if self.ok_at and started - self.ok_at > self.lapse_after:
+                        self.lapses += 1
+                        self.log.warning("heartbeat_lapsed", gap_s=round(started - self.ok_at, 2))
                     self.ok_at = started
                     self.first.set()
                 except (NatsError, TimeoutError) as exc:

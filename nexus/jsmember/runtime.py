@@ -124,6 +124,10 @@ class JsMember:
         interval = config.router.heartbeat_interval
         self.interval = interval
         self.dead_after = interval * config.router.heartbeat_misses
+        # (with heartbeat_misses 1 the lease is one interval: fencing cannot be tighter than
+        # the beats' own jitter, so it waits 1.5 intervals)
+        self.fence_after = max(self.dead_after * FENCE_SHARE, interval * 1.5)
+        self.lapses_seen = 0  # heartbeat lapses acted on (fenced)
         self.roster = Roster(self.dead_after)
         self.owned: dict[int, Owned] = {}
         self.taking: set[int] = set()
@@ -199,7 +203,9 @@ class JsMember:
         kv = await self.js.key_value(self.names.bucket)
         self.leases = Leases(self.js, kv, self.names, self.group, self.member, self.roster)
         self.group_start = await self.leases.group_start(self.spec.start)
-        self.heart = HeartbeatThread(self.config, self.group, self.member, self._record, self.interval, self.log)
+        self.heart = HeartbeatThread(
+            self.config, self.group, self.member, self._record, self.interval, self.fence_after, self.log
+        )
         self.heart.start()
         deadline = time.monotonic() + FIRST_BEAT_WAIT
         while not self.heart.first.is_set() and time.monotonic() < deadline:
@@ -257,9 +263,13 @@ class JsMember:
         )
 
     def fenced(self) -> bool:
-        return time.monotonic() - self.heart.ok_at > self.dead_after * FENCE_SHARE
+        """Our lease may have run out: no beat for a while, or a gap between two beats."""
+        heart = self.heart
+        return time.monotonic() - heart.ok_at > self.fence_after or heart.lapses != self.lapses_seen
 
     def _fence(self) -> None:
+        if time.monotonic() - self.heart.ok_at <= self.fence_after:
+            self.lapses_seen = self.heart.lapses  # (beating again: what we take from now on is ours)
         if self.owned:
             self.fenced_count += 1
             self.log.warning("fenced", reason="own heartbeat stale", partitions=sorted(self.owned))
