@@ -17,7 +17,11 @@ Any NATS client may produce too: see `nats_intake` below.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import signal
+import threading
+import time
 from typing import Any, cast
 
 import msgspec
@@ -70,6 +74,9 @@ MAX_PENDING = 4096  # publishes in flight before the readers pause
 BEAT_EVERY = 0.2
 DRAIN_FOR = 5.0  # seconds at exit for publishes in flight (at most shutdown_timeout)
 CONNECT_RETRY = 0.5
+# room for headers within the server's max_payload (a msg id, or a rejected event's
+# reason and source, which are cut at 1,000 and 128 characters)
+HEADER_ROOM = 2048
 
 
 class IngestProcess:
@@ -87,10 +94,12 @@ class IngestProcess:
         self.store: Store | None = None
         self.admin: Admin | None = None
         self.ready = False
+        self.stopped = False  # run() returned: the data dir lock is free again
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
         self._stop_early = False
         self._replies: set[asyncio.Task] = set()  # replies waiting for PubAcks, admin answers
+        self._last_reply: dict[bytes, asyncio.Task] = {}  # confirm connection -> its latest reply
         self._keyed_socks: set[zmq.asyncio.Socket] = set()  # CURVE servers: messages carry their key
 
     # -- control from other threads (tests) and signals ---------------------------------------
@@ -100,7 +109,8 @@ class IngestProcess:
         if loop is None or stop is None:
             self._stop_early = True
             return
-        loop.call_soon_threadsafe(stop.set)
+        with contextlib.suppress(RuntimeError):  # the loop ended already
+            loop.call_soon_threadsafe(stop.set)
 
     def intake_stats(self) -> dict[str, Any]:
         stats: dict[str, Any] = self.store.stats() if self.store is not None else {"engine": "nats"}
@@ -108,16 +118,19 @@ class IngestProcess:
         stats["security"] = {"curve": self.curve is not None}
         return stats
 
-    def run(self, signals: bool = False) -> None:
+    def run(self, signals: bool = False, signalled: threading.Event | None = None) -> None:
+        """`signals`: SIGTERM/SIGINT stop it (main thread only); `signalled`: set by the
+        signal handler that ran before the loop had its own."""
         # one router per data dir, whatever its engine
         lock = DataDirLock(self.config.data_dir, ROUTER_LOCK, "router").acquire()
         try:
-            asyncio.run(self._main(signals))
+            asyncio.run(self._main(signals, signalled))
         finally:
             lock.release()
+            self.stopped = True
 
     # -- the loop --------------------------------------------------------------------------
-    async def _main(self, signals: bool) -> None:
+    async def _main(self, signals: bool, signalled: threading.Event | None) -> None:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
         if self._stop_early:
@@ -129,6 +142,8 @@ class IngestProcess:
             self._loop.add_signal_handler(
                 signal.SIGHUP, lambda: log.warning("sighup_ignored", reason="use nexus reload")
             )
+        if signalled is not None and signalled.is_set():
+            self._stop.set()
         beat = asyncio.ensure_future(self._beat())
         ctx = zmq.Context()
         actx = zmq.asyncio.Context.shadow(ctx.underlying)
@@ -146,12 +161,13 @@ class IngestProcess:
             nc = await self._connect()
             if nc is None:
                 return
+            self._fit_payload(nc.max_payload)
             js = nc.jetstream(publish_async_max_pending=self.max_pending * 2)
             names = await self._until_stopped(setup.ensure(js, self.config, log=log))
             if names is None:
                 return
             publisher = Publisher(js, self.max_pending, log)
-            self.store = Store(self.intake, publisher, names, self.config.router.max_event_bytes)
+            self.store = Store(self.intake, publisher, names)
             self.admin = Admin(self.config, nc, js, names, self.intake_stats)
             self.ingest = self._bind(actx, zmq.PULL, self.config.ingest, hwm=INGEST_HWM)
             self.confirm = self._bind(actx, zmq.ROUTER, self.config.confirm)
@@ -168,7 +184,8 @@ class IngestProcess:
                 stream=names.stream,
                 curve=self.curve is not None,
             )
-            await self._stop.wait()
+            await self._until_stopped(self._first_failure([*readers, *tasks]))
+            self.ready = False
             # stop taking, finish what was taken: publishes, then the ACKs that wait for them
             for task in readers:
                 task.cancel()
@@ -189,6 +206,29 @@ class IngestProcess:
             if self.gatekeeper is not None:
                 self.gatekeeper.stop()
             ctx.term()
+
+    def _fit_payload(self, max_payload: int) -> None:
+        """An event the server cannot take (max_payload) would be retried for ever and
+        hold every publish behind it: such events are refused as too_large instead."""
+        fits = max_payload - HEADER_ROOM
+        if self.intake.max_event_bytes > fits:
+            log.info(
+                "max_event_bytes_lowered",
+                configured=self.intake.max_event_bytes,
+                effective=fits,
+                reason=f"the NATS server's max_payload is {max_payload} bytes (headers need {HEADER_ROOM})",
+            )
+            self.intake.max_event_bytes = fits
+
+    @staticmethod
+    async def _first_failure(tasks: list[asyncio.Task]) -> None:
+        """Raise what ended a reader (each catches a message's errors: this is a socket or
+        a bug), so the process exits and the launcher starts it again instead of it
+        running on deaf."""
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            task.result()
+        raise RuntimeError("a reader ended")
 
     async def _until_stopped(self, work):
         """`work`'s result, or None when a stop comes first."""
@@ -218,9 +258,17 @@ class IngestProcess:
         return None
 
     async def _beat(self) -> None:
+        """The launcher's hang detection reads the beats; the gatekeeper re-reads the
+        authorized keys when due (a revoked key's messages are refused from then on:
+        its grant is gone)."""
         box = blackbox.current()
-        while box is not None:
-            box.beat()
+        while True:
+            if box is not None:
+                box.beat()
+            if self.gatekeeper is not None:
+                revoked = self.gatekeeper.tick(time.monotonic())
+                if revoked:
+                    log.warning("keys_revoked", keys=sorted(revoked))
             await asyncio.sleep(BEAT_EVERY)
 
     def _bind(
@@ -284,14 +332,27 @@ class IngestProcess:
             return None
 
     def _spawn_reply(self, identity: bytes, outcome, waits) -> None:
+        """Answer once stored, and after the previous answer to the same connection: a
+        later ACK overtaking an earlier reply would settle that reply's NACKed events
+        as accepted in the SDK (it pops everything up to the ACK)."""
+        previous = self._last_reply.get(identity)
+
         async def reply() -> None:
+            if previous is not None and not previous.done():
+                await asyncio.wait([previous])
             answer = await Store.reply_when_stored(outcome, waits)
             if answer is not None:
                 await self._send(self.confirm, identity, answer)
 
         task = asyncio.ensure_future(reply())
+        self._last_reply[identity] = task
         self._replies.add(task)
-        task.add_done_callback(self._replies.discard)
+        task.add_done_callback(functools.partial(self._replied, identity))
+
+    def _replied(self, identity: bytes, task: asyncio.Task) -> None:
+        self._replies.discard(task)
+        if self._last_reply.get(identity) is task:
+            del self._last_reply[identity]
 
     async def _send(self, sock: zmq.asyncio.Socket, identity: bytes, msg: Any) -> None:
         """Never waits: a gone or backed-up peer asks again."""
@@ -396,6 +457,8 @@ def main(config: Config, env: str | None = None, members_alive: bool = False, la
 
     del members_alive, launcher_pid
     process.raise_fd_limit()
+    signalled = threading.Event()  # a SIGTERM while starting: stop as soon as the loop runs
+    process.stop_on_signals(signalled)
     with _beating(blackbox.current()):  # contract imports: starting is not hanging
         ingest = IngestProcess(config, env)
-    ingest.run(signals=True)
+    ingest.run(signals=True, signalled=signalled)

@@ -22,10 +22,13 @@ import msgspec
 from nexus.jetstream.names import MSG_ID, Names
 from nexus.jsingest import rejects
 from nexus.jsingest.publisher import Publisher
+from nexus.jsingest.telemetry import IngestTelemetry
 from nexus.protocol.events import DECODE_ERRORS
 from nexus.protocol.gatekeeper import Grant
 from nexus.protocol.wire import ProducerBatch, ProducerReply, encoder
 from nexus.router.intake import Accepted, Intake, Outcome
+
+RECENT_REJECTS = 10  # rejections (time, reason, detail, source, id) in the stats, as the router shows
 
 
 class _Id(msgspec.Struct):
@@ -42,9 +45,9 @@ _check_msgpack = msgspec.msgpack.Decoder(msgspec.Raw).decode  # one whole msgpac
 
 
 class Store:
-    def __init__(self, intake: Intake, publisher: Publisher, names: Names, max_event_bytes: int):
+    def __init__(self, intake: Intake, publisher: Publisher, names: Names):
         self.intake, self.publisher, self.names = intake, publisher, names
-        self.max_event_bytes = max_event_bytes
+        self.telemetry = IngestTelemetry(intake, publisher)
         self.inflight: dict[str, set[asyncio.Task]] = {}  # confirm producer -> its publishes pending
         self.kept: collections.Counter[str] = collections.Counter()  # rejected stored, by category
         self.requests = 0  # events from the NATS request intake
@@ -57,7 +60,9 @@ class Store:
         and the publishes of its accepted events."""
         outcome = self.intake.take(frame, confirm, time.monotonic(), grant)
         tasks = self._publish(outcome.accepted)
-        for r in rejects.rejected(frame, outcome, self.max_event_bytes, source):
+        if tasks:
+            self._count_when_stored(outcome.accepted, tasks)
+        for r in rejects.rejected(frame, outcome, self.intake.max_event_bytes, source):
             self.kept[rejects.category(r.reason)] += 1
             self.publisher.submit(self.names.rejected_subject, r.payload, r.headers())
         return outcome, tasks
@@ -95,6 +100,18 @@ class Store:
                 return None
         return ProducerReply(ack=outcome.ack, nacks=outcome.nacks, error=outcome.error)
 
+    def _count_when_stored(self, acc: Accepted, tasks: list[asyncio.Task]) -> None:
+        """The accepted metric counts a batch's events once all are stored."""
+        left = [len(tasks)]
+
+        def stored(task: asyncio.Task) -> None:
+            left[0] -= 1
+            if left[0] == 0 and not task.cancelled():
+                self.intake.journaled([acc])
+
+        for task in tasks:
+            task.add_done_callback(stored)
+
     def _publish(self, acc: Accepted) -> list[asyncio.Task]:
         names, submit = self.names, self.publisher.submit
         shards = names.shards
@@ -116,7 +133,7 @@ class Store:
             reason = f"malformed: unreadable event: {exc}"
             self.intake.count_rejected("malformed")
             self.kept["malformed"] += 1
-            kept = rejects.Rejected(reason, "nats", bytes(data[: self.max_event_bytes]))
+            kept = rejects.Rejected(reason, "nats", bytes(data[: self.intake.max_event_bytes]))
             self.publisher.submit(self.names.rejected_subject, kept.payload, kept.headers())
             return {"ok": False, "seq": 0, "error": reason}
         frame = encoder.encode(ProducerBatch(events=[msgspec.Raw(data)]))
@@ -146,4 +163,6 @@ class Store:
             "rate_limited": intake.rejected.get("rate_limited", 0),
             "nats_requests": self.requests,
             "rate_limits": intake.limiter.describe(),
+            "recent_rejects": list(intake.reject_log)[-RECENT_REJECTS:],
+            "metrics": self.telemetry.snapshot(),  # the router's metric names
         }

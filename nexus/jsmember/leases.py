@@ -1,9 +1,11 @@
-"""A member's I/O on the group bucket: its heartbeat record, the group's start, the owner
+"""A member's I/O on the group bucket: the group's start, the owner
 records (read, compare-and-set), and a watch that keeps the roster and owners current.
 
 Liveness is judged by the reader's own monotonic clock: a member whose record did not
-change for `dead_after` seconds since we last saw it change is dead (no clocks compared
-across hosts)."""
+change for `dead_after` seconds since we last saw it change is suspect (no clocks compared
+across hosts); a suspect's record is read once more before it is called dead, since our
+own loop may have been the one that stood still (a long sync handler call) with its
+updates waiting unread."""
 
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
 from nexus.jetstream import records
 from nexus.jetstream.names import Names
-from nexus.jetstream.records import GroupRecord, MemberRecord, OwnerRecord
+from nexus.jetstream.records import GroupRecord, OwnerRecord
 
 
 class Roster:
@@ -26,17 +28,33 @@ class Roster:
 
     def __init__(self, dead_after: float):
         self.dead_after = dead_after
-        self.changed: dict[str, float] = {}
-        self.version = 0  # bumped when a member appears or leaves (a rebalance is due)
+        self.changed: dict[str, float] = {}  # member -> when we saw its record change
+        self.revision: dict[str, int] = {}  # member -> the revision we saw last
+        self.dead: set[str] = set()  # suspects read again unchanged (not read again until they beat)
 
-    def seen(self, member: str, now: float) -> None:
-        if member not in self.changed:
-            self.version += 1
+    def seen(self, member: str, now: float, revision: int = 0) -> None:
+        if revision <= self.revision.get(member, -1):
+            return  # not a change
+        self.changed[member] = now
+        self.revision[member] = revision
+        self.dead.discard(member)
+
+    def renewed(self, member: str, now: float, revision: int) -> None:
+        """Read directly at a newer revision than a suspect had: alive now (whether or not
+        the watch recorded that revision meanwhile)."""
+        self.seen(member, now, revision)
         self.changed[member] = now
 
+    def confirmed_dead(self, member: str) -> None:
+        self.dead.add(member)
+
     def gone(self, member: str) -> None:
-        if self.changed.pop(member, None) is not None:
-            self.version += 1
+        self.changed.pop(member, None)
+        self.revision.pop(member, None)
+        self.dead.discard(member)
+
+    def suspects(self, now: float) -> list[str]:
+        return [m for m, t in self.changed.items() if now - t > self.dead_after and m not in self.dead]
 
     def alive(self, now: float) -> set[str]:
         return {m for m, t in self.changed.items() if now - t <= self.dead_after}
@@ -71,12 +89,21 @@ class Leases:
             assert entry.value is not None
             return records.group_decoder.decode(entry.value).start_seq
 
-    # -- our heartbeat -------------------------------------------------------------------------
-    async def beat(self, record: MemberRecord) -> None:
-        await self.kv.put(Names.member_key(self.group, self.member), records.encoder.encode(record))
-
-    async def leave(self) -> None:
-        await self.kv.delete(Names.member_key(self.group, self.member))
+    # -- liveness --------------------------------------------------------------------------------
+    async def alive(self) -> set[str]:
+        """The live members: the roster's, after reading each suspect's record again."""
+        for member in self.roster.suspects(time.monotonic()):
+            before = self.roster.revision.get(member, -1)  # (the watch may record newer ones meanwhile)
+            try:
+                entry = await self.kv.get(Names.member_key(self.group, member))
+            except KeyNotFoundError:
+                self.roster.gone(member)
+                continue
+            if (entry.revision or 0) > before:
+                self.roster.renewed(member, time.monotonic(), entry.revision or 0)
+            else:
+                self.roster.confirmed_dead(member)
+        return self.roster.alive(time.monotonic())
 
     # -- owner records ---------------------------------------------------------------------------
     async def owner(self, partition: int) -> tuple[int, OwnerRecord | None]:
@@ -116,7 +143,7 @@ class Leases:
         if entry.operation in (KV_DEL, KV_PURGE):
             self.roster.gone(member)
         else:
-            self.roster.seen(member, time.monotonic())
+            self.roster.seen(member, time.monotonic(), entry.revision or 0)
 
     def _on_owner(self, entry: Any) -> None:
         try:

@@ -1,9 +1,11 @@
 """The member runtime under `engine: nats`: own partitions through the group bucket, read
 them through JetStream consumers, run the handler, ack.
 
-One asyncio loop runs the member's tasks: heartbeat, the bucket watch, the balancer (takes
-and lets go of partitions), a fetch loop per owned partition, the dispatcher, the acker,
-the ticker and the settler. The event path is the embedded member's, without sockets:
+One asyncio loop runs the member's tasks: the bucket watch, the balancer (takes and lets
+go of partitions), a fetch loop per owned partition, the dispatcher, the acker, the ticker
+and the settler. The heartbeat record is written from its own thread (heartbeat.py), the
+watchdog thread bounds synchronous calls (nexus/member/watchdog.py). The event path is the
+embedded member's, without sockets:
 
     partitions  Partitions     the owned streams, fed (stream seq, WireEvent); acks due
     scheduler   Scheduler      which event runs next (priority, order, concurrency); the calls
@@ -45,6 +47,7 @@ from nexus.jetstream.connect import connect
 from nexus.jetstream.names import Names
 from nexus.jetstream.records import MemberRecord
 from nexus.jsmember import deadletters, ownership, reader
+from nexus.jsmember.heartbeat import HeartbeatThread
 from nexus.jsmember.intake import Intake, Rejected
 from nexus.jsmember.leases import Leases, Roster
 from nexus.jsmember.reader import Owned
@@ -66,6 +69,7 @@ from nexus.protocol.events import Contracts
 ACK_EVERY = 0.05
 TICK = 0.1
 FENCE_SHARE = 0.75  # of the dead-member timeout: past it without a beat of ours, stop handling
+FIRST_BEAT_WAIT = 30.0  # seconds to wait for our first heartbeat write before going on (fenced)
 RELEASE_WAIT = 10.0  # seconds a release waits for the head's call before giving up on acking it
 
 log = structlog.get_logger("nexus.worker")
@@ -120,14 +124,16 @@ class JsMember:
         interval = config.router.heartbeat_interval
         self.interval = interval
         self.dead_after = interval * config.router.heartbeat_misses
+        # (with heartbeat_misses 1 the lease is one interval: fencing cannot be tighter than
+        # the beats' own jitter, so it waits 1.5 intervals)
+        self.fence_after = max(self.dead_after * FENCE_SHARE, interval * 1.5)
+        self.lapses_seen = 0  # heartbeat lapses acted on (fenced)
         self.roster = Roster(self.dead_after)
         self.owned: dict[int, Owned] = {}
         self.taking: set[int] = set()
         self.stop_event = asyncio.Event()
         self._settle_due = asyncio.Event()
         self._rebalance = asyncio.Event()
-        self.beat_ok = 0.0  # monotonic start of our last heartbeat write that succeeded
-        self.beats = 0
         self.started = time.time()
         self.rejected = 0
         self.passed = 0  # events of types the group does not subscribe to
@@ -155,36 +161,35 @@ class JsMember:
     # -- lifecycle ---------------------------------------------------------------------------
     async def run(self) -> None:
         self.loop = asyncio.get_running_loop()
+        self.watchdog = JsWatchdog(
+            self.scheduler,
+            self.partitions,
+            self.client,
+            self.live,
+            endpoint=self.config.coord,
+            handler_timeout=self.spec.handler_timeout,
+            sync=self.sync,
+            box=self.box,
+            log=self.log,
+        )
+        self.watchdog.start()  # (it beats the black box from now on, while we wait for the cluster)
         self.nc: Client = await connect(self.config, f"nexus-worker-{self.member}")
         self.js: JetStreamContext = self.nc.jetstream()
         try:
-            await setup.ensure(self.js, self.config, log=self.log)
-            kv = await self.js.key_value(self.names.bucket)
-            self.leases = Leases(self.js, kv, self.names, self.group, self.member, self.roster)
-            self.group_start = await self.leases.group_start(self.spec.start)
-            await self._beat()
-            await self.leases.watch()
-            self.watchdog = JsWatchdog(
-                self.scheduler,
-                self.partitions,
-                self.client,
-                self.live,
-                endpoint=self.config.coord,
-                handler_timeout=self.spec.handler_timeout,
-                sync=self.sync,
-                box=self.box,
-                log=self.log,
-            )
-            self.watchdog.start()
+            # a stop while the cluster cannot answer yet (forming, unreachable) ends the wait
+            joining = asyncio.ensure_future(self._join())
+            stopping = asyncio.ensure_future(self.stop_event.wait())
+            await asyncio.wait({joining, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            stopping.cancel()
+            if not joining.done():
+                joining.cancel()
+                await asyncio.gather(joining, return_exceptions=True)
+                return
+            joining.result()  # (its error, if any)
             gc.freeze()
-            for c in (
-                self._heartbeat(),
-                self._balancer(),
-                self._dispatcher(),
-                self._acker(),
-                self._ticker(),
-                self._settler(),
-            ):
+            self.balancer = asyncio.ensure_future(self._balancer())
+            self.tasks.append(self.balancer)
+            for c in (self._dispatcher(), self._acker(), self._ticker(), self._settler()):
                 self.tasks.append(asyncio.ensure_future(c))
             self.log.info("member_started", group_start=self.group_start)
             await self.stop_event.wait()
@@ -192,9 +197,28 @@ class JsMember:
         finally:
             await self._close()
 
+    async def _join(self) -> None:
+        """The streams and bucket, the group's start, our first beat, the bucket's watch."""
+        await setup.ensure(self.js, self.config, log=self.log)
+        kv = await self.js.key_value(self.names.bucket)
+        self.leases = Leases(self.js, kv, self.names, self.group, self.member, self.roster)
+        self.group_start = await self.leases.group_start(self.spec.start)
+        self.heart = HeartbeatThread(
+            self.config, self.group, self.member, self._record, self.interval, self.fence_after, self.log
+        )
+        self.heart.start()
+        deadline = time.monotonic() + FIRST_BEAT_WAIT
+        while not self.heart.first.is_set() and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        if not self.heart.first.is_set():
+            self.log.warning("heartbeat_not_written", waited_s=FIRST_BEAT_WAIT)  # (fenced: takes nothing)
+        await self.leases.watch()
+
     async def _close(self) -> None:
         if hasattr(self, "watchdog"):
             self.watchdog.stop()
+        if hasattr(self, "heart"):
+            await asyncio.to_thread(self.heart.stop, False)  # (after a drain: stopped already)
         for t in self.tasks:
             t.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
@@ -217,47 +241,35 @@ class JsMember:
     async def _drain(self) -> None:
         """Graceful stop: let go of every partition (finish the head, ack, mark released),
         then delete our member record."""
-        self.tasks[1].cancel()  # the balancer: take nothing new (the heartbeat goes on: our lease)
+        self.balancer.cancel()  # take nothing new (the heartbeat goes on meanwhile: our lease)
         await asyncio.gather(*(self._release(own) for own in list(self.owned.values())), return_exceptions=True)
-        try:
-            async with asyncio.timeout(2.0):
-                await self.leases.leave()
-        except (NatsError, TimeoutError) as exc:
-            self.log.warning("leave_not_written", error=repr(exc))
+        await asyncio.to_thread(self.heart.stop, True)
 
     # -- heartbeat and fencing ---------------------------------------------------------------
-    async def _beat(self) -> None:
-        started = time.monotonic()
-        self.beats += 1
-        record = MemberRecord(
+    def _record(self, beat: int) -> MemberRecord:
+        """Our heartbeat record (built on the heartbeat thread: reads counts the loop writes)."""
+        return MemberRecord(
             group=self.group,
             member=self.member,
             name=self.name,
             host=socket.gethostname(),
             pid=os.getpid(),
             started=self.started,
-            beat=self.beats,
+            beat=beat,
             time=time.time(),
-            partitions=sorted(self.owned),
+            partitions=sorted(list(self.owned)),
             stats=self.stats(),
             metrics=self.telemetry.snapshot(),
         )
-        async with asyncio.timeout(self.interval * 2):
-            await self.leases.beat(record)
-        self.beat_ok = started
-
-    async def _heartbeat(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval)
-            try:
-                await self._beat()
-            except (NatsError, TimeoutError) as exc:
-                self.log.warning("heartbeat_failed", error=repr(exc))
 
     def fenced(self) -> bool:
-        return time.monotonic() - self.beat_ok > self.dead_after * FENCE_SHARE
+        """Our lease may have run out: no beat for a while, or a gap between two beats."""
+        heart = self.heart
+        return time.monotonic() - heart.ok_at > self.fence_after or heart.lapses != self.lapses_seen
 
     def _fence(self) -> None:
+        if time.monotonic() - self.heart.ok_at <= self.fence_after:
+            self.lapses_seen = self.heart.lapses  # (beating again: what we take from now on is ours)
         if self.owned:
             self.fenced_count += 1
             self.log.warning("fenced", reason="own heartbeat stale", partitions=sorted(self.owned))
@@ -274,6 +286,8 @@ class JsMember:
                 await self._balance()
             except (NatsError, TimeoutError) as exc:
                 self.log.warning("rebalance_failed", error=repr(exc))
+            except Exception as exc:  # (a bug must not end rebalancing for good: log it, go on)
+                self.log.error("rebalance_failed", error=repr(exc), exc_info=True)
             try:
                 async with asyncio.timeout(self.interval / 2):
                     await self.leases.owner_changed.wait()
@@ -290,8 +304,7 @@ class JsMember:
         if self.fenced():
             self._fence()
             return
-        now = time.monotonic()
-        alive = self.roster.alive(now) | {self.member}
+        alive = await self.leases.alive() | {self.member}
         live_owner = {p: rec.member for p, (_, rec) in owners.items() if rec.member in alive}
         live_owner.update(dict.fromkeys(self.owned, self.member))
         for p in [p for p, m in live_owner.items() if m == self.member and p not in self.owned]:
@@ -324,6 +337,8 @@ class JsMember:
         psub = await reader.open_consumer(self.js, stream, config)
         if rec is not None and rec.consumer and rec.consumer != new.consumer:
             await reader.delete_consumer(self.js, stream, rec.consumer)
+        if rec is not None and rec.reset_to:
+            self.scheduler.forget_handled()  # a replay: what was handled comes again, to be handled again
         st = PartitionStream(p, new.start_seq - 1, new.redeliver_upto)
         own = Owned(p, revision, new, st, psub)
         self.partitions.acked.pop(p, None)
@@ -385,10 +400,13 @@ class JsMember:
         if st.busy:  # (a stuck call: the watchdog ends us; leave it to the next owner, flagged)
             self._lose(own, "release: head still running")
             return
+        if self.fenced():  # (our lease may be gone: no ack, no "released" claim)
+            self._lose(own, "release: own heartbeat stale")
+            return
         upto = st.handled_upto()
         try:
             msg = own.take_acks(upto)
-            if msg is not None and not self.fenced():
+            if msg is not None:
                 await msg.ack_sync(timeout=5.0)
             revision = await self.leases.swap(own.partition, ownership.released(own.record, upto), own.revision)
         except (NatsError, TimeoutError) as exc:
@@ -402,6 +420,16 @@ class JsMember:
 
     # -- intake ------------------------------------------------------------------------------
     async def _read(self, own: Owned) -> None:
+        """The partition's fetch loop; should it fail, the partition is dropped unacked
+        (the balancer takes it again, from the ack floor) rather than left unread."""
+        try:
+            await self._fetch_loop(own)
+        except Exception as exc:
+            self.log.error("reader_failed", partition=own.partition, error=repr(exc), exc_info=True)
+            if not own.lost.is_set() and not own.releasing:
+                self._lose(own, "reader failed")
+
+    async def _fetch_loop(self, own: Owned) -> None:
         st = own.stream
         failures = 0
         while not own.lost.is_set() and not own.releasing:

@@ -176,6 +176,19 @@ async def _owners(path: Path) -> dict[int, str]:
         await nc.close()
 
 
+async def _consumers(path: Path) -> set[str]:
+    cfg = load(path)
+    nc = await connect(cfg, "test-consumers")
+    try:
+        return {c.name for c in await nc.jetstream().consumers_info("T")}
+    finally:
+        await nc.close()
+
+
+def consumers(path: Path) -> set[str]:
+    return run(_consumers(path))
+
+
 def owners(path: Path) -> dict[int, str]:
     return run(_owners(path))
 
@@ -232,9 +245,10 @@ def report(label: str, sent: int, out: Path, ids: set[str]) -> tuple[int, int]:
 
 
 # -- tests ----------------------------------------------------------------------------------------
-def test_two_members_share_the_partitions(tmp_path, nats_node, members_of):
+@pytest.mark.parametrize("handler", ["recorder:record", "recorder:record_async"])
+def test_two_members_share_the_partitions(tmp_path, nats_node, members_of, handler):
     out = tmp_path / "out"
-    path = nats_config(tmp_path, nats_node.urls, out)
+    path = nats_config(tmp_path, nats_node.urls, out, handler=handler)
     members = members_of(path)
     members.start("w0")
     members.start("w1")
@@ -243,7 +257,7 @@ def test_two_members_share_the_partitions(tmp_path, nats_node, members_of):
     publish(path, events)
     ids = {ev.id for ev in events}
     wait_handled(out, ids)
-    flagged, unflagged = report("two members", len(events), out, ids)
+    flagged, unflagged = report(f"two members ({handler})", len(events), out, ids)
     rows = read_handled(str(out))
     assert len(rows) == len(events), "every event handled exactly once"
     by_member = {row[0] for row in rows}
@@ -259,7 +273,7 @@ def test_a_member_joins_and_one_leaves(tmp_path, nats_node, members_of):
     """Rebalancing over clean hand-overs (release: finish the head, ack, free the record;
     take: start after the ack floor) loses nothing and handles nothing twice."""
     out = tmp_path / "out"
-    path = nats_config(tmp_path, nats_node.urls, out, options={"sleep": 0.002})
+    path = nats_config(tmp_path, nats_node.urls, out, options={"sleep": 0.01})
     members = members_of(path)
     members.start("w0")
     members.start("w1")
@@ -269,6 +283,7 @@ def test_a_member_joins_and_one_leaves(tmp_path, nats_node, members_of):
     publish(path, events)
     members.start("w2")  # joins while the first batch is being handled
     wait_balanced(path, ids_of("w0", "w1", "w2"))
+    print(f"handled when w2 had its partitions: {len(handled_ids(out))} of 200")
     more = [event(i) for i in range(200, 400)]
     publish(path, more)
     assert members.stop("w0") == 0  # leaves while the second batch is being handled
@@ -307,6 +322,9 @@ def test_sigkill_mid_stream_redelivers_flagged(tmp_path, nats_cluster, members_o
     assert unflagged == 0, "every duplicate carries ctx.redelivered"
     assert set(owners(path).values()) == {w1}
     check_order_per_key(out, events)
+    # one consumer per partition: the taker's new generation; the dead owner's were deleted
+    generations = {c.rsplit("-g", 1)[0]: c for c in consumers(path)}
+    assert len(consumers(path)) == PARTITIONS == len(generations), consumers(path)
 
 
 def test_retries_then_dead_letter_in_the_dlq_stream(tmp_path, nats_node, members_of):
@@ -409,3 +427,66 @@ def test_a_resumed_member_does_not_handle_what_another_now_owns(tmp_path, nats_n
     assert unflagged <= len(overlap)
     assert "fenced" in members.log("w0")
     assert not w0_after & {ev.id for ev in during}
+
+
+def test_a_long_sync_call_keeps_the_lease(tmp_path, nats_node, members_of):
+    """The heartbeat beats from its own thread: a sync call longer than the dead-member
+    timeout (1.2 s here) does not fence the member or hand its partitions over."""
+    out = tmp_path / "out"
+    path = nats_config(tmp_path, nats_node.urls, out, options={"sleep": 1.5})
+    members = members_of(path)
+    members.start("w0")
+    members.start("w1")
+    w0, w1 = members.member_id("w0"), members.member_id("w1")
+    before = wait_balanced(path, [w0, w1])
+    events = [event(i, keys=1) for i in range(2)]  # one key: one partition, both on one member
+    publish(path, events)
+    ids = {ev.id for ev in events}
+    wait_handled(out, ids)
+    report("long call", 2, out, ids)
+    assert len(read_handled(str(out))) == 2
+    assert owners(path) == before, "no partition changed hands"
+    assert "fenced" not in members.log("w0") + members.log("w1")
+
+
+def test_max_events_recycles_after_a_drain(tmp_path, nats_node, members_of):
+    """max_events: the member drains (acks, releases its partitions) and exits 8 (RECYCLE)."""
+    out = tmp_path / "out"
+    path = nats_config(tmp_path, nats_node.urls, out, max_events=20)
+    members = members_of(path)
+    proc = members.start("w0")
+    wait_balanced(path, [members.member_id("w0")])
+    events = [event(i) for i in range(30)]
+    publish(path, events)
+    assert proc.wait(20) == 8
+    handled = handled_ids(out)
+    print(f"recycle: sent 30 handled {len(handled)} before exit")
+    assert 20 <= len(handled) < 30
+    assert owners(path) == dict.fromkeys(range(PARTITIONS), ""), "released on the way out"
+    members.start("w1")  # goes on after what was acked: nothing twice (10 left: under max_events)
+    ids = {ev.id for ev in events}
+    wait_handled(out, ids)
+    flagged, unflagged = report("recycle", 30, out, ids)
+    assert len(read_handled(str(out))) == 30
+
+
+def test_a_stuck_sync_call_ends_the_member_and_the_event_comes_again_flagged(tmp_path, nats_node, members_of):
+    """handler_timeout: the watchdog ends the member (exit 7, nothing released); the next
+    member takes its partitions once its lease ran out and hands the event over flagged."""
+    out = tmp_path / "out"
+    stuck = nats_config(tmp_path / "a", nats_node.urls, out, handler_timeout="1s", options={"sleep": 30})
+    healthy = nats_config(tmp_path / "b", nats_node.urls, out)
+    first = members_of(stuck)
+    proc = first.start("w0")
+    w0 = first.member_id("w0")
+    wait_balanced(stuck, [w0])
+    ev = event(1)
+    publish(stuck, [ev])
+    assert proc.wait(20) == 7
+    assert set(owners(stuck).values()) == {w0}, "a stuck member releases nothing"
+    second = members_of(healthy)
+    second.start("w1")
+    wait_handled(out, {ev.id})
+    rows = read_handled(str(out))
+    print(f"stuck call: handled {len(rows)} by {[r[0] for r in rows]} redelivered {[r[4] for r in rows]}")
+    assert [(r[1], r[4]) for r in rows] == [(ev.id, 1)], "handled once more, flagged ctx.redelivered"
