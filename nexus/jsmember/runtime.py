@@ -403,7 +403,9 @@ class JsMember:
         st = own.stream
         st.revoked = True
         self.partitions.drop_queued(st)
-        deadline = time.monotonic() + RELEASE_WAIT
+        # (a drain: within the launcher's shutdown_timeout, as the embedded member's)
+        wait = self.live.stop_grace if self.stop_event.is_set() else RELEASE_WAIT
+        deadline = time.monotonic() + wait
         while st.busy and not own.lost.is_set() and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
         if own.lost.is_set():
