@@ -77,8 +77,14 @@ class HeartbeatThread:
         self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
         nc = await connect(self.config, f"nexus-heartbeat-{self.member}")
         try:
-            kv = await nc.jetstream().key_value(self.bucket)
-            while not self._stop.is_set():
+            kv = None
+            while kv is None and not self._stop.is_set():
+                try:
+                    kv = await nc.jetstream().key_value(self.bucket)
+                except (NatsError, TimeoutError) as exc:  # (a forming cluster)
+                    self.log.info("jetstream_not_ready", step="heartbeat", error=repr(exc))
+                    await asyncio.sleep(0.5)
+            while kv is not None and not self._stop.is_set():
                 started = time.monotonic()
                 self.beats += 1
                 try:
@@ -96,7 +102,7 @@ class HeartbeatThread:
                         await self._stop.wait()
                 except TimeoutError:
                     pass
-            if self._leave:
+            if self._leave and kv is not None:
                 try:
                     async with asyncio.timeout(LEAVE_TIMEOUT):
                         await kv.delete(self.key)

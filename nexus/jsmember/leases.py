@@ -67,7 +67,7 @@ class Leases:
         self.roster = roster
         self.owners: dict[int, tuple[int, OwnerRecord]] = {}  # partition -> (revision, record), watched
         self.owner_changed = asyncio.Event()  # an owner record changed (a loss may be due)
-        self._watchers: list[Any] = []
+        self._watchers: dict[str, Any] = {}  # pattern -> its watcher
 
     # -- the group ---------------------------------------------------------------------------
     async def group_start(self, start: str) -> int:
@@ -129,8 +129,10 @@ class Leases:
     async def watch(self) -> None:
         """Follow the group's member and owner records (the initial values first)."""
         for pattern, on in ((f"m.{self.group}.*", self._on_member), (f"o.{self.group}.*", self._on_owner)):
+            if pattern in self._watchers:
+                continue  # (made before a retry)
             watcher = await self.kv.watch(pattern)
-            self._watchers.append(watcher)
+            self._watchers[pattern] = watcher
             asyncio.ensure_future(self._follow(watcher, on))
 
     async def _follow(self, watcher: Any, on: Any) -> None:
@@ -155,7 +157,7 @@ class Leases:
         self.owner_changed.set()
 
     async def stop(self) -> None:
-        for watcher in self._watchers:
+        for watcher in self._watchers.values():
             try:
                 await watcher.stop()
             except Exception:  # (the connection may be gone already)

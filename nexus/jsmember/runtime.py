@@ -30,8 +30,8 @@ import inspect
 import os
 import socket
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import structlog
 from nats.aio.client import Client
@@ -73,6 +73,7 @@ FIRST_BEAT_WAIT = 30.0  # seconds to wait for our first heartbeat write before g
 RELEASE_WAIT = 10.0  # seconds a release waits for the head's call before giving up on acking it
 
 log = structlog.get_logger("nexus.worker")
+T = TypeVar("T")
 
 
 class JsWatchdog(Watchdog):
@@ -200,9 +201,9 @@ class JsMember:
     async def _join(self) -> None:
         """The streams and bucket, the group's start, our first beat, the bucket's watch."""
         await setup.ensure(self.js, self.config, log=self.log)
-        kv = await self.js.key_value(self.names.bucket)
+        kv = await self._until_ready("bucket", lambda: self.js.key_value(self.names.bucket))
         self.leases = Leases(self.js, kv, self.names, self.group, self.member, self.roster)
-        self.group_start = await self.leases.group_start(self.spec.start)
+        self.group_start = await self._until_ready("group", lambda: self.leases.group_start(self.spec.start))
         self.heart = HeartbeatThread(
             self.config, self.group, self.member, self._record, self.interval, self.fence_after, self.log
         )
@@ -212,7 +213,17 @@ class JsMember:
             await asyncio.sleep(0.02)
         if not self.heart.first.is_set():
             self.log.warning("heartbeat_not_written", waited_s=FIRST_BEAT_WAIT)  # (fenced: takes nothing)
-        await self.leases.watch()
+        await self._until_ready("watch", self.leases.watch)
+
+    async def _until_ready(self, step: str, call: Callable[[], Awaitable[T]]) -> T:
+        """`call()`, again while the cluster cannot answer yet (a forming cluster elects the
+        new streams' leaders after they were created)."""
+        while True:
+            try:
+                return await call()
+            except setup.NOT_READY as exc:
+                self.log.info("jetstream_not_ready", step=step, error=repr(exc))
+                await asyncio.sleep(0.5)
 
     async def _close(self) -> None:
         if hasattr(self, "watchdog"):
@@ -392,7 +403,9 @@ class JsMember:
         st = own.stream
         st.revoked = True
         self.partitions.drop_queued(st)
-        deadline = time.monotonic() + RELEASE_WAIT
+        # (a drain: within the launcher's shutdown_timeout, as the embedded member's)
+        wait = self.live.stop_grace if self.stop_event.is_set() else RELEASE_WAIT
+        deadline = time.monotonic() + wait
         while st.busy and not own.lost.is_set() and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
         if own.lost.is_set():
