@@ -313,6 +313,7 @@ def test_stream_leader_paused_10s(tmp_path, nats_cluster, launched):
         acked_paused = sum(len(s.acked) for s in senders)
     finally:
         leader.signal(signal.SIGCONT)
+    wait_for(lambda: next_ack_after(senders, t_stop) is not None, 60, message="an ACK after the pause began")
     check_delivery(
         "nats_stream_leader_paused",
         senders,
