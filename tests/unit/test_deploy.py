@@ -817,3 +817,57 @@ def test_nats_kubernetes_statefulset_and_nexus_deployment(tmp_path):
     assert Path(cfg.data_dir).parent == Path(data_mount["mountPath"])
     script = "\n".join(mpod["initContainers"][0]["command"])
     assert cfg.security.curve.secret_key_file in script and cfg.security.curve.authorized_keys_dir in script
+
+
+def test_readme_cluster_example_agrees_with_itself(tmp_path):
+    """README "Scaling beyond one machine": the three nats-server commands form one
+    cluster (each routes to the other two's cluster ports, names and stores apart), the
+    config names their client ports with replicas 3, and the second launcher's overlay
+    moves everything two launchers on one machine would share."""
+    readme = (REPO / "README.md").read_text()
+    start = readme.index("\n## Scaling beyond one machine\n")
+    text = readme[start : readme.index("\n## ", start + 1)]
+    blocks = re.findall(r"^```(\w+)\n(.*?)^```", text, re.MULTILINE | re.DOTALL)
+    commands = [
+        shlex.split(line)
+        for lang, body in blocks
+        if lang == "bash"
+        for line in body.replace("\\\n", " ").splitlines()
+        if line.startswith("nats-server ")
+    ]
+    assert len(commands) == 3
+    nodes = []
+    for argv in commands:
+        argv = [w for w in argv if w != "&"]
+        nodes.append(
+            {
+                "host": option_of(argv, "-a"),
+                "client": int(option_of(argv, "-p")),
+                "name": option_of(argv, "-n"),
+                "store": option_of(argv, "-sd"),
+                "cluster": option_of(argv, "--cluster"),
+                "routes": set(option_of(argv, "--routes").split(",")),
+                "jetstream": "-js" in argv,
+                "cluster_name": option_of(argv, "--cluster_name"),
+            }
+        )
+    assert all(n["host"] == "127.0.0.1" and n["jetstream"] and n["cluster_name"] == "nexus" for n in nodes)
+    for key in ("client", "name", "store", "cluster"):
+        assert len({n[key] for n in nodes}) == 3, f"the three nodes share {key}"
+    for n in nodes:
+        assert n["routes"] == {m["cluster"] for m in nodes if m is not n}, n["name"]
+    yamls = {body.splitlines()[0]: body for lang, body in blocks if lang == "yaml"}
+    main = next(body for first, body in yamls.items() if first.startswith("# cluster.yaml"))
+    overlay = next(body for first, body in yamls.items() if first.startswith("# b.yaml"))
+    (tmp_path / "cluster.yaml").write_text(main)
+    (tmp_path / "b.yaml").write_text(overlay)
+    a = config_mod.load(tmp_path / "cluster.yaml")
+    b = config_mod.load(tmp_path / "cluster.yaml", "b")
+    assert a.engine == "nats" and a.nats.replicas == 3
+    assert a.nats.servers == [f"nats://127.0.0.1:{n['client']}" for n in nodes]
+    assert b.nats == a.nats and b.workers == a.workers
+    for what in ("data_dir", "ingest", "confirm", "coord", "control_endpoint"):
+        assert getattr(a, what) != getattr(b, what), f"the two launchers share {what}"
+    assert a.http.listen != b.http.listen
+    launches = [line for lang, body in blocks if lang == "bash" for line in body.splitlines() if "nexus.launch" in line]
+    assert [option_of(shlex.split(line), "--env") for line in launches] == [None, "b"]
