@@ -871,3 +871,11 @@ def test_readme_cluster_example_agrees_with_itself(tmp_path):
     assert a.http.listen != b.http.listen
     launches = [line for lang, body in blocks if lang == "bash" for line in body.splitlines() if "nexus.launch" in line]
     assert [option_of(shlex.split(line), "--env") for line in launches] == [None, "b"]
+
+
+def test_the_image_can_run_engine_nats():
+    """deploy/nats/ runs the Nexus image with engine nats: its client library is in it."""
+    pyproject = (REPO / "pyproject.toml").read_text()
+    wanted = re.search(r'"(nats-py[^"]*)"', pyproject).group(1)  # the version the package asks for
+    runs = [rest for word, rest in containerfile() if word == "RUN" and "pip install /src" in rest]
+    assert runs and (f"'{wanted}'" in runs[-1] or "[nats]" in runs[-1]), runs
