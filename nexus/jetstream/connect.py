@@ -33,6 +33,11 @@ def options(cfg: Config, name: str) -> dict[str, Any]:
         "reconnect_time_wait": 0.25,
         "connect_timeout": 2,
         "allow_reconnect": True,
+        # a server that stops answering (paused, a dead host without a RST) is noticed
+        # after ping_interval x max_outstanding_pings = 3 s and another node is tried;
+        # nats-py's default (2 min x 2) left a client stalled on a SIGSTOPped node
+        "ping_interval": 1,
+        "max_outstanding_pings": 3,
     }
     if n.credentials:
         opts["user_credentials"] = cfg.resolve(n.credentials)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Iterable
 from typing import Any
 
 import msgspec
@@ -90,8 +91,21 @@ class Leases:
             return records.group_decoder.decode(entry.value).start_seq
 
     # -- liveness --------------------------------------------------------------------------------
-    async def alive(self) -> set[str]:
-        """The live members: the roster's, after reading each suspect's record again."""
+    async def alive(self, owners: Iterable[str] = ()) -> set[str]:
+        """The live members: the roster's, after reading each suspect's record again.
+
+        `owners` (members named by owner records) that the roster has not seen yet are read
+        too: the watch may bring an owner record before its member's first beat (a member
+        that just started and took partitions). Calling such an owner dead would take its
+        partitions while it handles them (unflagged duplicates); it is dead only once its
+        record is gone or seen stale like any other."""
+        for member in set(owners) - self.roster.changed.keys() - self.roster.dead - {""}:
+            try:
+                entry = await self.kv.get(Names.member_key(self.group, member))
+            except KeyNotFoundError:
+                self.roster.confirmed_dead(member)  # (left, its record deleted: a beat would bring it back)
+                continue
+            self.roster.seen(member, time.monotonic(), entry.revision or 0)
         for member in self.roster.suspects(time.monotonic()):
             before = self.roster.revision.get(member, -1)  # (the watch may record newer ones meanwhile)
             try:

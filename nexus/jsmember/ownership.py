@@ -87,6 +87,7 @@ def take_plan(
         consumer=Names.consumer(group, partition, generation),
         start_seq=max(start, 1),
         redeliver_upto=redeliver if redeliver >= start else 0,
+        skip=old.skip,  # (poison stays passed over whoever owns the partition)
     )
 
 
@@ -99,4 +100,5 @@ def released(record: OwnerRecord, acked_upto: int) -> OwnerRecord:
         consumer=record.consumer,
         start_seq=max(acked_upto + 1, record.start_seq),
         released=True,
+        skip=record.skip,
     )

@@ -33,6 +33,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
+import msgspec
 import structlog
 from nats.aio.client import Client
 from nats.aio.msg import Msg
@@ -45,7 +46,7 @@ from nexus.errors import ConfigError, NexusError
 from nexus.jetstream import setup
 from nexus.jetstream.connect import connect
 from nexus.jetstream.names import Names
-from nexus.jetstream.records import MemberRecord
+from nexus.jetstream.records import MemberRecord, OwnerRecord
 from nexus.jsmember import deadletters, ownership, reader
 from nexus.jsmember.heartbeat import HeartbeatThread
 from nexus.jsmember.intake import Intake, Rejected
@@ -311,11 +312,14 @@ class JsMember:
         for p, own in list(self.owned.items()):
             seen = owners.get(p)
             if seen is not None and seen[0] > own.revision and not own.releasing:
-                self._lose(own, "owner record changed")
+                if msgspec.structs.replace(seen[1], skip=own.record.skip) == own.record:
+                    self._skip(own, *seen)  # only `skip` changed: poison to pass over, still ours
+                else:
+                    self._lose(own, "owner record changed")
         if self.fenced():
             self._fence()
             return
-        alive = await self.leases.alive() | {self.member}
+        alive = await self.leases.alive(rec.member for _, rec in owners.values()) | {self.member}
         live_owner = {p: rec.member for p, (_, rec) in owners.items() if rec.member in alive}
         live_owner.update(dict.fromkeys(self.owned, self.member))
         for p in [p for p, m in live_owner.items() if m == self.member and p not in self.owned]:
@@ -324,9 +328,23 @@ class JsMember:
         for p, own in list(self.owned.items()):
             if wanted.get(p) != self.member and not own.releasing:
                 asyncio.ensure_future(self._release(own))
+        for p, (_, rec) in sorted(owners.items()):
+            if rec.member == self.member and p not in self.owned and wanted.get(p) != self.member:
+                await self._disown(p)
         for p, m in sorted(wanted.items()):
             if m == self.member and p not in self.owned and p not in live_owner and not self.stop_event.is_set():
                 await self._take(p, alive)
+
+    async def _disown(self, p: int) -> None:
+        """A record names us for a partition we do not hold and the target gives to another
+        (a take that failed after its compare-and-set, or a partition we were fenced from):
+        the others wait for a live owner to let go, so free it. Not `released`: the next
+        owner flags what the record's consumer delivered, as after a crash."""
+        rev, rec = await self.leases.owner(p)
+        if rec is None or rec.member != self.member or p in self.owned:
+            return
+        if await self.leases.swap(p, msgspec.structs.replace(rec, member=""), rev) is not None:
+            self.log.info("partition_disowned", partition=p, generation=rec.generation)
 
     async def _take(self, p: int, alive: set[str]) -> None:
         rev, rec = await self.leases.owner(p)
@@ -351,6 +369,8 @@ class JsMember:
         if rec is not None and rec.reset_to:
             self.scheduler.forget_handled()  # a replay: what was handled comes again, to be handled again
         st = PartitionStream(p, new.start_seq - 1, new.redeliver_upto)
+        if new.skip:
+            st.add_skip(new.skip)  # dead-lettered poison: passed over (acked past, never handled)
         own = Owned(p, revision, new, st, psub)
         self.partitions.acked.pop(p, None)
         self.partitions.streams[p] = st
@@ -364,6 +384,16 @@ class JsMember:
             redeliver_upto=new.redeliver_upto,
             from_member=rec.member if rec else "",
         )
+
+    def _skip(self, own: Owned, revision: int, record: OwnerRecord) -> None:
+        """The ingest's admin added seqs to the record's `skip` (poison that killed members,
+        now dead-lettered): pass over them from now on; queued copies leave the queue."""
+        added = set(record.skip) - set(own.record.skip)
+        own.revision, own.record = revision, record
+        if added:
+            self.partitions.popped(own.stream.add_skip(added))
+            self.scheduler.ready(own.stream)
+            self.log.warning("poison_skipped", partition=own.partition, seqs=sorted(added))
 
     def _stop_reader(self, own: Owned) -> None:
         if own.task is not None and own.task is not asyncio.current_task():

@@ -20,6 +20,7 @@ from recorder import read_handled, tally
 
 from nexus.config import load
 from nexus.jetstream import names as h
+from nexus.jetstream import ops
 from nexus.jetstream.connect import connect
 from nexus.jetstream.names import Names
 from nexus.jetstream.records import OwnerRecord
@@ -359,6 +360,98 @@ def test_retries_then_dead_letter_in_the_dlq_stream(tmp_path, nats_node, members
     assert members.stop("w0") == 0
     # it was acked past: the released record starts after every event
     assert owners(path) == dict.fromkeys(range(PARTITIONS), "")
+
+
+async def _owner_record(path: Path, p: int) -> OwnerRecord:
+    cfg = load(path)
+    nc = await connect(cfg, "test-owner")
+    try:
+        kv = await nc.jetstream().key_value(Names.of(cfg).bucket)
+        return msgspec.msgpack.decode((await kv.get(Names.owner_key(GROUP, p))).value, type=OwnerRecord)
+    finally:
+        await nc.close()
+
+
+async def _add_skips(path: Path, p: int, seqs: list[int]) -> None:
+    cfg = load(path)
+    nc = await connect(cfg, "test-admin")
+    try:
+        await ops.add_skips(nc.jetstream(), Names.of(cfg), GROUP, p, seqs)
+    finally:
+        await nc.close()
+
+
+def test_the_owner_passes_over_poison_the_admin_marked(tmp_path, nats_node, members_of):
+    """The ingest's admin marks seqs of a partition as dead-lettered poison (OwnerRecord.skip,
+    compare-and-set) while a member owns it: the owner keeps the partition (same generation)
+    and never hands those seqs to its handler; the events around them are handled."""
+    out = tmp_path / "out"
+    path = nats_config(tmp_path, nats_node.urls, out)
+    members = members_of(path)
+    members.start("w0")
+    wait_balanced(path, [members.member_id("w0")])
+    first = [event(i, keys=1) for i in range(5)]  # one key: one partition
+    seqs = publish(path, first)
+    wait_handled(out, {ev.id for ev in first})
+    p = Names("T", 8).shard_of(first[0].key, first[0].source) % PARTITIONS
+    before = run(_owner_record(path, p))
+    last = seqs[-1]
+    poison = {last + 2, last + 4}  # the 2nd and 4th of the next events
+    run(_add_skips(path, p, sorted(poison)))
+    after = [event(i, keys=1) for i in range(5, 15)]
+    later = publish(path, after)
+    assert poison <= set(later)
+    kept = {ev.id for ev, seq in zip(after, later, strict=True) if seq not in poison}
+    wait_handled(out, kept)
+    skipped = {ev.id for ev, seq in zip(after, later, strict=True) if seq in poison}
+    record = run(_owner_record(path, p))
+    print(f"skip: sent {len(after)} handled {len(kept & handled_ids(out))} passed over {len(skipped)}")
+    assert not skipped & handled_ids(out), "a dead-lettered poison event was handled"
+    assert record.generation == before.generation and record.member == before.member
+    assert sorted(record.skip) == sorted(poison)
+    assert "poison_skipped" in members.log("w0")
+    assert members.stop("w0") == 0
+    # acked past them: the released record starts after every event
+    assert run(_owner_record(path, p)).start_seq == later[-1] + 1
+
+
+async def _name_owner(path: Path, p: int, member: str) -> None:
+    """Rewrite partition p's owner record to name `member` (as a take that failed after
+    its compare-and-set leaves it)."""
+    cfg = load(path)
+    nc = await connect(cfg, "test-owner")
+    try:
+        kv = await nc.jetstream().key_value(Names.of(cfg).bucket)
+        entry = await kv.get(Names.owner_key(GROUP, p))
+        old = msgspec.msgpack.decode(entry.value, type=OwnerRecord)
+        new = msgspec.structs.replace(old, member=member, generation=old.generation + 1, consumer="")
+        await kv.update(Names.owner_key(GROUP, p), msgspec.msgpack.encode(new), last=entry.revision)
+    finally:
+        await nc.close()
+
+
+def test_a_record_naming_a_live_member_that_does_not_hold_it_is_freed(tmp_path, nats_node, members_of):
+    """A take can fail after its compare-and-set (the cluster lost its meta leader while the
+    consumer was made): the record names a live member that does not hold the partition.
+    The others wait for a live owner to let go, so that member frees it and the target's
+    owner takes it; nothing published to it is left unread."""
+    out = tmp_path / "out"
+    path = nats_config(tmp_path, nats_node.urls, out)
+    members = members_of(path)
+    members.start("w0")
+    members.start("w1")
+    w0, w1 = members.member_id("w0"), members.member_id("w1")
+    before = wait_balanced(path, [w0, w1])
+    p = min(q for q, m in before.items() if m == w0)
+    run(_name_owner(path, p, w1))
+    # w0 lost it (its record changed); w1 does not hold it and the target keeps it w0's
+    wait_for(lambda: owners(path).get(p) == w0, 30, 0.1, f"partition {p} back with w0")
+    events = [event(i) for i in range(64)]
+    publish(path, events)
+    ids = {ev.id for ev in events}
+    wait_handled(out, ids)
+    report("record freed", len(events), out, ids)
+    assert "partition_disowned" in members.log("w1")
 
 
 def test_invalid_events_go_to_the_rejected_stream(tmp_path, nats_node, members_of):

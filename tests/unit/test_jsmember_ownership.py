@@ -63,6 +63,14 @@ def test_take_plan_after_a_crash_flags_what_was_delivered():
     assert take_plan("g", 1, "me", reset, ConsumerState(40, 1, 50), 1).start_seq == 3
 
 
+def test_poison_to_pass_over_stays_with_the_partition():
+    """OwnerRecord.skip (dead-lettered poison) outlives a crash, a take and a release."""
+    old = OwnerRecord(member="dead", generation=3, consumer="g-p1-g3", start_seq=10, skip=[12, 30])
+    plan = take_plan("g", 1, "me", old, ConsumerState(ack_floor=11, start=10, delivered=12), 1)
+    assert plan.skip == [12, 30]
+    assert released(plan, 20).skip == [12, 30]
+
+
 def test_roster_by_our_own_clock():
     r = Roster(dead_after=2.0)
     r.seen("a", 100.0, revision=1)
