@@ -66,7 +66,8 @@ def take_plan(
     """The owner record a member writes (compare-and-set) to take `partition`: a new
     generation, so a fresh consumer, starting after what the last owner acked; what the
     last owner may have handed to its handler is flagged ctx.redelivered, unless it let go
-    cleanly (then it acked everything it handled)."""
+    cleanly (then it acked everything it handled, and only what an owner before it may
+    have handled is flagged)."""
     old = record or OwnerRecord()
     if old.reset_to:
         start = old.reset_to
@@ -75,7 +76,9 @@ def take_plan(
     else:
         start = old.start_seq or group_start
     if old.released:
-        redeliver = 0
+        # the last owner acked all it handled; what an earlier, crashed owner may have
+        # handled past that is still flagged (released() keeps it)
+        redeliver = old.redeliver_upto
     elif consumer is not None:
         redeliver = max(consumer.delivered, old.redeliver_upto)
     else:
@@ -99,6 +102,9 @@ def released(record: OwnerRecord, acked_upto: int) -> OwnerRecord:
         generation=record.generation,
         consumer=record.consumer,
         start_seq=max(acked_upto + 1, record.start_seq),
+        # (an owner that let go before it reached the events a crashed owner before it
+        # may have handled passes the flag on: a clean release is not a clean history)
+        redeliver_upto=record.redeliver_upto if record.redeliver_upto > acked_upto else 0,
         released=True,
         skip=record.skip,
     )

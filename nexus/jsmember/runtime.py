@@ -348,8 +348,11 @@ class JsMember:
 
     async def _take(self, p: int, alive: set[str]) -> None:
         rev, rec = await self.leases.owner(p)
-        if rec is not None and rec.member and rec.member != self.member and rec.member in alive:
-            return  # its owner lives: it lets go first
+        if rec is not None and rec.member and rec.member != self.member:
+            # (the record read now may name a member newer than the watch's view: one that
+            # took it a moment ago, its first beat not seen yet; it is read, not presumed dead)
+            if rec.member in alive or rec.member in await self.leases.alive([rec.member]):
+                return  # its owner lives: it lets go first
         stream = self.names.stream
         state = await reader.consumer_state(self.js, stream, rec.consumer) if rec and rec.consumer else None
         new = ownership.take_plan(self.group, p, self.member, rec, state, self.group_start)

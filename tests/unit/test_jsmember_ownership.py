@@ -53,6 +53,12 @@ def test_take_plan_after_a_crash_flags_what_was_delivered():
     assert clean.member == "" and clean.released and clean.start_seq == 61
     nxt = take_plan("g", 1, "other", clean, ConsumerState(60, 41, 70), 1)
     assert nxt.start_seq == 61 and nxt.redeliver_upto == 0
+    # taken from a crashed owner, let go at once (the target gives it to another): what the
+    # crashed owner may have handled is still flagged for the owner after
+    early = released(plan, 40)
+    assert early.released and early.redeliver_upto == 55
+    after = take_plan("g", 1, "third", early, ConsumerState(40, 41, 41), 1)
+    assert after.start_seq == 41 and after.redeliver_upto == 55
     # nothing acked yet: from the consumer's start
     assert take_plan("g", 1, "me", old, ConsumerState(0, 10, 12), 1).start_seq == 10
     # no consumer: the record's start, else the group's
