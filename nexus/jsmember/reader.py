@@ -41,6 +41,7 @@ class Owned:
     delivered: collections.deque[tuple[int, Msg]] = field(default_factory=collections.deque)
     lost: asyncio.Event = field(default_factory=asyncio.Event)  # set: stop at once, ack nothing
     releasing: bool = False
+    consumer_seq: int = 0  # the consumer's delivery count of the last message read
 
     def take_acks(self, upto: int) -> Msg | None:
         """The message to AckAll for `upto`: the last delivered at or below it."""

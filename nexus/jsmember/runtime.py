@@ -504,6 +504,16 @@ class JsMember:
                 return
             md = msg.metadata
             seq = md.sequence.stream
+            # The consumer numbers its deliveries 1, 2, 3...: a jump means deliveries that
+            # never reached us (sent by a consumer leader that died, dropped on a route).
+            # JetStream redelivers them only after ack_wait, and our next AckAll would ack
+            # them unhandled: drop the partition unacked instead; it is taken again from
+            # the ack floor, what was delivered flagged ctx.redelivered.
+            cseq = md.sequence.consumer
+            if own.consumer_seq and cseq > own.consumer_seq + 1:
+                self._lose(own, f"delivery gap: consumer seq {own.consumer_seq} then {cseq}")
+                return
+            own.consumer_seq = cseq
             if seq <= st.watermark:
                 continue  # a redelivery of what we have
             got = self.intake.check(msg.data)

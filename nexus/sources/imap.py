@@ -495,6 +495,9 @@ class _Mailbox:
             except RejectedError as exc:  # final NACK: resending would be refused again
                 self.log.error("imap_events_rejected", error=str(exc))
         self.state.set(self.mailbox, uidvalidity, last_uid)
+        # (position before count: a status read between them must not show the mail
+        # counted but the old last_uid)
+        self.status.last_uid = last_uid
         self.status.emitted += emitted
 
     async def _wait_for_mail(self) -> None:
