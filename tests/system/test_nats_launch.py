@@ -50,8 +50,13 @@ def test_embedded_server_pipeline_status_journal_and_stop(config_factory, launch
     procs = {proc["name"]: proc for proc in data["processes"]}
     assert set(procs) == {"nats", "router", "rec-0", "rec-1"}
     assert all(proc["state"] == "running" and proc["pid"] for proc in procs.values())
-    rec = data["groups"]["rec"]
-    assert len(rec["members"]) == 2 and rec["unassigned"] == 0
+    # (the ingest answers status from a snapshot of the cluster up to 2 s old: the takes
+    # may be newer than the events' handling shows)
+    def assigned():
+        rec = nexus_status(path)["groups"]["rec"]
+        return len(rec["members"]) == 2 and rec["unassigned"] == 0
+
+    wait_for(assigned, 20, 0.2, "2 members, every partition assigned")
     wait_for(lambda: nexus_status(path)["groups"]["rec"]["lag"] == 0, 20, 0.2, "lag 0")
     assert data["engine"]["reachable"] and data["engine"]["leader"]
     assert data["engine"]["last_seq"] >= len(ids)
