@@ -50,6 +50,7 @@ def test_embedded_server_pipeline_status_journal_and_stop(config_factory, launch
     procs = {proc["name"]: proc for proc in data["processes"]}
     assert set(procs) == {"nats", "router", "rec-0", "rec-1"}
     assert all(proc["state"] == "running" and proc["pid"] for proc in procs.values())
+
     # (the ingest answers status from a snapshot of the cluster up to 2 s old: the takes
     # may be newer than the events' handling shows)
     def assigned():
