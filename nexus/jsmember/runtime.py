@@ -59,7 +59,7 @@ from nexus.member.group import GroupClient
 from nexus.member.handlers import Handler, load_handler
 from nexus.member.limits import RecycleLimits, peak_rss_bytes, rss_bytes
 from nexus.member.outcomes import OutcomePolicy
-from nexus.member.runtime import dispatch_parts
+from nexus.member.runtime import dispatch_parts, run_member
 from nexus.member.scheduler import SLICE
 from nexus.member.stream import PartitionStream
 from nexus.member.telemetry import MemberTelemetry
@@ -696,26 +696,4 @@ class JsMember:
 
 
 def main(config: Config, group: str, name: str) -> None:
-    import signal
-    import sys
-
-    members: list[JsMember] = []
-
-    async def runner() -> None:
-        member = JsMember(config, group, name)
-        members.append(member)
-        loop = asyncio.get_running_loop()
-
-        def on_signal(signum, frame) -> None:  # noqa: ARG001
-            # a plain handler: it runs even while a sync handler blocks the loop
-            if not member.live.stop_requested_at:
-                member.live.stop_requested_at = time.monotonic()
-            loop.call_soon_threadsafe(member.stop_event.set)
-
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, on_signal)
-        await member.run()
-
-    asyncio.run(runner())
-    if members and members[0].limits.recycling:
-        sys.exit(int(members[0].limits.exit_code))
+    run_member(lambda: JsMember(config, group, name))  # (signals and exit code as the embedded member's)

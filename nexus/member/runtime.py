@@ -596,13 +596,20 @@ class Member:
 
 
 def main(config: Config, group: str, name: str) -> None:
+    run_member(lambda: Member(config, group, name))
+
+
+def run_member(make: Callable[[], Any]) -> None:
+    """Run the member `make()` builds (either engine's: it has live, stop_event, limits
+    and run()) until it stops; SIGTERM and SIGINT ask it to drain. Exits with the
+    recycling code when it recycled."""
     import signal
     import sys
 
-    members: list[Member] = []
+    members: list[Any] = []
 
     async def runner() -> None:
-        member = Member(config, group, name)
+        member = make()
         members.append(member)
         loop = asyncio.get_running_loop()
 
