@@ -466,7 +466,7 @@ class _Mailbox:
             if len(found) < len(batch):  # expunged meanwhile, or a reply we could not read
                 self.log.warning("imap_messages_missing", uids=[uid for uid in batch if uid not in records])
             await self._sync(self._deliver, found, uidvalidity, batch[-1])
-            last = self.status.last_uid = batch[-1]
+            last = batch[-1]  # (_deliver set status.last_uid)
         return last
 
     def _deliver(self, records: list, uidvalidity: int, last_uid: int) -> None:
